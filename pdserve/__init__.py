@@ -1,0 +1,17 @@
+"""pdserve: a prefill/decode disaggregated LLM serving engine.
+
+`pdserve.Engine` is imported lazily so that light users (the benchmark client, the
+router) never pay for torch.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["Engine", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Engine":
+        from pdserve.engine.engine import Engine
+
+        return Engine
+    raise AttributeError(name)
