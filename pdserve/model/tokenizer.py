@@ -19,17 +19,24 @@ def load_tokenizer(model_path: str | None = None, tokenizer_path: str | None = N
 
     transformers.logging.set_verbosity_error()
     path = resolve_model_path(tokenizer_path or model_path)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(
-            os.path.dirname(path) or ".", gguf_file=os.path.basename(path)
-        )
-        if tok.chat_template is None:
-            tok.chat_template = _gguf_chat_template(path)
-        return tok
     from transformers import AutoTokenizer
 
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        # Converting a GGUF vocabulary takes ~10 s; cache the converted tokenizer
+        # (same key scheme as the dequantized weights).
+        from pdserve.model.loader import cache_dir, file_key
+
+        cached = os.path.join(cache_dir(), f"gguf-{file_key(path)}-tokenizer")
+        if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
+            return AutoTokenizer.from_pretrained(cached)
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+        if tok.chat_template is None:
+            tok.chat_template = _gguf_chat_template(path)
+        tmp = cached + f".tmp{os.getpid()}"
+        tok.save_pretrained(tmp)
+        if not os.path.exists(cached):
+            os.replace(tmp, cached)
+        return tok
     return AutoTokenizer.from_pretrained(path)
 
 

@@ -1,0 +1,74 @@
+"""Server arguments: one frozen dataclass; argparse lives in the CLI only."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+DTYPES = ("auto", "bfloat16", "float32")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    model_path: str | None = None  # None: the packaged SmolLM2-135M-Instruct GGUF
+    tokenizer_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 30000
+    dtype: str = "auto"
+    mem_fraction_static: float | None = None  # share of free RAM for weights + KV
+    max_total_tokens: int | None = None  # KV pool size in tokens (wins over mem_fraction)
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 512
+    page_size: int = 16
+    disable_radix_cache: bool = False
+    served_model_name: str | None = None
+    log_level: str = "info"
+    random_seed: int = 0
+    context_length: int | None = None
+    disable_overlap_schedule: bool = False
+    num_threads: int | None = None  # torch threads in the scheduler (default: all cores)
+    # PD disaggregation
+    disaggregation_mode: str = "null"
+    disaggregation_bootstrap_port: int = 8998
+    disaggregation_transfer_backend: str = "tcp"
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        def bad(flag: str, why: str) -> None:
+            raise ValueError(f"--{flag.replace('_', '-')}: {why}")
+
+        if self.dtype not in DTYPES:
+            bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if not (0 < self.port < 65536):
+            bad("port", f"must be in 1..65535, got {self.port}")
+        if not (0 < self.disaggregation_bootstrap_port < 65536):
+            bad("disaggregation_bootstrap_port", "must be in 1..65535")
+        if self.mem_fraction_static is not None and not (0.0 < self.mem_fraction_static < 1.0):
+            bad("mem_fraction_static", f"must be in (0, 1), got {self.mem_fraction_static}")
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            bad("max_total_tokens", f"must be at least one page ({self.page_size}), got {self.max_total_tokens}")
+        if self.max_running_requests < 1:
+            bad("max_running_requests", f"must be >= 1, got {self.max_running_requests}")
+        if self.chunked_prefill_size < 1:
+            bad("chunked_prefill_size", f"must be >= 1, got {self.chunked_prefill_size}")
+        if not (1 <= self.page_size <= 1024):
+            bad("page_size", f"must be in 1..1024, got {self.page_size}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            bad("log_level", f"must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.context_length is not None and self.context_length < 2:
+            bad("context_length", "must be >= 2")
+        if self.num_threads is not None and self.num_threads < 1:
+            bad("num_threads", "must be >= 1")
+        if self.disaggregation_mode not in ("null", "prefill", "decode"):
+            bad("disaggregation_mode", f"must be null, prefill or decode, got {self.disaggregation_mode!r}")
+        if self.tp_size != 1:
+            bad("tp_size", "only 1 is supported by this build (tensor parallelism is not implemented yet)")
+        if self.model_path not in (None, "", "default") and not os.path.exists(self.model_path):
+            bad("model_path", f"{self.model_path!r} does not exist")
+        if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):
+            bad("tokenizer_path", f"{self.tokenizer_path!r} does not exist")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

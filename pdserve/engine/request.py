@@ -1,0 +1,73 @@
+"""Scheduler-side request state."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.messages import FinishReason
+
+
+class ReqStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1  # admitted: prefilling (possibly chunked) or decoding
+    WAITING_FOR_KV = 2  # PD decode side: pages reserved, KV in flight
+    FINISHED = 3
+
+
+class Req:
+    def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams,
+                 return_logprob: bool = False, top_logprobs_num: int = 0,
+                 arrival_time: float | None = None) -> None:
+        self.rid = rid
+        self.origin_input_ids = input_ids
+        self.output_ids: list[int] = []
+        self.sampling = sampling
+        self.return_logprob = return_logprob
+        self.top_logprobs_num = top_logprobs_num
+        self.status = ReqStatus.WAITING
+        self.pages: list[int] = []  # KV pages; the first prefix_len // page_size are the cache's
+        self.kv_len = 0  # tokens of fill_ids whose KV is in `pages`
+        self.prefix_len = 0  # tokens borrowed from the prefix cache
+        self.prefix_node = None  # locked radix node
+        self.cached_tokens = 0  # reported to the client (first admission)
+        self.finish: FinishReason | None = None
+        self.sent_len = 0  # output tokens already sent to the front end
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.token_counts: dict[int, int] = {}  # for frequency/presence penalties
+        self.generator = None  # torch.Generator for seeded sampling (runner-owned)
+        self.arrival_time = arrival_time or time.time()
+        self.admit_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
+        self.transfer_time: float | None = None
+        self.num_retractions = 0
+        self.aborted = False
+        # PD
+        self.bootstrap_host: str | None = None
+        self.bootstrap_port: int | None = None
+        self.bootstrap_room: int | None = None
+        self.kv_sender = None
+        self.kv_receiver = None
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def fill_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def is_decoding(self) -> bool:
+        """Prefill done: the next step feeds the last output token."""
+        return self.status == ReqStatus.RUNNING and self.kv_len == self.fill_len - 1 and bool(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+    def __repr__(self) -> str:
+        return f"Req({self.rid}, in={len(self.origin_input_ids)}, out={len(self.output_ids)}, kv={self.kv_len})"

@@ -1,0 +1,113 @@
+"""Model runner: turns a Plan into tensors, runs the forward, samples. No policy."""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.engine.scheduler import Plan, RunOutput
+from pdserve.model.attention import ExtendSeq, ForwardBatch, TorchNativeAttention
+from pdserve.model.config import ModelConfig
+from pdserve.model.llama import LlamaModel
+from pdserve.model.sampler import apply_penalties, gather_logprobs, sample
+
+
+def kv_pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
+    return (num_pages, cfg.num_layers, 2, page_size, cfg.num_kv_heads, cfg.head_dim)
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_pages: int, page_size: int,
+                 kv_data: torch.Tensor | None = None) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.ps = page_size
+        shape = kv_pool_shape(self.cfg, num_pages, page_size)
+        if kv_data is None:
+            kv_data = torch.zeros(shape, dtype=model.dtype)
+        elif tuple(kv_data.shape) != shape or kv_data.dtype != model.dtype:
+            raise ValueError(f"kv_data must be {shape} {model.dtype}, got {tuple(kv_data.shape)} {kv_data.dtype}")
+        self.kv_data = kv_data
+        self.attn = TorchNativeAttention(kv_data)
+
+    def build_batch(self, plan: Plan) -> ForwardBatch:
+        ps = self.ps
+        ids: list[int] = []
+        pos: list[int] = []
+        wp: list[int] = []
+        wo: list[int] = []
+        logits_idx: list[int] = []
+        nd = plan.num_decode
+        dec_items = plan.items[:nd]
+        for i, it in enumerate(dec_items):
+            r = it.req
+            ids.append(r.output_ids[-1] if r.output_ids else r.origin_input_ids[-1])
+            pos.append(it.start)
+            wp.append(r.pages[it.start // ps])
+            wo.append(it.start % ps)
+            logits_idx.append(i)
+        fb_extends: list[ExtendSeq] = []
+        q = nd
+        for it in plan.items[nd:]:
+            r = it.req
+            fill = r.fill_ids
+            ids.extend(fill[it.start: it.start + it.n])
+            p = torch.arange(it.start, it.start + it.n)
+            pages_t = torch.tensor(r.pages, dtype=torch.long)
+            pos.extend(p.tolist())
+            wp.extend(pages_t[p // ps].tolist())
+            wo.extend((p % ps).tolist())
+            if it.start > 0:
+                ctx = torch.arange(0, it.start + it.n)
+                fb_extends.append(ExtendSeq(q, it.n, it.start, pages_t[ctx // ps], ctx % ps))
+            else:
+                fb_extends.append(ExtendSeq(q, it.n, 0, None, None))
+            if it.sample:
+                logits_idx.append(q + it.n - 1)
+            q += it.n
+        fb = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(pos, dtype=torch.long),
+            write_pages=torch.tensor(wp, dtype=torch.long),
+            write_offs=torch.tensor(wo, dtype=torch.long),
+            num_decode=nd,
+            extends=fb_extends,
+            logits_indices=torch.tensor(logits_idx, dtype=torch.long),
+        )
+        if nd:
+            lens = [it.start + 1 for it in dec_items]
+            lmax = max(lens)
+            npg = -(-lmax // ps)
+            table = torch.zeros(nd, npg, dtype=torch.long)
+            for i, it in enumerate(dec_items):
+                pg = it.req.pages[: -(-lens[i] // ps)]
+                table[i, : len(pg)] = torch.tensor(pg, dtype=torch.long)
+            ar = torch.arange(lmax)
+            fb.dec_pages = table[:, ar // ps]
+            fb.dec_offs = (ar % ps).expand(nd, lmax)
+            if min(lens) != lmax:
+                fb.dec_mask = (ar.unsqueeze(0) < torch.tensor(lens).unsqueeze(1)).view(nd, 1, 1, lmax)
+        return fb
+
+    @torch.inference_mode()
+    def run(self, plan: Plan) -> RunOutput:
+        fb = self.build_batch(plan)
+        logits = self.model.forward(fb, self.attn)
+        reqs = [it.req for it in plan.items if it.sample]
+        params = [r.sampling for r in reqs]
+        if any(p.has_penalty for p in params):
+            apply_penalties(logits, params, [r.token_counts for r in reqs])
+        gens = []
+        for r in reqs:
+            if r.sampling.seed is not None and r.generator is None:
+                r.generator = torch.Generator().manual_seed(r.sampling.seed)
+            gens.append(r.generator)
+        next_ids = sample(logits, params, gens)
+        out = RunOutput(next_ids)
+        if any(r.return_logprob for r in reqs):
+            out.logprobs, out.top_logprobs = gather_logprobs(
+                logits, next_ids, [r.top_logprobs_num if r.return_logprob else 0 for r in reqs])
+        return out

@@ -1,0 +1,148 @@
+"""Llama-family forward (Llama/SmolLM2, Qwen2 with qkv bias, Qwen3 with q/k norm)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.model.attention import ForwardBatch, TorchNativeAttention
+from pdserve.model.config import ModelConfig
+
+
+def _rope_tables(cfg: ModelConfig, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
+    t = torch.arange(max_pos, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv)
+    emb = torch.cat((freqs, freqs), dim=-1)  # [max_pos, D], HF's half-rotation layout
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Layer:
+    __slots__ = ("in_norm", "post_norm", "qkv", "qkv_b", "o", "gate_up", "down", "q_norm", "k_norm")
+
+
+class LlamaModel:
+    """Weights as plain tensors with fused qkv and gate_up projections."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.layers: list[Layer] = []
+        max_pos = config.max_position_embeddings
+        cos, sin = _rope_tables(config, max_pos)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        self.embed: torch.Tensor | None = None
+        self.norm: torch.Tensor | None = None
+        self.lm_head: torch.Tensor | None = None
+
+    # ---- weights -------------------------------------------------------------------------
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        cfg, dt = self.config, self.dtype
+
+        def get(name: str) -> torch.Tensor:
+            if name not in state:
+                raise ValueError(f"checkpoint is missing tensor {name}")
+            return state[name].to(dt).contiguous()
+
+        self.embed = get("model.embed_tokens.weight")
+        self.norm = get("model.norm.weight")
+        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else get("lm_head.weight")
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            layer = Layer()
+            layer.in_norm = get(p + "input_layernorm.weight")
+            layer.post_norm = get(p + "post_attention_layernorm.weight")
+            layer.qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous()
+            layer.qkv_b = (torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+                           if cfg.qkv_bias else None)
+            layer.o = get(p + "self_attn.o_proj.weight")
+            layer.gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).contiguous()
+            layer.down = get(p + "mlp.down_proj.weight")
+            layer.q_norm = get(p + "self_attn.q_norm.weight") if cfg.qk_norm else None
+            layer.k_norm = get(p + "self_attn.k_norm.weight") if cfg.qk_norm else None
+            self.layers.append(layer)
+
+    def init_random(self, seed: int = 0) -> None:
+        """Random weights for unit tests (tiny configs)."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(seed)
+        state: dict[str, torch.Tensor] = {}
+
+        def rnd(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=g) * 0.08
+
+        state["model.embed_tokens.weight"] = rnd(cfg.vocab_size, cfg.hidden_size)
+        state["model.norm.weight"] = 1 + rnd(cfg.hidden_size)
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            state[p + "input_layernorm.weight"] = 1 + rnd(cfg.hidden_size)
+            state[p + "post_attention_layernorm.weight"] = 1 + rnd(cfg.hidden_size)
+            state[p + "self_attn.q_proj.weight"] = rnd(cfg.q_size, cfg.hidden_size)
+            state[p + "self_attn.k_proj.weight"] = rnd(cfg.kv_size, cfg.hidden_size)
+            state[p + "self_attn.v_proj.weight"] = rnd(cfg.kv_size, cfg.hidden_size)
+            state[p + "self_attn.o_proj.weight"] = rnd(cfg.hidden_size, cfg.q_size)
+            state[p + "mlp.gate_proj.weight"] = rnd(cfg.intermediate_size, cfg.hidden_size)
+            state[p + "mlp.up_proj.weight"] = rnd(cfg.intermediate_size, cfg.hidden_size)
+            state[p + "mlp.down_proj.weight"] = rnd(cfg.hidden_size, cfg.intermediate_size)
+            if cfg.qkv_bias:
+                for n, size in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
+                    state[p + f"self_attn.{n}_proj.bias"] = rnd(size)
+            if cfg.qk_norm:
+                state[p + "self_attn.q_norm.weight"] = 1 + rnd(cfg.head_dim)
+                state[p + "self_attn.k_norm.weight"] = 1 + rnd(cfg.head_dim)
+        self.load_weights(state)
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        """Fused weights by name, e.g. for RL weight sync and memory accounting."""
+        out = {"embed": self.embed, "norm": self.norm}
+        if self.lm_head is not self.embed:
+            out["lm_head"] = self.lm_head
+        for i, layer in enumerate(self.layers):
+            for n in Layer.__slots__:
+                t = getattr(layer, n)
+                if t is not None:
+                    out[f"layers.{i}.{n}"] = t
+        return out
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.named_weights().values())
+
+    # ---- forward -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch, attn: TorchNativeAttention) -> torch.Tensor:
+        """Returns float32 logits [N, vocab] for `fb.logits_indices`."""
+        cfg = self.config
+        eps = cfg.rms_norm_eps
+        hd, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        qs, ks = cfg.q_size, cfg.kv_size
+        cos = self.cos[fb.positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[fb.positions].unsqueeze(1)
+        h = self.embed[fb.input_ids]  # [T, hidden]
+        T = h.shape[0]
+        for i, layer in enumerate(self.layers):
+            x = F.rms_norm(h, (cfg.hidden_size,), layer.in_norm, eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_b)
+            q = qkv[:, :qs].view(T, nq, hd)
+            k = qkv[:, qs:qs + ks].view(T, nkv, hd)
+            v = qkv[:, qs + ks:].view(T, nkv, hd)
+            if layer.q_norm is not None:
+                q = F.rms_norm(q, (hd,), layer.q_norm, eps)
+                k = F.rms_norm(k, (hd,), layer.k_norm, eps)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            o = attn(i, q, k, v, fb).view(T, qs)
+            h = h + F.linear(o, layer.o)
+            x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, eps)
+            gu = F.linear(x, layer.gate_up)
+            inter = cfg.intermediate_size
+            h = h + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.down)
+        if fb.logits_indices is not None:
+            h = h[fb.logits_indices]
+        h = F.rms_norm(h, (cfg.hidden_size,), self.norm, eps)
+        return F.linear(h, self.lm_head).float()

@@ -1,0 +1,270 @@
+"""HTTP front end: SGLang-style native API and the OpenAI API over one TokenizerManager."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.server.protocol import as_bool, as_int, is_token_list, sampling_from_dict
+from pdserve.server.tokenizer_manager import SchedulerDied, TokenizerManager
+
+logger = logging.getLogger("pdserve.http")
+
+
+def error_response(message: str, status: int = 400, err_type: str = "BadRequestError") -> JSONResponse:
+    # OpenAI's error shape; SGLang clients read error.message too
+    return JSONResponse({"error": {"message": message, "type": err_type, "code": status},
+                         "object": "error", "message": message}, status_code=status)
+
+
+async def read_json(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise ValueError("the JSON body must be an object")
+    return body
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def _watch_disconnect(request: Request, task: asyncio.Task) -> None:
+    while not task.done():
+        if await request.is_disconnected():
+            task.cancel()
+            return
+        await asyncio.sleep(0.25)
+
+
+async def run_until_disconnect(request: Request, coro) -> Any:
+    """Run a non-streaming generation; a client that goes away cancels it (and the
+    generator's cleanup aborts the request in the scheduler, freeing its pages)."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_watch_disconnect(request, task))
+    try:
+        return await task
+    finally:
+        watcher.cancel()
+
+
+async def collect(gen: AsyncIterator[dict]) -> dict:
+    last = None
+    async for last in gen:
+        pass
+    return last
+
+
+def status_of(result: dict) -> int:
+    fr = result["meta_info"].get("finish_reason") or {}
+    return int(fr.get("status_code") or 200) if fr.get("type") == "abort" else 200
+
+
+class GenerateInputs:
+    """Normalized /generate body: a list of single requests."""
+
+    def __init__(self, body: dict, tm: TokenizerManager) -> None:
+        text, ids = body.get("text"), body.get("input_ids")
+        if (text is None) == (ids is None):
+            raise ValueError("exactly one of `text` or `input_ids` is required")
+        if text is not None:
+            if isinstance(text, str):
+                prompts, self.batched = [tm.tokenize(text)], False
+            elif isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+                prompts, self.batched = [tm.tokenize(t) for t in text], True
+            else:
+                raise ValueError("text must be a string or a non-empty list of strings")
+        else:
+            if is_token_list(ids):
+                prompts, self.batched = [ids], False
+            elif isinstance(ids, list) and ids and all(is_token_list(x) for x in ids):
+                prompts, self.batched = ids, True
+            else:
+                raise ValueError("input_ids must be a non-empty list of token ids or a list of such lists")
+        n = len(prompts)
+        sp = body.get("sampling_params")
+        sps = [sampling_from_dict(s) for s in sp] if isinstance(sp, list) else [sampling_from_dict(sp)] * n
+        if len(sps) != n:
+            raise ValueError(f"sampling_params has {len(sps)} entries for {n} prompts")
+        rid = body.get("rid")
+        rids = rid if isinstance(rid, list) else [rid] * n
+        if len(rids) != n or (n > 1 and rid is not None and not isinstance(rid, list)):
+            raise ValueError("rid must be a list with one id per prompt for batched requests")
+
+        def per(key: str) -> list:
+            v = body.get(key)
+            return v if isinstance(v, list) else [v] * n
+
+        hosts, ports, rooms = per("bootstrap_host"), per("bootstrap_port"), per("bootstrap_room")
+        self.stream = as_bool(body, "stream")
+        self.return_logprob = as_bool(body, "return_logprob")
+        self.top_logprobs_num = as_int(body, "top_logprobs_num", 0, 0, 20)
+        self.items: list[tuple[list[int], SamplingParams, str | None, tuple]] = []
+        for i in range(n):
+            copies = sps[i].n
+            for j in range(copies):
+                r = rids[i] if copies == 1 else (f"{rids[i]}-{j}" if rids[i] else None)
+                self.items.append((prompts[i], sps[i], r, (hosts[i], ports[i], rooms[i])))
+        if len(self.items) > 1:
+            self.batched = True
+
+
+def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path: str) -> FastAPI:
+    app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+    app.state.tm = tm
+
+    @app.exception_handler(ValueError)
+    async def _bad_request(_: Request, e: ValueError):
+        return error_response(str(e), 400)
+
+    @app.exception_handler(SchedulerDied)
+    async def _dead(_: Request, e: SchedulerDied):
+        return error_response(str(e), 503, "ServiceUnavailable")
+
+    # ---- native API ---------------------------------------------------------------------
+    @app.post("/generate")
+    async def generate(request: Request):
+        body = await read_json(request)
+        g = GenerateInputs(body, tm)
+
+        def start(item):
+            ids, sp, rid, boot = item
+            return tm.generate(ids, sp, rid=rid, return_logprob=g.return_logprob,
+                               top_logprobs_num=g.top_logprobs_num, bootstrap=boot)
+
+        for ids, sp, _, _ in g.items:  # validate all before starting any
+            tm.validate(ids, sp, g.top_logprobs_num)
+        if g.stream:
+            gens = [start(it) for it in g.items]
+
+            async def stream() -> AsyncIterator[bytes]:
+                if len(gens) == 1:
+                    async for out in gens[0]:
+                        yield sse(out)
+                else:
+                    async for i, out in merge(gens):
+                        out["index"] = i
+                        yield sse(out)
+                yield SSE_DONE
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+        results = await run_until_disconnect(
+            request, asyncio.gather(*(collect(start(it)) for it in g.items)))
+        if not g.batched:
+            return JSONResponse(results[0], status_code=status_of(results[0]))
+        return JSONResponse(results)
+
+    @app.get("/health")
+    async def health():
+        if tm.dead:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        out = await asyncio.wait_for(
+            collect(tm.generate([1], SamplingParams(max_new_tokens=1, temperature=0))), 60)
+        return Response(status_code=200 if out else 503)
+
+    @app.get("/get_model_info")
+    async def get_model_info():
+        return {"model_path": model_path, "tokenizer_path": tm.args.tokenizer_path or model_path,
+                "served_model_name": served_model_name, "is_generation": True,
+                "arch": tm.info.get("arch"), "context_length": tm.info.get("context_length")}
+
+    @app.get("/get_server_info")
+    async def get_server_info():
+        from dataclasses import asdict
+
+        args = asdict(tm.args)
+        args["model_path"] = model_path
+        info = dict(tm.info)
+        info.update(await tm.control("get_load"))
+        return {**args, **info, "version": __import__("pdserve").__version__}
+
+    @app.get("/get_load")
+    async def get_load():
+        return await tm.control("get_load")
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        res = await tm.control("flush_cache")
+        if res.get("success"):
+            return Response("Cache flushed.\n", status_code=200)
+        return Response("Cache not flushed: requests are running.\n", status_code=400)
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request):
+        body = await read_json(request)
+        rid = body.get("rid")
+        if not isinstance(rid, str):
+            raise ValueError("rid must be a string")
+        st = tm.states.get(rid)
+        if st is not None:
+            from pdserve.messages import AbortReq, encode
+
+            await tm.send_sock.send(encode(AbortReq(rid)))
+        return {"success": st is not None}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        metrics.set_load(await tm.control("get_load"))
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    from pdserve.server.openai_api import add_openai_routes
+
+    add_openai_routes(app, tm, served_model_name, model_path)
+    return app
+
+
+async def merge(gens: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dict]]:
+    """Interleave several generators as their items arrive: (index, item)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, g: AsyncIterator[dict]) -> None:
+        try:
+            async for x in g:
+                await queue.put((i, x))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, x = await queue.get()
+            if x is done:
+                remaining -= 1
+                continue
+            yield i, x
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now_s() -> int:
+    return int(time.time())

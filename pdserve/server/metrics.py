@@ -1,0 +1,58 @@
+"""Prometheus metrics of one server (names prefixed `pdserve:` like SGLang's `sglang:`)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LAT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = r = CollectorRegistry()
+        lbl = ["model_name"]
+        self.model_name = model_name
+        self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token", lbl,
+                              buckets=_LAT_BUCKETS, registry=r)
+        self.itl = Histogram("pdserve:inter_token_latency_seconds", "Inter-token latency", lbl,
+                             buckets=_LAT_BUCKETS, registry=r)
+        self.e2e = Histogram("pdserve:e2e_request_latency_seconds", "End-to-end request latency", lbl,
+                             buckets=_LAT_BUCKETS, registry=r)
+        self.requests = Counter("pdserve:num_requests", "Finished requests by finish reason",
+                                lbl + ["finish_reason"], registry=r)
+        self.prompt_tokens = Gauge("pdserve:prompt_tokens_total", "Prompt tokens processed", lbl, registry=r)
+        self.generation_tokens = Gauge("pdserve:generation_tokens_total", "Tokens generated", lbl, registry=r)
+        self.running = Gauge("pdserve:num_running_reqs", "Running requests", lbl, registry=r)
+        self.waiting = Gauge("pdserve:num_queue_reqs", "Waiting requests", lbl, registry=r)
+        self.kv_usage = Gauge("pdserve:token_usage", "KV pool pages held by requests / all pages", lbl, registry=r)
+        self.kv_cached = Gauge("pdserve:cached_page_ratio", "KV pool pages held only by the prefix cache", lbl,
+                               registry=r)
+        self.hit_rate = Gauge("pdserve:cache_hit_rate", "Prefix cache hit rate (tokens)", lbl, registry=r)
+        self.retractions = Gauge("pdserve:num_retractions_total", "Requests retracted for KV space", lbl,
+                                 registry=r)
+
+    def observe_ttft(self, s: float) -> None:
+        self.ttft.labels(self.model_name).observe(s)
+
+    def observe_itl(self, s: float) -> None:
+        self.itl.labels(self.model_name).observe(s)
+
+    def observe_e2e(self, s: float, finish_reason: str) -> None:
+        self.e2e.labels(self.model_name).observe(s)
+        self.requests.labels(self.model_name, finish_reason).inc()
+
+    def set_load(self, load: dict) -> None:
+        m = self.model_name
+        self.running.labels(m).set(load["num_running_reqs"])
+        self.waiting.labels(m).set(load["num_waiting_reqs"])
+        total = max(1, load["num_total_pages"])
+        self.kv_usage.labels(m).set(load["num_used_pages"] / total)
+        self.kv_cached.labels(m).set(load["num_cached_pages"] / total)
+        self.prompt_tokens.labels(m).set(load["prompt_tokens"])
+        self.generation_tokens.labels(m).set(load["generation_tokens"])
+        self.retractions.labels(m).set(load["num_retractions"])
+        q = load["cache_query_tokens"]
+        self.hit_rate.labels(m).set(load["cache_hit_tokens"] / q if q else 0.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,200 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pdserve.server.http_server import (SSE_DONE, collect, merge, new_id, now_s, read_json,
+                                        run_until_disconnect, sse)
+from pdserve.server.protocol import as_bool, as_int, is_token_list, openai_sampling
+from pdserve.server.tokenizer_manager import TokenizerManager
+
+
+def _finish_reason(meta: dict) -> str | None:
+    fr = meta.get("finish_reason")
+    if fr is None:
+        return None
+    if fr["type"] == "abort":
+        return "abort"
+    return "length" if fr["type"] == "length" else "stop"
+
+
+def _check_abort(results: list[dict]) -> JSONResponse | None:
+    for r in results:
+        fr = r["meta_info"].get("finish_reason") or {}
+        if fr.get("type") == "abort":
+            code = int(fr.get("status_code") or 500)
+            msg = fr.get("message") or "request aborted"
+            return JSONResponse({"error": {"message": msg, "type": "Error", "code": code},
+                                 "object": "error", "message": msg}, status_code=code)
+    return None
+
+
+def _usage(results: list[dict], prompts: list[int]) -> dict:
+    p = sum(prompts)
+    c = sum(r["meta_info"]["completion_tokens"] for r in results)
+    cached = sum(r["meta_info"].get("cached_tokens", 0) for r in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_path: str) -> None:
+    accepted = {served, model_path, "default"}
+
+    def check_model(body: dict) -> None:
+        m = body.get("model")
+        if m is not None and m not in accepted:
+            raise ValueError(f"model {m!r} is not served here; available: {served!r}")
+
+    def boot(body: dict) -> tuple:
+        return (body.get("bootstrap_host"), body.get("bootstrap_port"), body.get("bootstrap_room"))
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served, "object": "model", "created": now_s(),
+                                            "owned_by": "pdserve", "root": model_path,
+                                            "max_model_len": tm.info.get("context_length")}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_json(request)
+        check_model(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            prompts = [tm.tokenize(prompt)]
+        elif is_token_list(prompt):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = [tm.tokenize(p) for p in prompt]
+        elif isinstance(prompt, list) and prompt and all(is_token_list(p) for p in prompt):
+            prompts = prompt
+        else:
+            raise ValueError("prompt must be a string, a list of strings, or token ids")
+        if body.get("echo"):
+            raise ValueError("echo is not supported")
+        sp = openai_sampling(body, 16, chat=False)
+        logprobs = as_int(body, "logprobs", None, 0, 20)
+        stream = as_bool(body, "stream")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await _serve(request, body, prompts, sp, logprobs, stream, include_usage, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await read_json(request)
+        check_model(body)
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+            raise ValueError("messages must be a non-empty list of {role, content} objects")
+        norm = []
+        for m in msgs:
+            content = m.get("content")
+            if isinstance(content, list):  # [{type: text, text: ...}]
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if not isinstance(content, str):
+                raise ValueError("message content must be a string or a list of text parts")
+            norm.append({"role": m["role"], "content": content})
+        ids = tm.apply_chat_template(norm, add_generation_prompt=True)
+        sp = openai_sampling(body, tm.info["context_length"] - len(ids), chat=True)
+        logprobs = None
+        if as_bool(body, "logprobs"):
+            logprobs = as_int(body, "top_logprobs", 0, 0, 20)
+        stream = as_bool(body, "stream")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await _serve(request, body, [ids], sp, logprobs, stream, include_usage, chat=True)
+
+    async def _serve(request: Request, body: dict, prompts: list[list[int]], sp, logprobs: int | None,
+                     stream: bool, include_usage: bool, chat: bool):
+        n = sp.n
+        for ids in prompts:
+            tm.validate(ids, sp, logprobs or 0)
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        created = now_s()
+        obj = "chat.completion" if chat else "text_completion"
+        jobs = [(ids, i) for ids in prompts for i in range(n)]
+        lens = [len(ids) for ids, _ in jobs]
+
+        def start(ids: list[int], k: int):
+            return tm.generate(ids, sp, rid=f"{rid}-{k}", return_logprob=logprobs is not None,
+                               top_logprobs_num=logprobs or 0, bootstrap=boot(body))
+
+        if not stream:
+            results = await run_until_disconnect(
+                request, asyncio.gather(*(collect(start(ids, k)) for k, (ids, _) in enumerate(jobs))))
+            err = _check_abort(results)
+            if err is not None:
+                return err
+            choices = []
+            for k, r in enumerate(results):
+                lp = _logprobs(r["meta_info"], chat, logprobs) if logprobs is not None else None
+                if chat:
+                    choices.append({"index": k, "message": {"role": "assistant", "content": r["text"]},
+                                    "logprobs": lp, "finish_reason": _finish_reason(r["meta_info"])})
+                else:
+                    choices.append({"index": k, "text": r["text"], "logprobs": lp,
+                                    "finish_reason": _finish_reason(r["meta_info"])})
+            return {"id": rid, "object": obj, "created": created, "model": served,
+                    "choices": choices, "usage": _usage(results, lens)}
+
+        gens = [start(ids, k) for k, (ids, _) in enumerate(jobs)]
+        chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+        async def events() -> AsyncIterator[bytes]:
+            sent = [0] * len(gens)
+            lp_sent = [0] * len(gens)
+            finals: list[dict | None] = [None] * len(gens)
+            if chat:
+                for k in range(len(gens)):
+                    yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
+                               "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+            async for k, out in merge(gens):
+                meta = out["meta_info"]
+                fr = meta.get("finish_reason")
+                if fr is not None and fr.get("type") == "abort":
+                    yield sse({"error": {"message": fr.get("message") or "request aborted",
+                                         "code": fr.get("status_code") or 500}})
+                    continue
+                delta = out["text"][sent[k]:]
+                sent[k] = len(out["text"])
+                lp = None
+                if logprobs is not None:
+                    lp = _logprobs(meta, chat, logprobs, start=lp_sent[k])
+                    lp_sent[k] = meta["completion_tokens"]
+                if not delta and fr is None:
+                    continue
+                choice: dict[str, Any] = {"index": k, "logprobs": lp, "finish_reason": _finish_reason(meta)}
+                if chat:
+                    choice["delta"] = {"content": delta} if delta else {}
+                else:
+                    choice["text"] = delta
+                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
+                           "choices": [choice]})
+                if fr is not None:
+                    finals[k] = out
+            if include_usage and all(f is not None for f in finals):
+                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
+                           "choices": [], "usage": _usage(finals, lens)})
+            yield SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _logprobs(meta: dict, chat: bool, top: int, start: int = 0) -> dict:
+        toks = meta.get("output_token_logprobs", [])[start:]
+        tops = meta.get("output_top_logprobs", [])[start:] if top else [[] for _ in toks]
+        dec = tm.tokenizer.convert_ids_to_tokens
+        if chat:
+            content = []
+            for (lp, tid, _), row in zip(toks, tops):
+                content.append({"token": dec(tid), "logprob": lp, "bytes": None,
+                                "top_logprobs": [{"token": dec(t), "logprob": l, "bytes": None}
+                                                 for l, t, _ in row]})
+            return {"content": content}
+        return {"tokens": [dec(tid) for _, tid, _ in toks],
+                "token_logprobs": [lp for lp, _, _ in toks],
+                "top_logprobs": [{dec(t): l for l, t, _ in row} for row in tops] if top else None,
+                "text_offset": None}

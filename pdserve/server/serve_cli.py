@@ -1,0 +1,116 @@
+"""`pdserve serve`: one server (HTTP front end + scheduler process)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+
+from pdserve.config import DTYPES, LOG_LEVELS, ServerArgs
+
+D = ServerArgs  # defaults come from the frozen dataclass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve serve", description="Serve one model (SGLang-compatible flags).")
+    a = p.add_argument
+    a("--model-path", default=D.model_path,
+      help="HF directory with safetensors, or a .gguf file (default: packaged SmolLM2-135M-Instruct GGUF)")
+    a("--tokenizer-path", default=D.tokenizer_path)
+    a("--host", default=D.host)
+    a("--port", type=int, default=D.port)
+    a("--dtype", default=D.dtype, choices=DTYPES)
+    a("--mem-fraction-static", type=float, default=D.mem_fraction_static,
+      help="share of RAM for weights + KV pool (default 0.1 on CPU)")
+    a("--max-total-tokens", type=int, default=D.max_total_tokens, help="KV pool size in tokens")
+    a("--max-running-requests", type=int, default=D.max_running_requests)
+    a("--chunked-prefill-size", type=int, default=D.chunked_prefill_size)
+    a("--page-size", type=int, default=D.page_size)
+    a("--context-length", type=int, default=D.context_length)
+    a("--disable-radix-cache", action="store_true")
+    a("--disable-overlap-schedule", action="store_true")
+    a("--served-model-name", default=D.served_model_name)
+    a("--log-level", default=D.log_level, choices=LOG_LEVELS)
+    a("--random-seed", type=int, default=D.random_seed)
+    a("--num-threads", type=int, default=D.num_threads, help="torch threads in the scheduler")
+    a("--disaggregation-mode", default=D.disaggregation_mode, choices=("null", "prefill", "decode"))
+    a("--disaggregation-bootstrap-port", type=int, default=D.disaggregation_bootstrap_port)
+    a("--disaggregation-transfer-backend", default=D.disaggregation_transfer_backend)
+    a("--tp-size", type=int, default=D.tp_size)
+    return p
+
+
+def args_from_namespace(ns: argparse.Namespace) -> ServerArgs:
+    return ServerArgs(**{k: v for k, v in vars(ns).items() if k in ServerArgs.field_names()})
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"--port: cannot listen on {host}:{port} ({e.strerror})") from None
+
+
+def served_name(args: ServerArgs, model_path: str) -> str:
+    from pdserve.model.paths import DEFAULT_MODEL_NAME
+
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model_path in (None, "", "default"):
+        return DEFAULT_MODEL_NAME
+    return os.path.basename(os.path.normpath(model_path))
+
+
+async def serve(args: ServerArgs) -> None:
+    import uvicorn
+
+    from pdserve.model.paths import resolve_model_path
+    from pdserve.server.http_server import build_app
+    from pdserve.server.metrics import ServerMetrics
+    from pdserve.server.tokenizer_manager import TokenizerManager
+
+    model_path = resolve_model_path(args.model_path)
+    name = served_name(args, model_path)
+    metrics = ServerMetrics(name)
+    tm = TokenizerManager(args, metrics)
+    await tm.start()
+    app = build_app(tm, metrics, name, model_path)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=3, access_log=False)
+    server = uvicorn.Server(config)
+    log = logging.getLogger("pdserve")
+    log.info("model %s loaded in %.1f s; KV pool %d tokens; dtype %s", name, tm.info["load_seconds"],
+             tm.info["max_total_num_tokens"], tm.info["dtype"])
+    url = f"http://{args.host}:{args.port}"
+    print(f"pdserve is serving {name} at {url}\n"
+          f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
+          f"\"What is the capital of France?\"}}]}}'", flush=True)
+    try:
+        await server.serve()
+    finally:
+        await tm.shutdown()
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        args = args_from_namespace(ns)
+        check_port(args.host, args.port)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s [%(name)s] %(levelname)s %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
+        return 1
+    return 0

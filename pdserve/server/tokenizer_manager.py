@@ -1,0 +1,267 @@
+"""Front end of one server: tokenizes, talks to the scheduler process over ZMQ,
+detokenizes incrementally and yields SGLang-shaped outputs.
+
+Used by the HTTP server and by the in-process `pdserve.Engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pdserve.config import ServerArgs
+from pdserve.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, GenerateReq, ReqOut,
+                              decode_from_scheduler, encode)
+from pdserve.server.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger("pdserve.tokenizer_manager")
+
+
+class SchedulerDied(RuntimeError):
+    pass
+
+
+@dataclass
+class ReqState:
+    rid: str
+    prompt_tokens: int
+    detok: IncrementalDetokenizer
+    stop_strings: list[str]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished: bool = False
+
+
+class TokenizerManager:
+    def __init__(self, args: ServerArgs, metrics=None) -> None:
+        from pdserve.model.tokenizer import load_tokenizer
+
+        self.args = args
+        self.metrics = metrics
+        self.tokenizer = load_tokenizer(args.model_path, args.tokenizer_path)
+        self.states: dict[str, ReqState] = {}
+        self.calls: dict[int, asyncio.Future] = {}
+        self._next_call = 1
+        self.info: dict[str, Any] = {}
+        self.proc: mp.Process | None = None
+        self._recv_task: asyncio.Task | None = None
+        self.dead: str | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        from pdserve.engine.scheduler_process import run_scheduler_process
+
+        base = os.path.join(tempfile.gettempdir(), f"pdserve-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        to_sched, from_sched = f"ipc://{base}-in", f"ipc://{base}-out"
+        self.ctx = zmq.asyncio.Context()
+        self.recv_sock = self.ctx.socket(zmq.PULL)
+        self.recv_sock.bind(from_sched)
+        spawn = mp.get_context("spawn")
+        parent_conn, child_conn = spawn.Pipe(duplex=False)
+        self.proc = spawn.Process(target=run_scheduler_process, name="pdserve-scheduler",
+                                  args=(self.args, to_sched, from_sched, child_conn), daemon=True)
+        self.proc.start()
+        child_conn.close()
+        info = await asyncio.get_running_loop().run_in_executor(None, self._wait_ready, parent_conn)
+        if "error" in info:
+            raise RuntimeError(f"scheduler failed to start: {info['error']}")
+        self.info = info
+        self.send_sock = self.ctx.socket(zmq.PUSH)
+        self.send_sock.connect(to_sched)
+        self._recv_task = asyncio.create_task(self._recv_loop())
+        self._watch_task = asyncio.create_task(self._watch_child())
+
+    def _wait_ready(self, conn) -> dict:
+        while not conn.poll(0.2):
+            if not self.proc.is_alive():
+                return {"error": f"scheduler process exited with code {self.proc.exitcode}"}
+        try:
+            return conn.recv()
+        except EOFError:
+            return {"error": "scheduler process closed its pipe"}
+
+    async def shutdown(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            try:
+                await asyncio.wait_for(self.control("shutdown"), 5)
+            except Exception:
+                pass
+            self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.terminate()
+                self.proc.join(5)
+            if self.proc.is_alive():
+                self.proc.kill()
+        for t in (self._recv_task, getattr(self, "_watch_task", None)):
+            if t is not None:
+                t.cancel()
+        if hasattr(self, "ctx"):
+            self.ctx.destroy(linger=0)
+
+    async def _watch_child(self) -> None:
+        while self.proc.is_alive():
+            await asyncio.sleep(0.5)
+        self.dead = f"scheduler process died (exit code {self.proc.exitcode})"
+        logger.error(self.dead)
+        for st in list(self.states.values()):
+            st.queue.put_nowait(SchedulerDied(self.dead))
+        for fut in self.calls.values():
+            if not fut.done():
+                fut.set_exception(SchedulerDied(self.dead))
+
+    async def _recv_loop(self) -> None:
+        while True:
+            data = await self.recv_sock.recv()
+            msg = decode_from_scheduler(data)
+            if isinstance(msg, ControlResp):
+                fut = self.calls.pop(msg.call_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.result)
+                continue
+            assert isinstance(msg, BatchOut)
+            now = time.time()
+            for out in msg.outs:
+                st = self.states.get(out.rid)
+                if st is not None:
+                    st.queue.put_nowait((out, now))
+
+    async def control(self, kind: str, **args) -> dict:
+        if self.dead:
+            raise SchedulerDied(self.dead)
+        call_id = self._next_call
+        self._next_call += 1
+        fut = asyncio.get_running_loop().create_future()
+        self.calls[call_id] = fut
+        await self.send_sock.send(encode(ControlReq(call_id, kind, args)))
+        return await fut
+
+    # ---- requests -----------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        try:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
+        except Exception as e:
+            raise ValueError(f"messages could not be rendered with the chat template: {e}") from e
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def validate(self, input_ids: list[int], sp: SamplingParams, top_logprobs_num: int) -> None:
+        vocab = self.info.get("vocab_size", len(self.tokenizer))
+        sp.verify(vocab)
+        if not input_ids:
+            raise ValueError("the prompt is empty")
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in input_ids):
+            raise ValueError(f"input_ids must be token ids in [0, {vocab})")
+        ctx = self.info["context_length"]
+        if len(input_ids) >= ctx:
+            raise ValueError(f"the prompt has {len(input_ids)} tokens; the context length is {ctx}")
+        if len(input_ids) + sp.max_new_tokens > ctx:
+            raise ValueError(f"Requested token count exceeds the model's maximum context length of {ctx} "
+                             f"tokens: {len(input_ids)} prompt + {sp.max_new_tokens} max_new_tokens")
+        pool = self.info["max_total_num_tokens"]
+        if len(input_ids) + 1 > pool:
+            raise ValueError(f"the prompt has {len(input_ids)} tokens; the KV pool holds {pool}")
+        if not (0 <= top_logprobs_num <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
+
+    async def generate(self, input_ids: list[int], sp: SamplingParams, *, rid: str | None = None,
+                       return_logprob: bool = False, top_logprobs_num: int = 0,
+                       bootstrap: tuple | None = None) -> AsyncIterator[dict]:
+        """Yields SGLang-shaped dicts (cumulative text/output_ids, meta_info); the
+        last one has meta_info.finish_reason set. Raises ValueError for bad input.
+        If the consumer stops early (client gone), the request is aborted."""
+        if self.dead:
+            raise SchedulerDied(self.dead)
+        self.validate(input_ids, sp, top_logprobs_num)
+        rid = rid or uuid.uuid4().hex
+        if rid in self.states:
+            raise ValueError(f"request id {rid!r} is already in use")
+        st = ReqState(rid, len(input_ids), IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
+                      list(sp.stop))
+        self.states[rid] = st
+        host, port, room = bootstrap or (None, None, None)
+        msg = GenerateReq(rid, input_ids, sp, return_logprob, top_logprobs_num, time.time(), host, port, room)
+        try:
+            await self.send_sock.send(encode(msg))
+            while True:
+                item = await st.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                out, now = item
+                yield self._absorb(st, out, now)
+                if out.finish is not None:
+                    st.finished = True
+                    return
+        finally:
+            self.states.pop(rid, None)
+            if not st.finished and not self.dead:
+                await self.send_sock.send(encode(AbortReq(rid)))
+
+    def _absorb(self, st: ReqState, out: ReqOut, now: float) -> dict:
+        if out.new_ids:
+            if st.first_token_time is None:
+                st.first_token_time = now
+                if self.metrics:
+                    self.metrics.observe_ttft(now - st.created)
+            elif self.metrics and st.last_token_time is not None:
+                self.metrics.observe_itl((now - st.last_token_time) / len(out.new_ids))
+            st.last_token_time = now
+        st.output_ids.extend(out.new_ids)
+        if out.new_logprobs:
+            st.logprobs.extend(out.new_logprobs)
+        if out.new_top_logprobs:
+            st.top_logprobs.extend(out.new_top_logprobs)
+        st.detok.add(out.new_ids)
+        text = st.detok.text
+        finish = None
+        if out.finish is not None:
+            st.detok.flush()
+            text = st.detok.text
+            finish = msgspec.structs.asdict(out.finish)
+            finish = {k: v for k, v in finish.items() if v is not None}
+            if out.finish.type == "stop" and isinstance(out.finish.matched, str):
+                cut = text.find(out.finish.matched)
+                if cut >= 0:
+                    text = text[:cut]
+            if self.metrics:
+                self.metrics.observe_e2e(now - st.created, out.finish.type)
+        elif st.stop_strings:
+            # never show a partial stop string that might complete later
+            hold = max(len(s) for s in st.stop_strings) - 1
+            text = text[: max(0, len(text) - hold)]
+        meta = {
+            "id": st.rid,
+            "prompt_tokens": st.prompt_tokens,
+            "completion_tokens": len(st.output_ids),
+            "cached_tokens": out.cached_tokens,
+            "finish_reason": finish,
+            "e2e_latency": now - st.created,
+        }
+        if out.finish is not None:
+            for k in ("queue_time", "prefill_time", "transfer_time", "decode_time"):
+                meta[k] = getattr(out, k)
+        if st.logprobs or out.new_logprobs is not None:
+            meta["output_token_logprobs"] = [
+                [lp, tid, None] for lp, tid in zip(st.logprobs, st.output_ids)]
+            if st.top_logprobs:
+                meta["output_top_logprobs"] = [[[lp, tid, None] for tid, lp in row] for row in st.top_logprobs]
+        return {"text": text, "output_ids": list(st.output_ids), "meta_info": meta}
