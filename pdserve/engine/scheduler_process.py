@@ -6,9 +6,10 @@ answers with BatchOut / ControlResp. The event loop is schedule -> run -> update
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import signal
+import sys
 import time
 
 import zmq
@@ -161,9 +162,10 @@ def die_with_parent() -> None:
         pass
 
 
-def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str, ready_conn) -> None:
-    """Entry point of the child process (multiprocessing, spawn)."""
+def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str) -> None:
+    """Child process body: build everything, announce readiness (call_id 0), serve."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     die_with_parent()
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s [scheduler] %(levelname)s %(message)s")
@@ -171,14 +173,21 @@ def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str, read
         proc = SchedulerProcess(args, recv_addr, send_addr)
     except Exception as e:
         logger.exception("scheduler failed to start")
-        ready_conn.send({"error": f"{type(e).__name__}: {e}"})
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.connect(send_addr)
+        sock.send(encode(ControlResp(0, {"error": f"{type(e).__name__}: {e}"})))
+        sock.close(linger=2000)
         return
-    ready_conn.send(proc.info())
-    ready_conn.close()
-    parent = os.getppid()
-    try:
-        proc.event_loop()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        logger.info("scheduler exiting (parent %d)", parent)
+    proc.send.send(encode(ControlResp(0, proc.info())))
+    proc.event_loop()
+
+
+def main() -> None:
+    """`python -m pdserve.engine.scheduler_process ARGS_JSON RECV SEND` (started by the
+    front end with subprocess: no pickled state crosses the process boundary)."""
+    raw = json.loads(sys.argv[1])
+    run_scheduler_process(ServerArgs(**raw), sys.argv[2], sys.argv[3])
+
+
+if __name__ == "__main__":
+    main()

@@ -7,9 +7,12 @@ Used by the HTTP server and by the in-process `pdserve.Engine`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
-import multiprocessing as mp
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -60,26 +63,22 @@ class TokenizerManager:
         self.calls: dict[int, asyncio.Future] = {}
         self._next_call = 1
         self.info: dict[str, Any] = {}
-        self.proc: mp.Process | None = None
+        self.proc: subprocess.Popen | None = None
         self._recv_task: asyncio.Task | None = None
         self.dead: str | None = None
+        self._shutting_down = False
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        from pdserve.engine.scheduler_process import run_scheduler_process
-
         base = os.path.join(tempfile.gettempdir(), f"pdserve-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         to_sched, from_sched = f"ipc://{base}-in", f"ipc://{base}-out"
         self.ctx = zmq.asyncio.Context()
         self.recv_sock = self.ctx.socket(zmq.PULL)
         self.recv_sock.bind(from_sched)
-        spawn = mp.get_context("spawn")
-        parent_conn, child_conn = spawn.Pipe(duplex=False)
-        self.proc = spawn.Process(target=run_scheduler_process, name="pdserve-scheduler",
-                                  args=(self.args, to_sched, from_sched, child_conn), daemon=True)
-        self.proc.start()
-        child_conn.close()
-        info = await asyncio.get_running_loop().run_in_executor(None, self._wait_ready, parent_conn)
+        cmd = [sys.executable, "-m", "pdserve.engine.scheduler_process",
+               json.dumps(dataclasses.asdict(self.args)), to_sched, from_sched]
+        self.proc = subprocess.Popen(cmd)
+        info = await self._wait_ready()
         if "error" in info:
             raise RuntimeError(f"scheduler failed to start: {info['error']}")
         self.info = info
@@ -88,27 +87,30 @@ class TokenizerManager:
         self._recv_task = asyncio.create_task(self._recv_loop())
         self._watch_task = asyncio.create_task(self._watch_child())
 
-    def _wait_ready(self, conn) -> dict:
-        while not conn.poll(0.2):
-            if not self.proc.is_alive():
-                return {"error": f"scheduler process exited with code {self.proc.exitcode}"}
-        try:
-            return conn.recv()
-        except EOFError:
-            return {"error": "scheduler process closed its pipe"}
+    async def _wait_ready(self) -> dict:
+        while True:
+            if await self.recv_sock.poll(200):
+                msg = decode_from_scheduler(await self.recv_sock.recv())
+                if isinstance(msg, ControlResp) and msg.call_id == 0:
+                    return msg.result
+            elif self.proc.poll() is not None:
+                return {"error": f"scheduler process exited with code {self.proc.returncode}"}
 
     async def shutdown(self) -> None:
-        if self.proc is not None and self.proc.is_alive():
+        self._shutting_down = True
+        if self.proc is not None and self.proc.poll() is None:
             try:
                 await asyncio.wait_for(self.control("shutdown"), 5)
             except Exception:
                 pass
-            self.proc.join(5)
-            if self.proc.is_alive():
-                self.proc.terminate()
-                self.proc.join(5)
-            if self.proc.is_alive():
-                self.proc.kill()
+            for stop in (None, self.proc.terminate, self.proc.kill):
+                if stop is not None:
+                    stop()
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, 5)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
         for t in (self._recv_task, getattr(self, "_watch_task", None)):
             if t is not None:
                 t.cancel()
@@ -116,9 +118,11 @@ class TokenizerManager:
             self.ctx.destroy(linger=0)
 
     async def _watch_child(self) -> None:
-        while self.proc.is_alive():
+        while self.proc.poll() is None:
             await asyncio.sleep(0.5)
-        self.dead = f"scheduler process died (exit code {self.proc.exitcode})"
+        if self.dead is None and self._shutting_down:
+            return
+        self.dead = f"scheduler process died (exit code {self.proc.returncode})"
         logger.error(self.dead)
         for st in list(self.states.values()):
             st.queue.put_nowait(SchedulerDied(self.dead))

@@ -1,0 +1,145 @@
+"""`pdserve.Engine`: the same engine in-process (SGLang's runtime API, seed 003).
+
+    engine = pdserve.Engine(model_path=None, dtype="float32")
+    engine.generate("The capital of France is", {"max_new_tokens": 8, "temperature": 0})
+    engine.generate(["a", "b"], {"max_new_tokens": 8})            # batch -> list
+    for chunk in engine.generate("hi", stream=True): ...          # sync stream
+    async for chunk in engine.async_generate("hi", stream=True): ...
+    engine.shutdown()
+
+The scheduler runs in its own process, as in the server; the front end runs on
+an asyncio loop in a background thread so sync and async callers both work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, AsyncIterator, Iterator
+
+from pdserve.config import ServerArgs
+from pdserve.server.protocol import sampling_from_dict
+
+
+class Engine:
+    def __init__(self, **kwargs: Any) -> None:
+        from pdserve.server.tokenizer_manager import TokenizerManager
+
+        self.args = ServerArgs(**kwargs)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="pdserve-engine-loop", daemon=True)
+        self._thread.start()
+        self.tm = TokenizerManager(self.args)
+        self._call(self.tm.start())
+        self.tokenizer = self.tm.tokenizer
+        self._closed = False
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _jobs(self, prompt, sampling_params, input_ids):
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("pass exactly one of prompt or input_ids")
+        if prompt is not None:
+            batched = isinstance(prompt, list)
+            prompts = [self.tm.tokenize(p) for p in (prompt if batched else [prompt])]
+        else:
+            batched = bool(input_ids) and isinstance(input_ids[0], list)
+            prompts = input_ids if batched else [input_ids]
+        sps = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(sps) != len(prompts):
+            raise ValueError("one sampling_params per prompt, or a single one for all")
+        return batched, [(ids, sampling_from_dict(sp)) for ids, sp in zip(prompts, sps)]
+
+    def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
+                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
+                 top_logprobs_num: int = 0, stream: bool = False):
+        """Dict per prompt ({"text", "output_ids", "meta_info"}), a list for a batch,
+        or (stream=True, single prompt) an iterator of cumulative chunks."""
+        batched, jobs = self._jobs(prompt, sampling_params, input_ids)
+        if stream:
+            if batched:
+                raise ValueError("stream=True takes a single prompt")
+            return self._sync_stream(jobs[0], return_logprob, top_logprobs_num)
+
+        async def run_all():
+            return await asyncio.gather(*(self._collect(ids, sp, return_logprob, top_logprobs_num)
+                                          for ids, sp in jobs))
+
+        results = self._call(run_all())
+        return results if batched else results[0]
+
+    async def _collect(self, ids, sp, lp, top):
+        last = None
+        async for last in self.tm.generate(ids, sp, return_logprob=lp, top_logprobs_num=top):
+            pass
+        return last
+
+    def _sync_stream(self, job, lp, top) -> Iterator[dict]:
+        ids, sp = job
+        agen = self.tm.generate(ids, sp, return_logprob=lp, top_logprobs_num=top)
+        try:
+            while True:
+                try:
+                    yield self._call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._call(agen.aclose())
+
+    async def async_generate(self, prompt: str | None = None, sampling_params: dict | None = None,
+                             input_ids: list[int] | None = None, return_logprob: bool = False,
+                             top_logprobs_num: int = 0, stream: bool = False):
+        """Awaitable result, or (stream=True) an async iterator of chunks."""
+        batched, jobs = self._jobs(prompt, sampling_params, input_ids)
+        if stream:
+            if batched:
+                raise ValueError("stream=True takes a single prompt")
+            return self._async_stream(jobs[0], return_logprob, top_logprobs_num)
+        futs = [asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+            self._collect(ids, sp, return_logprob, top_logprobs_num), self.loop)) for ids, sp in jobs]
+        results = await asyncio.gather(*futs)
+        return results if batched else results[0]
+
+    async def _async_stream(self, job, lp, top) -> AsyncIterator[dict]:
+        ids, sp = job
+        agen = self.tm.generate(ids, sp, return_logprob=lp, top_logprobs_num=top)
+        try:
+            while True:
+                try:
+                    yield await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(agen.__anext__(), self.loop))
+                except StopAsyncIteration:
+                    return
+        finally:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(agen.aclose(), self.loop))
+
+    def get_load(self) -> dict:
+        return self._call(self.tm.control("get_load"))
+
+    def flush_cache(self) -> bool:
+        return bool(self._call(self.tm.control("flush_cache")).get("success"))
+
+    def get_server_info(self) -> dict:
+        return dict(self.tm.info)
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self.tm.shutdown())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,66 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProc:
+    def __init__(self, *extra: str, timeout: float = 180) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(self.port), *extra]
+        self.proc = subprocess.Popen(cmd, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("server did not become healthy")
+
+    def load(self) -> dict:
+        return httpx.get(self.url + "/get_load", timeout=10).json()
+
+    def wait_idle_and_free(self, timeout: float = 10) -> dict:
+        """Polls until no request holds KV pages (aborts are asynchronous)."""
+        deadline = time.time() + timeout
+        while True:
+            ld = self.load()
+            if (ld["num_used_pages"] == 0 and ld["num_running_reqs"] == 0 and ld["num_waiting_reqs"] == 0) \
+                    or time.time() > deadline:
+                return ld
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = ServerProc("--dtype", "float32", "--max-total-tokens", "16384")
+    yield s
+    s.stop()

@@ -1,0 +1,180 @@
+"""Scheduler on synthetic requests: a fake runner for policy, the tiny random
+model for end-to-end equivalences (chunking, prefix cache, retraction)."""
+
+import random
+
+import pytest
+import torch
+
+from pdserve.engine.kv_pool import PageAllocator
+from pdserve.engine.request import Req
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import RunOutput, Scheduler
+from pdserve.model.config import ModelConfig
+from pdserve.model.llama import LlamaModel
+
+CFG = ModelConfig.tiny()
+
+
+def make(num_pages=64, ps=4, chunk=16, max_running=8, cache=True):
+    return Scheduler(PageAllocator(num_pages, ps), max_running_requests=max_running,
+                     chunked_prefill_size=chunk, context_length=512, eos_ids=(2,),
+                     disable_radix_cache=not cache)
+
+
+class FakeRunner:
+    """Returns token 7 for every sampled item (never EOS)."""
+
+    def run(self, plan):
+        return RunOutput([7 for it in plan.items if it.sample])
+
+
+def drain(s, runner, limit=10_000):
+    outs = {}
+    for _ in range(limit):
+        if not s.has_work:
+            break
+        plan = s.schedule()
+        if plan is None:
+            continue
+        for o in s.update(plan, runner.run(plan)):
+            outs.setdefault(o.rid, []).extend(o.new_ids)
+            if o.finish is not None:
+                outs[o.rid + ":finish"] = o.finish
+    outs.update({o.rid + ":finish": o.finish for o in s.pending_outs})
+    return outs
+
+
+def assert_all_free(s):
+    assert s.used_pages() == 0
+    assert s.alloc.num_free + s.cache.evictable_pages == s.alloc.num_pages
+    s.cache.reset()
+    assert s.alloc.num_free == s.alloc.num_pages
+
+
+def req(rid, n_in, max_new=5, **kw):
+    return Req(rid, list(range(3, 3 + n_in)), SamplingParams(max_new_tokens=max_new, temperature=0, **kw))
+
+
+def test_chunked_prefill_respects_budget():
+    s = make(chunk=8)
+    s.add_request(req("a", 30))
+    plan = s.schedule()
+    assert plan.num_tokens == 8 and not plan.items[0].sample
+    s.update(plan, FakeRunner().run(plan))
+    plan = s.schedule()
+    assert plan.items[0].start == 8
+    out = drain(s, FakeRunner())
+    assert len(out["a"]) == 5 and out["a:finish"].type == "length"
+    assert_all_free(s)
+
+
+def test_max_running_requests_caps_batch():
+    s = make(max_running=2, chunk=100)
+    for i in range(5):
+        s.add_request(req(f"r{i}", 3))
+    plan = s.schedule()
+    assert len(plan.items) == 2 and len(s.waiting) == 3
+    out = drain(s, FakeRunner())
+    assert all(len(out[f"r{i}"]) == 5 for i in range(5))
+    assert_all_free(s)
+
+
+def test_oversized_prompt_rejected_with_400():
+    s = make(num_pages=4, ps=4)
+    s.add_request(req("big", 40))
+    outs = s.update(*_noop())
+    fin = [o for o in outs if o.rid == "big"][0].finish
+    assert fin.type == "abort" and fin.status_code == 400 and "KV pool" in fin.message
+    assert_all_free(s)
+
+
+def _noop():
+    from pdserve.engine.scheduler import Plan
+    return Plan([], 0), RunOutput([])
+
+
+def test_abort_frees_pages():
+    s = make()
+    s.add_request(req("a", 20, max_new=50))
+    for _ in range(3):
+        plan = s.schedule()
+        s.update(plan, FakeRunner().run(plan))
+    assert s.used_pages() > 0
+    s.abort("a")
+    assert s.pending_outs[0].finish.type == "abort"
+    assert_all_free(s)
+
+
+def test_stop_token_and_eos():
+    s = make()
+    s.add_request(req("a", 4, max_new=10, stop_token_ids=[7]))
+    out = drain(s, FakeRunner())
+    assert out["a"] == [7] and out["a:finish"].type == "stop" and out["a:finish"].matched == 7
+
+
+def test_retraction_when_pool_runs_out():
+    # 10 pages of 4 tokens; 4 requests each needing up to 4+20 tokens -> cannot all fit
+    s = make(num_pages=10, ps=4, chunk=64)
+    for i in range(4):
+        s.add_request(req(f"r{i}", 4, max_new=20))
+    out = drain(s, FakeRunner())
+    assert s.stats.num_retractions > 0
+    assert all(len(out[f"r{i}"]) == 20 for i in range(4))
+    assert_all_free(s)
+
+
+# ---- real tiny model: outputs must not depend on how the work was scheduled ----------
+
+def run_tiny(prompts, max_new=12, **sched_kw):
+    torch.manual_seed(0)
+    model = LlamaModel(CFG, torch.float32)
+    model.init_random(0)
+    s = make(**sched_kw)
+    runner = ModelRunner(model, s.alloc.num_pages, s.alloc.page_size)
+    for i, p in enumerate(prompts):
+        s.add_request(Req(f"r{i}", p, SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True)))
+    out = drain(s, runner)
+    assert_all_free(s)
+    return [out[f"r{i}"] for i in range(len(prompts))], s
+
+
+PROMPTS = [[random.Random(i).randrange(3, 250) for _ in range(n)] for i, n in enumerate([5, 17, 33, 8, 60, 3])]
+
+
+def test_reference_one_by_one_matches_batched():
+    ref = [run_tiny([p], chunk=512, num_pages=128)[0][0] for p in PROMPTS]
+    batched, _ = run_tiny(PROMPTS, chunk=512, num_pages=128)
+    assert batched == ref
+
+
+def test_chunking_and_page_size_do_not_change_outputs():
+    ref, _ = run_tiny(PROMPTS, chunk=512, num_pages=128, ps=4)
+    for kw in (dict(chunk=7, ps=4, num_pages=128), dict(chunk=16, ps=1, num_pages=512),
+               dict(chunk=512, ps=16, num_pages=64)):
+        got, _ = run_tiny(PROMPTS, **kw)
+        assert got == ref, kw
+
+
+def test_prefix_cache_reuse_same_outputs():
+    shared = PROMPTS[4]
+    prompts = [shared + [5, 6, 7], shared + [9], shared]
+    ref = [run_tiny([p], num_pages=128, cache=False)[0][0] for p in prompts]
+    model = LlamaModel(CFG, torch.float32)
+    model.init_random(0)
+    s = make(num_pages=128)
+    runner = ModelRunner(model, 128, 4)
+    outs = []
+    for i, p in enumerate(prompts):  # sequentially, so later ones hit the cache
+        s.add_request(Req(f"q{i}", p, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)))
+        outs.append(drain(s, runner)[f"q{i}"])
+    assert outs == ref
+    assert s.cache.hit_tokens >= 2 * (len(shared) // 4 * 4) - 8
+
+
+def test_retraction_same_outputs():
+    ref, _ = run_tiny(PROMPTS, max_new=20, num_pages=256)
+    got, s = run_tiny(PROMPTS, max_new=20, num_pages=30, ps=4)
+    assert s.stats.num_retractions > 0
+    assert got == ref
