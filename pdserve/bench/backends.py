@@ -8,7 +8,7 @@
   `stream_options.include_usage`.
 
 Timing is taken on the client with `time.perf_counter()`: TTFT is the time to the
-first chunk that carries output, each later chunk adds inter-token latencies (a
+first chunk that carries output; each later chunk adds inter-token latencies (a
 chunk holding k new tokens adds k gaps of (its delay / k), as SGLang does).
 A request function never raises: errors and timeouts come back as a failed
 `RequestOutput` whose `error` says what happened.
@@ -113,8 +113,8 @@ async def _post_stream(
             if not done and not out.server.get("finish_reason"):
                 out.error = "stream ended before [DONE]"
                 return out
-    except asyncio.TimeoutError:
-        out.error = f"timeout after {time.perf_counter() - t0:.1f} s"
+    except asyncio.TimeoutError as e:
+        out.error = f"{_timeout_kind(e)} after {time.perf_counter() - t0:.1f} s"
         return out
     except _StreamError as e:
         out.error = f"server error: {e}"
@@ -132,17 +132,24 @@ async def _post_stream(
     return out
 
 
+def _timeout_kind(e: BaseException) -> str:
+    """Which of the session's timeouts fired (aiohttp >= 3.10 tells them apart)."""
+    if isinstance(e, getattr(aiohttp, "SocketTimeoutError", ())):
+        return "read timeout (no data for --read-timeout)"
+    if isinstance(e, getattr(aiohttp, "ConnectionTimeoutError", ())):
+        return "connect timeout"
+    return "timeout (--request-timeout)"
+
+
 def _mark_tokens(out: RequestOutput, now: float, t0: float, last: list[float], n_new: int) -> None:
     """Records TTFT for the first output, then `n_new` inter-token gaps."""
     if n_new <= 0:
         return
     if out.ttft == 0.0:
+        # The first chunk is the TTFT; extra tokens in it add no ITL (as in SGLang).
         out.ttft = now - t0
-        n_new -= 1  # the first token is the TTFT; any others in the chunk add ITLs
-        gap = 0.0
     else:
-        gap = (now - last[0]) / n_new
-    out.itl.extend([gap] * n_new)
+        out.itl.extend([(now - last[0]) / n_new] * n_new)
     last[0] = now
 
 
