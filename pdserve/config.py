@@ -28,6 +28,8 @@ class ServerArgs:
     context_length: int | None = None
     disable_overlap_schedule: bool = False
     num_threads: int | None = None  # torch threads in the scheduler (default: all cores)
+    # batches of at most this many tokens use 4-bit weight-only matmuls (bf16 only; 0 = off)
+    w4_decode_max_tokens: int = 8
     # PD disaggregation
     disaggregation_mode: str = "null"
     disaggregation_bootstrap_port: int = 8998
@@ -58,6 +60,8 @@ class ServerArgs:
             bad("log_level", f"must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.context_length is not None and self.context_length < 2:
             bad("context_length", "must be >= 2")
+        if not (0 <= self.w4_decode_max_tokens <= 64):
+            bad("w4_decode_max_tokens", "must be in 0..64")
         if self.num_threads is not None and self.num_threads < 1:
             bad("num_threads", "must be >= 1")
         if self.disaggregation_mode not in ("null", "prefill", "decode"):

@@ -32,7 +32,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_model(args: ServerArgs) -> LlamaModel:
     path = resolve_model_path(args.model_path)
     config, state = load_model_files(path)
-    model = LlamaModel(config, resolve_dtype(args.dtype))
+    model = LlamaModel(config, resolve_dtype(args.dtype), args.w4_decode_max_tokens)
     model.load_weights(state)
     del state
     return model

@@ -23,15 +23,73 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Layer:
-    __slots__ = ("in_norm", "post_norm", "qkv", "qkv_b", "o", "gate_up", "down", "q_norm", "k_norm")
+    __slots__ = ("in_norm", "post_norm", "qkv", "qkv_b", "o", "gate_up", "down", "q_norm", "k_norm", "q4")
+
+
+INT4_GROUP = 32
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit, groups of 32 along K (the Q4_1 layout: for a Q4_1 GGUF this
+    reproduces its grid, up to bf16 rounding of scale and zero). Returns torch's
+    CPU int4 packed weight and scales_and_zeros [K/group, N, 2]."""
+    n, k = w.shape
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    zero = lo + 8.0 * scale  # the kernel dequantizes (q - 8) * scale + zero
+    sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, sz
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, q4: tuple | None, small: bool) -> torch.Tensor:
+    # Small batches are memory-bound: 4-bit weights read 4x fewer bytes per token
+    # (benchmarks/bench_engine.py); large batches are compute-bound and stay on bf16/AMX.
+    if small and q4 is not None:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4[0], INT4_GROUP, q4[1])
+    return F.linear(x, w)
+
+
+def random_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """HF-named random weights for unit tests (tiny configs)."""
+    g = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.08
+
+    state["model.embed_tokens.weight"] = rnd(cfg.vocab_size, cfg.hidden_size)
+    state["model.norm.weight"] = 1 + rnd(cfg.hidden_size)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        state[p + "input_layernorm.weight"] = 1 + rnd(cfg.hidden_size)
+        state[p + "post_attention_layernorm.weight"] = 1 + rnd(cfg.hidden_size)
+        state[p + "self_attn.q_proj.weight"] = rnd(cfg.q_size, cfg.hidden_size)
+        state[p + "self_attn.k_proj.weight"] = rnd(cfg.kv_size, cfg.hidden_size)
+        state[p + "self_attn.v_proj.weight"] = rnd(cfg.kv_size, cfg.hidden_size)
+        state[p + "self_attn.o_proj.weight"] = rnd(cfg.hidden_size, cfg.q_size)
+        state[p + "mlp.gate_proj.weight"] = rnd(cfg.intermediate_size, cfg.hidden_size)
+        state[p + "mlp.up_proj.weight"] = rnd(cfg.intermediate_size, cfg.hidden_size)
+        state[p + "mlp.down_proj.weight"] = rnd(cfg.hidden_size, cfg.intermediate_size)
+        if cfg.qkv_bias:
+            for n, size in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
+                state[p + f"self_attn.{n}_proj.bias"] = rnd(size)
+        if cfg.qk_norm:
+            state[p + "self_attn.q_norm.weight"] = 1 + rnd(cfg.head_dim)
+            state[p + "self_attn.k_norm.weight"] = 1 + rnd(cfg.head_dim)
+    return state
 
 
 class LlamaModel:
     """Weights as plain tensors with fused qkv and gate_up projections."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, q4_max_tokens: int = 0) -> None:
         self.config = config
         self.dtype = dtype
+        # token counts up to this use 4-bit weight-only matmuls (bf16 only; 0 = never)
+        self.q4_max_tokens = q4_max_tokens if dtype == torch.bfloat16 else 0
         self.layers: list[Layer] = []
         max_pos = config.max_position_embeddings
         cos, sin = _rope_tables(config, max_pos)
@@ -66,37 +124,15 @@ class LlamaModel:
             layer.down = get(p + "mlp.down_proj.weight")
             layer.q_norm = get(p + "self_attn.q_norm.weight") if cfg.qk_norm else None
             layer.k_norm = get(p + "self_attn.k_norm.weight") if cfg.qk_norm else None
+            layer.q4 = ({n: quantize_int4(getattr(layer, n)) for n in ("qkv", "o", "gate_up", "down")}
+                        if self.q4_max_tokens else None)
             self.layers.append(layer)
+        # lm_head stays bf16: in the default GGUF it is the Q8_0 embedding, not a 4-bit grid
+
 
     def init_random(self, seed: int = 0) -> None:
         """Random weights for unit tests (tiny configs)."""
-        cfg = self.config
-        g = torch.Generator().manual_seed(seed)
-        state: dict[str, torch.Tensor] = {}
-
-        def rnd(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=g) * 0.08
-
-        state["model.embed_tokens.weight"] = rnd(cfg.vocab_size, cfg.hidden_size)
-        state["model.norm.weight"] = 1 + rnd(cfg.hidden_size)
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            state[p + "input_layernorm.weight"] = 1 + rnd(cfg.hidden_size)
-            state[p + "post_attention_layernorm.weight"] = 1 + rnd(cfg.hidden_size)
-            state[p + "self_attn.q_proj.weight"] = rnd(cfg.q_size, cfg.hidden_size)
-            state[p + "self_attn.k_proj.weight"] = rnd(cfg.kv_size, cfg.hidden_size)
-            state[p + "self_attn.v_proj.weight"] = rnd(cfg.kv_size, cfg.hidden_size)
-            state[p + "self_attn.o_proj.weight"] = rnd(cfg.hidden_size, cfg.q_size)
-            state[p + "mlp.gate_proj.weight"] = rnd(cfg.intermediate_size, cfg.hidden_size)
-            state[p + "mlp.up_proj.weight"] = rnd(cfg.intermediate_size, cfg.hidden_size)
-            state[p + "mlp.down_proj.weight"] = rnd(cfg.hidden_size, cfg.intermediate_size)
-            if cfg.qkv_bias:
-                for n, size in (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)):
-                    state[p + f"self_attn.{n}_proj.bias"] = rnd(size)
-            if cfg.qk_norm:
-                state[p + "self_attn.q_norm.weight"] = 1 + rnd(cfg.head_dim)
-                state[p + "self_attn.k_norm.weight"] = 1 + rnd(cfg.head_dim)
-        self.load_weights(state)
+        self.load_weights(random_state(self.config, seed))
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """Fused weights by name, e.g. for RL weight sync and memory accounting."""
@@ -106,7 +142,7 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             for n in Layer.__slots__:
                 t = getattr(layer, n)
-                if t is not None:
+                if isinstance(t, torch.Tensor):
                     out[f"layers.{i}.{n}"] = t
         return out
 
@@ -125,9 +161,13 @@ class LlamaModel:
         sin = self.sin[fb.positions].unsqueeze(1)
         h = self.embed[fb.input_ids]  # [T, hidden]
         T = h.shape[0]
+        small = T <= self.q4_max_tokens
         for i, layer in enumerate(self.layers):
+            q4 = layer.q4 or {}
             x = F.rms_norm(h, (cfg.hidden_size,), layer.in_norm, eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_b)
+            qkv = linear(x, layer.qkv, q4.get("qkv"), small)
+            if layer.qkv_b is not None:
+                qkv = qkv + layer.qkv_b
             q = qkv[:, :qs].view(T, nq, hd)
             k = qkv[:, qs:qs + ks].view(T, nkv, hd)
             v = qkv[:, qs + ks:].view(T, nkv, hd)
@@ -137,11 +177,11 @@ class LlamaModel:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             o = attn(i, q, k, v, fb).view(T, qs)
-            h = h + F.linear(o, layer.o)
+            h = h + linear(o, layer.o, q4.get("o"), small)
             x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, eps)
-            gu = F.linear(x, layer.gate_up)
+            gu = linear(x, layer.gate_up, q4.get("gate_up"), small)
             inter = cfg.intermediate_size
-            h = h + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.down)
+            h = h + linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.down, q4.get("down"), small)
         if fb.logits_indices is not None:
             h = h[fb.logits_indices]
         h = F.rms_norm(h, (cfg.hidden_size,), self.norm, eps)

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-level", default=D.log_level, choices=LOG_LEVELS)
     a("--random-seed", type=int, default=D.random_seed)
     a("--num-threads", type=int, default=D.num_threads, help="torch threads in the scheduler")
+    a("--w4-decode-max-tokens", type=int, default=D.w4_decode_max_tokens,
+      help="steps of at most this many tokens use 4-bit weight-only matmuls (bf16 only; 0 = off)")
     a("--disaggregation-mode", default=D.disaggregation_mode, choices=("null", "prefill", "decode"))
     a("--disaggregation-bootstrap-port", type=int, default=D.disaggregation_bootstrap_port)
     a("--disaggregation-transfer-backend", default=D.disaggregation_transfer_backend)
