@@ -1,0 +1,251 @@
+"""The KV transfer interface (SGLang's `disaggregation/base/conn.py`, typed).
+
+One manager per engine rank owns the transfer machinery; the scheduler creates one sender
+(prefill) or receiver (decode) per request and polls it without blocking.
+
+KV buffer contract: `kv_data` is one contiguous tensor
+``[num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]`` (the rank's local heads),
+so page p is the contiguous byte block ``kv_data[p]`` of `page_nbytes` bytes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn, Sequence
+
+import numpy as np
+import torch
+
+from pdserve.disagg.metadata import U64_MAX, KVMetadata
+from pdserve.disagg.mode import DisaggregationMode
+from pdserve.disagg.poll import KVPoll
+from pdserve.disagg.transfer.stats import StatsRecorder, TransferStats
+
+if TYPE_CHECKING:
+    from typing import Self
+
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+}
+
+PageIndices = Sequence[int] | np.ndarray | torch.Tensor
+
+
+class KVTransferError(RuntimeError):
+    """Raised by `failure_exception()`: the request's KV transfer failed, with the reason."""
+
+    def __init__(self, room: int, reason: str) -> None:
+        super().__init__(f"KV transfer of room {room} failed: {reason}")
+        self.room = room
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What both sides must agree on (checked at bootstrap)."""
+
+    page_size: int
+    num_layers: int
+    total_kv_heads: int  # across all tp ranks of the instance
+    head_dim: int
+    dtype: str
+
+    def mismatch(self, other: "KVLayout") -> str | None:
+        """None when equal, else a readable list of the differing fields."""
+        diffs = [f"{f}: {getattr(self, f)} here vs {getattr(other, f)} there"
+                 for f in ("page_size", "num_layers", "total_kv_heads", "head_dim", "dtype")
+                 if getattr(self, f) != getattr(other, f)]
+        return "; ".join(diffs) or None
+
+
+@dataclass
+class KVArgs:
+    """What a manager needs from its engine rank."""
+
+    engine_rank: int  # tp rank of this engine inside its instance, in [0, tp_size)
+    kv_data: torch.Tensor  # [num_pages, num_layers, 2, page_size, num_kv_heads(local), head_dim]
+    host: str = "127.0.0.1"  # IP the other side reaches this rank at (also the bind address)
+    port: int = 0  # transfer endpoint port; 0 picks a free one
+    tp_size: int = 1
+    total_num_kv_heads: int | None = None  # all ranks together; default: local heads * tp_size
+    bootstrap_host: str = "127.0.0.1"  # prefill: the bootstrap server this rank registers with
+    bootstrap_port: int = 8998
+    shm_name: str | None = None  # decode + shm backend: segment `kv_data` was allocated in
+
+    def __post_init__(self) -> None:
+        kv = self.kv_data
+        if not isinstance(kv, torch.Tensor) or kv.dim() != 6 or kv.shape[2] != 2:
+            raise ValueError("kv_data must be a tensor [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]")
+        if not kv.is_contiguous():
+            raise ValueError("kv_data must be contiguous")
+        if kv.dtype not in DTYPE_NAMES:
+            raise ValueError(f"kv_data dtype {kv.dtype} not supported (use one of {list(DTYPE_NAMES.values())})")
+        if min(kv.shape) < 1:
+            raise ValueError(f"kv_data has an empty dimension: {tuple(kv.shape)}")
+        if not (1 <= self.tp_size <= 4096) or not (0 <= self.engine_rank < self.tp_size):
+            raise ValueError(f"engine_rank {self.engine_rank} must be in [0, tp_size={self.tp_size})")
+        if self.total_num_kv_heads is None:
+            self.total_num_kv_heads = self.num_kv_heads * self.tp_size
+        if self.total_num_kv_heads != self.num_kv_heads * self.tp_size:
+            raise ValueError(f"total_num_kv_heads {self.total_num_kv_heads} != local heads {self.num_kv_heads}"
+                             f" * tp_size {self.tp_size} (heads are split evenly across tp ranks)")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(f"host must be an IP address, got {self.host!r}") from None
+        for name in ("port", "bootstrap_port"):
+            if not (0 <= getattr(self, name) < 65536):
+                raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+
+    @property
+    def num_pages(self) -> int:
+        return self.kv_data.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.kv_data.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.kv_data.shape[3]
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Local heads on this rank."""
+        return self.kv_data.shape[4]
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_data.shape[5]
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.kv_data.dtype]
+
+    @property
+    def page_nbytes(self) -> int:
+        return self.kv_data[0].numel() * self.kv_data.element_size()
+
+    @property
+    def head_range(self) -> tuple[int, int]:
+        """Global KV heads [start, end) this rank holds."""
+        n = self.num_kv_heads
+        return self.engine_rank * n, (self.engine_rank + 1) * n
+
+    @property
+    def layout(self) -> KVLayout:
+        return KVLayout(self.page_size, self.num_layers, int(self.total_num_kv_heads), self.head_dim, self.dtype_name)
+
+
+def check_room(room: int) -> int:
+    if isinstance(room, bool) or not isinstance(room, (int, np.integer)) or not (0 <= int(room) <= U64_MAX):
+        raise ValueError(f"bootstrap_room must be an integer in [0, 2^64), got {room!r}")
+    return int(room)
+
+
+def as_page_array(page_indices: PageIndices, num_pages: int) -> np.ndarray:
+    """Page indices as a 1-D int64 array, each checked to lie in [0, num_pages)."""
+    if isinstance(page_indices, torch.Tensor):
+        arr = page_indices.detach().to("cpu", torch.int64).numpy().reshape(-1)
+    else:
+        arr = np.asarray(page_indices, dtype=np.int64).reshape(-1)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_pages):
+        raise ValueError(f"page indices must lie in [0, {num_pages}), got [{int(arr.min())}, {int(arr.max())}]")
+    return np.ascontiguousarray(arr)
+
+
+class BaseKVManager(ABC):
+    """Owns one rank's transfer machinery (listeners, threads, connections, statistics)."""
+
+    def __init__(self, args: KVArgs, mode: DisaggregationMode) -> None:
+        if mode not in (DisaggregationMode.PREFILL, DisaggregationMode.DECODE):
+            raise ValueError(f"a KV manager runs in prefill or decode mode, not {mode}")
+        self.args = args
+        self.mode = mode
+        self._stats = StatsRecorder()
+
+    def stats(self) -> TransferStats:
+        return self._stats.snapshot()
+
+    def shutdown(self) -> None:
+        """Stop threads, close sockets; idempotent."""
+
+    def __enter__(self) -> "Self":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+class BaseKVSender(ABC):
+    """Prefill side, one per request. Call order: poll() until WaitingForInput, init(num_pages),
+    run the forward, send(page_indices, metadata), poll() until Success or Failed."""
+
+    @abstractmethod
+    def __init__(self, mgr: BaseKVManager, bootstrap_addr: str, bootstrap_room: int,
+                 dest_tp_ranks: list[int] | None = None, pp_rank: int | None = None) -> None: ...
+
+    @abstractmethod
+    def init(self, num_pages: int) -> None:
+        """Declare how many KV pages the request has (must equal decode's page count)."""
+
+    @abstractmethod
+    def send(self, page_indices: PageIndices, metadata: KVMetadata | None = None) -> None:
+        """Queue these prefill pages (the next chunk, in order) for transfer; the call that
+        carries `metadata` is the last one. Non-blocking."""
+
+    @abstractmethod
+    def poll(self) -> KVPoll: ...
+
+    @abstractmethod
+    def failure_exception(self) -> NoReturn:
+        """Raise KVTransferError with the reason (SGLang raises here too)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Give up on the request: state Failed, nothing more is sent for it."""
+
+
+class BaseKVReceiver(ABC):
+    """Decode side, one per request. Call order: poll() until WaitingForInput (prefill found),
+    allocate pages, init(page_indices), poll() until Success, get_metadata()."""
+
+    @abstractmethod
+    def __init__(self, mgr: BaseKVManager, bootstrap_addr: str, bootstrap_room: int,
+                 data_parallel_rank: int | None = None) -> None: ...
+
+    @abstractmethod
+    def init(self, page_indices: PageIndices) -> None:
+        """Tell prefill where this request's KV goes (decode's own page indices). Non-blocking."""
+
+    @abstractmethod
+    def poll(self) -> KVPoll: ...
+
+    @abstractmethod
+    def get_metadata(self) -> KVMetadata | None:
+        """The record prefill sent (first token, logprob, cached tokens); None before Success."""
+
+    @abstractmethod
+    def failure_exception(self) -> NoReturn: ...
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Give up: once this returns no more bytes are written to the request's pages."""
+
+
+class BaseKVBootstrapServer(ABC):
+    """Runs beside a prefill instance; its ranks register there, decode looks them up."""
+
+    @abstractmethod
+    def __init__(self, host: str, port: int) -> None: ...
+
+    @property
+    @abstractmethod
+    def port(self) -> int: ...
+
+    @abstractmethod
+    def close(self) -> None: ...

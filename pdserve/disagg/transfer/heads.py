@@ -1,0 +1,88 @@
+"""Tensor-parallel head mapping and page gather/scatter between KV buffers.
+
+An instance with tp size T splits the H KV heads evenly: rank r holds global heads
+[r*H/T, (r+1)*H/T). When prefill and decode use different tp sizes, a prefill rank sends
+each overlapping decode rank the heads they share; those heads are a strided slice of every
+page, so they go through a contiguous staging tensor (gather on the sender, scatter on the
+receiver). With equal tp sizes the slice is the whole page and no staging is needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def head_range(rank: int, tp_size: int, total_heads: int) -> tuple[int, int]:
+    """Global heads [start, end) of `rank`."""
+    if tp_size < 1 or total_heads % tp_size:
+        raise ValueError(f"{total_heads} KV heads cannot be split evenly over tp size {tp_size}")
+    if not (0 <= rank < tp_size):
+        raise ValueError(f"rank {rank} not in [0, {tp_size})")
+    per = total_heads // tp_size
+    return rank * per, (rank + 1) * per
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, hi) if lo < hi else None
+
+
+def peer_ranks(rank: int, tp_size: int, peer_tp_size: int, total_heads: int) -> list[int]:
+    """Ranks of the other instance (tp size `peer_tp_size`) sharing at least one head with `rank`."""
+    mine = head_range(rank, tp_size, total_heads)
+    return [p for p in range(peer_tp_size) if _overlap(mine, head_range(p, peer_tp_size, total_heads))]
+
+
+def slice_mapping(prefill_rank: int, prefill_tp: int, decode_rank: int, decode_tp: int,
+                  total_heads: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(prefill-local heads, decode-local heads) the two ranks share, or None."""
+    p = head_range(prefill_rank, prefill_tp, total_heads)
+    d = head_range(decode_rank, decode_tp, total_heads)
+    ov = _overlap(p, d)
+    if ov is None:
+        return None
+    return (ov[0] - p[0], ov[1] - p[0]), (ov[0] - d[0], ov[1] - d[0])
+
+
+def paired_runs(src_pages: np.ndarray, dst_pages: np.ndarray) -> list[tuple[int, int, int]]:
+    """Split aligned page lists into runs (src_start, dst_start, n) contiguous on both sides."""
+    n = len(src_pages)
+    if n == 0:
+        return []
+    brk = np.flatnonzero((np.diff(src_pages) != 1) | (np.diff(dst_pages) != 1)) + 1
+    starts = np.concatenate(([0], brk))
+    ends = np.concatenate((brk, [n]))
+    return [(int(src_pages[s]), int(dst_pages[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending contiguous runs (start, n) of a page list, in list order."""
+    return [(s, n) for s, _, n in paired_runs(pages, pages)]
+
+
+def staging_view(staging: torch.Tensor, kv: torch.Tensor, npages: int, heads: tuple[int, int]) -> torch.Tensor:
+    """The first bytes of a uint8 staging buffer seen as [npages, L, 2, ps, h, D] of kv's dtype."""
+    shape = (npages, kv.shape[1], 2, kv.shape[3], heads[1] - heads[0], kv.shape[5])
+    nbytes = int(np.prod(shape)) * kv.element_size()
+    if nbytes > staging.numel():
+        raise ValueError(f"staging buffer of {staging.numel()} bytes is smaller than {nbytes}")
+    return staging[:nbytes].view(kv.dtype).view(shape)
+
+
+def gather_pages(kv: torch.Tensor, pages: np.ndarray, heads: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+    """Copy heads [h0, h1) of `pages` into contiguous `out` [n, L, 2, ps, h, D] (one strided copy)."""
+    src = kv[:, :, :, :, heads[0]:heads[1], :]
+    idx = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).to(kv.device)
+    if out.device != kv.device:
+        out.copy_(src.index_select(0, idx))
+    else:
+        torch.index_select(src, 0, idx, out=out)
+    return out
+
+
+def scatter_pages(kv: torch.Tensor, pages: np.ndarray, heads: tuple[int, int], src: torch.Tensor) -> None:
+    """Write contiguous `src` [n, L, 2, ps, h, D] into heads [h0, h1) of `pages` of kv."""
+    dst = kv[:, :, :, :, heads[0]:heads[1], :]
+    idx = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).to(kv.device)
+    dst.index_copy_(0, idx, src.to(kv.device, non_blocking=False))
