@@ -86,3 +86,15 @@ def scatter_pages(kv: torch.Tensor, pages: np.ndarray, heads: tuple[int, int], s
     dst = kv[:, :, :, :, heads[0]:heads[1], :]
     idx = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).to(kv.device)
     dst.index_copy_(0, idx, src.to(kv.device, non_blocking=False))
+
+
+def copy_pages(src: torch.Tensor, src_pages: np.ndarray, src_heads: tuple[int, int],
+               dst: torch.Tensor, dst_pages: np.ndarray, dst_heads: tuple[int, int]) -> None:
+    """dst[dst_pages, ..., dst_heads, :] = src[src_pages, ..., src_heads, :] with one copy of
+    the bytes: one slice copy per run of pages contiguous on both sides."""
+    s_full = src_heads == (0, src.shape[4])
+    d_full = dst_heads == (0, dst.shape[4])
+    for s, d, n in paired_runs(src_pages, dst_pages):
+        a = src[s:s + n] if s_full else src[s:s + n, :, :, :, src_heads[0]:src_heads[1], :]
+        b = dst[d:d + n] if d_full else dst[d:d + n, :, :, :, dst_heads[0]:dst_heads[1], :]
+        b.copy_(a)
