@@ -335,6 +335,10 @@ class DecodeTransferService:
         if self._closed.is_set():
             return
         self._closed.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
         self._listener.close()
         with self.lock:
             hbs = list(self._heartbeats.values())

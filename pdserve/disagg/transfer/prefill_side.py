@@ -383,6 +383,10 @@ class PrefillTransferService:
         for q in self._queues:
             for _ in range(max(1, self.mgr.thread_pool_size // len(self._queues))):
                 q.put(None)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
         self._listener.close()
         with self.lock:
             conns = list(self._conns)

@@ -1,0 +1,244 @@
+"""tcp and shm backends in one process: exact placement, metadata, many rooms, chunks, tp slicing."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pdserve.disagg.bootstrap import KVBootstrapServer
+from pdserve.disagg.metadata import KVMetadata
+from pdserve.disagg.mode import DisaggregationMode as Mode
+from pdserve.disagg.poll import KVPoll
+from pdserve.disagg.transfer import prefill_side, tcp
+from pdserve.disagg.transfer.base import KVArgs, KVTransferError
+from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
+from pdserve.disagg.transfer.shm_segment import owned_segments
+from tests.disagg.helpers import SHAPE, Pair, make_manager, poll_until, wait_for
+
+BACKENDS = ["tcp", "shm"]
+DONE = {KVPoll.Success, KVPoll.Failed}
+
+
+@pytest.fixture(params=BACKENDS)
+def pair(request):
+    p = Pair(request.param)
+    yield p
+    p.close()
+
+
+def _untouched(dkv, pages):
+    mask = torch.ones(dkv.shape[0], dtype=torch.bool)
+    mask[list(pages)] = False
+    return dkv[mask].abs().sum().item() == 0
+
+
+def test_single_transfer_lands_exactly(pair):
+    room = 2**63 + 5
+    src, dst = [9, 10, 11, 3, 40, 41], [30, 29, 28, 2, 50, 51]  # runs, reversed runs, singletons
+    r = pair.receiver(room)
+    s = pair.sender(room)
+    assert poll_until(r, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+    r.init(dst)
+    assert poll_until(s, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+    s.init(len(src))
+    meta = KVMetadata(room, output_token_id=4242, output_logprob=-1.5, cached_tokens=8, prompt_tokens=21)
+    s.send(np.array(src), meta)
+    assert poll_until(r, DONE) == KVPoll.Success
+    assert poll_until(s, DONE) == KVPoll.Success
+    assert r.get_metadata() == meta
+    assert torch.equal(pair.dkv[dst], pair.pkv[src])
+    assert _untouched(pair.dkv, dst)
+    nbytes = len(src) * pair.prefill.args.page_nbytes
+    assert pair.prefill.stats().bytes_transferred == nbytes == pair.decode.stats().bytes_transferred
+    assert pair.decode.stats().transfers_completed == 1 and pair.decode.stats().gbps > 0
+
+
+def test_many_concurrent_rooms_and_chunks(pair, monkeypatch):
+    monkeypatch.setattr(prefill_side, "MIN_PIECE_BYTES", 1)  # split every request over all queues
+    monkeypatch.setattr(tcp, "MAX_FRAME_BYTES", 3 * pair.prefill.args.page_nbytes)  # and into many frames
+    rng = random.Random(0)
+    free = list(range(SHAPE[0]))
+    rng.shuffle(free)
+    jobs = []
+    for i in range(24):
+        n = rng.randint(1, 5)
+        dst, free = free[:n], free[n:]
+        src = rng.sample(range(SHAPE[0]), n)
+        jobs.append((1000 + i, src, dst))
+    recvs, sends = {}, {}
+    for k, (room, src, dst) in enumerate(jobs):  # half the senders exist before their receivers
+        if k % 2:
+            sends[room] = pair.sender(room)
+        recvs[room] = pair.receiver(room)
+    for room, src, dst in jobs:
+        if room not in sends:
+            sends[room] = pair.sender(room)
+        recvs[room].init(dst)
+    pending = {room for room, _, _ in jobs}
+    chunks = {}
+    while pending:  # the scheduler loop: non-blocking polls
+        progressed = False
+        for room, src, dst in jobs:
+            s = sends[room]
+            if room in pending and s.poll() == KVPoll.WaitingForInput:
+                s.init(len(src))
+                if len(src) > 2:  # chunked prefill: first chunk now, rest with the metadata
+                    s.send(src[:2])
+                    chunks[room] = src[2:]
+                else:
+                    s.send(src, KVMetadata(room, room % 997))
+                pending.discard(room)
+                progressed = True
+        if not progressed:
+            assert wait_for(lambda: any(sends[r].poll() == KVPoll.WaitingForInput for r in pending), 5)
+    for room, rest in chunks.items():
+        sends[room].send(rest, KVMetadata(room, room % 997))
+    for room, src, dst in jobs:
+        assert poll_until(recvs[room], DONE, 10) == KVPoll.Success, recvs[room].failure_reason
+        assert poll_until(sends[room], DONE) == KVPoll.Success
+        assert recvs[room].get_metadata().output_token_id == room % 997
+        assert torch.equal(pair.dkv[dst], pair.pkv[src])
+    assert _untouched(pair.dkv, [p for _, _, d in jobs for p in d])
+    assert pair.decode.stats().transfers_completed == 24
+
+
+def test_send_contract_errors(pair):
+    r, s = pair.receiver(7), pair.sender(7)
+    with pytest.raises(RuntimeError, match="WaitingForInput"):
+        s.send([1], KVMetadata(7, 1))
+    r.init([1, 2])
+    assert poll_until(s, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+    with pytest.raises(RuntimeError, match="init"):
+        s.send([1, 2], KVMetadata(7, 1))
+    s.init(2)
+    with pytest.raises(ValueError, match="last one"):
+        s.send([1], KVMetadata(7, 1))
+    with pytest.raises(ValueError, match="room"):
+        s.send([1, 2], KVMetadata(8, 1))
+    with pytest.raises(ValueError):
+        s.send([1, SHAPE[0]], KVMetadata(7, 1))  # outside prefill's pool
+    with pytest.raises(RuntimeError, match="twice"):
+        r.init([3])
+    s.send([1, 2], KVMetadata(7, 1))
+    assert poll_until(r, DONE) == KVPoll.Success
+
+
+def test_page_count_mismatch_fails_both_sides(pair):
+    r, s = pair.receiver(11), pair.sender(11)
+    r.init([1, 2, 3, 4])
+    assert poll_until(s, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+    s.init(3)
+    assert s.poll() == KVPoll.Failed
+    with pytest.raises(KVTransferError, match="allocated 4 pages, prefill has 3"):
+        s.failure_exception()
+    assert poll_until(r, DONE) == KVPoll.Failed  # prefill tells decode
+    assert "prefill aborted" in r.failure_reason
+
+
+def test_aborts_reach_the_other_side(pair):
+    r, s = pair.receiver(21), pair.sender(21)
+    r.init([5])
+    assert poll_until(s, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+    r.abort()
+    assert r.poll() == KVPoll.Failed
+    assert poll_until(s, DONE) == KVPoll.Failed and "decode aborted" in s.failure_reason
+    r2, s2 = pair.receiver(22), pair.sender(22)
+    r2.init([6])
+    assert poll_until(s2, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+    s2.abort()
+    assert poll_until(r2, DONE) == KVPoll.Failed and "aborted by the prefill" in r2.failure_reason
+    assert pair.dkv[[5, 6]].abs().sum() == 0
+
+
+def test_room_collision(pair):
+    s1, s2 = pair.sender(31), pair.sender(31)
+    assert s2.poll() == KVPoll.Failed and "collision" in s2.failure_reason
+    r1, r2 = pair.receiver(31), pair.receiver(31)
+    assert r2.poll() == KVPoll.Failed and "collision" in r2.failure_reason
+    r1.init([1])
+    assert poll_until(s1, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_mismatch_is_a_clear_error(backend):
+    bs = KVBootstrapServer("127.0.0.1", 0)
+    pm = make_manager(backend, Mode.PREFILL, bootstrap_port=bs.port)
+    dm = make_manager(backend, Mode.DECODE, shape=(128, 2, 2, 8, 4, 8))  # page_size 8 vs 4
+    try:
+        r = get_kv_class(backend, KVClassType.RECEIVER)(dm, bs.addr, 1)
+        assert poll_until(r, DONE) == KVPoll.Failed
+        assert "layout mismatch" in r.failure_reason and "page_size: 8 here vs 4 there" in r.failure_reason
+    finally:
+        pm.shutdown(), dm.shutdown(), bs.close()
+
+
+def test_backend_mismatch():
+    bs = KVBootstrapServer("127.0.0.1", 0)
+    pm = make_manager("tcp", Mode.PREFILL, bootstrap_port=bs.port)
+    dm = make_manager("shm", Mode.DECODE)
+    try:
+        r = get_kv_class("shm", KVClassType.RECEIVER)(dm, bs.addr, 1)
+        assert poll_until(r, DONE) == KVPoll.Failed and "backend 'tcp'" in r.failure_reason
+    finally:
+        pm.shutdown(), dm.shutdown(), bs.close()
+
+
+def test_shm_decode_needs_a_shared_buffer():
+    with pytest.raises(ValueError, match="shm_name"):
+        make_manager("shm", Mode.DECODE, kv=torch.zeros(SHAPE))
+    with pytest.raises(ValueError, match="allocate_kv_buffer"):
+        get_kv_class("shm", KVClassType.MANAGER)(
+            KVArgs(0, torch.zeros(SHAPE), shm_name="pdserve-kv-1-00000000"), Mode.DECODE)
+
+
+def _tp_run(backend, tp_p, tp_d, heads=4):
+    """tp_p prefill ranks (one bootstrap) and tp_d decode ranks move one request."""
+    bs = KVBootstrapServer("127.0.0.1", 0)
+    shape_p = (16, 2, 2, 4, heads // tp_p, 8)
+    shape_d = (16, 2, 2, 4, heads // tp_d, 8)
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(16, 2, 2, 4, heads, 8, generator=g).to(torch.bfloat16)
+    per_p = heads // tp_p
+    pms = [make_manager(backend, Mode.PREFILL, full[:, :, :, :, i * per_p:(i + 1) * per_p].contiguous(),
+                        engine_rank=i, tp_size=tp_p, bootstrap_port=bs.port) for i in range(tp_p)]
+    dms = [make_manager(backend, Mode.DECODE, engine_rank=i, tp_size=tp_d, shape=shape_d) for i in range(tp_d)]
+    src, dst = np.array([4, 5, 9]), np.array([12, 1, 2])
+    try:
+        recvs = [get_kv_class(backend, KVClassType.RECEIVER)(dm, bs.addr, 77) for dm in dms]
+        sends = [get_kv_class(backend, KVClassType.SENDER)(pm, bs.addr, 77) for pm in pms]
+        for r in recvs:
+            r.init(dst)
+        for s in sends:
+            assert poll_until(s, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+            s.init(3)
+            s.send(src, KVMetadata(77, 5))
+        for r in recvs:
+            assert poll_until(r, DONE) == KVPoll.Success, r.failure_reason
+        per_d = heads // tp_d
+        for i, dm in enumerate(dms):
+            got = dm.args.kv_data
+            assert tuple(got.shape) == shape_d
+            assert torch.equal(got[dst], full[src][:, :, :, :, i * per_d:(i + 1) * per_d])
+            assert _untouched(got, dst)
+        assert all(s.poll() == KVPoll.Success for s in sends)
+    finally:
+        for m in pms + dms:
+            m.shutdown()
+            if m.args.shm_name:
+                from pdserve.disagg.transfer.shm_segment import free_kv_buffer
+                free_kv_buffer(m.args.shm_name)
+        bs.close()
+    del shape_p
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tp_p,tp_d", [(1, 2), (2, 1), (2, 4)])
+def test_tp_head_slicing(backend, tp_p, tp_d):
+    _tp_run(backend, tp_p, tp_d)
+
+
+def test_no_segment_left_behind():
+    import os
+    mine = [f for f in os.listdir("/dev/shm") if f.startswith(f"pdserve-kv-{os.getpid()}-")]
+    assert owned_segments() == [] and mine == []
