@@ -63,8 +63,8 @@ class Router:
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                             auto_decompress=False)
+        # no connection cap: every client stream holds one upstream connection per side
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         headers = self.worker_headers()
         if self.config.health.enabled:
             self._loops.append(asyncio.create_task(self.pool.health_loop(self.session, headers)))

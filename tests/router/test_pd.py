@@ -190,3 +190,48 @@ def test_request_timeout_ends_request(fakes, make_router):
     r = httpx.post(rt.url + "/generate", json={"text": "x"}, timeout=10)
     assert time.monotonic() - t0 < 3.0
     assert r.status_code == 504 and "did not answer" in r.json()["error"]["message"]
+
+
+def in_flight(rt) -> dict[str, int]:
+    return {w["url"]: w["in_flight"] for w in httpx.get(rt.url + "/workers", timeout=5).json()["workers"]}
+
+
+def test_client_leaving_a_stream_aborts_decode(fakes, make_router):
+    p = fakes("p1", "prefill")
+    d = fakes("d1", "decode", chunks=3, gate=threading.Event())  # never finishes on its own
+    rt = make_router(prefill=[p.url], decode=[d.url])
+    with httpx.stream("POST", rt.url + "/generate", json={"text": "hi", "stream": True}, timeout=10) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # leave after the first event
+    assert wait_for(lambda: d.cancelled == 1, 3.0)
+    assert wait_for(lambda: set(in_flight(rt).values()) == {0}, 3.0)
+
+
+def test_client_leaving_a_request_aborts_decode(fakes, make_router):
+    p = fakes("p1", "prefill")
+    d = fakes("d1", "decode", response_delay=30.0)
+    rt = make_router(prefill=[p.url], decode=[d.url])
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(rt.url + "/generate", json={"text": "hi"}, timeout=0.5)
+    assert wait_for(lambda: d.cancelled == 1, 3.0)
+    assert wait_for(lambda: set(in_flight(rt).values()) == {0}, 3.0)
+
+
+def test_concurrent_requests_all_end(fakes, make_router):
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = fakes("p1", "prefill")
+    d = fakes("d1", "decode", chunk_delay=0.01)
+    rt = make_router(prefill=[p.url], decode=[d.url])
+
+    def one(i: int) -> int:
+        body = {"text": f"q{i}", "stream": i % 2 == 0}
+        with httpx.stream("POST", rt.url + "/generate", json=body, timeout=10) as r:
+            r.read()
+            return r.status_code
+
+    with ThreadPoolExecutor(8) as ex:
+        assert list(ex.map(one, range(24))) == [200] * 24
+    assert len(d.generation_bodies()) == 24
+    assert wait_for(lambda: set(in_flight(rt).values()) == {0}, 3.0)
