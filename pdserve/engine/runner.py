@@ -89,7 +89,8 @@ class ModelRunner:
             fb.dec_pages = table[:, ar // ps]
             fb.dec_offs = (ar % ps).expand(nd, lmax)
             if min(lens) != lmax:
-                fb.dec_mask = (ar.unsqueeze(0) < torch.tensor(lens).unsqueeze(1)).view(nd, 1, 1, lmax)
+                pad = ar.unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)
+                fb.dec_mask = torch.zeros(nd, 1, 1, lmax).masked_fill_(pad.view(nd, 1, 1, lmax), float("-inf"))
         return fb
 
     @torch.inference_mode()

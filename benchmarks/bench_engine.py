@@ -1,0 +1,180 @@
+"""Engine-core figures of issue #2, measured in one run on this machine:
+
+  memory-bandwidth bound (model bytes / copy bandwidth), single-stream decode tok/s,
+  TTFT of one 256-token prompt, offline throughput (64 x 256 in / 128 out, ignore EOS),
+  time from `pdserve serve` to the first answer, peak RSS of the server process tree.
+
+    .venv/bin/python benchmarks/bench_engine.py --output bench_out/engine.json
+
+Prints a table and writes JSON. Servers listen on 127.0.0.1 and are stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import torch
+from tqdm import tqdm
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_bandwidth_gbs(mb: int = 256, reps: int = 10) -> float:
+    """STREAM-style copy: (read + write) bytes per second."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    return 2 * src.numel() * 4 * reps / (time.perf_counter() - t) / 1e9
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop_flag = pid, 0, False
+
+    def run(self) -> None:
+        while not self.stop_flag:
+            try:
+                p = psutil.Process(self.pid)
+                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                self.peak = max(self.peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+
+def stream_times(url: str, body: dict) -> tuple[float, list[float]]:
+    """(ttft, token arrival times) of one streamed /generate request."""
+    t0 = time.perf_counter()
+    times: list[float] = []
+    n_prev = 0
+    with httpx.stream("POST", url + "/generate", json={**body, "stream": True}, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            n = json.loads(line[6:])["meta_info"]["completion_tokens"]
+            now = time.perf_counter()
+            times.extend([now] * (n - n_prev))
+            n_prev = n
+    return times[0] - t0, times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--output", default="bench_out/engine.json")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--extra", default="", help="extra `pdserve serve` flags")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
+                 "threads": args.threads, "torch": torch.__version__}
+    steps = tqdm(total=6, desc="bench_engine")
+    res["copy_bandwidth_GBps"] = copy_bandwidth_gbs()
+    steps.update()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port), "--dtype", args.dtype,
+           "--num-threads", str(args.threads), "--max-total-tokens", "65536", *args.extra.split()]
+    t_start = time.perf_counter()
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
+    rss = RssSampler(proc.pid)
+    rss.start()
+    try:
+        while True:
+            try:
+                r = httpx.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}},
+                               timeout=2)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.perf_counter() - t_start > 300:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        res["startup_to_first_answer_s"] = time.perf_counter() - t_start
+        info = httpx.get(url + "/get_server_info").json()
+        res["dtype"] = info["dtype"]
+        res["weight_bytes_bf16"] = info["weight_bytes"]
+        res["bandwidth_bound_tok_s"] = res["copy_bandwidth_GBps"] * 1e9 / info["weight_bytes"]
+        steps.update()
+
+        # single stream: 128 output tokens; decode rate excludes the first token
+        body = {"input_ids": list(range(1000, 1016)), "sampling_params": {
+            "max_new_tokens": 128, "ignore_eos": True, "temperature": 0}}
+        stream_times(url, body)  # warm
+        rates = []
+        for _ in range(3):
+            _, times = stream_times(url, body)
+            rates.append((len(times) - 1) / (times[-1] - times[0]))
+        res["single_stream_decode_tok_s"] = sorted(rates)[1]
+        steps.update()
+
+        # TTFT of one 256-token prompt (distinct prompts: no prefix-cache hits)
+        ttfts = []
+        for i in range(5):
+            ids = [(i * 7919 + j * 31) % 40000 + 100 for j in range(256)]
+            ttft, _ = stream_times(url, {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})
+            ttfts.append(ttft)
+        res["ttft_256_ms"] = sorted(ttfts)[2] * 1000
+        steps.update()
+
+        # offline throughput: 64 requests of 256 prompt / 128 output tokens, all at once
+        prompts = [[(i * 104729 + j * 17) % 40000 + 100 for j in range(256)] for i in range(64)]
+        t = time.perf_counter()
+        outs = httpx.post(url + "/generate", json={"input_ids": prompts, "sampling_params": {
+            "max_new_tokens": 128, "ignore_eos": True, "temperature": 0}}, timeout=900).json()
+        dur = time.perf_counter() - t
+        n_out = sum(o["meta_info"]["completion_tokens"] for o in outs)
+        res["offline_64x256x128_output_tok_s"] = n_out / dur
+        res["offline_64x256x128_seconds"] = dur
+        steps.update()
+        res["peak_rss_MiB"] = rss.peak / 2**20
+        steps.update()
+    finally:
+        rss.stop_flag = True
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        steps.close()
+
+    targets = {"single_stream_decode_tok_s": (">=", 60), "ttft_256_ms": ("<=", 100),
+               "offline_64x256x128_output_tok_s": (">=", 640), "startup_to_first_answer_s": ("<=", 10)}
+    print(f"\n{'figure':<36}{'value':>12}  target")
+    for k, v in res.items():
+        if isinstance(v, float):
+            tgt = targets.get(k)
+            t = f"{tgt[0]} {tgt[1]}  {'met' if (v >= tgt[1] if tgt[0] == '>=' else v <= tgt[1]) else 'MISSED'}" \
+                if tgt else ""
+            print(f"{k:<36}{v:>12.1f}  {t}")
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
