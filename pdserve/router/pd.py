@@ -17,6 +17,7 @@ One attempt, step by step:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -127,36 +128,41 @@ def stream_merger(prefill_body: bytes) -> SSETransform:
 
 # ---- one attempt ---------------------------------------------------------------------------
 async def _prefill_job(router: "Router", w: Worker, path: str, data: bytes, headers: dict[str, str],
-                       verdict: asyncio.Future, need_body: bool) -> None:
+                       verdict: asyncio.Future, need_body: bool) -> bool:
     """Sends to prefill; settles `verdict` with the body (b"" when not needed) or an
-    `AttemptFailed`; then drains the rest of a successful answer."""
-    router.begin(w)
-    ok: bool | None = None
+    `AttemptFailed`; then drains the rest of a successful answer. Returns the verdict
+    on the worker for its circuit breaker (cancelled: no verdict)."""
     resp: aiohttp.ClientResponse | None = None
     try:
         resp = await open_request(router.session, w, path, data, headers, router.upstream_timeout)
         if not is_ok(resp.status):
             fail = status_failure(w, resp, await read_body(w, resp))
-            ok = not fail.blames_worker
             _settle(verdict, fail)
-            return
+            return not fail.blames_worker
         if need_body:
-            body = await read_body(w, resp)
-            ok = True
-            _settle(verdict, body)
-            return
+            _settle(verdict, await read_body(w, resp))
+            return True
         _settle(verdict, b"")
         await read_body(w, resp)  # drain: prefill's own answer is not the client's
-        ok = True
+        return True
     except AttemptFailed as f:
-        ok = False
         if verdict.done():
             logger.warning("prefill %s failed after answering: %s", w.url, f.message)
         _settle(verdict, f)
+        return False
     finally:
         if resp is not None:
             resp.close()
-        router.end(w, ok)
+
+
+def _prefill_done(router: "Router", w: Worker, verdict: asyncio.Future, task: asyncio.Task) -> None:
+    """Bookkeeping once the prefill job ended, however it ended (even cancelled
+    before it ran): the worker's in-flight count and breaker, and a verdict for a
+    waiter if the job left none."""
+    ok = None if task.cancelled() or task.exception() is not None else task.result()
+    router.end(w, ok)
+    _settle(verdict, AttemptFailed(w, ErrorKind.CONNECTION,
+                                   f"prefill worker {w.url}: request ended without an answer"))
 
 
 def _settle(verdict: asyncio.Future, value: Any) -> None:
@@ -193,10 +199,9 @@ async def pd_attempt(router: "Router", request: web.Request, path: str, body: di
     merge = path == "/generate" and bool(body.get("return_logprob"))
 
     verdict: asyncio.Future = asyncio.get_running_loop().create_future()
+    router.begin(prefill)  # now, not when the task first runs: a half-open probe is taken at once
     p_task = router.spawn(_prefill_job(router, prefill, path, data, headers, verdict, need_body=merge))
-    # a prefill job that dies without a verdict must not leave us waiting
-    p_task.add_done_callback(lambda _t: _settle(verdict, AttemptFailed(
-        prefill, ErrorKind.CONNECTION, f"prefill worker {prefill.url}: request ended without an answer")))
+    p_task.add_done_callback(functools.partial(_prefill_done, router, prefill, verdict))
 
     router.begin(decode)
     decode_ok: bool | None = None

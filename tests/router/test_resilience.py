@@ -86,24 +86,26 @@ def test_circuit_breaker_opens_and_recovers(fakes, make_router):
     bad = fakes("p_bad", "prefill", fail_statuses=[500, 500])
     good = fakes("p_good", "prefill")
     d = fakes("d1", "decode", response_delay=0.05)
+    cooldown = 1.5
     rt = make_router(prefill=[bad.url, good.url], decode=[d.url], health=no_health(),
                      circuit_breaker=CircuitBreakerConfig(failure_threshold=2, success_threshold=1,
-                                                          timeout_duration_secs=0.6))
-    for _ in range(4):
+                                                          timeout_duration_secs=cooldown))
+    while len(bad.generation_bodies()) < 2:  # round robin sends every other pair to p_bad
         assert httpx.post(rt.url + "/generate", json={"text": "x"}, timeout=10).status_code == 200
+    opened_at = time.monotonic()
     assert workers(rt)[bad.url]["circuit"] == "open"
     assert metric(rt, "worker_circuit_state", f'{{role="prefill",url="{bad.url}"}}') == 1
-    n_bad = len(bad.generation_bodies())
-    assert n_bad == 2
-    for _ in range(4):  # open: p_bad gets nothing
+    for _ in range(3):  # open: p_bad gets nothing
         assert httpx.post(rt.url + "/generate", json={"text": "x"}, timeout=10).status_code == 200
-    assert len(bad.generation_bodies()) == n_bad
-    time.sleep(0.7)  # cooldown over: half-open, one probe; p_bad now answers fine
-    assert workers(rt)[bad.url]["circuit"] == "half_open"
+    if time.monotonic() - opened_at < cooldown:  # (a very slow machine may be past the cooldown)
+        assert len(bad.generation_bodies()) == 2
+    time.sleep(max(0.0, opened_at + cooldown + 0.1 - time.monotonic()))
+    # cooldown over: half-open, one probe at a time; p_bad now answers fine
+    assert workers(rt)[bad.url]["circuit"] in ("half_open", "closed")
     for _ in range(4):
         assert httpx.post(rt.url + "/generate", json={"text": "x"}, timeout=10).status_code == 200
     assert workers(rt)[bad.url]["circuit"] == "closed"
-    assert len(bad.generation_bodies()) > n_bad
+    assert len(bad.generation_bodies()) > 2
 
 
 def test_readiness_follows_health_checks(fakes, make_router):
