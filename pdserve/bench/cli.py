@@ -36,15 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pdserve bench",
         description="Serving benchmark client (flags as in SGLang's bench_serving). "
         "`pdserve bench compare A.json B.json ...` prints results side by side.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t = p.add_argument_group("target")
     t.add_argument("--backend", default="pdserve", choices=list(BACKENDS),
                    help="API to use: pdserve/sglang = /generate; *-oai, vllm, openai = /v1/completions; "
-                   "*-chat = /v1/chat/completions")
+                   "*-chat = /v1/chat/completions (default: %(default)s)")
     t.add_argument("--base-url", default=None, help="server URL, e.g. http://127.0.0.1:30000 (overrides --host/--port)")
-    t.add_argument("--host", default="127.0.0.1")
-    t.add_argument("--port", type=int, default=30000)
+    t.add_argument("--host", default="127.0.0.1", help="server host when no --base-url (default: %(default)s)")
+    t.add_argument("--port", type=int, default=30000, help="server port when no --base-url (default: %(default)s)")
     t.add_argument("--model", default=None, help="`model` for OpenAI APIs (default: the first of GET /v1/models)")
     t.add_argument("--tokenizer", default=None,
                    help="tokenizer to count tokens with: a GGUF file or HF directory (default: the served "
@@ -52,47 +51,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = p.add_argument_group("workload")
     d.add_argument("--dataset-name", default="random",
-                   choices=list(ds.DATASET_NAMES) + list(ds.DATASET_ALIASES))
+                   choices=list(ds.DATASET_NAMES) + list(ds.DATASET_ALIASES),
+                   help="workload (generated-shared-prefix = shared-prefix) (default: %(default)s)")
     d.add_argument("--dataset-path", default=None, help="JSONL file for --dataset-name jsonl")
-    d.add_argument("--num-prompts", type=int, default=1000, help="requests per run (not for shared-prefix)")
-    d.add_argument("--random-input-len", type=int, default=1024)
-    d.add_argument("--random-output-len", type=int, default=1024)
+    d.add_argument("--num-prompts", type=int, default=1000, help="requests per run; not for shared-prefix (default: %(default)s)")
+    d.add_argument("--random-input-len", type=int, default=1024, help="input tokens (default: %(default)s)")
+    d.add_argument("--random-output-len", type=int, default=1024, help="output tokens (default: %(default)s)")
     d.add_argument("--random-range-ratio", type=float, default=0.0,
-                   help="lengths drawn uniformly from [len * ratio, len]; 1 = fixed")
-    d.add_argument("--gsp-num-groups", type=int, default=64, help="shared-prefix: groups")
-    d.add_argument("--gsp-prompts-per-group", type=int, default=16, help="shared-prefix: prompts per group")
-    d.add_argument("--gsp-system-prompt-len", type=int, default=2048, help="shared-prefix: prefix tokens")
-    d.add_argument("--gsp-question-len", type=int, default=128, help="shared-prefix: tokens after the prefix")
-    d.add_argument("--gsp-output-len", type=int, default=256, help="shared-prefix: output tokens")
-    d.add_argument("--mixed-long-input-len", type=int, default=2048, help="mixed: input tokens of a long prompt")
+                   help="lengths drawn uniformly from [len * ratio, len]; 1 = fixed (default: %(default)s)")
+    d.add_argument("--gsp-num-groups", type=int, default=64, help="shared-prefix: groups (default: %(default)s)")
+    d.add_argument("--gsp-prompts-per-group", type=int, default=16, help="shared-prefix: prompts per group (default: %(default)s)")
+    d.add_argument("--gsp-system-prompt-len", type=int, default=2048, help="shared-prefix: prefix tokens (default: %(default)s)")
+    d.add_argument("--gsp-question-len", type=int, default=128, help="shared-prefix: tokens after the prefix (default: %(default)s)")
+    d.add_argument("--gsp-output-len", type=int, default=256, help="shared-prefix: output tokens (default: %(default)s)")
+    d.add_argument("--mixed-long-input-len", type=int, default=2048, help="mixed: input tokens of a long prompt (default: %(default)s)")
     d.add_argument("--mixed-long-fraction", type=float, default=0.1,
-                   help="mixed: share of long prompts (short ones use --random-*)")
-    d.add_argument("--jsonl-output-len", type=int, default=256, help="jsonl: output tokens when a line gives none")
+                   help="mixed: share of long prompts; short ones use --random-* (default: %(default)s)")
+    d.add_argument("--jsonl-output-len", type=int, default=256, help="jsonl: output tokens when a line gives none (default: %(default)s)")
     d.add_argument("--disable-ignore-eos", action="store_true", help="let requests stop at EOS")
     d.add_argument("--extra-request-body", default=None, metavar="JSON",
                    help="JSON object merged into every request body")
 
     a = p.add_argument_group("arrivals")
     a.add_argument("--request-rate", default="inf",
-                   help="requests/s: inf = all at once; a comma list (1,2,4) is a sweep")
+                   help="requests/s: inf = all at once; a comma list (1,2,4) is a sweep (default: %(default)s)")
     a.add_argument("--request-rate-range", default=None, metavar="START,STOP,STEP",
                    help="sweep these rates (replaces --request-rate)")
     a.add_argument("--burstiness", type=float, default=1.0,
-                   help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, >1 more even")
+                   help="gamma shape of inter-arrival gaps: 1 = Poisson, <1 burstier, >1 more even (default: %(default)s)")
     a.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
-    a.add_argument("--seed", type=int, default=1)
-    a.add_argument("--warmup-requests", type=int, default=1, help="sent first, excluded from the figures")
+    a.add_argument("--seed", type=int, default=1, help="seed of prompts and arrivals (default: %(default)s)")
+    a.add_argument("--warmup-requests", type=int, default=1, help="sent first, excluded from the figures (default: %(default)s)")
     a.add_argument("--flush-cache", action="store_true", help="POST /flush_cache before each run")
 
     s = p.add_argument_group("SLOs and timeouts")
     s.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT objective for goodput")
     s.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT objective for goodput")
-    s.add_argument("--request-timeout", type=float, default=1800.0, help="seconds a whole request may take")
-    s.add_argument("--read-timeout", type=float, default=300.0, help="seconds of silence before a request fails")
-    s.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to connect")
+    s.add_argument("--request-timeout", type=float, default=1800.0, help="seconds a whole request may take (default: %(default)s)")
+    s.add_argument("--read-timeout", type=float, default=300.0, help="seconds of silence before a request fails (default: %(default)s)")
+    s.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to connect (default: %(default)s)")
 
     o = p.add_argument_group("output")
-    o.add_argument("--output-dir", default="bench_out", help="where the JSON result and PNG plots go")
+    o.add_argument("--output-dir", default="bench_out", help="where the JSON result and PNG plots go (default: %(default)s)")
     o.add_argument("--output-file", default=None, help="JSON result path (default: OUTPUT_DIR/<backend>_<dataset>_<time>.json)")
     o.add_argument("--no-plots", action="store_true", help="write no PNG")
     o.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
