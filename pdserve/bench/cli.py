@@ -242,6 +242,9 @@ def main(argv: list[str]) -> int:
     except WarmupError as e:
         _err(str(e))
         return 1
+    except KeyboardInterrupt:
+        _err("interrupted; no result written")
+        return 130
 
     from pdserve.bench import report
 
