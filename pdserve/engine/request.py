@@ -51,6 +51,8 @@ class Req:
         self.bootstrap_room: int | None = None
         self.kv_sender = None
         self.kv_receiver = None
+        self.bootstrap_start: float | None = None
+        self.pending_finish: FinishReason | None = None  # prefill: finish once the KV is sent
 
     @property
     def fill_ids(self) -> list[int]:

@@ -81,27 +81,30 @@ class Scheduler:
         self.reqs: dict[str, Req] = {}
         self.pending_outs: list[ReqOut] = []  # finished outside update (aborts, rejects)
         self.stats = SchedulerStats()
+        # PD prefill: called when a request's generation ends; returning True means the
+        # disaggregation layer keeps the request (and its pages) until its KV is sent.
+        self.finish_hook: Callable[[Req, FinishReason], bool] | None = None
 
     # ---- intake -------------------------------------------------------------------------
     def add_request(self, req: Req) -> None:
         if req.rid in self.reqs:
-            self._finish(req, FinishReason("abort", message=f"duplicate request id {req.rid!r}", status_code=400))
+            self.finish(req, FinishReason("abort", message=f"duplicate request id {req.rid!r}", status_code=400))
             return
         need = len(req.origin_input_ids) + 1
         if need > self.alloc.capacity_tokens:
-            self._finish(req, FinishReason(
+            self.finish(req, FinishReason(
                 "abort", status_code=400,
                 message=f"prompt of {len(req.origin_input_ids)} tokens does not fit the KV pool "
                         f"({self.alloc.capacity_tokens} tokens)"))
             return
         if len(req.origin_input_ids) >= self.context_length:
-            self._finish(req, FinishReason(
+            self.finish(req, FinishReason(
                 "abort", status_code=400,
                 message=f"prompt of {len(req.origin_input_ids)} tokens exceeds the context length "
                         f"({self.context_length})"))
             return
         if req.sampling.max_new_tokens == 0:
-            self._finish(req, FinishReason("length", matched=None))
+            self.finish(req, FinishReason("length", matched=None))
             return
         self.reqs[req.rid] = req
         self.waiting.append(req)
@@ -114,8 +117,8 @@ class Scheduler:
             self.waiting.remove(req)
         elif req in self.running:
             self.running.remove(req)
-        self._release(req)
-        self._finish(req, FinishReason("abort", message=message))
+        self.release(req)
+        self.finish(req, FinishReason("abort", message=message))
 
     # ---- schedule -----------------------------------------------------------------------
     def schedule(self) -> Plan | None:
@@ -144,7 +147,7 @@ class Scheduler:
             self._admit(req)
             item = self._prefill_item(req, budget)
             if item is None:
-                self._release(req, cache_it=False)
+                self.release(req, cache_it=False)
                 break
             self.waiting.popleft()
             req.status = ReqStatus.RUNNING
@@ -192,8 +195,8 @@ class Scheduler:
             if victim is None:
                 # alone and still no room: the pool cannot hold this request any longer
                 self.running.remove(req)
-                self._release(req)
-                self._finish(req, FinishReason(
+                self.release(req)
+                self.finish(req, FinishReason(
                     "length", message="KV pool exhausted: the request no longer fits the pool"))
                 return False
             self._retract(victim)
@@ -206,7 +209,7 @@ class Scheduler:
 
     def _retract(self, req: Req) -> None:
         self.running.remove(req)
-        self._release(req)
+        self.release(req)
         req.status = ReqStatus.WAITING
         req.num_retractions += 1
         self.stats.num_retractions += 1
@@ -241,17 +244,19 @@ class Scheduler:
             if req.sampling.has_penalty:
                 req.token_counts[tok] = req.token_counts.get(tok, 0) + 1
             touched.append(req)
-            reason = self._check_finish(req, tok)
+            reason = self.check_finish(req, tok)
             if reason is not None:
                 self.running.remove(req)
-                self._release(req)
-                self._finish(req, reason, emit=False)
-        outs = [self._make_out(r) for r in touched]
-        outs.extend(self.pending_outs)
+                if self.finish_hook is not None and self.finish_hook(req, reason):
+                    continue
+                self.release(req)
+                self.finish(req, reason, emit=False)
+        # outputs produced between steps (PD first tokens, aborts) go first: they are older
+        outs = self.pending_outs + [self.make_out(r) for r in touched]
         self.pending_outs = []
         return outs
 
-    def _check_finish(self, req: Req, tok: int) -> FinishReason | None:
+    def check_finish(self, req: Req, tok: int) -> FinishReason | None:
         sp = req.sampling
         if not sp.ignore_eos and tok in self.eos_ids:
             return FinishReason("stop", matched=tok)
@@ -270,7 +275,7 @@ class Scheduler:
         return None
 
     # ---- release and output -------------------------------------------------------------
-    def _release(self, req: Req, cache_it: bool = True) -> None:
+    def release(self, req: Req, cache_it: bool = True) -> None:
         """Give the request's pages back: full computed pages to the prefix cache,
         the rest to the allocator; unlock its cached prefix."""
         if req.prefix_node is None and not req.pages:
@@ -286,7 +291,7 @@ class Scheduler:
             self.cache.dec_lock(req.prefix_node)
         req.pages, req.prefix_node, req.prefix_len, req.kv_len = [], None, 0, 0
 
-    def _finish(self, req: Req, reason: FinishReason, emit: bool = True) -> None:
+    def finish(self, req: Req, reason: FinishReason, emit: bool = True) -> None:
         req.finish = reason
         req.status = ReqStatus.FINISHED
         req.finish_time = time.time()
@@ -296,9 +301,9 @@ class Scheduler:
         else:
             self.stats.finished += 1
         if emit:
-            self.pending_outs.append(self._make_out(req))
+            self.pending_outs.append(self.make_out(req))
 
-    def _make_out(self, req: Req) -> ReqOut:
+    def make_out(self, req: Req) -> ReqOut:
         new = req.output_ids[req.sent_len:]
         lps = req.logprobs[req.sent_len:] if req.return_logprob else None
         tops = req.top_logprobs[req.sent_len:] if req.return_logprob and req.top_logprobs_num else None

@@ -34,7 +34,17 @@ class SchedulerProcess:
         self.model = load_model(args)
         cfg = self.model.config
         num_pages = num_kv_pages(args, cfg, self.model.dtype, self.model.num_bytes())
-        self.runner = ModelRunner(self.model, num_pages, args.page_size)
+        self.shm_name: str | None = None
+        kv_data = None
+        if args.disaggregation_mode == "decode" and args.disaggregation_transfer_backend == "shm":
+            # prefill writes straight into this pool: allocate it in shared memory
+            from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, new_shm_name
+            from pdserve.engine.runner import kv_pool_shape
+
+            self.shm_name = new_shm_name()
+            kv_data = allocate_kv_buffer(kv_pool_shape(cfg, num_pages, args.page_size), self.model.dtype,
+                                         self.shm_name)
+        self.runner = ModelRunner(self.model, num_pages, args.page_size, kv_data)
         from pdserve.model.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.model_path, args.tokenizer_path)
@@ -60,6 +70,50 @@ class SchedulerProcess:
         self.send.connect(send_addr)
         self.running = True
         self.warmup()
+        self.disagg = None
+        self.bootstrap_server = None
+        if args.disaggregation_mode != "null":
+            self._setup_disagg()
+
+    def _setup_disagg(self) -> None:
+        import socket as _socket
+
+        from pdserve.disagg.mode import DisaggregationMode
+        from pdserve.disagg.transfer.base import KVArgs
+        from pdserve.disagg.transfer.registry import KVClassType, TransferBackend, get_kv_class
+
+        args = self.args
+        mode = DisaggregationMode(args.disaggregation_mode)
+        backend = TransferBackend.from_name(args.disaggregation_transfer_backend)
+        ip = _socket.gethostbyname(args.host)
+        if mode == DisaggregationMode.PREFILL:
+            self.bootstrap_server = get_kv_class(backend, KVClassType.BOOTSTRAP_SERVER)(
+                args.host, args.disaggregation_bootstrap_port)
+        kv_args = KVArgs(engine_rank=0, kv_data=self.runner.kv_data, host=ip, port=0,
+                         bootstrap_host=ip, bootstrap_port=args.disaggregation_bootstrap_port,
+                         shm_name=self.shm_name)
+        mgr = get_kv_class(backend, KVClassType.MANAGER)(kv_args, mode)
+        if mode == DisaggregationMode.PREFILL:
+            from pdserve.disagg.prefill import PrefillDisagg
+
+            if hasattr(mgr, "wait_registered"):
+                mgr.wait_registered(10)
+            self.disagg = PrefillDisagg(self.scheduler, mgr, backend, args.disaggregation_bootstrap_port)
+        else:
+            from pdserve.disagg.decode import DecodeDisagg
+
+            self.disagg = DecodeDisagg(self.scheduler, mgr, backend, args.disaggregation_bootstrap_port)
+        logger.info("PD %s mode, %s transfer backend", mode.value, backend.value)
+
+    def close(self) -> None:
+        if self.disagg is not None:
+            self.disagg.kv_manager.shutdown()
+        if self.bootstrap_server is not None:
+            self.bootstrap_server.close()
+        if self.shm_name is not None:
+            from pdserve.disagg.transfer.shm_segment import free_kv_buffer
+
+            free_kv_buffer(self.shm_name)
 
     def warmup(self) -> None:
         """One tiny prefill + decode so the first user request does not pay for lazy init."""
@@ -96,9 +150,15 @@ class SchedulerProcess:
         if isinstance(msg, GenerateReq):
             req = Req(msg.rid, msg.input_ids, msg.sampling, msg.return_logprob,
                       msg.top_logprobs_num, msg.arrival_time)
-            s.add_request(req)
+            if self.disagg is not None:
+                req.bootstrap_host, req.bootstrap_port = msg.bootstrap_host, msg.bootstrap_port
+                req.bootstrap_room = msg.bootstrap_room
+                self.disagg.add(req)
+            else:
+                s.add_request(req)
         elif isinstance(msg, AbortReq):
-            s.abort(msg.rid)
+            if self.disagg is None or not self.disagg.abort(msg.rid):
+                s.abort(msg.rid)
         elif isinstance(msg, ControlReq):
             self.send.send(encode(ControlResp(msg.call_id, self.control(msg))))
 
@@ -112,7 +172,10 @@ class SchedulerProcess:
             cache = s.cache
             load.update(prompt_tokens=st.prompt_tokens, generation_tokens=st.generation_tokens,
                         num_retractions=st.num_retractions, cache_hit_tokens=cache.hit_tokens,
-                        cache_query_tokens=cache.query_tokens)
+                        cache_query_tokens=cache.query_tokens,
+                        disaggregation_mode=self.args.disaggregation_mode)
+            if self.disagg is not None:
+                load.update(self.disagg.stats())
             return load
         if msg.kind == "server_info":
             return self.info()
@@ -137,7 +200,12 @@ class SchedulerProcess:
         s = self.scheduler
         last_log = time.time()
         while self.running:
-            self.recv_all(block=not s.has_work)
+            pd_busy = self.disagg is not None and self.disagg.has_work
+            self.recv_all(block=not s.has_work and not pd_busy)
+            if self.disagg is not None:
+                self.disagg.step()
+                if pd_busy and not s.has_work:
+                    time.sleep(0.0005)  # waiting on transfers only: do not spin hot
             plan = s.schedule() if s.has_work else None
             outs = s.update(plan, self.runner.run(plan)) if plan is not None else []
             if not outs and s.pending_outs:
@@ -147,9 +215,13 @@ class SchedulerProcess:
             if plan is not None and time.time() - last_log > 10:
                 last_log = time.time()
                 ld = s.load()
-                logger.info("running=%d waiting=%d used_pages=%d/%d cached_pages=%d",
+                extra = ""
+                if self.disagg is not None:
+                    extra = " " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in self.disagg.stats().items())
+                logger.info("running=%d waiting=%d used_pages=%d/%d cached_pages=%d%s",
                             ld["num_running_reqs"], ld["num_waiting_reqs"], ld["num_used_pages"],
-                            ld["num_total_pages"], ld["num_cached_pages"])
+                            ld["num_total_pages"], ld["num_cached_pages"], extra)
 
 
 def die_with_parent() -> None:
@@ -165,7 +237,15 @@ def die_with_parent() -> None:
 def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str) -> None:
     """Child process body: build everything, announce readiness (call_id 0), serve."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    holder: dict = {}
+
+    def on_term(*_):  # leave the loop at the next iteration; close() frees shm, sockets
+        if "proc" in holder:
+            holder["proc"].running = False
+        else:
+            sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
     die_with_parent()
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s [scheduler] %(levelname)s %(message)s")
@@ -178,8 +258,12 @@ def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str) -> N
         sock.send(encode(ControlResp(0, {"error": f"{type(e).__name__}: {e}"})))
         sock.close(linger=2000)
         return
+    holder["proc"] = proc
     proc.send.send(encode(ControlResp(0, proc.info())))
-    proc.event_loop()
+    try:
+        proc.event_loop()
+    finally:
+        proc.close()
 
 
 def main() -> None:

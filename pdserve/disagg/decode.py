@@ -1,0 +1,220 @@
+"""Decode side of PD disaggregation, inside the scheduler process.
+
+    GenerateReq -> DecodePreallocQueue (receiver finds the prefill rank; pages are
+    preallocated within a budget that leaves room for running requests to grow) ->
+    DecodeTransferQueue (pop_ready polls receivers) -> prebuilt: the request joins
+    the running batch with the first token prefill produced and its prompt KV in
+    place; no prompt recomputation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from http import HTTPStatus
+
+from pdserve.disagg.poll import KVPoll
+from pdserve.disagg.prefill import _reason, fail
+from pdserve.disagg.transfer.base import BaseKVManager
+from pdserve.disagg.transfer.registry import (FAKE_BOOTSTRAP_HOST, KVClassType, TransferBackend,
+                                              get_kv_class, is_fake_bootstrap)
+from pdserve.engine.request import Req, ReqStatus
+from pdserve.engine.scheduler import Scheduler
+from pdserve.messages import FinishReason
+
+logger = logging.getLogger(__name__)
+
+
+class DecodePreallocQueue:
+    def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
+                 bootstrap_port: int) -> None:
+        self.scheduler = scheduler
+        self.kv_manager = kv_manager
+        self.backend = backend
+        self.bootstrap_port = bootstrap_port
+        self.queue: list[Req] = []
+        self._fake_mgr: BaseKVManager | None = None
+
+    def add(self, req: Req) -> None:
+        n = len(req.origin_input_ids)
+        if n + 1 > self.scheduler.alloc.capacity_tokens:
+            self.scheduler.finish(req, FinishReason(
+                "abort", status_code=HTTPStatus.BAD_REQUEST,
+                message=f"prompt of {n} tokens does not fit the KV pool "
+                        f"({self.scheduler.alloc.capacity_tokens} tokens)"))
+            return
+        host = req.bootstrap_host or FAKE_BOOTSTRAP_HOST
+        backend = TransferBackend.FAKE if is_fake_bootstrap(host) else self.backend
+        mgr = self.kv_manager if backend == self.backend else self._fake_manager()
+        cls = get_kv_class(backend, KVClassType.RECEIVER)
+        room = req.bootstrap_room if req.bootstrap_room is not None else 0
+        try:
+            req.kv_receiver = cls(mgr, f"{host}:{req.bootstrap_port or self.bootstrap_port}", room)
+        except Exception as e:
+            self.scheduler.finish(req, FinishReason("abort", message=f"bad bootstrap info: {e}",
+                                                    status_code=HTTPStatus.BAD_REQUEST))
+            return
+        req.bootstrap_start = time.time()
+        req.status = ReqStatus.WAITING_FOR_KV
+        self.scheduler.reqs[req.rid] = req
+        self.queue.append(req)
+
+    def extend(self, reqs: list[Req], is_retracted: bool = False) -> None:
+        """Retracted requests go first."""
+        if is_retracted:
+            self.queue = reqs + self.queue
+        else:
+            for r in reqs:
+                self.add(r)
+
+    def _fake_manager(self) -> BaseKVManager:
+        if self._fake_mgr is None:
+            cls = get_kv_class(TransferBackend.FAKE, KVClassType.MANAGER)
+            self._fake_mgr = cls(self.kv_manager.args, self.kv_manager.mode)
+        return self._fake_mgr
+
+    def _budget_pages(self) -> int:
+        """Pages we may hand to new transfers: free + evictable, minus room for every
+        running request to grow by one page (retraction covers the rest)."""
+        s = self.scheduler
+        reserve = len(s.running) + len(s.waiting)
+        return s.alloc.num_free + s.cache.evictable_pages - reserve
+
+    def pop_preallocated(self) -> list[Req]:
+        s = self.scheduler
+        ready, keep = [], []
+        for i, req in enumerate(self.queue):
+            if req.finished:
+                continue
+            state = req.kv_receiver.poll()
+            if state == KVPoll.Failed:
+                fail(s, req, _reason(req.kv_receiver))
+                continue
+            if state != KVPoll.WaitingForInput or s.waiting:  # retracted requests resume first
+                keep.append(req)
+                continue
+            need = -(-(len(req.origin_input_ids) + 1) // s.ps)  # prompt + first token
+            if need > self._budget_pages():
+                keep.extend(r for r in self.queue[i:] if not r.finished)
+                break
+            short = need - s.alloc.num_free
+            if short > 0:
+                s.cache.evict(short)
+            req.pages = s.alloc.alloc(need)
+            n_prompt_pages = -(-len(req.origin_input_ids) // s.ps)
+            req.kv_receiver.init(req.pages[:n_prompt_pages])
+            ready.append(req)
+        self.queue = keep
+        return ready
+
+    def abort(self, rid: str) -> bool:
+        for req in self.queue:
+            if req.rid == rid:
+                self.queue.remove(req)
+                req.kv_receiver.abort()
+                fail(self.scheduler, req, "aborted by the client", 499)
+                return True
+        return False
+
+
+class DecodeTransferQueue:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.queue: list[Req] = []
+        self.transfer_seconds: list[float] = []
+        self.num_failed = 0
+
+    def add(self, req: Req) -> None:
+        self.queue.append(req)
+
+    def extend(self, reqs: list[Req]) -> None:
+        self.queue.extend(reqs)
+
+    def pop_ready(self) -> list[Req]:
+        """Requests whose KV and metadata have arrived."""
+        s = self.scheduler
+        ready, keep = [], []
+        for req in self.queue:
+            if req.finished:
+                continue
+            state = req.kv_receiver.poll()
+            if state == KVPoll.Success:
+                meta = req.kv_receiver.get_metadata()
+                if meta is None or (req.bootstrap_room is not None and meta.room != req.bootstrap_room):
+                    self.num_failed += 1
+                    fail(s, req, f"KV metadata room mismatch for room {req.bootstrap_room}")
+                    continue
+                req.transfer_time = time.time() - req.bootstrap_start
+                self.transfer_seconds.append(req.transfer_time)
+                req.output_ids = [int(meta.output_token_id)]
+                if req.return_logprob:
+                    req.logprobs = [float(meta.output_logprob)]
+                    req.top_logprobs = [[]]
+                req.cached_tokens = int(meta.cached_tokens)
+                req.kv_len = len(req.origin_input_ids)
+                req.first_token_time = time.time()
+                req.admit_time = req.bootstrap_start
+                ready.append(req)
+            elif state == KVPoll.Failed:
+                self.num_failed += 1
+                fail(s, req, _reason(req.kv_receiver))
+            else:
+                keep.append(req)
+        self.queue = keep
+        return ready
+
+    def abort(self, rid: str) -> bool:
+        for req in self.queue:
+            if req.rid == rid:
+                self.queue.remove(req)
+                req.kv_receiver.abort()
+                fail(self.scheduler, req, "aborted by the client", 499)
+                return True
+        return False
+
+
+class DecodeDisagg:
+    def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
+                 bootstrap_port: int) -> None:
+        self.scheduler = scheduler
+        self.kv_manager = kv_manager
+        self.prealloc_queue = DecodePreallocQueue(scheduler, kv_manager, backend, bootstrap_port)
+        self.transfer_queue = DecodeTransferQueue(scheduler)
+
+    def add(self, req: Req) -> None:
+        self.prealloc_queue.add(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.prealloc_queue.queue or self.transfer_queue.queue)
+
+    def step(self) -> None:
+        s = self.scheduler
+        self.transfer_queue.extend(self.prealloc_queue.pop_preallocated())
+        for req in self.transfer_queue.pop_ready():
+            # prebuilt: join the running batch, decoding from prefill's first token
+            req.status = ReqStatus.RUNNING
+            tok = req.output_ids[0]
+            reason = s.check_finish(req, tok)
+            s.stats.generation_tokens += 1
+            if reason is not None:
+                s.release(req)
+                s.finish(req, reason)  # emits the token and the finish together
+                continue
+            s.running.append(req)
+            s.pending_outs.append(s.make_out(req))
+
+    def abort(self, rid: str) -> bool:
+        return self.prealloc_queue.abort(rid) or self.transfer_queue.abort(rid)
+
+    def stats(self) -> dict:
+        st = self.kv_manager.stats()
+        secs = self.transfer_queue.transfer_seconds[-100:]
+        out = {"prealloc_queue_len": len(self.prealloc_queue.queue),
+               "transfer_queue_len": len(self.transfer_queue.queue),
+               "num_failed_transfers": self.transfer_queue.num_failed,
+               "avg_transfer_latency_s": sum(secs) / len(secs) if secs else 0.0}
+        out.update(kv_transfers_completed=st.transfers_completed, kv_transfers_failed=st.transfers_failed,
+                   kv_bytes_transferred=st.bytes_transferred, kv_transfer_mean_latency_s=st.mean_latency_s,
+                   kv_transfer_gbps=st.gbps)
+        return out
