@@ -74,6 +74,20 @@ def status_of(result: dict) -> int:
     return int(fr.get("status_code") or 200) if fr.get("type") == "abort" else 200
 
 
+def bootstrap_for(host, port, room, copy: int) -> tuple:
+    """PD fields of one generation; the n copies of one prompt use rooms room + i
+    (SGLang's rule), so they do not collide."""
+    if room is not None:
+        if isinstance(room, bool) or not isinstance(room, int):
+            raise ValueError("bootstrap_room must be an integer")
+        room += copy
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int)):
+        raise ValueError("bootstrap_port must be an integer or null")
+    if host is not None and not isinstance(host, str):
+        raise ValueError("bootstrap_host must be a string")
+    return host, port, room
+
+
 class GenerateInputs:
     """Normalized /generate body: a list of single requests."""
 
@@ -118,7 +132,7 @@ class GenerateInputs:
             copies = sps[i].n
             for j in range(copies):
                 r = rids[i] if copies == 1 else (f"{rids[i]}-{j}" if rids[i] else None)
-                self.items.append((prompts[i], sps[i], r, (hosts[i], ports[i], rooms[i])))
+                self.items.append((prompts[i], sps[i], r, bootstrap_for(hosts[i], ports[i], rooms[i], j)))
         if len(self.items) > 1:
             self.batched = True
 

@@ -8,8 +8,8 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pdserve.server.http_server import (SSE_DONE, collect, merge, new_id, now_s, read_json,
-                                        run_until_disconnect, sse)
+from pdserve.server.http_server import (SSE_DONE, bootstrap_for, collect, merge, new_id, now_s,
+                                        read_json, run_until_disconnect, sse)
 from pdserve.server.protocol import as_bool, as_int, is_token_list, openai_sampling
 from pdserve.server.tokenizer_manager import TokenizerManager
 
@@ -50,8 +50,17 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
         if m is not None and m not in accepted:
             raise ValueError(f"model {m!r} is not served here; available: {served!r}")
 
-    def boot(body: dict) -> tuple:
-        return (body.get("bootstrap_host"), body.get("bootstrap_port"), body.get("bootstrap_room"))
+    def boot(body: dict, prompt_index: int, copy: int) -> tuple:
+        """PD fields for one generation: batched requests carry one entry per prompt."""
+        vals = []
+        for key in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
+            v = body.get(key)
+            if isinstance(v, list):
+                if prompt_index >= len(v):
+                    raise ValueError(f"{key} has fewer entries than prompts")
+                v = v[prompt_index]
+            vals.append(v)
+        return bootstrap_for(*vals, copy)
 
     @app.get("/v1/models")
     async def models():
@@ -115,12 +124,12 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
         rid = new_id("chatcmpl" if chat else "cmpl")
         created = now_s()
         obj = "chat.completion" if chat else "text_completion"
-        jobs = [(ids, i) for ids in prompts for i in range(n)]
+        jobs = [(ids, boot(body, p, i)) for p, ids in enumerate(prompts) for i in range(n)]
         lens = [len(ids) for ids, _ in jobs]
 
         def start(ids: list[int], k: int):
             return tm.generate(ids, sp, rid=f"{rid}-{k}", return_logprob=logprobs is not None,
-                               top_logprobs_num=logprobs or 0, bootstrap=boot(body))
+                               top_logprobs_num=logprobs or 0, bootstrap=jobs[k][1])
 
         if not stream:
             results = await run_until_disconnect(
