@@ -71,18 +71,19 @@ def real_server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
-    # no orphans: every process the server started is gone
-    alive = []
+    # no orphans: every process the server started is gone (children get 15 s to
+    # finish their own shutdown after the parent exits)
+    procs = []
     for pid in family:
         try:
-            p = psutil.Process(pid)
-            if p.status() != psutil.STATUS_ZOMBIE:
-                alive.append((pid, p.name()))
+            procs.append(psutil.Process(pid))
         except psutil.NoSuchProcess:
             pass
-    if alive:
-        os.killpg(proc.pid, signal.SIGKILL)
-    assert not alive, f"processes left behind by pdserve serve: {alive}"
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        p.kill()
+    assert not alive, f"processes left behind by pdserve serve: {[(p.pid, p.name()) for p in alive]}"
 
 
 def _bench(url: str, out: str, *extra: str) -> dict:
