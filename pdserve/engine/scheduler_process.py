@@ -69,6 +69,7 @@ class SchedulerProcess:
         self.send = ctx.socket(zmq.PUSH)
         self.send.connect(send_addr)
         self.running = True
+        self._last_log = time.time()
         self.warmup()
         self.disagg = None
         self.bootstrap_server = None
@@ -195,33 +196,77 @@ class SchedulerProcess:
                 continue
             self.handle(msg)
 
-    # ---- event loop ---------------------------------------------------------------------
+    # ---- event loops --------------------------------------------------------------------
     def event_loop(self) -> None:
+        if self.args.disable_overlap_schedule:
+            self.event_loop_normal()
+        else:
+            self.event_loop_overlap()
+
+    def _pd_step(self) -> bool:
+        """Advance the disaggregation queues; True while they hold requests."""
+        if self.disagg is None:
+            return False
+        busy = self.disagg.has_work
+        self.disagg.step()
+        if busy and not self.scheduler.has_work:
+            time.sleep(0.0005)  # waiting on transfers only: do not spin hot
+        return busy
+
+    def event_loop_overlap(self) -> None:
+        """The CPU work that does not feed the next forward (encoding and sending step
+        N's outputs, receiving new requests) runs while step N+1's forward runs in a
+        worker thread (torch releases the GIL inside ops)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         s = self.scheduler
-        last_log = time.time()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="pdserve-forward")
+        unsent: list = []
+        try:
+            while self.running:
+                pd_busy = self.disagg is not None and self.disagg.has_work
+                self.recv_all(block=not s.has_work and not pd_busy and not unsent)
+                self._pd_step()
+                plan = s.schedule() if s.has_work else None
+                fut = pool.submit(self.runner.run, plan) if plan is not None else None
+                if unsent:
+                    self.send.send(encode(BatchOut(unsent)))
+                    unsent = []
+                if fut is not None:
+                    unsent = s.update(plan, fut.result())
+                elif s.pending_outs:
+                    unsent, s.pending_outs = s.pending_outs, []
+                self._maybe_log(plan)
+        finally:
+            pool.shutdown(wait=True)
+
+    def _maybe_log(self, plan) -> None:
+        if plan is None or time.time() - self._last_log < 10:
+            return
+        self._last_log = time.time()
+        ld = self.scheduler.load()
+        extra = ""
+        if self.disagg is not None:
+            extra = " " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in self.disagg.stats().items())
+        logger.info("running=%d waiting=%d used_pages=%d/%d cached_pages=%d%s",
+                    ld["num_running_reqs"], ld["num_waiting_reqs"], ld["num_used_pages"],
+                    ld["num_total_pages"], ld["num_cached_pages"], extra)
+
+    def event_loop_normal(self) -> None:
+        """schedule -> run -> update, one after the other."""
+        s = self.scheduler
         while self.running:
             pd_busy = self.disagg is not None and self.disagg.has_work
             self.recv_all(block=not s.has_work and not pd_busy)
-            if self.disagg is not None:
-                self.disagg.step()
-                if pd_busy and not s.has_work:
-                    time.sleep(0.0005)  # waiting on transfers only: do not spin hot
+            self._pd_step()
             plan = s.schedule() if s.has_work else None
             outs = s.update(plan, self.runner.run(plan)) if plan is not None else []
             if not outs and s.pending_outs:
                 outs, s.pending_outs = s.pending_outs, []
             if outs:
                 self.send.send(encode(BatchOut(outs)))
-            if plan is not None and time.time() - last_log > 10:
-                last_log = time.time()
-                ld = s.load()
-                extra = ""
-                if self.disagg is not None:
-                    extra = " " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                           for k, v in self.disagg.stats().items())
-                logger.info("running=%d waiting=%d used_pages=%d/%d cached_pages=%d%s",
-                            ld["num_running_reqs"], ld["num_waiting_reqs"], ld["num_used_pages"],
-                            ld["num_total_pages"], ld["num_cached_pages"], extra)
+            self._maybe_log(plan)
 
 
 def die_with_parent() -> None:
