@@ -16,66 +16,16 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
-import psutil
 import torch
 from tqdm import tqdm
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def copy_bandwidth_gbs(mb: int = 256, reps: int = 10) -> float:
-    """STREAM-style copy: (read + write) bytes per second."""
-    src = torch.ones(mb * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    t = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    return 2 * src.numel() * 4 * reps / (time.perf_counter() - t) / 1e9
-
-
-class RssSampler(threading.Thread):
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.peak, self.stop_flag = pid, 0, False
-
-    def run(self) -> None:
-        while not self.stop_flag:
-            try:
-                p = psutil.Process(self.pid)
-                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
-                self.peak = max(self.peak, rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-
-def stream_times(url: str, body: dict) -> tuple[float, list[float]]:
-    """(ttft, token arrival times) of one streamed /generate request."""
-    t0 = time.perf_counter()
-    times: list[float] = []
-    n_prev = 0
-    with httpx.stream("POST", url + "/generate", json={**body, "stream": True}, timeout=300) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            n = json.loads(line[6:])["meta_info"]["completion_tokens"]
-            now = time.perf_counter()
-            times.extend([now] * (n - n_prev))
-            n_prev = n
-    return times[0] - t0, times
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import RssSampler, copy_bandwidth_gbs, free_port, stream_times  # noqa: E402
 
 
 def main() -> int:

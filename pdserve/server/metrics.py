@@ -31,6 +31,18 @@ class ServerMetrics:
         self.retractions = Gauge("pdserve:num_retractions_total", "Requests retracted for KV space", lbl,
                                  registry=r)
 
+        # PD disaggregation (0 in mode null)
+        self.pd = {key: Gauge(f"pdserve:{name}", doc, lbl, registry=r) for key, name, doc in (
+            ("prealloc_queue_len", "num_prealloc_queue_reqs", "Decode: requests waiting for KV preallocation"),
+            ("transfer_queue_len", "num_transfer_queue_reqs", "Decode: requests whose KV is in flight"),
+            ("bootstrap_queue_len", "num_bootstrap_queue_reqs", "Prefill: requests waiting for decode"),
+            ("inflight_queue_len", "num_inflight_queue_reqs", "Prefill: requests whose KV is being sent"),
+            ("num_failed_transfers", "num_failed_transfers_total", "Decode: failed KV transfers"),
+            ("kv_transfer_mean_latency_s", "kv_transfer_latency_seconds", "Mean KV transfer latency"),
+            ("kv_transfer_gbps", "kv_transfer_speed_gb_s", "Mean KV transfer speed, GB/s"),
+            ("kv_bytes_transferred", "kv_transfer_bytes_total", "KV bytes received"),
+        )}
+
     def observe_ttft(self, s: float) -> None:
         self.ttft.labels(self.model_name).observe(s)
 
@@ -51,6 +63,9 @@ class ServerMetrics:
         self.prompt_tokens.labels(m).set(load["prompt_tokens"])
         self.generation_tokens.labels(m).set(load["generation_tokens"])
         self.retractions.labels(m).set(load["num_retractions"])
+        for key, gauge in self.pd.items():
+            if key in load:
+                gauge.labels(m).set(load[key])
         q = load["cache_query_tokens"]
         self.hit_rate.labels(m).set(load["cache_hit_tokens"] / q if q else 0.0)
 

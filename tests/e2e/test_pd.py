@@ -124,3 +124,9 @@ def test_decode_metrics_and_load(pd):
     for k in ("prealloc_queue_len", "transfer_queue_len", "num_failed_transfers", "kv_transfer_gbps"):
         assert k in ld
     assert ld["kv_transfers_completed"] > 0 and ld["num_failed_transfers"] == 0
+    m = httpx.get(pd.decode + "/metrics").text
+    for name in ("pdserve:num_prealloc_queue_reqs", "pdserve:num_transfer_queue_reqs",
+                 "pdserve:kv_transfer_latency_seconds", "pdserve:kv_transfer_speed_gb_s",
+                 "pdserve:num_failed_transfers_total"):
+        assert name in m, name
+    assert "pdserve:num_bootstrap_queue_reqs" in httpx.get(pd.prefill + "/metrics").text

@@ -1,0 +1,150 @@
+"""PD queues inside the scheduler, with the fake transfer backend and a fake runner."""
+
+import torch
+
+from pdserve.disagg.decode import DecodeDisagg
+from pdserve.disagg.mode import DisaggregationMode
+from pdserve.disagg.poll import KVPoll
+from pdserve.disagg.prefill import PrefillDisagg
+from pdserve.disagg.transfer.base import KVArgs
+from pdserve.disagg.transfer.fake import FakeKVManager
+from pdserve.disagg.transfer.registry import TransferBackend
+from pdserve.engine.kv_pool import PageAllocator
+from pdserve.engine.request import Req, ReqStatus
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import RunOutput, Scheduler
+
+
+class FakeRunner:
+    def run(self, plan):
+        return RunOutput([7 for it in plan.items if it.sample])
+
+
+def setup(mode, num_pages=32, ps=4):
+    s = Scheduler(PageAllocator(num_pages, ps), max_running_requests=8, chunked_prefill_size=64,
+                  context_length=512, eos_ids=(2,))
+    kv = torch.zeros(num_pages, 1, 2, ps, 1, 4)
+    mgr = FakeKVManager(KVArgs(0, kv), mode)
+    cls = PrefillDisagg if mode == DisaggregationMode.PREFILL else DecodeDisagg
+    return s, cls(s, mgr, TransferBackend.FAKE, 8998)
+
+
+def req(rid, n=10, max_new=5, room=42):
+    r = Req(rid, list(range(3, 3 + n)), SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True))
+    r.bootstrap_host, r.bootstrap_port, r.bootstrap_room = "127.0.0.1", 8998, room
+    return r
+
+
+def step(s, d, outs):
+    d.step()
+    plan = s.schedule()
+    res = s.update(plan, FakeRunner().run(plan)) if plan else []
+    if not plan:
+        res, s.pending_outs = s.pending_outs, []
+    for o in res:
+        outs.setdefault(o.rid, []).append(o)
+
+
+def test_prefill_flow_forces_one_token_and_frees_after_send():
+    s, d = setup(DisaggregationMode.PREFILL)
+    r = req("a", max_new=50)
+    d.add(r)
+    assert r.sampling.max_new_tokens == 1 and d.bootstrap_queue.queue == [r]
+    outs = {}
+    step(s, d, outs)  # Bootstrapping -> WaitingForInput on the next poll
+    for _ in range(6):
+        step(s, d, outs)
+    final = outs["a"][-1]
+    assert final.finish is not None and final.finish.type == "length"
+    assert sum(len(o.new_ids) for o in outs["a"]) == 1
+    assert r.kv_sender.poll() == KVPoll.Success and r.kv_sender.metadata.output_token_id == 7
+    assert r.kv_sender.metadata.room == 42 and r.kv_sender.sent_pages == 3
+    assert not d.has_work and s.used_pages() == 0
+
+
+def test_prefill_capacity_check_aborts_with_400():
+    s, d = setup(DisaggregationMode.PREFILL, num_pages=4, ps=4)
+    d.add(req("big", n=40))
+    out = s.pending_outs[-1]
+    assert out.finish.type == "abort" and out.finish.status_code == 400 and "exceeds" in out.finish.message
+    assert not d.bootstrap_queue.queue
+
+
+def test_prefill_sender_failure_frees_and_reports():
+    s, d = setup(DisaggregationMode.PREFILL)
+    r = req("a")
+    d.add(r)
+    r.kv_sender.abort()
+    outs = {}
+    step(s, d, outs)
+    assert outs["a"][-1].finish.type == "abort" and s.used_pages() == 0
+
+
+def test_decode_flow_prebuilt_batch_no_recompute():
+    s, d = setup(DisaggregationMode.DECODE)
+    r = req("a", n=10, max_new=5)
+    d.add(r)
+    assert r.status == ReqStatus.WAITING_FOR_KV and d.prealloc_queue.queue == [r]
+    d.step()  # Bootstrapping
+    assert d.prealloc_queue.queue == [r]
+    d.step()  # WaitingForInput -> pages preallocated, init -> Success on the next poll
+    assert r.pages and (d.transfer_queue.queue == [r] or r in s.running)
+    d.step()
+    assert r in s.running and r.output_ids == [0] and r.kv_len == 10 and r.is_decoding
+    plan = s.schedule()
+    assert [(it.start, it.n) for it in plan.items] == [(10, 1)]  # decodes at once, prompt not recomputed
+    outs = {}
+    s.update(plan, FakeRunner().run(plan))
+    for _ in range(10):
+        step(s, d, outs)
+    assert not s.has_work and not d.has_work and s.used_pages() == 0
+    assert r.output_ids == [0, 7, 7, 7, 7] and r.transfer_time is not None
+
+
+def test_decode_prealloc_budget_and_retracted_first():
+    s, d = setup(DisaggregationMode.DECODE, num_pages=8, ps=4)
+    a, b = req("a", n=20, room=1), req("b", n=20, room=2)
+    d.add(a)
+    d.add(b)
+    d.step()
+    d.step()
+    # a takes 6 of 8 pages; b must wait for budget
+    assert a.pages and not b.pages and d.prealloc_queue.queue == [b]
+    # a retracted request waiting in the scheduler blocks new preallocation
+    s.waiting.append(req("retracted", n=2))
+    d.step()
+    assert not b.pages
+    s.waiting.clear()
+    outs = {}
+    for _ in range(40):
+        step(s, d, outs)
+    assert outs["a"][-1].finish is not None and outs["b"][-1].finish is not None
+    assert s.used_pages() == 0
+
+
+def test_decode_failure_and_abort_free_pages():
+    s, d = setup(DisaggregationMode.DECODE)
+    a, b = req("a", room=1), req("b", room=2)
+    d.add(a)
+    d.add(b)
+    d.step()  # both Bootstrapping -> WaitingForInput
+    a.kv_receiver.abort()  # a's transfer fails before its KV arrives
+    assert d.abort("b")  # the client of b goes away
+    outs = {}
+    step(s, d, outs)
+    assert outs["a"][-1].finish.type == "abort" and "KV transfer" in outs["a"][-1].finish.message
+    assert outs["b"][-1].finish.type == "abort"
+    assert not d.has_work and s.used_pages() == 0 and s.alloc.num_free == s.alloc.num_pages
+
+
+def test_decode_room_mismatch_fails():
+    s, d = setup(DisaggregationMode.DECODE)
+    r = req("a", room=5)
+    d.add(r)
+    d.step()
+    from pdserve.disagg.metadata import KVMetadata
+    r.kv_receiver.fake_metadata = KVMetadata(6, output_token_id=1)  # prefill answered another room
+    outs = {}
+    step(s, d, outs)
+    assert outs["a"][-1].finish.type == "abort" and "room" in outs["a"][-1].finish.message
+    assert s.used_pages() == 0
