@@ -9,7 +9,6 @@ under `~/.cache/pdserve` (or `$PDSERVE_CACHE_DIR`), keyed by path, size and mtim
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from pdserve.model.config import ModelConfig
+from pdserve.model.paths import cache_dir, file_key
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +28,6 @@ _GGUF_NAMES = {
     "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
-
-
-def cache_dir() -> str:
-    d = os.environ.get("PDSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
-def file_key(path: str) -> str:
-    st = os.stat(path)
-    raw = f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
-    return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
 def load_model_files(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

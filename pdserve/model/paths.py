@@ -8,6 +8,7 @@ executing it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 
@@ -35,3 +36,15 @@ def resolve_model_path(model_path: str | None) -> str:
     if not os.path.exists(model_path):
         raise FileNotFoundError(f"--model-path {model_path!r} does not exist")
     return model_path
+
+
+def cache_dir() -> str:
+    d = os.environ.get("PDSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def file_key(path: str) -> str:
+    st = os.stat(path)
+    raw = f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]

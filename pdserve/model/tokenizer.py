@@ -24,7 +24,7 @@ def load_tokenizer(model_path: str | None = None, tokenizer_path: str | None = N
     if os.path.isfile(path) and path.endswith(".gguf"):
         # Converting a GGUF vocabulary takes ~10 s; cache the converted tokenizer
         # (same key scheme as the dequantized weights).
-        from pdserve.model.loader import cache_dir, file_key
+        from pdserve.model.paths import cache_dir, file_key
 
         cached = os.path.join(cache_dir(), f"gguf-{file_key(path)}-tokenizer")
         if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
