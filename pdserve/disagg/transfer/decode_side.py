@@ -284,6 +284,7 @@ class DecodeTransferService:
             if ack is None or not ack.ok:
                 r._fail(f"prefill rank {src} refused the request: {ack.error if ack else 'no reply'}", notify=False)
                 return
+        r.registered.set()
 
     def send_abort(self, r: "SocketKVReceiver", reason: str) -> None:
         """Best effort: tell the prefill ranks this room is gone."""
@@ -378,6 +379,7 @@ class SocketKVReceiver(BaseKVReceiver):
         self.route: Route | None = None
         self.sources: list[int] = []  # prefill ranks that send us heads
         self._dst_heads: dict[int, tuple[int, int]] = {}  # prefill rank -> our local heads it fills
+        self.registered = threading.Event()  # set once every source prefill rank accepted our pages
         self._t_init: float | None = None
         self._t_first_byte: float | None = None
         # guarded by svc.lock
