@@ -51,6 +51,7 @@ class ReqOut(msgspec.Struct):
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None
     finish: FinishReason | None = None
+    input_logprobs: list[float | None] | None = None  # sent once, first entry None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0

@@ -36,6 +36,8 @@ class Req:
         self.sent_len = 0  # output tokens already sent to the front end
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.input_logprobs: list[float] = []  # logprob of input token i+1 given tokens <= i
+        self.input_logprobs_sent = False
         self.token_counts: dict[int, int] = {}  # for frequency/presence penalties
         self.generator = None  # torch.Generator for seeded sampling (runner-owned)
         self.arrival_time = arrival_time or time.time()

@@ -68,6 +68,18 @@ class ModelRunner:
             if it.sample:
                 logits_idx.append(q + it.n - 1)
             q += it.n
+        # input-token logprobs (return_logprob, first pass over the prompt): logits of every
+        # prompt position of the chunk, after the sampled rows
+        self.input_lp_rows: list[tuple[int, int, list[int]]] = []  # (item, first row, next tokens)
+        q = nd
+        for k, it in enumerate(plan.items[nd:], start=nd):
+            r = it.req
+            n_in = len(r.origin_input_ids)
+            if r.return_logprob and r.num_retractions == 0 and it.start < n_in - 1:
+                end = min(it.start + it.n, n_in - 1)
+                self.input_lp_rows.append((k, len(logits_idx), r.origin_input_ids[it.start + 1: end + 1]))
+                logits_idx.extend(range(q, q + end - it.start))
+            q += it.n
         fb = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long),
             positions=torch.tensor(pos, dtype=torch.long),
@@ -97,7 +109,14 @@ class ModelRunner:
     def run(self, plan: Plan) -> RunOutput:
         fb = self.build_batch(plan)
         logits = self.model.forward(fb, self.attn)
+        input_lps = None
+        if self.input_lp_rows:
+            input_lps = {}
+            for k, row, nxt in self.input_lp_rows:
+                lp = torch.log_softmax(logits[row: row + len(nxt)], dim=-1)
+                input_lps[k] = lp[torch.arange(len(nxt)), torch.tensor(nxt)].tolist()
         reqs = [it.req for it in plan.items if it.sample]
+        logits = logits[: len(reqs)]
         params = [r.sampling for r in reqs]
         if any(p.has_penalty for p in params):
             apply_penalties(logits, params, [r.token_counts for r in reqs])
@@ -107,7 +126,7 @@ class ModelRunner:
                 r.generator = torch.Generator().manual_seed(r.sampling.seed)
             gens.append(r.generator)
         next_ids = sample(logits, params, gens)
-        out = RunOutput(next_ids)
+        out = RunOutput(next_ids, input_logprobs=input_lps)
         if any(r.return_logprob for r in reqs):
             out.logprobs, out.top_logprobs = gather_logprobs(
                 logits, next_ids, [r.top_logprobs_num if r.return_logprob else 0 for r in reqs])

@@ -50,6 +50,8 @@ class RunOutput:
     next_ids: list[int]  # one per sampled item, in plan order
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # plan item index -> logprob of each next *input* token of that chunk (return_logprob)
+    input_logprobs: dict[int, list[float]] | None = None
 
 
 @dataclass
@@ -161,7 +163,9 @@ class Scheduler:
         return Plan(decode + extend, len(decode))
 
     def _admit(self, req: Req) -> None:
-        pages, node = self.cache.match_prefix(req.fill_ids[: req.fill_len - 1])
+        # input-token logprobs need every prompt position computed: no prefix reuse then
+        want_input_lp = req.return_logprob and req.num_retractions == 0
+        pages, node = self.cache.match_prefix([] if want_input_lp else req.fill_ids[: req.fill_len - 1])
         self.cache.inc_lock(node)
         req.prefix_node = node
         req.pages = list(pages)
@@ -221,8 +225,10 @@ class Scheduler:
         now = time.time()
         k = 0
         touched: list[Req] = []
-        for item in plan.items:
+        for idx, item in enumerate(plan.items):
             req = item.req
+            if out.input_logprobs and idx in out.input_logprobs:
+                req.input_logprobs.extend(out.input_logprobs[idx])
             if req.finished:  # aborted while running
                 if item.sample:
                     k += 1
@@ -310,6 +316,10 @@ class Scheduler:
         req.sent_len = len(req.output_ids)
         out = ReqOut(req.rid, new, lps, tops, req.finish, len(req.origin_input_ids),
                      req.cached_tokens, len(req.output_ids))
+        if req.return_logprob and not req.input_logprobs_sent and len(req.input_logprobs) >= \
+                len(req.origin_input_ids) - 1:
+            out.input_logprobs = [None] + req.input_logprobs[: len(req.origin_input_ids) - 1]
+            req.input_logprobs_sent = True
         if req.finish is not None:
             start = req.admit_time or req.finish_time
             first = req.first_token_time or req.finish_time

@@ -50,6 +50,8 @@ class ReqState:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished: bool = False
+    input_ids: list[int] = field(default_factory=list)
+    input_logprobs: list | None = None
 
 
 class TokenizerManager:
@@ -200,7 +202,7 @@ class TokenizerManager:
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
         st = ReqState(rid, len(input_ids), IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
-                      list(sp.stop))
+                      list(sp.stop), input_ids=list(input_ids))
         self.states[rid] = st
         host, port, room = bootstrap or (None, None, None)
         msg = GenerateReq(rid, input_ids, sp, return_logprob, top_logprobs_num, time.time(), host, port, room)
@@ -263,6 +265,10 @@ class TokenizerManager:
         if out.finish is not None:
             for k in ("queue_time", "prefill_time", "transfer_time", "decode_time"):
                 meta[k] = getattr(out, k)
+        if out.input_logprobs is not None:
+            st.input_logprobs = out.input_logprobs
+        if st.input_logprobs is not None:
+            meta["input_token_logprobs"] = [[lp, tid, None] for lp, tid in zip(st.input_logprobs, st.input_ids)]
         if st.logprobs or out.new_logprobs is not None:
             meta["output_token_logprobs"] = [
                 [lp, tid, None] for lp, tid in zip(st.logprobs, st.output_ids)]

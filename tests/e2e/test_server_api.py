@@ -102,6 +102,8 @@ def test_generate_batch_and_input_ids(server):
     single = gen(server, input_ids=outs[1]["output_ids"][:1] and [504, 9531, 314],
                  sampling_params={"max_new_tokens": 3, "temperature": 0}, return_logprob=True).json()
     assert len(single["meta_info"]["output_token_logprobs"]) == 3
+    itl = single["meta_info"]["input_token_logprobs"]
+    assert [t for _, t, _ in itl] == [504, 9531, 314] and itl[0][0] is None and all(x[0] <= 0 for x in itl[1:])
 
 
 def test_multibyte_characters_stream_intact(server):

@@ -178,3 +178,27 @@ def test_retraction_same_outputs():
     got, s = run_tiny(PROMPTS, max_new=20, num_pages=30, ps=4)
     assert s.stats.num_retractions > 0
     assert got == ref
+
+
+def test_input_logprobs_match_a_full_forward_and_ignore_chunking():
+    from pdserve.model.attention import ExtendSeq, ForwardBatch, TorchNativeAttention
+    prompt = PROMPTS[4]
+    model = LlamaModel(CFG, torch.float32)
+    model.init_random(0)
+    n = len(prompt)
+    kv = torch.zeros(64, CFG.num_layers, 2, 4, CFG.num_kv_heads, CFG.head_dim)
+    pos = torch.arange(n)
+    fb = ForwardBatch(torch.tensor(prompt), pos, pos // 4, pos % 4, extends=[ExtendSeq(0, n, 0, None, None)],
+                      logits_indices=pos)
+    lp = torch.log_softmax(model.forward(fb, TorchNativeAttention(kv)), -1)
+    ref = [lp[i, prompt[i + 1]].item() for i in range(n - 1)]
+    for chunk in (512, 7):
+        s = make(chunk=chunk, num_pages=128)
+        runner = ModelRunner(model, 128, 4)
+        r = Req("a", prompt, SamplingParams(max_new_tokens=3, temperature=0), return_logprob=True)
+        s.add_request(r)
+        outs = drain(s, runner)
+        assert len(r.logprobs) == 3
+        got = [o for o in [r.input_logprobs]][0]
+        assert got == pytest.approx(ref, abs=1e-4), chunk
+        assert s.cache.hit_tokens == 0
