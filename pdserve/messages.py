@@ -51,7 +51,6 @@ class ReqOut(msgspec.Struct):
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None
     finish: FinishReason | None = None
-    input_logprobs: list[float | None] | None = None  # sent once, first entry None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -60,6 +59,7 @@ class ReqOut(msgspec.Struct):
     prefill_time: float | None = None
     transfer_time: float | None = None
     decode_time: float | None = None
+    input_logprobs: list[float | None] | None = None  # sent once, first entry None
 
 
 class BatchOut(msgspec.Struct, tag=True):

@@ -135,7 +135,11 @@ class TokenizerManager:
     async def _recv_loop(self) -> None:
         while True:
             data = await self.recv_sock.recv()
-            msg = decode_from_scheduler(data)
+            try:
+                msg = decode_from_scheduler(data)
+            except Exception:  # a bug, not a peer: log it loudly, keep serving the rest
+                logger.exception("undecodable message from the scheduler")
+                continue
             if isinstance(msg, ControlResp):
                 fut = self.calls.pop(msg.call_id, None)
                 if fut is not None and not fut.done():
