@@ -185,6 +185,11 @@ class PrefillDisagg:
                 req.kv_sender.abort()
                 fail(self.scheduler, req, "aborted by the client", 499)
                 return True
+        # waiting for or inside its prefill forward: the scheduler frees the pages (return
+        # False), but decode must hear now, not after its waiting timeout
+        req = self.scheduler.reqs.get(rid)
+        if req is not None and not req.finished and req.kv_sender is not None:
+            req.kv_sender.abort()
         return False
 
     def stats(self) -> dict:

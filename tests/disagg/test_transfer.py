@@ -242,3 +242,22 @@ def test_no_segment_left_behind():
     import os
     mine = [f for f in os.listdir("/dev/shm") if f.startswith(f"pdserve-kv-{os.getpid()}-")]
     assert owned_segments() == [] and mine == []
+
+
+def test_tcp_staged_path_for_device_buffers(monkeypatch):
+    """GPU pools cannot be handed to sendmsg/recvmsg_into: they go through staging tensors.
+    Force that path on CPU buffers (no byte view) and check the bytes still land exactly."""
+    monkeypatch.setattr(tcp, "byte_view", lambda kv: None)
+    monkeypatch.setattr(tcp, "STAGING_BYTES", 2 * SHAPE[1] * 2 * SHAPE[3] * SHAPE[4] * SHAPE[5] * 2)  # 2 pages
+    p = Pair("tcp")
+    try:
+        src, dst = [5, 6, 7, 20, 21], [1, 0, 9, 8, 3]
+        r, s = p.receiver(3), p.sender(3)
+        r.init(dst)
+        assert poll_until(s, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+        s.init(5)
+        s.send(src, KVMetadata(3, 1))
+        assert poll_until(r, DONE) == KVPoll.Success, r.failure_reason
+        assert torch.equal(p.dkv[dst], p.pkv[src]) and _untouched(p.dkv, dst)
+    finally:
+        p.close()

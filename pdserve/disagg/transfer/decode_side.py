@@ -113,6 +113,7 @@ class DecodeTransferService:
         self._ctrl: dict[tuple[str, int], _ControlConn] = {}
         self._heartbeats: dict[str, HeartbeatMonitor] = {}
         self._conns: set[socket.socket] = set()
+        self._handlers: list[threading.Thread] = []
         self._closed = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=mgr.thread_pool_size, thread_name_prefix="kv-decode")
         # bytes of one KV head's share of a page: the unit every DATA payload is made of
@@ -139,8 +140,10 @@ class DecodeTransferService:
                     sock.close()
                     continue
                 self._conns.add(sock)
-            threading.Thread(target=self._serve, args=(DataConn(sock, peer),), name="kv-decode-data",
-                             daemon=True).start()
+            t = threading.Thread(target=self._serve, args=(DataConn(sock, peer),), name="kv-decode-data",
+                                 daemon=True)
+            self._handlers = [h for h in self._handlers if h.is_alive()] + [t]
+            t.start()
 
     def _serve(self, conn: DataConn) -> None:
         sock = conn.sock
@@ -206,6 +209,9 @@ class DecodeTransferService:
             return self._receivers.get(room)
 
     def add_receiver(self, r: "SocketKVReceiver") -> None:
+        if self._closed.is_set():
+            r._fail("KV manager shut down", notify=False, remove=False)
+            return
         with self.lock:
             if r.room in self._receivers:
                 collision = True
@@ -354,6 +360,8 @@ class DecodeTransferService:
             except OSError:
                 pass
         self._accept_thread.join(timeout=5)
+        for t in self._handlers:
+            t.join(timeout=2)
         self._pool.shutdown(wait=True, cancel_futures=True)
         for c in ctrls:
             with c.lock:
@@ -380,6 +388,7 @@ class SocketKVReceiver(BaseKVReceiver):
         self.sources: list[int] = []  # prefill ranks that send us heads
         self._dst_heads: dict[int, tuple[int, int]] = {}  # prefill rank -> our local heads it fills
         self.registered = threading.Event()  # set once every source prefill rank accepted our pages
+        self.completed_at: float | None = None  # time.monotonic() when it reached Success
         self._t_init: float | None = None
         self._t_first_byte: float | None = None
         # guarded by svc.lock
@@ -494,8 +503,9 @@ class SocketKVReceiver(BaseKVReceiver):
                 and self._bytes == self._expected_bytes and self._meta_from.issuperset(self.sources)):
             if self._state.advance(KVPoll.Success):
                 self._accepting = False
-                t0 = self._t_first_byte or self._t_init or time.monotonic()
-                self.mgr._stats.record_success(self._bytes, time.monotonic() - t0)
+                self.completed_at = now = time.monotonic()
+                t0 = self._t_first_byte or self._t_init or now
+                self.mgr._stats.record_success(self._bytes, now - t0)
                 self.svc.remove(self)
 
     def _fail(self, reason: str, notify: bool = True, remove: bool = True) -> None:

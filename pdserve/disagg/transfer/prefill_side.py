@@ -101,6 +101,7 @@ class PrefillTransferService:
         self._closed = threading.Event()
         self.registered = threading.Event()  # set once the bootstrap server has our endpoint
         self._conns: set[socket.socket] = set()
+        self._handlers: list[threading.Thread] = []
 
         self._listener = socket.create_server((self.args.host, self.args.port), backlog=128)
         self._listener.settimeout(0.5)
@@ -158,8 +159,10 @@ class PrefillTransferService:
                     conn.close()
                     continue
                 self._conns.add(conn)
-            threading.Thread(target=self._serve_control, args=(conn, peer), name="kv-prefill-ctrl",
-                             daemon=True).start()
+            t = threading.Thread(target=self._serve_control, args=(conn, peer), name="kv-prefill-ctrl",
+                                 daemon=True)
+            self._handlers = [h for h in self._handlers if h.is_alive()] + [t]
+            t.start()
 
     def _serve_control(self, conn: socket.socket, peer: object) -> None:
         conn.settimeout(self.mgr.io_timeout)
@@ -397,6 +400,8 @@ class PrefillTransferService:
                 pass
         for t in self._threads:
             t.join(timeout=5)
+        for t in self._handlers:
+            t.join(timeout=2)
         with self.lock:
             senders = [e.sender for e in self._rooms.values() if e.sender is not None]
         for s in senders:
