@@ -54,6 +54,7 @@ def decode_main(backend: str, num_pages: int, conn) -> None:
     completion time."""
     shm_name = new_shm_name() if backend == "shm" else None
     kv = allocate_kv_buffer((num_pages, *PAGE_SHAPE), DTYPE, shm_name)
+    kv.fill_(0)  # fault every page in now (torch.zeros maps them lazily), as a long-running pool would be
     mgr = get_kv_class(backend, KVClassType.MANAGER)(KVArgs(0, kv, shm_name=shm_name), DisaggregationMode.DECODE)
     recv_cls = get_kv_class(backend, KVClassType.RECEIVER)
     conn.send("ready")
@@ -75,14 +76,12 @@ def decode_main(backend: str, num_pages: int, conn) -> None:
             free_kv_buffer(shm_name)
 
 
-def torch_copy_gbps(src: torch.Tensor, dst: torch.Tensor, npages: int, repeats: int) -> float:
+def torch_copy_gbps(src: torch.Tensor, dst: torch.Tensor, npages: int) -> float:
+    """One plain contiguous copy of the same number of bytes (the memory-bandwidth reference)."""
     nbytes = npages * src[0].numel() * src.element_size()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst[:npages].copy_(src[:npages])
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+    t0 = time.perf_counter()
+    dst[:npages].copy_(src[:npages])
+    return nbytes / (time.perf_counter() - t0) / 1e9
 
 
 def main() -> None:
@@ -96,11 +95,12 @@ def main() -> None:
     args = ap.parse_args()
 
     sizes = [int(s) for s in args.sizes_mb.split(",")]
+    load_before = os.getloadavg()[0]
     page = torch.empty(PAGE_SHAPE, dtype=DTYPE)
     page_nbytes = page.numel() * page.element_size()
     num_pages = max(-(-s * 2**20 // page_nbytes) for s in sizes) + 8
     src_kv = torch.randn((num_pages, *PAGE_SHAPE)).to(DTYPE)
-    copy_dst = torch.empty_like(src_kv)
+    copy_dst = torch.zeros_like(src_kv).fill_(0)  # touched: no page faults inside the timed copies
     rng = np.random.default_rng(0)
     results = []
 
@@ -142,25 +142,28 @@ def main() -> None:
         one(4)  # warm-up: connections, segment mapping
         for size in sizes:
             npages = max(1, round(size * 2**20 / page_nbytes))
-            samples = []
-            for _ in range(args.repeats):
+            samples, base = [], []
+            for _ in range(args.repeats):  # interleaved, so both see the same machine load
                 samples.append(one(npages))
+                base.append(torch_copy_gbps(src_kv, copy_dst, npages))
                 bar.update()
-            base = torch_copy_gbps(src_kv, copy_dst, npages, args.repeats)
             results.append(dict(backend=backend, size_mb=size, pages=npages, bytes=npages * page_nbytes,
                                 gbps_median=statistics.median(samples), gbps_best=max(samples),
-                                samples_gbps=samples, torch_copy_gbps=base))
+                                samples_gbps=samples, torch_copy_gbps=statistics.median(base),
+                                torch_copy_samples_gbps=base))
         parent.send(("stop",))
         proc.join(30)
         pm.shutdown()
         bs.close()
     bar.close()
 
-    print(f"\npage = {list(PAGE_SHAPE)} {str(DTYPE).removeprefix('torch.')} = {page_nbytes / 1024:.0f} KiB, "
+    load = (load_before, os.getloadavg()[0])
+    print(f"\nload average (1 min) before/after: {load[0]:.2f}/{load[1]:.2f} (other processes share these cores)")
+    print(f"page = {list(PAGE_SHAPE)} {str(DTYPE).removeprefix('torch.')} = {page_nbytes / 1024:.0f} KiB, "
           f"pages: {args.pages}, repeats: {args.repeats}, cpus: {os.cpu_count()}, torch threads: "
           f"{torch.get_num_threads()}")
     print(f"{'backend':8} {'size MB':>8} {'pages':>6} {'median GB/s':>12} {'best GB/s':>10} "
-          f"{'torch copy GB/s':>16} {'median/copy':>12}")
+          f"{'torch copy GB/s':>16} {'median/copy':>12}")  # torch copy: median of the interleaved copies
     for r in results:
         print(f"{r['backend']:8} {r['size_mb']:>8} {r['pages']:>6} {r['gbps_median']:>12.2f} {r['gbps_best']:>10.2f} "
               f"{r['torch_copy_gbps']:>16.2f} {r['gbps_median'] / r['torch_copy_gbps']:>12.0%}")
@@ -168,7 +171,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(dict(page_shape=PAGE_SHAPE, dtype=str(DTYPE), page_nbytes=page_nbytes, pages=args.pages,
-                           repeats=args.repeats, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                           repeats=args.repeats, cpu_count=os.cpu_count(), loadavg_before_after=load, torch_threads=torch.get_num_threads(),
                            python=sys.version.split()[0], torch=torch.__version__, machine=platform.machine(),
                            command=" ".join(sys.argv), results=results), f, indent=2)
         print(f"wrote {args.output}")

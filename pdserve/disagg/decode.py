@@ -13,11 +13,10 @@ import logging
 import time
 from http import HTTPStatus
 
+from pdserve.disagg.endpoints import EndpointFactory, abort_queued, fail, failure_reason
 from pdserve.disagg.poll import KVPoll
-from pdserve.disagg.prefill import _reason, fail
 from pdserve.disagg.transfer.base import BaseKVManager
-from pdserve.disagg.transfer.registry import (FAKE_BOOTSTRAP_HOST, KVClassType, TransferBackend,
-                                              get_kv_class, is_fake_bootstrap)
+from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
 from pdserve.engine.request import Req, ReqStatus
 from pdserve.engine.scheduler import Scheduler
 from pdserve.messages import FinishReason
@@ -29,11 +28,8 @@ class DecodePreallocQueue:
     def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
                  bootstrap_port: int) -> None:
         self.scheduler = scheduler
-        self.kv_manager = kv_manager
-        self.backend = backend
-        self.bootstrap_port = bootstrap_port
+        self.endpoints = EndpointFactory(kv_manager, backend, bootstrap_port, KVClassType.RECEIVER)
         self.queue: list[Req] = []
-        self._fake_mgr: BaseKVManager | None = None
 
     def add(self, req: Req) -> None:
         n = len(req.origin_input_ids)
@@ -43,16 +39,8 @@ class DecodePreallocQueue:
                 message=f"prompt of {n} tokens does not fit the KV pool "
                         f"({self.scheduler.alloc.capacity_tokens} tokens)"))
             return
-        host = req.bootstrap_host or FAKE_BOOTSTRAP_HOST
-        backend = TransferBackend.FAKE if is_fake_bootstrap(host) else self.backend
-        mgr = self.kv_manager if backend == self.backend else self._fake_manager()
-        cls = get_kv_class(backend, KVClassType.RECEIVER)
-        room = req.bootstrap_room if req.bootstrap_room is not None else 0
-        try:
-            req.kv_receiver = cls(mgr, f"{host}:{req.bootstrap_port or self.bootstrap_port}", room)
-        except Exception as e:
-            self.scheduler.finish(req, FinishReason("abort", message=f"bad bootstrap info: {e}",
-                                                    status_code=HTTPStatus.BAD_REQUEST))
+        req.kv_receiver = self.endpoints.create(self.scheduler, req)
+        if req.kv_receiver is None:
             return
         req.bootstrap_start = time.time()
         req.status = ReqStatus.WAITING_FOR_KV
@@ -66,12 +54,6 @@ class DecodePreallocQueue:
         else:
             for r in reqs:
                 self.add(r)
-
-    def _fake_manager(self) -> BaseKVManager:
-        if self._fake_mgr is None:
-            cls = get_kv_class(TransferBackend.FAKE, KVClassType.MANAGER)
-            self._fake_mgr = cls(self.kv_manager.args, self.kv_manager.mode)
-        return self._fake_mgr
 
     def _budget_pages(self) -> int:
         """Pages we may hand to new transfers: free + evictable, minus room for every
@@ -88,7 +70,7 @@ class DecodePreallocQueue:
                 continue
             state = req.kv_receiver.poll()
             if state == KVPoll.Failed:
-                fail(s, req, _reason(req.kv_receiver))
+                fail(s, req, failure_reason(req.kv_receiver))
                 continue
             if state != KVPoll.WaitingForInput or s.waiting:  # retracted requests resume first
                 keep.append(req)
@@ -108,13 +90,7 @@ class DecodePreallocQueue:
         return ready
 
     def abort(self, rid: str) -> bool:
-        for req in self.queue:
-            if req.rid == rid:
-                self.queue.remove(req)
-                req.kv_receiver.abort()
-                fail(self.scheduler, req, "aborted by the client", 499)
-                return True
-        return False
+        return abort_queued(self.scheduler, self.queue, rid, "kv_receiver")
 
 
 class DecodeTransferQueue:
@@ -157,20 +133,14 @@ class DecodeTransferQueue:
                 ready.append(req)
             elif state == KVPoll.Failed:
                 self.num_failed += 1
-                fail(s, req, _reason(req.kv_receiver))
+                fail(s, req, failure_reason(req.kv_receiver))
             else:
                 keep.append(req)
         self.queue = keep
         return ready
 
     def abort(self, rid: str) -> bool:
-        for req in self.queue:
-            if req.rid == rid:
-                self.queue.remove(req)
-                req.kv_receiver.abort()
-                fail(self.scheduler, req, "aborted by the client", 499)
-                return True
-        return False
+        return abort_queued(self.scheduler, self.queue, rid, "kv_receiver")
 
 
 class DecodeDisagg:

@@ -14,24 +14,15 @@ import time
 from http import HTTPStatus
 
 from pdserve.disagg.metadata import KVMetadata
+from pdserve.disagg.endpoints import EndpointFactory, abort_queued, fail, failure_reason
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import BaseKVManager
-from pdserve.disagg.transfer.registry import (FAKE_BOOTSTRAP_HOST, KVClassType, TransferBackend,
-                                              get_kv_class, is_fake_bootstrap)
+from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
 from pdserve.engine.request import Req, ReqStatus
 from pdserve.engine.scheduler import Scheduler
 from pdserve.messages import FinishReason
 
 logger = logging.getLogger(__name__)
-
-
-def fail(scheduler: Scheduler, req: Req, message: str, status: int = 500) -> None:
-    """End a PD request with an error: free its pages, tell the client."""
-    logger.error("request %s failed: %s", req.rid, message)
-    if req in scheduler.running:
-        scheduler.running.remove(req)
-    scheduler.release(req, cache_it=False)
-    scheduler.finish(req, FinishReason("abort", message=message, status_code=status))
 
 
 class PrefillBootstrapQueue:
@@ -40,28 +31,16 @@ class PrefillBootstrapQueue:
     def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
                  bootstrap_port: int, max_total_num_tokens: int, tp_rank: int = 0) -> None:
         self.scheduler = scheduler
-        self.kv_manager = kv_manager
-        self.backend = backend
-        self.bootstrap_port = bootstrap_port
+        self.endpoints = EndpointFactory(kv_manager, backend, bootstrap_port, KVClassType.SENDER)
         self.max_total_num_tokens = max_total_num_tokens
         self.tp_rank = tp_rank
         self.queue: list[Req] = []
-        self._fake_mgr: BaseKVManager | None = None
 
     def add(self, req: Req) -> None:
         if self._exceeds_kv_capacity(req):
             return
-        host = req.bootstrap_host or FAKE_BOOTSTRAP_HOST
-        backend = TransferBackend.FAKE if is_fake_bootstrap(host) else self.backend
-        mgr = self.kv_manager if backend == self.backend else self._fake_manager()
-        sender_cls = get_kv_class(backend, KVClassType.SENDER)
-        room = req.bootstrap_room if req.bootstrap_room is not None else 0
-        try:
-            req.kv_sender = sender_cls(mgr, f"{host}:{req.bootstrap_port or self.bootstrap_port}", room,
-                                       dest_tp_ranks=[self.tp_rank], pp_rank=0)
-        except Exception as e:  # bad room / address: the client gets a 400
-            self.scheduler.finish(req, FinishReason("abort", message=f"bad bootstrap info: {e}",
-                                                    status_code=HTTPStatus.BAD_REQUEST))
+        req.kv_sender = self.endpoints.create(self.scheduler, req, dest_tp_ranks=[self.tp_rank], pp_rank=0)
+        if req.kv_sender is None:
             return
         # the prefill pass produces exactly the first token; decode does the rest
         req.sampling.max_new_tokens = 1
@@ -72,12 +51,6 @@ class PrefillBootstrapQueue:
     def extend(self, reqs: list[Req]) -> None:
         for r in reqs:
             self.add(r)
-
-    def _fake_manager(self) -> BaseKVManager:
-        if self._fake_mgr is None:
-            cls = get_kv_class(TransferBackend.FAKE, KVClassType.MANAGER)
-            self._fake_mgr = cls(self.kv_manager.args, self.kv_manager.mode)
-        return self._fake_mgr
 
     def _exceeds_kv_capacity(self, req: Req) -> bool:
         n = len(req.origin_input_ids)
@@ -101,28 +74,14 @@ class PrefillBootstrapQueue:
                 req.kv_sender.init(-(-len(req.origin_input_ids) // ps))
                 ready.append(req)
             elif state == KVPoll.Failed:
-                fail(self.scheduler, req, _reason(req.kv_sender))
+                fail(self.scheduler, req, failure_reason(req.kv_sender))
             else:
                 keep.append(req)
         self.queue = keep
         return ready
 
     def abort(self, rid: str) -> bool:
-        for req in self.queue:
-            if req.rid == rid:
-                self.queue.remove(req)
-                req.kv_sender.abort()
-                fail(self.scheduler, req, "aborted by the client", 499)
-                return True
-        return False
-
-
-def _reason(endpoint) -> str:
-    try:
-        endpoint.failure_exception()
-    except Exception as e:  # the backends raise KVTransferError with the reason
-        return str(e)
-    return "KV transfer failed"
+        return abort_queued(self.scheduler, self.queue, rid, "kv_sender")
 
 
 class PrefillDisagg:
@@ -171,20 +130,14 @@ class PrefillDisagg:
                 self.scheduler.release(req)
                 self.scheduler.finish(req, req.pending_finish)
             elif state == KVPoll.Failed:
-                fail(self.scheduler, req, _reason(req.kv_sender))
+                fail(self.scheduler, req, failure_reason(req.kv_sender))
             else:
                 keep.append(req)
         self.inflight = keep
 
     def abort(self, rid: str) -> bool:
-        if self.bootstrap_queue.abort(rid):
+        if self.bootstrap_queue.abort(rid) or abort_queued(self.scheduler, self.inflight, rid, "kv_sender"):
             return True
-        for req in self.inflight:
-            if req.rid == rid:
-                self.inflight.remove(req)
-                req.kv_sender.abort()
-                fail(self.scheduler, req, "aborted by the client", 499)
-                return True
         # waiting for or inside its prefill forward: the scheduler frees the pages (return
         # False), but decode must hear now, not after its waiting timeout
         req = self.scheduler.reqs.get(rid)

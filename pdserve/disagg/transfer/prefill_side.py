@@ -198,6 +198,8 @@ class PrefillTransferService:
         if h.payload_len != 4 * h.npages:
             raise ProtocolError(f"REGISTER payload {h.payload_len} bytes != 4 x {h.npages} pages")
         body = wire.decode_register(bytes(wire.recv_exact(conn, h.body_len)))
+        if h.npages > body.decode_num_pages:
+            raise ProtocolError(f"REGISTER for {h.npages} pages, decode's pool has {body.decode_num_pages}")
         pages = np.frombuffer(wire.recv_exact(conn, h.payload_len), dtype="<u4").astype(np.int64)
         error = self._check_register(h, body, pages)
         if error is None:

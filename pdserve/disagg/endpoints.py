@@ -1,0 +1,77 @@
+"""What the prefill and decode queues share: creating a request's transfer endpoint
+(the fake one for SGLang's fake bootstrap host) and failing or aborting a queued request."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from pdserve.disagg.transfer.base import BaseKVManager
+from pdserve.disagg.transfer.registry import (FAKE_BOOTSTRAP_HOST, KVClassType, TransferBackend,
+                                              get_kv_class, is_fake_bootstrap)
+from pdserve.engine.request import Req
+from pdserve.engine.scheduler import Scheduler
+from pdserve.messages import FinishReason
+
+logger = logging.getLogger(__name__)
+
+
+def fail(scheduler: Scheduler, req: Req, message: str, status: int = 500) -> None:
+    """End a PD request with an error: free its pages, tell the client."""
+    logger.error("request %s failed: %s", req.rid, message)
+    if req in scheduler.running:
+        scheduler.running.remove(req)
+    scheduler.release(req, cache_it=False)
+    scheduler.finish(req, FinishReason("abort", message=message, status_code=status))
+
+
+def failure_reason(endpoint) -> str:
+    try:
+        endpoint.failure_exception()
+    except Exception as e:  # the backends raise KVTransferError with the reason
+        return str(e)
+    return "KV transfer failed"
+
+
+class EndpointFactory:
+    """Creates a request's KV sender (prefill) or receiver (decode)."""
+
+    def __init__(self, kv_manager: BaseKVManager, backend: TransferBackend, bootstrap_port: int,
+                 class_type: KVClassType) -> None:
+        self.kv_manager = kv_manager
+        self.backend = backend
+        self.bootstrap_port = bootstrap_port
+        self.class_type = class_type
+        self._fake_mgr: BaseKVManager | None = None
+
+    def create(self, scheduler: Scheduler, req: Req, **kw):
+        """The endpoint, or None after finishing the request with a 400 (bad bootstrap info)."""
+        host = req.bootstrap_host or FAKE_BOOTSTRAP_HOST
+        fake = is_fake_bootstrap(host) and self.backend != TransferBackend.FAKE
+        backend = TransferBackend.FAKE if fake else self.backend
+        mgr = self._fake_manager() if fake else self.kv_manager
+        room = req.bootstrap_room if req.bootstrap_room is not None else 0
+        try:
+            return get_kv_class(backend, self.class_type)(
+                mgr, f"{host}:{req.bootstrap_port or self.bootstrap_port}", room, **kw)
+        except Exception as e:
+            scheduler.finish(req, FinishReason("abort", message=f"bad bootstrap info: {e}",
+                                               status_code=HTTPStatus.BAD_REQUEST))
+            return None
+
+    def _fake_manager(self) -> BaseKVManager:
+        if self._fake_mgr is None:
+            cls = get_kv_class(TransferBackend.FAKE, KVClassType.MANAGER)
+            self._fake_mgr = cls(self.kv_manager.args, self.kv_manager.mode)
+        return self._fake_mgr
+
+
+def abort_queued(scheduler: Scheduler, queue: list[Req], rid: str, endpoint_attr: str) -> bool:
+    """Client went away while the request sat in a PD queue: tell the peer, free, finish."""
+    for req in queue:
+        if req.rid == rid:
+            queue.remove(req)
+            getattr(req, endpoint_attr).abort()
+            fail(scheduler, req, "aborted by the client", 499)
+            return True
+    return False
