@@ -71,7 +71,7 @@ async def collect(gen: AsyncIterator[dict]) -> dict:
 
 def status_of(result: dict) -> int:
     fr = result["meta_info"].get("finish_reason") or {}
-    return int(fr.get("status_code") or 200) if fr.get("type") == "abort" else 200
+    return int(fr.get("status_code") or 500) if fr.get("type") == "abort" else 200
 
 
 def bootstrap_for(host, port, room, copy: int) -> tuple:
@@ -179,7 +179,11 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
         results = await run_until_disconnect(
             request, asyncio.gather(*(collect(start(it)) for it in g.items)))
         if not g.batched:
-            return JSONResponse(results[0], status_code=status_of(results[0]))
+            code = status_of(results[0])
+            if code != 200:  # failed: SGLang's error shape, the partial result beside it
+                fr = results[0]["meta_info"]["finish_reason"]
+                return error_response(fr.get("message") or "request aborted", code, "Error")
+            return JSONResponse(results[0])
         return JSONResponse(results)
 
     @app.get("/health")
