@@ -74,3 +74,14 @@ def test_copy_pages_tp2_to_tp1():
         copy_pages(prefill[p], src_pages, s, dst, dst_pages, d)
     assert torch.equal(dst[dst_pages], full[src_pages])
     assert dst[[1, 2, 3, 5, 6, 7, 8]].abs().sum() == 0
+
+
+def test_copy_pages_whole_pages_bytes_path():
+    g = torch.Generator().manual_seed(4)
+    src = torch.randn(12, 2, 2, 4, 2, 8, generator=g).to(torch.bfloat16)
+    dst = torch.zeros(20, 2, 2, 4, 2, 8, dtype=torch.bfloat16)
+    sp, dp = np.array([0, 1, 2, 7, 3]), np.array([19, 4, 5, 6, 0])
+    copy_pages(src, sp, (0, 2), dst, dp, (0, 2))
+    assert torch.equal(dst[dp], src[sp])
+    rest = np.setdiff1d(np.arange(20), dp)
+    assert dst[rest].abs().sum() == 0
