@@ -26,7 +26,8 @@ class ServerArgs:
     log_level: str = "info"
     random_seed: int = 0
     context_length: int | None = None
-    disable_overlap_schedule: bool = False
+    # the overlap loop measured ~3x slower single-stream decode on this CPU (docs/benchmarks.md)
+    disable_overlap_schedule: bool = True
     num_threads: int | None = None  # torch threads in the scheduler (default: all cores)
     # batches of at most this many tokens use 4-bit weight-only matmuls (bf16 only; 0 = off)
     w4_decode_max_tokens: int = 8

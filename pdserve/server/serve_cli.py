@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--page-size", type=int, default=D.page_size)
     a("--context-length", type=int, default=D.context_length)
     a("--disable-radix-cache", action="store_true")
-    a("--disable-overlap-schedule", action="store_true")
+    a("--disable-overlap-schedule", dest="disable_overlap_schedule", action="store_true",
+      default=D.disable_overlap_schedule, help="the normal event loop (default here: measured faster)")
+    a("--enable-overlap-schedule", dest="disable_overlap_schedule", action="store_false",
+      help="the overlap event loop (outputs sent while the next forward runs)")
     a("--served-model-name", default=D.served_model_name)
     a("--log-level", default=D.log_level, choices=LOG_LEVELS)
     a("--random-seed", type=int, default=D.random_seed)

@@ -127,9 +127,9 @@ def test_engine_async_stream(engine):
     assert texts[-1] == engine.generate("Once upon a time", {"max_new_tokens": 8, "temperature": 0})["text"]
 
 
-def test_normal_event_loop_matches_transformers(prompts, reference):
+def test_overlap_event_loop_matches_transformers(prompts, reference):
     import pdserve
-    with pdserve.Engine(dtype="float32", max_total_tokens=8192, disable_overlap_schedule=True) as e:
+    with pdserve.Engine(dtype="float32", max_total_tokens=8192, disable_overlap_schedule=False) as e:
         outs = e.generate(input_ids=prompts, sampling_params={"max_new_tokens": MAX_NEW, "temperature": 0})
         assert [o["output_ids"] for o in outs] == reference
         assert e.get_load()["num_used_pages"] == 0
