@@ -1,7 +1,8 @@
 """Wire compatibility: SGLang's published router (`sglang-router`, Rust) in front of the
 same fake workers injects the same fields ours does.
 
-Runs only where `sglang_router` can be imported: installed in this environment, or a
+`sglang-router` is in the test extras (`pip install -e .[test]`); the test runs only where
+`sglang_router` can be imported: installed in this environment, or a
 site-packages directory named by SGLANG_ROUTER_PYTHONPATH, e.g.
 
     python -m venv /tmp/sgr && /tmp/sgr/bin/pip install --no-deps sglang-router orjson setproctitle
