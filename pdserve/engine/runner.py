@@ -97,12 +97,10 @@ class ModelRunner:
             for i, it in enumerate(dec_items):
                 pg = it.req.pages[: -(-lens[i] // ps)]
                 table[i, : len(pg)] = torch.tensor(pg, dtype=torch.long)
-            ar = torch.arange(lmax)
-            fb.dec_pages = table[:, ar // ps]
-            fb.dec_offs = (ar % ps).expand(nd, lmax)
-            if min(lens) != lmax:
-                pad = ar.unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)
-                fb.dec_mask = torch.zeros(nd, 1, 1, lmax).masked_fill_(pad.view(nd, 1, 1, lmax), float("-inf"))
+            fb.dec_table = table
+            if min(lens) != npg * ps:
+                pad = torch.arange(npg * ps).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)
+                fb.dec_mask = torch.zeros(nd, 1, npg * ps).masked_fill_(pad.view(nd, 1, npg * ps), float("-inf"))
         return fb
 
     @torch.inference_mode()

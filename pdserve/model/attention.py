@@ -35,13 +35,12 @@ class ForwardBatch:
     write_pages: torch.Tensor  # [T] page receiving each new token's KV
     write_offs: torch.Tensor  # [T]
     num_decode: int = 0  # decode tokens occupy [0, num_decode)
-    dec_pages: torch.Tensor | None = None  # [B, Lmax] context gather indices (padded)
-    dec_offs: torch.Tensor | None = None  # [B, Lmax]
-    dec_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] float additive (0 / -inf), None when all equal
+    dec_table: torch.Tensor | None = None  # [B, npg] KV pages of each decode request (padded with page 0)
+    dec_mask: torch.Tensor | None = None  # [B, 1, npg * page_size] additive (0 / -inf); None when all full
     extends: list[ExtendSeq] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None  # [N] flat indices whose logits are needed
     write_rows: torch.Tensor | None = None  # derived by the backend, cached across layers
-    dec_rows: torch.Tensor | None = None
+    dec_chunks: torch.Tensor | None = None
 
 
 class TorchNativeAttention:
@@ -58,27 +57,62 @@ class TorchNativeAttention:
         _, self.num_layers, _, self.ps, h, d = kv_data.shape
         self.rows = kv_data.view(-1, h, d)
         self.page_stride = self.num_layers * 2 * self.ps
+        # one "chunk" = the K (or V) block of one page of one layer: ps * h * d contiguous elements;
+        # chunk index = (page * L + layer) * 2 + kv
+        self.chunks = kv_data.view(-1, self.ps * h * d)
+        self._ws: dict[str, torch.Tensor] = {}
+        self._eye: torch.Tensor | None = None
 
     def base_rows(self, pages: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """Row of the K entry of layer 0; add layer * 2 * page_size (+ page_size for V)."""
         return pages * self.page_stride + offs
 
-    def _decode(self, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-                 fb: ForwardBatch) -> torch.Tensor:
-        """One query per request against its padded context, as two batched matmuls
-        (measured several times faster than SDPA's CPU kernel for q_len = 1)."""
+    def _workspace(self, name: str, n: int) -> torch.Tensor:
+        """A reused buffer of at least n chunks: fresh multi-MB tensors every layer cost more in
+        page faults than the gather itself."""
+        buf = self._ws.get(name)
+        if buf is None or buf.shape[0] < n:
+            buf = self._ws[name] = torch.empty(max(n, 64), self.chunks.shape[1], dtype=self.chunks.dtype)
+        return buf[:n]
+
+    DECODE_GROUP = 32  # requests per gather + matmul round: their K/V stay in cache in between
+
+    def _decode(self, q: torch.Tensor, layer: int, fb: ForwardBatch, out: torch.Tensor) -> None:
+        """One query per request against its pages, written into out [B, Hq, D]. K and V are
+        gathered a whole page at a time into reused buffers laid out [b, L, Hkv * D], a group
+        of requests at a time; with few KV heads the scores are one batched matmul against a
+        block-diagonal query (row (h, g) holds q[h, g] in the columns of KV head h), which
+        needs no transposed copy of K; see docs/architecture.md."""
         B, hq, d = q.shape
-        L = k_rows.shape[1]
         hkv = self.rows.shape[1]
         g = hq // hkv
-        k = self.rows.index_select(0, k_rows.view(-1)).view(B, L, hkv, d)
-        v = self.rows.index_select(0, v_rows.view(-1)).view(B, L, hkv, d)
-        scores = torch.matmul(q.view(B, hkv, g, d), k.permute(0, 2, 3, 1)).float()  # [B, Hkv, G, L]
-        scores.mul_(d ** -0.5)
-        if fb.dec_mask is not None:
-            scores.add_(fb.dec_mask)
-        p = torch.softmax(scores, dim=-1).to(q.dtype)
-        return torch.matmul(p, v.transpose(1, 2)).view(B, hq, d)  # [B, Hkv, G, D] -> [B, Hq, D]
+        npg = fb.dec_table.shape[1]
+        L = npg * self.ps
+        block_diag = hkv <= 4
+        if block_diag and (self._eye is None or self._eye.dtype != q.dtype or self._eye.shape[1] != hkv):
+            self._eye = torch.eye(hkv, dtype=q.dtype).view(1, hkv, 1, hkv, 1)
+        for lo in range(0, B, self.DECODE_GROUP):
+            hi = min(B, lo + self.DECODE_GROUP)
+            b = hi - lo
+            idx = fb.dec_chunks[lo * npg: hi * npg] + layer * 2
+            k = torch.index_select(self.chunks, 0, idx, out=self._workspace("k", idx.numel())).view(b, L, hkv * d)
+            v = torch.index_select(self.chunks, 0, idx + 1, out=self._workspace("v", idx.numel())).view(b, L, hkv * d)
+            qg = q[lo:hi]
+            if block_diag:
+                qb = (qg.reshape(b, hkv, g, 1, d) * self._eye).view(b, hq, hkv * d)
+                scores = torch.bmm(qb, k.transpose(1, 2)).float()  # [b, Hq, L]
+            else:
+                scores = torch.matmul(qg.reshape(b, hkv, g, d), k.view(b, L, hkv, d).permute(0, 2, 3, 1))
+                scores = scores.float().view(b, hq, L)
+            scores.mul_(d ** -0.5)
+            if fb.dec_mask is not None:
+                scores.add_(fb.dec_mask[lo:hi])
+            p = torch.softmax(scores, dim=-1).to(q.dtype)
+            if block_diag:
+                o = torch.bmm(p, v).view(b, hkv, g, hkv, d)  # [b, Hq, Hkv * D]: keep the diagonal blocks
+                out[lo:hi] = o.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(b, hq, d)
+            else:
+                out[lo:hi] = torch.matmul(p.view(b, hkv, g, L), v.view(b, L, hkv, d).transpose(1, 2)).reshape(b, hq, d)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  fb: ForwardBatch) -> torch.Tensor:
@@ -91,9 +125,9 @@ class TorchNativeAttention:
         out = torch.empty_like(q)
         nd = fb.num_decode
         if nd:
-            if fb.dec_rows is None:
-                fb.dec_rows = self.base_rows(fb.dec_pages, fb.dec_offs)
-            out[:nd] = self._decode(q[:nd], fb.dec_rows + lk, fb.dec_rows + (lk + self.ps), fb)
+            if fb.dec_chunks is None:
+                fb.dec_chunks = (fb.dec_table * (self.num_layers * 2)).view(-1)
+            self._decode(q[:nd], layer, fb, out[:nd])
         for e in fb.extends:
             s, n = e.q_start, e.q_len
             qe = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]

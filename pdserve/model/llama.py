@@ -23,7 +23,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Layer:
-    __slots__ = ("in_norm", "post_norm", "qkv", "qkv_b", "o", "gate_up", "down", "q_norm", "k_norm", "q4")
+    __slots__ = ("in_norm", "post_norm", "qkv", "qkv_b", "o", "gate_up", "down", "q_norm", "k_norm", "q4", "packed")
 
 
 INT4_GROUP = 32
@@ -44,11 +44,33 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
     return packed, sz
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, q4: tuple | None, small: bool) -> torch.Tensor:
+PACK_BATCH = 512  # the batch size oneDNN's weight layout is chosen for (measured best across 1..512)
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's pre-reordered ("prepacked") copy of a linear weight, or None where that
+    path does not exist (no mkldnn, not on CPU). Plain `F.linear` reorders the weight on
+    every call: at 64 rows that made a bf16 layer 3x slower than with the packed weight
+    (docs/architecture.md, "Linear layers")."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH)
+        x = torch.zeros(1, w.shape[1], dtype=w.dtype)
+        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+    return packed
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, q4: tuple | None, small: bool,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
     # Small batches are memory-bound: 4-bit weights read 4x fewer bytes per token
     # (benchmarks/bench_engine.py); large batches are compute-bound and stay on bf16/AMX.
     if small and q4 is not None:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4[0], INT4_GROUP, q4[1])
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return F.linear(x, w)
 
 
@@ -97,6 +119,7 @@ class LlamaModel:
         self.embed: torch.Tensor | None = None
         self.norm: torch.Tensor | None = None
         self.lm_head: torch.Tensor | None = None
+        self.lm_head_packed: torch.Tensor | None = None
 
     # ---- weights -------------------------------------------------------------------------
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
@@ -126,8 +149,10 @@ class LlamaModel:
             layer.k_norm = get(p + "self_attn.k_norm.weight") if cfg.qk_norm else None
             layer.q4 = ({n: quantize_int4(getattr(layer, n)) for n in ("qkv", "o", "gate_up", "down")}
                         if self.q4_max_tokens else None)
+            layer.packed = {n: pack_weight(getattr(layer, n)) for n in ("qkv", "o", "gate_up", "down")}
             self.layers.append(layer)
         # lm_head stays bf16: in the default GGUF it is the Q8_0 embedding, not a 4-bit grid
+        self.lm_head_packed = pack_weight(self.lm_head)
 
 
     def init_random(self, seed: int = 0) -> None:
@@ -164,8 +189,9 @@ class LlamaModel:
         small = T <= self.q4_max_tokens
         for i, layer in enumerate(self.layers):
             q4 = layer.q4 or {}
+            pk = layer.packed
             x = F.rms_norm(h, (cfg.hidden_size,), layer.in_norm, eps)
-            qkv = linear(x, layer.qkv, q4.get("qkv"), small)
+            qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"])
             if layer.qkv_b is not None:
                 qkv = qkv + layer.qkv_b
             q = qkv[:, :qs].view(T, nq, hd)
@@ -177,12 +203,12 @@ class LlamaModel:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             o = attn(i, q, k, v, fb).view(T, qs)
-            h = h + linear(o, layer.o, q4.get("o"), small)
+            h = h + linear(o, layer.o, q4.get("o"), small, pk["o"])
             x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, eps)
-            gu = linear(x, layer.gate_up, q4.get("gate_up"), small)
+            gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"])
             inter = cfg.intermediate_size
-            h = h + linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.down, q4.get("down"), small)
+            h = h + linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.down, q4.get("down"), small, pk["down"])
         if fb.logits_indices is not None:
             h = h[fb.logits_indices]
         h = F.rms_norm(h, (cfg.hidden_size,), self.norm, eps)
-        return F.linear(h, self.lm_head).float()
+        return linear(h, self.lm_head, None, False, self.lm_head_packed).float()
