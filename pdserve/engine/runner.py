@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from pdserve.engine.scheduler import Plan, RunOutput
@@ -19,6 +22,13 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose pages the OS zero-fills on first touch (calloc), instead of
+    torch.zeros writing every byte up front: 1.6 s for a 2 GB KV pool at startup here."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_pages: int, page_size: int,
                  kv_data: torch.Tensor | None = None) -> None:
@@ -27,7 +37,7 @@ class ModelRunner:
         self.ps = page_size
         shape = kv_pool_shape(self.cfg, num_pages, page_size)
         if kv_data is None:
-            kv_data = torch.zeros(shape, dtype=model.dtype)
+            kv_data = lazy_zeros(shape, model.dtype)
         elif tuple(kv_data.shape) != shape or kv_data.dtype != model.dtype:
             raise ValueError(f"kv_data must be {shape} {model.dtype}, got {tuple(kv_data.shape)} {kv_data.dtype}")
         self.kv_data = kv_data

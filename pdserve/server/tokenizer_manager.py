@@ -56,11 +56,9 @@ class ReqState:
 
 class TokenizerManager:
     def __init__(self, args: ServerArgs, metrics=None) -> None:
-        from pdserve.model.tokenizer import load_tokenizer
-
         self.args = args
         self.metrics = metrics
-        self.tokenizer = load_tokenizer(args.model_path, args.tokenizer_path)
+        self.tokenizer = None  # loaded by start(), while the scheduler process loads the model
         self.states: dict[str, ReqState] = {}
         self.calls: dict[int, asyncio.Future] = {}
         self._next_call = 1
@@ -80,6 +78,13 @@ class TokenizerManager:
         cmd = [sys.executable, "-m", "pdserve.engine.scheduler_process",
                json.dumps(dataclasses.asdict(self.args)), to_sched, from_sched]
         self.proc = subprocess.Popen(cmd)
+        from pdserve.model.tokenizer import load_tokenizer
+
+        try:
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.args.model_path, self.args.tokenizer_path)
+        except BaseException:
+            self.proc.kill()
+            raise
         info = await self._wait_ready()
         if "error" in info:
             raise RuntimeError(f"scheduler failed to start: {info['error']}")
