@@ -1,7 +1,9 @@
 """PD figures of issue #3, measured in one run on this machine (2 cores):
 
 1. TTFT of a 256-token prompt at low load (one request at a time), co-located
-   `pdserve serve` (both cores) vs 1P1D `pdserve launch` (one core each): PD overhead.
+   `pdserve serve` (both cores) vs 1P1D `pdserve launch`, with the cores split (one
+   each: prefill computes on half the machine) and shared (both servers may use both
+   cores: the same compute as co-located, so the difference is the PD overhead proper).
 2. A mixed load (long prompts arriving while many requests decode), Poisson arrivals,
    through `pdserve bench`: TTFT / TPOT p50 / p99 and goodput at the stated SLO.
 
@@ -85,7 +87,7 @@ def main() -> int:
                  "slo_tpot_ms": a.slo_tpot_ms, "rate": a.rate, "num_prompts": a.num_prompts,
                  "transfer_backend": a.backend}
     py = [sys.executable, "-m", "pdserve.cli"]
-    bar = tqdm(total=4, desc="bench_pd")
+    bar = tqdm(total=6, desc="bench_pd")
     # co-located: one server on both cores
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -98,28 +100,33 @@ def main() -> int:
         bar.update()
     finally:
         stop(proc)
-    # 1P1D: one core each, router in front
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start(py + ["launch", "--port", str(port), "--max-total-tokens", "65536", "--transfer-backend", a.backend,
-                       "--bootstrap-port-base", str(free_port())], url, "/readiness")
-    try:
-        stream_times(url, {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
-        res["pd_ttft_256_ms"] = ttft_256(url, a.ttft_samples) * 1000
-        bar.update()
-        res["pd_mixed"] = mixed_load(url, a.output + ".pd.json", a)
-        bar.update()
-    finally:
-        stop(proc)
-        bar.close()
-    res["pd_ttft_overhead_pct"] = 100 * (res["pd_ttft_256_ms"] / res["colocated_ttft_256_ms"] - 1)
-    print(f"\nTTFT of a 256-token prompt, low load: co-located {res['colocated_ttft_256_ms']:.1f} ms, "
-          f"1P1D {res['pd_ttft_256_ms']:.1f} ms, PD overhead {res['pd_ttft_overhead_pct']:+.1f} % (target <= 10 %)")
+    # 1P1D, router in front: cores split (one each) and shared (both may use both)
+    for split in ("disjoint", "shared"):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start(py + ["launch", "--port", str(port), "--max-total-tokens", "65536", "--transfer-backend",
+                           a.backend, "--bootstrap-port-base", str(free_port()), "--cpu-split", split],
+                     url, "/readiness")
+        try:
+            stream_times(url, {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
+            res[f"pd_{split}_ttft_256_ms"] = ttft_256(url, a.ttft_samples) * 1000
+            bar.update()
+            res[f"pd_{split}_mixed"] = mixed_load(url, f"{a.output}.pd_{split}.json", a)
+            bar.update()
+        finally:
+            stop(proc)
+    bar.close()
+    print("\nTTFT of a 256-token prompt, low load (median of %d): co-located %.1f ms" %
+          (a.ttft_samples, res["colocated_ttft_256_ms"]))
+    for split in ("disjoint", "shared"):
+        res[f"pd_{split}_ttft_overhead_pct"] = 100 * (res[f"pd_{split}_ttft_256_ms"] / res["colocated_ttft_256_ms"] - 1)
+        print(f"  1P1D --cpu-split {split:<8}: {res[f'pd_{split}_ttft_256_ms']:.1f} ms, "
+              f"PD overhead {res[f'pd_{split}_ttft_overhead_pct']:+.1f} % (target <= 10 %)")
     keys = [("ttft_ms", "median"), ("ttft_ms", "p99"), ("tpot_ms", "median"), ("tpot_ms", "p99")]
     print(f"\nmixed load, Poisson {a.rate}/s, {a.num_prompts} requests, SLO TTFT<={a.slo_ttft_ms} ms, "
           f"TPOT<={a.slo_tpot_ms} ms")
     print(f"{'':<12}" + "".join(f"{k}.{s:<8}" for k, s in keys) + "goodput  attainment  failed")
-    for name in ("colocated", "pd"):
+    for name in ("colocated", "pd_disjoint", "pd_shared"):
         m = res[f"{name}_mixed"]
         row = f"{name:<12}"
         for k, s in keys:
@@ -134,6 +141,8 @@ def main() -> int:
 
 def _get(m: dict, key: str, stat: str | None = None) -> float:
     """Reads `pdserve bench` JSON: metrics at the top level or under "metrics"."""
+    if m.get("runs"):
+        m = m["runs"][0]
     src = m.get("metrics", m)
     v = src.get(key)
     if isinstance(v, dict):

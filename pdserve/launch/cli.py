@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="round_robin")
     p.add_argument("--server-args", default="", help="extra flags for every `pdserve serve`")
     p.add_argument("--startup-timeout", type=float, default=300)
+    p.add_argument("--cpu-split", default="disjoint", choices=("disjoint", "shared"),
+                   help="disjoint: each server pinned to its own cores (no interference; each phase "
+                        "gets a share); shared: every server may use every core (a lone phase gets "
+                        "them all at low load, phases compete under load)")
     return p
 
 
@@ -92,7 +96,7 @@ def main(argv: list[str]) -> int:
         parser.error("--port must be in 1..65535")
     n = a.prefill + a.decode
     cores = sorted(os.sched_getaffinity(0))
-    groups = split_cores(cores, n)
+    groups = split_cores(cores, n) if a.cpu_split == "disjoint" else [cores] * n
     py = sys.executable
     children: list[Child] = []
 

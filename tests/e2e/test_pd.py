@@ -1,5 +1,6 @@
 """1P1D through the router (`pdserve launch`) equals `pdserve serve` (mode null), token
-for token, for the tcp and shm backends; streamed and not; single and concurrent."""
+for token, for the tcp and shm backends (cores split, and shared by both servers); streamed and not;
+single and concurrent."""
 
 import concurrent.futures as cf
 import json
@@ -24,13 +25,14 @@ SP = {"max_new_tokens": 24, "temperature": 0}
 
 
 class Launch:
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, cpu_split: str = "disjoint") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         boot = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pdserve.cli", "launch", "--port", str(self.port), "--dtype", "float32",
-             "--max-total-tokens", "8192", "--transfer-backend", backend, "--bootstrap-port-base", str(boot)],
+             "--max-total-tokens", "8192", "--transfer-backend", backend, "--bootstrap-port-base", str(boot),
+             "--cpu-split", cpu_split],
             start_new_session=True, stdout=subprocess.PIPE, text=True)
         deadline = time.time() + 240
         for line in self.proc.stdout:
@@ -49,9 +51,9 @@ class Launch:
         self.proc.wait(60)
 
 
-@pytest.fixture(scope="module", params=["tcp", "shm"])
+@pytest.fixture(scope="module", params=[("tcp", "disjoint"), ("shm", "shared")], ids=["tcp", "shm-shared-cores"])
 def pd(request):
-    launch = Launch(request.param)
+    launch = Launch(*request.param)
     yield launch
     launch.stop()
 
