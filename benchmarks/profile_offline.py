@@ -1,0 +1,79 @@
+"""In-process profile of the offline workload (N requests of 256 prompt / 128 output
+tokens, ignore EOS): the scheduler and model runner without HTTP, timing mixed
+(prefill + decode) steps apart from pure decode steps, optionally under torch.profiler.
+
+    .venv/bin/python benchmarks/profile_offline.py                 # 64 requests
+    .venv/bin/python benchmarks/profile_offline.py --prof          # + top ops by self CPU time
+    .venv/bin/python benchmarks/profile_offline.py --num-prompts 1 # single stream
+
+Prints one line (and the op table with --prof); not a figure of record: bench_engine.py is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from pdserve.config import ServerArgs
+from pdserve.engine.kv_pool import PageAllocator
+from pdserve.engine.model_loading import load_model, set_threads
+from pdserve.engine.request import Req
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import Scheduler
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--chunked-prefill-size", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--w4-decode-max-tokens", type=int, default=8)
+    ap.add_argument("--prof", action="store_true")
+    a = ap.parse_args()
+    args = ServerArgs(dtype="auto", num_threads=a.threads, chunked_prefill_size=a.chunked_prefill_size,
+                      w4_decode_max_tokens=a.w4_decode_max_tokens)
+    set_threads(args)
+    model = load_model(args)
+    ps, pages = 16, 65536 // 16
+    runner = ModelRunner(model, pages, ps)
+    s = Scheduler(PageAllocator(pages, ps), max_running_requests=64, chunked_prefill_size=a.chunked_prefill_size,
+                  context_length=8192, eos_ids=(2,), disable_radix_cache=True, detokenize=lambda ids: "")
+    rng = random.Random(0)
+    for i in range(a.num_prompts):
+        sp = SamplingParams(max_new_tokens=a.output_len, ignore_eos=True, temperature=0.0)
+        s.add_request(Req(f"r{i}", [rng.randrange(100, 40000) for _ in range(a.input_len)], sp))
+    prof = torch.profiler.profile() if a.prof else None
+    if prof:
+        prof.__enter__()
+    t0 = time.perf_counter()
+    t_mixed = t_dec = 0.0
+    n_steps = n_mixed = 0
+    while s.has_work:
+        plan = s.schedule()
+        if plan is None:
+            break
+        t = time.perf_counter()
+        s.update(plan, runner.run(plan))
+        dt = time.perf_counter() - t
+        if plan.num_decode == len(plan.items):
+            t_dec += dt
+        else:
+            t_mixed += dt
+            n_mixed += 1
+        n_steps += 1
+    el = time.perf_counter() - t0
+    if prof:
+        prof.__exit__(None, None, None)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(f"{a.num_prompts} requests: {el:.2f} s, {a.num_prompts * a.output_len / el:.1f} output tok/s; "
+          f"{n_steps} steps, {n_mixed} with prefill ({t_mixed:.2f} s), pure decode {t_dec:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
