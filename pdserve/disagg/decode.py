@@ -120,7 +120,12 @@ class DecodeTransferQueue:
                     self.num_failed += 1
                     fail(s, req, f"KV metadata room mismatch for room {req.bootstrap_room}")
                     continue
-                req.transfer_time = time.time() - req.bootstrap_start
+                wait = time.time() - req.bootstrap_start
+                # the wait covers prefill's forward and the transfer; the receiver times the
+                # transfer itself (first byte to Success), so the phases can be told apart
+                xfer = getattr(req.kv_receiver, "transfer_seconds", None)
+                req.transfer_time = min(xfer, wait) if xfer is not None else wait
+                req.transfer_in_wait = xfer is not None
                 self.transfer_seconds.append(req.transfer_time)
                 req.output_ids = [int(meta.output_token_id)]
                 if req.return_logprob:

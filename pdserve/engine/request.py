@@ -45,6 +45,7 @@ class Req:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.transfer_time: float | None = None
+        self.transfer_in_wait = False  # PD decode: transfer_time is part of the wait for the KV
         self.num_retractions = 0
         self.aborted = False
         # PD

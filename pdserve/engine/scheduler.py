@@ -324,7 +324,7 @@ class Scheduler:
             start = req.admit_time or req.finish_time
             first = req.first_token_time or req.finish_time
             out.queue_time = start - req.arrival_time
-            out.prefill_time = first - start
+            out.prefill_time = first - start - (req.transfer_time if req.transfer_in_wait else 0.0)
             out.transfer_time = req.transfer_time
             out.decode_time = req.finish_time - first
         return out

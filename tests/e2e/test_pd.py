@@ -122,6 +122,7 @@ def test_openai_client_through_router(pd, server):
 
 
 def test_decode_metrics_and_load(pd):
+    httpx.post(pd.url + "/generate", json={"text": PROMPTS[0], "sampling_params": SP}, timeout=120).raise_for_status()
     ld = httpx.get(pd.decode + "/get_load").json()
     for k in ("prealloc_queue_len", "transfer_queue_len", "num_failed_transfers", "kv_transfer_gbps"):
         assert k in ld
@@ -132,3 +133,16 @@ def test_decode_metrics_and_load(pd):
                  "pdserve:num_failed_transfers_total"):
         assert name in m, name
     assert "pdserve:num_bootstrap_queue_reqs" in httpx.get(pd.prefill + "/metrics").text
+
+
+def test_phase_split_separates_prefill_from_transfer(pd):
+    """Decode's meta_info tells prefill's forward apart from the KV transfer: the receiver
+    times the transfer itself (first byte to Success), the rest of the wait is prefill."""
+    r = httpx.post(pd.url + "/generate", json={"text": PROMPTS[-1], "sampling_params": SP}, timeout=120).json()
+    mi = r["meta_info"]
+    pt, tt = mi["prefill_time"], mi["transfer_time"]
+    assert pt > 0 and tt >= 0
+    # a few pages over loopback against a ~70-token fp32 forward: the transfer is the small part
+    assert tt < 0.5 * (pt + tt), mi
+    assert pt + tt <= mi["e2e_latency"] + 1e-3, mi
+    pools_free(pd)

@@ -498,6 +498,13 @@ class SocketKVReceiver(BaseKVReceiver):
                 self._metadata = meta
             self._maybe_succeed_locked()
 
+    @property
+    def transfer_seconds(self) -> float | None:
+        """From the first KV byte (or the write grant) to Success; None before Success."""
+        if self.completed_at is None:
+            return None
+        return self.completed_at - (self._t_first_byte or self._t_init or self.completed_at)
+
     def _maybe_succeed_locked(self) -> None:
         if (self._accepting and self._writers == 0 and self.pages is not None and self.sources
                 and self._bytes == self._expected_bytes and self._meta_from.issuperset(self.sources)):
