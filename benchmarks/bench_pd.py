@@ -20,26 +20,22 @@ import subprocess
 import sys
 import time
 
-import httpx
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import free_port, stream_times  # noqa: E402
 
+from pdserve.launch.cli import wait_healthy  # noqa: E402
+
 
 def start(cmd: list[str], url: str, ready_path: str, timeout: float = 300) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[3]} exited early")
-        try:
-            if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("not ready in time")
+    try:
+        wait_healthy(url, proc, time.time() + timeout, ready_path)
+    except RuntimeError:
+        stop(proc)
+        raise
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> None:

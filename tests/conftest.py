@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from pdserve.launch.cli import wait_healthy
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -23,18 +25,11 @@ class ServerProc:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(self.port), *extra]
         self.proc = subprocess.Popen(cmd, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("server did not become healthy")
+        try:
+            wait_healthy(self.url, self.proc, time.time() + timeout)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def load(self) -> dict:
         return httpx.get(self.url + "/get_load", timeout=10).json()

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.router.body import parse_body
 from pdserve.server.protocol import as_bool, as_int, is_token_list, sampling_from_dict
 from pdserve.server.tokenizer_manager import SchedulerDied, TokenizerManager
 
@@ -26,14 +27,8 @@ def error_response(message: str, status: int = 400, err_type: str = "BadRequestE
 
 
 async def read_json(request: Request) -> dict:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"malformed JSON body: {e}") from None
-    if not isinstance(body, dict):
-        raise ValueError("the JSON body must be an object")
-    return body
+    """The body as a JSON object; ValueError (the router's BadRequest) otherwise."""
+    return parse_body(await request.body())
 
 
 def sse(obj: Any) -> bytes:

@@ -28,6 +28,7 @@ import time
 import httpx
 import pytest
 
+from pdserve.launch.cli import wait_healthy
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
@@ -77,18 +78,11 @@ class Server:
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout: float = 180) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.kill()
-        raise RuntimeError("server did not become healthy")
+        try:
+            wait_healthy(self.url, self.proc, time.time() + timeout)
+        except RuntimeError as e:
+            self.kill()
+            raise RuntimeError(f"{e}:\n{self.log_text()[-3000:]}") from None
 
     def log_text(self) -> str:
         with open(self.log.name, errors="replace") as f:

@@ -157,12 +157,10 @@ class DecodeTransferService:
                 if h.type == FrameType.META:
                     self._on_meta(sock, h)
                 elif h.type == FrameType.ABORT:
-                    if h.payload_len:
-                        raise ProtocolError("ABORT carries no payload")
-                    body = wire.decode_ack(bytes(wire.recv_exact(sock, h.body_len)))
+                    reason = wire.read_abort_reason(sock, h)
                     r = self.lookup(h.room)
                     if r is not None:
-                        r._fail(f"prefill aborted the transfer: {body.error or 'no reason given'}", notify=False)
+                        r._fail(f"prefill aborted the transfer: {reason or 'no reason given'}", notify=False)
                 elif h.type in (FrameType.DATA, FrameType.WRITE_BEGIN, FrameType.WRITE_DONE):
                     self.mover.handle_frame(conn, h)
                 else:

@@ -175,10 +175,7 @@ class PrefillTransferService:
                 if h.type == FrameType.REGISTER:
                     self._on_register(conn, h)
                 elif h.type == FrameType.ABORT:
-                    if h.payload_len:
-                        raise ProtocolError("ABORT carries no payload")
-                    body = wire.decode_ack(bytes(wire.recv_exact(conn, h.body_len)))
-                    self._on_decode_abort(h.room, body.error)
+                    self._on_decode_abort(h.room, wire.read_abort_reason(conn, h))
                 else:
                     raise ProtocolError(f"unexpected {h.type.name} frame on the control channel")
         except ProtocolError as e:

@@ -21,7 +21,6 @@ import logging
 import socket
 
 import numpy as np
-import torch
 
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.transfer import wire

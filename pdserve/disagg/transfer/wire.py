@@ -152,6 +152,13 @@ def recv_exact_into(sock: socket.socket, mv: memoryview) -> None:
         got += k
 
 
+def read_abort_reason(sock: socket.socket, h: FrameHeader) -> str | None:
+    """The error text of an ABORT frame whose header was just read (None: none given)."""
+    if h.payload_len:
+        raise ProtocolError("ABORT carries no payload")
+    return decode_ack(bytes(recv_exact(sock, h.body_len))).error
+
+
 def read_header(sock: socket.socket, keep_waiting: Callable[[], bool] | None = None) -> FrameHeader | None:
     """The next header; None on a clean close between frames.
 
@@ -186,14 +193,21 @@ def recv_into_views(sock: socket.socket, views: list[memoryview]) -> None:
         k = sock.recvmsg_into(views[i:i + IOV_PER_CALL])[0]
         if k == 0:
             raise ConnectionError("peer closed the connection mid-frame")
-        while k:
-            v = views[i]
-            if k >= len(v):
-                k -= len(v)
-                i += 1
-            else:
-                views[i] = v[k:]
-                k = 0
+        i = _advance(views, i, k)
+
+
+def _advance(views: list[memoryview], i: int, k: int) -> int:
+    """Index of the first buffer not yet done after k more bytes moved from views[i] on;
+    a partly done buffer is trimmed in place."""
+    while k:
+        v = views[i]
+        if k >= len(v):
+            k -= len(v)
+            i += 1
+        else:
+            views[i] = v[k:]
+            k = 0
+    return i
 
 
 def send_views(sock: socket.socket, views: list[bytes | memoryview]) -> None:
@@ -201,15 +215,7 @@ def send_views(sock: socket.socket, views: list[bytes | memoryview]) -> None:
     views = [memoryview(v) for v in views if len(v)]
     i = 0
     while i < len(views):
-        k = sock.sendmsg(views[i:i + IOV_PER_CALL])
-        while k:
-            v = views[i]
-            if k >= len(v):
-                k -= len(v)
-                i += 1
-            else:
-                views[i] = v[k:]
-                k = 0
+        i = _advance(views, i, sock.sendmsg(views[i:i + IOV_PER_CALL]))
 
 
 def drain(sock: socket.socket, n: int) -> None:
