@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import psutil
 import torch
+from pdserve.net import free_port  # noqa: F401 (benchmarks import it from here)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def copy_bandwidth_gbs(mb: int = 256, reps: int = 10) -> float:

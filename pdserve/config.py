@@ -67,8 +67,8 @@ class ServerArgs:
             bad("num_threads", "must be >= 1")
         if self.disaggregation_mode not in ("null", "prefill", "decode"):
             bad("disaggregation_mode", f"must be null, prefill or decode, got {self.disaggregation_mode!r}")
-        if self.tp_size != 1:
-            bad("tp_size", "only 1 is supported by this build (tensor parallelism is not implemented yet)")
+        if not (1 <= self.tp_size <= 64):
+            bad("tp_size", f"must be in 1..64, got {self.tp_size}")
         if self.model_path not in (None, "", "default") and not os.path.exists(self.model_path):
             bad("model_path", f"{self.model_path!r} does not exist")
         if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):

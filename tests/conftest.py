@@ -1,6 +1,5 @@
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -9,14 +8,10 @@ import httpx
 import pytest
 
 from pdserve.launch.cli import wait_healthy
+from pdserve.net import free_port
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProc:

@@ -7,6 +7,7 @@ import logging
 from http import HTTPStatus
 
 from pdserve.disagg.transfer.base import BaseKVManager
+from pdserve.disagg.transfer.tp_group import TPEndpoint, TPKVManagerGroup
 from pdserve.disagg.transfer.registry import (FAKE_BOOTSTRAP_HOST, KVClassType, TransferBackend,
                                               get_kv_class, is_fake_bootstrap)
 from pdserve.engine.request import Req
@@ -51,9 +52,12 @@ class EndpointFactory:
         backend = TransferBackend.FAKE if fake else self.backend
         mgr = self._fake_manager() if fake else self.kv_manager
         room = req.bootstrap_room if req.bootstrap_room is not None else 0
+        cls = get_kv_class(backend, self.class_type)
+        addr = f"{host}:{req.bootstrap_port or self.bootstrap_port}"
         try:
-            return get_kv_class(backend, self.class_type)(
-                mgr, f"{host}:{req.bootstrap_port or self.bootstrap_port}", room, **kw)
+            if isinstance(mgr, TPKVManagerGroup):  # tensor parallel: one endpoint per rank
+                return TPEndpoint([cls(m, addr, room, **kw) for m in mgr.managers])
+            return cls(mgr, addr, room, **kw)
         except Exception as e:
             scheduler.finish(req, FinishReason("abort", message=f"bad bootstrap info: {e}",
                                                status_code=HTTPStatus.BAD_REQUEST))

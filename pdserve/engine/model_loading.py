@@ -13,6 +13,7 @@ from pdserve.engine.runner import kv_bytes_per_token
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
 from pdserve.model.loader import load_model_files
+from pdserve.model.tp import TPShard, shard_state
 from pdserve.model.paths import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -29,11 +30,14 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def load_model(args: ServerArgs) -> LlamaModel:
+def load_model(args: ServerArgs, tp_rank: int = 0) -> LlamaModel:
+    """The model, or tensor-parallel rank `tp_rank`'s shard of it when --tp-size > 1."""
     path = resolve_model_path(args.model_path)
     config, state = load_model_files(path)
-    model = LlamaModel(config, resolve_dtype(args.dtype), args.w4_decode_max_tokens)
-    model.load_weights(state)
+    shard = TPShard.of(config, tp_rank, args.tp_size)
+    model = LlamaModel(shard.local_config(config), resolve_dtype(args.dtype), args.w4_decode_max_tokens)
+    model.full_config = config
+    model.load_weights(shard_state(state, config, shard))
     del state
     return model
 

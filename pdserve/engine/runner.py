@@ -31,7 +31,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_pages: int, page_size: int,
-                 kv_data: torch.Tensor | None = None) -> None:
+                 kv_data: torch.Tensor | None = None, tp=None) -> None:
         self.model = model
         self.cfg = model.config
         self.ps = page_size
@@ -42,6 +42,7 @@ class ModelRunner:
             raise ValueError(f"kv_data must be {shape} {model.dtype}, got {tuple(kv_data.shape)} {kv_data.dtype}")
         self.kv_data = kv_data
         self.attn = TorchNativeAttention(kv_data)
+        self.tp = tp  # pdserve.engine.tp.TPDriver: the other ranks get every batch
 
     def build_batch(self, plan: Plan) -> ForwardBatch:
         ps = self.ps
@@ -116,6 +117,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: Plan) -> RunOutput:
         fb = self.build_batch(plan)
+        if self.tp is not None:
+            self.tp.broadcast(fb)
         logits = self.model.forward(fb, self.attn)
         input_lps = None
         if self.input_lp_rows:

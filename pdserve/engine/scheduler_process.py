@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
 
+import torch
 import zmq
 
 from pdserve.config import ServerArgs
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.model_loading import load_model, num_kv_pages, set_threads
 from pdserve.engine.request import Req
-from pdserve.engine.runner import ModelRunner
+from pdserve.engine.runner import ModelRunner, kv_pool_shape
 from pdserve.engine.scheduler import Scheduler
+from pdserve.model.tp import TPShard
+from pdserve.net import free_port
 from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, GenerateReq,
                               decode_to_scheduler, encode)
 
@@ -29,22 +33,67 @@ logger = logging.getLogger("pdserve.scheduler")
 class SchedulerProcess:
     def __init__(self, args: ServerArgs, recv_addr: str, send_addr: str) -> None:
         self.args = args
-        set_threads(args)
-        t0 = time.time()
-        self.model = load_model(args)
-        cfg = self.model.config
-        num_pages = num_kv_pages(args, cfg, self.model.dtype, self.model.num_bytes())
-        self.shm_name: str | None = None
-        kv_data = None
-        if args.disaggregation_mode == "decode" and args.disaggregation_transfer_backend == "shm":
-            # prefill writes straight into this pool: allocate it in shared memory
-            from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, new_shm_name
-            from pdserve.engine.runner import kv_pool_shape
+        self.tp = None
+        if args.tp_size > 1:  # start the other ranks first: they load their shards meanwhile
+            from pdserve.engine.tp import TPDriver
 
-            self.shm_name = new_shm_name()
-            kv_data = allocate_kv_buffer(kv_pool_shape(cfg, num_pages, args.page_size), self.model.dtype,
-                                         self.shm_name)
-        self.runner = ModelRunner(self.model, num_pages, args.page_size, kv_data)
+            self.tp = TPDriver(args)
+            os.sched_setaffinity(0, self.tp.rank0_cores)
+            torch.set_num_threads(self.tp.rank0_threads)
+        else:
+            set_threads(args)
+        t0 = time.time()
+        self.disagg = None
+        self.bootstrap_server = None
+        self.kv_shm, self.ar_shm = [], None
+        try:
+            self._build(args)
+        except BaseException:
+            self.close()
+            raise
+        self.load_seconds = time.time() - t0
+        ctx = zmq.Context.instance()
+        self.recv = ctx.socket(zmq.PULL)
+        self.recv.bind(recv_addr)
+        self.send = ctx.socket(zmq.PUSH)
+        self.send.connect(send_addr)
+        self.running = True
+        self._last_log = time.time()
+        self.warmup()
+        if args.disaggregation_mode != "null":
+            self._setup_disagg()
+
+    def _build(self, args: ServerArgs) -> None:
+        """Model (this rank's shard), KV pools, the other tp ranks, tokenizer, scheduler."""
+        self.model = load_model(args)
+        cfg, full = self.model.config, self.model.full_config
+        tp = args.tp_size
+        # the pool budget covers the whole instance: all ranks' heads and weights
+        num_pages = num_kv_pages(args, full, self.model.dtype, self.model.num_bytes() * tp)
+        shapes = [kv_pool_shape(TPShard.of(full, r, tp).local_config(full), num_pages, args.page_size)
+                  for r in range(tp)]
+        pd = args.disaggregation_mode != "null"
+        decode_shm = args.disaggregation_mode == "decode" and args.disaggregation_transfer_backend == "shm"
+        # Pools in shared memory: decode + shm (prefill writes straight into them), and every
+        # rank's under tp in PD mode (rank 0's transfer managers move all ranks' heads)
+        self.kv_shm: list[str | None] = [None] * tp
+        self.kv_pools: list[torch.Tensor | None] = [None] * tp
+        if decode_shm or (pd and tp > 1):
+            from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, new_shm_name
+
+            for r in range(tp):
+                self.kv_shm[r] = new_shm_name()
+                self.kv_pools[r] = allocate_kv_buffer(shapes[r], self.model.dtype, self.kv_shm[r])
+        self.runner = ModelRunner(self.model, num_pages, args.page_size, self.kv_pools[0], tp=self.tp)
+        self.kv_pools[0] = self.runner.kv_data
+        if self.tp is not None:
+            from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, new_shm_name
+            from pdserve.engine.tp import ShmAllReduce
+
+            self.ar_shm = new_shm_name()
+            ar_buf = allocate_kv_buffer((ShmAllReduce.nbytes(tp),), torch.uint8, self.ar_shm)
+            self.tp.start(num_pages, self.kv_shm, free_port(), self.ar_shm, ar_buf)
+            self.model.all_reduce = self.tp.allreduce
         from pdserve.model.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.model_path, args.tokenizer_path)
@@ -62,19 +111,6 @@ class SchedulerProcess:
             disable_radix_cache=args.disable_radix_cache,
             detokenize=lambda ids: tok.decode(ids, skip_special_tokens=False),
         )
-        self.load_seconds = time.time() - t0
-        ctx = zmq.Context.instance()
-        self.recv = ctx.socket(zmq.PULL)
-        self.recv.bind(recv_addr)
-        self.send = ctx.socket(zmq.PUSH)
-        self.send.connect(send_addr)
-        self.running = True
-        self._last_log = time.time()
-        self.warmup()
-        self.disagg = None
-        self.bootstrap_server = None
-        if args.disaggregation_mode != "null":
-            self._setup_disagg()
 
     def _setup_disagg(self) -> None:
         import socket as _socket
@@ -82,6 +118,7 @@ class SchedulerProcess:
         from pdserve.disagg.mode import DisaggregationMode
         from pdserve.disagg.transfer.base import KVArgs
         from pdserve.disagg.transfer.registry import KVClassType, TransferBackend, get_kv_class
+        from pdserve.disagg.transfer.tp_group import TPKVManagerGroup
 
         args = self.args
         mode = DisaggregationMode(args.disaggregation_mode)
@@ -90,10 +127,15 @@ class SchedulerProcess:
         if mode == DisaggregationMode.PREFILL:
             self.bootstrap_server = get_kv_class(backend, KVClassType.BOOTSTRAP_SERVER)(
                 args.host, args.disaggregation_bootstrap_port)
-        kv_args = KVArgs(engine_rank=0, kv_data=self.runner.kv_data, host=ip, port=0,
-                         bootstrap_host=ip, bootstrap_port=args.disaggregation_bootstrap_port,
-                         shm_name=self.shm_name)
-        mgr = get_kv_class(backend, KVClassType.MANAGER)(kv_args, mode)
+        tp = args.tp_size
+        decode_shm = mode == DisaggregationMode.DECODE and backend == TransferBackend.SHM
+        # one manager per tp rank, each registering as its engine_rank (transfer/tp_group.py)
+        mgrs = [get_kv_class(backend, KVClassType.MANAGER)(
+            KVArgs(engine_rank=r, kv_data=self.kv_pools[r], host=ip, port=0, tp_size=tp,
+                   total_num_kv_heads=self.model.full_config.num_kv_heads, bootstrap_host=ip,
+                   bootstrap_port=args.disaggregation_bootstrap_port,
+                   shm_name=self.kv_shm[r] if decode_shm else None), mode) for r in range(tp)]
+        mgr = mgrs[0] if tp == 1 else TPKVManagerGroup(mgrs)
         if mode == DisaggregationMode.PREFILL:
             from pdserve.disagg.prefill import PrefillDisagg
 
@@ -111,10 +153,13 @@ class SchedulerProcess:
             self.disagg.kv_manager.shutdown()
         if self.bootstrap_server is not None:
             self.bootstrap_server.close()
-        if self.shm_name is not None:
-            from pdserve.disagg.transfer.shm_segment import free_kv_buffer
+        if self.tp is not None:
+            self.tp.close()
+        from pdserve.disagg.transfer.shm_segment import free_kv_buffer
 
-            free_kv_buffer(self.shm_name)
+        for name in [*self.kv_shm, self.ar_shm]:
+            if name is not None:
+                free_kv_buffer(name)
 
     def warmup(self) -> None:
         """One tiny prefill + decode so the first user request does not pay for lazy init."""
@@ -143,6 +188,7 @@ class SchedulerProcess:
             "max_running_requests": self.args.max_running_requests,
             "chunked_prefill_size": self.args.chunked_prefill_size,
             "disable_radix_cache": self.args.disable_radix_cache,
+            "tp_size": self.args.tp_size,
         }
 
     # ---- message handling ---------------------------------------------------------------

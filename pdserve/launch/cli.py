@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve launch", description=__doc__)
     p.add_argument("--prefill", type=int, default=1, help="number of prefill servers")
     p.add_argument("--decode", type=int, default=1, help="number of decode servers")
+    p.add_argument("--prefill-tp-size", type=int, default=1,
+                   help="tensor-parallel ranks of each prefill server (they split its cores)")
+    p.add_argument("--decode-tp-size", type=int, default=1,
+                   help="tensor-parallel ranks of each decode server (may differ from prefill's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000, help="router port (the endpoint)")
     p.add_argument("--transfer-backend", default="tcp", choices=("tcp", "shm", "fake"))
@@ -92,6 +96,9 @@ def main(argv: list[str]) -> int:
         parser.error("--prefill must be >= 1")
     if a.decode < 1:
         parser.error("--decode must be >= 1")
+    for flag in ("prefill_tp_size", "decode_tp_size"):
+        if getattr(a, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not (0 < a.port < 65536):
         parser.error("--port must be in 1..65535")
     n = a.prefill + a.decode
@@ -117,7 +124,8 @@ def main(argv: list[str]) -> int:
             role = "prefill" if i < a.prefill else "decode"
             port = a.port + 1 + i
             cmd = [py, "-m", "pdserve.cli", "serve", "--port", str(port), "--disaggregation-mode", role,
-                   "--num-threads", str(len(groups[i])), *common]
+                   "--num-threads", str(len(groups[i])),
+                   "--tp-size", str(a.prefill_tp_size if role == "prefill" else a.decode_tp_size), *common]
             if role == "prefill":
                 boot = a.bootstrap_port_base + i
                 cmd += ["--disaggregation-bootstrap-port", str(boot)]

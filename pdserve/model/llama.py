@@ -120,6 +120,10 @@ class LlamaModel:
         self.norm: torch.Tensor | None = None
         self.lm_head: torch.Tensor | None = None
         self.lm_head_packed: torch.Tensor | None = None
+        # tensor parallel (pdserve/model/tp.py): the whole model's config, and an in-place sum
+        # over the ranks of o_proj's and down_proj's partial outputs; None on a single rank
+        self.full_config = config
+        self.all_reduce = None
 
     # ---- weights -------------------------------------------------------------------------
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
@@ -176,8 +180,9 @@ class LlamaModel:
 
     # ---- forward -------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, fb: ForwardBatch, attn: TorchNativeAttention) -> torch.Tensor:
-        """Returns float32 logits [N, vocab] for `fb.logits_indices`."""
+    def forward(self, fb: ForwardBatch, attn: TorchNativeAttention, logits: bool = True) -> torch.Tensor | None:
+        """Returns float32 logits [N, vocab] for `fb.logits_indices` (None with logits=False:
+        tensor-parallel ranks other than 0 only run the layers)."""
         cfg = self.config
         eps = cfg.rms_norm_eps
         hd, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -187,6 +192,7 @@ class LlamaModel:
         h = self.embed[fb.input_ids]  # [T, hidden]
         T = h.shape[0]
         small = T <= self.q4_max_tokens
+        ar = self.all_reduce
         for i, layer in enumerate(self.layers):
             q4 = layer.q4 or {}
             pk = layer.packed
@@ -203,11 +209,19 @@ class LlamaModel:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             o = attn(i, q, k, v, fb).view(T, qs)
-            h = h + linear(o, layer.o, q4.get("o"), small, pk["o"])
+            a = linear(o, layer.o, q4.get("o"), small, pk["o"])
+            if ar is not None:
+                ar(a)
+            h = h + a
             x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, eps)
             gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"])
             inter = cfg.intermediate_size
-            h = h + linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.down, q4.get("down"), small, pk["down"])
+            a = linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.down, q4.get("down"), small, pk["down"])
+            if ar is not None:
+                ar(a)
+            h = h + a
+        if not logits:
+            return None
         if fb.logits_indices is not None:
             h = h[fb.logits_indices]
         h = F.rms_norm(h, (cfg.hidden_size,), self.norm, eps)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from pdserve.net import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -24,11 +24,6 @@ try:
 except ImportError as e:  # the server is built by another part of the project
     _SERVER_IMPORT_ERROR = e
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url: str) -> bool:
@@ -45,7 +40,7 @@ def real_server(tmp_path_factory):
         pytest.skip(f"pdserve.server.serve_cli cannot be imported: {_SERVER_IMPORT_ERROR}")
     import psutil
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "wb") as f:

@@ -41,7 +41,7 @@ def poll_until(obj, states: set[KVPoll], timeout: float = 5.0) -> KVPoll:
 
 def make_manager(backend: str, mode: DisaggregationMode, kv: torch.Tensor | None = None, *,
                  engine_rank: int = 0, tp_size: int = 1, bootstrap_port: int = 8998, shape=SHAPE,
-                 dtype=torch.bfloat16, seed: int = 0, **overrides):
+                 dtype=torch.bfloat16, seed: int = 0, total_num_kv_heads: int | None = None, **overrides):
     """A tcp/shm manager; decode+shm buffers are allocated in shared memory."""
     shm_name = None
     if kv is None:
@@ -53,7 +53,7 @@ def make_manager(backend: str, mode: DisaggregationMode, kv: torch.Tensor | None
         else:
             kv = random_kv(shape, dtype, seed)
     args = KVArgs(engine_rank=engine_rank, kv_data=kv, tp_size=tp_size, bootstrap_port=bootstrap_port,
-                  shm_name=shm_name)
+                  shm_name=shm_name, total_num_kv_heads=total_num_kv_heads)
     cls = get_kv_class(backend, KVClassType.MANAGER)
     return cls(args, mode, **{**FAST, **overrides})
 

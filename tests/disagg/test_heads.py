@@ -12,8 +12,10 @@ H = 8  # total KV heads
 
 def test_head_ranges():
     assert [head_range(r, 4, H) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
-    with pytest.raises(ValueError, match="evenly"):
-        head_range(0, 3, H)
+    assert [head_range(r, 3, H) for r in range(3)] == [(0, 2), (2, 5), (5, 8)]  # uneven: as even as it goes
+    assert [head_range(r, 2, 3) for r in range(2)] == [(0, 1), (1, 3)]  # the default model's 3 KV heads
+    with pytest.raises(ValueError, match="at least one head"):
+        head_range(0, 9, H)
     assert peer_ranks(0, 1, 4, H) == [0, 1, 2, 3]  # prefill tp1 feeds every decode rank
     assert peer_ranks(1, 2, 4, H) == [2, 3]
     assert peer_ranks(3, 4, 2, H) == [1]  # decode rank 3 of 4 hears from prefill rank 1 of 2
@@ -24,15 +26,16 @@ def test_head_ranges():
 
 def test_every_head_lands_once():
     """For any tp pair, the slices sent to a decode rank tile its heads exactly once."""
-    for tp_p in (1, 2, 4, 8):
-        for tp_d in (1, 2, 4, 8):
+    for tp_p in (1, 2, 3, 4, 5, 8):
+        for tp_d in (1, 2, 3, 4, 5, 8):
             for d in range(tp_d):
                 got = []
                 for p in peer_ranks(d, tp_d, tp_p, H):
                     (s0, s1), (d0, d1) = slice_mapping(p, tp_p, d, tp_d, H)
                     assert s1 - s0 == d1 - d0
                     got += list(range(d0, d1))
-                assert sorted(got) == list(range(H // tp_d))
+                lo, hi = head_range(d, tp_d, H)
+                assert sorted(got) == list(range(hi - lo))
 
 
 def test_paired_runs():

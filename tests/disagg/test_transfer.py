@@ -12,6 +12,7 @@ from pdserve.disagg.mode import DisaggregationMode as Mode
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer import prefill_side, tcp
 from pdserve.disagg.transfer.base import KVArgs, KVTransferError
+from pdserve.disagg.transfer.heads import head_range
 from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
 from pdserve.disagg.transfer.shm_segment import owned_segments
 from tests.disagg.helpers import SHAPE, Pair, make_manager, poll_until, wait_for
@@ -193,16 +194,17 @@ def test_shm_decode_needs_a_shared_buffer():
 
 
 def _tp_run(backend, tp_p, tp_d, heads=4):
-    """tp_p prefill ranks (one bootstrap) and tp_d decode ranks move one request."""
+    """tp_p prefill ranks (one bootstrap) and tp_d decode ranks move one request; heads need
+    not divide evenly (rank r holds [r*H//T, (r+1)*H//T))."""
     bs = KVBootstrapServer("127.0.0.1", 0)
-    shape_p = (16, 2, 2, 4, heads // tp_p, 8)
-    shape_d = (16, 2, 2, 4, heads // tp_d, 8)
     g = torch.Generator().manual_seed(3)
     full = torch.randn(16, 2, 2, 4, heads, 8, generator=g).to(torch.bfloat16)
-    per_p = heads // tp_p
-    pms = [make_manager(backend, Mode.PREFILL, full[:, :, :, :, i * per_p:(i + 1) * per_p].contiguous(),
-                        engine_rank=i, tp_size=tp_p, bootstrap_port=bs.port) for i in range(tp_p)]
-    dms = [make_manager(backend, Mode.DECODE, engine_rank=i, tp_size=tp_d, shape=shape_d) for i in range(tp_d)]
+    p_rng = [head_range(i, tp_p, heads) for i in range(tp_p)]
+    d_rng = [head_range(i, tp_d, heads) for i in range(tp_d)]
+    pms = [make_manager(backend, Mode.PREFILL, full[:, :, :, :, a:b].contiguous(), engine_rank=i, tp_size=tp_p,
+                        bootstrap_port=bs.port, total_num_kv_heads=heads) for i, (a, b) in enumerate(p_rng)]
+    dms = [make_manager(backend, Mode.DECODE, engine_rank=i, tp_size=tp_d, shape=(16, 2, 2, 4, b - a, 8),
+                        total_num_kv_heads=heads) for i, (a, b) in enumerate(d_rng)]
     src, dst = np.array([4, 5, 9]), np.array([12, 1, 2])
     try:
         recvs = [get_kv_class(backend, KVClassType.RECEIVER)(dm, bs.addr, 77) for dm in dms]
@@ -215,11 +217,9 @@ def _tp_run(backend, tp_p, tp_d, heads=4):
             s.send(src, KVMetadata(77, 5))
         for r in recvs:
             assert poll_until(r, DONE) == KVPoll.Success, r.failure_reason
-        per_d = heads // tp_d
-        for i, dm in enumerate(dms):
+        for dm, (a, b) in zip(dms, d_rng):
             got = dm.args.kv_data
-            assert tuple(got.shape) == shape_d
-            assert torch.equal(got[dst], full[src][:, :, :, :, i * per_d:(i + 1) * per_d])
+            assert torch.equal(got[dst], full[src][:, :, :, :, a:b])
             assert _untouched(got, dst)
         assert all(s.poll() == KVPoll.Success for s in sends)
     finally:
@@ -229,13 +229,12 @@ def _tp_run(backend, tp_p, tp_d, heads=4):
                 from pdserve.disagg.transfer.shm_segment import free_kv_buffer
                 free_kv_buffer(m.args.shm_name)
         bs.close()
-    del shape_p
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("tp_p,tp_d", [(1, 2), (2, 1), (2, 4)])
-def test_tp_head_slicing(backend, tp_p, tp_d):
-    _tp_run(backend, tp_p, tp_d)
+@pytest.mark.parametrize("tp_p,tp_d,heads", [(1, 2, 4), (2, 1, 4), (2, 4, 4), (1, 2, 3), (2, 1, 3), (3, 2, 3)])
+def test_tp_head_slicing(backend, tp_p, tp_d, heads):
+    _tp_run(backend, tp_p, tp_d, heads)
 
 
 def test_no_segment_left_behind():

@@ -25,14 +25,14 @@ SP = {"max_new_tokens": 24, "temperature": 0}
 
 
 class Launch:
-    def __init__(self, backend: str, cpu_split: str = "disjoint") -> None:
+    def __init__(self, backend: str, cpu_split: str = "disjoint", *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         boot = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pdserve.cli", "launch", "--port", str(self.port), "--dtype", "float32",
              "--max-total-tokens", "8192", "--transfer-backend", backend, "--bootstrap-port-base", str(boot),
-             "--cpu-split", cpu_split],
+             "--cpu-split", cpu_split, *extra],
             start_new_session=True, stdout=subprocess.PIPE, text=True)
         deadline = time.time() + 240
         for line in self.proc.stdout:

@@ -21,6 +21,7 @@ import torch
 from pdserve.disagg.metadata import U64_MAX, KVMetadata
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll
+from pdserve.disagg.transfer.heads import head_range
 from pdserve.disagg.transfer.stats import StatsRecorder, TransferStats
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class KVArgs:
     port: int = 0  # transfer endpoint port; 0 picks a free one
     tp_size: int = 1
     total_num_kv_heads: int | None = None  # all ranks together; default: local heads * tp_size
+    # (rank r holds heads [r*H//T, (r+1)*H//T): see transfer/heads.py)
     bootstrap_host: str = "127.0.0.1"  # prefill: the bootstrap server this rank registers with
     bootstrap_port: int = 8998
     shm_name: str | None = None  # decode + shm backend: segment `kv_data` was allocated in
@@ -90,9 +92,10 @@ class KVArgs:
             raise ValueError(f"engine_rank {self.engine_rank} must be in [0, tp_size={self.tp_size})")
         if self.total_num_kv_heads is None:
             self.total_num_kv_heads = self.num_kv_heads * self.tp_size
-        if self.total_num_kv_heads != self.num_kv_heads * self.tp_size:
-            raise ValueError(f"total_num_kv_heads {self.total_num_kv_heads} != local heads {self.num_kv_heads}"
-                             f" * tp_size {self.tp_size} (heads are split evenly across tp ranks)")
+        h0, h1 = head_range(self.engine_rank, self.tp_size, int(self.total_num_kv_heads))
+        if h1 - h0 != self.num_kv_heads:
+            raise ValueError(f"rank {self.engine_rank} of tp size {self.tp_size} holds {h1 - h0} of "
+                             f"{self.total_num_kv_heads} KV heads, but kv_data has {self.num_kv_heads}")
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -133,8 +136,7 @@ class KVArgs:
     @property
     def head_range(self) -> tuple[int, int]:
         """Global KV heads [start, end) this rank holds."""
-        n = self.num_kv_heads
-        return self.engine_rank * n, (self.engine_rank + 1) * n
+        return head_range(self.engine_rank, self.tp_size, int(self.total_num_kv_heads))
 
     @property
     def layout(self) -> KVLayout:

@@ -1,7 +1,8 @@
 """Tensor-parallel head mapping and page gather/scatter between KV buffers.
 
-An instance with tp size T splits the H KV heads evenly: rank r holds global heads
-[r*H/T, (r+1)*H/T). When prefill and decode use different tp sizes, a prefill rank sends
+An instance with tp size T splits its H KV heads as evenly as they go: rank r holds global
+heads [r*H//T, (r+1)*H//T) (H=3, T=2: [0, 1) and [1, 3); SGLang requires T to divide H,
+pdserve also runs the default model's 3 KV heads on 2 ranks). When prefill and decode use different tp sizes, a prefill rank sends
 each overlapping decode rank the heads they share; those heads are a strided slice of every
 page, so they go through a contiguous staging tensor (gather on the sender, scatter on the
 receiver). With equal tp sizes the slice is the whole page and no staging is needed.
@@ -12,15 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def head_range(rank: int, tp_size: int, total_heads: int) -> tuple[int, int]:
-    """Global heads [start, end) of `rank`."""
-    if tp_size < 1 or total_heads % tp_size:
-        raise ValueError(f"{total_heads} KV heads cannot be split evenly over tp size {tp_size}")
-    if not (0 <= rank < tp_size):
-        raise ValueError(f"rank {rank} not in [0, {tp_size})")
-    per = total_heads // tp_size
-    return rank * per, (rank + 1) * per
+from pdserve.model.tp import head_range  # noqa: F401 (the transfer layer's name for it)
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:

@@ -215,7 +215,7 @@ class PrefillTransferService:
             return f"KV layout mismatch between prefill and decode ({diff})"
         if body.decode_rank >= body.decode_tp_size:
             return f"decode rank {body.decode_rank} >= its tp size {body.decode_tp_size}"
-        if body.total_kv_heads % body.decode_tp_size:
+        if body.total_kv_heads < body.decode_tp_size:
             return f"{body.total_kv_heads} KV heads do not split over decode tp size {body.decode_tp_size}"
         if int(pages.max()) >= body.decode_num_pages:
             return f"page index {int(pages.max())} outside decode's pool of {body.decode_num_pages} pages"

@@ -26,7 +26,7 @@ from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import DTYPE_NAMES, KVArgs
 from pdserve.disagg.transfer.decode_side import DataConn, DecodeTransferService, SocketKVReceiver
-from pdserve.disagg.transfer.heads import copy_pages
+from pdserve.disagg.transfer.heads import copy_pages, head_range
 from pdserve.disagg.transfer.prefill_side import Job, SocketKVSender
 from pdserve.disagg.transfer.shm_segment import (SegmentMaps, allocate_kv_buffer, check_shm_name,
                                                  cleanup_stale_segments, free_kv_buffer, new_shm_name, segment_of)
@@ -48,7 +48,8 @@ class ShmPrefillMover:
         self.maps = SegmentMaps()
 
     def _decode_shape(self, body: wire.RegisterBody) -> tuple[int, ...]:
-        heads = body.total_kv_heads // body.decode_tp_size
+        h0, h1 = head_range(body.decode_rank, body.decode_tp_size, body.total_kv_heads)
+        heads = h1 - h0
         return (body.decode_num_pages, body.num_layers, 2, body.page_size, heads, body.head_dim)
 
     def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
@@ -63,7 +64,8 @@ class ShmPrefillMover:
     def send_piece(self, sock: socket.socket, job: Job, scratch: dict) -> int:
         dest, a = job.dest, self.args
         assert dest.shm_name is not None
-        heads = a.layout.total_kv_heads // dest.decode_tp_size
+        h0, h1 = head_range(dest.decode_rank, dest.decode_tp_size, a.layout.total_kv_heads)
+        heads = h1 - h0
         shape = (dest.decode_num_pages, a.num_layers, 2, a.page_size, heads, a.head_dim)
         dst = self.maps.get(dest.shm_name, shape, a.kv_data.dtype)
         n = len(job.src_pages)

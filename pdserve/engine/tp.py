@@ -1,0 +1,318 @@
+"""Tensor parallelism on one host (--tp-size T): T processes, one model shard each.
+
+Rank 0 is the scheduler process: it schedules, builds each step's ForwardBatch, sends it to
+ranks 1..T-1 (ZMQ, msgpack header + raw tensor bytes; no pickle), runs its own shard and
+samples. The others (pdserve/engine/tp_worker.py) run their shard on the batches they get.
+All ranks join a torch.distributed gloo group; the two all-reduces per layer (after o_proj
+and down_proj, pdserve/model/tp.py) go through a shared-memory segment by default, because
+gloo's loopback all-reduce measured 1.0-1.7 ms per call on this VM against ~20 us for the
+shared-memory one (docs/architecture.md, "Tensor parallelism"); PDSERVE_TP_ALLREDUCE=gloo
+selects gloo's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import timedelta
+
+import msgspec
+import numpy as np
+import torch
+
+from pdserve.model.attention import ExtendSeq, ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+ALLREDUCE_ENV = "PDSERVE_TP_ALLREDUCE"
+ALLREDUCE_KINDS = ("shm", "gloo")
+SLOT_ELEMS = 1 << 18  # float32 elements per rank per step of the shm all-reduce (1 MiB)
+_FLAG_STRIDE = 8  # int64s per rank flag: one 64-byte cache line each
+
+
+def allreduce_kind() -> str:
+    kind = os.environ.get(ALLREDUCE_ENV, "shm")
+    if kind not in ALLREDUCE_KINDS:
+        raise ValueError(f"{ALLREDUCE_ENV} must be one of {ALLREDUCE_KINDS}, got {kind!r}")
+    return kind
+
+
+# ---- all-reduce -------------------------------------------------------------------------
+
+class ShmAllReduce:
+    """In-place sum over T ranks through one shared-memory segment.
+
+    Each call: write my partial (as float32) into my slot of buffer `seq % 2`, publish `seq`
+    in my flag, wait until every flag reaches `seq`, then sum the T slots in rank order (the
+    same order on every rank, so every rank gets bit-identical results). Two buffers suffice:
+    a rank can only write call s+2's buffer after all ranks published s+1, i.e. after they all
+    finished reading call s. x86 keeps stores in order, so a flag never overtakes its data.
+    Large tensors go through in chunks of SLOT_ELEMS.
+    """
+
+    def __init__(self, buf: torch.Tensor, rank: int, size: int, check_alive: Callable[[], None]) -> None:
+        flag_bytes = size * _FLAG_STRIDE * 8
+        if buf.dtype != torch.uint8 or buf.numel() != self.nbytes(size):
+            raise ValueError("all-reduce buffer has the wrong size")
+        self.flags = buf[:flag_bytes].numpy().view(np.int64).reshape(size, _FLAG_STRIDE)
+        self.data = buf[flag_bytes:].view(torch.float32).view(2, size, SLOT_ELEMS)
+        self.rank, self.size = rank, size
+        self.seq = int(self.flags[rank, 0])
+        self.check_alive = check_alive
+
+    @staticmethod
+    def nbytes(size: int) -> int:
+        return size * _FLAG_STRIDE * 8 + 2 * size * SLOT_ELEMS * 4
+
+    def _wait(self, seq: int) -> None:
+        col = self.flags[:, 0]
+        spins = 0
+        while col.min() < seq:
+            spins += 1
+            if spins > 256:
+                os.sched_yield()  # ranks may share cores with each other and the server
+                if spins % 4096 == 0:
+                    self.check_alive()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.view(-1)
+        for lo in range(0, flat.numel(), SLOT_ELEMS):
+            part = flat[lo: lo + SLOT_ELEMS]
+            n = part.numel()
+            self.seq += 1
+            buf = self.data[self.seq & 1]
+            buf[self.rank, :n].copy_(part)
+            self.flags[self.rank, 0] = self.seq
+            self._wait(self.seq)
+            part.copy_(buf[:, :n].sum(0))
+        return x
+
+
+class GlooAllReduce:
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self._dist.all_reduce(x)
+        return x
+
+
+def init_gloo(rank: int, size: int, port: int) -> None:
+    """Join the instance's gloo group (rank 0 hosts the store on 127.0.0.1:port)."""
+    import torch.distributed as dist
+
+    if os.path.exists("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on loopback
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=timedelta(seconds=120))
+
+
+# ---- ForwardBatch on the wire -------------------------------------------------------------
+
+_TENSORS = ("input_ids", "positions", "write_pages", "write_offs", "dec_table", "dec_mask", "logits_indices")
+_DTYPES = {"int64": torch.int64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+MAX_FRAME = 1 << 31
+
+
+class _TensorHead(msgspec.Struct, array_like=True):
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+class BatchHeader(msgspec.Struct, forbid_unknown_fields=True):
+    op: str  # "forward" | "stop" | "init" | ...
+    num_decode: int = 0
+    tensors: list[_TensorHead] = []
+    extends: list[tuple[int, int, int, bool]] = []  # q_start, q_len, prefix_len, has context tensors
+    body: dict = {}  # small op arguments (init)
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(BatchHeader)
+
+
+def encode_op(op: str, **body) -> list[bytes]:
+    return [_enc.encode(BatchHeader(op=op, body=body))]
+
+
+def encode_batch(fb: ForwardBatch) -> list:
+    heads: list[_TensorHead] = []
+    frames: list = []
+
+    def put(name: str, t: torch.Tensor) -> None:
+        t = t.contiguous()
+        heads.append(_TensorHead(name, _NAMES[t.dtype], list(t.shape)))
+        frames.append(t.view(-1).view(torch.uint8).numpy())
+
+    for name in _TENSORS:
+        t = getattr(fb, name)
+        if t is not None:
+            put(name, t)
+    ext = []
+    for i, e in enumerate(fb.extends):
+        has = e.ctx_pages is not None
+        ext.append((e.q_start, e.q_len, e.prefix_len, has))
+        if has:
+            put(f"ctx_pages.{i}", e.ctx_pages)
+            put(f"ctx_offs.{i}", e.ctx_offs)
+    header = BatchHeader(op="forward", num_decode=fb.num_decode, tensors=heads, extends=ext)
+    return [_enc.encode(header), *frames]
+
+
+def decode_header(frame) -> BatchHeader:
+    return _dec.decode(frame)
+
+
+def decode_batch(h: BatchHeader, frames: list) -> ForwardBatch:
+    """The ForwardBatch of `encode_batch`; ValueError on any inconsistency."""
+    if len(frames) != len(h.tensors):
+        raise ValueError(f"{len(h.tensors)} tensors announced, {len(frames)} frames")
+    got: dict[str, torch.Tensor] = {}
+    for th, fr in zip(h.tensors, frames):
+        dt = _DTYPES.get(th.dtype)
+        if dt is None or any(d < 0 for d in th.shape):
+            raise ValueError(f"bad tensor header {th}")
+        n = int(np.prod(th.shape, dtype=np.int64)) * dt.itemsize
+        mv = memoryview(fr)
+        if n != mv.nbytes or n > MAX_FRAME:
+            raise ValueError(f"tensor {th.name}: {mv.nbytes} bytes for shape {th.shape} {th.dtype}")
+        got[th.name] = (torch.frombuffer(bytearray(mv), dtype=torch.uint8).view(dt).view(th.shape)
+                        if n else torch.empty(th.shape, dtype=dt))
+    fb = ForwardBatch(**{k: got.get(k) for k in _TENSORS[:4]}, num_decode=h.num_decode,
+                      dec_table=got.get("dec_table"), dec_mask=got.get("dec_mask"),
+                      logits_indices=got.get("logits_indices"))
+    for i, (qs, ql, pl, has) in enumerate(h.extends):
+        fb.extends.append(ExtendSeq(qs, ql, pl, got[f"ctx_pages.{i}"] if has else None,
+                                    got[f"ctx_offs.{i}"] if has else None))
+    if any(t is None for t in (fb.input_ids, fb.positions, fb.write_pages, fb.write_offs)):
+        raise ValueError("batch lacks one of input_ids/positions/write_pages/write_offs")
+    return fb
+
+
+# ---- rank 0's side ----------------------------------------------------------------------
+
+def ipc_addr(tag: str) -> str:
+    import tempfile
+    import uuid
+
+    return f"ipc://{os.path.join(tempfile.gettempdir(), f'pdserve-{os.getpid()}-{uuid.uuid4().hex[:8]}-{tag}')}"
+
+
+def core_groups(size: int) -> list[list[int]]:
+    """This process's cores split into `size` groups (all cores each when there are fewer)."""
+    cores = sorted(os.sched_getaffinity(0))
+    n = len(cores)
+    if n < size:
+        return [cores] * size
+    return [cores[r * n // size:(r + 1) * n // size] for r in range(size)]
+
+
+class TPDriver:
+    """Starts ranks 1..T-1, hands them the pool and the group, broadcasts batches, stops them."""
+
+    def __init__(self, args, startup_timeout: float = 300.0) -> None:
+        import zmq
+
+        self.size = args.tp_size
+        self.timeout = startup_timeout
+        ctx = zmq.Context.instance()
+        self.reply = ctx.socket(zmq.PULL)
+        reply_addr = ipc_addr("tp-reply")
+        self.reply.bind(reply_addr)
+        self.socks = []
+        self.procs: list[subprocess.Popen] = []
+        groups = core_groups(self.size)
+        threads = max(1, (args.num_threads or len(os.sched_getaffinity(0))) // self.size)
+        wargs = json.dumps({**asdict(args), "num_threads": threads})
+        for r in range(1, self.size):
+            s = ctx.socket(zmq.PUSH)
+            addr = ipc_addr(f"tp-{r}")
+            s.bind(addr)
+            self.socks.append(s)
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "pdserve.engine.tp_worker", wargs, str(r), addr, reply_addr,
+                 ",".join(map(str, groups[r]))]))
+        self.rank0_cores, self.rank0_threads = groups[0], threads
+        self.allreduce: Callable | None = None
+
+    def check_alive(self) -> None:
+        for r, p in enumerate(self.procs, start=1):
+            if p.poll() is not None:
+                raise RuntimeError(f"tensor-parallel rank {r} exited with status {p.returncode}")
+
+    def _collect(self, what: str) -> None:
+        """Wait for `what` from every worker; a worker's error or death raises."""
+        seen: set[int] = set()
+        deadline = time.monotonic() + self.timeout
+        while len(seen) < self.size - 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tensor-parallel ranks did not report {what!r} in {self.timeout:.0f} s")
+            self.check_alive()
+            if not self.reply.poll(200):
+                continue
+            msg = json.loads(self.reply.recv())
+            if msg.get("op") == "error":
+                raise RuntimeError(f"tensor-parallel rank {msg.get('rank')}: {msg.get('message')}")
+            if msg.get("op") == what:
+                seen.add(int(msg["rank"]))
+
+    def start(self, num_pages: int, kv_shm: list[str | None], gloo_port: int, ar_shm: str,
+              ar_buf: torch.Tensor) -> None:
+        """Workers have loaded their shard: give them the pool and the group, join it."""
+        self._collect("loaded")
+        for r, s in enumerate(self.socks, start=1):
+            s.send_multipart(encode_op("init", num_pages=num_pages, kv_shm=kv_shm[r], gloo_port=gloo_port,
+                                       allreduce_shm=ar_shm))
+        init_gloo(0, self.size, gloo_port)
+        self._collect("ready")
+        kind = allreduce_kind()
+        self.allreduce = GlooAllReduce() if kind == "gloo" else ShmAllReduce(ar_buf, 0, self.size, self.check_alive)
+        logger.info("tensor parallel: %d ranks, %s all-reduce", self.size, kind)
+
+    def broadcast(self, fb: ForwardBatch) -> None:
+        import zmq
+
+        frames = encode_batch(fb)
+        for s in self.socks:
+            while True:  # a PUSH socket whose peer died would block forever
+                try:
+                    s.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    self.check_alive()
+                    time.sleep(0.001)
+
+    def close(self) -> None:
+        import zmq
+
+        for s in self.socks:
+            try:
+                s.send_multipart(encode_op("stop"), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for s in self.socks:
+            s.close(linger=0)
+        self.reply.close(linger=0)
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass

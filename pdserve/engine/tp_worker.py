@@ -1,0 +1,100 @@
+"""A tensor-parallel rank other than 0 (started by pdserve.engine.tp.TPDriver).
+
+`python -m pdserve.engine.tp_worker ARGS_JSON RANK BATCH_ADDR REPLY_ADDR CORES`
+
+Loads its shard, reports "loaded", gets the pool size (and, in PD mode, the name of the
+shared-memory segment rank 0 allocated its KV pool in) with "init", joins the gloo group and
+the all-reduce segment, reports "ready", then runs the layers of every batch rank 0 sends
+until "stop" or until rank 0 goes away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+
+import torch
+import zmq
+
+from pdserve.config import ServerArgs
+
+logger = logging.getLogger("pdserve.tp_worker")
+
+
+def main() -> None:
+    raw, rank, batch_addr, reply_addr, cores = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    from pdserve.engine.scheduler_process import die_with_parent
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    parent = os.getppid()
+    args = ServerArgs(**json.loads(raw))
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s [tp{rank}] %(levelname)s %(message)s")
+    if cores:
+        os.sched_setaffinity(0, [int(c) for c in cores.split(",")])
+    torch.set_num_threads(args.num_threads or len(os.sched_getaffinity(0)))
+    ctx = zmq.Context.instance()
+    reply = ctx.socket(zmq.PUSH)
+    reply.connect(reply_addr)
+    batches = ctx.socket(zmq.PULL)
+    batches.connect(batch_addr)
+
+    def say(op: str, **kw) -> None:
+        reply.send(json.dumps({"op": op, "rank": rank, **kw}).encode())
+
+    try:
+        serve(args, rank, batches, say, parent)
+    except Exception as e:
+        logger.exception("tensor-parallel rank %d failed", rank)
+        say("error", message=f"{type(e).__name__}: {e}")
+        reply.close(linger=2000)
+        sys.exit(1)
+
+
+def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
+    from pdserve.engine.model_loading import load_model
+    from pdserve.engine.runner import kv_pool_shape, lazy_zeros
+    from pdserve.engine.tp import ShmAllReduce, allreduce_kind, decode_batch, decode_header, init_gloo, GlooAllReduce
+    from pdserve.disagg.transfer.shm_segment import SegmentMaps
+    from pdserve.model.attention import TorchNativeAttention
+
+    model = load_model(args, tp_rank=rank)
+    say("loaded")
+    maps = SegmentMaps()
+    init = decode_header(batches.recv())
+    if init.op != "init":
+        raise RuntimeError(f"expected init, got {init.op!r}")
+    b = init.body
+    shape = kv_pool_shape(model.config, int(b["num_pages"]), args.page_size)
+    kv = maps.get(b["kv_shm"], shape, model.dtype) if b.get("kv_shm") else lazy_zeros(shape, model.dtype)
+    attn = TorchNativeAttention(kv)
+    init_gloo(rank, args.tp_size, int(b["gloo_port"]))
+
+    def check_alive() -> None:
+        if os.getppid() != parent:
+            raise RuntimeError("rank 0 went away")
+
+    ar_buf = maps.get(b["allreduce_shm"], (ShmAllReduce.nbytes(args.tp_size),), torch.uint8)
+    model.all_reduce = (GlooAllReduce() if allreduce_kind() == "gloo"
+                        else ShmAllReduce(ar_buf, rank, args.tp_size, check_alive))
+    say("ready")
+    while True:
+        if not batches.poll(1000):
+            check_alive()
+            continue
+        frames = batches.recv_multipart(copy=False)
+        h = decode_header(frames[0].buffer)
+        if h.op == "stop":
+            return
+        if h.op != "forward":
+            raise RuntimeError(f"unknown op {h.op!r}")
+        fb = decode_batch(h, [f.buffer for f in frames[1:]])
+        with torch.inference_mode():
+            model.forward(fb, attn, logits=False)
+
+
+if __name__ == "__main__":
+    main()

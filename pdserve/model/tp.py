@@ -1,0 +1,87 @@
+"""Tensor-parallel sharding of a Llama-family model (Megatron style).
+
+Rank r of T holds KV heads [r*H//T, (r+1)*H//T) and the query heads of those groups
+(column-parallel q/k/v and the matching input columns of o_proj), and a slice of the MLP's
+intermediate dimension (column-parallel gate/up, row-parallel down). Each rank's o_proj and
+down_proj produce partial sums that one all-reduce per projection adds up; embeddings, norms
+and lm_head are replicated, so after each all-reduce every rank holds the same hidden state
+and only rank 0 computes logits.
+
+Heads need not divide evenly (SGLang requires T | H): SmolLM2-135M has 3 KV heads and this
+box 2 cores, so tp 2 splits them 1 + 2. The KV pool of each rank holds its own heads, and
+the PD transfer layer maps heads between ranks of different tp sizes with the same ranges
+(pdserve/disagg/transfer/heads.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from pdserve.model.config import ModelConfig
+
+INTER_UNIT = 32  # intermediate slices stay multiples of the 4-bit weight group
+
+
+def head_range(rank: int, tp_size: int, total_heads: int) -> tuple[int, int]:
+    """Global heads [start, end) of `rank`: as even a split as `total_heads` allows."""
+    if tp_size < 1 or total_heads < tp_size:
+        raise ValueError(f"{total_heads} KV heads cannot be split over tp size {tp_size} "
+                         "(every rank needs at least one head)")
+    if not (0 <= rank < tp_size):
+        raise ValueError(f"rank {rank} not in [0, {tp_size})")
+    return rank * total_heads // tp_size, (rank + 1) * total_heads // tp_size
+
+
+@dataclass(frozen=True)
+class TPShard:
+    rank: int
+    size: int
+    kv_heads: tuple[int, int]  # global KV heads of this rank
+    q_heads: tuple[int, int]  # global query heads (the groups of those KV heads)
+    inter: tuple[int, int]  # intermediate (MLP) columns
+
+    @staticmethod
+    def of(cfg: ModelConfig, rank: int, size: int) -> "TPShard":
+        if size > cfg.num_kv_heads:
+            raise ValueError(f"--tp-size {size}: the model has {cfg.num_kv_heads} KV heads and every "
+                             f"tensor-parallel rank needs at least one")
+        kv = head_range(rank, size, cfg.num_kv_heads)
+        group = cfg.num_heads // cfg.num_kv_heads
+        unit = INTER_UNIT if cfg.intermediate_size % INTER_UNIT == 0 else 1
+        n = cfg.intermediate_size // unit
+        inter = (rank * n // size * unit, (rank + 1) * n // size * unit)
+        return TPShard(rank, size, kv, (kv[0] * group, kv[1] * group), inter)
+
+    def local_config(self, cfg: ModelConfig) -> ModelConfig:
+        """The config this rank's forward sees (its heads and MLP width; the rest unchanged)."""
+        return replace(cfg, num_heads=self.q_heads[1] - self.q_heads[0],
+                       num_kv_heads=self.kv_heads[1] - self.kv_heads[0],
+                       intermediate_size=self.inter[1] - self.inter[0])
+
+
+def shard_state(state: dict[str, torch.Tensor], cfg: ModelConfig, shard: TPShard) -> dict[str, torch.Tensor]:
+    """HF-named weights of this rank: row slices of q/k/v/gate/up (and their biases), column
+    slices of o/down; everything else as is (replicated)."""
+    if shard.size == 1:
+        return state
+    hd = cfg.head_dim
+    rows = {"q_proj": (shard.q_heads[0] * hd, shard.q_heads[1] * hd),
+            "k_proj": (shard.kv_heads[0] * hd, shard.kv_heads[1] * hd),
+            "v_proj": (shard.kv_heads[0] * hd, shard.kv_heads[1] * hd),
+            "gate_proj": shard.inter, "up_proj": shard.inter}
+    cols = {"o_proj": rows["q_proj"], "down_proj": shard.inter}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        parts = name.split(".")
+        proj = parts[-2] if len(parts) >= 2 else ""
+        if proj in rows:
+            a, b = rows[proj]
+            out[name] = t[a:b]
+        elif proj in cols and parts[-1] == "weight":
+            a, b = cols[proj]
+            out[name] = t[:, a:b]
+        else:
+            out[name] = t
+    return out

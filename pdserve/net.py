@@ -1,0 +1,12 @@
+"""Small socket helpers shared by the servers, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free on `host` a moment ago (bind to 0, read it, close)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
