@@ -255,9 +255,18 @@ class SchedulerProcess:
             return False
         busy = self.disagg.has_work
         self.disagg.step()
-        if busy and not self.scheduler.has_work:
-            time.sleep(0.0005)  # waiting on transfers only: do not spin hot
         return busy
+
+    def _wait_pd(self, timeout_s: float = 0.02) -> None:
+        """Only transfers in flight: sleep until a message arrives, a transfer endpoint changes
+        state (disagg/poll.py: WAKER) or `timeout_s` passes (time-based checks: timeouts)."""
+        from pdserve.disagg.poll import WAKER
+
+        poller = zmq.Poller()
+        poller.register(self.recv, zmq.POLLIN)
+        poller.register(WAKER.fileno(), zmq.POLLIN)
+        poller.poll(timeout_s * 1000)
+        WAKER.drain()
 
     def event_loop_overlap(self) -> None:
         """The CPU work that does not feed the next forward (encoding and sending step
@@ -271,6 +280,8 @@ class SchedulerProcess:
         try:
             while self.running:
                 pd_busy = self.disagg is not None and self.disagg.has_work
+                if pd_busy and not s.has_work and not unsent and not s.pending_outs:
+                    self._wait_pd()
                 self.recv_all(block=not s.has_work and not pd_busy and not unsent)
                 self._pd_step()
                 plan = s.schedule() if s.has_work else None
@@ -304,6 +315,8 @@ class SchedulerProcess:
         s = self.scheduler
         while self.running:
             pd_busy = self.disagg is not None and self.disagg.has_work
+            if pd_busy and not s.has_work and not s.pending_outs:
+                self._wait_pd()
             self.recv_all(block=not s.has_work and not pd_busy)
             self._pd_step()
             plan = s.schedule() if s.has_work else None

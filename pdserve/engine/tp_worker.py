@@ -56,7 +56,7 @@ def main() -> None:
 
 def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
     from pdserve.engine.model_loading import load_model
-    from pdserve.engine.runner import kv_pool_shape, lazy_zeros
+    from pdserve.engine.runner import kv_pool_shape, lazy_zeros, prefault
     from pdserve.engine.tp import ShmAllReduce, allreduce_kind, decode_batch, decode_header, init_gloo, GlooAllReduce
     from pdserve.disagg.transfer.shm_segment import SegmentMaps
     from pdserve.model.attention import TorchNativeAttention
@@ -69,7 +69,11 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
         raise RuntimeError(f"expected init, got {init.op!r}")
     b = init.body
     shape = kv_pool_shape(model.config, int(b["num_pages"]), args.page_size)
-    kv = maps.get(b["kv_shm"], shape, model.dtype) if b.get("kv_shm") else lazy_zeros(shape, model.dtype)
+    if b.get("kv_shm"):
+        kv = maps.get(b["kv_shm"], shape, model.dtype)
+    else:
+        kv = lazy_zeros(shape, model.dtype)
+        prefault(kv)
     attn = TorchNativeAttention(kv)
     init_gloo(rank, args.tp_size, int(b["gloo_port"]))
 

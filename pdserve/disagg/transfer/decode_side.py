@@ -506,9 +506,13 @@ class SocketKVReceiver(BaseKVReceiver):
     def _maybe_succeed_locked(self) -> None:
         if (self._accepting and self._writers == 0 and self.pages is not None and self.sources
                 and self._bytes == self._expected_bytes and self._meta_from.issuperset(self.sources)):
-            if self._state.advance(KVPoll.Success):
+            # the record is complete before the state flips: the scheduler, woken by the
+            # flip, reads transfer_seconds at once
+            self.completed_at = now = time.monotonic()
+            if not self._state.advance(KVPoll.Success):
+                self.completed_at = None
+            else:
                 self._accepting = False
-                self.completed_at = now = time.monotonic()
                 t0 = self._t_first_byte or self._t_init or now
                 self.mgr._stats.record_success(self._bytes, now - t0)
                 self.svc.remove(self)
