@@ -130,7 +130,12 @@ def main(argv: list[str]) -> int:
                 boot = a.bootstrap_port_base + i
                 cmd += ["--disaggregation-bootstrap-port", str(boot)]
             cpus = groups[i]
-            proc = subprocess.Popen(cmd, start_new_session=True,
+            child_env = dict(os.environ)
+            if a.cpu_split == "shared" and role == "decode":
+                # servers on the same cores: decode's OpenMP threads must not spin-wait on
+                # cores the prefill needs (its steps are short and frequent)
+                child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            proc = subprocess.Popen(cmd, start_new_session=True, env=child_env,
                                     preexec_fn=lambda cpus=cpus: os.sched_setaffinity(0, cpus))
             url = f"http://{a.host}:{port}"
             children.append(Child(f"{role}-{i}", proc, url))
