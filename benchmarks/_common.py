@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import threading
 import time
 
@@ -63,3 +66,19 @@ def stream_times(url: str, body: dict) -> tuple[float, list[float]]:
             times.extend([now] * (n - n_prev))
             n_prev = n
     return times[0] - t0, times
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group; SIGKILL it if it has not exited in 30 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def write_json(path: str, res: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"\nwrote {path}")

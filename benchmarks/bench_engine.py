@@ -12,7 +12,6 @@ Prints a table and writes JSON. Servers listen on 127.0.0.1 and are stopped at t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RssSampler, copy_bandwidth_gbs, free_port, stream_times  # noqa: E402
+from _common import RssSampler, copy_bandwidth_gbs, free_port, stream_times, write_json  # noqa: E402
 
 
 def main() -> int:
@@ -119,10 +118,7 @@ def main() -> int:
             t = f"{tgt[0]} {tgt[1]}  {'met' if (v >= tgt[1] if tgt[0] == '>=' else v <= tgt[1]) else 'MISSED'}" \
                 if tgt else ""
             print(f"{k:<36}{v:>12.1f}  {t}")
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"\nwrote {args.output}")
+    write_json(args.output, res)
     return 0
 
 

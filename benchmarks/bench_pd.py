@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import time
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import free_port, stream_times  # noqa: E402
+from _common import free_port, stop_server, stream_times, write_json  # noqa: E402
 
 from pdserve.launch.cli import wait_healthy  # noqa: E402
 
@@ -35,17 +34,9 @@ def start(cmd: list[str], url: str, ready_path: str, timeout: float = 300) -> su
     try:
         wait_healthy(url, proc, time.time() + timeout, ready_path)
     except RuntimeError:
-        stop(proc)
+        stop_server(proc)
         raise
     return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def wait_quiet(procs: list[subprocess.Popen], limit_s: float = 90.0) -> float:
@@ -140,7 +131,7 @@ def main() -> int:
             bar.update()
     finally:
         for proc in procs:
-            stop(proc)
+            stop_server(proc)
     res["ttft_256_samples_ms"] = {k: [v * 1000 for v in samples[k]] for k in kinds}
     res["colocated_ttft_256_ms"] = sorted(samples["colocated"])[a.ttft_samples // 2] * 1000
     for split in ("disjoint", "shared"):
@@ -154,7 +145,7 @@ def main() -> int:
             name = "colocated" if k == "colocated" else f"pd_{k}"
             res[f"{name}_mixed"] = mixed_load(url, f"{a.output}.{name}.json", a)
         finally:
-            stop(proc)
+            stop_server(proc)
         bar.update()
     bar.close()
     print("\nTTFT of a 256-token prompt, low load (median of %d): co-located %.1f ms" %
@@ -178,9 +169,7 @@ def main() -> int:
             row += f"{_get(m, k, s):>15.1f}"
         row += f"{_get(m, 'goodput'):>9.2f}{_get(m, 'slo_attainment'):>12.2f}{_get(m, 'failed'):>8.0f}"
         print(row)
-    with open(a.output, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"\nwrote {a.output}")
+    write_json(a.output, res)
     return 0
 
 

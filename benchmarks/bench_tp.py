@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import free_port, stream_times  # noqa: E402
+from _common import free_port, stop_server, stream_times, write_json  # noqa: E402
 
 from pdserve.launch.cli import wait_healthy  # noqa: E402
 
@@ -94,14 +93,6 @@ def serve(args, tp: int, kind: str):
     return url, proc
 
 
-def stop(proc) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def measure(url: str) -> dict:
     res = {}
     body = {"input_ids": list(range(1000, 1016)), "sampling_params": {
@@ -158,7 +149,7 @@ def main() -> int:
             if kind == "shm":
                 ids[tp] = greedy(url)
         finally:
-            stop(proc)
+            stop_server(proc)
         bar.update()
     bar.close()
     agree = []
@@ -175,10 +166,7 @@ def main() -> int:
         print(f"{name:<12}{r['single_stream_decode_tok_s']:>14.1f}{r['ttft_256_ms']:>12.1f}"
               f"{r['batch_32x256x64_output_tok_s']:>17.1f}")
     print(f"\nbf16 greedy, tp2 vs tp1, tokens until the first difference (of 64): {agree}")
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"\nwrote {args.output}")
+    write_json(args.output, res)
     return 0
 
 
