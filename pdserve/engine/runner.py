@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import torch
@@ -37,13 +38,15 @@ PREFAULT_ENV = "PDSERVE_KV_PREFAULT"  # 0: leave the pool to be faulted in by it
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 
 
-def prefault(t: torch.Tensor, chunk: int = 32 << 20) -> threading.Thread | None:
+def prefault(t: torch.Tensor, chunk: int = 4 << 20) -> threading.Thread | None:
     """Back `t`'s memory with physical pages from a background thread at the lowest CPU
     priority, without changing its contents (madvise MADV_POPULATE_WRITE, so it is safe while
     the pool is in use). On this VM the first write to fresh memory costs ~2.8 s per GB
     (guest page faults that the hypervisor also has to back); left to the first requests,
     that was ~15 ms on every 256-token prompt's KV landing in pages never used before
-    (docs/architecture.md, "KV pool memory")."""
+    (docs/architecture.md, "KV pool memory"). Small chunks with a pause between them: each
+    call holds the process's memory-map lock, which every other thread's mmap waits for
+    (32 MB chunks started during startup made it 4-5 s slower)."""
     if os.environ.get(PREFAULT_ENV, "1") == "0" or not sys.platform.startswith("linux") or t.device.type != "cpu":
         return None
     import ctypes
@@ -66,6 +69,7 @@ def prefault(t: torch.Tensor, chunk: int = 32 << 20) -> threading.Thread | None:
         for a in range(lo, hi, chunk):
             if madvise(a, min(chunk, hi - a), _MADV_POPULATE_WRITE) != 0:
                 return  # older kernel: first writes fault the pages in, as before
+            time.sleep(0.001)
 
     th = threading.Thread(target=run, name="pdserve-kv-prefault", daemon=True)
     th.start()
@@ -79,9 +83,9 @@ class ModelRunner:
         self.cfg = model.config
         self.ps = page_size
         shape = kv_pool_shape(self.cfg, num_pages, page_size)
+        self.lazy_pool = kv_data is None  # the owner calls prefault() once serving starts
         if kv_data is None:
             kv_data = lazy_zeros(shape, model.dtype)
-            prefault(kv_data)
         elif tuple(kv_data.shape) != shape or kv_data.dtype != model.dtype:
             raise ValueError(f"kv_data must be {shape} {model.dtype}, got {tuple(kv_data.shape)} {kv_data.dtype}")
         self.kv_data = kv_data

@@ -20,7 +20,7 @@ from pdserve.config import ServerArgs
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.model_loading import load_model, num_kv_pages, set_threads
 from pdserve.engine.request import Req
-from pdserve.engine.runner import ModelRunner, kv_pool_shape
+from pdserve.engine.runner import ModelRunner, kv_pool_shape, prefault
 from pdserve.engine.scheduler import Scheduler
 from pdserve.model.tp import TPShard
 from pdserve.net import free_port
@@ -62,6 +62,8 @@ class SchedulerProcess:
         self.warmup()
         if args.disaggregation_mode != "null":
             self._setup_disagg()
+        if self.runner.lazy_pool:  # after startup: it must not slow the start itself
+            prefault(self.runner.kv_data)
 
     def _build(self, args: ServerArgs) -> None:
         """Model (this rank's shard), KV pools, the other tp ranks, tokenizer, scheduler."""

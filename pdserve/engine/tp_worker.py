@@ -73,7 +73,6 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
         kv = maps.get(b["kv_shm"], shape, model.dtype)
     else:
         kv = lazy_zeros(shape, model.dtype)
-        prefault(kv)
     attn = TorchNativeAttention(kv)
     init_gloo(rank, args.tp_size, int(b["gloo_port"]))
 
@@ -85,6 +84,8 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
     model.all_reduce = (GlooAllReduce() if allreduce_kind() == "gloo"
                         else ShmAllReduce(ar_buf, rank, args.tp_size, check_alive))
     say("ready")
+    if not b.get("kv_shm"):
+        prefault(kv)
     while True:
         if not batches.poll(1000):
             check_alive()
