@@ -78,3 +78,20 @@ def test_tp_size_the_model_cannot_take_is_a_clear_error():
     r = subprocess.run([sys.executable, "-m", "pdserve.cli", "serve", "--tp-size", "0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--tp-size" in r.stderr
+
+
+def test_a_dead_rank_fails_requests_instead_of_hanging():
+    s = ServerProc("--dtype", "float32", "--max-total-tokens", "4096", "--tp-size", "2")
+    try:
+        sched = psutil.Process(s.proc.pid).children()[0]
+        rank1 = next(c for c in sched.children() if "tp_worker" in " ".join(c.cmdline()))
+        rank1.kill()
+        time.sleep(0.5)
+        t0 = time.time()
+        r = httpx.post(s.url + "/generate", json={"text": "Hello", "sampling_params": {"max_new_tokens": 8}},
+                       timeout=60)
+        assert r.status_code == 503 and "scheduler process died" in r.text
+        assert time.time() - t0 < 30
+        assert httpx.get(s.url + "/health", timeout=10).status_code == 503  # a router takes it out
+    finally:
+        s.stop()
