@@ -120,12 +120,12 @@ class DecodeTransferQueue:
                     self.num_failed += 1
                     fail(s, req, f"KV metadata room mismatch for room {req.bootstrap_room}")
                     continue
-                wait = time.time() - req.bootstrap_start
+                now = time.time()
                 # the wait covers prefill's forward and the transfer; the receiver times the
-                # transfer itself (first byte to Success), so the phases can be told apart
-                xfer = getattr(req.kv_receiver, "transfer_seconds", None)
-                req.transfer_time = min(xfer, wait) if xfer is not None else wait
-                req.transfer_in_wait = xfer is not None
+                # transfer itself (first byte to Success; backends that move nothing: 0)
+                xfer = getattr(req.kv_receiver, "transfer_seconds", None) or 0.0
+                req.transfer_end = now
+                req.transfer_start = max(req.bootstrap_start, now - xfer)
                 self.transfer_seconds.append(req.transfer_time)
                 req.output_ids = [int(meta.output_token_id)]
                 if req.return_logprob:
@@ -133,7 +133,7 @@ class DecodeTransferQueue:
                     req.top_logprobs = [[]]
                 req.cached_tokens = int(meta.cached_tokens)
                 req.kv_len = len(req.origin_input_ids)
-                req.first_token_time = time.time()
+                req.first_token_time = now
                 req.admit_time = req.bootstrap_start
                 ready.append(req)
             elif state == KVPoll.Failed:

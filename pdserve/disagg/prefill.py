@@ -126,7 +126,8 @@ class PrefillDisagg:
         for req in self.inflight:
             state = req.kv_sender.poll()
             if state == KVPoll.Success:
-                req.transfer_time = time.time() - (req.first_token_time or time.time())
+                req.transfer_end = time.time()
+                req.transfer_start = req.first_token_time or req.transfer_end
                 self.scheduler.release(req)
                 self.scheduler.finish(req, req.pending_finish)
             elif state == KVPoll.Failed:

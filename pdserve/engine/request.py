@@ -44,8 +44,9 @@ class Req:
         self.admit_time: float | None = None
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
-        self.transfer_time: float | None = None
-        self.transfer_in_wait = False  # PD decode: transfer_time is part of the wait for the KV
+        # PD: when the KV transfer ran (prefill: after its first token; decode: before it)
+        self.transfer_start: float | None = None
+        self.transfer_end: float | None = None
         self.num_retractions = 0
         self.aborted = False
         # PD
@@ -56,6 +57,12 @@ class Req:
         self.kv_receiver = None
         self.bootstrap_start: float | None = None
         self.pending_finish: FinishReason | None = None  # prefill: finish once the KV is sent
+
+    @property
+    def transfer_time(self) -> float | None:
+        if self.transfer_start is None or self.transfer_end is None:
+            return None
+        return self.transfer_end - self.transfer_start
 
     @property
     def fill_ids(self) -> list[int]:

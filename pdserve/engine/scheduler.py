@@ -324,8 +324,11 @@ class Scheduler:
             start = req.admit_time or req.finish_time
             first = req.first_token_time or req.finish_time
             out.queue_time = start - req.arrival_time
-            out.prefill_time = first - start - (req.transfer_time if req.transfer_in_wait else 0.0)
-            out.transfer_time = req.transfer_time
+            # the part of the transfer before the first token (PD decode) is not prefill
+            xfer = req.transfer_time
+            inside = 0.0 if xfer is None else max(0.0, min(first, req.transfer_end) - max(start, req.transfer_start))
+            out.prefill_time = first - start - inside
+            out.transfer_time = xfer
             out.decode_time = req.finish_time - first
         return out
 
