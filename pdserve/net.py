@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
+import uuid
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -10,3 +13,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def ipc_addr(tag: str) -> str:
+    """A fresh ZMQ ipc:// address in the temp directory, unique to this process and call."""
+    return f"ipc://{os.path.join(tempfile.gettempdir(), f'pdserve-{os.getpid()}-{uuid.uuid4().hex[:8]}-{tag}')}"

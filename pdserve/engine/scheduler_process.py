@@ -17,6 +17,7 @@ import torch
 import zmq
 
 from pdserve.config import ServerArgs
+from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.model_loading import load_model, num_kv_pages, set_threads
 from pdserve.engine.request import Req
@@ -59,6 +60,7 @@ class SchedulerProcess:
         self.send.connect(send_addr)
         self.running = True
         self._last_log = time.time()
+        self._pd_poller: zmq.Poller | None = None
         self.warmup()
         if args.disaggregation_mode != "null":
             self._setup_disagg()
@@ -72,8 +74,6 @@ class SchedulerProcess:
         tp = args.tp_size
         # the pool budget covers the whole instance: all ranks' heads and weights
         num_pages = num_kv_pages(args, full, self.model.dtype, self.model.num_bytes() * tp)
-        shapes = [kv_pool_shape(TPShard.of(full, r, tp).local_config(full), num_pages, args.page_size)
-                  for r in range(tp)]
         pd = args.disaggregation_mode != "null"
         decode_shm = args.disaggregation_mode == "decode" and args.disaggregation_transfer_backend == "shm"
         # Pools in shared memory: decode + shm (prefill writes straight into them), and every
@@ -81,15 +81,13 @@ class SchedulerProcess:
         self.kv_shm: list[str | None] = [None] * tp
         self.kv_pools: list[torch.Tensor | None] = [None] * tp
         if decode_shm or (pd and tp > 1):
-            from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, new_shm_name
-
             for r in range(tp):
                 self.kv_shm[r] = new_shm_name()
-                self.kv_pools[r] = allocate_kv_buffer(shapes[r], self.model.dtype, self.kv_shm[r])
+                shape = kv_pool_shape(TPShard.of(full, r, tp).local_config(full), num_pages, args.page_size)
+                self.kv_pools[r] = allocate_kv_buffer(shape, self.model.dtype, self.kv_shm[r])
         self.runner = ModelRunner(self.model, num_pages, args.page_size, self.kv_pools[0], tp=self.tp)
         self.kv_pools[0] = self.runner.kv_data
         if self.tp is not None:
-            from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, new_shm_name
             from pdserve.engine.tp import ShmAllReduce
 
             self.ar_shm = new_shm_name()
@@ -157,8 +155,6 @@ class SchedulerProcess:
             self.bootstrap_server.close()
         if self.tp is not None:
             self.tp.close()
-        from pdserve.disagg.transfer.shm_segment import free_kv_buffer
-
         for name in [*self.kv_shm, self.ar_shm]:
             if name is not None:
                 free_kv_buffer(name)
@@ -264,10 +260,11 @@ class SchedulerProcess:
         state (disagg/poll.py: WAKER) or `timeout_s` passes (time-based checks: timeouts)."""
         from pdserve.disagg.poll import WAKER
 
-        poller = zmq.Poller()
-        poller.register(self.recv, zmq.POLLIN)
-        poller.register(WAKER.fileno(), zmq.POLLIN)
-        poller.poll(timeout_s * 1000)
+        if self._pd_poller is None:
+            self._pd_poller = zmq.Poller()
+            self._pd_poller.register(self.recv, zmq.POLLIN)
+            self._pd_poller.register(WAKER.fileno(), zmq.POLLIN)
+        self._pd_poller.poll(timeout_s * 1000)
         WAKER.drain()
 
     def event_loop_overlap(self) -> None:

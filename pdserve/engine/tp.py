@@ -26,7 +26,9 @@ import msgspec
 import numpy as np
 import torch
 
+from pdserve.cpus import my_cores, split_cores
 from pdserve.model.attention import ExtendSeq, ForwardBatch
+from pdserve.net import ipc_addr
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,13 @@ class GlooAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self._dist.all_reduce(x)
         return x
+
+
+def make_allreduce(buf: torch.Tensor, rank: int, size: int, check_alive: Callable[[], None]):
+    """The all-reduce PDSERVE_TP_ALLREDUCE selects (shm by default) for this rank."""
+    if allreduce_kind() == "gloo":
+        return GlooAllReduce()
+    return ShmAllReduce(buf, rank, size, check_alive)
 
 
 def init_gloo(rank: int, size: int, port: int) -> None:
@@ -201,22 +210,6 @@ def decode_batch(h: BatchHeader, frames: list) -> ForwardBatch:
 
 # ---- rank 0's side ----------------------------------------------------------------------
 
-def ipc_addr(tag: str) -> str:
-    import tempfile
-    import uuid
-
-    return f"ipc://{os.path.join(tempfile.gettempdir(), f'pdserve-{os.getpid()}-{uuid.uuid4().hex[:8]}-{tag}')}"
-
-
-def core_groups(size: int) -> list[list[int]]:
-    """This process's cores split into `size` groups (all cores each when there are fewer)."""
-    cores = sorted(os.sched_getaffinity(0))
-    n = len(cores)
-    if n < size:
-        return [cores] * size
-    return [cores[r * n // size:(r + 1) * n // size] for r in range(size)]
-
-
 class TPDriver:
     """Starts ranks 1..T-1, hands them the pool and the group, broadcasts batches, stops them."""
 
@@ -231,8 +224,9 @@ class TPDriver:
         self.reply.bind(reply_addr)
         self.socks = []
         self.procs: list[subprocess.Popen] = []
-        groups = core_groups(self.size)
-        threads = max(1, (args.num_threads or len(os.sched_getaffinity(0))) // self.size)
+        cores = my_cores()
+        groups = split_cores(cores, self.size, share_when_short=True)  # ranks share when short
+        threads = max(1, (args.num_threads or len(cores)) // self.size)
         wargs = json.dumps({**asdict(args), "num_threads": threads})
         for r in range(1, self.size):
             s = ctx.socket(zmq.PUSH)
@@ -275,9 +269,8 @@ class TPDriver:
                                        allreduce_shm=ar_shm))
         init_gloo(0, self.size, gloo_port)
         self._collect("ready")
-        kind = allreduce_kind()
-        self.allreduce = GlooAllReduce() if kind == "gloo" else ShmAllReduce(ar_buf, 0, self.size, self.check_alive)
-        logger.info("tensor parallel: %d ranks, %s all-reduce", self.size, kind)
+        self.allreduce = make_allreduce(ar_buf, 0, self.size, self.check_alive)
+        logger.info("tensor parallel: %d ranks, %s all-reduce", self.size, allreduce_kind())
 
     def broadcast(self, fb: ForwardBatch) -> None:
         import zmq

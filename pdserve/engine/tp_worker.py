@@ -55,11 +55,10 @@ def main() -> None:
 
 
 def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
-    from pdserve.engine.model_loading import load_model
-    from pdserve.engine.runner import kv_pool_shape, lazy_zeros, prefault
-    from pdserve.engine.tp import ShmAllReduce, allreduce_kind, decode_batch, decode_header, init_gloo, GlooAllReduce
     from pdserve.disagg.transfer.shm_segment import SegmentMaps
-    from pdserve.model.attention import TorchNativeAttention
+    from pdserve.engine.model_loading import load_model
+    from pdserve.engine.runner import ModelRunner, kv_pool_shape, prefault
+    from pdserve.engine.tp import ShmAllReduce, decode_batch, decode_header, init_gloo, make_allreduce
 
     model = load_model(args, tp_rank=rank)
     say("loaded")
@@ -68,12 +67,10 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
     if init.op != "init":
         raise RuntimeError(f"expected init, got {init.op!r}")
     b = init.body
-    shape = kv_pool_shape(model.config, int(b["num_pages"]), args.page_size)
-    if b.get("kv_shm"):
-        kv = maps.get(b["kv_shm"], shape, model.dtype)
-    else:
-        kv = lazy_zeros(shape, model.dtype)
-    attn = TorchNativeAttention(kv)
+    num_pages = int(b["num_pages"])
+    kv = (maps.get(b["kv_shm"], kv_pool_shape(model.config, num_pages, args.page_size), model.dtype)
+          if b.get("kv_shm") else None)  # PD: rank 0 allocated this rank's pool in shared memory
+    runner = ModelRunner(model, num_pages, args.page_size, kv)
     init_gloo(rank, args.tp_size, int(b["gloo_port"]))
 
     def check_alive() -> None:
@@ -81,11 +78,10 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
             raise RuntimeError("rank 0 went away")
 
     ar_buf = maps.get(b["allreduce_shm"], (ShmAllReduce.nbytes(args.tp_size),), torch.uint8)
-    model.all_reduce = (GlooAllReduce() if allreduce_kind() == "gloo"
-                        else ShmAllReduce(ar_buf, rank, args.tp_size, check_alive))
+    model.all_reduce = make_allreduce(ar_buf, rank, args.tp_size, check_alive)
     say("ready")
-    if not b.get("kv_shm"):
-        prefault(kv)
+    if runner.lazy_pool:
+        prefault(runner.kv_data)
     while True:
         if not batches.poll(1000):
             check_alive()
@@ -98,7 +94,7 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
             raise RuntimeError(f"unknown op {h.op!r}")
         fb = decode_batch(h, [f.buffer for f in frames[1:]])
         with torch.inference_mode():
-            model.forward(fb, attn, logits=False)
+            model.forward(fb, runner.attn, logits=False)
 
 
 if __name__ == "__main__":

@@ -12,25 +12,14 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+from pdserve.cpus import my_cores, split_cores
+
 
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen
     url: str | None = None
-
-
-def split_cores(cores: list[int], n: int) -> list[list[int]]:
-    """n disjoint core sets as even as possible; with fewer cores than servers they share."""
-    if n <= len(cores):
-        size, extra = divmod(len(cores), n)
-        out, i = [], 0
-        for k in range(n):
-            step = size + (1 if k < extra else 0)
-            out.append(cores[i:i + step])
-            i += step
-        return out
-    return [[cores[k % len(cores)]] for k in range(n)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +91,7 @@ def main(argv: list[str]) -> int:
     if not (0 < a.port < 65536):
         parser.error("--port must be in 1..65535")
     n = a.prefill + a.decode
-    cores = sorted(os.sched_getaffinity(0))
+    cores = my_cores()
     groups = split_cores(cores, n) if a.cpu_split == "disjoint" else [cores] * n
     py = sys.executable
     children: list[Child] = []

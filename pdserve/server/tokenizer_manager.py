@@ -10,10 +10,8 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ import zmq.asyncio
 
 from pdserve.config import ServerArgs
 from pdserve.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from pdserve.net import ipc_addr
 from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, GenerateReq, ReqOut,
                               decode_from_scheduler, encode)
 from pdserve.server.detokenizer import IncrementalDetokenizer
@@ -70,8 +69,7 @@ class TokenizerManager:
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        base = os.path.join(tempfile.gettempdir(), f"pdserve-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        to_sched, from_sched = f"ipc://{base}-in", f"ipc://{base}-out"
+        to_sched, from_sched = ipc_addr("in"), ipc_addr("out")
         self.ctx = zmq.asyncio.Context()
         self.recv_sock = self.ctx.socket(zmq.PULL)
         self.recv_sock.bind(from_sched)
