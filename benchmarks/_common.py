@@ -82,3 +82,37 @@ def write_json(path: str, res: dict) -> None:
     with open(path, "w") as f:
         json.dump(res, f, indent=2)
     print(f"\nwrote {path}")
+
+
+def prompt_ids(k: int, n: int = 256) -> list[int]:
+    """Prompt number k: n token ids, different for every k (no prefix-cache hits)."""
+    return [(k * 7919 + j * 31) % 40000 + 100 for j in range(n)]
+
+
+def single_stream_decode_tok_s(url: str) -> float:
+    """Median of 3 streamed 128-token generations, excluding the first token (after a warm one)."""
+    body = {"input_ids": list(range(1000, 1016)), "sampling_params": {
+        "max_new_tokens": 128, "ignore_eos": True, "temperature": 0}}
+    stream_times(url, body)
+    rates = []
+    for _ in range(3):
+        _, times = stream_times(url, body)
+        rates.append((len(times) - 1) / (times[-1] - times[0]))
+    return sorted(rates)[1]
+
+
+def ttft_256_ms(url: str, n: int = 5) -> float:
+    """Median TTFT of n distinct 256-token prompts, one at a time."""
+    ttfts = sorted(stream_times(url, {"input_ids": prompt_ids(i), "sampling_params": {"max_new_tokens": 1}})[0]
+                   for i in range(n))
+    return ttfts[n // 2] * 1000
+
+
+def batch_output_tok_s(url: str, n: int, in_len: int, out_len: int) -> tuple[float, float]:
+    """(output tok/s, seconds) of n requests sent at once as one batched /generate."""
+    prompts = [[(i * 104729 + j * 17) % 40000 + 100 for j in range(in_len)] for i in range(n)]
+    t = time.perf_counter()
+    outs = httpx.post(url + "/generate", json={"input_ids": prompts, "sampling_params": {
+        "max_new_tokens": out_len, "ignore_eos": True, "temperature": 0}}, timeout=900).json()
+    dur = time.perf_counter() - t
+    return sum(o["meta_info"]["completion_tokens"] for o in outs) / dur, dur

@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import RssSampler, copy_bandwidth_gbs, free_port, stream_times, write_json  # noqa: E402
+from _common import (RssSampler, batch_output_tok_s, copy_bandwidth_gbs, free_port,  # noqa: E402
+                     single_stream_decode_tok_s, ttft_256_ms, write_json)
 
 
 def main() -> int:
@@ -69,33 +70,13 @@ def main() -> int:
         steps.update()
 
         # single stream: 128 output tokens; decode rate excludes the first token
-        body = {"input_ids": list(range(1000, 1016)), "sampling_params": {
-            "max_new_tokens": 128, "ignore_eos": True, "temperature": 0}}
-        stream_times(url, body)  # warm
-        rates = []
-        for _ in range(3):
-            _, times = stream_times(url, body)
-            rates.append((len(times) - 1) / (times[-1] - times[0]))
-        res["single_stream_decode_tok_s"] = sorted(rates)[1]
+        res["single_stream_decode_tok_s"] = single_stream_decode_tok_s(url)
         steps.update()
-
-        # TTFT of one 256-token prompt (distinct prompts: no prefix-cache hits)
-        ttfts = []
-        for i in range(5):
-            ids = [(i * 7919 + j * 31) % 40000 + 100 for j in range(256)]
-            ttft, _ = stream_times(url, {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})
-            ttfts.append(ttft)
-        res["ttft_256_ms"] = sorted(ttfts)[2] * 1000
+        res["ttft_256_ms"] = ttft_256_ms(url)  # distinct prompts: no prefix-cache hits
         steps.update()
-
         # offline throughput: 64 requests of 256 prompt / 128 output tokens, all at once
-        prompts = [[(i * 104729 + j * 17) % 40000 + 100 for j in range(256)] for i in range(64)]
-        t = time.perf_counter()
-        outs = httpx.post(url + "/generate", json={"input_ids": prompts, "sampling_params": {
-            "max_new_tokens": 128, "ignore_eos": True, "temperature": 0}}, timeout=900).json()
-        dur = time.perf_counter() - t
-        n_out = sum(o["meta_info"]["completion_tokens"] for o in outs)
-        res["offline_64x256x128_output_tok_s"] = n_out / dur
+        rate, dur = batch_output_tok_s(url, 64, 256, 128)
+        res["offline_64x256x128_output_tok_s"] = rate
         res["offline_64x256x128_seconds"] = dur
         steps.update()
         res["peak_rss_MiB"] = rss.peak / 2**20

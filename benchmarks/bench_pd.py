@@ -24,7 +24,7 @@ import time
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import free_port, stop_server, stream_times, write_json  # noqa: E402
+from _common import free_port, prompt_ids, stop_server, stream_times, write_json  # noqa: E402
 
 from pdserve.launch.cli import wait_healthy  # noqa: E402
 
@@ -126,7 +126,7 @@ def main() -> int:
         samples: dict[str, list[float]] = {k: [] for k in kinds}
         for i in range(a.ttft_samples):
             for j, k in enumerate(kinds):
-                ids = [((i * 3 + j) * 7919 + t * 31) % 40000 + 100 for t in range(256)]
+                ids = prompt_ids(i * 3 + j)
                 samples[k].append(stream_times(urls[k], {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})[0])
             bar.update()
     finally:

@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import free_port, stop_server, stream_times, write_json  # noqa: E402
+from _common import (batch_output_tok_s, free_port, single_stream_decode_tok_s, stop_server,  # noqa: E402
+                     ttft_256_ms, write_json)
 
 from pdserve.launch.cli import wait_healthy  # noqa: E402
 
@@ -94,27 +95,8 @@ def serve(args, tp: int, kind: str):
 
 
 def measure(url: str) -> dict:
-    res = {}
-    body = {"input_ids": list(range(1000, 1016)), "sampling_params": {
-        "max_new_tokens": 128, "ignore_eos": True, "temperature": 0}}
-    stream_times(url, body)
-    rates = []
-    for _ in range(3):
-        _, times = stream_times(url, body)
-        rates.append((len(times) - 1) / (times[-1] - times[0]))
-    res["single_stream_decode_tok_s"] = sorted(rates)[1]
-    ttfts = []
-    for i in range(5):
-        ids = [(i * 7919 + j * 31) % 40000 + 100 for j in range(256)]
-        ttfts.append(stream_times(url, {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})[0])
-    res["ttft_256_ms"] = sorted(ttfts)[2] * 1000
-    prompts = [[(i * 104729 + j * 17) % 40000 + 100 for j in range(256)] for i in range(32)]
-    t = time.perf_counter()
-    outs = httpx.post(url + "/generate", json={"input_ids": prompts, "sampling_params": {
-        "max_new_tokens": 64, "ignore_eos": True, "temperature": 0}}, timeout=900).json()
-    res["batch_32x256x64_output_tok_s"] = sum(o["meta_info"]["completion_tokens"] for o in outs) / (
-        time.perf_counter() - t)
-    return res
+    return {"single_stream_decode_tok_s": single_stream_decode_tok_s(url), "ttft_256_ms": ttft_256_ms(url),
+            "batch_32x256x64_output_tok_s": batch_output_tok_s(url, 32, 256, 64)[0]}
 
 
 def greedy(url: str) -> list[list[int]]:

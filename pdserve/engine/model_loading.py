@@ -35,7 +35,8 @@ def load_model(args: ServerArgs, tp_rank: int = 0) -> LlamaModel:
     path = resolve_model_path(args.model_path)
     config, state = load_model_files(path)
     shard = TPShard.of(config, tp_rank, args.tp_size)
-    model = LlamaModel(shard.local_config(config), resolve_dtype(args.dtype), args.w4_decode_max_tokens)
+    model = LlamaModel(shard.local_config(config), resolve_dtype(args.dtype), args.w4_decode_max_tokens,
+                       computes_logits=tp_rank == 0)
     model.full_config = config
     model.load_weights(shard_state(state, config, shard))
     del state

@@ -94,7 +94,7 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
             raise RuntimeError(f"unknown op {h.op!r}")
         fb = decode_batch(h, [f.buffer for f in frames[1:]])
         with torch.inference_mode():
-            model.forward(fb, runner.attn, logits=False)
+            model.forward(fb, runner.attn)
 
 
 if __name__ == "__main__":

@@ -107,9 +107,12 @@ def random_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 class LlamaModel:
     """Weights as plain tensors with fused qkv and gate_up projections."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, q4_max_tokens: int = 0) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, q4_max_tokens: int = 0,
+                 computes_logits: bool = True) -> None:
         self.config = config
         self.dtype = dtype
+        # False on tensor-parallel ranks other than 0: they run the layers only (no lm_head)
+        self.computes_logits = computes_logits
         # token counts up to this use 4-bit weight-only matmuls (bf16 only; 0 = never)
         self.q4_max_tokens = q4_max_tokens if dtype == torch.bfloat16 else 0
         self.layers: list[Layer] = []
@@ -156,7 +159,7 @@ class LlamaModel:
             layer.packed = {n: pack_weight(getattr(layer, n)) for n in ("qkv", "o", "gate_up", "down")}
             self.layers.append(layer)
         # lm_head stays bf16: in the default GGUF it is the Q8_0 embedding, not a 4-bit grid
-        self.lm_head_packed = pack_weight(self.lm_head)
+        self.lm_head_packed = pack_weight(self.lm_head) if self.computes_logits else None
 
 
     def init_random(self, seed: int = 0) -> None:
@@ -180,9 +183,9 @@ class LlamaModel:
 
     # ---- forward -------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, fb: ForwardBatch, attn: TorchNativeAttention, logits: bool = True) -> torch.Tensor | None:
-        """Returns float32 logits [N, vocab] for `fb.logits_indices` (None with logits=False:
-        tensor-parallel ranks other than 0 only run the layers)."""
+    def forward(self, fb: ForwardBatch, attn: TorchNativeAttention) -> torch.Tensor | None:
+        """Returns float32 logits [N, vocab] for `fb.logits_indices` (None where the model does
+        not compute logits: tensor-parallel ranks other than 0)."""
         cfg = self.config
         eps = cfg.rms_norm_eps
         hd, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -220,7 +223,7 @@ class LlamaModel:
             if ar is not None:
                 ar(a)
             h = h + a
-        if not logits:
+        if not self.computes_logits:
             return None
         if fb.logits_indices is not None:
             h = h[fb.logits_indices]
