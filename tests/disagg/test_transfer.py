@@ -10,7 +10,7 @@ from pdserve.disagg.bootstrap import KVBootstrapServer
 from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.mode import DisaggregationMode as Mode
 from pdserve.disagg.poll import KVPoll
-from pdserve.disagg.transfer import prefill_side, tcp
+from pdserve.disagg.transfer import prefill_service, tcp
 from pdserve.disagg.transfer.base import KVArgs, KVTransferError
 from pdserve.disagg.transfer.heads import head_range
 from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
@@ -56,7 +56,7 @@ def test_single_transfer_lands_exactly(pair):
 
 
 def test_many_concurrent_rooms_and_chunks(pair, monkeypatch):
-    monkeypatch.setattr(prefill_side, "MIN_PIECE_BYTES", 1)  # split every request over all queues
+    monkeypatch.setattr(prefill_service, "MIN_PIECE_BYTES", 1)  # split every request over all queues
     monkeypatch.setattr(tcp, "MAX_FRAME_BYTES", 3 * pair.prefill.args.page_nbytes)  # and into many frames
     rng = random.Random(0)
     free = list(range(SHAPE[0]))

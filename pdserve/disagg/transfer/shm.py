@@ -25,9 +25,11 @@ import numpy as np
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import DTYPE_NAMES, KVArgs
-from pdserve.disagg.transfer.decode_side import DataConn, DecodeTransferService, SocketKVReceiver
+from pdserve.disagg.transfer.decode_service import DataConn, DecodeTransferService
+from pdserve.disagg.transfer.decode_side import SocketKVReceiver
 from pdserve.disagg.transfer.heads import copy_pages, head_range
-from pdserve.disagg.transfer.prefill_side import Job, SocketKVSender
+from pdserve.disagg.transfer.prefill_service import Job
+from pdserve.disagg.transfer.prefill_side import SocketKVSender
 from pdserve.disagg.transfer.shm_segment import (SegmentMaps, allocate_kv_buffer, check_shm_name,
                                                  cleanup_stale_segments, free_kv_buffer, new_shm_name, segment_of)
 from pdserve.disagg.transfer.socket_manager import SocketKVManager

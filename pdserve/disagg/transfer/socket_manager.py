@@ -9,8 +9,8 @@ from typing import ClassVar
 from pdserve.disagg.envs import DisaggEnvs
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.transfer.base import BaseKVManager, KVArgs
-from pdserve.disagg.transfer.decode_side import DecodeMover, DecodeTransferService
-from pdserve.disagg.transfer.prefill_side import PrefillMover, PrefillTransferService
+from pdserve.disagg.transfer.decode_service import DecodeMover, DecodeTransferService
+from pdserve.disagg.transfer.prefill_service import PrefillMover, PrefillTransferService
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,11 @@ import torch
 
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import KVArgs
-from pdserve.disagg.transfer.decode_side import DataConn, DecodeTransferService, SocketKVReceiver
+from pdserve.disagg.transfer.decode_service import DataConn, DecodeTransferService
+from pdserve.disagg.transfer.decode_side import SocketKVReceiver
 from pdserve.disagg.transfer.heads import gather_pages, page_runs, scatter_pages, staging_view
-from pdserve.disagg.transfer.prefill_side import Job, SocketKVSender
+from pdserve.disagg.transfer.prefill_service import Job
+from pdserve.disagg.transfer.prefill_side import SocketKVSender
 from pdserve.disagg.transfer.socket_manager import SocketKVManager
 from pdserve.disagg.transfer.wire import FrameHeader, FrameType, ProtocolError
 

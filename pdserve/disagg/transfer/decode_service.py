@@ -1,0 +1,363 @@
+"""Decode side of the socket backends (tcp, shm), per rank: the data listener prefill pushes
+KV into, the bootstrap lookups and control connections to prefill ranks, the heartbeats.
+The per-request receiver is in decode_side.py.
+
+Safety rule: bytes are written into a request's pages only between `begin_write` and
+`end_write`, and `begin_write` refuses once the receiver failed or was aborted. A failed
+receiver reports Failed only after in-flight writes ended, so the scheduler may free its
+pages as soon as poll() says Failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from pdserve.disagg.bootstrap import HeartbeatMonitor, RankInfo, fetch_route
+from pdserve.disagg.metadata import KVMetadata, MetadataError
+from pdserve.disagg.transfer import wire
+from pdserve.disagg.transfer.base import KVLayout, KVTransferError
+from pdserve.disagg.transfer.wire import FrameHeader, FrameType, ProtocolError
+
+if TYPE_CHECKING:
+    from pdserve.disagg.transfer.decode_side import SocketKVReceiver
+    from pdserve.disagg.transfer.socket_manager import SocketKVManager
+
+logger = logging.getLogger(__name__)
+
+MAX_DATA_CONNECTIONS = 512
+
+
+@dataclass(eq=False)
+class DataConn:
+    """One connection from a prefill worker; `scratch` holds per-connection staging buffers."""
+
+    sock: socket.socket
+    peer: object
+    scratch: dict = field(default_factory=dict)
+    grant: tuple | None = None  # shm: (receiver, header) of the write prefill may be doing now
+
+
+class DecodeMover(Protocol):
+    def handle_frame(self, conn: DataConn, h: FrameHeader) -> None:
+        """Handle a DATA / WRITE_BEGIN / WRITE_DONE frame (backend specific)."""
+
+    def on_disconnect(self, conn: DataConn) -> None: ...
+
+    def register_extra(self) -> dict:
+        """Extra RegisterBody fields (shm: the segment name)."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """A prefill instance as its bootstrap server describes it."""
+
+    addr: str
+    tp_size: int
+    ranks: dict[int, RankInfo]
+
+
+class _ControlConn:
+    """A request/ACK connection to one prefill rank's control endpoint (one call at a time)."""
+
+    def __init__(self, ep: tuple[str, int], timeout: float) -> None:
+        self.ep = ep
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+
+    def call(self, header: FrameHeader, body: bytes, payload: list, want_ack: bool = True) -> wire.AckBody | None:
+        with self.lock:
+            for attempt in (0, 1):
+                reused = self.sock is not None
+                try:
+                    if self.sock is None:
+                        self.sock = socket.create_connection(self.ep, timeout=min(self.timeout, 10.0))
+                        self.sock.settimeout(self.timeout)
+                        wire.tune_socket(self.sock, 1 << 20)
+                    wire.send_frame(self.sock, header, body, payload)
+                    return wire.read_ack(self.sock, header.room) if want_ack else None
+                except (OSError, ProtocolError):
+                    self.close_locked()
+                    if attempt == 0 and reused:
+                        continue
+                    raise
+        return None
+
+    def close_locked(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class DecodeTransferService:
+    def __init__(self, mgr: "SocketKVManager", mover: DecodeMover) -> None:
+        self.mgr = mgr
+        self.args = mgr.args
+        self.mover = mover
+        self.layout: KVLayout = mgr.args.layout
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)  # writers finishing
+        self._receivers: dict[int, SocketKVReceiver] = {}
+        self._routes: dict[str, Future[Route]] = {}
+        self._ctrl: dict[tuple[str, int], _ControlConn] = {}
+        self._heartbeats: dict[str, HeartbeatMonitor] = {}
+        self._conns: set[socket.socket] = set()
+        self._handlers: list[threading.Thread] = []
+        self._closed = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=mgr.thread_pool_size, thread_name_prefix="kv-decode")
+        # bytes of one KV head's share of a page: the unit every DATA payload is made of
+        self.head_page_nbytes = self.args.page_nbytes // self.args.num_kv_heads
+
+        self._listener = socket.create_server((self.args.host, self.args.port), backlog=128)
+        self._listener.settimeout(0.5)
+        self.port = self._listener.getsockname()[1]
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="kv-decode-accept", daemon=True)
+        self._accept_thread.start()
+
+    # -- data connections from prefill -----------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, peer = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            with self.lock:
+                if len(self._conns) >= MAX_DATA_CONNECTIONS:
+                    logger.error("too many KV data connections; refusing %s", peer)
+                    sock.close()
+                    continue
+                self._conns.add(sock)
+            t = threading.Thread(target=self._serve, args=(DataConn(sock, peer),), name="kv-decode-data",
+                                 daemon=True)
+            self._handlers = [h for h in self._handlers if h.is_alive()] + [t]
+            t.start()
+
+    def _serve(self, conn: DataConn) -> None:
+        sock = conn.sock
+        sock.settimeout(self.mgr.io_timeout)
+        wire.tune_socket(sock)
+        try:
+            while not self._closed.is_set():
+                h = wire.read_header(sock, keep_waiting=lambda: not self._closed.is_set())
+                if h is None:
+                    break
+                if h.type == FrameType.META:
+                    self._on_meta(sock, h)
+                elif h.type == FrameType.ABORT:
+                    reason = wire.read_abort_reason(sock, h)
+                    r = self.lookup(h.room)
+                    if r is not None:
+                        r._fail(f"prefill aborted the transfer: {reason or 'no reason given'}", notify=False)
+                elif h.type in (FrameType.DATA, FrameType.WRITE_BEGIN, FrameType.WRITE_DONE):
+                    self.mover.handle_frame(conn, h)
+                else:
+                    raise ProtocolError(f"unexpected {h.type.name} frame on a data connection")
+        except ProtocolError as e:
+            logger.error("rejected frame from prefill %s: %s; closing the connection", conn.peer, e)
+        except OSError as e:
+            if not self._closed.is_set():
+                logger.warning("KV data connection from %s ended: %r", conn.peer, e)
+        finally:
+            self.mover.on_disconnect(conn)
+            with self.lock:
+                self._conns.discard(sock)
+            sock.close()
+
+    def check_geometry(self, h: FrameHeader) -> None:
+        """Limits any DATA/WRITE frame must meet, whatever its room (before reading a byte of it)."""
+        if not (1 <= h.npages <= self.args.num_pages):
+            raise ProtocolError(f"{h.type.name} for {h.npages} pages (this pool has {self.args.num_pages})")
+        if not (h.head_start < h.head_end <= self.args.num_kv_heads):
+            raise ProtocolError(f"head range [{h.head_start}, {h.head_end}) outside the "
+                                f"{self.args.num_kv_heads} local heads")
+        if h.body_len:
+            raise ProtocolError(f"{h.type.name} carries no body")
+
+    def _on_meta(self, sock: socket.socket, h: FrameHeader) -> None:
+        if h.payload_len != KVMetadata.SIZE or h.body_len:
+            raise ProtocolError(f"META payload {h.payload_len} bytes, expected {KVMetadata.SIZE}")
+        data = bytes(wire.recv_exact(sock, KVMetadata.SIZE))
+        r = self.lookup(h.room)
+        if r is None:
+            logger.warning("metadata for unknown or finished room %d ignored", h.room)
+            return
+        try:
+            meta = KVMetadata.unpack(data, expected_room=h.room)
+        except MetadataError as e:
+            r._fail(f"bad metadata record: {e}")
+            return
+        r._on_meta(h.src_rank, meta)
+
+    # -- receivers -------------------------------------------------------------------------
+    def lookup(self, room: int) -> "SocketKVReceiver | None":
+        with self.lock:
+            return self._receivers.get(room)
+
+    def add_receiver(self, r: "SocketKVReceiver") -> None:
+        if self._closed.is_set():
+            r._fail("KV manager shut down", notify=False, remove=False)
+            return
+        with self.lock:
+            if r.room in self._receivers:
+                collision = True
+            else:
+                collision = False
+                self._receivers[r.room] = r
+                if r.bootstrap_addr not in self._heartbeats:
+                    self._heartbeats[r.bootstrap_addr] = HeartbeatMonitor(
+                        r.bootstrap_addr, self.mgr.heartbeat_interval, self.mgr.heartbeat_max_failure,
+                        on_dead=self._on_prefill_dead)
+                fut = self._routes.get(r.bootstrap_addr)
+                if fut is None or (fut.done() and fut.exception() is not None):
+                    fut = self._routes[r.bootstrap_addr] = self._pool.submit(self._resolve, r.bootstrap_addr)
+        if collision:
+            r._fail("bootstrap_room collision: another request on this decode uses the same room",
+                    notify=False, remove=False)
+            return
+        fut.add_done_callback(lambda f: self._on_route(r, f))
+
+    def remove(self, r: "SocketKVReceiver") -> None:
+        with self.lock:
+            if self._receivers.get(r.room) is r:
+                del self._receivers[r.room]
+
+    def _resolve(self, addr: str) -> Route:
+        """Fetch prefill's route table; wait (bounded) until all its ranks registered."""
+        deadline = time.monotonic() + self.mgr.bootstrap_timeout
+        delay, last = 0.05, "no answer"
+        while not self._closed.is_set():
+            try:
+                table = fetch_route(addr, timeout=min(5.0, self.mgr.io_timeout))
+                if table.tp_size and len(table.ranks) == table.tp_size:
+                    return Route(addr, table.tp_size, {i.engine_rank: i for i in table.ranks})
+                last = f"{len(table.ranks)} of {table.tp_size or '?'} prefill ranks registered"
+            except Exception as e:  # noqa: BLE001 - reported below if it persists
+                last = repr(e)
+            if time.monotonic() + delay > deadline:
+                break
+            self._closed.wait(delay)
+            delay = min(delay * 2, 1.0)
+        raise KVTransferError(0, f"prefill bootstrap server {addr} unusable: {last}")
+
+    def _on_route(self, r: "SocketKVReceiver", fut: Future) -> None:
+        try:
+            route = fut.result()
+        except Exception as e:  # noqa: BLE001
+            reason = e.reason if isinstance(e, KVTransferError) else repr(e)
+            r._fail(reason, notify=False)
+            return
+        r._set_route(route)
+
+    def submit_register(self, r: "SocketKVReceiver") -> None:
+        self._pool.submit(self._register, r)
+
+    def _register(self, r: "SocketKVReceiver") -> None:
+        a, lay = self.args, self.layout
+        assert r.route is not None and r.pages is not None
+        body = wire.encode_body(wire.RegisterBody(
+            decode_rank=a.engine_rank, decode_tp_size=a.tp_size, host=a.host, port=self.port,
+            backend=self.mgr.backend, page_size=lay.page_size, num_layers=lay.num_layers,
+            total_kv_heads=lay.total_kv_heads, head_dim=lay.head_dim, dtype=lay.dtype,
+            decode_num_pages=a.num_pages, **self.mover.register_extra()))
+        payload = r.pages.astype("<u4").tobytes()
+        for src in r.sources:
+            if r._state.done:
+                return
+            info = r.route.ranks[src]
+            try:
+                ack = self._control(info).call(
+                    FrameHeader(FrameType.REGISTER, r.room, src_rank=a.engine_rank, npages=len(r.pages)),
+                    body, [payload])
+            except (OSError, ProtocolError) as e:
+                self._forget_route(r.bootstrap_addr)
+                r._fail(f"could not reach prefill rank {src} at {info.rank_ip}:{info.rank_port}: {e!r}")
+                return
+            if ack is None or not ack.ok:
+                r._fail(f"prefill rank {src} refused the request: {ack.error if ack else 'no reply'}", notify=False)
+                return
+        r.registered.set()
+
+    def send_abort(self, r: "SocketKVReceiver", reason: str) -> None:
+        """Best effort: tell the prefill ranks this room is gone."""
+        route = r.route
+        if route is None or self._closed.is_set():
+            return
+
+        def run() -> None:
+            body = wire.encode_body(wire.AckBody(ok=False, error=reason[:4000]))
+            for src in r.sources:
+                try:
+                    self._control(route.ranks[src]).call(
+                        FrameHeader(FrameType.ABORT, r.room, src_rank=self.args.engine_rank), body, [],
+                        want_ack=False)
+                except (OSError, ProtocolError, KeyError):
+                    pass
+        try:
+            self._pool.submit(run)
+        except RuntimeError:  # pool shut down
+            pass
+
+    def _control(self, info: RankInfo) -> _ControlConn:
+        ep = (info.rank_ip, info.rank_port)
+        with self.lock:
+            c = self._ctrl.get(ep)
+            if c is None:
+                c = self._ctrl[ep] = _ControlConn(ep, self.mgr.io_timeout)
+            return c
+
+    def _forget_route(self, addr: str) -> None:
+        with self.lock:
+            fut = self._routes.pop(addr, None)
+        if fut is not None and fut.done() and fut.exception() is None:
+            for info in fut.result().ranks.values():
+                with self.lock:
+                    c = self._ctrl.get((info.rank_ip, info.rank_port))
+                if c is not None:
+                    with c.lock:
+                        c.close_locked()
+
+    def _on_prefill_dead(self, addr: str, message: str) -> None:
+        self._forget_route(addr)
+        with self.lock:
+            victims = [r for r in self._receivers.values() if r.bootstrap_addr == addr]
+        for r in victims:
+            r._fail(message, notify=False)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
+        self._listener.close()
+        with self.lock:
+            hbs = list(self._heartbeats.values())
+            conns = list(self._conns)
+            receivers = list(self._receivers.values())
+            ctrls = list(self._ctrl.values())
+        for hb in hbs:
+            hb.stop()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._accept_thread.join(timeout=5)
+        for t in self._handlers:
+            t.join(timeout=2)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for c in ctrls:
+            with c.lock:
+                c.close_locked()
+        for r in receivers:
+            r._fail("KV manager shut down", notify=False)

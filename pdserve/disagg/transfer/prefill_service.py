@@ -1,0 +1,405 @@
+"""Prefill side of the socket backends (tcp, shm), per rank: the control listener that takes
+decode's page indices, the transfer queues and worker threads. The per-request sender is in
+prefill_side.py.
+
+Threads: one accept loop + one handler per decode control connection; `queue_size` queues,
+each drained by `thread_pool_size // queue_size` (at least 1) workers. A worker owns its own
+connections to decode data endpoints (no socket is shared between threads). A request's
+pages are cut into up to `queue_size` pieces spread over the queues, so one big request uses
+several connections and many small requests share them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from pdserve.disagg.bootstrap import RankInfo, register_rank
+from pdserve.disagg.transfer import wire
+from pdserve.disagg.transfer.base import KVLayout
+from pdserve.disagg.transfer.heads import peer_ranks, slice_mapping
+from pdserve.disagg.transfer.wire import FrameHeader, FrameType, ProtocolError
+
+if TYPE_CHECKING:
+    from pdserve.disagg.transfer.prefill_side import SocketKVSender
+    from pdserve.disagg.transfer.socket_manager import SocketKVManager
+
+logger = logging.getLogger(__name__)
+
+MAX_ROOMS = 1 << 16  # rooms tracked at once (pending registrations + live senders)
+MIN_PIECE_BYTES = 8 << 20  # do not split a request into pieces smaller than this
+
+
+@dataclass(eq=False)
+class Destination:
+    """One decode rank's registration for a room."""
+
+    decode_rank: int
+    decode_tp_size: int
+    host: str
+    port: int
+    pages: np.ndarray  # int64 decode page ids, in request order
+    src_heads: tuple[int, int]  # prefill-local heads to send
+    dst_heads: tuple[int, int]  # where they go among decode's local heads
+    decode_num_pages: int
+    shm_name: str | None = None
+    outstanding: int = 0  # queued pieces not yet written (guarded by the service lock)
+    meta_queued: bool = False
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        return self.host, self.port
+
+
+@dataclass(eq=False)
+class Job:
+    kind: str  # "piece" | "meta" | "abort"
+    sender: "SocketKVSender"
+    dest: Destination
+    offset: int = 0  # position of src_pages[0] in the request's page list
+    src_pages: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    reason: str = ""
+
+
+class PrefillMover(Protocol):
+    """What a backend does on the prefill side."""
+
+    def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
+        """An error message to refuse decode's registration, or None."""
+
+    def send_piece(self, sock: socket.socket, job: Job, scratch: dict) -> int:
+        """Move the piece's pages to decode; return the KV bytes moved. `scratch` is per worker."""
+
+
+@dataclass(eq=False)
+class _Room:
+    dests: dict[int, Destination] = field(default_factory=dict)
+    required: int | None = None  # decode ranks that must register (from decode's tp size)
+    sender: "SocketKVSender | None" = None
+    created: float = field(default_factory=time.monotonic)
+    aborted: str | None = None  # decode aborted before prefill created the sender
+
+
+class PrefillTransferService:
+    def __init__(self, mgr: "SocketKVManager", mover: PrefillMover) -> None:
+        self.mgr = mgr
+        self.args = mgr.args
+        self.mover = mover
+        self.layout: KVLayout = mgr.args.layout
+        self.lock = threading.RLock()  # senders call back into the service while holding it
+        self._rooms: dict[int, _Room] = {}
+        self._last_sweep = time.monotonic()
+        self._closed = threading.Event()
+        self.registered = threading.Event()  # set once the bootstrap server has our endpoint
+        self._conns: set[socket.socket] = set()
+        self._handlers: list[threading.Thread] = []
+
+        self._listener = socket.create_server((self.args.host, self.args.port), backlog=128)
+        self._listener.settimeout(0.5)
+        self.port = self._listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept_loop, name="kv-prefill-accept", daemon=True)]
+        nq = mgr.queue_size
+        self._queues: list[queue.SimpleQueue[Job | None]] = [queue.SimpleQueue() for _ in range(nq)]
+        per_queue = max(1, mgr.thread_pool_size // nq)
+        for qi, q in enumerate(self._queues):
+            for k in range(per_queue):
+                self._threads.append(threading.Thread(target=self._worker, args=(q,), name=f"kv-send-{qi}.{k}",
+                                                      daemon=True))
+        if mgr.register_with_bootstrap:
+            self._threads.append(threading.Thread(target=self._register_loop, name="kv-prefill-register",
+                                                  daemon=True))
+        for t in self._threads:
+            t.start()
+
+    # -- bootstrap registration ------------------------------------------------------------
+    def rank_info(self) -> RankInfo:
+        a, lay = self.args, self.layout
+        return RankInfo(engine_rank=a.engine_rank, tp_size=a.tp_size, rank_ip=a.host, rank_port=self.port,
+                        backend=self.mgr.backend, page_size=lay.page_size, num_layers=lay.num_layers,
+                        total_kv_heads=lay.total_kv_heads, head_dim=lay.head_dim, dtype=lay.dtype)
+
+    def _register_loop(self) -> None:
+        addr = f"{self.args.bootstrap_host}:{self.args.bootstrap_port}"
+        deadline = time.monotonic() + self.mgr.bootstrap_timeout
+        delay = 0.05
+        while not self._closed.is_set():
+            try:
+                register_rank(addr, self.rank_info())
+                self.registered.set()
+                return
+            except Exception as e:  # noqa: BLE001 - the server may not be up yet; retry
+                if time.monotonic() > deadline:
+                    logger.error("could not register prefill rank %d with bootstrap server %s: %s",
+                                 self.args.engine_rank, addr, e)
+                    return
+            self._closed.wait(delay)
+            delay = min(delay * 2, 1.0)
+
+    # -- control connections from decode -------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            with self.lock:
+                if len(self._conns) >= 1024:
+                    logger.error("too many control connections; refusing %s", peer)
+                    conn.close()
+                    continue
+                self._conns.add(conn)
+            t = threading.Thread(target=self._serve_control, args=(conn, peer), name="kv-prefill-ctrl",
+                                 daemon=True)
+            self._handlers = [h for h in self._handlers if h.is_alive()] + [t]
+            t.start()
+
+    def _serve_control(self, conn: socket.socket, peer: object) -> None:
+        conn.settimeout(self.mgr.io_timeout)
+        wire.tune_socket(conn, 1 << 20)
+        try:
+            while not self._closed.is_set():
+                h = wire.read_header(conn, keep_waiting=lambda: not self._closed.is_set())
+                if h is None:
+                    break
+                if h.type == FrameType.REGISTER:
+                    self._on_register(conn, h)
+                elif h.type == FrameType.ABORT:
+                    self._on_decode_abort(h.room, wire.read_abort_reason(conn, h))
+                else:
+                    raise ProtocolError(f"unexpected {h.type.name} frame on the control channel")
+        except ProtocolError as e:
+            logger.error("rejected frame from decode %s: %s; closing the connection", peer, e)
+        except OSError as e:
+            if not self._closed.is_set():
+                logger.debug("control connection from %s ended: %s", peer, e)
+        finally:
+            with self.lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _on_register(self, conn: socket.socket, h: FrameHeader) -> None:
+        # framing limits first: nothing is read or allocated before these hold
+        if not (1 <= h.npages <= wire.MAX_PAGES_PER_ROOM):
+            raise ProtocolError(f"REGISTER for {h.npages} pages (limit {wire.MAX_PAGES_PER_ROOM})")
+        if h.payload_len != 4 * h.npages:
+            raise ProtocolError(f"REGISTER payload {h.payload_len} bytes != 4 x {h.npages} pages")
+        body = wire.decode_register(bytes(wire.recv_exact(conn, h.body_len)))
+        if h.npages > body.decode_num_pages:
+            raise ProtocolError(f"REGISTER for {h.npages} pages, decode's pool has {body.decode_num_pages}")
+        pages = np.frombuffer(wire.recv_exact(conn, h.payload_len), dtype="<u4").astype(np.int64)
+        error = self._check_register(h, body, pages)
+        if error is None:
+            error = self._add_destination(h.room, body, pages)
+        if error is not None:
+            logger.error("refused decode rank %d's registration of room %d: %s", body.decode_rank, h.room, error)
+        reply = wire.encode_body(wire.AckBody(ok=error is None, error=error or ""))
+        wire.send_frame(conn, FrameHeader(FrameType.ACK, h.room, src_rank=self.args.engine_rank), reply)
+
+    def _check_register(self, h: FrameHeader, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
+        if body.backend != self.mgr.backend:
+            return f"decode uses transfer backend {body.backend!r}, this prefill uses {self.mgr.backend!r}"
+        theirs = KVLayout(body.page_size, body.num_layers, body.total_kv_heads, body.head_dim, body.dtype)
+        diff = self.layout.mismatch(theirs)
+        if diff:
+            return f"KV layout mismatch between prefill and decode ({diff})"
+        if body.decode_rank >= body.decode_tp_size:
+            return f"decode rank {body.decode_rank} >= its tp size {body.decode_tp_size}"
+        if body.total_kv_heads < body.decode_tp_size:
+            return f"{body.total_kv_heads} KV heads do not split over decode tp size {body.decode_tp_size}"
+        if int(pages.max()) >= body.decode_num_pages:
+            return f"page index {int(pages.max())} outside decode's pool of {body.decode_num_pages} pages"
+        if np.unique(pages).size != pages.size:
+            return "duplicate page indices"
+        if slice_mapping(self.args.engine_rank, self.args.tp_size, body.decode_rank, body.decode_tp_size,
+                         self.layout.total_kv_heads) is None:
+            return f"decode rank {body.decode_rank} shares no KV heads with prefill rank {self.args.engine_rank}"
+        return self.mover.check_registration(body, pages)
+
+    def _add_destination(self, room: int, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
+        a = self.args
+        mapping = slice_mapping(a.engine_rank, a.tp_size, body.decode_rank, body.decode_tp_size,
+                                self.layout.total_kv_heads)
+        assert mapping is not None
+        dest = Destination(body.decode_rank, body.decode_tp_size, body.host, body.port, pages, mapping[0],
+                           mapping[1], body.decode_num_pages, body.shm_name)
+        required = len(peer_ranks(a.engine_rank, a.tp_size, body.decode_tp_size, self.layout.total_kv_heads))
+        with self.lock:
+            self._sweep_locked()
+            entry = self._rooms.get(room)
+            if entry is None:
+                if len(self._rooms) >= MAX_ROOMS:
+                    return f"too many rooms in flight ({MAX_ROOMS})"
+                entry = self._rooms[room] = _Room()
+            if body.decode_rank in entry.dests:
+                return f"room already registered by decode rank {body.decode_rank}"
+            if entry.required is not None and entry.required != required:
+                return "decode ranks of one room disagree on the decode tp size"
+            entry.required = required
+            entry.dests[body.decode_rank] = dest
+            if entry.sender is not None:
+                entry.sender._update_locked(entry)
+        return None
+
+    def _on_decode_abort(self, room: int, reason: str) -> None:
+        with self.lock:
+            entry = self._rooms.get(room)
+            if entry is None:
+                return
+            if entry.sender is None:
+                entry.aborted = reason or "decode aborted"
+                return
+            sender = entry.sender
+        sender._fail(f"decode aborted the request: {reason or 'no reason given'}", notify_decode=False)
+
+    def _sweep_locked(self) -> None:
+        """Forget registrations no sender claimed within the bootstrap timeout."""
+        now = time.monotonic()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        stale = [r for r, e in self._rooms.items()
+                 if e.sender is None and now - e.created > self.mgr.bootstrap_timeout]
+        for r in stale:
+            del self._rooms[r]
+        if stale:
+            logger.warning("dropped %d decode registrations that no prefill request claimed", len(stale))
+
+    # -- senders ---------------------------------------------------------------------------
+    def attach(self, sender: "SocketKVSender") -> None:
+        with self.lock:
+            entry = self._rooms.get(sender.room)
+            if entry is None:
+                if len(self._rooms) >= MAX_ROOMS:
+                    reason = f"too many rooms in flight ({MAX_ROOMS})"
+                else:
+                    entry = self._rooms[sender.room] = _Room()
+                    reason = None
+            elif entry.sender is not None:
+                reason = "bootstrap_room collision: another request on this prefill uses the same room"
+                entry = None
+            else:
+                reason = entry.aborted
+            if entry is not None and reason is None:
+                entry.sender = sender
+                entry.created = time.monotonic()
+                sender._update_locked(entry)
+                return
+        sender._fail(reason or "could not attach", notify_decode=False, detach=False)
+
+    def detach(self, sender: "SocketKVSender") -> None:
+        with self.lock:
+            entry = self._rooms.get(sender.room)
+            if entry is not None and entry.sender is sender:
+                del self._rooms[sender.room]
+
+    def submit(self, jobs: list[Job]) -> None:
+        nq = len(self._queues)
+        for i, job in enumerate(jobs):
+            self._queues[(job.sender.room + i) % nq].put(job)
+
+    def split_pieces(self, sender: "SocketKVSender", dest: Destination, pages: np.ndarray, offset: int) -> list[Job]:
+        if len(pages) == 0:
+            return []
+        pages_per_piece = max(1, MIN_PIECE_BYTES // max(1, sender.slice_nbytes(dest)))
+        max_pieces = min(len(self._queues), getattr(self.mover, "max_pieces", len(self._queues)))
+        npieces = max(1, min(max_pieces, -(-len(pages) // pages_per_piece)))
+        bounds = np.linspace(0, len(pages), npieces + 1).astype(int)
+        return [Job("piece", sender, dest, offset + int(lo), pages[lo:hi])
+                for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+    # -- workers ---------------------------------------------------------------------------
+    def _connect(self, ep: tuple[str, int]) -> socket.socket:
+        sock = socket.create_connection(ep, timeout=min(self.mgr.io_timeout, 10.0))
+        sock.settimeout(self.mgr.io_timeout)
+        wire.tune_socket(sock)
+        with self.lock:
+            self._conns.add(sock)
+        return sock
+
+    def _drop(self, conns: dict, ep: tuple[str, int]) -> None:
+        sock = conns.pop(ep, None)
+        if sock is not None:
+            with self.lock:
+                self._conns.discard(sock)
+            sock.close()
+
+    def _worker(self, q: "queue.SimpleQueue[Job | None]") -> None:
+        conns: dict[tuple[str, int], socket.socket] = {}
+        scratch: dict = {}
+        while True:
+            job = q.get()
+            if job is None:
+                break
+            if job.kind != "abort" and job.sender._state.done:
+                continue  # failed or aborted meanwhile: skip its remaining pieces
+            ep = job.dest.endpoint
+            for attempt in (0, 1):
+                reused = ep in conns
+                try:
+                    if not reused:
+                        conns[ep] = self._connect(ep)
+                    self._run_job(conns[ep], job, scratch)
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure fails this request only
+                    self._drop(conns, ep)
+                    if attempt == 0 and reused and isinstance(e, OSError) and not isinstance(e, TimeoutError):
+                        continue  # a stale kept-alive connection: retry once on a fresh one
+                    if job.kind != "abort":
+                        job.sender._fail(f"sending KV to decode {ep[0]}:{ep[1]} failed: {e!r}")
+                    break
+        for ep in list(conns):
+            self._drop(conns, ep)
+
+    def _run_job(self, sock: socket.socket, job: Job, scratch: dict) -> None:
+        sender, dest = job.sender, job.dest
+        if job.kind == "abort":
+            body = wire.encode_body(wire.AckBody(ok=False, error=job.reason[:4000]))
+            wire.send_frame(sock, FrameHeader(FrameType.ABORT, sender.room, src_rank=self.args.engine_rank), body)
+            return
+        if job.kind == "piece":
+            nbytes = self.mover.send_piece(sock, job, scratch)
+            if not sender._piece_done(dest, nbytes):
+                return
+            job.kind = "meta"  # a retry after this point resends only the metadata
+        meta = sender.metadata
+        assert meta is not None
+        wire.send_frame(sock, FrameHeader(FrameType.META, sender.room, src_rank=self.args.engine_rank),
+                        payload=[meta.pack()])
+        sender._meta_sent(dest)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for q in self._queues:
+            for _ in range(max(1, self.mgr.thread_pool_size // len(self._queues))):
+                q.put(None)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
+        self._listener.close()
+        with self.lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in self._threads:
+            t.join(timeout=5)
+        for t in self._handlers:
+            t.join(timeout=2)
+        with self.lock:
+            senders = [e.sender for e in self._rooms.values() if e.sender is not None]
+        for s in senders:
+            s._fail("KV manager shut down", notify_decode=False)
