@@ -1,0 +1,38 @@
+"""One prefill/decode pair (plus a pair the tests kill) shared by every PD fault test."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.pd_faults.cluster import PROMPTS, SP, Decode, Prefill, pd_generate
+
+
+@pytest.fixture(scope="package")
+def cluster():
+    """The shared pair (prefill, decode), and a prefill and a decode that tests kill."""
+    servers = [Prefill(), Decode(), Prefill(), Decode()]
+    try:
+        for s in servers:
+            s.wait_healthy()
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture(scope="package")
+def pair(cluster):
+    return cluster[0], cluster[1]
+
+
+@pytest.fixture(scope="package")
+def reference(pair):
+    """Outputs of healthy PD requests on the shared pair, before any fault."""
+    p, d = pair
+    refs = [pd_generate(p, d, prompt) for prompt in PROMPTS]
+    for ref in refs:
+        assert len(ref["output_ids"]) == SP["max_new_tokens"], ref
+        assert ref["meta_info"]["transfer_time"] is not None
+    p.wait_clean()
+    d.wait_clean()
+    return refs
