@@ -22,6 +22,7 @@ from pdserve.disagg.bootstrap import HeartbeatMonitor, RankInfo, fetch_route
 from pdserve.disagg.metadata import KVMetadata, MetadataError
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import KVLayout, KVTransferError
+from pdserve.disagg.transfer.listener import Listener
 from pdserve.disagg.transfer.wire import FrameHeader, FrameType, ProtocolError
 
 if TYPE_CHECKING:
@@ -107,41 +108,18 @@ class DecodeTransferService:
         self._routes: dict[str, Future[Route]] = {}
         self._ctrl: dict[tuple[str, int], _ControlConn] = {}
         self._heartbeats: dict[str, HeartbeatMonitor] = {}
-        self._conns: set[socket.socket] = set()
-        self._handlers: list[threading.Thread] = []
-        self._closed = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=mgr.thread_pool_size, thread_name_prefix="kv-decode")
         # bytes of one KV head's share of a page: the unit every DATA payload is made of
         self.head_page_nbytes = self.args.page_nbytes // self.args.num_kv_heads
 
-        self._listener = socket.create_server((self.args.host, self.args.port), backlog=128)
-        self._listener.settimeout(0.5)
-        self.port = self._listener.getsockname()[1]
-        self._accept_thread = threading.Thread(target=self._accept_loop, name="kv-decode-accept", daemon=True)
-        self._accept_thread.start()
+        self.listener = Listener(self.args.host, self.args.port, self._serve, name="kv-decode-data",
+                                 max_conns=MAX_DATA_CONNECTIONS, lock=self.lock)
+        self._closed = self.listener.closed
+        self.port = self.listener.port
 
     # -- data connections from prefill -----------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                sock, peer = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            with self.lock:
-                if len(self._conns) >= MAX_DATA_CONNECTIONS:
-                    logger.error("too many KV data connections; refusing %s", peer)
-                    sock.close()
-                    continue
-                self._conns.add(sock)
-            t = threading.Thread(target=self._serve, args=(DataConn(sock, peer),), name="kv-decode-data",
-                                 daemon=True)
-            self._handlers = [h for h in self._handlers if h.is_alive()] + [t]
-            t.start()
-
-    def _serve(self, conn: DataConn) -> None:
-        sock = conn.sock
+    def _serve(self, sock: socket.socket, peer: object) -> None:
+        conn = DataConn(sock, peer)
         sock.settimeout(self.mgr.io_timeout)
         wire.tune_socket(sock)
         try:
@@ -167,9 +145,6 @@ class DecodeTransferService:
                 logger.warning("KV data connection from %s ended: %r", conn.peer, e)
         finally:
             self.mover.on_disconnect(conn)
-            with self.lock:
-                self._conns.discard(sock)
-            sock.close()
 
     def check_geometry(self, h: FrameHeader) -> None:
         """Limits any DATA/WRITE frame must meet, whatever its room (before reading a byte of it)."""
@@ -334,27 +309,13 @@ class DecodeTransferService:
     def close(self) -> None:
         if self._closed.is_set():
             return
-        self._closed.set()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
-        except OSError:
-            pass
-        self._listener.close()
+        self.listener.close()
         with self.lock:
             hbs = list(self._heartbeats.values())
-            conns = list(self._conns)
             receivers = list(self._receivers.values())
             ctrls = list(self._ctrl.values())
         for hb in hbs:
             hb.stop()
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self._accept_thread.join(timeout=5)
-        for t in self._handlers:
-            t.join(timeout=2)
         self._pool.shutdown(wait=True, cancel_futures=True)
         for c in ctrls:
             with c.lock:

@@ -25,6 +25,7 @@ from pdserve.disagg.bootstrap import RankInfo, register_rank
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import KVLayout
 from pdserve.disagg.transfer.heads import peer_ranks, slice_mapping
+from pdserve.disagg.transfer.listener import Listener
 from pdserve.disagg.transfer.wire import FrameHeader, FrameType, ProtocolError
 
 if TYPE_CHECKING:
@@ -96,15 +97,12 @@ class PrefillTransferService:
         self.lock = threading.RLock()  # senders call back into the service while holding it
         self._rooms: dict[int, _Room] = {}
         self._last_sweep = time.monotonic()
-        self._closed = threading.Event()
         self.registered = threading.Event()  # set once the bootstrap server has our endpoint
-        self._conns: set[socket.socket] = set()
-        self._handlers: list[threading.Thread] = []
-
-        self._listener = socket.create_server((self.args.host, self.args.port), backlog=128)
-        self._listener.settimeout(0.5)
-        self.port = self._listener.getsockname()[1]
-        self._threads = [threading.Thread(target=self._accept_loop, name="kv-prefill-accept", daemon=True)]
+        self.listener = Listener(self.args.host, self.args.port, self._serve_control, name="kv-prefill-ctrl",
+                                 max_conns=1024, lock=self.lock)
+        self._closed = self.listener.closed
+        self.port = self.listener.port
+        self._threads: list[threading.Thread] = []
         nq = mgr.queue_size
         self._queues: list[queue.SimpleQueue[Job | None]] = [queue.SimpleQueue() for _ in range(nq)]
         per_queue = max(1, mgr.thread_pool_size // nq)
@@ -143,25 +141,6 @@ class PrefillTransferService:
             delay = min(delay * 2, 1.0)
 
     # -- control connections from decode -------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, peer = self._listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                break
-            with self.lock:
-                if len(self._conns) >= 1024:
-                    logger.error("too many control connections; refusing %s", peer)
-                    conn.close()
-                    continue
-                self._conns.add(conn)
-            t = threading.Thread(target=self._serve_control, args=(conn, peer), name="kv-prefill-ctrl",
-                                 daemon=True)
-            self._handlers = [h for h in self._handlers if h.is_alive()] + [t]
-            t.start()
-
     def _serve_control(self, conn: socket.socket, peer: object) -> None:
         conn.settimeout(self.mgr.io_timeout)
         wire.tune_socket(conn, 1 << 20)
@@ -181,10 +160,6 @@ class PrefillTransferService:
         except OSError as e:
             if not self._closed.is_set():
                 logger.debug("control connection from %s ended: %s", peer, e)
-        finally:
-            with self.lock:
-                self._conns.discard(conn)
-            conn.close()
 
     def _on_register(self, conn: socket.socket, h: FrameHeader) -> None:
         # framing limits first: nothing is read or allocated before these hold
@@ -321,15 +296,13 @@ class PrefillTransferService:
         sock = socket.create_connection(ep, timeout=min(self.mgr.io_timeout, 10.0))
         sock.settimeout(self.mgr.io_timeout)
         wire.tune_socket(sock)
-        with self.lock:
-            self._conns.add(sock)
+        self.listener.track(sock)  # shut down with the service
         return sock
 
     def _drop(self, conns: dict, ep: tuple[str, int]) -> None:
         sock = conns.pop(ep, None)
         if sock is not None:
-            with self.lock:
-                self._conns.discard(sock)
+            self.listener.untrack(sock)
             sock.close()
 
     def _worker(self, q: "queue.SimpleQueue[Job | None]") -> None:
@@ -379,26 +352,12 @@ class PrefillTransferService:
     def close(self) -> None:
         if self._closed.is_set():
             return
-        self._closed.set()
         for q in self._queues:
             for _ in range(max(1, self.mgr.thread_pool_size // len(self._queues))):
                 q.put(None)
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
-        except OSError:
-            pass
-        self._listener.close()
-        with self.lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.listener.close()
         for t in self._threads:
             t.join(timeout=5)
-        for t in self._handlers:
-            t.join(timeout=2)
         with self.lock:
             senders = [e.sender for e in self._rooms.values() if e.sender is not None]
         for s in senders:
