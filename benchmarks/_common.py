@@ -73,7 +73,9 @@ def stop_server(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    except ProcessLookupError:
+        pass  # already gone (e.g. it failed to start)
+    except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
