@@ -45,6 +45,10 @@ class FakeWorker:
         self.gate: threading.Event | None = None  # stream: the last chunk waits for it
         self.produced: list[float] = []  # monotonic time each stream chunk was written
         self.cancelled = 0  # generation requests whose client went away
+        self.break_after: int | None = None  # stream: drop the connection after this many chunks
+        self.send_done = True  # stream: end with `data: [DONE]`
+        self.stream_error: dict | None = None  # stream: an event written after the chunks
+        self.break_non_stream = False  # non-stream: headers, half a body, then the connection is gone
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -113,6 +117,12 @@ class FakeWorker:
             else:
                 items = self._chat_items(body)
             if not body.get("stream"):
+                if self.break_non_stream:
+                    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+                    await resp.prepare(request)
+                    await resp.write(b'{"text": "cut')
+                    request.transport.abort()
+                    return resp
                 return web.json_response(items["full"])
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
@@ -123,9 +133,17 @@ class FakeWorker:
                 if i == len(chunks) - 1 and self.gate is not None:
                     while not self.gate.is_set():
                         await asyncio.sleep(0.01)
+                if self.break_after is not None and i == self.break_after:
+                    # as a killed process: half an event, then the connection is gone
+                    await resp.write(b'data: {"text": "cut')
+                    request.transport.abort()
+                    return resp
                 await resp.write(b"data: " + json.dumps(ev).encode() + b"\n\n")
                 self.produced.append(time.monotonic())
-            await resp.write(b"data: [DONE]\n\n")
+            if self.stream_error is not None:
+                await resp.write(b"data: " + json.dumps(self.stream_error).encode() + b"\n\n")
+            if self.send_done:
+                await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
         except asyncio.CancelledError:
