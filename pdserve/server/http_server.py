@@ -38,6 +38,37 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def sse_error(message: str, code: int = 500, err_type: str | None = None) -> bytes:
+    """The event that ends a failed stream (no [DONE] after it): OpenAI's error shape."""
+    err_type = err_type or ("BadRequestError" if code < 500 else "ServerError")
+    return sse({"error": {"message": message, "type": err_type, "code": code}})
+
+
+def abort_event(out: dict) -> bytes | None:
+    """The error event for an output whose request the scheduler aborted, else None."""
+    fr = out["meta_info"].get("finish_reason") or {}
+    if fr.get("type") != "abort":
+        return None
+    return sse_error(fr.get("message") or "request aborted", int(fr.get("status_code") or 500))
+
+
+async def guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A stream that ends knowingly: a failure after the response started (the scheduler
+    died, a bug) becomes an error event, with no [DONE] after it."""
+    try:
+        async for chunk in events:
+            yield chunk
+    except SchedulerDied as e:
+        yield sse_error(str(e), 503, "ServiceUnavailable")
+    except ValueError as e:
+        yield sse_error(str(e), 400)
+    except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+        logger.exception("stream failed")
+        yield sse_error(f"internal error: {type(e).__name__}: {e}", 500)
+    finally:
+        await events.aclose()
+
+
 async def _watch_disconnect(request: Request, task: asyncio.Task) -> None:
     while not task.done():
         if await request.is_disconnected():
@@ -161,16 +192,38 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
             gens = [start(it) for it in g.items]
 
             async def stream() -> AsyncIterator[bytes]:
+                events = _events()
+                try:
+                    async for chunk in events:
+                        yield chunk
+                finally:  # in order: the merge's pumps stop before their generators close
+                    await events.aclose()
+                    for gen in gens:
+                        await gen.aclose()
+
+            async def _events() -> AsyncIterator[bytes]:
                 if len(gens) == 1:
                     async for out in gens[0]:
+                        err = abort_event(out)
+                        if err is not None:  # failed: an error event ends the stream, no [DONE]
+                            yield err
+                            return
                         yield sse(out)
                 else:
-                    async for i, out in merge(gens):
-                        out["index"] = i
-                        yield sse(out)
+                    merged = merge(gens)
+                    try:
+                        async for i, out in merged:
+                            err = abort_event(out)
+                            if err is not None:
+                                yield err
+                                return
+                            out["index"] = i
+                            yield sse(out)
+                    finally:
+                        await merged.aclose()
                 yield SSE_DONE
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            return StreamingResponse(guarded(stream()), media_type="text/event-stream")
         results = await run_until_disconnect(
             request, asyncio.gather(*(collect(start(it)) for it in g.items)))
         if not g.batched:
@@ -253,6 +306,8 @@ async def merge(gens: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dic
         try:
             async for x in g:
                 await queue.put((i, x))
+        except Exception as e:  # noqa: BLE001 - re-raised to the consumer below
+            await queue.put((i, e))
         finally:
             await queue.put((i, done))
 
@@ -264,6 +319,8 @@ async def merge(gens: list[AsyncIterator[dict]]) -> AsyncIterator[tuple[int, dic
             if x is done:
                 remaining -= 1
                 continue
+            if isinstance(x, Exception):
+                raise x
             yield i, x
     finally:
         for t in tasks:

@@ -8,8 +8,8 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pdserve.server.http_server import (SSE_DONE, bootstrap_for, collect, merge, new_id, now_s,
-                                        read_json, run_until_disconnect, sse)
+from pdserve.server.http_server import (SSE_DONE, abort_event, bootstrap_for, collect, guarded, merge,
+                                        new_id, now_s, read_json, run_until_disconnect, sse)
 from pdserve.server.protocol import as_bool, as_int, is_token_list, openai_sampling
 from pdserve.server.tokenizer_manager import TokenizerManager
 
@@ -161,36 +161,42 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
                     yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
                                "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
-            async for k, out in merge(gens):
-                meta = out["meta_info"]
-                fr = meta.get("finish_reason")
-                if fr is not None and fr.get("type") == "abort":
-                    yield sse({"error": {"message": fr.get("message") or "request aborted",
-                                         "code": fr.get("status_code") or 500}})
-                    continue
-                delta = out["text"][sent[k]:]
-                sent[k] = len(out["text"])
-                lp = None
-                if logprobs is not None:
-                    lp = _logprobs(meta, chat, logprobs, start=lp_sent[k])
-                    lp_sent[k] = meta["completion_tokens"]
-                if not delta and fr is None:
-                    continue
-                choice: dict[str, Any] = {"index": k, "logprobs": lp, "finish_reason": _finish_reason(meta)}
-                if chat:
-                    choice["delta"] = {"content": delta} if delta else {}
-                else:
-                    choice["text"] = delta
-                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
-                           "choices": [choice]})
-                if fr is not None:
-                    finals[k] = out
+            merged = merge(gens)
+            try:
+                async for k, out in merged:
+                    meta = out["meta_info"]
+                    fr = meta.get("finish_reason")
+                    err = abort_event(out)
+                    if err is not None:  # failed: an error event ends the stream, no [DONE]
+                        yield err
+                        return
+                    delta = out["text"][sent[k]:]
+                    sent[k] = len(out["text"])
+                    lp = None
+                    if logprobs is not None:
+                        lp = _logprobs(meta, chat, logprobs, start=lp_sent[k])
+                        lp_sent[k] = meta["completion_tokens"]
+                    if not delta and fr is None:
+                        continue
+                    choice: dict[str, Any] = {"index": k, "logprobs": lp, "finish_reason": _finish_reason(meta)}
+                    if chat:
+                        choice["delta"] = {"content": delta} if delta else {}
+                    else:
+                        choice["text"] = delta
+                    yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
+                               "choices": [choice]})
+                    if fr is not None:
+                        finals[k] = out
+            finally:  # in order: the merge's pumps stop before their generators close
+                await merged.aclose()
+                for gen in gens:
+                    await gen.aclose()
             if include_usage and all(f is not None for f in finals):
                 yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
                            "choices": [], "usage": _usage(finals, lens)})
             yield SSE_DONE
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(guarded(events()), media_type="text/event-stream")
 
     def _logprobs(meta: dict, chat: bool, top: int, start: int = 0) -> dict:
         toks = meta.get("output_token_logprobs", [])[start:]

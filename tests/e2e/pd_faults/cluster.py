@@ -250,12 +250,13 @@ def read_events(sock: socket.socket, n: int, timeout: float = 60) -> list[dict]:
     return events
 
 
-def read_until_done(sock: socket.socket, timeout: float) -> list[dict]:
-    """Every SSE event of a stream up to its `data: [DONE]`."""
+def read_until_end(sock: socket.socket, timeout: float) -> list[dict]:
+    """Every SSE event of a stream up to its `data: [DONE]` or its end (the chunked
+    body's last chunk): a failed stream ends with an error event and no [DONE]."""
     buf = b""
     deadline = time.time() + timeout
     sock.settimeout(timeout)
-    while b"data: [DONE]" not in buf:
+    while b"data: [DONE]" not in buf and not buf.endswith(b"\r\n0\r\n\r\n"):
         assert time.time() < deadline, buf[-500:]
         chunk = sock.recv(65536)
         assert chunk, f"server closed the stream: {buf[-500:]!r}"

@@ -16,7 +16,7 @@ import pytest
 from tests.e2e.pd_faults.cluster import (BOOTSTRAP_TIMEOUT, Background, HEARTBEAT_INTERVAL,
                                          HEARTBEAT_MAX_FAILURE, MARGIN, PROMPTS, Prefill, SP, WAITING_TIMEOUT,
                                          assert_pair_healthy, body, error_message, open_stream, pd_generate,
-                                         read_until_done, timed_post, wait_for)
+                                         read_until_end, timed_post, wait_for)
 
 pytestmark = pytest.mark.e2e
 
@@ -108,11 +108,13 @@ def test_decode_waiting_timeout(pair, reference):
         msg = error_message(r)
         assert "KV transfer" in msg and "WAITING_TIMEOUT" in msg, msg
         assert took < limit, took
-        last = read_until_done(sock, timeout=limit)[-1]
+        events = read_until_end(sock, timeout=limit)
     finally:
         sock.close()
-    fr = last["meta_info"]["finish_reason"]
-    assert fr["type"] == "abort" and "WAITING_TIMEOUT" in fr["message"] and last["output_ids"] == [], last
+    # a failed stream ends with an error event and no [DONE]
+    err = events[-1]["error"]
+    assert err["code"] >= 500 and "WAITING_TIMEOUT" in err["message"], events
+    assert all(not e.get("output_ids") for e in events[:-1]), events
     assert d.wait_clean()["num_failed_transfers"] == failed_before + 2
     assert_pair_healthy(pair, reference)
 
