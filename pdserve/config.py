@@ -36,6 +36,10 @@ class ServerArgs:
     disaggregation_bootstrap_port: int = 8998
     disaggregation_transfer_backend: str = "tcp"
     tp_size: int = 1
+    # access and abuse (pdserve/server/guard.py)
+    api_key: str | None = None  # `Authorization: Bearer KEY` on every path but /health*
+    admin_api_key: str | None = None  # admin paths (/flush_cache, /abort_request) need this one
+    max_payload_size: int = 32 * 1024 * 1024  # largest request body in bytes (413 above)
 
     def __post_init__(self) -> None:
         def bad(flag: str, why: str) -> None:
@@ -67,6 +71,8 @@ class ServerArgs:
             bad("num_threads", "must be >= 1")
         if self.disaggregation_mode not in ("null", "prefill", "decode"):
             bad("disaggregation_mode", f"must be null, prefill or decode, got {self.disaggregation_mode!r}")
+        if self.max_payload_size < 1024:
+            bad("max_payload_size", f"must be >= 1024 bytes, got {self.max_payload_size}")
         if not (1 <= self.tp_size <= 64):
             bad("tp_size", f"must be in 1..64, got {self.tp_size}")
         if self.model_path not in (None, "", "default") and not os.path.exists(self.model_path):

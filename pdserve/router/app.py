@@ -29,7 +29,7 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 def build_app(router: Router) -> web.Application:
     """The aiohttp application; `router.start/stop` run on its startup/cleanup."""
     app = web.Application(client_max_size=router.config.max_payload_size,
-                          middlewares=[_auth_middleware(router)])
+                          middlewares=[_auth_middleware(router), _size_middleware(router)])
     app[ROUTER_KEY] = router
 
     async def on_startup(_: web.Application) -> None:
@@ -60,6 +60,27 @@ def build_app(router: Router) -> web.Application:
     app.router.add_post("/add_worker", h.add_worker)
     app.router.add_post("/remove_worker", h.remove_worker)
     return app
+
+
+def _size_middleware(router: Router):
+    """Bodies over --max-payload-size: 413 with a message, from the declared length before
+    any of the body is read, or as soon as a chunked body passes the limit (aiohttp counts
+    while it reads and stops there)."""
+    limit = router.config.max_payload_size
+    message = f"request body is larger than the limit of {limit} bytes (--max-payload-size)"
+
+    @web.middleware
+    async def size(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        if request.content_length is not None and request.content_length > limit:
+            router.metrics.error(ErrorKind.BAD_REQUEST)
+            return error_response(413, message, "RequestTooLarge")
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            router.metrics.error(ErrorKind.BAD_REQUEST)
+            return error_response(413, message, "RequestTooLarge")
+
+    return size
 
 
 def _auth_middleware(router: Router):
@@ -148,7 +169,7 @@ class _Handlers:
                       "prefill": [x.get("body") for x in prefill], "decode": infos})
 
     async def flush_cache(self, _: web.Request) -> web.Response:
-        results = await self._fan_out("POST", "/flush_cache", self.r.pool.workers)
+        results = await self._fan_out("POST", "/flush_cache", self.r.pool.workers, admin=True)
         failed = [x for x in results if x["status"] != 200]
         if not failed:
             return _json({"success": True, "workers": results})
@@ -166,14 +187,14 @@ class _Handlers:
 
     async def abort_request(self, request: web.Request) -> web.Response:
         raw = await request.read()
-        results = await self._fan_out("POST", "/abort_request", self.r.pool.workers, data=raw)
+        results = await self._fan_out("POST", "/abort_request", self.r.pool.workers, data=raw, admin=True)
         hit = any(isinstance(x.get("body"), dict) and x["body"].get("success") for x in results)
         return _json({"success": hit, "workers": results})
 
     async def _fan_out(self, method: str, path: str, workers: list[Worker], timeout: float = 30,
-                       data: bytes | None = None) -> list[dict]:
+                       data: bytes | None = None, admin: bool = False) -> list[dict]:
         """One call per worker, concurrently; never raises."""
-        headers = self.r.worker_headers()
+        headers = self.r.worker_headers(admin)
         if data is not None:
             headers["Content-Type"] = "application/json"
 

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("requests")
     g.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY'; "
                    "also sent to the workers")
+    g.add_argument("--worker-api-key", default=None, help="key sent to the workers (their --api-key); "
+                   "default: --api-key")
+    g.add_argument("--worker-admin-api-key", default=None, help="key sent to the workers on /flush_cache and "
+                   "/abort_request (their --admin-api-key); default: the worker key")
     g.add_argument("--request-timeout-secs", type=_number(float, 0, lo_open=True), default=D.request_timeout_secs,
                    help="limit on one upstream request, streaming included")
     g.add_argument("--connect-timeout-secs", type=_number(float, 0, lo_open=True),
@@ -130,7 +134,8 @@ def config_from_args(argv: list[str]) -> RouterConfig:
             worker_urls=tuple(ns.worker_urls),
             host=ns.host, port=ns.port, policy=ns.policy,
             prefill_policy=ns.prefill_policy, decode_policy=ns.decode_policy,
-            api_key=ns.api_key, request_timeout_secs=ns.request_timeout_secs,
+            api_key=ns.api_key, worker_api_key=ns.worker_api_key,
+            worker_admin_api_key=ns.worker_admin_api_key, request_timeout_secs=ns.request_timeout_secs,
             connect_timeout_secs=ns.connect_timeout_secs,
             cache_threshold=ns.cache_threshold, balance_abs_threshold=ns.balance_abs_threshold,
             balance_rel_threshold=ns.balance_rel_threshold, max_tree_size=ns.max_tree_size,

@@ -89,7 +89,12 @@ class RouterConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
     health: HealthCheckConfig = field(default_factory=HealthCheckConfig)
-    max_payload_size: int = 512 * 1024 * 1024
+    # SGLang's router allows 512 MiB; the servers behind refuse more than 32 MiB anyway
+    max_payload_size: int = 32 * 1024 * 1024
+    # what the router sends to the workers (None: `api_key`): `pdserve serve --api-key` and,
+    # for the admin fan-outs (/flush_cache, /abort_request), `--admin-api-key`
+    worker_api_key: str | None = None
+    worker_admin_api_key: str | None = None  # None: the worker key
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -116,15 +116,21 @@ class Router:
         else:
             w.breaker.on_abandon()
 
-    def worker_headers(self) -> dict[str, str]:
-        """Headers of the router's own calls (health, load, proxied GETs)."""
-        return {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+    @property
+    def worker_key(self) -> str | None:
+        return self.config.worker_api_key or self.config.api_key
+
+    def worker_headers(self, admin: bool = False) -> dict[str, str]:
+        """Headers of the router's own calls (health, load, proxied GETs; `admin`: the
+        /flush_cache and /abort_request fan-outs)."""
+        key = (self.config.worker_admin_api_key or self.worker_key) if admin else self.worker_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def upstream_headers(self, request: web.Request) -> dict[str, str]:
         h = {"Content-Type": "application/json"}
         h.update(self.worker_headers())
         for name in FORWARDED_HEADERS:
-            if name in request.headers:
+            if name in request.headers and name not in h:  # the client's key never replaces the router's
                 h[name] = request.headers[name]
         return h
 

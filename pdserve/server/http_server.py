@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.router.body import parse_body
+from pdserve.server.guard import BodyTooLarge, Guard
 from pdserve.server.protocol import as_bool, as_int, is_token_list, sampling_from_dict
 from pdserve.server.tokenizer_manager import SchedulerDied, TokenizerManager
 
@@ -175,6 +176,13 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
     async def _dead(_: Request, e: SchedulerDied):
         return error_response(str(e), 503, "ServiceUnavailable")
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, e: BodyTooLarge):
+        return error_response(str(e), 413, "RequestTooLarge")
+
+    app.add_middleware(Guard, api_key=tm.args.api_key, admin_api_key=tm.args.admin_api_key,
+                       max_body=tm.args.max_payload_size)
+
     # ---- native API ---------------------------------------------------------------------
     @app.post("/generate")
     async def generate(request: Request):
@@ -257,6 +265,8 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
         from dataclasses import asdict
 
         args = asdict(tm.args)
+        for k in ("api_key", "admin_api_key"):  # never shown
+            args[k] = "<set>" if args.get(k) else None
         args["model_path"] = model_path
         info = dict(tm.info)
         info.update(await tm.control("get_load"))

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--disaggregation-bootstrap-port", type=int, default=D.disaggregation_bootstrap_port)
     a("--disaggregation-transfer-backend", default=D.disaggregation_transfer_backend)
     a("--tp-size", type=int, default=D.tp_size)
+    a("--api-key", default=D.api_key,
+      help="clients must send 'Authorization: Bearer KEY' (every path but /health, /health_generate)")
+    a("--admin-api-key", default=D.admin_api_key,
+      help="admin paths (/flush_cache, /abort_request) need this key instead of --api-key")
+    a("--max-payload-size", type=int, default=D.max_payload_size,
+      help="largest request body in bytes; larger ones get 413 before they are read")
     return p
 
 

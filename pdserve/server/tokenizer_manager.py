@@ -74,7 +74,7 @@ class TokenizerManager:
         self.recv_sock = self.ctx.socket(zmq.PULL)
         self.recv_sock.bind(from_sched)
         cmd = [sys.executable, "-m", "pdserve.engine.scheduler_process",
-               json.dumps(dataclasses.asdict(self.args)), to_sched, from_sched]
+               json.dumps(dataclasses.asdict(dataclasses.replace(self.args, api_key=None, admin_api_key=None))), to_sched, from_sched]
         self.proc = subprocess.Popen(cmd)
         from pdserve.model.tokenizer import load_tokenizer
 
