@@ -42,13 +42,22 @@ def _usage(results: list[dict], prompts: list[int]) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def _include_usage(body: dict) -> bool:
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise ValueError(f"stream_options must be an object, got {type(opts).__name__}")
+    return bool((opts or {}).get("include_usage"))
+
+
 def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_path: str) -> None:
     accepted = {served, model_path, "default"}
 
     def check_model(body: dict) -> None:
         m = body.get("model")
+        if m is not None and not isinstance(m, str):
+            raise ValueError(f"model must be a string, got {type(m).__name__}")
         if m is not None and m not in accepted:
-            raise ValueError(f"model {m!r} is not served here; available: {served!r}")
+            raise ValueError(f"model {m[:200]!r} is not served here; available: {served!r}")
 
     def boot(body: dict, prompt_index: int, copy: int) -> tuple:
         """PD fields for one generation: batched requests carry one entry per prompt."""
@@ -88,7 +97,7 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
         sp = openai_sampling(body, 16, chat=False)
         logprobs = as_int(body, "logprobs", None, 0, 20)
         stream = as_bool(body, "stream")
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = _include_usage(body)
         return await _serve(request, body, prompts, sp, logprobs, stream, include_usage, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -113,7 +122,7 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
         if as_bool(body, "logprobs"):
             logprobs = as_int(body, "top_logprobs", 0, 0, 20)
         stream = as_bool(body, "stream")
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = _include_usage(body)
         return await _serve(request, body, [ids], sp, logprobs, stream, include_usage, chat=True)
 
     async def _serve(request: Request, body: dict, prompts: list[list[int]], sp, logprobs: int | None,
