@@ -40,6 +40,7 @@ class Req:
         self.input_logprobs_sent = False
         self.token_counts: dict[int, int] = {}  # for frequency/presence penalties
         self.generator = None  # torch.Generator for seeded sampling (runner-owned)
+        self.grammar = None  # pdserve.engine.grammar.ReqGrammar: structured output
         self.arrival_time = arrival_time or time.time()
         self.admit_time: float | None = None
         self.first_token_time: float | None = None

@@ -16,6 +16,7 @@ from pdserve.model.attention import ExtendSeq, ForwardBatch, TorchNativeAttentio
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
 from pdserve.model.sampler import apply_penalties, gather_logprobs, sample
+from pdserve.engine.grammar import apply_grammar_masks, apply_logit_bias
 
 
 def kv_pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
@@ -179,6 +180,10 @@ class ModelRunner:
         params = [r.sampling for r in reqs]
         if any(p.has_penalty for p in params):
             apply_penalties(logits, params, [r.token_counts for r in reqs])
+        if any(p.logit_bias for p in params):
+            apply_logit_bias(logits, reqs)
+        if any(r.grammar is not None for r in reqs):
+            apply_grammar_masks(logits, reqs)
         gens = []
         for r in reqs:
             if r.sampling.seed is not None and r.generator is None:

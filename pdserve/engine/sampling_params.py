@@ -6,6 +6,7 @@ import msgspec
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+GRAMMAR_KEYS = ("json_schema", "regex", "ebnf")  # structured output (pdserve/engine/grammar.py)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -22,6 +23,21 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     seed: int | None = None
     skip_special_tokens: bool = True
     n: int = 1
+    # structured output: at most one of these (SGLang's keys); json_schema is a JSON string
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    # token id -> added to its logit before sampling (OpenAI's logit_bias), in [-100, 100]
+    logit_bias: dict[int, float] | None = None
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """(kind, spec) of the structured-output constraint, or None."""
+        for k in GRAMMAR_KEYS:
+            v = getattr(self, k)
+            if v is not None:
+                return k, v
+        return None
 
     @property
     def greedy(self) -> bool:
@@ -31,10 +47,12 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     def has_penalty(self) -> bool:
         return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
-    def verify(self, vocab_size: int) -> None:
-        """Raises ValueError naming the offending field."""
+    def verify(self, vocab_size: int, prefix: str = "sampling_params.",
+               names: dict[str, str] | None = None) -> None:
+        """Raises ValueError naming the offending field: `prefix` + its name, or the name
+        the client used (`names`: field -> request key, e.g. max_new_tokens -> max_tokens)."""
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"sampling_params.{name} {why}")
+            raise ValueError(f"{prefix}{(names or {}).get(name, name)} {why}")
 
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             bad("max_new_tokens", f"must be a non-negative integer, got {self.max_new_tokens!r}")
@@ -59,3 +77,15 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             bad("seed", "must be in [0, 2^63)")
         if not (1 <= self.n <= 64):
             bad("n", f"must be in [1, 64], got {self.n}")
+        given = [k for k in GRAMMAR_KEYS if getattr(self, k) is not None]
+        if len(given) > 1:
+            bad(given[1], f"cannot be combined with {given[0]}: give at most one of {', '.join(GRAMMAR_KEYS)}")
+        for k in given:
+            if not isinstance(getattr(self, k), str) or not getattr(self, k):
+                bad(k, "must be a non-empty string")
+        if self.logit_bias is not None:
+            for t, b in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, int) or not (0 <= t < vocab_size):
+                    bad("logit_bias", f"keys must be token ids in [0, {vocab_size}), got {t!r}")
+                if not (-100.0 <= b <= 100.0):
+                    bad("logit_bias", f"values must be in [-100, 100], got {b} for token {t}")

@@ -264,6 +264,12 @@ class Scheduler:
 
     def check_finish(self, req: Req, tok: int) -> FinishReason | None:
         sp = req.sampling
+        if req.grammar is not None:  # advance the matcher over the new output token(s)
+            if not req.grammar.sync(req.output_ids):
+                return FinishReason("abort", status_code=500,
+                                    message=f"token {tok} is not allowed by the request's grammar")
+            if req.grammar.terminated:
+                return FinishReason("stop", matched=tok if tok in self.eos_ids else None)
         if not sp.ignore_eos and tok in self.eos_ids:
             return FinishReason("stop", matched=tok)
         if tok in sp.stop_token_ids:

@@ -25,7 +25,7 @@ from pdserve.engine.runner import ModelRunner, kv_pool_shape, prefault
 from pdserve.engine.scheduler import Scheduler
 from pdserve.model.tp import TPShard
 from pdserve.net import free_port
-from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, GenerateReq,
+from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, FinishReason, GenerateReq,
                               decode_to_scheduler, encode)
 
 logger = logging.getLogger("pdserve.scheduler")
@@ -111,6 +111,9 @@ class SchedulerProcess:
             disable_radix_cache=args.disable_radix_cache,
             detokenize=lambda ids: tok.decode(ids, skip_special_tokens=False),
         )
+        from pdserve.engine.grammar import GrammarBackend  # xgrammar loads on first use
+
+        self.grammar = GrammarBackend(tok, cfg.vocab_size, sorted(eos))
 
     def _setup_disagg(self) -> None:
         import socket as _socket
@@ -195,6 +198,13 @@ class SchedulerProcess:
         if isinstance(msg, GenerateReq):
             req = Req(msg.rid, msg.input_ids, msg.sampling, msg.return_logprob,
                       msg.top_logprobs_num, msg.arrival_time)
+            g = msg.sampling.grammar
+            if g is not None:  # compiled grammars are cached: a repeated one costs ~nothing
+                try:
+                    req.grammar = self.grammar.new_state(*g)
+                except ValueError as e:
+                    s.finish(req, FinishReason("abort", message=str(e), status_code=400))
+                    return
             if self.disagg is not None:
                 req.bootstrap_host, req.bootstrap_port = msg.bootstrap_host, msg.bootstrap_port
                 req.bootstrap_room = msg.bootstrap_room

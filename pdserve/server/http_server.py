@@ -21,10 +21,13 @@ from pdserve.server.tokenizer_manager import SchedulerDied, TokenizerManager
 logger = logging.getLogger("pdserve.http")
 
 
-def error_response(message: str, status: int = 400, err_type: str = "BadRequestError") -> JSONResponse:
-    # OpenAI's error shape; SGLang clients read error.message too
-    return JSONResponse({"error": {"message": message, "type": err_type, "code": status},
-                         "object": "error", "message": message}, status_code=status)
+def error_response(message: str, status: int = 400, err_type: str = "BadRequestError",
+                   param: str | None = None) -> JSONResponse:
+    # OpenAI's error shape (param: the offending request field); SGLang clients read error.message too
+    err = {"message": message, "type": err_type, "code": status}
+    if param is not None:
+        err["param"] = param
+    return JSONResponse({"error": err, "object": "error", "message": message}, status_code=status)
 
 
 async def read_json(request: Request) -> dict:
@@ -170,7 +173,7 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
 
     @app.exception_handler(ValueError)
     async def _bad_request(_: Request, e: ValueError):
-        return error_response(str(e), 400)
+        return error_response(str(e), 400, param=getattr(e, "param", None))
 
     @app.exception_handler(SchedulerDied)
     async def _dead(_: Request, e: SchedulerDied):
@@ -196,6 +199,7 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
 
         for ids, sp, _, _ in g.items:  # validate all before starting any
             tm.validate(ids, sp, g.top_logprobs_num)
+            await tm.check_grammar(sp)
         if g.stream:
             gens = [start(it) for it in g.items]
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pdserve.server.http_server import (SSE_DONE, abort_event, bootstrap_for, collect, guarded, merge,
                                         new_id, now_s, read_json, run_until_disconnect, sse)
-from pdserve.server.protocol import as_bool, as_int, is_token_list, openai_sampling
+from pdserve.server.protocol import FieldError, as_bool, as_int, is_token_list, openai_sampling
 from pdserve.server.tokenizer_manager import TokenizerManager
 
 
@@ -34,10 +34,13 @@ def _check_abort(results: list[dict]) -> JSONResponse | None:
     return None
 
 
-def _usage(results: list[dict], prompts: list[int]) -> dict:
+def _usage(results: list[dict], prompts: list[int], n: int = 1) -> dict:
+    """`prompts`: each prompt's length, counted once however many (n) choices it has;
+    results[k] is choice k % n of prompt k // n."""
     p = sum(prompts)
     c = sum(r["meta_info"]["completion_tokens"] for r in results)
-    cached = sum(r["meta_info"].get("cached_tokens", 0) for r in results)
+    cached = sum(min(prompts[i], max(r["meta_info"].get("cached_tokens", 0) for r in results[i * n:(i + 1) * n]))
+                 for i in range(len(prompts)))
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -92,13 +95,11 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
             prompts = prompt
         else:
             raise ValueError("prompt must be a string, a list of strings, or token ids")
-        if body.get("echo"):
-            raise ValueError("echo is not supported")
-        sp = openai_sampling(body, 16, chat=False)
+        sp, names = openai_sampling(body, 16, chat=False)
         logprobs = as_int(body, "logprobs", None, 0, 20)
         stream = as_bool(body, "stream")
         include_usage = _include_usage(body)
-        return await _serve(request, body, prompts, sp, logprobs, stream, include_usage, chat=False)
+        return await _serve(request, body, prompts, sp, names, logprobs, stream, include_usage, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -108,33 +109,65 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
         if not isinstance(msgs, list) or not msgs or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
             raise ValueError("messages must be a non-empty list of {role, content} objects")
+        check_tools(body)
         norm = []
-        for m in msgs:
+        for i, m in enumerate(msgs):
             content = m.get("content")
-            if isinstance(content, list):  # [{type: text, text: ...}]
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if isinstance(content, list):  # [{type: text, text: ...}]; other parts are refused
+                texts = []
+                for j, part in enumerate(content):
+                    where = f"messages[{i}].content[{j}]"
+                    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
+                            part.get("text"), str):
+                        kind = part.get("type") if isinstance(part, dict) else None
+                        raise FieldError(f"{where}: only text content parts are supported by this model"
+                                         + (f", got {kind!r}" if isinstance(kind, str) else ""), where)
+                    texts.append(part["text"])
+                content = "".join(texts)
             if not isinstance(content, str):
-                raise ValueError("message content must be a string or a list of text parts")
+                raise FieldError("message content must be a string or a list of text parts",
+                                 f"messages[{i}].content")
+            for k in m:
+                if k not in ("role", "content", "name"):
+                    raise FieldError(f"messages[{i}].{k} is not supported by this server", f"messages[{i}].{k}")
             norm.append({"role": m["role"], "content": content})
         ids = tm.apply_chat_template(norm, add_generation_prompt=True)
-        sp = openai_sampling(body, tm.info["context_length"] - len(ids), chat=True)
+        sp, names = openai_sampling(body, tm.info["context_length"] - len(ids), chat=True)
         logprobs = None
         if as_bool(body, "logprobs"):
             logprobs = as_int(body, "top_logprobs", 0, 0, 20)
         stream = as_bool(body, "stream")
         include_usage = _include_usage(body)
-        return await _serve(request, body, [ids], sp, logprobs, stream, include_usage, chat=True)
+        return await _serve(request, body, [ids], sp, names, logprobs, stream, include_usage, chat=True)
 
-    async def _serve(request: Request, body: dict, prompts: list[list[int]], sp, logprobs: int | None,
-                     stream: bool, include_usage: bool, chat: bool):
+    def check_tools(body: dict) -> None:
+        """Tool calling needs a chat template that renders `tools` and an output parser;
+        neither exists for the served model here: refuse rather than ignore them."""
+        tools, choice = body.get("tools"), body.get("tool_choice")
+        if tools is not None and not isinstance(tools, list):
+            raise FieldError("tools must be a list", "tools")
+        if tools:
+            template = getattr(tm.tokenizer, "chat_template", None) or ""
+            if "tools" not in str(template):
+                raise FieldError(f"tools are not supported: the chat template of the served model ({served}) "
+                                 "does not support tools", "tools")
+            raise FieldError("tools are not supported by this server (tool-call output parsing is not "
+                             "implemented)", "tools")
+        if choice not in (None, "none"):
+            raise FieldError("tool_choice requires tools, which are not supported for the served model",
+                             "tool_choice")
+
+    async def _serve(request: Request, body: dict, prompts: list[list[int]], sp, names: dict[str, str],
+                     logprobs: int | None, stream: bool, include_usage: bool, chat: bool):
         n = sp.n
         for ids in prompts:
-            tm.validate(ids, sp, logprobs or 0)
+            tm.validate(ids, sp, logprobs or 0, names)
+        await tm.check_grammar(sp, names)
         rid = new_id("chatcmpl" if chat else "cmpl")
         created = now_s()
         obj = "chat.completion" if chat else "text_completion"
         jobs = [(ids, boot(body, p, i)) for p, ids in enumerate(prompts) for i in range(n)]
-        lens = [len(ids) for ids, _ in jobs]
+        lens = [len(ids) for ids in prompts]  # usage counts each prompt once, whatever n
 
         def start(ids: list[int], k: int):
             return tm.generate(ids, sp, rid=f"{rid}-{k}", return_logprob=logprobs is not None,
@@ -156,7 +189,7 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
                     choices.append({"index": k, "text": r["text"], "logprobs": lp,
                                     "finish_reason": _finish_reason(r["meta_info"])})
             return {"id": rid, "object": obj, "created": created, "model": served,
-                    "choices": choices, "usage": _usage(results, lens)}
+                    "choices": choices, "usage": _usage(results, lens, n)}
 
         gens = [start(ids, k) for k, (ids, _) in enumerate(jobs)]
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -202,7 +235,7 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
                     await gen.aclose()
             if include_usage and all(f is not None for f in finals):
                 yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
-                           "choices": [], "usage": _usage(finals, lens)})
+                           "choices": [], "usage": _usage(finals, lens, n)})
             yield SSE_DONE
 
         return StreamingResponse(guarded(events()), media_type="text/event-stream")

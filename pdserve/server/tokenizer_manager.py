@@ -177,9 +177,12 @@ class TokenizerManager:
             raise ValueError(f"messages could not be rendered with the chat template: {e}") from e
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
-    def validate(self, input_ids: list[int], sp: SamplingParams, top_logprobs_num: int) -> None:
+    def validate(self, input_ids: list[int], sp: SamplingParams, top_logprobs_num: int,
+                 names: dict[str, str] | None = None) -> None:
+        """`names`: sampling field -> the request key it came from (OpenAI routes), so that
+        errors name what the client sent."""
         vocab = self.info.get("vocab_size", len(self.tokenizer))
-        sp.verify(vocab)
+        sp.verify(vocab, "" if names is not None else "sampling_params.", names)
         if not input_ids:
             raise ValueError("the prompt is empty")
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in input_ids):
@@ -189,12 +192,28 @@ class TokenizerManager:
             raise ValueError(f"the prompt has {len(input_ids)} tokens; the context length is {ctx}")
         if len(input_ids) + sp.max_new_tokens > ctx:
             raise ValueError(f"Requested token count exceeds the model's maximum context length of {ctx} "
-                             f"tokens: {len(input_ids)} prompt + {sp.max_new_tokens} max_new_tokens")
+                             f"tokens: {len(input_ids)} prompt + {sp.max_new_tokens} "
+                             f"{(names or {}).get('max_new_tokens', 'max_new_tokens')}")
         pool = self.info["max_total_num_tokens"]
         if len(input_ids) + 1 > pool:
             raise ValueError(f"the prompt has {len(input_ids)} tokens; the KV pool holds {pool}")
         if not (0 <= top_logprobs_num <= MAX_TOP_LOGPROBS):
             raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
+
+    async def check_grammar(self, sp: SamplingParams, names: dict[str, str] | None = None) -> None:
+        """Structured output: parse the grammar (json_schema / regex / ebnf) off the event
+        loop, so that a bad one is a 400 before anything starts. Cached per spec."""
+        g = sp.grammar
+        if g is None:
+            return
+        from pdserve.engine.grammar import validate_spec
+        from pdserve.server.protocol import FieldError
+
+        try:
+            await asyncio.to_thread(validate_spec, *g)
+        except ValueError as e:
+            field = (names or {}).get(g[0]) or (g[0] if names is not None else f"sampling_params.{g[0]}")
+            raise FieldError(f"{field}: {e}", field) from None
 
     async def generate(self, input_ids: list[int], sp: SamplingParams, *, rid: str | None = None,
                        return_logprob: bool = False, top_logprobs_num: int = 0,
@@ -205,6 +224,7 @@ class TokenizerManager:
         if self.dead:
             raise SchedulerDied(self.dead)
         self.validate(input_ids, sp, top_logprobs_num)
+        await self.check_grammar(sp)
         rid = rid or uuid.uuid4().hex
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
