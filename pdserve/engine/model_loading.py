@@ -18,15 +18,27 @@ from pdserve.model.paths import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-# On this CPU (AMX-BF16), bf16 decode measured faster than fp32 for the whole model
-# (benchmarks/bench_engine.py); fp32 stays available for exact reference checks.
-AUTO_DTYPE = torch.bfloat16 if torch.backends.mkldnn.is_available() else torch.float32
 DEFAULT_CPU_MEM_FRACTION = 0.1
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX tiles or AVX512-BF16: bf16 matmuls run in hardware. Without them oneDNN emulates
+    bf16 and a 64-row bf16 linear measured 3.5x slower than fp32 (docs/architecture.md, "dtype")."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def auto_dtype() -> torch.dtype:
+    """`--dtype auto`: bfloat16 where the CPU computes it natively (faster than fp32 there,
+    docs/benchmarks.md), else float32 (as vLLM's CPU backend falls back)."""
+    if torch.backends.mkldnn.is_available() and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        return AUTO_DTYPE
+        return auto_dtype()
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 

@@ -22,6 +22,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' LlamaRMSNorm computes it: statistics and scaling in fp32, the
+    normalized activations rounded to the model dtype, then multiplied by the weight in the
+    model dtype. torch's fused `F.rms_norm(x, shape, w)` rounds once, after the weight, and in
+    bf16 that moved enough activations by one ulp to change the README example's first token
+    (docs/benchmarks.md, "bf16 agreement"); this form is bit-identical to transformers'."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * w
+
+
 class Layer:
     __slots__ = ("in_norm", "post_norm", "qkv", "qkv_b", "o", "gate_up", "down", "q_norm", "k_norm", "q4", "packed")
 
@@ -199,7 +210,7 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             q4 = layer.q4 or {}
             pk = layer.packed
-            x = F.rms_norm(h, (cfg.hidden_size,), layer.in_norm, eps)
+            x = rms_norm(h, layer.in_norm, eps)
             qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"])
             if layer.qkv_b is not None:
                 qkv = qkv + layer.qkv_b
@@ -207,8 +218,8 @@ class LlamaModel:
             k = qkv[:, qs:qs + ks].view(T, nkv, hd)
             v = qkv[:, qs + ks:].view(T, nkv, hd)
             if layer.q_norm is not None:
-                q = F.rms_norm(q, (hd,), layer.q_norm, eps)
-                k = F.rms_norm(k, (hd,), layer.k_norm, eps)
+                q = rms_norm(q, layer.q_norm, eps)
+                k = rms_norm(k, layer.k_norm, eps)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             o = attn(i, q, k, v, fb).view(T, qs)
@@ -216,7 +227,7 @@ class LlamaModel:
             if ar is not None:
                 ar(a)
             h = h + a
-            x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, eps)
+            x = rms_norm(h, layer.post_norm, eps)
             gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"])
             inter = cfg.intermediate_size
             a = linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.down, q4.get("down"), small, pk["down"])
@@ -227,5 +238,5 @@ class LlamaModel:
             return None
         if fb.logits_indices is not None:
             h = h[fb.logits_indices]
-        h = F.rms_norm(h, (cfg.hidden_size,), self.norm, eps)
+        h = rms_norm(h, self.norm, eps)
         return linear(h, self.lm_head, None, False, self.lm_head_packed).float()
