@@ -14,28 +14,60 @@ an asyncio loop in a background thread so sync and async callers both work.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import concurrent.futures
+import functools
+import subprocess
+import sys
 import threading
+import weakref
 from typing import Any, AsyncIterator, Iterator
 
 from pdserve.config import ServerArgs
 from pdserve.server.protocol import sampling_from_dict
 
 
+SHUTDOWN_TIMEOUT = 15.0  # seconds shutdown() waits for the scheduler before killing it
+
+
+def _at_exit(ref: "weakref.ref[Engine]") -> None:
+    """A script that never called shutdown(): stop the engine while the loop thread still
+    runs (atexit handlers run before daemon threads are frozen)."""
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()
+
+
 class Engine:
     def __init__(self, **kwargs: Any) -> None:
         from pdserve.server.tokenizer_manager import TokenizerManager
 
+        self._closed = True  # until started: a failed __init__ leaves nothing to shut down
         self.args = ServerArgs(**kwargs)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="pdserve-engine-loop", daemon=True)
         self._thread.start()
         self.tm = TokenizerManager(self.args)
-        self._call(self.tm.start())
-        self.tokenizer = self.tm.tokenizer
+        self._exit_hook = functools.partial(_at_exit, weakref.ref(self))
+        atexit.register(self._exit_hook)
         self._closed = False
+        try:
+            self._call(self.tm.start())
+        except BaseException:
+            self.shutdown()
+            raise
+        self.tokenizer = self.tm.tokenizer
 
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this pdserve.Engine was shut down; create a new Engine to generate again")
+
+    def _call(self, coro, timeout: float | None = None):
+        if self._closed or not self._thread.is_alive():
+            coro.close()
+            self._check_open()
+            raise RuntimeError("the pdserve.Engine event loop is not running")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def _jobs(self, prompt, sampling_params, input_ids):
         if (prompt is None) == (input_ids is None):
@@ -56,6 +88,7 @@ class Engine:
                  top_logprobs_num: int = 0, stream: bool = False):
         """Dict per prompt ({"text", "output_ids", "meta_info"}), a list for a batch,
         or (stream=True, single prompt) an iterator of cumulative chunks."""
+        self._check_open()
         batched, jobs = self._jobs(prompt, sampling_params, input_ids)
         if stream:
             if batched:
@@ -85,12 +118,14 @@ class Engine:
                 except StopAsyncIteration:
                     return
         finally:
-            self._call(agen.aclose())
+            if not self._closed:
+                self._call(agen.aclose())
 
     async def async_generate(self, prompt: str | None = None, sampling_params: dict | None = None,
                              input_ids: list[int] | None = None, return_logprob: bool = False,
                              top_logprobs_num: int = 0, stream: bool = False):
         """Awaitable result, or (stream=True) an async iterator of chunks."""
+        self._check_open()
         batched, jobs = self._jobs(prompt, sampling_params, input_ids)
         if stream:
             if batched:
@@ -114,23 +149,55 @@ class Engine:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(agen.aclose(), self.loop))
 
     def get_load(self) -> dict:
+        self._check_open()
         return self._call(self.tm.control("get_load"))
 
     def flush_cache(self) -> bool:
+        self._check_open()
         return bool(self._call(self.tm.control("flush_cache")).get("success"))
 
     def get_server_info(self) -> dict:
         return dict(self.tm.info)
 
     def shutdown(self) -> None:
+        """Stop the scheduler process and the loop thread. Idempotent, bounded in time;
+        also run at interpreter exit for an engine nobody shut down."""
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self._exit_hook)
         try:
-            self._call(self.tm.shutdown())
+            if self._thread.is_alive() and not sys.is_finalizing():
+                fut = asyncio.run_coroutine_threadsafe(self._stop_loop_work(), self.loop)
+                try:
+                    fut.result(SHUTDOWN_TIMEOUT)
+                except (concurrent.futures.TimeoutError, Exception):
+                    fut.cancel()
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
+            self._kill_scheduler()
+            if self._thread.is_alive():
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join(5)
+
+    async def _stop_loop_work(self) -> None:
+        await self.tm.shutdown()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks, timeout=2) if tasks else None
+
+    def _kill_scheduler(self) -> None:
+        """The scheduler process, if the orderly stop did not end it (or could not run)."""
+        proc = getattr(self.tm, "proc", None)
+        if proc is None or proc.poll() is not None:
+            return
+        for stop in (proc.terminate, proc.kill):
+            stop()
+            try:
+                proc.wait(5)
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
     def __enter__(self) -> "Engine":
         return self

@@ -111,11 +111,13 @@ class TokenizerManager:
             for stop in (None, self.proc.terminate, self.proc.kill):
                 if stop is not None:
                     stop()
-                try:
-                    await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, 5)
+                # polled, not run_in_executor: at interpreter exit (an Engine nobody shut
+                # down) the default executor no longer takes work
+                deadline = time.monotonic() + 5
+                while self.proc.poll() is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                if self.proc.poll() is not None:
                     break
-                except subprocess.TimeoutExpired:
-                    continue
         for t in (self._recv_task, getattr(self, "_watch_task", None)):
             if t is not None:
                 t.cancel()
