@@ -7,6 +7,7 @@ client stay light).
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -18,6 +19,24 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`pdserve serve: error: --flag: why; fix`, exit 2)
+    and defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def fail(prog: str, message: str) -> int:
+    """A start-up failure: one line on stderr, exit status 2."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
 def _usage() -> str:
     lines = ["usage: pdserve <command> [options]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -27,7 +46,10 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(_usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):

@@ -36,6 +36,9 @@ class ServerArgs:
     disaggregation_bootstrap_port: int = 8998
     disaggregation_transfer_backend: str = "tcp"
     tp_size: int = 1
+    # chat template for /v1/chat/completions: a Jinja file or the template text itself
+    # (None: the model's own, from tokenizer_config.json or the GGUF metadata)
+    chat_template: str | None = None
     # access and abuse (pdserve/server/guard.py)
     api_key: str | None = None  # `Authorization: Bearer KEY` on every path but /health*
     admin_api_key: str | None = None  # admin paths (/flush_cache, /abort_request) need this one
@@ -76,7 +79,21 @@ class ServerArgs:
         if not (1 <= self.tp_size <= 64):
             bad("tp_size", f"must be in 1..64, got {self.tp_size}")
         if self.model_path not in (None, "", "default") and not os.path.exists(self.model_path):
-            bad("model_path", f"{self.model_path!r} does not exist")
+            from pdserve.server.preflight import hub_name_hint
+
+            hint = hub_name_hint(self.model_path)
+            if hint:
+                raise ValueError(hint)
+            bad("model_path", f"{self.model_path!r} does not exist (pass a local model directory or .gguf file)")
+        if self.chat_template is not None and not os.path.isfile(self.chat_template) \
+                and "{" not in self.chat_template:
+            bad("chat_template", f"{self.chat_template!r} is neither a file nor a Jinja template")
+        from pdserve.disagg.transfer.registry import TransferBackend
+
+        try:
+            TransferBackend.from_name(self.disaggregation_transfer_backend)
+        except ValueError as e:
+            bad("disaggregation_transfer_backend", str(e))
         if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):
             bad("tokenizer_path", f"{self.tokenizer_path!r} does not exist")
 

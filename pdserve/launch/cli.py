@@ -1,10 +1,14 @@
 """`pdserve launch`: an xPyD deployment on one machine (N prefill, M decode servers and
-the router), cores split between the servers, stopped cleanly on Ctrl-C / SIGTERM."""
+the router), cores split between the servers, stopped cleanly on Ctrl-C, SIGTERM or SIGHUP.
+If launch itself is killed (even SIGKILL), its servers and router follow it down (Linux
+parent-death signal), and their scheduler and tensor-parallel processes follow them."""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -23,29 +27,115 @@ class Child:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve launch", description=__doc__)
+    from pdserve.cli import Parser
+    from pdserve.config import DTYPES, ServerArgs
+    from pdserve.disagg.transfer.registry import TransferBackend
+    from pdserve.router.config import POLICY_NAMES, RouterConfig
+
+    p = Parser(prog="pdserve launch", description=__doc__)
     p.add_argument("--prefill", type=int, default=1, help="number of prefill servers")
     p.add_argument("--decode", type=int, default=1, help="number of decode servers")
     p.add_argument("--prefill-tp-size", type=int, default=1,
                    help="tensor-parallel ranks of each prefill server (they split its cores)")
     p.add_argument("--decode-tp-size", type=int, default=1,
                    help="tensor-parallel ranks of each decode server (may differ from prefill's)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000, help="router port (the endpoint)")
-    p.add_argument("--transfer-backend", default="tcp", choices=("tcp", "shm", "fake"))
-    p.add_argument("--model-path", default=None)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--max-total-tokens", type=int, default=None)
+    p.add_argument("--host", default="127.0.0.1", help="address of the router and the servers")
+    p.add_argument("--port", type=int, default=30000,
+                   help="router port (the endpoint); the servers take the ports after it")
+    p.add_argument("--disaggregation-transfer-backend", "--transfer-backend", dest="disaggregation_transfer_backend",
+                   default=ServerArgs.disaggregation_transfer_backend, choices=[b.value for b in TransferBackend],
+                   help="how KV moves from prefill to decode: tcp (any hosts), shm (same host, no copy "
+                        "through sockets), fake (moves nothing; for tests)")
+    p.add_argument("--model-path", default=None,
+                   help="local HF model directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype of every server")
+    p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size of each server in tokens")
     p.add_argument("--base-gpu-id", type=int, default=0, help="first GPU (GPU builds; ignored on CPU)")
-    p.add_argument("--bootstrap-port-base", type=int, default=8998)
-    p.add_argument("--policy", default="round_robin")
-    p.add_argument("--server-args", default="", help="extra flags for every `pdserve serve`")
-    p.add_argument("--startup-timeout", type=float, default=300)
+    p.add_argument("--bootstrap-port-base", type=int, default=8998,
+                   help="bootstrap port of the first prefill server; the next ones count up")
+    p.add_argument("--policy", default=RouterConfig.policy, choices=POLICY_NAMES,
+                   help="the router's policy (the same default as `pdserve router` and SGLang's router)")
+    p.add_argument("--server-args", default="",
+                   help="extra flags for every `pdserve serve`, one quoted string; a value starting with "
+                        "-- is fine (--server-args '--max-running-requests 8'); checked before anything starts")
+    p.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for every server")
     p.add_argument("--cpu-split", default="disjoint", choices=("disjoint", "shared"),
                    help="disjoint: each server pinned to its own cores (no interference; each phase "
                         "gets a share); shared: every server may use every core (a lone phase gets "
                         "them all at low load, phases compete under load)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of start-up errors")
     return p
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """`--server-args '--x 1'` -> `--server-args=--x 1` (argparse would take '--x 1' for a flag)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--server-args" and i + 1 < len(argv):
+            out.append("--server-args=" + argv[i + 1])
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def server_args_of(a: argparse.Namespace, extra: list[str]) -> list[str]:
+    """Flags every server gets (before its role's own)."""
+    common = ["--host", a.host, "--dtype", a.dtype,
+              "--disaggregation-transfer-backend", a.disaggregation_transfer_backend]
+    if a.model_path:
+        common += ["--model-path", a.model_path]
+    if a.max_total_tokens:
+        common += ["--max-total-tokens", str(a.max_total_tokens)]
+    return common + extra
+
+
+def check_flags(a: argparse.Namespace) -> list[str]:
+    """Validates launch's flags and --server-args as the servers will see them, before anything
+    starts. Returns the extra server flags; raises ValueError (flag + fix)."""
+    for flag in ("prefill", "decode", "prefill_tp_size", "decode_tp_size"):
+        if getattr(a, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    if not (0 < a.port < 65536):
+        raise ValueError("--port must be in 1..65535")
+    try:
+        extra = shlex.split(a.server_args)
+    except ValueError as e:
+        raise ValueError(f"--server-args {a.server_args!r}: {e}") from None
+    owned = {"--port", "--disaggregation-mode", "--disaggregation-bootstrap-port", "--tp-size", "--num-threads"}
+    for f in extra:
+        if f.split("=")[0] in owned:
+            raise ValueError(f"--server-args: {f.split('=')[0]} is set by launch for each server; "
+                             f"use launch's own flags (--port, --prefill-tp-size, --decode-tp-size, ...)")
+    from pdserve.server.preflight import check_model
+    from pdserve.server.serve_cli import args_from_namespace, build_parser as serve_parser
+
+    sp = serve_parser()
+    ns, unknown = sp.parse_known_args(server_args_of(a, extra) + ["--port", str(a.port + 1)])
+    if unknown:
+        raise ValueError(f"--server-args: `pdserve serve` has no flag {unknown[0]} (see `pdserve serve --help`)")
+    args = args_from_namespace(ns)
+    check_model(args, tp_flags={"--prefill-tp-size": a.prefill_tp_size, "--decode-tp-size": a.decode_tp_size})
+    return extra
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a child before exec: SIGTERM when launch dies, however it dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    if os.getppid() != parent:  # launch died before prctl took effect
+        os._exit(1)
+
+
+def _child_setup(parent: int, cpus=None):
+    def setup() -> None:
+        _die_with_parent(parent)
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+    return setup
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, deadline: float, path: str = "/health") -> None:
@@ -63,6 +153,8 @@ def wait_healthy(url: str, proc: subprocess.Popen, deadline: float, path: str = 
 
 
 def stop_all(children: list[Child]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut this short
+        signal.signal(sig, signal.SIG_IGN)
     for c in reversed(children):
         if c.proc.poll() is None:
             try:
@@ -79,17 +171,16 @@ def stop_all(children: list[Child]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from pdserve.cli import fail
+
     parser = build_parser()
-    a = parser.parse_args(argv)
-    if a.prefill < 1:
-        parser.error("--prefill must be >= 1")
-    if a.decode < 1:
-        parser.error("--decode must be >= 1")
-    for flag in ("prefill_tp_size", "decode_tp_size"):
-        if getattr(a, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if not (0 < a.port < 65536):
-        parser.error("--port must be in 1..65535")
+    a = parser.parse_args(normalize_argv(argv))
+    try:
+        extra = check_flags(a)
+    except (ValueError, FileNotFoundError) as e:
+        if a.debug:
+            raise
+        return fail(parser.prog, str(e))
     n = a.prefill + a.decode
     cores = my_cores()
     groups = split_cores(cores, n) if a.cpu_split == "disjoint" else [cores] * n
@@ -100,13 +191,10 @@ def main(argv: list[str]) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)  # terminal closed: stop everything, as for SIGTERM
+    me = os.getpid()
     try:
-        common = ["--host", a.host, "--dtype", a.dtype, "--disaggregation-transfer-backend", a.transfer_backend]
-        if a.model_path:
-            common += ["--model-path", a.model_path]
-        if a.max_total_tokens:
-            common += ["--max-total-tokens", str(a.max_total_tokens)]
-        common += a.server_args.split()
+        common = server_args_of(a, extra)
         prefill_args: list[str] = []
         decode_urls: list[str] = []
         for i in range(n):
@@ -124,8 +212,7 @@ def main(argv: list[str]) -> int:
                 # servers on the same cores: decode's OpenMP threads must not spin-wait on
                 # cores the prefill needs (its steps are short and frequent)
                 child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            proc = subprocess.Popen(cmd, start_new_session=True, env=child_env,
-                                    preexec_fn=lambda cpus=cpus: os.sched_setaffinity(0, cpus))
+            proc = subprocess.Popen(cmd, start_new_session=True, env=child_env, preexec_fn=_child_setup(me, cpus))
             url = f"http://{a.host}:{port}"
             children.append(Child(f"{role}-{i}", proc, url))
             if role == "prefill":
@@ -139,11 +226,11 @@ def main(argv: list[str]) -> int:
         router_cmd = [py, "-m", "pdserve.cli", "router", "--pd-disaggregation", *prefill_args,
                       *sum((["--decode", u] for u in decode_urls), []), "--host", a.host, "--port", str(a.port),
                       "--policy", a.policy]
-        router = subprocess.Popen(router_cmd, start_new_session=True)
+        router = subprocess.Popen(router_cmd, start_new_session=True, preexec_fn=_child_setup(me))
         rurl = f"http://{a.host}:{a.port}"
         children.append(Child("router", router, rurl))
         wait_healthy(rurl, router, deadline, "/readiness")
-        print(f"pdserve {a.prefill}P{a.decode}D is ready at {rurl} ({a.transfer_backend} KV transfer)\n"
+        print(f"pdserve {a.prefill}P{a.decode}D is ready at {rurl} ({a.disaggregation_transfer_backend} KV transfer)\n"
               f"  try: curl {rurl}/v1/chat/completions -H 'Content-Type: application/json' "
               f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'",
               flush=True)

@@ -118,6 +118,18 @@ def bootstrap_for(host, port, room, copy: int) -> tuple:
     return host, port, room
 
 
+def check_pd_fields(tm: TokenizerManager, boots: list[tuple]) -> None:
+    """A prefill or decode server answers only the router's requests: alone it would prefill
+    and stop, or wait for KV that never comes (SGLang answers them with garbage)."""
+    mode = tm.args.disaggregation_mode
+    if mode == "null":
+        return
+    if any(host is None or room is None for host, _, room in boots):
+        raise ValueError(f"this is a PD {mode} server: send requests to the router in front of it "
+                         "(the `pdserve launch` endpoint, or `pdserve router --pd-disaggregation`), "
+                         "which adds bootstrap_host, bootstrap_port and bootstrap_room")
+
+
 class GenerateInputs:
     """Normalized /generate body: a list of single requests."""
 
@@ -191,6 +203,7 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
     async def generate(request: Request):
         body = await read_json(request)
         g = GenerateInputs(body, tm)
+        check_pd_fields(tm, [boot for _, _, _, boot in g.items])
 
         def start(item):
             ids, sp, rid, boot = item

@@ -8,8 +8,8 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pdserve.server.http_server import (SSE_DONE, abort_event, bootstrap_for, collect, guarded, merge,
-                                        new_id, now_s, read_json, run_until_disconnect, sse)
+from pdserve.server.http_server import (SSE_DONE, abort_event, bootstrap_for, check_pd_fields, collect, guarded,
+                                        merge, new_id, now_s, read_json, run_until_disconnect, sse)
 from pdserve.server.protocol import FieldError, as_bool, as_int, is_token_list, openai_sampling
 from pdserve.server.tokenizer_manager import TokenizerManager
 
@@ -167,6 +167,7 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
         created = now_s()
         obj = "chat.completion" if chat else "text_completion"
         jobs = [(ids, boot(body, p, i)) for p, ids in enumerate(prompts) for i in range(n)]
+        check_pd_fields(tm, [b for _, b in jobs])
         lens = [len(ids) for ids in prompts]  # usage counts each prompt once, whatever n
 
         def start(ids: list[int], k: int):

@@ -15,36 +15,56 @@ D = ServerArgs  # defaults come from the frozen dataclass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve serve", description="Serve one model (SGLang-compatible flags).")
+    from pdserve.cli import Parser
+    from pdserve.disagg.transfer.registry import TransferBackend
+
+    p = Parser(prog="pdserve serve", description="Serve one model over HTTP (SGLang-compatible flags). "
+               "Start-up errors exit with status 2 and one line; --debug shows the traceback.")
     a = p.add_argument
     a("--model-path", default=D.model_path,
-      help="HF directory with safetensors, or a .gguf file (default: packaged SmolLM2-135M-Instruct GGUF)")
-    a("--tokenizer-path", default=D.tokenizer_path)
-    a("--host", default=D.host)
-    a("--port", type=int, default=D.port)
-    a("--dtype", default=D.dtype, choices=DTYPES)
+      help="a local Hugging Face model directory (config.json, *.safetensors, tokenizer files) or a .gguf "
+           "file; Hub names are not downloaded. Default: the packaged SmolLM2-135M-Instruct GGUF")
+    a("--tokenizer-path", default=D.tokenizer_path, help="tokenizer directory or .gguf (default: --model-path)")
+    a("--chat-template", default=D.chat_template,
+      help="chat template for /v1/chat/completions: a Jinja file or the template text (default: the model's)")
+    a("--trust-remote-code", action="store_true",
+      help="accepted for SGLang compatibility; pdserve never runs code shipped with a model")
+    a("--device", default="cpu", help="device to run on; this build runs on cpu only")
+    a("--host", default=D.host, help="address to bind (use 0.0.0.0 only behind a firewall)")
+    a("--port", type=int, default=D.port, help="HTTP port")
+    a("--dtype", default=D.dtype, choices=DTYPES, help="weight and activation dtype (auto: bfloat16 on CPU)")
     a("--mem-fraction-static", type=float, default=D.mem_fraction_static,
-      help="share of RAM for weights + KV pool (default 0.1 on CPU)")
-    a("--max-total-tokens", type=int, default=D.max_total_tokens, help="KV pool size in tokens")
-    a("--max-running-requests", type=int, default=D.max_running_requests)
-    a("--chunked-prefill-size", type=int, default=D.chunked_prefill_size)
-    a("--page-size", type=int, default=D.page_size)
-    a("--context-length", type=int, default=D.context_length)
-    a("--disable-radix-cache", action="store_true")
+      help="share of RAM for weights + KV pool (None: 0.1 on CPU)")
+    a("--max-total-tokens", type=int, default=D.max_total_tokens,
+      help="KV pool size in tokens (wins over --mem-fraction-static)")
+    a("--max-running-requests", type=int, default=D.max_running_requests, help="requests decoded together")
+    a("--chunked-prefill-size", type=int, default=D.chunked_prefill_size,
+      help="longest prefill chunk in tokens (long prompts are prefilled in chunks)")
+    a("--page-size", type=int, default=D.page_size, help="tokens per KV page")
+    a("--context-length", type=int, default=D.context_length,
+      help="longest prompt + output in tokens (None: the model's)")
+    a("--disable-radix-cache", action="store_true", help="no prefix caching between requests")
     a("--disable-overlap-schedule", dest="disable_overlap_schedule", action="store_true",
-      default=D.disable_overlap_schedule, help="the normal event loop (default here: measured faster)")
+      default=D.disable_overlap_schedule, help="the normal event loop (measured faster on CPU)")
     a("--enable-overlap-schedule", dest="disable_overlap_schedule", action="store_false",
       help="the overlap event loop (outputs sent while the next forward runs)")
-    a("--served-model-name", default=D.served_model_name)
-    a("--log-level", default=D.log_level, choices=LOG_LEVELS)
-    a("--random-seed", type=int, default=D.random_seed)
-    a("--num-threads", type=int, default=D.num_threads, help="torch threads in the scheduler")
+    a("--served-model-name", default=D.served_model_name,
+      help="the model name clients send and /v1/models lists (None: the file or directory name)")
+    a("--log-level", default=D.log_level, choices=LOG_LEVELS, help="logging level")
+    a("--debug", action="store_true", help="show tracebacks of start-up errors")
+    a("--random-seed", type=int, default=D.random_seed, help="seed of the sampler")
+    a("--num-threads", type=int, default=D.num_threads, help="torch threads in the scheduler (None: all cores)")
     a("--w4-decode-max-tokens", type=int, default=D.w4_decode_max_tokens,
       help="steps of at most this many tokens use 4-bit weight-only matmuls (bf16 only; 0 = off)")
-    a("--disaggregation-mode", default=D.disaggregation_mode, choices=("null", "prefill", "decode"))
-    a("--disaggregation-bootstrap-port", type=int, default=D.disaggregation_bootstrap_port)
-    a("--disaggregation-transfer-backend", default=D.disaggregation_transfer_backend)
-    a("--tp-size", type=int, default=D.tp_size)
+    a("--disaggregation-mode", default=D.disaggregation_mode, choices=("null", "prefill", "decode"),
+      help="null: a whole server; prefill/decode: one half of a PD pair, behind `pdserve router`")
+    a("--disaggregation-bootstrap-port", type=int, default=D.disaggregation_bootstrap_port,
+      help="prefill: port of the bootstrap server decode servers connect to")
+    a("--disaggregation-transfer-backend", "--transfer-backend", dest="disaggregation_transfer_backend",
+      default=D.disaggregation_transfer_backend, choices=[b.value for b in TransferBackend],
+      help="how KV moves from prefill to decode: tcp (any hosts), shm (same host), fake (moves nothing)")
+    a("--tp-size", type=int, default=D.tp_size,
+      help="tensor-parallel ranks (at most the model's KV heads; they split the cores)")
     a("--api-key", default=D.api_key,
       help="clients must send 'Authorization: Bearer KEY' (every path but /health, /health_generate)")
     a("--admin-api-key", default=D.admin_api_key,
@@ -109,19 +129,30 @@ async def serve(args: ServerArgs) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from pdserve.cli import fail
+
     parser = build_parser()
     ns = parser.parse_args(argv)
+    prog = parser.prog
     try:
+        if ns.device != "cpu":
+            raise ValueError(f"--device {ns.device!r}: this build of pdserve runs on cpu only; use --device cpu")
         args = args_from_namespace(ns)
+        from pdserve.server.preflight import check_model
+
+        check_model(args)
         check_port(args.host, args.port)
     except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        if ns.debug:
+            raise
+        return fail(prog, str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s [%(name)s] %(levelname)s %(message)s")
     try:
         asyncio.run(serve(args))
     except KeyboardInterrupt:
         pass
-    except RuntimeError as e:
-        print(f"pdserve serve: {e}", file=sys.stderr)
-        return 1
+    except (RuntimeError, ValueError, OSError) as e:
+        if ns.debug or args.log_level == "debug":
+            raise
+        return fail(prog, str(e))
     return 0

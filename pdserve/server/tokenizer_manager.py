@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -66,6 +67,7 @@ class TokenizerManager:
         self._recv_task: asyncio.Task | None = None
         self.dead: str | None = None
         self._shutting_down = False
+        self.chat_template: str | None = None  # --chat-template; None: the tokenizer's own
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -83,6 +85,7 @@ class TokenizerManager:
         except BaseException:
             self.proc.kill()
             raise
+        self.chat_template = self._chat_template()
         info = await self._wait_ready()
         if "error" in info:
             raise RuntimeError(f"scheduler failed to start: {info['error']}")
@@ -91,6 +94,14 @@ class TokenizerManager:
         self.send_sock.connect(to_sched)
         self._recv_task = asyncio.create_task(self._recv_loop())
         self._watch_task = asyncio.create_task(self._watch_child())
+
+    def _chat_template(self) -> str | None:
+        """--chat-template: a file's content or the template text; None: the tokenizer's."""
+        t = self.args.chat_template
+        if t is not None and os.path.isfile(t):
+            with open(t) as f:
+                return f.read()
+        return t
 
     async def _wait_ready(self) -> dict:
         while True:
@@ -174,7 +185,7 @@ class TokenizerManager:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         try:
             out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True)
+                                                     tokenize=True, chat_template=self.chat_template)
         except Exception as e:
             raise ValueError(f"messages could not be rendered with the chat template: {e}") from e
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
