@@ -118,10 +118,17 @@ async def serve(args: ServerArgs) -> None:
     log.info("model %s loaded in %.1f s; KV pool %d tokens; dtype %s", name, tm.info["load_seconds"],
              tm.info["max_total_num_tokens"], tm.info["dtype"])
     url = f"http://{args.host}:{args.port}"
-    print(f"pdserve is serving {name} at {url}\n"
-          f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
-          f"\"What is the capital of France?\"}}]}}'", flush=True)
+    mode = args.disaggregation_mode
+    if mode == "null":
+        print(f"pdserve is serving {name} at {url}\n"
+              f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
+              f"\"What is the capital of France?\"}}], \"max_tokens\": 32, \"temperature\": 0}}'", flush=True)
+    else:
+        boot = f" {args.disaggregation_bootstrap_port}" if mode == "prefill" else ""
+        print(f"pdserve PD {mode} server for {name} at {url}: it answers only requests from a PD router, "
+              f"not clients directly.\n  register it with the router: pdserve router --pd-disaggregation "
+              f"--{mode} {url}{boot} ... (or run the whole deployment with `pdserve launch`)", flush=True)
     try:
         await server.serve()
     finally:
