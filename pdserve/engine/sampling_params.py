@@ -9,6 +9,15 @@ MAX_TOP_LOGPROBS = 20
 GRAMMAR_KEYS = ("json_schema", "regex", "ebnf")  # structured output (pdserve/engine/grammar.py)
 
 
+class FieldError(ValueError):
+    """A bad request field; `param` is the field as the client named it (OpenAI's
+    error.param). The HTTP layer answers 400."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class SamplingParams(msgspec.Struct, kw_only=True):
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -52,7 +61,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         """Raises ValueError naming the offending field: `prefix` + its name, or the name
         the client used (`names`: field -> request key, e.g. max_new_tokens -> max_tokens)."""
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"{prefix}{(names or {}).get(name, name)} {why}")
+            field = f"{prefix}{(names or {}).get(name, name)}"
+            raise FieldError(f"{field} {why}", field)
 
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             bad("max_new_tokens", f"must be a non-negative integer, got {self.max_new_tokens!r}")

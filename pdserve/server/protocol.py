@@ -9,18 +9,9 @@ from typing import Any
 
 import msgspec
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import FieldError, SamplingParams
 
 _SP_FIELDS = set(SamplingParams.__struct_fields__)
-
-
-class FieldError(ValueError):
-    """A bad request field; `param` is the field as the client named it (OpenAI's
-    error.param)."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def _type_err(name: str, want: str, got: Any) -> ValueError:
