@@ -22,6 +22,8 @@ def parse_body(raw: bytes) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise BadRequest("the JSON body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the JSON body must be an object")
     return body

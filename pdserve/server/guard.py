@@ -51,6 +51,8 @@ async def send_error(send: Send, status: int, message: str, err_type: str) -> No
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
+    if status == 413:  # the rest of the body is never read: this connection cannot be reused
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
