@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.router.body import parse_body
@@ -22,11 +23,9 @@ logger = logging.getLogger("pdserve.http")
 
 
 def error_response(message: str, status: int = 400, err_type: str = "BadRequestError",
-                   param: str | None = None) -> JSONResponse:
+                   param: str | None = None, code: str | int | None = None) -> JSONResponse:
     # OpenAI's error shape (param: the offending request field); SGLang clients read error.message too
-    err = {"message": message, "type": err_type, "code": status}
-    if param is not None:
-        err["param"] = param
+    err = {"message": message, "type": err_type, "param": param, "code": status if code is None else code}
     return JSONResponse({"error": err, "object": "error", "message": message}, status_code=status)
 
 
@@ -73,9 +72,20 @@ async def guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         await events.aclose()
 
 
-async def _watch_disconnect(request: Request, task: asyncio.Task) -> None:
+class ModelNotFound(ValueError):
+    """A `model` this server does not serve: 404 model_not_found (OpenAI's and vLLM's answer)."""
+
+    param = "model"
+
+
+class ClientDisconnected(Exception):
+    """A non-streaming client went away; its request was aborted (logged at INFO)."""
+
+
+async def _watch_disconnect(request: Request, task: asyncio.Task, gone: list) -> None:
     while not task.done():
         if await request.is_disconnected():
+            gone.append(True)
             task.cancel()
             return
         await asyncio.sleep(0.25)
@@ -85,9 +95,15 @@ async def run_until_disconnect(request: Request, coro) -> Any:
     """Run a non-streaming generation; a client that goes away cancels it (and the
     generator's cleanup aborts the request in the scheduler, freeing its pages)."""
     task = asyncio.ensure_future(coro)
-    watcher = asyncio.ensure_future(_watch_disconnect(request, task))
+    gone: list = []
+    watcher = asyncio.ensure_future(_watch_disconnect(request, task, gone))
     try:
         return await task
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if gone and not (me is not None and me.cancelling()):
+            raise ClientDisconnected(request.url.path) from None
+        raise
     finally:
         watcher.cancel()
 
@@ -185,7 +201,23 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
 
     @app.exception_handler(ValueError)
     async def _bad_request(_: Request, e: ValueError):
+        if isinstance(e, ModelNotFound):
+            return error_response(str(e), 404, "NotFoundError", param="model", code="model_not_found")
         return error_response(str(e), 400, param=getattr(e, "param", None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        # unknown routes and wrong methods in the same shape as every other error
+        msg = e.detail if isinstance(e.detail, str) else str(e.detail)
+        if e.status_code == 404:
+            msg = f"{request.method} {request.url.path}: no such route (see /v1/models, /v1/chat/completions)"
+        kinds = {404: "NotFoundError", 405: "MethodNotAllowed"}
+        return error_response(msg, e.status_code, kinds.get(e.status_code, "Error"))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, e: ClientDisconnected):
+        logger.info("client disconnected from %s %s; request aborted", request.method, request.url.path)
+        return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
 
     @app.exception_handler(SchedulerDied)
     async def _dead(_: Request, e: SchedulerDied):
@@ -272,12 +304,14 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
         return Response(status_code=200 if out else 503)
 
     @app.get("/get_model_info")
+    @app.get("/model_info")  # SGLang serves both names
     async def get_model_info():
         return {"model_path": model_path, "tokenizer_path": tm.args.tokenizer_path or model_path,
                 "served_model_name": served_model_name, "is_generation": True,
                 "arch": tm.info.get("arch"), "context_length": tm.info.get("context_length")}
 
     @app.get("/get_server_info")
+    @app.get("/server_info")
     async def get_server_info():
         from dataclasses import asdict
 
@@ -285,6 +319,7 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
         for k in ("api_key", "admin_api_key"):  # never shown
             args[k] = "<set>" if args.get(k) else None
         args["model_path"] = model_path
+        args["served_model_name"] = served_model_name
         info = dict(tm.info)
         info.update(await tm.control("get_load"))
         return {**args, **info, "version": __import__("pdserve").__version__}

@@ -8,8 +8,9 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from pdserve.server.http_server import (SSE_DONE, abort_event, bootstrap_for, check_pd_fields, collect, guarded,
-                                        merge, new_id, now_s, read_json, run_until_disconnect, sse)
+from pdserve.server.http_server import (SSE_DONE, ModelNotFound, abort_event, bootstrap_for, check_pd_fields,
+                                        collect, guarded, merge, new_id, now_s, read_json,
+                                        run_until_disconnect, sse)
 from pdserve.server.protocol import FieldError, as_bool, as_int, is_token_list, openai_sampling
 from pdserve.server.tokenizer_manager import TokenizerManager
 
@@ -60,7 +61,7 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
         if m is not None and not isinstance(m, str):
             raise ValueError(f"model must be a string, got {type(m).__name__}")
         if m is not None and m not in accepted:
-            raise ValueError(f"model {m[:200]!r} is not served here; available: {served!r}")
+            raise ModelNotFound(f"The model {m[:200]!r} does not exist; this server serves {served!r}")
 
     def boot(body: dict, prompt_index: int, copy: int) -> tuple:
         """PD fields for one generation: batched requests carry one entry per prompt."""
@@ -96,6 +97,8 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
         else:
             raise ValueError("prompt must be a string, a list of strings, or token ids")
         sp, names = openai_sampling(body, 16, chat=False)
+        if sp.max_new_tokens == 0:
+            raise FieldError(f"{names['max_new_tokens']} must be at least 1", names["max_new_tokens"])
         logprobs = as_int(body, "logprobs", None, 0, 20)
         stream = as_bool(body, "stream")
         include_usage = _include_usage(body)
@@ -133,6 +136,8 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
             norm.append({"role": m["role"], "content": content})
         ids = tm.apply_chat_template(norm, add_generation_prompt=True)
         sp, names = openai_sampling(body, tm.info["context_length"] - len(ids), chat=True)
+        if sp.max_new_tokens == 0:
+            raise FieldError(f"{names['max_new_tokens']} must be at least 1", names["max_new_tokens"])
         logprobs = None
         if as_bool(body, "logprobs"):
             logprobs = as_int(body, "top_logprobs", 0, 0, 20)
