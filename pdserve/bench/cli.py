@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=list(ds.DATASET_NAMES) + list(ds.DATASET_ALIASES),
                    help="workload (generated-shared-prefix = shared-prefix) (default: %(default)s)")
     d.add_argument("--dataset-path", default=None, help="JSONL file for --dataset-name jsonl")
-    d.add_argument("--num-prompts", type=int, default=1000, help="requests per run; not for shared-prefix (default: %(default)s)")
+    d.add_argument("--num-prompts", type=int, default=1000,
+                   help="requests per run; not for shared-prefix. The defaults (1000 x 1024/1024 tokens, as "
+                   "SGLang's) are GPU-sized: hours on a CPU, try 32 x 256/64 first (default: %(default)s)")
     d.add_argument("--random-input-len", type=int, default=1024, help="input tokens (default: %(default)s)")
     d.add_argument("--random-output-len", type=int, default=1024, help="output tokens (default: %(default)s)")
     d.add_argument("--random-range-ratio", type=float, default=0.0,
@@ -208,6 +210,23 @@ def _err(msg: str) -> None:
     print(f"pdserve bench: error: {msg}", file=sys.stderr)
 
 
+# Output tokens above which a run is hours long on a CPU server (135M model, 2-16 cores:
+# roughly 50-1000 output tokens/s in total, see docs/benchmarks.md).
+LONG_RUN_OUTPUT_TOKENS = 100_000
+
+
+def warn_if_long(requests: list[ds.BenchRequest]) -> bool:
+    """The defaults are SGLang's (1000 prompts x 1024/1024 tokens), sized for GPUs: say so."""
+    out = sum(r.output_len for r in requests)
+    if out <= LONG_RUN_OUTPUT_TOKENS:
+        return False
+    prompt = sum(r.prompt_len for r in requests)
+    print(f"pdserve bench: warning: this workload asks for {out:,} output tokens ({len(requests)} requests, "
+          f"{prompt:,} prompt tokens); a CPU server takes hours for that. For a first run try "
+          f"--num-prompts 32 --random-input-len 256 --random-output-len 64", file=sys.stderr, flush=True)
+    return True
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `pdserve bench ...`; returns the exit status."""
     if argv and argv[0] == "compare":
@@ -235,6 +254,7 @@ def main(argv: list[str]) -> int:
         return 1
     print(f"pdserve bench: {len(requests)} requests ({args.dataset_name}), tokenizer: {tok_source} "
           f"({time.perf_counter() - t0:.1f} s); target {args.base_url} ({args.backend})", file=sys.stderr)
+    warn_if_long(requests)
     cfg = run_config(args, model)
     count = lambda text: ds.count_tokens(tokenizer, text)  # noqa: E731
     try:

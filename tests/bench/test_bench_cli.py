@@ -143,3 +143,13 @@ def test_pdserve_entry_point_dispatches(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--disable-tqdm"],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 1 and "cannot reach" in r.stderr
+
+
+def test_default_workload_warns_it_is_gpu_sized(capsys):
+    from pdserve.bench.cli import warn_if_long
+    from pdserve.bench.datasets import BenchRequest
+
+    assert warn_if_long([BenchRequest("p", 1024, 1024)] * 1000)
+    err = capsys.readouterr().err
+    assert "hours" in err and "--num-prompts 32" in err
+    assert not warn_if_long([BenchRequest("p", 256, 64)] * 32)
