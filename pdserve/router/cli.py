@@ -36,10 +36,11 @@ def _number(kind: type, lo: float | None = None, hi: float | None = None, lo_ope
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from pdserve.cli import Parser
+
+    p = Parser(
         prog="pdserve router",
-        description="Router in front of pdserve (or SGLang) servers: PD pairs or plain balancing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Router in front of pdserve (or SGLang) servers: PD pairs or plain balancing.")
     a = p.add_argument
     a("--host", default=D.host, help="address to bind (use 0.0.0.0 only behind a firewall)")
     a("--port", type=_number(int, 0, 65535), default=D.port, help="port to bind (0: any free port)")
@@ -80,10 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("retries (on a new pair, before anything reached the client)")
     g.add_argument("--retry-max-retries", "--max-retries", dest="max_retries", type=_number(int, 0),
                    default=R.max_retries, help="retries after the first attempt")
-    g.add_argument("--retry-initial-backoff-ms", type=_number(int, 0), default=R.initial_backoff_ms)
-    g.add_argument("--retry-max-backoff-ms", type=_number(int, 0), default=R.max_backoff_ms)
-    g.add_argument("--retry-backoff-multiplier", type=_number(float, 1), default=R.backoff_multiplier)
-    g.add_argument("--retry-jitter-factor", type=_number(float, 0, 1), default=R.jitter_factor)
+    g.add_argument("--retry-initial-backoff-ms", type=_number(int, 0), default=R.initial_backoff_ms,
+                   help="wait before the first retry")
+    g.add_argument("--retry-max-backoff-ms", type=_number(int, 0), default=R.max_backoff_ms,
+                   help="longest wait between retries")
+    g.add_argument("--retry-backoff-multiplier", type=_number(float, 1), default=R.backoff_multiplier,
+                   help="each wait is the previous one times this")
+    g.add_argument("--retry-jitter-factor", type=_number(float, 0, 1), default=R.jitter_factor,
+                   help="waits vary randomly by up to this fraction")
     g.add_argument("--disable-retries", action="store_true", help="one attempt per request")
     g = p.add_argument_group("circuit breaker (per worker)")
     g.add_argument("--cb-failure-threshold", type=_number(int, 1), default=C.failure_threshold,
@@ -92,16 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="half-open successes that close it")
     g.add_argument("--cb-timeout-duration-secs", type=_number(float, 0, lo_open=True),
                    default=C.timeout_duration_secs, help="how long it stays open before a probe")
-    g.add_argument("--disable-circuit-breaker", action="store_true")
+    g.add_argument("--disable-circuit-breaker", action="store_true", help="never take a worker out of rotation")
     g = p.add_argument_group("health checks")
     g.add_argument("--health-check-interval-secs", type=_number(float, 0, lo_open=True),
-                   default=H.interval_secs)
-    g.add_argument("--health-check-timeout-secs", type=_number(float, 0, lo_open=True), default=H.timeout_secs)
-    g.add_argument("--health-failure-threshold", type=_number(int, 1), default=H.failure_threshold)
-    g.add_argument("--health-success-threshold", type=_number(int, 1), default=H.success_threshold)
-    g.add_argument("--health-check-endpoint", default=H.endpoint)
-    g.add_argument("--disable-health-check", action="store_true")
-    p.add_argument("--log-level", choices=LOG_LEVELS, default=D.log_level)
+                   default=H.interval_secs, help="seconds between health checks of each worker")
+    g.add_argument("--health-check-timeout-secs", type=_number(float, 0, lo_open=True), default=H.timeout_secs,
+                   help="a health check slower than this fails")
+    g.add_argument("--health-failure-threshold", type=_number(int, 1), default=H.failure_threshold,
+                   help="failed checks in a row that mark a worker unhealthy")
+    g.add_argument("--health-success-threshold", type=_number(int, 1), default=H.success_threshold,
+                   help="passed checks in a row that mark it healthy again")
+    g.add_argument("--health-check-endpoint", default=H.endpoint, help="path probed on each worker")
+    g.add_argument("--disable-health-check", action="store_true", help="no background health checks")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=D.log_level, help="logging level")
     return p
 
 

@@ -112,3 +112,18 @@ def test_launch_server_args_accepts_leading_dashes():
     assert ns.server_args == "--max-running-requests 8"
     ns = build_parser().parse_args(normalize_argv(["--transfer-backend", "shm"]))
     assert ns.disaggregation_transfer_backend == "shm"
+
+
+def test_every_flag_has_a_help_line():
+    from pdserve.bench.cli import build_parser as bench
+    from pdserve.launch.cli import build_parser as launch
+    from pdserve.router.cli import build_parser as router
+    from pdserve.server.serve_cli import build_parser as serve
+
+    for build in (serve, launch, router, bench):
+        p = build()
+        assert not [a.option_strings for a in p._actions if not a.help], p.prog
+
+
+def test_router_errors_are_one_line():
+    one_line_error(run("router", "--policy", "foo"), "--policy")
