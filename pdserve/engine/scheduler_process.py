@@ -365,7 +365,8 @@ def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str) -> N
     try:
         proc = SchedulerProcess(args, recv_addr, send_addr)
     except Exception as e:
-        logger.exception("scheduler failed to start")
+        # the front end reports the error in one line; the traceback shows at --log-level debug
+        logger.debug("scheduler failed to start", exc_info=True)
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.connect(send_addr)
         sock.send(encode(ControlResp(0, {"error": f"{type(e).__name__}: {e}"})))

@@ -127,3 +127,9 @@ def test_every_flag_has_a_help_line():
 
 def test_router_errors_are_one_line():
     one_line_error(run("router", "--policy", "foo"), "--policy")
+
+
+def test_failure_in_the_scheduler_is_one_line_too(port):
+    # found only once the weights load: still exit 2, one line, no traceback
+    one_line_error(run("serve", "--port", port, "--mem-fraction-static", "0.0001", timeout=120),
+                   "--mem-fraction-static")
