@@ -232,7 +232,8 @@ def main(argv: list[str]) -> int:
         wait_healthy(rurl, router, deadline, "/readiness")
         print(f"pdserve {a.prefill}P{a.decode}D is ready at {rurl} ({a.disaggregation_transfer_backend} KV transfer)\n"
               f"  try: curl {rurl}/v1/chat/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]}}'",
+              f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], "
+              f"\"max_tokens\": 32, \"temperature\": 0}}'",
               flush=True)
         while all(c.proc.poll() is None for c in children):
             time.sleep(0.5)
