@@ -117,6 +117,23 @@ def check_flags(a: argparse.Namespace) -> list[str]:
         raise ValueError(f"--server-args: `pdserve serve` has no flag {unknown[0]} (see `pdserve serve --help`)")
     args = args_from_namespace(ns)
     check_model(args, tp_flags={"--prefill-tp-size": a.prefill_tp_size, "--decode-tp-size": a.decode_tp_size})
+    from pdserve.server.serve_cli import check_port
+
+    n = a.prefill + a.decode
+    for port in range(a.port, a.port + n + 1):  # the router's, then one per server
+        if port > 65535:
+            raise ValueError(f"--port {a.port}: the servers need the {n} ports after it")
+        try:
+            check_port(a.host, port)
+        except ValueError as e:
+            raise ValueError(f"--port {a.port}: port {port} is taken (the router uses --port, the servers the "
+                             f"{n} after it); pick another --port") from None
+    for port in range(a.bootstrap_port_base, a.bootstrap_port_base + a.prefill):
+        try:
+            check_port(a.host, port)
+        except ValueError:
+            raise ValueError(f"--bootstrap-port-base {a.bootstrap_port_base}: port {port} is taken; "
+                             f"pick another --bootstrap-port-base") from None
     return extra
 
 

@@ -133,3 +133,13 @@ def test_failure_in_the_scheduler_is_one_line_too(port):
     # found only once the weights load: still exit 2, one line, no traceback
     one_line_error(run("serve", "--port", port, "--mem-fraction-static", "0.0001", timeout=120),
                    "--mem-fraction-static")
+
+
+def test_launch_port_taken():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        one_line_error(run("launch", "--port", str(taken - 1)), "--port", "is taken")
