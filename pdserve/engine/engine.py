@@ -44,6 +44,9 @@ class Engine:
 
         self._closed = True  # until started: a failed __init__ leaves nothing to shut down
         self.args = ServerArgs(**kwargs)
+        from pdserve.server.preflight import check_model
+
+        check_model(self.args)  # model files and tp size, before any process starts
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="pdserve-engine-loop", daemon=True)
         self._thread.start()
