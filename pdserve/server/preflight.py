@@ -25,8 +25,8 @@ def hub_name_hint(path: str) -> str | None:
     if os.path.exists(path) or not HUB_NAME.fullmatch(path) or path.endswith(".gguf"):
         return None
     local = "./" + path.split("/")[-1]
-    return (f"--model-path {path!r} looks like a Hugging Face Hub name, but pdserve loads local files only "
-            f"(it downloads nothing): run `huggingface-cli download {path} --local-dir {local}` and pass "
+    return (f"--model-path {path!r} is no local path; it looks like a Hugging Face Hub name, but pdserve "
+            f"loads local files only (it downloads nothing): run `huggingface-cli download {path} --local-dir {local}` and pass "
             f"--model-path {local}, or pass a .gguf file")
 
 
