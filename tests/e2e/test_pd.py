@@ -121,6 +121,20 @@ def test_openai_client_through_router(pd, server):
     pools_free(pd)
 
 
+def test_structured_output_equals_mode_null(pd, server):
+    """The grammar holds across the split: prefill masks the first token, decode replays
+    its matcher over it and continues; the result equals mode null token for token."""
+    import re
+
+    rx = r"(yes|no), because [a-z ]{1,12}\."
+    body = {"text": "Is the sky blue? Answer:", "sampling_params": {**SP, "max_new_tokens": 24, "regex": rx}}
+    ref = httpx.post(server.url + "/generate", json=body, timeout=120).json()
+    out = httpx.post(pd.url + "/generate", json=body, timeout=120).json()
+    assert out["output_ids"] == ref["output_ids"] and re.fullmatch(rx, out["text"]), out["text"]
+    assert out["meta_info"]["finish_reason"]["type"] == "stop"
+    pools_free(pd)
+
+
 def test_decode_metrics_and_load(pd):
     httpx.post(pd.url + "/generate", json={"text": PROMPTS[0], "sampling_params": SP}, timeout=120).raise_for_status()
     ld = httpx.get(pd.decode + "/get_load").json()
