@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from typing import Sequence
 
 import numpy as np
@@ -34,6 +35,12 @@ def _xgr():
     import xgrammar
 
     return xgrammar
+
+
+def _clean(e: BaseException) -> str:
+    """xgrammar's message without its "[hh:mm:ss] /project/cpp/file.cc:123: " prefix."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[-1])[:300]
 
 
 @functools.lru_cache(maxsize=256)
@@ -55,7 +62,7 @@ def validate_spec(kind: str, spec: str) -> None:
             raise
         raise ValueError(f"invalid {kind}: {e}") from None
     except Exception as e:  # xgrammar raises RuntimeError for parse errors
-        raise ValueError(f"invalid {kind}: {str(e).strip().splitlines()[-1][:300]}") from None
+        raise ValueError(f"invalid {kind}: {_clean(e)}") from None
 
 
 class GrammarBackend:
@@ -94,7 +101,7 @@ class GrammarBackend:
         except ValueError:
             raise
         except Exception as e:
-            raise ValueError(f"invalid {kind}: {str(e).strip().splitlines()[-1][:300]}") from None
+            raise ValueError(f"invalid {kind}: {_clean(e)}") from None
         return ReqGrammar(_xgr().GrammarMatcher(compiled))
 
 

@@ -127,6 +127,26 @@ def test_engine_async_stream(engine):
     assert texts[-1] == engine.generate("Once upon a time", {"max_new_tokens": 8, "temperature": 0})["text"]
 
 
+def test_engine_structured_output_and_unknown_key(engine):
+    """pdserve.Engine takes SGLang's regex / ebnf / json_schema / logit_bias; an unknown
+    sampling_params key is a ValueError naming it (docs/api.md)."""
+    import json
+    import re
+
+    rx = r"[A-Z][a-z]+, [A-Z][a-z]+\."
+    out = engine.generate("Name two cities:", {"max_new_tokens": 16, "temperature": 0, "regex": rx})
+    assert re.fullmatch(rx, out["text"]), out["text"]
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"],
+              "additionalProperties": False}
+    out = engine.generate("A city as JSON:", {"max_new_tokens": 24, "temperature": 0, "json_schema": json.dumps(schema)})
+    assert list(json.loads(out["text"])) == ["city"]
+    out = engine.generate("Hi", {"max_new_tokens": 2, "temperature": 0, "logit_bias": {"42": 100}})
+    assert out["output_ids"] == [42, 42]
+    with pytest.raises(ValueError, match="sampling_params.foo"):
+        engine.generate("Hi", {"max_new_tokens": 2, "foo": 1})
+    with pytest.raises(ValueError, match="regex"):
+        engine.generate("Hi", {"max_new_tokens": 2, "regex": "("})
+
 def test_overlap_event_loop_matches_transformers(prompts, reference):
     import pdserve
     with pdserve.Engine(dtype="float32", max_total_tokens=8192, disable_overlap_schedule=False) as e:
