@@ -53,7 +53,9 @@ def gather_logprobs(logits: torch.Tensor, ids: list[int], top_nums: Sequence[int
                     ) -> tuple[list[float], list[list[tuple[int, float]]]]:
     """Log-probabilities (of the model's distribution after penalties, before
     temperature) of the chosen tokens, and the top-k alternatives per row."""
-    lp = torch.log_softmax(logits, dim=-1)
+    # a token banned by a grammar mask has logit -inf: report OpenAI's floor, -9999.0, so
+    # that the answer stays valid JSON (no -Infinity)
+    lp = torch.log_softmax(logits, dim=-1).clamp_min_(-9999.0)
     chosen = lp[torch.arange(len(ids)), torch.tensor(ids)].tolist()
     tops: list[list[tuple[int, float]]] = []
     for i, k in enumerate(top_nums):

@@ -43,6 +43,18 @@ def test_chat_json_object_parses(server):
     assert ch["finish_reason"] == "stop"
 
 
+def test_json_object_with_top_logprobs_is_valid_json(server):
+    """Tokens the grammar bans have logprob -inf: reported as OpenAI's floor -9999.0, so the
+    body stays valid JSON (no -Infinity)."""
+    r = post(server, "/v1/chat/completions", {"messages": PERSON, "max_tokens": 8, "temperature": 0,
+                                              "logprobs": True, "top_logprobs": 5,
+                                              "response_format": {"type": "json_object"}})
+    assert r.status_code == 200, r.text
+    body = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    content = body["choices"][0]["logprobs"]["content"]
+    assert content[0]["token"].startswith("{") and len(content[0]["top_logprobs"]) == 5
+    assert all(-9999.0 <= t["logprob"] <= 0 for c in content for t in c["top_logprobs"])
+
 def test_openai_client_json_schema_validates(client):
     r = client.chat.completions.create(
         model=MODEL, messages=PERSON, max_tokens=48, temperature=0,
