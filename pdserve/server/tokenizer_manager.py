@@ -180,6 +180,10 @@ class TokenizerManager:
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in the JSON): tokenizers reject it
+            raise ValueError(f"the text is not valid Unicode: {e.reason} at position {e.start}") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
