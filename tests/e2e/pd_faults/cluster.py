@@ -128,8 +128,10 @@ class Prefill(Server):
 
 
 class Decode(Server):
-    def __init__(self) -> None:
-        super().__init__("--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "tcp", env=ENV)
+    def __init__(self, **env: str) -> None:
+        """`env` overrides this package's environment (e.g. a longer waiting timeout)."""
+        super().__init__("--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "tcp",
+                         env={**ENV, **env})
 
     def data_port(self) -> int:
         """The KV data endpoint prefill pushes into (only the scheduler's log names it)."""

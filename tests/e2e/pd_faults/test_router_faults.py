@@ -27,7 +27,9 @@ BODIES = {
 
 def test_decode_killed_under_six_streams(pair):
     p, _ = pair
-    victim = Decode()
+    # the victim waits for KV longer than this package's 4 s: the test is about killing it,
+    # and six prompts on a loaded 2-core box can take longer than that to prefill
+    victim = Decode(SGLANG_DISAGGREGATION_WAITING_TIMEOUT="60")
     victim.wait_healthy()
     cfg = RouterConfig(pd_disaggregation=True, port=0, prefill=(PrefillSpec(p.url, p.bootstrap_port),),
                        decode=(victim.url,), policy="round_robin", load_check_interval_secs=0,
