@@ -179,6 +179,8 @@ class GenerateInputs:
 
         def per(key: str) -> list:
             v = body.get(key)
+            if isinstance(v, list) and len(v) != n:
+                raise ValueError(f"{key} must be a list with one entry per prompt ({n}), got {len(v)}")
             return v if isinstance(v, list) else [v] * n
 
         hosts, ports, rooms = per("bootstrap_host"), per("bootstrap_port"), per("bootstrap_room")

@@ -62,6 +62,7 @@ RAW = [
     b'{"text": "\\ud800"}', b'{"text": 1e999}', b'{"text": "a", "text": 2}',
     b"[" * 30000 + b"]" * 30000, b'{"a":' * 20000 + b"1" + b"}" * 20000,
     b'{"text": "' + b"a" * 60000 + b'"}', b'{"input_ids": [' + b"1," * 20000 + b'1]}',
+    b'{"text": "a", "bootstrap_host": []}', b'{"text": "a", "bootstrap_room": [1, 2]}',
 ]
 
 
