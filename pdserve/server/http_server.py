@@ -176,6 +176,8 @@ class GenerateInputs:
         rids = rid if isinstance(rid, list) else [rid] * n
         if len(rids) != n or (n > 1 and rid is not None and not isinstance(rid, list)):
             raise ValueError("rid must be a list with one id per prompt for batched requests")
+        if not all(r is None or isinstance(r, str) for r in rids):
+            raise ValueError("rid must be a string (or, for batched requests, a list of strings)")
 
         def per(key: str) -> list:
             v = body.get(key)

@@ -4,8 +4,6 @@ completes with zero failures, and the server leaves no process behind."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ import urllib.request
 
 import pytest
 from pdserve.net import free_port
+from tests.conftest import stop_group
 
 pytestmark = pytest.mark.e2e
 
@@ -59,13 +58,7 @@ def real_server(tmp_path_factory):
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_group(proc)
     # no orphans: every process the server started is gone (children get 15 s to
     # finish their own shutdown after the parent exits)
     procs = []

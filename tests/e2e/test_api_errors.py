@@ -2,18 +2,16 @@
 OpenAI's error shape, max_tokens 0, /model_info and /server_info, and a non-streaming
 client that disconnects logging one INFO line (no ASGI traceback)."""
 
-import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 
 import httpx
-import pytest
 
 from pdserve.launch.cli import wait_healthy
 from pdserve.net import free_port
+from tests.conftest import stop_group
 
 Q = [{"role": "user", "content": "hi"}]
 
@@ -81,11 +79,5 @@ def test_non_streaming_disconnect_logs_one_info_line(tmp_path):
         lines = [ln for ln in text.splitlines() if "client disconnected" in ln]
         assert len(lines) == 1 and "INFO" in lines[0], text[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)
         log.close()

@@ -63,6 +63,7 @@ RAW = [
     b"[" * 30000 + b"]" * 30000, b'{"a":' * 20000 + b"1" + b"}" * 20000,
     b'{"text": "' + b"a" * 60000 + b'"}', b'{"input_ids": [' + b"1," * 20000 + b'1]}',
     b'{"text": "a", "bootstrap_host": []}', b'{"text": "a", "bootstrap_room": [1, 2]}',
+    b'{"text": "a", "rid": {"x": 1}}', b'{"text": ["a", "b"], "rid": [[], {}]}',
 ]
 
 

@@ -13,7 +13,6 @@ site-packages directory named by SGLANG_ROUTER_PYTHONPATH, e.g.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ import pytest
 from pdserve.router.config import PrefillSpec
 
 from .conftest import dead_url, wait_for
+from tests.conftest import stop_group
 
 EXTRA_PATH = os.environ.get("SGLANG_ROUTER_PYTHONPATH", "")
 
@@ -78,12 +78,7 @@ def sglang_router(fakes):
             pytest.fail("sglang-router did not start serving within 60 s")
         yield url, (p1, p2, d)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, grace=15)
 
 
 def _fields(body: dict) -> dict:
