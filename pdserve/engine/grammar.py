@@ -47,19 +47,15 @@ def _clean(e: BaseException) -> str:
 def validate_spec(kind: str, spec: str) -> None:
     """Front end: parse the grammar (no tokenizer needed); ValueError naming the key."""
     xgr = _xgr()
+    parse = {"json_schema": xgr.Grammar.from_json_schema, "regex": xgr.Grammar.from_regex,
+             "ebnf": xgr.Grammar.from_ebnf}.get(kind)
+    if parse is None:
+        raise ValueError(f"unknown grammar kind {kind!r}")
     try:
         if kind == "json_schema":
             json.loads(spec)
-            xgr.Grammar.from_json_schema(spec)
-        elif kind == "regex":
-            xgr.Grammar.from_regex(spec)
-        elif kind == "ebnf":
-            xgr.Grammar.from_ebnf(spec)
-        else:
-            raise ValueError(f"unknown grammar kind {kind!r}")
+        parse(spec)
     except ValueError as e:
-        if str(e).startswith("unknown grammar"):
-            raise
         raise ValueError(f"invalid {kind}: {e}") from None
     except Exception as e:  # xgrammar raises RuntimeError for parse errors
         raise ValueError(f"invalid {kind}: {_clean(e)}") from None
@@ -153,11 +149,3 @@ def apply_grammar_masks(logits: torch.Tensor, reqs: Sequence) -> None:
     for j, i in enumerate(rows):
         logits[i].masked_fill_(banned[j], float("-inf"))
 
-
-def apply_logit_bias(logits: torch.Tensor, reqs: Sequence) -> None:
-    """In place: OpenAI's logit_bias (token id -> bias added to its logit)."""
-    for i, r in enumerate(reqs):
-        lb = r.sampling.logit_bias
-        if lb:
-            ids = torch.tensor(list(lb.keys()), dtype=torch.long)
-            logits[i, ids] += torch.tensor(list(lb.values()), dtype=logits.dtype)

@@ -15,8 +15,8 @@ from pdserve.engine.scheduler import Plan, RunOutput
 from pdserve.model.attention import ExtendSeq, ForwardBatch, TorchNativeAttention
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
-from pdserve.model.sampler import apply_penalties, gather_logprobs, sample
-from pdserve.engine.grammar import apply_grammar_masks, apply_logit_bias
+from pdserve.model.sampler import apply_logit_bias, apply_penalties, gather_logprobs, sample
+from pdserve.engine.grammar import apply_grammar_masks
 
 
 def kv_pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
@@ -181,7 +181,7 @@ class ModelRunner:
         if any(p.has_penalty for p in params):
             apply_penalties(logits, params, [r.token_counts for r in reqs])
         if any(p.logit_bias for p in params):
-            apply_logit_bias(logits, reqs)
+            apply_logit_bias(logits, params)
         if any(r.grammar is not None for r in reqs):
             apply_grammar_masks(logits, reqs)
         gens = []

@@ -20,6 +20,14 @@ def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
         logits[i, ids] -= p.frequency_penalty * n + p.presence_penalty
 
 
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    """In place: OpenAI's logit_bias (token id -> bias added to its logit), row i for params[i]."""
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias.keys()), dtype=torch.long)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+
+
 def _filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     # probs: [V] for one row
     if p.min_p > 0.0:

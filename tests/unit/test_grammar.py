@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pdserve.engine.grammar import GrammarBackend, apply_grammar_masks, apply_logit_bias, validate_spec
+from pdserve.engine.grammar import GrammarBackend, apply_grammar_masks, validate_spec
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.model.sampler import apply_logit_bias
 from pdserve.model.tokenizer import load_tokenizer
 from pdserve.server.protocol import FieldError, openai_sampling, sampling_from_dict
 
@@ -61,7 +62,7 @@ def test_sync_rejects_a_token_outside_the_grammar(backend):
 
 def test_logit_bias_adds_to_its_row_only():
     logits = torch.zeros(2, 10)
-    apply_logit_bias(logits, [fake_req(None, bias={3: 100.0, 4: -100.0}), fake_req(None)])
+    apply_logit_bias(logits, [fake_req(None, bias={3: 100.0, 4: -100.0}).sampling, fake_req(None).sampling])
     assert logits[0, 3] == 100 and logits[0, 4] == -100 and logits[1].abs().sum() == 0
 
 
