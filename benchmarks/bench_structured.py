@@ -3,7 +3,8 @@
 1. Micro (no model): per decode step, what a request with a grammar adds in the runner
    and the scheduler: advancing its matcher by one token, filling the next-token bitmask
    and applying it to a [batch, 49152] logits tensor (pdserve.engine.grammar), for each
-   grammar kind, at batch 1 and 8 (all rows constrained). Also xgrammar's own CPU
+   grammar kind and for a forced tool call (tool_choice "required"), at batch 1 and 8
+   (all rows constrained). Also xgrammar's own CPU
    `apply_token_bitmask_inplace` for comparison.
 2. End to end (pdserve.Engine, default model, float32): decode ms/token of the same
    64-token generation without a grammar and under a JSON schema that keeps it writing
@@ -35,6 +36,15 @@ GRAMMARS = [
     ("ebnf", 'root ::= item+ "."\nitem ::= ("yes" | "no" | "maybe") ", "'),
 ]
 VOCAB = 49152
+WEATHER_TOOL = {"type": "object", "required": ["city"],
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+
+
+def tool_call_grammar() -> str:
+    """What tool_choice="required" constrains to (Hermes format, one call)."""
+    from pdserve.server.tools.base import Tool, get_parser
+
+    return get_parser("hermes").forced_grammar([Tool("get_weather", None, WEATHER_TOOL)], parallel=False)
 
 
 def micro(batch: int, steps: int = 64) -> dict:
@@ -48,8 +58,8 @@ def micro(batch: int, steps: int = 64) -> dict:
     tok = load_tokenizer(None, None)
     be = GrammarBackend(tok, VOCAB, [tok.eos_token_id])
     out = {}
-    for name, spec in GRAMMARS:
-        kind = {"json_object": "json_schema", "regex_counted": "regex"}.get(name, name)
+    for name, spec in GRAMMARS + [("tool_call", tool_call_grammar())]:
+        kind = {"json_object": "json_schema", "regex_counted": "regex", "tool_call": "ebnf"}.get(name, name)
         t = time.perf_counter()
         be.compile(kind, spec)
         first_compile = time.perf_counter() - t

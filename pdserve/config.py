@@ -39,6 +39,9 @@ class ServerArgs:
     # chat template for /v1/chat/completions: a Jinja file or the template text itself
     # (None: the model's own, from tokenizer_config.json or the GGUF metadata)
     chat_template: str | None = None
+    # tool-call format of the model's output (pdserve/server/tools; None: from the
+    # architecture, Qwen2/Qwen3 -> hermes; other models refuse `tools`)
+    tool_call_parser: str | None = None
     # access and abuse (pdserve/server/guard.py)
     api_key: str | None = None  # `Authorization: Bearer KEY` on every path but /health*
     admin_api_key: str | None = None  # admin paths (/flush_cache, /abort_request) need this one
@@ -88,6 +91,11 @@ class ServerArgs:
         if self.chat_template is not None and not os.path.isfile(self.chat_template) \
                 and "{" not in self.chat_template:
             bad("chat_template", f"{self.chat_template!r} is neither a file nor a Jinja template")
+        if self.tool_call_parser is not None:
+            from pdserve.server.tools.base import parser_names
+
+            if self.tool_call_parser not in parser_names():
+                bad("tool_call_parser", f"must be one of {', '.join(parser_names())}, got {self.tool_call_parser!r}")
         from pdserve.disagg.transfer.registry import TransferBackend
 
         try:

@@ -11,8 +11,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pdserve.server.http_server import (SSE_DONE, ModelNotFound, abort_event, bootstrap_for, check_pd_fields,
                                         collect, guarded, merge, new_id, now_s, read_json,
                                         run_until_disconnect, sse)
-from pdserve.server.protocol import FieldError, as_bool, as_int, is_token_list, openai_sampling
+from pdserve.server.protocol import FieldError, as_bool, as_int, chat_message, is_token_list, openai_sampling
 from pdserve.server.tokenizer_manager import TokenizerManager
+from pdserve.server.tools.base import ARCH_PARSERS, ToolCallStream
+from pdserve.server.tools.request import ToolPlan, plan_tools
 
 
 def _finish_reason(meta: dict) -> str | None:
@@ -112,30 +114,14 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
         if not isinstance(msgs, list) or not msgs or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
             raise ValueError("messages must be a non-empty list of {role, content} objects")
-        check_tools(body)
-        norm = []
-        for i, m in enumerate(msgs):
-            content = m.get("content")
-            if isinstance(content, list):  # [{type: text, text: ...}]; other parts are refused
-                texts = []
-                for j, part in enumerate(content):
-                    where = f"messages[{i}].content[{j}]"
-                    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
-                            part.get("text"), str):
-                        kind = part.get("type") if isinstance(part, dict) else None
-                        raise FieldError(f"{where}: only text content parts are supported by this model"
-                                         + (f", got {kind!r}" if isinstance(kind, str) else ""), where)
-                    texts.append(part["text"])
-                content = "".join(texts)
-            if not isinstance(content, str):
-                raise FieldError("message content must be a string or a list of text parts",
-                                 f"messages[{i}].content")
-            for k in m:
-                if k not in ("role", "content", "name"):
-                    raise FieldError(f"messages[{i}].{k} is not supported by this server", f"messages[{i}].{k}")
-            norm.append({"role": m["role"], "content": content})
-        ids = tm.apply_chat_template(norm, add_generation_prompt=True)
+        tools = plan_tools(body, template_text(), tool_parser_name(), served)
+        norm = [chat_message(m, i) for i, m in enumerate(msgs)]
+        ids = tm.apply_chat_template(norm, add_generation_prompt=True,
+                                     tools=[t.as_openai() for t in tools.tools] if tools else None)
         sp, names = openai_sampling(body, tm.info["context_length"] - len(ids), chat=True)
+        if tools is not None and tools.grammar is not None:
+            sp.ebnf = tools.grammar
+            names["ebnf"] = "tool_choice"
         if sp.max_new_tokens == 0:
             raise FieldError(f"{names['max_new_tokens']} must be at least 1", names["max_new_tokens"])
         logprobs = None
@@ -143,27 +129,19 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
             logprobs = as_int(body, "top_logprobs", 0, 0, 20)
         stream = as_bool(body, "stream")
         include_usage = _include_usage(body)
-        return await _serve(request, body, [ids], sp, names, logprobs, stream, include_usage, chat=True)
+        return await _serve(request, body, [ids], sp, names, logprobs, stream, include_usage, chat=True,
+                            tools=tools)
 
-    def check_tools(body: dict) -> None:
-        """Tool calling needs a chat template that renders `tools` and an output parser;
-        neither exists for the served model here: refuse rather than ignore them."""
-        tools, choice = body.get("tools"), body.get("tool_choice")
-        if tools is not None and not isinstance(tools, list):
-            raise FieldError("tools must be a list", "tools")
-        if tools:
-            template = getattr(tm.tokenizer, "chat_template", None) or ""
-            if "tools" not in str(template):
-                raise FieldError(f"tools are not supported: the chat template of the served model ({served}) "
-                                 "does not support tools", "tools")
-            raise FieldError("tools are not supported by this server (tool-call output parsing is not "
-                             "implemented)", "tools")
-        if choice not in (None, "none"):
-            raise FieldError("tool_choice requires tools, which are not supported for the served model",
-                             "tool_choice")
+    def template_text() -> str:
+        return str(tm.chat_template or getattr(tm.tokenizer, "chat_template", None) or "")
+
+    def tool_parser_name() -> str | None:
+        """--tool-call-parser, else the one the model's architecture is known to use."""
+        return tm.args.tool_call_parser or ARCH_PARSERS.get(tm.info.get("arch", ""))
 
     async def _serve(request: Request, body: dict, prompts: list[list[int]], sp, names: dict[str, str],
-                     logprobs: int | None, stream: bool, include_usage: bool, chat: bool):
+                     logprobs: int | None, stream: bool, include_usage: bool, chat: bool,
+                     tools: ToolPlan | None = None):
         n = sp.n
         for ids in prompts:
             tm.validate(ids, sp, logprobs or 0, names)
@@ -189,8 +167,15 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
             for k, r in enumerate(results):
                 lp = _logprobs(r["meta_info"], chat, logprobs) if logprobs is not None else None
                 if chat:
-                    choices.append({"index": k, "message": {"role": "assistant", "content": r["text"]},
-                                    "logprobs": lp, "finish_reason": _finish_reason(r["meta_info"])})
+                    message: dict[str, Any] = {"role": "assistant", "content": r["text"]}
+                    finish = _finish_reason(r["meta_info"])
+                    if tools is not None:
+                        parsed = tools.parser.parse(r["text"])
+                        if parsed.calls:
+                            message = {"role": "assistant", "content": parsed.content,
+                                       "tool_calls": [c.as_openai() for c in parsed.calls]}
+                            finish = "tool_calls" if finish == "stop" else finish
+                    choices.append({"index": k, "message": message, "logprobs": lp, "finish_reason": finish})
                 else:
                     choices.append({"index": k, "text": r["text"], "logprobs": lp,
                                     "finish_reason": _finish_reason(r["meta_info"])})
@@ -204,6 +189,8 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
             sent = [0] * len(gens)
             lp_sent = [0] * len(gens)
             finals: list[dict | None] = [None] * len(gens)
+            tool_streams: list[ToolCallStream | None] = [
+                tools.parser.stream() if tools is not None else None for _ in gens]
             if chat:
                 for k in range(len(gens)):
                     yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
@@ -224,11 +211,24 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
                     if logprobs is not None:
                         lp = _logprobs(meta, chat, logprobs, start=lp_sent[k])
                         lp_sent[k] = meta["completion_tokens"]
-                    if not delta and fr is None:
+                    finish = _finish_reason(meta)
+                    calls: list[dict] = []
+                    ts = tool_streams[k]
+                    if ts is not None:  # content passes through; calls are sent whole at the end
+                        delta = ts.feed(delta)
+                        if fr is not None:
+                            parsed = ts.finish()
+                            delta += parsed.content or ""
+                            if parsed.calls:
+                                calls = [c.as_openai(index=j) for j, c in enumerate(parsed.calls)]
+                                finish = "tool_calls" if finish == "stop" else finish
+                    if not delta and fr is None and not calls:
                         continue
-                    choice: dict[str, Any] = {"index": k, "logprobs": lp, "finish_reason": _finish_reason(meta)}
+                    choice: dict[str, Any] = {"index": k, "logprobs": lp, "finish_reason": finish}
                     if chat:
                         choice["delta"] = {"content": delta} if delta else {}
+                        if calls:
+                            choice["delta"]["tool_calls"] = calls
                     else:
                         choice["text"] = delta
                     yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,

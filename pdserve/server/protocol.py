@@ -208,3 +208,68 @@ def openai_sampling(body: dict, default_max_tokens: int, chat: bool) -> tuple[Sa
         names[g[0]] = "response_format"
     sp = sampling_from_dict(d, "request", names)
     return sp, names
+
+
+def chat_message(m: dict, i: int) -> dict:
+    """messages[i] as the chat template gets it: content as one string; an assistant's
+    `tool_calls` with arguments as objects; a tool result's `tool_call_id`."""
+    content = m.get("content")
+    role = m["role"]
+    if isinstance(content, list):  # [{type: text, text: ...}]; other parts are refused
+        texts = []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else None
+                raise FieldError(f"{where}: only text content parts are supported by this model"
+                                 + (f", got {kind!r}" if isinstance(kind, str) else ""), where)
+            texts.append(part["text"])
+        content = "".join(texts)
+    out: dict = {"role": role}
+    for k in m:
+        if k in ("role", "content"):
+            continue
+        where = f"messages[{i}].{k}"
+        if k == "name" and isinstance(m[k], str):
+            out["name"] = m[k]
+        elif k == "tool_calls" and role == "assistant":
+            if m[k] is not None:
+                out["tool_calls"] = _template_tool_calls(m[k], where)
+        elif k == "tool_call_id" and role == "tool":
+            if not isinstance(m[k], str):
+                raise FieldError(f"{where} must be a string", where)
+            out["tool_call_id"] = m[k]
+        else:
+            raise FieldError(f"{where} is not supported by this server", where)
+    if content is None and out.get("tool_calls"):
+        content = ""
+    if not isinstance(content, str):
+        raise FieldError("message content must be a string or a list of text parts", f"messages[{i}].content")
+    out["content"] = content
+    return out
+
+
+def _template_tool_calls(raw, where: str) -> list[dict]:
+    """An assistant message's `tool_calls` (OpenAI shape, arguments as JSON text) in the
+    shape chat templates render: arguments as an object."""
+    if not isinstance(raw, list):
+        raise FieldError(f"{where} must be a list", where)
+    out = []
+    for j, c in enumerate(raw):
+        w = f"{where}[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise FieldError(f"{w} must be {{id, type: \"function\", function: {{name, arguments}}}}", w)
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise FieldError(f"{w}.function.arguments is not valid JSON", f"{w}.function.arguments") from None
+        if not isinstance(args, dict):
+            raise FieldError(f"{w}.function.arguments must be a JSON object", f"{w}.function.arguments")
+        call = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(c.get("id"), str):
+            call["id"] = c["id"]
+        out.append(call)
+    return out

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tokenizer-path", default=D.tokenizer_path, help="tokenizer directory or .gguf (default: --model-path)")
     a("--chat-template", default=D.chat_template,
       help="chat template for /v1/chat/completions: a Jinja file or the template text (default: the model's)")
+    a("--tool-call-parser", default=D.tool_call_parser,
+      help="tool-call format of the model for `tools` in chat requests: hermes (= qwen25, qwen3; Qwen2/2.5/3 "
+           "and Hermes models). Default: from the model architecture (Qwen2/Qwen3), else tools are refused")
     a("--trust-remote-code", action="store_true",
       help="accepted for SGLang compatibility; pdserve never runs code shipped with a model")
     a("--device", default="cpu", help="device to run on; this build runs on cpu only")

@@ -186,10 +186,11 @@ class TokenizerManager:
             raise ValueError(f"the text is not valid Unicode: {e.reason} at position {e.start}") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
         try:
             out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True, chat_template=self.chat_template)
+                                                     tokenize=True, chat_template=self.chat_template, tools=tools)
         except Exception as e:
             raise ValueError(f"messages could not be rendered with the chat template: {e}") from e
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)

@@ -143,3 +143,7 @@ def test_launch_port_taken():
         s.listen()
         taken = s.getsockname()[1]
         one_line_error(run("launch", "--port", str(taken - 1)), "--port", "is taken")
+
+
+def test_unknown_tool_call_parser(port):
+    one_line_error(run("serve", "--port", port, "--tool-call-parser", "foo"), "--tool-call-parser", "hermes")
