@@ -259,8 +259,8 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
-    except RuntimeError as e:
+    except RuntimeError as e:  # start-up failed (a child's own one-line error is above): status 2
         print(f"pdserve launch: {e}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         stop_all(children)

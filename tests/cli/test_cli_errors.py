@@ -147,3 +147,12 @@ def test_launch_port_taken():
 
 def test_unknown_tool_call_parser(port):
     one_line_error(run("serve", "--port", port, "--tool-call-parser", "foo"), "--tool-call-parser", "hermes")
+
+
+def test_launch_child_failing_after_load_exits_2():
+    """A flag only a server can judge once the weights are loaded: the server's one line,
+    then launch's, status 2 and no traceback."""
+    r = run("launch", "--port", str(free_port()), "--server-args=--mem-fraction-static 0.0001", timeout=180)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "--mem-fraction-static" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "pdserve launch:" in r.stderr.strip().splitlines()[-1]
