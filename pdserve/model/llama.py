@@ -74,6 +74,37 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor | None:
     return packed
 
 
+EXACT_ROWS = 32  # row counts up to this reach oneDNN as they are (decode batches)
+
+
+def padded_rows(m: int) -> int:
+    """The row count a prepacked linear runs at for `m` rows of input.
+
+    oneDNN (through ideep) builds and caches a primitive for every input shape it sees, about
+    0.5 MiB per weight and row count, in caches of 1024 entries; the memory of evicted ones
+    is not given back to the system. A prefill server sees a new row count with almost every
+    new prompt length, so its RSS grew by ~1-2 MiB per new length, past the caches' capacity
+    and without bound (issue #10, docs/benchmarks.md "Soak with faults"). Above EXACT_ROWS the
+    count is rounded up to one of 8 steps per power of two (at most 12.5 % padding rows): a
+    server then meets at most 32 + 8 per doubling row counts (72 up to 1024 rows)."""
+    if m <= EXACT_ROWS:
+        return m
+    step = 1 << ((m - 1).bit_length() - 4)
+    return -(-m // step) * step
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ the prepacked weight, run at padded_rows(M) rows (zero rows appended)."""
+    m = x.shape[0]
+    mp = padded_rows(m)
+    if mp != m:
+        xp = x.new_zeros(mp, x.shape[1])
+        xp[:m] = x
+        x = xp
+    out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return out[:m] if mp != m else out
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, q4: tuple | None, small: bool,
            packed: torch.Tensor | None = None) -> torch.Tensor:
     # Small batches are memory-bound: 4-bit weights read 4x fewer bytes per token
@@ -81,7 +112,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, q4: tuple | None, small: bool,
     if small and q4 is not None:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4[0], INT4_GROUP, q4[1])
     if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return packed_linear(x, packed)
     return F.linear(x, w)
 
 
