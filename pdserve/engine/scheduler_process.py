@@ -373,6 +373,9 @@ def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str) -> N
         sock.close(linger=2000)
         return
     holder["proc"] = proc
+    from pdserve.engine import memdebug
+
+    memdebug.install(proc)  # only with PDSERVE_MEMDUMP_DIR set
     proc.send.send(encode(ControlResp(0, proc.info())))
     try:
         proc.event_loop()
