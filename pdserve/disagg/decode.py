@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from http import HTTPStatus
 
 from pdserve.disagg.endpoints import EndpointFactory, abort_queued, fail, failure_reason
@@ -97,7 +98,7 @@ class DecodeTransferQueue:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.queue: list[Req] = []
-        self.transfer_seconds: list[float] = []
+        self.transfer_seconds: deque[float] = deque(maxlen=100)  # the recent ones (/metrics' mean)
         self.num_failed = 0
 
     def add(self, req: Req) -> None:
@@ -184,7 +185,7 @@ class DecodeDisagg:
 
     def stats(self) -> dict:
         st = self.kv_manager.stats()
-        secs = self.transfer_queue.transfer_seconds[-100:]
+        secs = self.transfer_queue.transfer_seconds
         out = {"prealloc_queue_len": len(self.prealloc_queue.queue),
                "transfer_queue_len": len(self.transfer_queue.queue),
                "num_failed_transfers": self.transfer_queue.num_failed,

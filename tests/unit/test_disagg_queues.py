@@ -148,3 +148,28 @@ def test_decode_room_mismatch_fails():
     step(s, d, outs)
     assert outs["a"][-1].finish.type == "abort" and "room" in outs["a"][-1].finish.message
     assert s.used_pages() == 0
+
+
+def test_no_per_request_state_outlives_the_requests():
+    """Hundreds of requests through both sides, some aborted in every queue: the scheduler's
+    and the PD queues' tables end empty and the transfer-latency history stays bounded (it
+    kept one float per request forever: a slow leak of the decode scheduler, #10)."""
+    for mode in (DisaggregationMode.PREFILL, DisaggregationMode.DECODE):
+        s, d = setup(mode, num_pages=64)
+        outs = {}
+        for i in range(300):
+            d.add(req(f"r{i}", n=5 + i % 7, max_new=3, room=i))
+            if i % 5 == 0:
+                d.step()
+                if not d.abort(f"r{i}"):
+                    s.abort(f"r{i}")
+            for _ in range(3):
+                step(s, d, outs)
+        for _ in range(30):
+            step(s, d, outs)
+        assert len(outs) == 300 and all(o[-1].finish is not None for o in outs.values())
+        assert not s.has_work and not d.has_work and s.used_pages() == 0
+        assert s.reqs == {} and s.pending_outs == []
+        if mode == DisaggregationMode.DECODE:
+            assert len(d.transfer_queue.transfer_seconds) == 100
+            assert d.stats()["avg_transfer_latency_s"] >= 0
