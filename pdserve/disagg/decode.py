@@ -14,7 +14,7 @@ import time
 from collections import deque
 from http import HTTPStatus
 
-from pdserve.disagg.endpoints import EndpointFactory, abort_queued, fail, failure_reason
+from pdserve.disagg.endpoints import EndpointFactory, fail, failure_reason
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import BaseKVManager
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
@@ -31,6 +31,7 @@ class DecodePreallocQueue:
         self.scheduler = scheduler
         self.endpoints = EndpointFactory(kv_manager, backend, bootstrap_port, KVClassType.RECEIVER)
         self.queue: list[Req] = []
+        self.fail = lambda req, message, status=500: fail(scheduler, req, message, status)
 
     def add(self, req: Req) -> None:
         n = len(req.origin_input_ids)
@@ -71,7 +72,7 @@ class DecodePreallocQueue:
                 continue
             state = req.kv_receiver.poll()
             if state == KVPoll.Failed:
-                fail(s, req, failure_reason(req.kv_receiver))
+                self.fail(req, failure_reason(req.kv_receiver))
                 continue
             if state != KVPoll.WaitingForInput or s.waiting:  # retracted requests resume first
                 keep.append(req)
@@ -90,8 +91,6 @@ class DecodePreallocQueue:
         self.queue = keep
         return ready
 
-    def abort(self, rid: str) -> bool:
-        return abort_queued(self.scheduler, self.queue, rid, "kv_receiver")
 
 
 class DecodeTransferQueue:
@@ -100,6 +99,7 @@ class DecodeTransferQueue:
         self.queue: list[Req] = []
         self.transfer_seconds: deque[float] = deque(maxlen=100)  # the recent ones (/metrics' mean)
         self.num_failed = 0
+        self.fail = lambda req, message, status=500: fail(scheduler, req, message, status)
 
     def add(self, req: Req) -> None:
         self.queue.append(req)
@@ -119,7 +119,7 @@ class DecodeTransferQueue:
                 meta = req.kv_receiver.get_metadata()
                 if meta is None or (req.bootstrap_room is not None and meta.room != req.bootstrap_room):
                     self.num_failed += 1
-                    fail(s, req, f"KV metadata room mismatch for room {req.bootstrap_room}")
+                    self.fail(req, f"KV metadata room mismatch for room {req.bootstrap_room}")
                     continue
                 now = time.time()
                 # the wait covers prefill's forward and the transfer; the receiver times the
@@ -139,14 +139,12 @@ class DecodeTransferQueue:
                 ready.append(req)
             elif state == KVPoll.Failed:
                 self.num_failed += 1
-                fail(s, req, failure_reason(req.kv_receiver))
+                self.fail(req, failure_reason(req.kv_receiver))
             else:
                 keep.append(req)
         self.queue = keep
         return ready
 
-    def abort(self, rid: str) -> bool:
-        return abort_queued(self.scheduler, self.queue, rid, "kv_receiver")
 
 
 class DecodeDisagg:
@@ -156,16 +154,44 @@ class DecodeDisagg:
         self.kv_manager = kv_manager
         self.prealloc_queue = DecodePreallocQueue(scheduler, kv_manager, backend, bootstrap_port)
         self.transfer_queue = DecodeTransferQueue(scheduler)
+        self.prealloc_queue.fail = self.transfer_queue.fail = self._fail
+        # ended requests whose pages a connection thread still writes into (a prefill paused
+        # or slow mid-frame): freed once it stops, without holding up the scheduler
+        self.parked: list[Req] = []
 
     def add(self, req: Req) -> None:
         self.prealloc_queue.add(req)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.prealloc_queue.queue or self.transfer_queue.queue)
+        return bool(self.prealloc_queue.queue or self.transfer_queue.queue or self.parked)
+
+    def _fail(self, req: Req, message: str, status: int = 500) -> None:
+        """End the request with an error now; free its pages now, or once no KV write into
+        them is under way (the receiver is `busy`)."""
+        if not getattr(req.kv_receiver, "busy", False):
+            fail(self.scheduler, req, message, status)
+            return
+        logger.error("request %s failed: %s (pages freed once the KV write under way ends)", req.rid, message)
+        s = self.scheduler
+        if req in s.running:
+            s.running.remove(req)
+        s.finish(req, FinishReason("abort", message=message, status_code=status))
+        self.parked.append(req)
+
+    def _release_parked(self) -> None:
+        keep = []
+        for req in self.parked:
+            if getattr(req.kv_receiver, "busy", False):
+                keep.append(req)
+            else:
+                self.scheduler.release(req, cache_it=False)
+        self.parked = keep
 
     def step(self) -> None:
         s = self.scheduler
+        if self.parked:
+            self._release_parked()
         self.transfer_queue.extend(self.prealloc_queue.pop_preallocated())
         for req in self.transfer_queue.pop_ready():
             # prebuilt: join the running batch, decoding from prefill's first token
@@ -181,13 +207,22 @@ class DecodeDisagg:
             s.pending_outs.append(s.make_out(req))
 
     def abort(self, rid: str) -> bool:
-        return self.prealloc_queue.abort(rid) or self.transfer_queue.abort(rid)
+        """Client went away while the request waits for its KV: tell prefill, end it."""
+        for q in (self.prealloc_queue, self.transfer_queue):
+            for req in q.queue:
+                if req.rid == rid:
+                    q.queue.remove(req)
+                    req.kv_receiver.abort()  # returns at once; a write under way parks the pages
+                    self._fail(req, "aborted by the client", 499)
+                    return True
+        return False
 
     def stats(self) -> dict:
         st = self.kv_manager.stats()
         secs = self.transfer_queue.transfer_seconds
         out = {"prealloc_queue_len": len(self.prealloc_queue.queue),
                "transfer_queue_len": len(self.transfer_queue.queue),
+               "parked_reqs": len(self.parked),
                "num_failed_transfers": self.transfer_queue.num_failed,
                "avg_transfer_latency_s": sum(secs) / len(secs) if secs else 0.0}
         out.update(kv_transfers_completed=st.transfers_completed, kv_transfers_failed=st.transfers_failed,

@@ -215,7 +215,15 @@ class SocketKVReceiver(BaseKVReceiver):
     def failure_exception(self) -> NoReturn:
         raise KVTransferError(self.room, self.failure_reason or "unknown failure")
 
+    @property
+    def busy(self) -> bool:
+        """A connection thread is still writing into this request's pages: they may not be
+        reused yet. After a failure or abort, poll() turns Failed once it is not."""
+        return self._writers > 0
+
     def abort(self) -> None:
+        """Fail the transfer and tell prefill; returns at once. A write already under way
+        finishes (or ends with its connection) on its own thread: the caller frees the pages
+        once `busy` is False. (This used to wait for it here, up to the I/O timeout, on the
+        scheduler's thread: a prefill paused mid-frame froze every decode for as long, #10.)"""
         self._fail("aborted by the decode scheduler")
-        with self.svc.cond:
-            self.svc.cond.wait_for(lambda: self._writers == 0, timeout=self.mgr.io_timeout)

@@ -94,3 +94,8 @@ class TPEndpoint:
     def abort(self) -> None:
         for p in self.parts:
             p.abort()
+
+    @property
+    def busy(self) -> bool:
+        """Some rank still writes into the request's pages (see SocketKVReceiver.busy)."""
+        return any(getattr(p, "busy", False) for p in self.parts)
