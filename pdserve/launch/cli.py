@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disaggregation-transfer-backend", "--transfer-backend", dest="disaggregation_transfer_backend",
                    default=ServerArgs.disaggregation_transfer_backend, choices=[b.value for b in TransferBackend],
                    help="how KV moves from prefill to decode: tcp (any hosts), shm (same host, no copy "
-                        "through sockets), fake (moves nothing; for tests)")
+                        "through sockets), nixl / mooncake (their engines; optional extras), fake (moves "
+                        "nothing; for tests)")
+    p.add_argument("--disaggregation-ib-device", default=None,
+                   help="RDMA devices for the mooncake backend; unset: its TCP transport")
     p.add_argument("--model-path", default=None,
                    help="local HF model directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype of every server")
@@ -86,6 +89,8 @@ def server_args_of(a: argparse.Namespace, extra: list[str]) -> list[str]:
               "--disaggregation-transfer-backend", a.disaggregation_transfer_backend]
     if a.model_path:
         common += ["--model-path", a.model_path]
+    if a.disaggregation_ib_device:
+        common += ["--disaggregation-ib-device", a.disaggregation_ib_device]
     if a.max_total_tokens:
         common += ["--max-total-tokens", str(a.max_total_tokens)]
     return common + extra

@@ -5,14 +5,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import pytest
 import torch
 
 from pdserve.disagg.bootstrap import KVBootstrapServer
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import KVArgs
-from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
+from pdserve.disagg.transfer.registry import KVClassType, TransferBackend, get_kv_class, missing_package
 from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, new_shm_name
+
+# the transfer engines (optional extras, installed by scripts/setup.sh): the same tests as
+# tcp/shm; skipped, with the reason, only where the package cannot load
+ENGINE_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(bool(missing_package(TransferBackend(b))),
+                                                            reason=str(missing_package(TransferBackend(b)))))
+                   for b in ("nixl", "mooncake")]
 
 # [num_pages, num_layers, 2, page_size, heads, head_dim]
 SHAPE = (128, 2, 2, 4, 4, 8)

@@ -13,12 +13,12 @@ from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.wire import FrameHeader, FrameType
-from tests.disagg.helpers import SHAPE, Pair, poll_until
+from tests.disagg.helpers import ENGINE_BACKENDS, SHAPE, Pair, poll_until
 
 DONE = {KVPoll.Success, KVPoll.Failed}
 
 
-@pytest.fixture(params=["tcp", "shm"])
+@pytest.fixture(params=["tcp", "shm", *ENGINE_BACKENDS])
 def pair(request):
     p = Pair(request.param)
     yield p

@@ -70,8 +70,10 @@ def test_registry():
     assert get_kv_class(TransferBackend.TCP, KVClassType.MANAGER).__name__ == "TcpKVManager"
     assert get_kv_class("shm", KVClassType.RECEIVER).__name__ == "ShmKVReceiver"
     assert get_kv_class("tcp", KVClassType.BOOTSTRAP_SERVER).__name__ == "KVBootstrapServer"
+    assert get_kv_class("nixl", KVClassType.MANAGER).__name__ == "NixlKVManager"
+    assert get_kv_class("mooncake", KVClassType.SENDER).__name__ == "MooncakeKVSender"
     with pytest.raises(ValueError, match="planned"):
-        TransferBackend.from_name("mooncake")
+        TransferBackend.from_name("gloo")
     with pytest.raises(ValueError, match="unknown"):
         get_kv_class("carrier-pigeon", KVClassType.SENDER)
 
@@ -79,3 +81,19 @@ def test_registry():
 def test_manager_mode_checked():
     with pytest.raises(ValueError):
         _mgr(DisaggregationMode.NULL)
+
+
+def test_engine_backend_not_installed_is_a_clear_flag_error(monkeypatch):
+    import importlib.util
+
+    from pdserve.config import ServerArgs
+    from pdserve.disagg.transfer.registry import missing_package
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("nixl", "mooncake")
+                        else real(name, *a))
+    assert "pip install 'pdserve[nixl]'" in missing_package(TransferBackend.NIXL)
+    assert "libibverbs1" in missing_package(TransferBackend.MOONCAKE)
+    with pytest.raises(ValueError, match=r"--disaggregation-transfer-backend: the nixl backend needs NIXL"):
+        ServerArgs(disaggregation_mode="prefill", disaggregation_transfer_backend="nixl")
+    ServerArgs(disaggregation_transfer_backend="nixl")  # mode null moves no KV: not needed

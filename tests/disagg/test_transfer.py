@@ -1,4 +1,4 @@
-"""tcp and shm backends in one process: exact placement, metadata, many rooms, chunks, tp slicing."""
+"""tcp, shm, nixl and mooncake backends in one process: exact placement, metadata, many rooms, chunks, tp slicing."""
 
 import random
 
@@ -15,9 +15,9 @@ from pdserve.disagg.transfer.base import KVArgs, KVTransferError
 from pdserve.disagg.transfer.heads import head_range
 from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
 from pdserve.disagg.transfer.shm_segment import owned_segments
-from tests.disagg.helpers import SHAPE, Pair, make_manager, poll_until, wait_for
+from tests.disagg.helpers import ENGINE_BACKENDS, SHAPE, Pair, make_manager, poll_until, wait_for
 
-BACKENDS = ["tcp", "shm"]
+BACKENDS = ["tcp", "shm", *ENGINE_BACKENDS]
 DONE = {KVPoll.Success, KVPoll.Failed}
 
 

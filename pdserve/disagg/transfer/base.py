@@ -77,6 +77,7 @@ class KVArgs:
     bootstrap_host: str = "127.0.0.1"  # prefill: the bootstrap server this rank registers with
     bootstrap_port: int = 8998
     shm_name: str | None = None  # decode + shm backend: segment `kv_data` was allocated in
+    ib_device: str | None = None  # RDMA devices for the engines that use them (mooncake); None: TCP
 
     def __post_init__(self) -> None:
         kv = self.kv_data

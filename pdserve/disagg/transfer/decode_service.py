@@ -51,7 +51,10 @@ class DecodeMover(Protocol):
     def on_disconnect(self, conn: DataConn) -> None: ...
 
     def register_extra(self) -> dict:
-        """Extra RegisterBody fields (shm: the segment name)."""
+        """Extra RegisterBody fields (shm: the segment name; nixl/mooncake: how to reach the pool)."""
+
+    def close(self) -> None:
+        """Release backend resources, after the service stopped."""
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class Destination:
     dst_heads: tuple[int, int]  # where they go among decode's local heads
     decode_num_pages: int
     shm_name: str | None = None
+    engine_meta: bytes | None = None  # nixl / mooncake: how to reach decode's pool
+    kv_ptr: int | None = None  # nixl / mooncake: address of decode's pool
     outstanding: int = 0  # queued pieces not yet written (guarded by the service lock)
     meta_queued: bool = False
 
@@ -77,6 +79,9 @@ class PrefillMover(Protocol):
 
     def send_piece(self, sock: socket.socket, job: Job, scratch: dict) -> int:
         """Move the piece's pages to decode; return the KV bytes moved. `scratch` is per worker."""
+
+    def close(self) -> None:
+        """Release backend resources, after the service stopped."""
 
 
 @dataclass(eq=False)
@@ -205,7 +210,7 @@ class PrefillTransferService:
                                 self.layout.total_kv_heads)
         assert mapping is not None
         dest = Destination(body.decode_rank, body.decode_tp_size, body.host, body.port, pages, mapping[0],
-                           mapping[1], body.decode_num_pages, body.shm_name)
+                           mapping[1], body.decode_num_pages, body.shm_name, body.engine_meta, body.kv_ptr)
         required = len(peer_ranks(a.engine_rank, a.tp_size, body.decode_tp_size, self.layout.total_kv_heads))
         with self.lock:
             self._sweep_locked()

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from enum import Enum
 
 # Bootstrap host of warm-up and /health_generate requests: use the fake sender/receiver,
 # move nothing (SGLang's constant).
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"
 
-PLANNED_BACKENDS = ("mooncake", "nixl", "gloo", "nccl")
+PLANNED_BACKENDS = ("gloo", "nccl")
 
 
 class TransferBackend(Enum):
     FAKE = "fake"
     TCP = "tcp"  # default; any two hosts
     SHM = "shm"  # prefill and decode on the same host
+    NIXL = "nixl"  # NIXL (UCX) one-sided writes; optional extra pdserve[nixl]
+    MOONCAKE = "mooncake"  # Mooncake TransferEngine one-sided writes; optional extra pdserve[mooncake]
 
     @classmethod
     def from_name(cls, name: str) -> "TransferBackend":
@@ -53,7 +56,36 @@ _CLASSES: dict[TransferBackend, dict[KVClassType, str]] = {
         KVClassType.RECEIVER: "pdserve.disagg.transfer.shm:ShmKVReceiver",
         KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
     },
+    TransferBackend.NIXL: {
+        KVClassType.MANAGER: "pdserve.disagg.transfer.nixl_backend:NixlKVManager",
+        KVClassType.SENDER: "pdserve.disagg.transfer.nixl_backend:NixlKVSender",
+        KVClassType.RECEIVER: "pdserve.disagg.transfer.nixl_backend:NixlKVReceiver",
+        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
+    },
+    TransferBackend.MOONCAKE: {
+        KVClassType.MANAGER: "pdserve.disagg.transfer.mooncake_backend:MooncakeKVManager",
+        KVClassType.SENDER: "pdserve.disagg.transfer.mooncake_backend:MooncakeKVSender",
+        KVClassType.RECEIVER: "pdserve.disagg.transfer.mooncake_backend:MooncakeKVReceiver",
+        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
+    },
 }
+
+
+def missing_package(backend: TransferBackend) -> str | None:
+    """Why an optional backend cannot load here (what to install), or None."""
+    if backend == TransferBackend.NIXL:
+        if importlib.util.find_spec("nixl") is None:
+            return "the nixl backend needs NIXL: pip install 'pdserve[nixl]' (after torch)"
+    elif backend == TransferBackend.MOONCAKE:
+        if importlib.util.find_spec("mooncake") is None:
+            return ("the mooncake backend needs Mooncake's transfer engine: pip install 'pdserve[mooncake]' "
+                    "(and apt-get install libibverbs1)")
+        try:
+            importlib.import_module("mooncake.engine")
+        except ImportError as e:
+            hint = "apt-get install libibverbs1" if "ibverbs" in str(e) else "reinstall 'pdserve[mooncake]'"
+            return f"Mooncake's transfer engine does not load ({e}): {hint}"
+    return None
 
 
 def get_kv_class(backend: TransferBackend | str, class_type: KVClassType) -> type:

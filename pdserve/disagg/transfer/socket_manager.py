@@ -86,5 +86,7 @@ class SocketKVManager(BaseKVManager):
         self._closed = True
         if self.prefill is not None:
             self.prefill.close()
+            self.prefill.mover.close()
         if self.decode is not None:
             self.decode.close()
+            self.decode.mover.close()

@@ -55,6 +55,9 @@ class TcpPrefillMover:
     def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
         return None
 
+    def close(self) -> None:
+        pass
+
     def send_piece(self, sock: socket.socket, job: Job, scratch: dict) -> int:
         dest = job.dest
         src_pages = job.src_pages
@@ -95,6 +98,9 @@ class TcpDecodeMover:
 
     def register_extra(self) -> dict:
         return {}
+
+    def close(self) -> None:
+        pass
 
     def on_disconnect(self, conn: DataConn) -> None:
         pass

@@ -105,6 +105,9 @@ class RegisterBody(msgspec.Struct, forbid_unknown_fields=True):
     dtype: ShortStr
     decode_num_pages: Count  # size of decode's pool: every page id must be below it
     shm_name: ShortStr | None = None
+    # nixl: decode's agent metadata; mooncake: its session "host:rpc_port" (as bytes)
+    engine_meta: Annotated[bytes, msgspec.Meta(max_length=1 << 20)] | None = None
+    kv_ptr: Annotated[int, msgspec.Meta(ge=0)] | None = None  # decode's pool address (uint64)
 
 
 class AckBody(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,0 +1,152 @@
+"""Backends where prefill writes pages straight into decode's KV pool (shm, nixl,
+mooncake): the control protocol they share, and the byte ranges a write covers.
+
+Control goes over decode's data endpoint, so decode keeps ownership of its pages:
+
+    prefill                                   decode
+    WRITE_BEGIN(room, offset, npages, heads) ->   checks the receiver still wants them,
+                                             <-   ACK ok (a write slot is held)
+    the backend writes the pages (memcpy into a mapped segment, a NIXL WRITE, a Mooncake write)
+    WRITE_DONE(same fields)                  ->   releases the slot, counts the bytes
+    META(record)                             ->   Success once all bytes + metadata are in
+
+A receiver that fails or is aborted refuses new WRITE_BEGINs and reports Failed only after
+the granted write finished (or its connection dropped), so freed pages are never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from pdserve.disagg.transfer import wire
+from pdserve.disagg.transfer.base import KVArgs
+from pdserve.disagg.transfer.decode_service import DataConn, DecodeTransferService
+from pdserve.disagg.transfer.heads import head_range
+from pdserve.disagg.transfer.prefill_service import Destination, Job
+from pdserve.disagg.transfer.wire import FrameHeader, FrameType, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+
+class OneSidedPrefillMover(ABC):
+    def __init__(self, args: KVArgs) -> None:
+        self.args = args
+
+    @abstractmethod
+    def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None: ...
+
+    def close(self) -> None:
+        """Release what the backend holds (after the service stopped)."""
+
+    @abstractmethod
+    def write(self, job: Job, dst_pages: np.ndarray) -> None:
+        """Put the job's source pages into decode's `dst_pages`; return once they landed."""
+
+    def send_piece(self, sock: socket.socket, job: Job, scratch: dict) -> int:
+        dest, a = job.dest, self.args
+        n = len(job.src_pages)
+        h = FrameHeader(FrameType.WRITE_BEGIN, job.sender.room, src_rank=a.engine_rank, offset=job.offset,
+                        npages=n, head_start=dest.dst_heads[0], head_end=dest.dst_heads[1])
+        wire.send_frame(sock, h)
+        ack = wire.read_ack(sock, job.sender.room)
+        if not ack.ok:
+            raise RuntimeError(f"decode refused the write: {ack.error}")
+        self.write(job, dest.pages[job.offset:job.offset + n])
+        h.type = FrameType.WRITE_DONE
+        wire.send_frame(sock, h)
+        return n * (dest.src_heads[1] - dest.src_heads[0]) * (a.page_nbytes // a.num_kv_heads)
+
+
+class OneSidedDecodeMover(ABC):
+    def __init__(self, args: KVArgs, svc_getter) -> None:
+        self.args = args
+        self.head_page_nbytes = args.page_nbytes // args.num_kv_heads
+        self._svc_getter = svc_getter
+
+    @abstractmethod
+    def register_extra(self) -> dict:
+        """What prefill needs to write into this pool (RegisterBody fields)."""
+
+    def close(self) -> None:
+        """Release what the backend holds (after the service stopped)."""
+
+    def _reply(self, conn: DataConn, room: int, error: str | None) -> None:
+        body = wire.encode_body(wire.AckBody(ok=error is None, error=error or ""))
+        wire.send_frame(conn.sock, FrameHeader(FrameType.ACK, room, src_rank=self.args.engine_rank), body)
+
+    def handle_frame(self, conn: DataConn, h: FrameHeader) -> None:
+        svc: DecodeTransferService = self._svc_getter()
+        if h.type == FrameType.DATA:
+            raise ProtocolError("DATA frames belong to the tcp backend")
+        svc.check_geometry(h)
+        if h.payload_len:
+            raise ProtocolError(f"{h.type.name} carries no payload")
+        key = (h.room, h.src_rank, h.offset, h.npages, h.head_start, h.head_end)
+        if h.type == FrameType.WRITE_BEGIN:
+            if conn.grant is not None:
+                raise ProtocolError("WRITE_BEGIN while a granted write is still open")
+            r = svc.lookup(h.room)
+            pages = r.begin_write(h) if r is not None else None  # ProtocolError -> connection closed
+            if pages is None:
+                self._reply(conn, h.room, f"room {h.room} is unknown or no longer accepts KV")
+                return
+            conn.grant = (r, key)
+            self._reply(conn, h.room, None)
+        else:  # WRITE_DONE
+            if conn.grant is None or conn.grant[1] != key:
+                raise ProtocolError("WRITE_DONE without a matching WRITE_BEGIN")
+            r, _ = conn.grant
+            conn.grant = None
+            r.end_write(h.npages * (h.head_end - h.head_start) * self.head_page_nbytes, True)
+
+    def on_disconnect(self, conn: DataConn) -> None:
+        if conn.grant is not None:
+            r, _ = conn.grant
+            conn.grant = None
+            logger.warning("prefill disconnected during a granted write to room %d", r.room)
+            r.end_write(0, False)  # pages may be half written: the bytes do not count
+
+
+def write_segments(args: KVArgs, dest: Destination, src_pages: np.ndarray, dst_pages: np.ndarray,
+                   src_base: int, dst_base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(src addresses, dst addresses, lengths) of the byte ranges that move `src_pages`
+    (prefill's pool at `src_base`) into `dst_pages` (decode's pool at `dst_base`).
+
+    Both pools are [num_pages, layers, 2, page_size, local_heads, head_dim]. With the same
+    heads on both sides a page is one contiguous block, and runs of pages contiguous on both
+    sides merge into one range. A head slice (different tp sizes) is one range per
+    (page, layer, k/v, token) row.
+    """
+    elt = args.kv_data.element_size()
+    src_heads_n = args.num_kv_heads
+    d0h, d1h = head_range(dest.decode_rank, dest.decode_tp_size, args.layout.total_kv_heads)
+    dst_heads_n = d1h - d0h
+    s0, s1 = dest.src_heads
+    t0, _ = dest.dst_heads
+    row = args.head_dim * elt  # one head of one token
+    src_page = args.page_nbytes
+    dst_page = args.num_layers * 2 * args.page_size * dst_heads_n * row
+    src_pages = np.asarray(src_pages, dtype=np.int64)
+    dst_pages = np.asarray(dst_pages, dtype=np.int64)
+    if (s0, s1) == (0, src_heads_n) and (t0, dest.dst_heads[1]) == (0, dst_heads_n):
+        # whole pages: merge runs contiguous in both pools
+        srcs, dsts, lens = [], [], []
+        start = 0
+        for i in range(1, len(src_pages) + 1):
+            if i == len(src_pages) or src_pages[i] != src_pages[i - 1] + 1 or dst_pages[i] != dst_pages[i - 1] + 1:
+                srcs.append(src_base + int(src_pages[start]) * src_page)
+                dsts.append(dst_base + int(dst_pages[start]) * dst_page)
+                lens.append((i - start) * src_page)
+                start = i
+        return np.array(srcs, np.uint64), np.array(dsts, np.uint64), np.array(lens, np.uint64)
+    rows = np.arange(args.num_layers * 2 * args.page_size, dtype=np.int64)  # (layer, k/v, token) rows
+    src = src_base + src_pages[:, None] * src_page + rows[None, :] * (src_heads_n * row) + s0 * row
+    dst = dst_base + dst_pages[:, None] * dst_page + rows[None, :] * (dst_heads_n * row) + t0 * row
+    n = src.size
+    return (src.reshape(-1).astype(np.uint64), dst.reshape(-1).astype(np.uint64),
+            np.full(n, (s1 - s0) * row, np.uint64))
+
