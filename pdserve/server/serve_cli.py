@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="prefill: port of the bootstrap server decode servers connect to")
     a("--disaggregation-transfer-backend", "--transfer-backend", dest="disaggregation_transfer_backend",
       default=D.disaggregation_transfer_backend, choices=[b.value for b in TransferBackend],
-      help="how KV moves from prefill to decode: tcp (any hosts), shm (same host), nixl / mooncake (their "
+      help="how KV moves from prefill to decode: tcp (any hosts), shm (same host), gloo, nixl / mooncake (their "
            "engines, optional extras pdserve[nixl] / pdserve[mooncake]), fake (moves nothing)")
     a("--disaggregation-ib-device", default=D.disaggregation_ib_device,
       help="RDMA devices for the mooncake backend (e.g. mlx5_0,mlx5_1); unset: its TCP transport. "

@@ -18,7 +18,7 @@ from tests.disagg.helpers import ENGINE_BACKENDS, SHAPE, Pair, poll_until
 DONE = {KVPoll.Success, KVPoll.Failed}
 
 
-@pytest.fixture(params=["tcp", "shm", *ENGINE_BACKENDS])
+@pytest.fixture(params=["tcp", "shm", "gloo", *ENGINE_BACKENDS])
 def pair(request):
     p = Pair(request.param)
     yield p

@@ -17,7 +17,7 @@ from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
 from pdserve.disagg.transfer.shm_segment import owned_segments
 from tests.disagg.helpers import ENGINE_BACKENDS, SHAPE, Pair, make_manager, poll_until, wait_for
 
-BACKENDS = ["tcp", "shm", *ENGINE_BACKENDS]
+BACKENDS = ["tcp", "shm", "gloo", *ENGINE_BACKENDS]
 DONE = {KVPoll.Success, KVPoll.Failed}
 
 

@@ -1,4 +1,4 @@
-"""1P1D with the transfer engines (NIXL, Mooncake) through `pdserve launch`: the real
+"""1P1D with the transfer engines (gloo, NIXL, Mooncake) through `pdserve launch`: the real
 servers move KV with each engine, and the output equals mode null token for token,
 concurrent requests included; both pools are free afterwards. The engine-level contract
 (placement, tp head slicing, aborts, timeouts, malformed frames) is tests/disagg, run for
@@ -15,7 +15,7 @@ from tests.e2e.test_pd import PROMPTS, SP, Launch, pools_free, reference  # noqa
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("backend", ENGINE_BACKENDS)
+@pytest.mark.parametrize("backend", ["gloo", *ENGINE_BACKENDS])
 def test_pd_with_engine_equals_mode_null(backend, reference):
     pd = Launch(backend, "shared")
     try:

@@ -137,7 +137,7 @@ class DecodeTransferService:
                     r = self.lookup(h.room)
                     if r is not None:
                         r._fail(f"prefill aborted the transfer: {reason or 'no reason given'}", notify=False)
-                elif h.type in (FrameType.DATA, FrameType.WRITE_BEGIN, FrameType.WRITE_DONE):
+                elif h.type in (FrameType.DATA, FrameType.WRITE_BEGIN, FrameType.WRITE_DONE, FrameType.GROUP_JOIN):
                     self.mover.handle_frame(conn, h)
                 else:
                     raise ProtocolError(f"unexpected {h.type.name} frame on a data connection")

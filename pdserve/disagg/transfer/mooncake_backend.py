@@ -66,7 +66,7 @@ class MooncakePrefillMover(OneSidedPrefillMover):
             return "decode's Mooncake session must be host:port"
         return None
 
-    def write(self, job: Job, dst_pages: np.ndarray) -> None:
+    def write(self, job: Job, dst_pages: np.ndarray, link: object) -> None:
         dest = job.dest
         assert dest.engine_meta is not None and dest.kv_ptr is not None  # check_registration
         session = dest.engine_meta.decode()

@@ -82,7 +82,7 @@ class NixlPrefillMover(OneSidedPrefillMover):
             self._peers[key] = (digest, name, int(body.kv_ptr))
         return None
 
-    def write(self, job: Job, dst_pages: np.ndarray) -> None:
+    def write(self, job: Job, dst_pages: np.ndarray, link: object) -> None:
         dest = job.dest
         with self._lock:
             peer = self._peers.get((dest.host, dest.port, dest.decode_rank))

@@ -43,11 +43,17 @@ class OneSidedPrefillMover(ABC):
         """Release what the backend holds (after the service stopped)."""
 
     @abstractmethod
-    def write(self, job: Job, dst_pages: np.ndarray) -> None:
-        """Put the job's source pages into decode's `dst_pages`; return once they landed."""
+    def write(self, job: Job, dst_pages: np.ndarray, link: object) -> None:
+        """Put the job's source pages into decode's `dst_pages`; return once they landed.
+        `link`: what `connect` returned for this connection."""
+
+    def connect(self, sock: socket.socket, job: Job, scratch: dict) -> object:
+        """Per-connection set-up before the first write (gloo: its process group); None here."""
+        return None
 
     def send_piece(self, sock: socket.socket, job: Job, scratch: dict) -> int:
         dest, a = job.dest, self.args
+        link = self.connect(sock, job, scratch)
         n = len(job.src_pages)
         h = FrameHeader(FrameType.WRITE_BEGIN, job.sender.room, src_rank=a.engine_rank, offset=job.offset,
                         npages=n, head_start=dest.dst_heads[0], head_end=dest.dst_heads[1])
@@ -55,7 +61,7 @@ class OneSidedPrefillMover(ABC):
         ack = wire.read_ack(sock, job.sender.room)
         if not ack.ok:
             raise RuntimeError(f"decode refused the write: {ack.error}")
-        self.write(job, dest.pages[job.offset:job.offset + n])
+        self.write(job, dest.pages[job.offset:job.offset + n], link)
         h.type = FrameType.WRITE_DONE
         wire.send_frame(sock, h)
         return n * (dest.src_heads[1] - dest.src_heads[0]) * (a.page_nbytes // a.num_kv_heads)
@@ -74,6 +80,13 @@ class OneSidedDecodeMover(ABC):
     def close(self) -> None:
         """Release what the backend holds (after the service stopped)."""
 
+    def join(self, conn: DataConn, h: FrameHeader) -> None:
+        raise ProtocolError(f"{h.type.name} frames belong to the gloo backend")
+
+    def receive(self, conn: DataConn, h: FrameHeader, pages: np.ndarray) -> None:
+        """After granting a write: take part in it where the backend is two-sided (gloo);
+        one-sided engines write without decode's help."""
+
     def _reply(self, conn: DataConn, room: int, error: str | None) -> None:
         body = wire.encode_body(wire.AckBody(ok=error is None, error=error or ""))
         wire.send_frame(conn.sock, FrameHeader(FrameType.ACK, room, src_rank=self.args.engine_rank), body)
@@ -82,6 +95,9 @@ class OneSidedDecodeMover(ABC):
         svc: DecodeTransferService = self._svc_getter()
         if h.type == FrameType.DATA:
             raise ProtocolError("DATA frames belong to the tcp backend")
+        if h.type == FrameType.GROUP_JOIN:
+            self.join(conn, h)
+            return
         svc.check_geometry(h)
         if h.payload_len:
             raise ProtocolError(f"{h.type.name} carries no payload")
@@ -96,6 +112,7 @@ class OneSidedDecodeMover(ABC):
                 return
             conn.grant = (r, key)
             self._reply(conn, h.room, None)
+            self.receive(conn, h, pages)
         else:  # WRITE_DONE
             if conn.grant is None or conn.grant[1] != key:
                 raise ProtocolError("WRITE_DONE without a matching WRITE_BEGIN")

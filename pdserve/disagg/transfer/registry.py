@@ -10,8 +10,6 @@ from enum import Enum
 # move nothing (SGLang's constant).
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"
 
-PLANNED_BACKENDS = ("gloo", "nccl")
-
 
 class TransferBackend(Enum):
     FAKE = "fake"
@@ -19,14 +17,15 @@ class TransferBackend(Enum):
     SHM = "shm"  # prefill and decode on the same host
     NIXL = "nixl"  # NIXL (UCX) one-sided writes; optional extra pdserve[nixl]
     MOONCAKE = "mooncake"  # Mooncake TransferEngine one-sided writes; optional extra pdserve[mooncake]
+    GLOO = "gloo"  # torch.distributed send/recv (CPU pools)
+    NCCL = "nccl"  # the same with CUDA pools (GPUs only)
 
     @classmethod
     def from_name(cls, name: str) -> "TransferBackend":
         try:
             return cls(name.lower())
         except ValueError:
-            hint = " (planned, not available yet)" if name.lower() in PLANNED_BACKENDS else ""
-            raise ValueError(f"unknown KV transfer backend {name!r}{hint}; "
+            raise ValueError(f"unknown KV transfer backend {name!r}; "
                              f"choose one of {[b.value for b in cls]}") from None
 
 
@@ -68,6 +67,18 @@ _CLASSES: dict[TransferBackend, dict[KVClassType, str]] = {
         KVClassType.RECEIVER: "pdserve.disagg.transfer.mooncake_backend:MooncakeKVReceiver",
         KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
     },
+    TransferBackend.GLOO: {
+        KVClassType.MANAGER: "pdserve.disagg.transfer.gloo_backend:GlooKVManager",
+        KVClassType.SENDER: "pdserve.disagg.transfer.gloo_backend:GlooKVSender",
+        KVClassType.RECEIVER: "pdserve.disagg.transfer.gloo_backend:GlooKVReceiver",
+        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
+    },
+    TransferBackend.NCCL: {
+        KVClassType.MANAGER: "pdserve.disagg.transfer.gloo_backend:NcclKVManager",
+        KVClassType.SENDER: "pdserve.disagg.transfer.gloo_backend:NcclKVSender",
+        KVClassType.RECEIVER: "pdserve.disagg.transfer.gloo_backend:NcclKVReceiver",
+        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
+    },
 }
 
 
@@ -85,6 +96,11 @@ def missing_package(backend: TransferBackend) -> str | None:
         except ImportError as e:
             hint = "apt-get install libibverbs1" if "ibverbs" in str(e) else "reinstall 'pdserve[mooncake]'"
             return f"Mooncake's transfer engine does not load ({e}): {hint}"
+    elif backend == TransferBackend.NCCL:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "the nccl backend needs CUDA GPUs (torch.cuda.is_available() is False here); use gloo on CPU"
     return None
 
 

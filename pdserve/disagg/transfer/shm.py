@@ -50,7 +50,7 @@ class ShmPrefillMover(OneSidedPrefillMover):
             return f"cannot map decode's KV segment: {e}"
         return None
 
-    def write(self, job: Job, dst_pages: np.ndarray) -> None:
+    def write(self, job: Job, dst_pages: np.ndarray, link: object) -> None:
         dest, a = job.dest, self.args
         assert dest.shm_name is not None
         h0, h1 = head_range(dest.decode_rank, dest.decode_tp_size, a.layout.total_kv_heads)

@@ -45,6 +45,7 @@ class FrameType(IntEnum):
     ACK = 5  # reply to REGISTER / WRITE_BEGIN: body AckBody
     WRITE_BEGIN = 6  # prefill -> decode (shm): may I write these pages now?
     WRITE_DONE = 7  # prefill -> decode (shm): the granted pages are written
+    GROUP_JOIN = 8  # prefill -> decode (gloo): build the 2-rank process group of this connection (room = group id)
 
 
 class ProtocolError(Exception):

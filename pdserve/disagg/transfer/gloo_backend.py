@@ -1,0 +1,200 @@
+"""The gloo and nccl backends: KV pages move as torch.distributed send/recv between the two
+ranks of a 2-process group built per data connection (gloo on CPU, nccl with CUDA pools).
+
+Two-sided, so decode takes part: on the same data connection as the other backends,
+
+    prefill                                   decode
+    GROUP_JOIN(group id)                     ->   both build ProcessGroupGloo(rank 0 = prefill,
+                                                  rank 1 = decode) over decode's TCPStore
+    WRITE_BEGIN(room, offset, npages, heads) ->   checks the receiver still wants them,
+                                             <-   ACK ok, then posts recv
+    gather pages into staging, send          ->   recv into staging, scatter into its pages
+    WRITE_DONE(same fields)                  ->   releases the write slot, counts the bytes
+
+Pages are batched into staging buffers of up to 64 MiB per message: each send/recv costs
+1-2.5 ms here, so page-by-page sends would crawl. Decode's TCPStore address travels in its
+registration (RegisterBody.engine_meta). The grant rules are one_sided.py's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import random
+import socket
+
+import numpy as np
+import torch
+
+from pdserve.disagg.transfer import wire
+from pdserve.disagg.transfer.base import KVArgs
+from pdserve.disagg.transfer.decode_service import DataConn
+from pdserve.disagg.transfer.decode_side import SocketKVReceiver
+from pdserve.disagg.transfer.heads import gather_pages, head_range, scatter_pages, staging_view
+from pdserve.disagg.transfer.one_sided import OneSidedDecodeMover, OneSidedPrefillMover
+from pdserve.disagg.transfer.prefill_service import Job
+from pdserve.disagg.transfer.prefill_side import SocketKVSender
+from pdserve.disagg.transfer.socket_manager import SocketKVManager
+from pdserve.disagg.transfer.wire import FrameHeader, FrameType, ProtocolError
+
+logger = logging.getLogger(__name__)
+MESSAGE_BYTES = 64 << 20  # largest send/recv; a write of more pages is several messages
+GROUP_TIMEOUT = datetime.timedelta(seconds=60)
+PREFILL, DECODE = 0, 1  # ranks in each 2-process group
+
+
+def _group(kind: str, store_addr: str, gid: int, rank: int):
+    """A 2-rank group over decode's TCPStore. Each group gets its own store client: a client
+    blocks while it waits for a key, so two groups forming at once over one client deadlock."""
+    import torch.distributed as dist
+
+    host, _, port = store_addr.rpartition(":")
+    client = dist.TCPStore(host, int(port), is_master=False, timeout=GROUP_TIMEOUT)
+    prefixed = dist.PrefixStore(f"pdserve-kv-{gid}", client)
+    if kind == "nccl":
+        return dist.ProcessGroupNCCL(prefixed, rank, 2)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = GROUP_TIMEOUT
+    opts._devices = [dist.ProcessGroupGloo.create_default_device()]
+    return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
+
+
+def _chunks(npages: int, slice_nbytes: int) -> list[tuple[int, int]]:
+    """The same (start, count) page chunks on both sides: at most MESSAGE_BYTES each."""
+    per = max(1, MESSAGE_BYTES // slice_nbytes)
+    return [(lo, min(per, npages - lo)) for lo in range(0, npages, per)]
+
+
+def _staging(nbytes: int, kv: torch.Tensor) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=kv.device)
+
+
+class GlooPrefillMover(OneSidedPrefillMover):
+    kind = "gloo"
+
+    def __init__(self, args: KVArgs) -> None:
+        super().__init__(args)
+        self.head_page_nbytes = args.page_nbytes // args.num_kv_heads
+
+    def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
+        if body.engine_meta is None:
+            return f"the {self.kind} backend needs decode's store address (is decode on {self.kind} too?)"
+        try:
+            host, _, port = body.engine_meta.decode().rpartition(":")
+            if not host or not (0 < int(port) < 65536):
+                raise ValueError
+        except ValueError:
+            return f"decode's {self.kind} store address must be host:port"
+        return None
+
+    def connect(self, sock: socket.socket, job: Job, scratch: dict) -> object:
+        groups: dict = scratch.setdefault("groups", {})
+        pg = groups.get(sock)
+        if pg is None:
+            assert job.dest.engine_meta is not None  # check_registration
+            gid = random.getrandbits(62)
+            wire.send_frame(sock, FrameHeader(FrameType.GROUP_JOIN, gid, src_rank=self.args.engine_rank))
+            pg = groups[sock] = _group(self.kind, job.dest.engine_meta.decode(), gid, PREFILL)
+        return pg
+
+    def write(self, job: Job, dst_pages: np.ndarray, link: object) -> None:
+        heads = job.dest.src_heads
+        slice_nbytes = (heads[1] - heads[0]) * self.head_page_nbytes
+        kv = self.args.kv_data
+        for lo, n in _chunks(len(job.src_pages), slice_nbytes):
+            buf = _staging(n * slice_nbytes, kv)
+            gather_pages(kv, job.src_pages[lo:lo + n], heads, staging_view(buf, kv, n, heads))
+            link.send([buf], DECODE, 0).wait()  # type: ignore[attr-defined]
+
+
+
+class GlooDecodeMover(OneSidedDecodeMover):
+    kind = "gloo"
+
+    def __init__(self, args: KVArgs, svc_getter) -> None:
+        super().__init__(args, svc_getter)
+        import torch.distributed as dist
+
+        self.store = dist.TCPStore(args.host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT)
+        self.address = f"{args.host}:{self.store.port}"
+
+    def register_extra(self) -> dict:
+        return {"engine_meta": self.address.encode()}
+
+    def join(self, conn: DataConn, h: FrameHeader) -> None:
+        if h.npages or h.payload_len or h.body_len:
+            raise ProtocolError("GROUP_JOIN carries nothing")
+        if "group" in conn.scratch:
+            raise ProtocolError("GROUP_JOIN twice on one connection")
+        try:
+            conn.scratch["group"] = _group(self.kind, self.address, h.room, DECODE)
+        except RuntimeError as e:
+            raise OSError(f"{self.kind} group with prefill failed: {e}") from None
+
+    def receive(self, conn: DataConn, h: FrameHeader, pages: np.ndarray) -> None:
+        pg = conn.scratch.get("group")
+        if pg is None:
+            raise ProtocolError("WRITE_BEGIN before GROUP_JOIN")
+        heads = (h.head_start, h.head_end)
+        slice_nbytes = (h.head_end - h.head_start) * self.head_page_nbytes
+        kv = self.args.kv_data
+        d0, d1 = head_range(self.args.engine_rank, self.args.tp_size, self.args.layout.total_kv_heads)
+        assert h.head_end <= d1 - d0  # check_geometry
+        try:
+            for lo, n in _chunks(len(pages), slice_nbytes):
+                buf = _staging(n * slice_nbytes, kv)
+                pg.recv([buf], PREFILL, 0).wait()
+                scatter_pages(kv, pages[lo:lo + n], heads, staging_view(buf, kv, n, heads))
+        except RuntimeError as e:  # the peer died or timed out: the connection ends, the grant fails
+            raise OSError(f"{self.kind} receive failed: {e}") from None
+
+
+class GlooKVManager(SocketKVManager):
+    backend = "gloo"
+
+    def _make_prefill_mover(self) -> GlooPrefillMover:
+        return GlooPrefillMover(self.args)
+
+    def _make_decode_mover(self) -> GlooDecodeMover:
+        return GlooDecodeMover(self.args, lambda: self.decode)
+
+
+class GlooKVSender(SocketKVSender):
+    pass
+
+
+class GlooKVReceiver(SocketKVReceiver):
+    pass
+
+
+class NcclPrefillMover(GlooPrefillMover):
+    kind = "nccl"
+
+
+class NcclDecodeMover(GlooDecodeMover):
+    kind = "nccl"
+
+
+class NcclKVManager(SocketKVManager):
+    """gloo's code with CUDA pools and ProcessGroupNCCL (GPUs only)."""
+
+    backend = "nccl"
+
+    def __init__(self, args: KVArgs, mode, **kw) -> None:
+        if args.kv_data.device.type != "cuda":
+            raise ValueError("the nccl backend needs the KV pool on a CUDA device")
+        super().__init__(args, mode, **kw)
+
+    def _make_prefill_mover(self) -> NcclPrefillMover:
+        return NcclPrefillMover(self.args)
+
+    def _make_decode_mover(self) -> NcclDecodeMover:
+        return NcclDecodeMover(self.args, lambda: self.decode)
+
+
+class NcclKVSender(SocketKVSender):
+    pass
+
+
+class NcclKVReceiver(SocketKVReceiver):
+    pass
