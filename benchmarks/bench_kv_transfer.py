@@ -1,4 +1,8 @@
-"""KV transfer bandwidth per backend (tcp, shm) against a plain torch copy of the same bytes.
+"""KV transfer bandwidth per backend (tcp, shm, gloo, nixl, mooncake) against a plain torch
+copy of the same bytes, and, for the one-sided engines (nixl, mooncake), against the engine's
+own API moving the same page sets with nothing of pdserve's protocol around it ("raw": the
+same byte ranges, one engine call, timed on the prefill side until the engine reports the
+write complete).
 
 Prefill (this process: bootstrap server + prefill manager) and decode (a spawned process that
 owns its KV pool, in shared memory for shm) are separate processes, as in production. One
@@ -7,7 +11,7 @@ runs from send() to the moment decode's receiver reached Success (CLOCK_MONOTONI
 by both processes), so it covers the whole path: framing, sockets or the shared-memory copy,
 and the completion signalling.
 
-    python benchmarks/bench_kv_transfer.py --output bench_out/kv_transfer.json
+    python benchmarks/bench_kv_transfer.py --backends tcp,shm,gloo,nixl,mooncake --output bench_out/kv_transfer.json
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import KVArgs
+from pdserve.disagg.transfer.prefill_service import Destination, Job
 from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
 from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
 
@@ -37,6 +42,7 @@ from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, free_kv_buff
 PAGE_SHAPE = (30, 2, 16, 3, 64)
 DTYPE = torch.bfloat16
 DONE = {KVPoll.Success, KVPoll.Failed}
+RAW_ENGINES = ("nixl", "mooncake")  # one-sided: prefill's mover alone can drive the engine
 
 
 def _wait(obj, states, timeout=60.0, step=0.005):
@@ -56,7 +62,7 @@ def decode_main(backend: str, num_pages: int, conn) -> None:
     kv.fill_(0)  # fault every page in now (torch.zeros maps them lazily), as a long-running pool would be
     mgr = get_kv_class(backend, KVClassType.MANAGER)(KVArgs(0, kv, shm_name=shm_name), DisaggregationMode.DECODE)
     recv_cls = get_kv_class(backend, KVClassType.RECEIVER)
-    conn.send("ready")
+    conn.send(("ready", mgr.args.host, mgr.port, mgr.decode.mover.register_extra()))
     try:
         while True:
             msg = conn.recv()
@@ -115,7 +121,8 @@ def main() -> None:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=decode_main, args=(backend, num_pages, child), daemon=True)
         proc.start()
-        assert parent.recv() == "ready"
+        ready, d_host, d_port, d_extra = parent.recv()
+        assert ready == "ready"
         room = 1
 
         def one(npages: int) -> float:
@@ -138,18 +145,36 @@ def main() -> None:
             assert state == "Success" and _wait(s, DONE) == KVPoll.Success, why
             return npages * page_nbytes / (t_done - t0) / 1e9
 
-        one(4)  # warm-up: connections, segment mapping
+        def raw(npages: int) -> float | None:
+            """The engine's own write of the same kind of page set (one-sided engines only)."""
+            if backend not in RAW_ENGINES:
+                return None
+            src = rng.permutation(num_pages)[:npages] if args.pages == "random" else np.arange(npages)
+            dst = rng.permutation(num_pages)[:npages] if args.pages == "random" else np.arange(npages)
+            heads = (0, PAGE_SHAPE[3])
+            dest = Destination(0, 1, d_host, d_port, dst, heads, heads, num_pages, None,
+                               d_extra.get("engine_meta"), d_extra.get("kv_ptr"))
+            job = Job("piece", None, dest, 0, src)  # type: ignore[arg-type]
+            t0 = time.monotonic()
+            pm.prefill.mover.write(job, dst, None)
+            return npages * page_nbytes / (time.monotonic() - t0) / 1e9
+
+        one(4)  # warm-up: connections, segment mapping, remote agent
         for size in sizes:
             npages = max(1, round(size * 2**20 / page_nbytes))
-            samples, base = [], []
-            for _ in range(args.repeats):  # interleaved, so both see the same machine load
+            samples, base, raws = [], [], []
+            for _ in range(args.repeats):  # interleaved, so all see the same machine load
                 samples.append(one(npages))
                 base.append(torch_copy_gbps(src_kv, copy_dst, npages))
+                r = raw(npages)
+                if r is not None:
+                    raws.append(r)
                 bar.update()
             results.append(dict(backend=backend, size_mb=size, pages=npages, bytes=npages * page_nbytes,
                                 gbps_median=statistics.median(samples), gbps_best=max(samples),
                                 samples_gbps=samples, torch_copy_gbps=statistics.median(base),
-                                torch_copy_samples_gbps=base))
+                                torch_copy_samples_gbps=base,
+                                raw_gbps=statistics.median(raws) if raws else None, raw_samples_gbps=raws))
         parent.send(("stop",))
         proc.join(30)
         pm.shutdown()
@@ -162,10 +187,12 @@ def main() -> None:
           f"pages: {args.pages}, repeats: {args.repeats}, cpus: {os.cpu_count()}, torch threads: "
           f"{torch.get_num_threads()}")
     print(f"{'backend':8} {'size MB':>8} {'pages':>6} {'median GB/s':>12} {'best GB/s':>10} "
-          f"{'torch copy GB/s':>16} {'median/copy':>12}")  # torch copy: median of the interleaved copies
-    for r in results:
+          f"{'torch copy GB/s':>16} {'median/copy':>12} {'raw engine GB/s':>16} {'median/raw':>11}")
+    for r in results:  # torch copy and raw: medians of the interleaved samples
+        raw_col = (f"{r['raw_gbps']:>16.2f} {r['gbps_median'] / r['raw_gbps']:>11.0%}" if r.get("raw_gbps")
+                   else f"{'-':>16} {'-':>11}")
         print(f"{r['backend']:8} {r['size_mb']:>8} {r['pages']:>6} {r['gbps_median']:>12.2f} {r['gbps_best']:>10.2f} "
-              f"{r['torch_copy_gbps']:>16.2f} {r['gbps_median'] / r['torch_copy_gbps']:>12.0%}")
+              f"{r['torch_copy_gbps']:>16.2f} {r['gbps_median'] / r['torch_copy_gbps']:>12.0%} {raw_col}")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
