@@ -16,6 +16,7 @@ COMMANDS = {
     "router": ("pdserve.router.cli", "the (PD) router in front of servers"),
     "launch": ("pdserve.launch.cli", "a whole xPyD deployment on one machine"),
     "bench": ("pdserve.bench.cli", "serving benchmark client"),
+    "kvstore": ("pdserve.kvstore.cli", "KV cache data service shared by servers"),
 }
 
 

@@ -1,0 +1,131 @@
+"""The store interface, its registry, and the wrapper servers use.
+
+A store holds encoded page records (record.py) by key (keys.py). Backends:
+- `memory`: an in-process LRU with a byte capacity (the fake in tests, and the storage of
+  the embedded service);
+- `embedded` (`http://host:port`): a `pdserve kvstore` service, the default;
+- `mooncake` (`mooncake://master_host:port`): Mooncake Store (`mooncake_master` started by
+  the user or by `pdserve kvstore --backend mooncake`).
+
+Servers never call a backend directly: `SafeStore` turns every error or timeout into a miss
+(logged, counted), so a store that is down or slow never fails a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
+
+
+class KVStore(ABC):
+    @abstractmethod
+    def exists(self, keys: list[str]) -> int:
+        """How many of `keys`, from the first, the store holds (the longest stored prefix)."""
+
+    @abstractmethod
+    def get(self, keys: list[str]) -> list[bytes | None]:
+        """The records of `keys` (None where missing)."""
+
+    @abstractmethod
+    def put(self, items: list[tuple[str, bytes]]) -> None:
+        """Store these records (existing keys are left as they are)."""
+
+    def close(self) -> None:
+        pass
+
+
+_REGISTRY: dict[str, Callable[[str], KVStore]] = {}
+
+
+def register(scheme: str):
+    def deco(factory):
+        _REGISTRY[scheme] = factory
+        return factory
+    return deco
+
+
+def open_store(url: str) -> KVStore:
+    """`memory://[capacity_bytes]`, `http://host:port` (embedded service), `mooncake://host:port`."""
+    from pdserve.kvstore import http_client, memory, mooncake_store  # noqa: F401  (register)
+
+    scheme = urlparse(url).scheme
+    if scheme not in _REGISTRY:
+        raise ValueError(f"--kv-store {url!r}: unknown scheme {scheme!r}; use one of "
+                         f"{', '.join(s + '://' for s in sorted(_REGISTRY))}")
+    return _REGISTRY[scheme](url)
+
+
+@dataclass
+class StoreStats:
+    lookups: int = 0
+    hit_pages: int = 0
+    bytes_in: int = 0  # fetched from the store
+    bytes_out: int = 0  # written to the store
+    errors: int = 0
+    seconds: float = 0.0  # time spent in store calls
+
+
+class SafeStore:
+    """What a server holds: every call bounded and error-free (a failure is a miss)."""
+
+    def __init__(self, store: KVStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.stats = StoreStats()
+        self._lock = threading.Lock()
+        self._last_warning = 0.0
+
+    def _call(self, what: str, fn, default):
+        t0 = time.monotonic()
+        try:
+            return fn()
+        except Exception as e:  # a store that is down or slow must not fail the request
+            with self._lock:
+                self.stats.errors += 1
+            now = time.monotonic()
+            if now - self._last_warning > 10:  # one line per 10 s, not one per request
+                self._last_warning = now
+                logger.warning("KV store %s: %s failed (%s); computing without it", self.name, what, e)
+            return default
+        finally:
+            with self._lock:
+                self.stats.seconds += time.monotonic() - t0
+
+    def exists(self, keys: list[str]) -> int:
+        if not keys:
+            return 0
+        n = self._call("exists", lambda: self.store.exists(keys), 0)
+        with self._lock:
+            self.stats.lookups += 1
+        return max(0, min(int(n), len(keys)))
+
+    def get(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        recs = self._call("get", lambda: self.store.get(keys), [None] * len(keys))
+        if len(recs) != len(keys):
+            recs = [None] * len(keys)
+        with self._lock:
+            self.stats.bytes_in += sum(len(r) for r in recs if r)
+        return recs
+
+    def put(self, items: list[tuple[str, bytes]]) -> None:
+        if not items:
+            return
+        self._call("put", lambda: self.store.put(items), None)
+        with self._lock:
+            self.stats.bytes_out += sum(len(r) for _, r in items)
+
+    def count_hits(self, pages: int) -> None:
+        with self._lock:
+            self.stats.hit_pages += pages
+
+    def close(self) -> None:
+        self._call("close", self.store.close, None)
