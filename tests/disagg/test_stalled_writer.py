@@ -73,3 +73,23 @@ def test_decode_frees_an_aborted_requests_pages_only_once_its_write_ends():
         assert r.pages == [] and s.used_pages() == 0 and not d.has_work
     finally:
         del type(r.kv_receiver).busy
+
+
+def test_a_dead_prefill_fails_its_transfers_while_a_registration_hangs(pair):
+    """Decode's heartbeat declares a prefill dead while a registration call to it waits for an
+    ACK (the prefill is paused): its receivers fail at once. Dropping the route came first and
+    waited for that call's lock, so they failed only when the prefill came back (#10)."""
+    r = pair.receiver(88)
+    assert poll_until(r, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+    svc = pair.decode.decode
+    c = svc._control(r.route.ranks[0])
+    c.lock.acquire()  # what a registration call waiting for the paused prefill's ACK holds
+    try:
+        t = threading.Thread(target=svc._on_prefill_dead, args=(r.bootstrap_addr, "prefill is unreachable"),
+                             daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "the heartbeat verdict waited for the control connection"
+        assert r.poll() == KVPoll.Failed and "unreachable" in r.failure_reason
+    finally:
+        c.lock.release()

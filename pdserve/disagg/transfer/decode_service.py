@@ -98,6 +98,21 @@ class _ControlConn:
             self.sock.close()
             self.sock = None
 
+    def reset(self) -> None:
+        """Drop the connection now, without waiting for a call in progress: shutting the
+        socket down makes that call fail (it then closes it); otherwise close it here."""
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.lock.acquire(blocking=False):
+            try:
+                self.close_locked()
+            finally:
+                self.lock.release()
+
 
 class DecodeTransferService:
     def __init__(self, mgr: "SocketKVManager", mover: DecodeMover) -> None:
@@ -299,15 +314,18 @@ class DecodeTransferService:
                 with self.lock:
                     c = self._ctrl.get((info.rank_ip, info.rank_port))
                 if c is not None:
-                    with c.lock:
-                        c.close_locked()
+                    c.reset()
 
     def _on_prefill_dead(self, addr: str, message: str) -> None:
-        self._forget_route(addr)
+        """Heartbeat verdict: fail the transfers from that prefill now, then drop its route.
+        (Dropping the route used to come first and wait for the control connection's lock,
+        held by a registration waiting on the dead prefill's ACK: the receivers failed only
+        when the prefill came back or after the I/O timeout, #10.)"""
         with self.lock:
             victims = [r for r in self._receivers.values() if r.bootstrap_addr == addr]
         for r in victims:
             r._fail(message, notify=False)
+        self._forget_route(addr)
 
     def close(self) -> None:
         if self._closed.is_set():
