@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -154,7 +155,7 @@ def main() -> None:
             heads = (0, PAGE_SHAPE[3])
             dest = Destination(0, 1, d_host, d_port, dst, heads, heads, num_pages, None,
                                d_extra.get("engine_meta"), d_extra.get("kv_ptr"))
-            job = Job("piece", None, dest, 0, src)  # type: ignore[arg-type]
+            job = Job("piece", SimpleNamespace(room=0), dest, 0, src)  # type: ignore[arg-type]
             t0 = time.monotonic()
             pm.prefill.mover.write(job, dst, None)
             return npages * page_nbytes / (time.monotonic() - t0) / 1e9
