@@ -54,7 +54,7 @@ def main() -> None:
     t0 = time.perf_counter()
     t_mixed = t_dec = 0.0
     n_steps = n_mixed = 0
-    while s.has_work:
+    while s.has_work():
         plan = s.schedule()
         if plan is None:
             break

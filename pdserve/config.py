@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-DTYPES = ("auto", "bfloat16", "float32")
+from pdserve.enums import AttentionBackend, DisaggregationMode, DType
+
+if TYPE_CHECKING:
+    from pdserve.disagg.transfer.registry import TransferBackend
+
+DTYPES = tuple(d.value for d in DType)
+ATTENTION_BACKENDS = tuple(b.value for b in AttentionBackend)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -15,7 +22,7 @@ class ServerArgs:
     tokenizer_path: str | None = None
     host: str = "127.0.0.1"
     port: int = 30000
-    dtype: str = "auto"
+    dtype: DType = DType.AUTO
     mem_fraction_static: float | None = None  # share of free RAM for weights + KV
     max_total_tokens: int | None = None  # KV pool size in tokens (wins over mem_fraction)
     max_running_requests: int = 64
@@ -32,11 +39,12 @@ class ServerArgs:
     # batches of at most this many tokens use 4-bit weight-only matmuls (bf16 only; 0 = off)
     w4_decode_max_tokens: int = 8
     # PD disaggregation
-    disaggregation_mode: str = "null"
+    disaggregation_mode: DisaggregationMode = DisaggregationMode.NULL
     disaggregation_bootstrap_port: int = 8998
-    disaggregation_transfer_backend: str = "tcp"
+    disaggregation_transfer_backend: TransferBackend = "tcp"  # a TransferBackend once built
     disaggregation_ib_device: str | None = None  # RDMA devices (mooncake); None: TCP transport
     tp_size: int = 1
+    attention_backend: AttentionBackend = AttentionBackend.TORCH_NATIVE
     # chat template for /v1/chat/completions: a Jinja file or the template text itself
     # (None: the model's own, from tokenizer_config.json or the GGUF metadata)
     chat_template: str | None = None
@@ -49,11 +57,21 @@ class ServerArgs:
     max_payload_size: int = 32 * 1024 * 1024  # largest request body in bytes (413 above)
 
     def __post_init__(self) -> None:
+        """Validate every setting (ValueError naming the flag) and turn names into enums:
+        ServerArgs is built from the CLI, from JSON and from keyword arguments (strings)."""
+
         def bad(flag: str, why: str) -> None:
             raise ValueError(f"--{flag.replace('_', '-')}: {why}")
 
-        if self.dtype not in DTYPES:
-            bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        def to_enum(name: str, cls: type, why: str) -> None:
+            try:
+                object.__setattr__(self, name, cls(getattr(self, name)))
+            except ValueError:
+                bad(name, why)
+
+        to_enum("dtype", DType, f"must be one of {DTYPES}, got {self.dtype!r}")
+        to_enum("attention_backend", AttentionBackend,
+                f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not (0 < self.port < 65536):
             bad("port", f"must be in 1..65535, got {self.port}")
         if not (0 < self.disaggregation_bootstrap_port < 65536):
@@ -76,8 +94,8 @@ class ServerArgs:
             bad("w4_decode_max_tokens", "must be in 0..64")
         if self.num_threads is not None and self.num_threads < 1:
             bad("num_threads", "must be >= 1")
-        if self.disaggregation_mode not in ("null", "prefill", "decode"):
-            bad("disaggregation_mode", f"must be null, prefill or decode, got {self.disaggregation_mode!r}")
+        to_enum("disaggregation_mode", DisaggregationMode,
+                f"must be null, prefill or decode, got {self.disaggregation_mode!r}")
         if self.max_payload_size < 1024:
             bad("max_payload_size", f"must be >= 1024 bytes, got {self.max_payload_size}")
         if not (1 <= self.tp_size <= 64):
@@ -103,10 +121,11 @@ class ServerArgs:
             backend = TransferBackend.from_name(self.disaggregation_transfer_backend)
         except ValueError as e:
             bad("disaggregation_transfer_backend", str(e))
-        if self.disaggregation_mode != "null":
+        if self.disaggregation_mode != DisaggregationMode.NULL:
             missing = missing_package(backend)
             if missing:
                 bad("disaggregation_transfer_backend", missing)
+        object.__setattr__(self, "disaggregation_transfer_backend", backend)
         if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):
             bad("tokenizer_path", f"{self.tokenizer_path!r} does not exist")
 

@@ -11,6 +11,7 @@ from typing import Any, Union
 import msgspec
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.enums import DisaggregationMode, StrEnum
 
 
 class GenerateReq(msgspec.Struct, tag=True):
@@ -30,16 +31,29 @@ class AbortReq(msgspec.Struct, tag=True):
     rid: str
 
 
-class ControlReq(msgspec.Struct, tag=True):
-    """Request/response calls: kind in {"flush_cache", "get_load", "server_info", "shutdown"}."""
-
+# ---- control calls: one request type per call, each answered by its own reply type -----
+class FlushCacheReq(msgspec.Struct, tag=True):
     call_id: int
-    kind: str
-    args: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class GetLoadReq(msgspec.Struct, tag=True):
+    call_id: int
+
+
+class ShutdownReq(msgspec.Struct, tag=True):
+    call_id: int
+
+
+class FinishReasonType(StrEnum):
+    """Why a request ended; compares equal to its value ("stop" == FinishReasonType.STOP)."""
+
+    STOP = "stop"  # EOS, a stop token or string, or the grammar terminated
+    LENGTH = "length"  # max_new_tokens, the context length or the KV pool
+    ABORT = "abort"  # the client, an error, or a rejected request (status_code says which)
 
 
 class FinishReason(msgspec.Struct):
-    type: str  # "stop" | "length" | "abort"
+    type: FinishReasonType
     matched: int | str | None = None
     message: str | None = None
     status_code: int | None = None
@@ -62,17 +76,99 @@ class ReqOut(msgspec.Struct):
     input_logprobs: list[float | None] | None = None  # sent once, first entry None
 
 
+class SchedulerLoad(msgspec.Struct):
+    """What the scheduler holds now, and its counters since startup (after warm-up)."""
+
+    num_running_reqs: int
+    num_waiting_reqs: int
+    num_tokens: int  # KV tokens of the running requests
+    num_used_pages: int  # held by requests (not free, not merely cached)
+    num_free_pages: int
+    num_cached_pages: int  # held only by the prefix cache (evictable)
+    num_total_pages: int
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_retractions: int = 0
+    cache_hit_tokens: int = 0
+    cache_query_tokens: int = 0
+
+
 class BatchOut(msgspec.Struct, tag=True):
     outs: list[ReqOut]
 
 
-class ControlResp(msgspec.Struct, tag=True):
+class FlushCacheResp(msgspec.Struct, tag=True):
     call_id: int
-    result: dict[str, Any]
+    success: bool  # False: requests are running or waiting
 
 
-ToScheduler = Union[GenerateReq, AbortReq, ControlReq]
-FromScheduler = Union[BatchOut, ControlResp]
+class PrefillQueueStats(msgspec.Struct):
+    bootstrap_queue_len: int
+    inflight_queue_len: int
+
+
+class DecodeQueueStats(msgspec.Struct):
+    prealloc_queue_len: int
+    transfer_queue_len: int
+    parked_reqs: int  # ended, pages freed once a KV write under way ends
+    num_failed_transfers: int
+    avg_transfer_latency_s: float
+    kv_transfers_completed: int
+    kv_transfers_failed: int
+    kv_bytes_transferred: int
+    kv_transfer_mean_latency_s: float
+    kv_transfer_gbps: float
+
+
+class LoadResp(msgspec.Struct, tag=True):
+    call_id: int
+    load: SchedulerLoad
+    disaggregation_mode: DisaggregationMode
+    prefill: PrefillQueueStats | None = None  # PD prefill server
+    decode: DecodeQueueStats | None = None  # PD decode server
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON of /get_load."""
+        out = msgspec.structs.asdict(self.load)
+        out["disaggregation_mode"] = self.disaggregation_mode
+        for part in (self.prefill, self.decode):
+            if part is not None:
+                out.update(msgspec.structs.asdict(part))
+        return out
+
+
+class ShutdownResp(msgspec.Struct, tag=True):
+    call_id: int
+
+
+class ServerInfo(msgspec.Struct, tag=True):
+    """Sent once the scheduler is ready (the front end waits for it)."""
+
+    max_total_num_tokens: int
+    page_size: int
+    context_length: int
+    vocab_size: int
+    dtype: str
+    num_layers: int
+    arch: str
+    weight_bytes: int
+    load_seconds: float
+    max_running_requests: int
+    chunked_prefill_size: int
+    disable_radix_cache: bool
+    tp_size: int
+
+
+class StartupError(msgspec.Struct, tag=True):
+    """Sent instead of ServerInfo when the scheduler could not start."""
+
+    message: str
+
+
+ControlReq = Union[FlushCacheReq, GetLoadReq, ShutdownReq]
+ControlResp = Union[FlushCacheResp, LoadResp, ShutdownResp]
+ToScheduler = Union[GenerateReq, AbortReq, FlushCacheReq, GetLoadReq, ShutdownReq]
+FromScheduler = Union[BatchOut, FlushCacheResp, LoadResp, ShutdownResp, ServerInfo, StartupError]
 
 _enc = msgspec.msgpack.Encoder()
 _dec_to = msgspec.msgpack.Decoder(ToScheduler)

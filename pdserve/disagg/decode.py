@@ -1,10 +1,10 @@
 """Decode side of PD disaggregation, inside the scheduler process.
 
-    GenerateReq -> DecodePreallocQueue (receiver finds the prefill rank; pages are
-    preallocated within a budget that leaves room for running requests to grow) ->
-    DecodeTransferQueue (pop_ready polls receivers) -> prebuilt: the request joins
-    the running batch with the first token prefill produced and its prompt KV in
-    place; no prompt recomputation.
+    GenerateReq -> DecodePreallocQueue (admission check; receiver finds the prefill rank;
+    scheduler.preallocate reserves pages within a budget that leaves room for running
+    requests to grow) -> DecodeTransferQueue (pop_ready polls receivers) ->
+    scheduler.add_prebuilt: the request joins the running batch with the first token
+    prefill produced and its prompt KV in place; no prompt recomputation.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from http import HTTPStatus
 
 from pdserve.disagg.endpoints import EndpointFactory, fail, failure_reason
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import BaseKVManager
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
 from pdserve.engine.request import Req, ReqStatus
-from pdserve.engine.scheduler import Scheduler
-from pdserve.messages import FinishReason
+from pdserve.engine.scheduler import Prealloc, Scheduler
+from pdserve.messages import DecodeQueueStats, FinishReason, FinishReasonType
 
 logger = logging.getLogger(__name__)
 
@@ -34,38 +33,17 @@ class DecodePreallocQueue:
         self.fail = lambda req, message, status=500: fail(scheduler, req, message, status)
 
     def add(self, req: Req) -> None:
-        n = len(req.origin_input_ids)
-        if n + 1 > self.scheduler.alloc.capacity_tokens:
-            self.scheduler.finish(req, FinishReason(
-                "abort", status_code=HTTPStatus.BAD_REQUEST,
-                message=f"prompt of {n} tokens does not fit the KV pool "
-                        f"({self.scheduler.alloc.capacity_tokens} tokens)"))
+        if not self.scheduler.check_admission(req):
             return
         req.kv_receiver = self.endpoints.create(self.scheduler, req)
         if req.kv_receiver is None:
             return
         req.bootstrap_start = time.time()
         req.status = ReqStatus.WAITING_FOR_KV
-        self.scheduler.reqs[req.rid] = req
         self.queue.append(req)
 
-    def extend(self, reqs: list[Req], is_retracted: bool = False) -> None:
-        """Retracted requests go first."""
-        if is_retracted:
-            self.queue = reqs + self.queue
-        else:
-            for r in reqs:
-                self.add(r)
-
-    def _budget_pages(self) -> int:
-        """Pages we may hand to new transfers: free + evictable, minus room for every
-        running request to grow by one page (retraction covers the rest)."""
-        s = self.scheduler
-        reserve = len(s.running) + len(s.waiting)
-        return s.alloc.num_free + s.cache.evictable_pages - reserve
-
     def pop_preallocated(self) -> list[Req]:
-        s = self.scheduler
+        scheduler = self.scheduler
         ready, keep = [], []
         for i, req in enumerate(self.queue):
             if req.finished:
@@ -74,23 +52,21 @@ class DecodePreallocQueue:
             if state == KVPoll.Failed:
                 self.fail(req, failure_reason(req.kv_receiver))
                 continue
-            if state != KVPoll.WaitingForInput or s.waiting:  # retracted requests resume first
+            if state != KVPoll.WaitingForInput:
                 keep.append(req)
                 continue
-            need = -(-(len(req.origin_input_ids) + 1) // s.ps)  # prompt + first token
-            if need > self._budget_pages():
+            decision = scheduler.preallocate(req, len(req.origin_input_ids) + 1)  # prompt + first token
+            if decision == Prealloc.RESUME_FIRST:  # retracted requests resume first
+                keep.append(req)
+                continue
+            if decision == Prealloc.NO_BUDGET:
                 keep.extend(r for r in self.queue[i:] if not r.finished)
                 break
-            short = need - s.alloc.num_free
-            if short > 0:
-                s.cache.evict(short)
-            req.pages = s.alloc.alloc(need)
-            n_prompt_pages = -(-len(req.origin_input_ids) // s.ps)
+            n_prompt_pages = -(-len(req.origin_input_ids) // scheduler.page_size)
             req.kv_receiver.init(req.pages[:n_prompt_pages])
             ready.append(req)
         self.queue = keep
         return ready
-
 
 
 class DecodeTransferQueue:
@@ -101,15 +77,11 @@ class DecodeTransferQueue:
         self.num_failed = 0
         self.fail = lambda req, message, status=500: fail(scheduler, req, message, status)
 
-    def add(self, req: Req) -> None:
-        self.queue.append(req)
-
     def extend(self, reqs: list[Req]) -> None:
         self.queue.extend(reqs)
 
     def pop_ready(self) -> list[Req]:
         """Requests whose KV and metadata have arrived."""
-        s = self.scheduler
         ready, keep = [], []
         for req in self.queue:
             if req.finished:
@@ -146,7 +118,6 @@ class DecodeTransferQueue:
         return ready
 
 
-
 class DecodeDisagg:
     def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
                  bootstrap_port: int) -> None:
@@ -162,49 +133,36 @@ class DecodeDisagg:
     def add(self, req: Req) -> None:
         self.prealloc_queue.add(req)
 
-    @property
     def has_work(self) -> bool:
         return bool(self.prealloc_queue.queue or self.transfer_queue.queue or self.parked)
 
     def _fail(self, req: Req, message: str, status: int = 500) -> None:
         """End the request with an error now; free its pages now, or once no KV write into
         them is under way (the receiver is `busy`)."""
-        if not getattr(req.kv_receiver, "busy", False):
+        if not req.kv_receiver.busy:
             fail(self.scheduler, req, message, status)
             return
         logger.error("request %s failed: %s (pages freed once the KV write under way ends)", req.rid, message)
-        s = self.scheduler
-        if req in s.running:
-            s.running.remove(req)
-        s.finish(req, FinishReason("abort", message=message, status_code=status))
+        self.scheduler.fail(req, FinishReason(FinishReasonType.ABORT, message=message, status_code=status),
+                            keep_pages=True)
         self.parked.append(req)
 
     def _release_parked(self) -> None:
         keep = []
         for req in self.parked:
-            if getattr(req.kv_receiver, "busy", False):
+            if req.kv_receiver.busy:
                 keep.append(req)
             else:
-                self.scheduler.release(req, cache_it=False)
+                self.scheduler.free_pages(req)
         self.parked = keep
 
     def step(self) -> None:
-        s = self.scheduler
         if self.parked:
             self._release_parked()
         self.transfer_queue.extend(self.prealloc_queue.pop_preallocated())
         for req in self.transfer_queue.pop_ready():
             # prebuilt: join the running batch, decoding from prefill's first token
-            req.status = ReqStatus.RUNNING
-            tok = req.output_ids[0]
-            reason = s.check_finish(req, tok)
-            s.stats.generation_tokens += 1
-            if reason is not None:
-                s.release(req)
-                s.finish(req, reason)  # emits the token and the finish together
-                continue
-            s.running.append(req)
-            s.pending_outs.append(s.make_out(req))
+            self.scheduler.add_prebuilt(req)
 
     def abort(self, rid: str) -> bool:
         """Client went away while the request waits for its KV: tell prefill, end it."""
@@ -217,15 +175,18 @@ class DecodeDisagg:
                     return True
         return False
 
-    def stats(self) -> dict:
-        st = self.kv_manager.stats()
+    def stats(self) -> DecodeQueueStats:
+        kv = self.kv_manager.stats()
         secs = self.transfer_queue.transfer_seconds
-        out = {"prealloc_queue_len": len(self.prealloc_queue.queue),
-               "transfer_queue_len": len(self.transfer_queue.queue),
-               "parked_reqs": len(self.parked),
-               "num_failed_transfers": self.transfer_queue.num_failed,
-               "avg_transfer_latency_s": sum(secs) / len(secs) if secs else 0.0}
-        out.update(kv_transfers_completed=st.transfers_completed, kv_transfers_failed=st.transfers_failed,
-                   kv_bytes_transferred=st.bytes_transferred, kv_transfer_mean_latency_s=st.mean_latency_s,
-                   kv_transfer_gbps=st.gbps)
-        return out
+        return DecodeQueueStats(
+            prealloc_queue_len=len(self.prealloc_queue.queue),
+            transfer_queue_len=len(self.transfer_queue.queue),
+            parked_reqs=len(self.parked),
+            num_failed_transfers=self.transfer_queue.num_failed,
+            avg_transfer_latency_s=sum(secs) / len(secs) if secs else 0.0,
+            kv_transfers_completed=kv.transfers_completed,
+            kv_transfers_failed=kv.transfers_failed,
+            kv_bytes_transferred=kv.bytes_transferred,
+            kv_transfer_mean_latency_s=kv.mean_latency_s,
+            kv_transfer_gbps=kv.gbps,
+        )

@@ -7,12 +7,11 @@ import logging
 from http import HTTPStatus
 
 from pdserve.disagg.transfer.base import BaseKVManager
-from pdserve.disagg.transfer.tp_group import TPEndpoint, TPKVManagerGroup
 from pdserve.disagg.transfer.registry import (FAKE_BOOTSTRAP_HOST, KVClassType, TransferBackend,
                                               get_kv_class, is_fake_bootstrap)
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler
-from pdserve.messages import FinishReason
+from pdserve.messages import FinishReason, FinishReasonType
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +19,7 @@ logger = logging.getLogger(__name__)
 def fail(scheduler: Scheduler, req: Req, message: str, status: int = 500) -> None:
     """End a PD request with an error: free its pages, tell the client."""
     logger.error("request %s failed: %s", req.rid, message)
-    if req in scheduler.running:
-        scheduler.running.remove(req)
-    scheduler.release(req, cache_it=False)
-    scheduler.finish(req, FinishReason("abort", message=message, status_code=status))
+    scheduler.fail(req, FinishReason(FinishReasonType.ABORT, message=message, status_code=status))
 
 
 def failure_reason(endpoint) -> str:
@@ -55,12 +51,10 @@ class EndpointFactory:
         cls = get_kv_class(backend, self.class_type)
         addr = f"{host}:{req.bootstrap_port or self.bootstrap_port}"
         try:
-            if isinstance(mgr, TPKVManagerGroup):  # tensor parallel: one endpoint per rank
-                return TPEndpoint([cls(m, addr, room, **kw) for m in mgr.managers])
-            return cls(mgr, addr, room, **kw)
+            return mgr.create_endpoint(cls, addr, room, **kw)  # tensor parallel: one per rank
         except Exception as e:
-            scheduler.finish(req, FinishReason("abort", message=f"bad bootstrap info: {e}",
-                                               status_code=HTTPStatus.BAD_REQUEST))
+            scheduler.fail(req, FinishReason(FinishReasonType.ABORT, message=f"bad bootstrap info: {e}",
+                                             status_code=HTTPStatus.BAD_REQUEST))
             return None
 
     def _fake_manager(self) -> BaseKVManager:

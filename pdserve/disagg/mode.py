@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from pdserve.enums import DisaggregationMode
 
-
-class DisaggregationMode(Enum):
-    NULL = "null"  # no disaggregation: prefill and decode in one server
-    PREFILL = "prefill"  # runs the prompt, ships the KV cache and the first token
-    DECODE = "decode"  # receives the KV cache and generates from the first token
+__all__ = ["DisaggregationMode"]

@@ -1,9 +1,9 @@
 """Prefill side of PD disaggregation, inside the scheduler process.
 
-    GenerateReq -> PrefillBootstrapQueue (sender bootstrapping: waits for decode's
-    page indices) -> scheduler.waiting (normal chunked prefill, prefix cache,
-    max_new_tokens forced to 1) -> finish_hook: send the pages + metadata ->
-    inflight queue (poll the sender) -> pages freed, request finished.
+    GenerateReq -> PrefillBootstrapQueue (admission check; sender bootstrapping: waits
+    for decode's page indices) -> scheduler.add_request (normal chunked prefill, prefix
+    cache, max_new_tokens forced to 1) -> on_generation_end: send the pages + metadata ->
+    inflight queue (poll the sender) -> scheduler.finish_held: pages freed, finished.
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from http import HTTPStatus
 
 from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.endpoints import EndpointFactory, abort_queued, fail, failure_reason
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import BaseKVManager
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
-from pdserve.engine.request import Req, ReqStatus
+from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler
-from pdserve.messages import FinishReason
+from pdserve.messages import PrefillQueueStats
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +28,14 @@ class PrefillBootstrapQueue:
     """Requests whose KV sender is bootstrapping (decode has not sent its pages yet)."""
 
     def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
-                 bootstrap_port: int, max_total_num_tokens: int, tp_rank: int = 0) -> None:
+                 bootstrap_port: int, tp_rank: int = 0) -> None:
         self.scheduler = scheduler
         self.endpoints = EndpointFactory(kv_manager, backend, bootstrap_port, KVClassType.SENDER)
-        self.max_total_num_tokens = max_total_num_tokens
         self.tp_rank = tp_rank
         self.queue: list[Req] = []
 
     def add(self, req: Req) -> None:
-        if self._exceeds_kv_capacity(req):
+        if not self.scheduler.check_admission(req):
             return
         req.kv_sender = self.endpoints.create(self.scheduler, req, dest_tp_ranks=[self.tp_rank], pp_rank=0)
         if req.kv_sender is None:
@@ -45,33 +43,18 @@ class PrefillBootstrapQueue:
         # the prefill pass produces exactly the first token; decode does the rest
         req.sampling.max_new_tokens = 1
         req.bootstrap_start = time.time()
-        self.scheduler.reqs[req.rid] = req
         self.queue.append(req)
-
-    def extend(self, reqs: list[Req]) -> None:
-        for r in reqs:
-            self.add(r)
-
-    def _exceeds_kv_capacity(self, req: Req) -> bool:
-        n = len(req.origin_input_ids)
-        if n + 1 > self.max_total_num_tokens:
-            self.scheduler.finish(req, FinishReason(
-                "abort", status_code=HTTPStatus.BAD_REQUEST,
-                message=f"Request {req.rid} exceeds the maximum number of tokens: {n} > "
-                        f"{self.max_total_num_tokens - 1}"))
-            return True
-        return False
 
     def pop_bootstrapped(self) -> list[Req]:
         """Requests whose decode side has sent its page indices (ready to prefill)."""
         ready, keep = [], []
-        ps = self.scheduler.ps
+        page_size = self.scheduler.page_size
         for req in self.queue:
             if req.finished:
                 continue
             state = req.kv_sender.poll()
             if state == KVPoll.WaitingForInput:
-                req.kv_sender.init(-(-len(req.origin_input_ids) // ps))
+                req.kv_sender.init(-(-len(req.origin_input_ids) // page_size))
                 ready.append(req)
             elif state == KVPoll.Failed:
                 fail(self.scheduler, req, failure_reason(req.kv_sender))
@@ -91,21 +74,19 @@ class PrefillDisagg:
                  bootstrap_port: int) -> None:
         self.scheduler = scheduler
         self.kv_manager = kv_manager
-        self.bootstrap_queue = PrefillBootstrapQueue(scheduler, kv_manager, backend, bootstrap_port,
-                                                     scheduler.alloc.capacity_tokens)
+        self.bootstrap_queue = PrefillBootstrapQueue(scheduler, kv_manager, backend, bootstrap_port)
         self.inflight: list[Req] = []
-        scheduler.finish_hook = self._on_prefill_done
+        scheduler.on_generation_end(self._on_prefill_done)
 
     def add(self, req: Req) -> None:
         self.bootstrap_queue.add(req)
 
-    @property
     def has_work(self) -> bool:
         return bool(self.bootstrap_queue.queue or self.inflight)
 
-    def _on_prefill_done(self, req: Req, reason: FinishReason) -> bool:
+    def _on_prefill_done(self, req: Req) -> None:
         """First token sampled: ship the prompt's pages and the metadata record."""
-        n_pages = -(-len(req.origin_input_ids) // self.scheduler.ps)
+        n_pages = -(-len(req.origin_input_ids) // self.scheduler.page_size)
         lp = req.logprobs[0] if req.logprobs else math.nan
         meta = KVMetadata(room=req.bootstrap_room or 0, output_token_id=req.output_ids[0], output_logprob=lp,
                           cached_tokens=req.cached_tokens, prompt_tokens=len(req.origin_input_ids))
@@ -113,23 +94,19 @@ class PrefillDisagg:
             req.kv_sender.send(req.pages[:n_pages], meta)
         except Exception as e:
             fail(self.scheduler, req, f"KV send failed: {e}")
-            return True
-        req.pending_finish = reason
-        req.status = ReqStatus.WAITING_FOR_KV
+            return
         self.inflight.append(req)
-        return True
 
     def step(self) -> None:
         for req in self.bootstrap_queue.pop_bootstrapped():
-            self.scheduler.waiting.append(req)
+            self.scheduler.add_request(req)
         keep = []
         for req in self.inflight:
             state = req.kv_sender.poll()
             if state == KVPoll.Success:
                 req.transfer_end = time.time()
                 req.transfer_start = req.first_token_time or req.transfer_end
-                self.scheduler.release(req)
-                self.scheduler.finish(req, req.pending_finish)
+                self.scheduler.finish_held(req)
             elif state == KVPoll.Failed:
                 fail(self.scheduler, req, failure_reason(req.kv_sender))
             else:
@@ -141,10 +118,11 @@ class PrefillDisagg:
             return True
         # waiting for or inside its prefill forward: the scheduler frees the pages (return
         # False), but decode must hear now, not after its waiting timeout
-        req = self.scheduler.reqs.get(rid)
+        req = self.scheduler.get(rid)
         if req is not None and not req.finished and req.kv_sender is not None:
             req.kv_sender.abort()
         return False
 
-    def stats(self) -> dict:
-        return {"bootstrap_queue_len": len(self.bootstrap_queue.queue), "inflight_queue_len": len(self.inflight)}
+    def stats(self) -> PrefillQueueStats:
+        return PrefillQueueStats(bootstrap_queue_len=len(self.bootstrap_queue.queue),
+                                 inflight_queue_len=len(self.inflight))

@@ -1,4 +1,4 @@
-"""`pdserve.Engine`: the same engine in-process (SGLang's runtime API, seed 003).
+"""`pdserve.Engine`: the same engine in-process (SGLang's runtime API).
 
     engine = pdserve.Engine(model_path=None, dtype="float32")
     engine.generate("The capital of France is", {"max_new_tokens": 8, "temperature": 0})
@@ -153,11 +153,11 @@ class Engine:
 
     def get_load(self) -> dict:
         self._check_open()
-        return self._call(self.tm.control("get_load"))
+        return self._call(self.tm.get_load())
 
     def flush_cache(self) -> bool:
         self._check_open()
-        return bool(self._call(self.tm.control("flush_cache")).get("success"))
+        return self._call(self.tm.flush_cache())
 
     def get_server_info(self) -> dict:
         return dict(self.tm.info)

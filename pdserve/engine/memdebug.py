@@ -20,6 +20,8 @@ import threading
 import time
 import tracemalloc
 
+import msgspec
+
 logger = logging.getLogger(__name__)
 
 ENV = "PDSERVE_MEMDUMP_DIR"
@@ -50,11 +52,10 @@ def tables(proc) -> dict:
     out: dict = {}
     s = getattr(proc, "scheduler", None)
     if s is not None:
-        out.update(reqs=len(s.reqs), waiting=len(s.waiting), running=len(s.running),
-                   pending_outs=len(s.pending_outs))
+        out.update(s.table_sizes())
     d = getattr(proc, "disagg", None)
     if d is not None:
-        out.update({k: v for k, v in d.stats().items() if isinstance(v, int)})
+        out.update({k: v for k, v in msgspec.structs.asdict(d.stats()).items() if isinstance(v, int)})
         mgrs = getattr(d.kv_manager, "managers", [d.kv_manager])
         for i, m in enumerate(mgrs):
             ps, ds = getattr(m, "prefill", None), getattr(m, "decode", None)

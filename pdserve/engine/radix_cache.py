@@ -3,7 +3,7 @@
 Keys are token ids at page granularity: a node's key length is a multiple of
 page_size and it owns one page per page_size tokens. Nodes locked by running
 requests (lock_ref > 0, propagated to the root) are never evicted.
-`NoCache` keeps the same interface for `--disable-radix-cache`.
+The interface is engine/prefix_cache.py's `BasePrefixCache`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import itertools
 import time
 
 from pdserve.engine.kv_pool import PageAllocator
+from pdserve.engine.prefix_cache import BasePrefixCache
 
 
 class Node:
@@ -28,30 +29,26 @@ class Node:
         self.last_access = time.monotonic()
 
 
-class RadixCache:
+class RadixCache(BasePrefixCache):
     def __init__(self, allocator: PageAllocator) -> None:
-        self.alloc = allocator
-        self.ps = allocator.page_size
+        super().__init__(allocator)
         self.root = Node()
         self.root.lock_ref = 1  # never evicted
-        self.evictable_pages = 0  # pages in unlocked nodes
-        self.protected_pages = 0  # pages in locked nodes
+        self.protected_pages = 0  # pages in locked nodes (evictable_pages: in unlocked ones)
         self._tick = itertools.count()
-        self.hit_tokens = 0
-        self.query_tokens = 0
 
     # ---- lookups --------------------------------------------------------------------------
     def _first(self, key: tuple[int, ...]) -> tuple[int, ...]:
-        return key[: self.ps]
+        return key[: self.page_size]
 
     def match_prefix(self, tokens: list[int]) -> tuple[list[int], Node]:
         """Longest cached page-aligned prefix of `tokens`: (its pages, deepest node)."""
-        n = len(tokens) // self.ps * self.ps
+        n = len(tokens) // self.page_size * self.page_size
         key = tuple(tokens[:n])
         node, pages, i = self.root, [], 0
         now = time.monotonic()
         while i < n:
-            child = node.children.get(key[i:i + self.ps])
+            child = node.children.get(key[i:i + self.page_size])
             if child is None:
                 break
             m = self._match_len(child.key, key[i:])
@@ -71,16 +68,16 @@ class RadixCache:
         limit = min(len(a), len(b))
         while m < limit and a[m] == b[m]:
             m += 1
-        return m // self.ps * self.ps
+        return m // self.page_size * self.page_size
 
     def _split(self, child: Node, m: int) -> Node:
         """Split `child` at token m (page-aligned); returns the new upper node."""
-        upper = Node(child.key[:m], child.pages[: m // self.ps], child.parent)
+        upper = Node(child.key[:m], child.pages[: m // self.page_size], child.parent)
         upper.lock_ref = child.lock_ref
         upper.last_access = child.last_access
         child.parent.children[self._first(upper.key)] = upper
         child.key = child.key[m:]
-        child.pages = child.pages[m // self.ps:]
+        child.pages = child.pages[m // self.page_size:]
         child.parent = upper
         upper.children[self._first(child.key)] = child
         return upper
@@ -90,15 +87,15 @@ class RadixCache:
         """Insert a page-aligned key with its pages; returns how many leading tokens
         were already cached (the caller frees its own pages for that span, except
         those it borrowed from the cache)."""
-        n = len(tokens) // self.ps * self.ps
-        assert len(pages) >= n // self.ps
+        n = len(tokens) // self.page_size * self.page_size
+        assert len(pages) >= n // self.page_size
         key = tuple(tokens[:n])
         node, i = self.root, 0
         now = time.monotonic()
         while i < n:
-            child = node.children.get(key[i:i + self.ps])
+            child = node.children.get(key[i:i + self.page_size])
             if child is None:
-                new = Node(key[i:], list(pages[i // self.ps: n // self.ps]), node)
+                new = Node(key[i:], list(pages[i // self.page_size: n // self.page_size]), node)
                 new.last_access = now
                 node.children[self._first(new.key)] = new
                 self.evictable_pages += len(new.pages)
@@ -154,10 +151,6 @@ class RadixCache:
                 yield n
             stack.extend(n.children.values())
 
-    def reset(self) -> None:
-        """Drop every unlocked entry (flush_cache)."""
-        self.evict(self.evictable_pages)
-
     def total_pages(self) -> int:
         total, stack = 0, [self.root]
         while stack:
@@ -165,15 +158,3 @@ class RadixCache:
             total += len(n.pages)
             stack.extend(n.children.values())
         return total
-
-
-class NoCache(RadixCache):
-    """`--disable-radix-cache`: never matches, never keeps anything."""
-
-    def match_prefix(self, tokens: list[int]) -> tuple[list[int], Node]:
-        self.query_tokens += len(tokens)
-        return [], self.root
-
-    def insert(self, tokens: list[int], pages: list[int]) -> int:
-        # "all of it was cached already": the caller frees every page it owns
-        return len(tokens) // self.ps * self.ps

@@ -5,15 +5,31 @@ from __future__ import annotations
 import enum
 import time
 
+import torch
+
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.messages import FinishReason
+from pdserve.messages import FinishReason, FinishReasonType
 
 
 class ReqStatus(enum.IntEnum):
-    WAITING = 0
+    """Where a request is; the one source of truth for "finished". Finished states come
+    last and carry the reason's type (the details are in `Req.finish_reason`)."""
+
+    WAITING = 0  # in the scheduler's waiting queue (new or retracted), or PD prefill bootstrapping
     RUNNING = 1  # admitted: prefilling (possibly chunked) or decoding
-    WAITING_FOR_KV = 2  # PD decode side: pages reserved, KV in flight
-    FINISHED = 3
+    WAITING_FOR_KV = 2  # PD decode: bootstrapping, pages reserved, KV in flight
+    SENDING_KV = 3  # PD prefill: generation ended, pages held until the KV is sent
+    FINISHED_STOP = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORT = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= ReqStatus.FINISHED_STOP
+
+    @staticmethod
+    def finished(reason: FinishReason) -> ReqStatus:
+        return _FINISHED[reason.type]
 
 
 class Req:
@@ -32,14 +48,16 @@ class Req:
         self.prefix_len = 0  # tokens borrowed from the prefix cache
         self.prefix_node = None  # locked radix node
         self.cached_tokens = 0  # reported to the client (first admission)
-        self.finish: FinishReason | None = None
+        # set with a FINISHED_* status, or (PD prefill) when generation ends in SENDING_KV
+        self.finish_reason: FinishReason | None = None
         self.sent_len = 0  # output tokens already sent to the front end
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.input_logprobs: list[float] = []  # logprob of input token i+1 given tokens <= i
         self.input_logprobs_sent = False
         self.token_counts: dict[int, int] = {}  # for frequency/presence penalties
-        self.generator = None  # torch.Generator for seeded sampling (runner-owned)
+        # seeded sampling: the request's own random stream, across steps and retractions
+        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.grammar = None  # pdserve.engine.grammar.ReqGrammar: structured output
         self.arrival_time = arrival_time or time.time()
         self.admit_time: float | None = None
@@ -49,7 +67,6 @@ class Req:
         self.transfer_start: float | None = None
         self.transfer_end: float | None = None
         self.num_retractions = 0
-        self.aborted = False
         # PD
         self.bootstrap_host: str | None = None
         self.bootstrap_port: int | None = None
@@ -57,7 +74,6 @@ class Req:
         self.kv_sender = None
         self.kv_receiver = None
         self.bootstrap_start: float | None = None
-        self.pending_finish: FinishReason | None = None  # prefill: finish once the KV is sent
 
     @property
     def transfer_time(self) -> float | None:
@@ -79,8 +95,23 @@ class Req:
         return self.status == ReqStatus.RUNNING and self.kv_len == self.fill_len - 1 and bool(self.output_ids)
 
     @property
+    def wants_input_logprobs(self) -> bool:
+        """Input-token logprobs are computed on the first pass over the prompt only (a
+        retracted request's prompt comes back from the prefix cache)."""
+        return self.return_logprob and self.num_retractions == 0
+
+    @property
     def finished(self) -> bool:
-        return self.finish is not None
+        return self.status.is_finished
+
+    @property
+    def finish(self) -> FinishReason | None:
+        """The reason, once the request is finished (what the client is told)."""
+        return self.finish_reason if self.status.is_finished else None
 
     def __repr__(self) -> str:
         return f"Req({self.rid}, in={len(self.origin_input_ids)}, out={len(self.output_ids)}, kv={self.kv_len})"
+
+
+_FINISHED = {FinishReasonType.STOP: ReqStatus.FINISHED_STOP, FinishReasonType.LENGTH: ReqStatus.FINISHED_LENGTH,
+             FinishReasonType.ABORT: ReqStatus.FINISHED_ABORT}

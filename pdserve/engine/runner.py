@@ -11,12 +11,14 @@ import time
 import numpy as np
 import torch
 
+from pdserve.engine.grammar import apply_grammar_masks
 from pdserve.engine.scheduler import Plan, RunOutput
-from pdserve.model.attention import ExtendSeq, ForwardBatch, TorchNativeAttention
+from pdserve.enums import AttentionBackend
+from pdserve.model.attention import ExtendSeq, ForwardBatch
+from pdserve.model.attention_backends import create_attention_backend
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
 from pdserve.model.sampler import apply_logit_bias, apply_penalties, gather_logprobs, sample
-from pdserve.engine.grammar import apply_grammar_masks
 
 
 def kv_pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
@@ -78,11 +80,16 @@ def prefault(t: torch.Tensor, chunk: int = 4 << 20) -> threading.Thread | None:
 
 
 class ModelRunner:
+    """Runs a Plan: builds the ForwardBatch, runs the model with the attention backend,
+    samples. Every decision (what runs, which logprobs, which random stream) comes from
+    the plan and its requests."""
+
     def __init__(self, model: LlamaModel, num_pages: int, page_size: int,
-                 kv_data: torch.Tensor | None = None, tp=None) -> None:
+                 kv_data: torch.Tensor | None = None, tp=None,
+                 attention_backend: AttentionBackend | str = AttentionBackend.TORCH_NATIVE) -> None:
         self.model = model
         self.cfg = model.config
-        self.ps = page_size
+        self.page_size = page_size
         shape = kv_pool_shape(self.cfg, num_pages, page_size)
         self.lazy_pool = kv_data is None  # the owner calls prefault() once serving starts
         if kv_data is None:
@@ -90,92 +97,81 @@ class ModelRunner:
         elif tuple(kv_data.shape) != shape or kv_data.dtype != model.dtype:
             raise ValueError(f"kv_data must be {shape} {model.dtype}, got {tuple(kv_data.shape)} {kv_data.dtype}")
         self.kv_data = kv_data
-        self.attn = TorchNativeAttention(kv_data)
+        self.attn = create_attention_backend(attention_backend, kv_data)
         self.tp = tp  # pdserve.engine.tp.TPDriver: the other ranks get every batch
 
     def build_batch(self, plan: Plan) -> ForwardBatch:
-        ps = self.ps
+        page_size = self.page_size
         ids: list[int] = []
-        pos: list[int] = []
-        wp: list[int] = []
-        wo: list[int] = []
+        positions: list[int] = []
+        write_pages: list[int] = []
+        write_offs: list[int] = []
         logits_idx: list[int] = []
-        nd = plan.num_decode
-        dec_items = plan.items[:nd]
-        for i, it in enumerate(dec_items):
-            r = it.req
-            ids.append(r.output_ids[-1] if r.output_ids else r.origin_input_ids[-1])
-            pos.append(it.start)
-            wp.append(r.pages[it.start // ps])
-            wo.append(it.start % ps)
+        num_decode = plan.num_decode
+        dec_items = plan.items[:num_decode]
+        for i, item in enumerate(dec_items):
+            req = item.req
+            ids.append(req.output_ids[-1] if req.output_ids else req.origin_input_ids[-1])
+            positions.append(item.start)
+            write_pages.append(req.pages[item.start // page_size])
+            write_offs.append(item.start % page_size)
             logits_idx.append(i)
-        fb_extends: list[ExtendSeq] = []
-        q = nd
-        for it in plan.items[nd:]:
-            r = it.req
-            fill = r.fill_ids
-            ids.extend(fill[it.start: it.start + it.n])
-            p = torch.arange(it.start, it.start + it.n)
-            pages_t = torch.tensor(r.pages, dtype=torch.long)
-            pos.extend(p.tolist())
-            wp.extend(pages_t[p // ps].tolist())
-            wo.extend((p % ps).tolist())
-            if it.start > 0:
-                ctx = torch.arange(0, it.start + it.n)
-                fb_extends.append(ExtendSeq(q, it.n, it.start, pages_t[ctx // ps], ctx % ps))
+        extends: list[ExtendSeq] = []
+        q = num_decode
+        for item in plan.items[num_decode:]:
+            req = item.req
+            fill = req.fill_ids
+            ids.extend(fill[item.start: item.start + item.n])
+            pos = torch.arange(item.start, item.start + item.n)
+            pages_t = torch.tensor(req.pages, dtype=torch.long)
+            positions.extend(pos.tolist())
+            write_pages.extend(pages_t[pos // page_size].tolist())
+            write_offs.extend((pos % page_size).tolist())
+            if item.start > 0:
+                ctx = torch.arange(0, item.start + item.n)
+                extends.append(ExtendSeq(q, item.n, item.start, pages_t[ctx // page_size], ctx % page_size))
             else:
-                fb_extends.append(ExtendSeq(q, it.n, 0, None, None))
-            if it.sample:
-                logits_idx.append(q + it.n - 1)
-            q += it.n
-        # input-token logprobs (return_logprob, first pass over the prompt): logits of every
-        # prompt position of the chunk, after the sampled rows
-        self.input_lp_rows: list[tuple[int, int, list[int]]] = []  # (item, first row, next tokens)
-        q = nd
-        for k, it in enumerate(plan.items[nd:], start=nd):
-            r = it.req
-            n_in = len(r.origin_input_ids)
-            if r.return_logprob and r.num_retractions == 0 and it.start < n_in - 1:
-                end = min(it.start + it.n, n_in - 1)
-                self.input_lp_rows.append((k, len(logits_idx), r.origin_input_ids[it.start + 1: end + 1]))
-                logits_idx.extend(range(q, q + end - it.start))
-            q += it.n
-        fb = ForwardBatch(
+                extends.append(ExtendSeq(q, item.n, 0, None, None))
+            if item.sample:
+                logits_idx.append(q + item.n - 1)
+            q += item.n
+        # input-token logprobs: logits of the chunk's prompt positions, after the sampled rows
+        q = num_decode
+        for item in plan.items[num_decode:]:
+            logits_idx.extend(range(q, q + item.num_input_logprobs))
+            q += item.n
+        batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long),
-            positions=torch.tensor(pos, dtype=torch.long),
-            write_pages=torch.tensor(wp, dtype=torch.long),
-            write_offs=torch.tensor(wo, dtype=torch.long),
-            num_decode=nd,
-            extends=fb_extends,
+            positions=torch.tensor(positions, dtype=torch.long),
+            write_pages=torch.tensor(write_pages, dtype=torch.long),
+            write_offs=torch.tensor(write_offs, dtype=torch.long),
+            num_decode=num_decode,
+            extends=extends,
             logits_indices=torch.tensor(logits_idx, dtype=torch.long),
         )
-        if nd:
-            lens = [it.start + 1 for it in dec_items]
+        if num_decode:
+            lens = [item.start + 1 for item in dec_items]
             lmax = max(lens)
-            npg = -(-lmax // ps)
-            table = torch.zeros(nd, npg, dtype=torch.long)
-            for i, it in enumerate(dec_items):
-                pg = it.req.pages[: -(-lens[i] // ps)]
+            npg = -(-lmax // page_size)
+            table = torch.zeros(num_decode, npg, dtype=torch.long)
+            for i, item in enumerate(dec_items):
+                pg = item.req.pages[: -(-lens[i] // page_size)]
                 table[i, : len(pg)] = torch.tensor(pg, dtype=torch.long)
-            fb.dec_table = table
-            if min(lens) != npg * ps:
-                pad = torch.arange(npg * ps).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)
-                fb.dec_mask = torch.zeros(nd, 1, npg * ps).masked_fill_(pad.view(nd, 1, npg * ps), float("-inf"))
-        return fb
+            batch.dec_table = table
+            if min(lens) != npg * page_size:
+                pad = torch.arange(npg * page_size).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)
+                batch.dec_mask = torch.zeros(num_decode, 1, npg * page_size).masked_fill_(
+                    pad.view(num_decode, 1, npg * page_size), float("-inf"))
+        return batch
 
     @torch.inference_mode()
     def run(self, plan: Plan) -> RunOutput:
-        fb = self.build_batch(plan)
+        batch = self.build_batch(plan)
         if self.tp is not None:
-            self.tp.broadcast(fb)
-        logits = self.model.forward(fb, self.attn)
-        input_lps = None
-        if self.input_lp_rows:
-            input_lps = {}
-            for k, row, nxt in self.input_lp_rows:
-                lp = torch.log_softmax(logits[row: row + len(nxt)], dim=-1)
-                input_lps[k] = lp[torch.arange(len(nxt)), torch.tensor(nxt)].tolist()
-        reqs = [it.req for it in plan.items if it.sample]
+            self.tp.broadcast(batch)
+        logits = self.model.forward(batch, self.attn)
+        reqs = [item.req for item in plan.items if item.sample]
+        input_lps = self._input_logprobs(plan, logits, first_row=len(reqs))
         logits = logits[: len(reqs)]
         params = [r.sampling for r in reqs]
         if any(p.has_penalty for p in params):
@@ -184,14 +180,25 @@ class ModelRunner:
             apply_logit_bias(logits, params)
         if any(r.grammar is not None for r in reqs):
             apply_grammar_masks(logits, reqs)
-        gens = []
-        for r in reqs:
-            if r.sampling.seed is not None and r.generator is None:
-                r.generator = torch.Generator().manual_seed(r.sampling.seed)
-            gens.append(r.generator)
-        next_ids = sample(logits, params, gens)
+        next_ids = sample(logits, params, [r.generator for r in reqs])
         out = RunOutput(next_ids, input_logprobs=input_lps)
         if any(r.return_logprob for r in reqs):
             out.logprobs, out.top_logprobs = gather_logprobs(
                 logits, next_ids, [r.top_logprobs_num if r.return_logprob else 0 for r in reqs])
         return out
+
+    @staticmethod
+    def _input_logprobs(plan: Plan, logits: torch.Tensor, first_row: int) -> dict[int, list[float]] | None:
+        """Plan item index -> logprob of each next prompt token of that chunk (the rows
+        build_batch put after the sampled ones, in plan order)."""
+        out: dict[int, list[float]] = {}
+        row = first_row
+        for k, item in enumerate(plan.items):
+            n = item.num_input_logprobs
+            if n == 0:
+                continue
+            nxt = item.req.origin_input_ids[item.start + 1: item.start + 1 + n]
+            lp = torch.log_softmax(logits[row: row + n], dim=-1)
+            out[k] = lp[torch.arange(n), torch.tensor(nxt)].tolist()
+            row += n
+        return out or None

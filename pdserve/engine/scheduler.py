@@ -1,6 +1,6 @@
 """Continuous-batching scheduler: policy only, no tensor math.
 
-One engine step is three calls:
+One engine step is three calls (`Scheduler.step(runner.run)` makes them):
     plan = scheduler.schedule()      # which tokens of which requests run
     out = runner.run(plan)           # tensors: forward + sampling
     outs = scheduler.update(plan, out)
@@ -13,16 +13,20 @@ retracted (their KV goes to the prefix cache) and resumed later: never failed.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
+from pdserve.engine.admission import kv_pool_fit_error
 from pdserve.engine.kv_pool import PageAllocator
-from pdserve.engine.radix_cache import NoCache, RadixCache
+from pdserve.engine.prefix_cache import BasePrefixCache
+from pdserve.engine.prefix_caches import create_prefix_cache
 from pdserve.engine.request import Req, ReqStatus
-from pdserve.messages import FinishReason, ReqOut
+from pdserve.enums import PrefixCacheKind
+from pdserve.messages import FinishReason, FinishReasonType, ReqOut, SchedulerLoad
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +37,9 @@ class ScheduledItem:
     start: int  # position (in fill_ids) of the first token computed
     n: int  # tokens computed
     sample: bool  # the chunk reaches the end of fill_ids: sample the next token
+    # prompt positions start.. of this chunk whose next-token logprob the request wants
+    # (return_logprob, first pass over the prompt): logits rows after the sampled ones
+    num_input_logprobs: int = 0
 
 
 @dataclass
@@ -62,79 +69,181 @@ class SchedulerStats:
     finished: int = 0
     aborted: int = 0
     steps: int = 0
-    extra: dict = field(default_factory=dict)
+
+
+class Prealloc(enum.Enum):
+    """Answer of `Scheduler.preallocate` (PD decode, pages for a KV transfer)."""
+
+    OK = "ok"  # pages reserved in req.pages
+    RESUME_FIRST = "resume_first"  # retracted requests wait in the scheduler: they go first
+    NO_BUDGET = "no_budget"  # not enough pages now (requests queued behind wait too: FIFO)
 
 
 class Scheduler:
+    """The scheduler contract. Warm-up, the event loops, the PD queues and the tests use
+    only these methods; the queues and the KV pool behind them are private.
+
+    intake      check_admission(req), add_request(req), preallocate(req, n), add_prebuilt(req)
+    ending      abort(rid), fail(req, reason), free_pages(req), finish_held(req),
+                on_generation_end(hook)
+    stepping    step(run) -> outputs; or schedule() -> Plan, update(plan, out) -> outputs,
+                take_outputs() (the overlap loop runs the forward in between)
+    state       has_work(), has_outputs(), get(rid), load(), table_sizes(), flush_cache(),
+                reset_stats(), page_size, capacity_tokens
+    """
+
     def __init__(self, allocator: PageAllocator, *, max_running_requests: int,
                  chunked_prefill_size: int, context_length: int, eos_ids: tuple[int, ...],
                  disable_radix_cache: bool = False,
                  detokenize: Callable[[list[int]], str] | None = None) -> None:
-        self.alloc = allocator
-        self.ps = allocator.page_size
-        self.cache: RadixCache = NoCache(allocator) if disable_radix_cache else RadixCache(allocator)
-        self.max_running = max_running_requests
-        self.chunk = chunked_prefill_size
-        self.context_length = context_length
-        self.eos_ids = set(eos_ids)
-        self.detokenize = detokenize
-        self.waiting: deque[Req] = deque()
-        self.running: list[Req] = []  # admission order
-        self.reqs: dict[str, Req] = {}
-        self.pending_outs: list[ReqOut] = []  # finished outside update (aborts, rejects)
-        self.stats = SchedulerStats()
-        # PD prefill: called when a request's generation ends; returning True means the
-        # disaggregation layer keeps the request (and its pages) until its KV is sent.
-        self.finish_hook: Callable[[Req, FinishReason], bool] | None = None
+        self._alloc = allocator
+        self.page_size = allocator.page_size
+        self._cache: BasePrefixCache = create_prefix_cache(
+            PrefixCacheKind.NONE if disable_radix_cache else PrefixCacheKind.RADIX, allocator)
+        self._max_running = max_running_requests
+        self._chunk_size = chunked_prefill_size
+        self._context_length = context_length
+        self._eos_ids = set(eos_ids)
+        self._detokenize = detokenize
+        self._waiting: deque[Req] = deque()
+        self._running: list[Req] = []  # admission order
+        self._reqs: dict[str, Req] = {}  # waiting and running requests by rid
+        self._outputs: list[ReqOut] = []  # produced between steps (aborts, rejects, PD)
+        self._stats = SchedulerStats()
+        self._on_generation_end: Callable[[Req], None] | None = None
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole KV pool holds."""
+        return self._alloc.capacity_tokens
 
     # ---- intake -------------------------------------------------------------------------
+    def check_admission(self, req: Req) -> bool:
+        """The admission check of every request (plain, PD prefill, PD decode): True if it
+        may run; otherwise it is finished with a 400 that says why, and False."""
+        n = len(req.origin_input_ids)
+        if req.rid in self._reqs:
+            message = f"duplicate request id {req.rid!r}"
+        elif (message := kv_pool_fit_error(n, self._alloc.capacity_tokens)) is not None:
+            pass
+        elif n >= self._context_length:
+            message = f"prompt of {n} tokens exceeds the context length ({self._context_length})"
+        else:
+            return True
+        self.fail(req, FinishReason(FinishReasonType.ABORT, message=message, status_code=400))
+        return False
+
     def add_request(self, req: Req) -> None:
-        if req.rid in self.reqs:
-            self.finish(req, FinishReason("abort", message=f"duplicate request id {req.rid!r}", status_code=400))
-            return
-        need = len(req.origin_input_ids) + 1
-        if need > self.alloc.capacity_tokens:
-            self.finish(req, FinishReason(
-                "abort", status_code=400,
-                message=f"prompt of {len(req.origin_input_ids)} tokens does not fit the KV pool "
-                        f"({self.alloc.capacity_tokens} tokens)"))
-            return
-        if len(req.origin_input_ids) >= self.context_length:
-            self.finish(req, FinishReason(
-                "abort", status_code=400,
-                message=f"prompt of {len(req.origin_input_ids)} tokens exceeds the context length "
-                        f"({self.context_length})"))
+        """Queue a request for prefill (FIFO), after the admission check."""
+        if not self.check_admission(req):
             return
         if req.sampling.max_new_tokens == 0:
-            self.finish(req, FinishReason("length", matched=None))
+            self._finish(req, FinishReason(FinishReasonType.LENGTH, matched=None))
             return
-        self.reqs[req.rid] = req
-        self.waiting.append(req)
+        req.status = ReqStatus.WAITING
+        self._reqs[req.rid] = req
+        self._waiting.append(req)
 
+    def preallocate(self, req: Req, num_tokens: int) -> Prealloc:
+        """PD decode: reserve pages for `num_tokens` tokens of a request whose KV will be
+        written by a transfer, within a budget that leaves every queued request room to
+        grow by one page (retraction covers the rest)."""
+        if self._waiting:
+            return Prealloc.RESUME_FIRST
+        need = self._alloc.pages_for(num_tokens)
+        reserve = len(self._running) + len(self._waiting)
+        if need > self._alloc.num_free + self._cache.evictable_pages - reserve:
+            return Prealloc.NO_BUDGET
+        short = need - self._alloc.num_free
+        if short > 0:
+            self._cache.evict(short)
+        req.pages = self._alloc.alloc(need)
+        return Prealloc.OK
+
+    def add_prebuilt(self, req: Req) -> None:
+        """PD decode: a request whose prompt KV is in `req.pages` (kv_len set) and whose
+        first token (sampled by prefill) is `req.output_ids[0]` joins the running batch;
+        its first output goes out with the next step's."""
+        req.status = ReqStatus.RUNNING
+        reason = self._check_finish(req, req.output_ids[0])
+        self._stats.generation_tokens += 1
+        if reason is not None:
+            self._release(req)
+            self._finish(req, reason)  # emits the token and the finish together
+            return
+        self._reqs[req.rid] = req
+        self._running.append(req)
+        self._outputs.append(self._make_out(req))
+
+    # ---- ending -------------------------------------------------------------------------
     def abort(self, rid: str, message: str = "aborted by the client") -> None:
-        req = self.reqs.get(rid)
+        """The client went away: end a waiting or running request; its KV is cached."""
+        req = self._reqs.get(rid)
         if req is None or req.finished:
             return
         if req.status == ReqStatus.WAITING:
-            self.waiting.remove(req)
-        elif req in self.running:
-            self.running.remove(req)
-        self.release(req)
-        self.finish(req, FinishReason("abort", message=message))
+            self._waiting.remove(req)
+        elif req in self._running:
+            self._running.remove(req)
+        self._release(req)
+        self._finish(req, FinishReason(FinishReasonType.ABORT, message=message))
 
-    # ---- schedule -----------------------------------------------------------------------
+    def fail(self, req: Req, reason: FinishReason, keep_pages: bool = False) -> None:
+        """End `req` now with `reason`, wherever it is (not added yet, waiting, running, or
+        held by the PD layer): its pages are freed, not cached; the client gets `reason`.
+        `keep_pages`: they stay allocated until `free_pages(req)` (PD decode: a KV write
+        into them is still under way)."""
+        if req.finished:
+            return
+        if req in self._running:
+            self._running.remove(req)
+        elif req.status == ReqStatus.WAITING and req in self._waiting:
+            self._waiting.remove(req)
+        if not keep_pages:
+            self._release(req, cache_it=False)
+        self._finish(req, reason)
+
+    def free_pages(self, req: Req) -> None:
+        """Free the pages of a request ended with `fail(..., keep_pages=True)` (not cached)."""
+        self._release(req, cache_it=False)
+
+    def on_generation_end(self, hook: Callable[[Req], None]) -> None:
+        """PD prefill: when a request's generation ends, hand it to `hook` in status
+        SENDING_KV with its pages held; it ends later with `finish_held` or `fail`."""
+        self._on_generation_end = hook
+
+    def finish_held(self, req: Req) -> None:
+        """A request held after its generation (PD prefill: the KV is sent) finishes with
+        the reason its generation ended with."""
+        self._release(req)
+        self._finish(req, req.finish_reason)
+
+    # ---- stepping -----------------------------------------------------------------------
+    def step(self, run: Callable[[Plan], RunOutput]) -> list[ReqOut]:
+        """One engine step: schedule, `run` the plan (the model runner), update. Returns
+        the outputs to send, those produced between steps first."""
+        plan = self.schedule()
+        if plan is None:
+            return self.take_outputs()
+        return self.update(plan, run(plan))
+
+    def take_outputs(self) -> list[ReqOut]:
+        """Outputs produced outside a step (aborts, rejections, PD first tokens)."""
+        outs, self._outputs = self._outputs, []
+        return outs
+
     def schedule(self) -> Plan | None:
         decode: list[ScheduledItem] = []
-        for req in list(self.running):
-            if not req.is_decoding or req not in self.running:
+        for req in list(self._running):
+            if not req.is_decoding or req not in self._running:
                 continue
             if self._ensure_pages(req, req.kv_len + 1, protect=req):
                 decode.append(ScheduledItem(req, req.kv_len, 1, True))
-        decode = [d for d in decode if d.req in self.running]
+        decode = [d for d in decode if d.req in self._running]
         extend: list[ScheduledItem] = []
-        budget = self.chunk
+        budget = self._chunk_size
         # chunked prefills already running come first, then new requests (FIFO)
-        for req in self.running:
+        for req in self._running:
             if budget <= 0:
                 break
             if req.is_decoding:
@@ -144,83 +253,85 @@ class Scheduler:
                 break
             extend.append(item)
             budget -= item.n
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            req = self.waiting[0]
+        while self._waiting and budget > 0 and len(self._running) < self._max_running:
+            req = self._waiting[0]
             self._admit(req)
             item = self._prefill_item(req, budget)
             if item is None:
-                self.release(req, cache_it=False)
+                self._release(req, cache_it=False)
                 break
-            self.waiting.popleft()
+            self._waiting.popleft()
             req.status = ReqStatus.RUNNING
             req.admit_time = req.admit_time or time.time()
-            self.running.append(req)
+            self._running.append(req)
             extend.append(item)
             budget -= item.n
         if not decode and not extend:
             return None
-        self.stats.steps += 1
+        self._stats.steps += 1
         return Plan(decode + extend, len(decode))
 
     def _admit(self, req: Req) -> None:
         # input-token logprobs need every prompt position computed: no prefix reuse then
-        want_input_lp = req.return_logprob and req.num_retractions == 0
-        pages, node = self.cache.match_prefix([] if want_input_lp else req.fill_ids[: req.fill_len - 1])
-        self.cache.inc_lock(node)
+        pages, node = self._cache.match_prefix([] if req.wants_input_logprobs else req.fill_ids[: req.fill_len - 1])
+        self._cache.inc_lock(node)
         req.prefix_node = node
         req.pages = list(pages)
-        req.kv_len = req.prefix_len = len(pages) * self.ps
+        req.kv_len = req.prefix_len = len(pages) * self.page_size
         if req.num_retractions == 0:
             req.cached_tokens = req.prefix_len
 
     def _prefill_item(self, req: Req, budget: int) -> ScheduledItem | None:
         n = min(req.fill_len - req.kv_len, budget)
         # keep one free page per running decode so admissions do not force retractions
-        reserve = sum(1 for r in self.running if r.is_decoding and r is not req)
+        reserve = sum(1 for r in self._running if r.is_decoding and r is not req)
         if not self._ensure_pages(req, req.kv_len + n, reserve=reserve):
             return None
-        return ScheduledItem(req, req.kv_len, n, req.kv_len + n == req.fill_len)
+        start = req.kv_len
+        num_input_logprobs = 0
+        if req.wants_input_logprobs:
+            num_input_logprobs = max(0, min(start + n, len(req.origin_input_ids) - 1) - start)
+        return ScheduledItem(req, start, n, start + n == req.fill_len, num_input_logprobs)
 
     def _ensure_pages(self, req: Req, num_tokens: int, reserve: int = 0, protect: Req | None = None) -> bool:
         """Grow req.pages to hold num_tokens; evict cache, then (decode only) retract."""
-        need = self.alloc.pages_for(num_tokens) - len(req.pages)
+        need = self._alloc.pages_for(num_tokens) - len(req.pages)
         if need <= 0:
             return True
         while True:
-            short = need + reserve - self.alloc.num_free
-            if short > 0 and self.cache.evictable_pages:
-                self.cache.evict(short)
-            if self.alloc.num_free >= need + reserve:
-                req.pages.extend(self.alloc.alloc(need))
+            short = need + reserve - self._alloc.num_free
+            if short > 0 and self._cache.evictable_pages:
+                self._cache.evict(short)
+            if self._alloc.num_free >= need + reserve:
+                req.pages.extend(self._alloc.alloc(need))
                 return True
             if protect is None:
                 return False
             victim = self._pick_victim(protect)
             if victim is None:
                 # alone and still no room: the pool cannot hold this request any longer
-                self.running.remove(req)
-                self.release(req)
-                self.finish(req, FinishReason(
-                    "length", message="KV pool exhausted: the request no longer fits the pool"))
+                self._running.remove(req)
+                self._release(req)
+                self._finish(req, FinishReason(
+                    FinishReasonType.LENGTH, message="KV pool exhausted: the request no longer fits the pool"))
                 return False
             self._retract(victim)
 
     def _pick_victim(self, protect: Req) -> Req | None:
-        for r in reversed(self.running):
+        for r in reversed(self._running):
             if r is not protect:
                 return r
         return None
 
     def _retract(self, req: Req) -> None:
-        self.running.remove(req)
-        self.release(req)
+        self._running.remove(req)
+        self._release(req)
         req.status = ReqStatus.WAITING
         req.num_retractions += 1
-        self.stats.num_retractions += 1
-        self.waiting.appendleft(req)
+        self._stats.num_retractions += 1
+        self._waiting.appendleft(req)
         logger.info("retracted %s to free KV pages", req.rid)
 
-    # ---- update -------------------------------------------------------------------------
     def update(self, plan: Plan, out: RunOutput) -> list[ReqOut]:
         now = time.time()
         k = 0
@@ -235,7 +346,7 @@ class Scheduler:
                 continue
             req.kv_len = item.start + item.n
             if item.start == req.prefix_len and req.num_retractions == 0 and not req.output_ids:
-                self.stats.prompt_tokens += len(req.origin_input_ids)
+                self._stats.prompt_tokens += len(req.origin_input_ids)
             if not item.sample:
                 continue
             tok = out.next_ids[k]
@@ -246,76 +357,77 @@ class Scheduler:
             if req.first_token_time is None:
                 req.first_token_time = now
             req.output_ids.append(tok)
-            self.stats.generation_tokens += 1
+            self._stats.generation_tokens += 1
             if req.sampling.has_penalty:
                 req.token_counts[tok] = req.token_counts.get(tok, 0) + 1
             touched.append(req)
-            reason = self.check_finish(req, tok)
+            reason = self._check_finish(req, tok)
             if reason is not None:
-                self.running.remove(req)
-                if self.finish_hook is not None and self.finish_hook(req, reason):
+                self._running.remove(req)
+                if self._on_generation_end is not None:
+                    req.status, req.finish_reason = ReqStatus.SENDING_KV, reason
+                    self._on_generation_end(req)  # the PD layer holds it (pages included)
                     continue
-                self.release(req)
-                self.finish(req, reason, emit=False)
+                self._release(req)
+                self._finish(req, reason, emit=False)
         # outputs produced between steps (PD first tokens, aborts) go first: they are older
-        outs = self.pending_outs + [self.make_out(r) for r in touched]
-        self.pending_outs = []
-        return outs
+        return self.take_outputs() + [self._make_out(r) for r in touched]
 
-    def check_finish(self, req: Req, tok: int) -> FinishReason | None:
+    def _check_finish(self, req: Req, tok: int) -> FinishReason | None:
         sp = req.sampling
         if req.grammar is not None:  # advance the matcher over the new output token(s)
             if not req.grammar.sync(req.output_ids):
-                return FinishReason("abort", status_code=500,
+                return FinishReason(FinishReasonType.ABORT, status_code=500,
                                     message=f"token {tok} is not allowed by the request's grammar")
             if req.grammar.terminated:
-                return FinishReason("stop", matched=tok if tok in self.eos_ids else None)
-        if not sp.ignore_eos and tok in self.eos_ids:
-            return FinishReason("stop", matched=tok)
+                return FinishReason(FinishReasonType.STOP, matched=tok if tok in self._eos_ids else None)
+        if not sp.ignore_eos and tok in self._eos_ids:
+            return FinishReason(FinishReasonType.STOP, matched=tok)
         if tok in sp.stop_token_ids:
-            return FinishReason("stop", matched=tok)
+            return FinishReason(FinishReasonType.STOP, matched=tok)
         if len(req.output_ids) >= sp.max_new_tokens:
-            return FinishReason("length", matched=None)
-        if req.fill_len >= self.context_length:
-            return FinishReason("length", message="context length reached")
-        if sp.stop and self.detokenize is not None:
+            return FinishReason(FinishReasonType.LENGTH, matched=None)
+        if req.fill_len >= self._context_length:
+            return FinishReason(FinishReasonType.LENGTH, message="context length reached")
+        if sp.stop and self._detokenize is not None:
             longest = max(len(s) for s in sp.stop)
-            tail = self.detokenize(req.output_ids[-(longest + 8):])
+            tail = self._detokenize(req.output_ids[-(longest + 8):])
             for s in sp.stop:
                 if s in tail:
-                    return FinishReason("stop", matched=s)
+                    return FinishReason(FinishReasonType.STOP, matched=s)
         return None
 
     # ---- release and output -------------------------------------------------------------
-    def release(self, req: Req, cache_it: bool = True) -> None:
+    def _release(self, req: Req, cache_it: bool = True) -> None:
         """Give the request's pages back: full computed pages to the prefix cache,
         the rest to the allocator; unlock its cached prefix."""
         if req.prefix_node is None and not req.pages:
             return
-        aligned = req.kv_len // self.ps * self.ps
+        page_size = self.page_size
+        aligned = req.kv_len // page_size * page_size
         if cache_it:
-            dup = self.cache.insert(req.fill_ids[:aligned], req.pages[: aligned // self.ps])
+            dup = self._cache.insert(req.fill_ids[:aligned], req.pages[: aligned // page_size])
         else:
             dup = aligned
-        own = req.prefix_len // self.ps
-        self.alloc.free(req.pages[own: dup // self.ps] + req.pages[aligned // self.ps:])
+        own = req.prefix_len // page_size
+        self._alloc.free(req.pages[own: dup // page_size] + req.pages[aligned // page_size:])
         if req.prefix_node is not None:
-            self.cache.dec_lock(req.prefix_node)
+            self._cache.dec_lock(req.prefix_node)
         req.pages, req.prefix_node, req.prefix_len, req.kv_len = [], None, 0, 0
 
-    def finish(self, req: Req, reason: FinishReason, emit: bool = True) -> None:
-        req.finish = reason
-        req.status = ReqStatus.FINISHED
+    def _finish(self, req: Req, reason: FinishReason, emit: bool = True) -> None:
+        req.finish_reason = reason
+        req.status = ReqStatus.finished(reason)
         req.finish_time = time.time()
-        self.reqs.pop(req.rid, None)
-        if reason.type == "abort":
-            self.stats.aborted += 1
+        self._reqs.pop(req.rid, None)
+        if reason.type == FinishReasonType.ABORT:
+            self._stats.aborted += 1
         else:
-            self.stats.finished += 1
+            self._stats.finished += 1
         if emit:
-            self.pending_outs.append(self.make_out(req))
+            self._outputs.append(self._make_out(req))
 
-    def make_out(self, req: Req) -> ReqOut:
+    def _make_out(self, req: Req) -> ReqOut:
         new = req.output_ids[req.sent_len:]
         lps = req.logprobs[req.sent_len:] if req.return_logprob else None
         tops = req.top_logprobs[req.sent_len:] if req.return_logprob and req.top_logprobs_num else None
@@ -326,7 +438,7 @@ class Scheduler:
                 len(req.origin_input_ids) - 1:
             out.input_logprobs = [None] + req.input_logprobs[: len(req.origin_input_ids) - 1]
             req.input_logprobs_sent = True
-        if req.finish is not None:
+        if req.finished:
             start = req.admit_time or req.finish_time
             first = req.first_token_time or req.finish_time
             out.queue_time = start - req.arrival_time
@@ -338,28 +450,48 @@ class Scheduler:
             out.decode_time = req.finish_time - first
         return out
 
-    # ---- introspection ------------------------------------------------------------------
-    @property
+    # ---- state --------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Requests waiting or running (what `step` would schedule)."""
+        return bool(self._waiting or self._running)
 
-    def used_pages(self) -> int:
-        """Pages not free and not merely cached (held by requests)."""
-        return self.alloc.num_pages - self.alloc.num_free - self.cache.evictable_pages
+    def has_outputs(self) -> bool:
+        """Outputs produced outside a step wait to be sent (`take_outputs`)."""
+        return bool(self._outputs)
+
+    def get(self, rid: str) -> Req | None:
+        """A waiting or running request."""
+        return self._reqs.get(rid)
 
     def flush_cache(self) -> bool:
-        if self.running or self.waiting:
+        """Empty the prefix cache; refused (False) while requests run or wait."""
+        if self._running or self._waiting:
             return False
-        self.cache.reset()
+        self._cache.reset()
         return True
 
-    def load(self) -> dict:
-        return {
-            "num_running_reqs": len(self.running),
-            "num_waiting_reqs": len(self.waiting),
-            "num_tokens": sum(r.kv_len for r in self.running),
-            "num_used_pages": self.used_pages(),
-            "num_free_pages": self.alloc.num_free,
-            "num_cached_pages": self.cache.evictable_pages,
-            "num_total_pages": self.alloc.num_pages,
-        }
+    def table_sizes(self) -> dict[str, int]:
+        """Entries of each per-request table (memory debugging: all 0 when idle)."""
+        return {"reqs": len(self._reqs), "waiting": len(self._waiting), "running": len(self._running),
+                "pending_outs": len(self._outputs)}
+
+    def reset_stats(self) -> None:
+        self._stats = SchedulerStats()
+
+    def load(self) -> SchedulerLoad:
+        num_free = self._alloc.num_free
+        num_cached = self._cache.evictable_pages
+        return SchedulerLoad(
+            num_running_reqs=len(self._running),
+            num_waiting_reqs=len(self._waiting),
+            num_tokens=sum(r.kv_len for r in self._running),
+            num_used_pages=self._alloc.num_pages - num_free - num_cached,
+            num_free_pages=num_free,
+            num_cached_pages=num_cached,
+            num_total_pages=self._alloc.num_pages,
+            prompt_tokens=self._stats.prompt_tokens,
+            generation_tokens=self._stats.generation_tokens,
+            num_retractions=self._stats.num_retractions,
+            cache_hit_tokens=self._cache.hit_tokens,
+            cache_query_tokens=self._cache.query_tokens,
+        )

@@ -1,7 +1,8 @@
 """The scheduler process: owns the model, the KV pool and the prefix cache.
 
 It receives typed messages (pdserve.messages) from the front end over ZMQ and
-answers with BatchOut / ControlResp. The event loop is schedule -> run -> update.
+answers with BatchOut and one typed reply per control call. The event loop is schedule -> run -> update
+(`Scheduler.step`), with the PD queues advanced before each step.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import signal
 import sys
 import time
 
+import msgspec
 import torch
 import zmq
 
 from pdserve.config import ServerArgs
+from pdserve.disagg.transfer.registry import TransferBackend
+from pdserve.enums import DisaggregationMode
 from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.model_loading import load_model, num_kv_pages, set_threads
@@ -25,8 +29,9 @@ from pdserve.engine.runner import ModelRunner, kv_pool_shape, prefault
 from pdserve.engine.scheduler import Scheduler
 from pdserve.model.tp import TPShard
 from pdserve.net import free_port
-from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, FinishReason, GenerateReq,
-                              decode_to_scheduler, encode)
+from pdserve.messages import (AbortReq, BatchOut, FinishReason, FinishReasonType, FlushCacheReq, FlushCacheResp,
+                              GenerateReq, GetLoadReq, LoadResp, PrefillQueueStats, ServerInfo, ShutdownReq,
+                              ShutdownResp, StartupError, ToScheduler, decode_to_scheduler, encode)
 
 logger = logging.getLogger("pdserve.scheduler")
 
@@ -62,7 +67,7 @@ class SchedulerProcess:
         self._last_log = time.time()
         self._pd_poller: zmq.Poller | None = None
         self.warmup()
-        if args.disaggregation_mode != "null":
+        if args.disaggregation_mode != DisaggregationMode.NULL:
             self._setup_disagg()
         if self.runner.lazy_pool:  # after startup: it must not slow the start itself
             prefault(self.runner.kv_data)
@@ -74,8 +79,9 @@ class SchedulerProcess:
         tp = args.tp_size
         # the pool budget covers the whole instance: all ranks' heads and weights
         num_pages = num_kv_pages(args, full, self.model.dtype, self.model.num_bytes() * tp)
-        pd = args.disaggregation_mode != "null"
-        decode_shm = args.disaggregation_mode == "decode" and args.disaggregation_transfer_backend == "shm"
+        pd = args.disaggregation_mode != DisaggregationMode.NULL
+        decode_shm = (args.disaggregation_mode == DisaggregationMode.DECODE
+                      and args.disaggregation_transfer_backend == TransferBackend.SHM)
         # Pools in shared memory: decode + shm (prefill writes straight into them), and every
         # rank's under tp in PD mode (rank 0's transfer managers move all ranks' heads)
         self.kv_shm: list[str | None] = [None] * tp
@@ -85,7 +91,8 @@ class SchedulerProcess:
                 self.kv_shm[r] = new_shm_name()
                 shape = kv_pool_shape(TPShard.of(full, r, tp).local_config(full), num_pages, args.page_size)
                 self.kv_pools[r] = allocate_kv_buffer(shape, self.model.dtype, self.kv_shm[r])
-        self.runner = ModelRunner(self.model, num_pages, args.page_size, self.kv_pools[0], tp=self.tp)
+        self.runner = ModelRunner(self.model, num_pages, args.page_size, self.kv_pools[0], tp=self.tp,
+                                  attention_backend=args.attention_backend)
         self.kv_pools[0] = self.runner.kv_data
         if self.tp is not None:
             from pdserve.engine.tp import ShmAllReduce
@@ -118,14 +125,13 @@ class SchedulerProcess:
     def _setup_disagg(self) -> None:
         import socket as _socket
 
-        from pdserve.disagg.mode import DisaggregationMode
         from pdserve.disagg.transfer.base import KVArgs
-        from pdserve.disagg.transfer.registry import KVClassType, TransferBackend, get_kv_class
+        from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
         from pdserve.disagg.transfer.tp_group import TPKVManagerGroup
 
         args = self.args
-        mode = DisaggregationMode(args.disaggregation_mode)
-        backend = TransferBackend.from_name(args.disaggregation_transfer_backend)
+        mode = args.disaggregation_mode
+        backend = args.disaggregation_transfer_backend
         ip = _socket.gethostbyname(args.host)
         if mode == DisaggregationMode.PREFILL:
             self.bootstrap_server = get_kv_class(backend, KVClassType.BOOTSTRAP_SERVER)(
@@ -143,8 +149,7 @@ class SchedulerProcess:
         if mode == DisaggregationMode.PREFILL:
             from pdserve.disagg.prefill import PrefillDisagg
 
-            if hasattr(mgr, "wait_registered"):
-                mgr.wait_registered(10)
+            mgr.wait_registered(10)
             self.disagg = PrefillDisagg(self.scheduler, mgr, backend, args.disaggregation_bootstrap_port)
         else:
             from pdserve.disagg.decode import DecodeDisagg
@@ -168,34 +173,32 @@ class SchedulerProcess:
         from pdserve.engine.sampling_params import SamplingParams
 
         self.scheduler.add_request(Req("__warmup__", [1, 2, 3, 4], SamplingParams(max_new_tokens=2, temperature=0)))
-        while self.scheduler.has_work:
-            plan = self.scheduler.schedule()
-            if plan is not None:
-                self.scheduler.update(plan, self.runner.run(plan))
+        while self.scheduler.has_work():
+            self.scheduler.step(self.runner.run)
         self.scheduler.flush_cache()
-        self.scheduler.stats.__init__()
+        self.scheduler.reset_stats()
 
-    def info(self) -> dict:
+    def info(self) -> ServerInfo:
         cfg = self.model.config
-        return {
-            "max_total_num_tokens": self.scheduler.alloc.capacity_tokens,
-            "page_size": self.args.page_size,
-            "context_length": self.context_length,
-            "vocab_size": cfg.vocab_size,
-            "dtype": str(self.model.dtype).replace("torch.", ""),
-            "num_layers": cfg.num_layers,
-            "arch": cfg.arch,
-            "weight_bytes": self.model.num_bytes(),
-            "load_seconds": self.load_seconds,
-            "max_running_requests": self.args.max_running_requests,
-            "chunked_prefill_size": self.args.chunked_prefill_size,
-            "disable_radix_cache": self.args.disable_radix_cache,
-            "tp_size": self.args.tp_size,
-        }
+        return ServerInfo(
+            max_total_num_tokens=self.scheduler.capacity_tokens,
+            page_size=self.args.page_size,
+            context_length=self.context_length,
+            vocab_size=cfg.vocab_size,
+            dtype=str(self.model.dtype).replace("torch.", ""),
+            num_layers=cfg.num_layers,
+            arch=cfg.arch,
+            weight_bytes=self.model.num_bytes(),
+            load_seconds=self.load_seconds,
+            max_running_requests=self.args.max_running_requests,
+            chunked_prefill_size=self.args.chunked_prefill_size,
+            disable_radix_cache=self.args.disable_radix_cache,
+            tp_size=self.args.tp_size,
+        )
 
     # ---- message handling ---------------------------------------------------------------
-    def handle(self, msg) -> None:
-        s = self.scheduler
+    def handle(self, msg: ToScheduler) -> None:
+        scheduler = self.scheduler
         if isinstance(msg, GenerateReq):
             req = Req(msg.rid, msg.input_ids, msg.sampling, msg.return_logprob,
                       msg.top_logprobs_num, msg.arrival_time)
@@ -204,41 +207,34 @@ class SchedulerProcess:
                 try:
                     req.grammar = self.grammar.new_state(*g)
                 except ValueError as e:
-                    s.finish(req, FinishReason("abort", message=str(e), status_code=400))
+                    scheduler.fail(req, FinishReason(FinishReasonType.ABORT, message=str(e), status_code=400))
                     return
             if self.disagg is not None:
                 req.bootstrap_host, req.bootstrap_port = msg.bootstrap_host, msg.bootstrap_port
                 req.bootstrap_room = msg.bootstrap_room
                 self.disagg.add(req)
             else:
-                s.add_request(req)
+                scheduler.add_request(req)
         elif isinstance(msg, AbortReq):
             if self.disagg is None or not self.disagg.abort(msg.rid):
-                s.abort(msg.rid)
-        elif isinstance(msg, ControlReq):
-            self.send.send(encode(ControlResp(msg.call_id, self.control(msg))))
-
-    def control(self, msg: ControlReq) -> dict:
-        s = self.scheduler
-        if msg.kind == "flush_cache":
-            return {"success": s.flush_cache()}
-        if msg.kind == "get_load":
-            load = s.load()
-            st = s.stats
-            cache = s.cache
-            load.update(prompt_tokens=st.prompt_tokens, generation_tokens=st.generation_tokens,
-                        num_retractions=st.num_retractions, cache_hit_tokens=cache.hit_tokens,
-                        cache_query_tokens=cache.query_tokens,
-                        disaggregation_mode=self.args.disaggregation_mode)
-            if self.disagg is not None:
-                load.update(self.disagg.stats())
-            return load
-        if msg.kind == "server_info":
-            return self.info()
-        if msg.kind == "shutdown":
+                scheduler.abort(msg.rid)
+        elif isinstance(msg, GetLoadReq):
+            self.send.send(encode(self.load(msg.call_id)))
+        elif isinstance(msg, FlushCacheReq):
+            self.send.send(encode(FlushCacheResp(msg.call_id, scheduler.flush_cache())))
+        elif isinstance(msg, ShutdownReq):
             self.running = False
-            return {"success": True}
-        return {"error": f"unknown control call {msg.kind!r}"}
+            self.send.send(encode(ShutdownResp(msg.call_id)))
+
+    def load(self, call_id: int) -> LoadResp:
+        resp = LoadResp(call_id, self.scheduler.load(), self.args.disaggregation_mode)
+        if self.disagg is not None:
+            stats = self.disagg.stats()
+            if isinstance(stats, PrefillQueueStats):
+                resp.prefill = stats
+            else:
+                resp.decode = stats
+        return resp
 
     def recv_all(self, block: bool) -> None:
         timeout = 100 if block else 0
@@ -258,13 +254,16 @@ class SchedulerProcess:
         else:
             self.event_loop_overlap()
 
-    def _pd_step(self) -> bool:
-        """Advance the disaggregation queues; True while they hold requests."""
-        if self.disagg is None:
-            return False
-        busy = self.disagg.has_work
-        self.disagg.step()
-        return busy
+    def _receive(self, idle: bool) -> None:
+        """Take in new messages and advance the PD queues. `idle`: nothing to schedule
+        and nothing to send; then wait (for a message, or a transfer state change while
+        PD queues hold requests) instead of spinning."""
+        pd_busy = self.disagg is not None and self.disagg.has_work()
+        if pd_busy and idle:
+            self._wait_pd()
+        self.recv_all(block=idle and not pd_busy)
+        if self.disagg is not None:
+            self.disagg.step()
 
     def _wait_pd(self, timeout_s: float = 0.02) -> None:
         """Only transfers in flight: sleep until a message arrives, a transfer endpoint changes
@@ -278,64 +277,53 @@ class SchedulerProcess:
         self._pd_poller.poll(timeout_s * 1000)
         WAKER.drain()
 
+    def event_loop_normal(self) -> None:
+        """schedule -> run -> update, one after the other (Scheduler.step)."""
+        scheduler = self.scheduler
+        while self.running:
+            self._receive(idle=not scheduler.has_work() and not scheduler.has_outputs())
+            outs = scheduler.step(self.runner.run)
+            if outs:
+                self.send.send(encode(BatchOut(outs)))
+            self._maybe_log()
+
     def event_loop_overlap(self) -> None:
         """The CPU work that does not feed the next forward (encoding and sending step
         N's outputs, receiving new requests) runs while step N+1's forward runs in a
         worker thread (torch releases the GIL inside ops)."""
         from concurrent.futures import ThreadPoolExecutor
 
-        s = self.scheduler
+        scheduler = self.scheduler
         pool = ThreadPoolExecutor(1, thread_name_prefix="pdserve-forward")
         unsent: list = []
         try:
             while self.running:
-                pd_busy = self.disagg is not None and self.disagg.has_work
-                if pd_busy and not s.has_work and not unsent and not s.pending_outs:
-                    self._wait_pd()
-                self.recv_all(block=not s.has_work and not pd_busy and not unsent)
-                self._pd_step()
-                plan = s.schedule() if s.has_work else None
-                fut = pool.submit(self.runner.run, plan) if plan is not None else None
+                self._receive(idle=not scheduler.has_work() and not scheduler.has_outputs() and not unsent)
+                plan = scheduler.schedule()
+                future = pool.submit(self.runner.run, plan) if plan is not None else None
                 if unsent:
                     self.send.send(encode(BatchOut(unsent)))
                     unsent = []
-                if fut is not None:
-                    unsent = s.update(plan, fut.result())
-                elif s.pending_outs:
-                    unsent, s.pending_outs = s.pending_outs, []
-                self._maybe_log(plan)
+                if future is not None:
+                    unsent = scheduler.update(plan, future.result())
+                else:
+                    unsent = scheduler.take_outputs()
+                self._maybe_log()
         finally:
             pool.shutdown(wait=True)
 
-    def _maybe_log(self, plan) -> None:
-        if plan is None or time.time() - self._last_log < 10:
+    def _maybe_log(self) -> None:
+        if not self.scheduler.has_work() or time.time() - self._last_log < 10:
             return
         self._last_log = time.time()
-        ld = self.scheduler.load()
+        load = self.scheduler.load()
         extra = ""
         if self.disagg is not None:
             extra = " " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in self.disagg.stats().items())
+                                   for k, v in msgspec.structs.asdict(self.disagg.stats()).items())
         logger.info("running=%d waiting=%d used_pages=%d/%d cached_pages=%d%s",
-                    ld["num_running_reqs"], ld["num_waiting_reqs"], ld["num_used_pages"],
-                    ld["num_total_pages"], ld["num_cached_pages"], extra)
-
-    def event_loop_normal(self) -> None:
-        """schedule -> run -> update, one after the other."""
-        s = self.scheduler
-        while self.running:
-            pd_busy = self.disagg is not None and self.disagg.has_work
-            if pd_busy and not s.has_work and not s.pending_outs:
-                self._wait_pd()
-            self.recv_all(block=not s.has_work and not pd_busy)
-            self._pd_step()
-            plan = s.schedule() if s.has_work else None
-            outs = s.update(plan, self.runner.run(plan)) if plan is not None else []
-            if not outs and s.pending_outs:
-                outs, s.pending_outs = s.pending_outs, []
-            if outs:
-                self.send.send(encode(BatchOut(outs)))
-            self._maybe_log(plan)
+                    load.num_running_reqs, load.num_waiting_reqs, load.num_used_pages,
+                    load.num_total_pages, load.num_cached_pages, extra)
 
 
 def die_with_parent() -> None:
@@ -349,7 +337,7 @@ def die_with_parent() -> None:
 
 
 def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str) -> None:
-    """Child process body: build everything, announce readiness (call_id 0), serve."""
+    """Child process body: build everything, announce readiness (ServerInfo), serve."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     holder: dict = {}
 
@@ -370,14 +358,14 @@ def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str) -> N
         logger.debug("scheduler failed to start", exc_info=True)
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.connect(send_addr)
-        sock.send(encode(ControlResp(0, {"error": f"{type(e).__name__}: {e}"})))
+        sock.send(encode(StartupError(f"{type(e).__name__}: {e}")))
         sock.close(linger=2000)
         return
     holder["proc"] = proc
     from pdserve.engine import memdebug
 
     memdebug.install(proc)  # only with PDSERVE_MEMDUMP_DIR set
-    proc.send.send(encode(ControlResp(0, proc.info())))
+    proc.send.send(encode(proc.info()))
     try:
         proc.event_loop()
     finally:

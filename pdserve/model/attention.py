@@ -12,6 +12,7 @@ its own (few per step under the chunked-prefill token budget).
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,20 @@ class ForwardBatch:
     dec_chunks: torch.Tensor | None = None
 
 
-class TorchNativeAttention:
+class BaseAttentionBackend(abc.ABC):
+    """An attention backend (`--attention-backend`, pdserve/model/attention_backends.py):
+    owns the paged KV pool's view, writes each layer's new K/V into it, then attends."""
+
+    def __init__(self, kv_data: torch.Tensor) -> None:
+        self.kv_data = kv_data  # [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
+
+    @abc.abstractmethod
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 fb: ForwardBatch) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] (the batch's new tokens) -> out [T, Hq, D]."""
+
+
+class TorchNativeAttention(BaseAttentionBackend):
     """Attention backend: writes the new K/V into the pool, then attends.
 
     All pool reads and writes go through one contiguous row view
@@ -53,13 +67,13 @@ class TorchNativeAttention:
     """
 
     def __init__(self, kv_data: torch.Tensor) -> None:
-        self.kv_data = kv_data
-        _, self.num_layers, _, self.ps, h, d = kv_data.shape
+        super().__init__(kv_data)
+        _, self.num_layers, _, self.page_size, h, d = kv_data.shape
         self.rows = kv_data.view(-1, h, d)
-        self.page_stride = self.num_layers * 2 * self.ps
+        self.page_stride = self.num_layers * 2 * self.page_size
         # one "chunk" = the K (or V) block of one page of one layer: ps * h * d contiguous elements;
         # chunk index = (page * L + layer) * 2 + kv
-        self.chunks = kv_data.view(-1, self.ps * h * d)
+        self.chunks = kv_data.view(-1, self.page_size * h * d)
         self._ws: dict[str, torch.Tensor] = {}
         self._eye: torch.Tensor | None = None
 
@@ -87,7 +101,7 @@ class TorchNativeAttention:
         hkv = self.rows.shape[1]
         g = hq // hkv
         npg = fb.dec_table.shape[1]
-        L = npg * self.ps
+        L = npg * self.page_size
         block_diag = hkv <= 4
         if block_diag and (self._eye is None or self._eye.dtype != q.dtype or self._eye.shape[1] != hkv):
             self._eye = torch.eye(hkv, dtype=q.dtype).view(1, hkv, 1, hkv, 1)
@@ -117,32 +131,32 @@ class TorchNativeAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  fb: ForwardBatch) -> torch.Tensor:
         # q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]
-        rows, lk = self.rows, layer * 2 * self.ps
+        rows, lk = self.rows, layer * 2 * self.page_size
         if fb.write_rows is None:
             fb.write_rows = self.base_rows(fb.write_pages, fb.write_offs)
         rows.index_copy_(0, fb.write_rows + lk, k)
-        rows.index_copy_(0, fb.write_rows + (lk + self.ps), v)
+        rows.index_copy_(0, fb.write_rows + (lk + self.page_size), v)
         out = torch.empty_like(q)
-        nd = fb.num_decode
-        if nd:
+        num_decode = fb.num_decode
+        if num_decode:
             if fb.dec_chunks is None:
                 fb.dec_chunks = (fb.dec_table * (self.num_layers * 2)).view(-1)
-            self._decode(q[:nd], layer, fb, out[:nd])
+            self._decode(q[:num_decode], layer, fb, out[:num_decode])
         for e in fb.extends:
-            s, n = e.q_start, e.q_len
-            qe = q[s:s + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+            start, n = e.q_start, e.q_len
+            qe = q[start:start + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
             if e.prefix_len == 0:
-                ke = k[s:s + n].transpose(0, 1).unsqueeze(0)
-                ve = v[s:s + n].transpose(0, 1).unsqueeze(0)
+                ke = k[start:start + n].transpose(0, 1).unsqueeze(0)
+                ve = v[start:start + n].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qe, ke, ve, is_causal=True, enable_gqa=True)
             else:
                 if e.ctx_rows is None:
                     e.ctx_rows = self.base_rows(e.ctx_pages, e.ctx_offs)
                 ke = rows.index_select(0, e.ctx_rows + lk).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-                ve = rows.index_select(0, e.ctx_rows + (lk + self.ps)).transpose(0, 1).unsqueeze(0)
+                ve = rows.index_select(0, e.ctx_rows + (lk + self.page_size)).transpose(0, 1).unsqueeze(0)
                 ctx = e.prefix_len + n
                 qpos = torch.arange(e.prefix_len, ctx).unsqueeze(1)
                 mask = torch.arange(ctx).unsqueeze(0) <= qpos  # [n, ctx]
                 o = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask, enable_gqa=True)
-            out[s:s + n] = o.squeeze(0).transpose(0, 1)
+            out[start:start + n] = o.squeeze(0).transpose(0, 1)
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pdserve.model.attention import ForwardBatch, TorchNativeAttention
+from pdserve.model.attention import BaseAttentionBackend, ForwardBatch
 from pdserve.model.config import ModelConfig
 
 
@@ -225,7 +225,7 @@ class LlamaModel:
 
     # ---- forward -------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, fb: ForwardBatch, attn: TorchNativeAttention) -> torch.Tensor | None:
+    def forward(self, fb: ForwardBatch, attn: BaseAttentionBackend) -> torch.Tensor | None:
         """Returns float32 logits [N, vocab] for `fb.logits_indices` (None where the model does
         not compute logits: tensor-parallel ranks other than 0)."""
         cfg = self.config

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.enums import DisaggregationMode
 from pdserve.router.body import parse_body
 from pdserve.server.guard import BodyTooLarge, Guard
 from pdserve.server.protocol import as_bool, as_int, is_token_list, sampling_from_dict
@@ -138,7 +139,7 @@ def check_pd_fields(tm: TokenizerManager, boots: list[tuple]) -> None:
     """A prefill or decode server answers only the router's requests: alone it would prefill
     and stop, or wait for KV that never comes (SGLang answers them with garbage)."""
     mode = tm.args.disaggregation_mode
-    if mode == "null":
+    if mode == DisaggregationMode.NULL:
         return
     if any(host is None or room is None for host, _, room in boots):
         raise ValueError(f"this is a PD {mode} server: send requests to the router in front of it "
@@ -325,17 +326,16 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
         args["model_path"] = model_path
         args["served_model_name"] = served_model_name
         info = dict(tm.info)
-        info.update(await tm.control("get_load"))
+        info.update(await tm.get_load())
         return {**args, **info, "version": __import__("pdserve").__version__}
 
     @app.get("/get_load")
     async def get_load():
-        return await tm.control("get_load")
+        return await tm.get_load()
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
-        res = await tm.control("flush_cache")
-        if res.get("success"):
+        if await tm.flush_cache():
             return Response("Cache flushed.\n", status_code=200)
         return Response("Cache not flushed: requests are running.\n", status_code=400)
 
@@ -354,7 +354,7 @@ def build_app(tm: TokenizerManager, metrics, served_model_name: str, model_path:
 
     @app.get("/metrics")
     async def get_metrics():
-        metrics.set_load(await tm.control("get_load"))
+        metrics.set_load(await tm.get_load())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     from pdserve.server.openai_api import add_openai_routes

@@ -9,7 +9,8 @@ import os
 import socket
 import sys
 
-from pdserve.config import DTYPES, LOG_LEVELS, ServerArgs
+from pdserve.config import ATTENTION_BACKENDS, DTYPES, LOG_LEVELS, ServerArgs
+from pdserve.enums import DisaggregationMode
 
 D = ServerArgs  # defaults come from the frozen dataclass
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--disaggregation-ib-device", default=D.disaggregation_ib_device,
       help="RDMA devices for the mooncake backend (e.g. mlx5_0,mlx5_1); unset: its TCP transport. "
            "nixl picks its transports itself (UCX)")
+    a("--attention-backend", default=D.attention_backend, choices=ATTENTION_BACKENDS,
+      help="paged attention implementation (pdserve/model/attention_backends.py)")
     a("--tp-size", type=int, default=D.tp_size,
       help="tensor-parallel ranks (at most the model's KV heads; they split the cores)")
     a("--api-key", default=D.api_key,
@@ -126,13 +129,13 @@ async def serve(args: ServerArgs) -> None:
              tm.info["max_total_num_tokens"], tm.info["dtype"])
     url = f"http://{args.host}:{args.port}"
     mode = args.disaggregation_mode
-    if mode == "null":
+    if mode == DisaggregationMode.NULL:
         print(f"pdserve is serving {name} at {url}\n"
               f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
               f"\"What is the capital of France?\"}}], \"max_tokens\": 32, \"temperature\": 0}}'", flush=True)
     else:
-        boot = f" {args.disaggregation_bootstrap_port}" if mode == "prefill" else ""
+        boot = f" {args.disaggregation_bootstrap_port}" if mode == DisaggregationMode.PREFILL else ""
         print(f"pdserve PD {mode} server for {name} at {url}: it answers only requests from a PD router, "
               f"not clients directly.\n  register it with the router: pdserve router --pd-disaggregation "
               f"--{mode} {url}{boot} ... (or run the whole deployment with `pdserve launch`)", flush=True)

@@ -16,17 +16,19 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import msgspec
 import zmq
 import zmq.asyncio
 
 from pdserve.config import ServerArgs
+from pdserve.engine.admission import kv_pool_fit_error
 from pdserve.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from pdserve.net import ipc_addr
-from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, GenerateReq, ReqOut,
-                              decode_from_scheduler, encode)
+from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, FlushCacheReq, FlushCacheResp,
+                              GenerateReq, GetLoadReq, LoadResp, ReqOut, ServerInfo, ShutdownReq, ShutdownResp,
+                              StartupError, decode_from_scheduler, encode)
 from pdserve.server.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("pdserve.tokenizer_manager")
@@ -107,8 +109,10 @@ class TokenizerManager:
         while True:
             if await self.recv_sock.poll(200):
                 msg = decode_from_scheduler(await self.recv_sock.recv())
-                if isinstance(msg, ControlResp) and msg.call_id == 0:
-                    return msg.result
+                if isinstance(msg, ServerInfo):
+                    return msgspec.structs.asdict(msg)
+                if isinstance(msg, StartupError):
+                    return {"error": msg.message}
             elif self.proc.poll() is not None:
                 return {"error": f"scheduler process exited with code {self.proc.returncode}"}
 
@@ -116,7 +120,7 @@ class TokenizerManager:
         self._shutting_down = True
         if self.proc is not None and self.proc.poll() is None:
             try:
-                await asyncio.wait_for(self.control("shutdown"), 5)
+                await asyncio.wait_for(self._call(ShutdownReq), 5)
             except Exception:
                 pass
             for stop in (None, self.proc.terminate, self.proc.kill):
@@ -156,10 +160,10 @@ class TokenizerManager:
             except Exception:  # a bug, not a peer: log it loudly, keep serving the rest
                 logger.exception("undecodable message from the scheduler")
                 continue
-            if isinstance(msg, ControlResp):
+            if isinstance(msg, (FlushCacheResp, LoadResp, ShutdownResp)):
                 fut = self.calls.pop(msg.call_id, None)
                 if fut is not None and not fut.done():
-                    fut.set_result(msg.result)
+                    fut.set_result(msg)
                 continue
             assert isinstance(msg, BatchOut)
             now = time.time()
@@ -168,15 +172,26 @@ class TokenizerManager:
                 if st is not None:
                     st.queue.put_nowait((out, now))
 
-    async def control(self, kind: str, **args) -> dict:
+    async def _call(self, request: Callable[[int], ControlReq]) -> ControlResp:
+        """Send a control call (`request(call_id)`) and wait for its typed reply."""
         if self.dead:
             raise SchedulerDied(self.dead)
         call_id = self._next_call
         self._next_call += 1
         fut = asyncio.get_running_loop().create_future()
         self.calls[call_id] = fut
-        await self.send_sock.send(encode(ControlReq(call_id, kind, args)))
+        await self.send_sock.send(encode(request(call_id)))
         return await fut
+
+    async def get_load(self) -> dict[str, Any]:
+        """The scheduler's load and counters (the JSON of /get_load)."""
+        resp: LoadResp = await self._call(GetLoadReq)
+        return resp.to_dict()
+
+    async def flush_cache(self) -> bool:
+        """Empty the prefix cache; False while requests run."""
+        resp: FlushCacheResp = await self._call(FlushCacheReq)
+        return resp.success
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -212,9 +227,9 @@ class TokenizerManager:
             raise ValueError(f"Requested token count exceeds the model's maximum context length of {ctx} "
                              f"tokens: {len(input_ids)} prompt + {sp.max_new_tokens} "
                              f"{(names or {}).get('max_new_tokens', 'max_new_tokens')}")
-        pool = self.info["max_total_num_tokens"]
-        if len(input_ids) + 1 > pool:
-            raise ValueError(f"the prompt has {len(input_ids)} tokens; the KV pool holds {pool}")
+        too_big = kv_pool_fit_error(len(input_ids), self.info["max_total_num_tokens"])
+        if too_big is not None:
+            raise ValueError(too_big)
         if not (0 <= top_logprobs_num <= MAX_TOP_LOGPROBS):
             raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
 

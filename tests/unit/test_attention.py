@@ -47,3 +47,30 @@ def test_paged_decode_matches_dense_attention(hkv, g, dtype):
         ref = torch.einsum("hgn,nhd->hgd", p, v).reshape(hkv * g, d)
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(out[i].float(), ref, atol=tol, rtol=tol)
+
+
+def test_attention_backends_by_name_write_the_same_kv():
+    """The registry builds each backend; the fake writes K/V where the real one does."""
+    from pdserve.model.attention import BaseAttentionBackend
+    from pdserve.model.attention_backends import FakeAttention, create_attention_backend
+
+    pools = {name: torch.zeros(8, 2, 2, 4, 2, 8) for name in ("torch_native", "fake")}
+    backends = {name: create_attention_backend(name, kv) for name, kv in pools.items()}
+    assert isinstance(backends["torch_native"], TorchNativeAttention)
+    assert isinstance(backends["fake"], FakeAttention) and isinstance(backends["fake"], BaseAttentionBackend)
+    with pytest.raises(ValueError, match="unknown attention backend 'flashinfer'"):
+        create_attention_backend("flashinfer", pools["fake"])
+    torch.manual_seed(0)
+    n = 6
+    q, k, v = torch.randn(n, 4, 8), torch.randn(n, 2, 8), torch.randn(n, 2, 8)
+    pos = torch.arange(n)
+    pages = torch.tensor([5, 2])[pos // 4]
+    for name, attn in backends.items():
+        from pdserve.model.attention import ExtendSeq
+        fb = ForwardBatch(torch.zeros(n, dtype=torch.long), pos, pages, pos % 4,
+                          extends=[ExtendSeq(0, n, 0, None, None)])
+        out = attn(1, q, k, v, fb)
+        assert out.shape == q.shape, name
+    assert torch.equal(pools["fake"], pools["torch_native"])
+    assert torch.equal(pools["fake"][5, 1, 0, :, :, :], k[:4]) and torch.equal(pools["fake"][2, 1, 1, :2], v[4:])
+    assert pools["fake"][:, 0].abs().sum() == 0  # layer 0 untouched

@@ -12,7 +12,7 @@ from pdserve.disagg.transfer.registry import TransferBackend
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.request import Req, ReqStatus
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import RunOutput, Scheduler
+from pdserve.engine.scheduler import Prealloc, RunOutput, Scheduler
 
 
 class FakeRunner:
@@ -37,12 +37,12 @@ def req(rid, n=10, max_new=5, room=42):
 
 def step(s, d, outs):
     d.step()
-    plan = s.schedule()
-    res = s.update(plan, FakeRunner().run(plan)) if plan else []
-    if not plan:
-        res, s.pending_outs = s.pending_outs, []
-    for o in res:
+    for o in s.step(FakeRunner().run):
         outs.setdefault(o.rid, []).append(o)
+
+
+def used_pages(s):
+    return s.load().num_used_pages
 
 
 def test_prefill_flow_forces_one_token_and_frees_after_send():
@@ -59,15 +59,17 @@ def test_prefill_flow_forces_one_token_and_frees_after_send():
     assert sum(len(o.new_ids) for o in outs["a"]) == 1
     assert r.kv_sender.poll() == KVPoll.Success and r.kv_sender.metadata.output_token_id == 7
     assert r.kv_sender.metadata.room == 42 and r.kv_sender.sent_pages == 3
-    assert not d.has_work and s.used_pages() == 0
+    assert not d.has_work() and used_pages(s) == 0 and r.status == ReqStatus.FINISHED_LENGTH
 
 
-def test_prefill_capacity_check_aborts_with_400():
-    s, d = setup(DisaggregationMode.PREFILL, num_pages=4, ps=4)
-    d.add(req("big", n=40))
-    out = s.pending_outs[-1]
-    assert out.finish.type == "abort" and out.finish.status_code == 400 and "exceeds" in out.finish.message
-    assert not d.bootstrap_queue.queue
+def test_capacity_check_aborts_with_400_in_both_modes():
+    for mode in (DisaggregationMode.PREFILL, DisaggregationMode.DECODE):
+        s, d = setup(mode, num_pages=4, ps=4)
+        d.add(req("big", n=40))
+        out = s.take_outputs()[-1]
+        assert out.finish.type == "abort" and out.finish.status_code == 400 and "exceeds" in out.finish.message
+        assert "KV pool of 16 tokens" in out.finish.message, mode
+        assert not d.has_work()
 
 
 def test_prefill_sender_failure_frees_and_reports():
@@ -77,7 +79,8 @@ def test_prefill_sender_failure_frees_and_reports():
     r.kv_sender.abort()
     outs = {}
     step(s, d, outs)
-    assert outs["a"][-1].finish.type == "abort" and s.used_pages() == 0
+    assert outs["a"][-1].finish.type == "abort" and used_pages(s) == 0
+    assert r.status == ReqStatus.FINISHED_ABORT and not d.has_work()
 
 
 def test_decode_flow_prebuilt_batch_no_recompute():
@@ -86,40 +89,56 @@ def test_decode_flow_prebuilt_batch_no_recompute():
     d.add(r)
     assert r.status == ReqStatus.WAITING_FOR_KV and d.prealloc_queue.queue == [r]
     d.step()  # Bootstrapping
-    assert d.prealloc_queue.queue == [r]
-    d.step()  # WaitingForInput -> pages preallocated, init -> Success on the next poll
-    assert r.pages and (d.transfer_queue.queue == [r] or r in s.running)
+    assert d.prealloc_queue.queue == [r] and not r.pages
+    # WaitingForInput -> pages preallocated, init; the fake receiver then reports Success
+    # at the transfer queue's poll in the same step: the request is prebuilt at once
     d.step()
-    assert r in s.running and r.output_ids == [0] and r.kv_len == 10 and r.is_decoding
+    assert r.pages and not d.has_work() and s.get("a") is r and r.status == ReqStatus.RUNNING
+    assert r.output_ids == [0] and r.kv_len == 10 and r.is_decoding
+    first = s.take_outputs()
+    assert [(o.rid, o.new_ids, o.finish) for o in first] == [("a", [0], None)]
     plan = s.schedule()
     assert [(it.start, it.n) for it in plan.items] == [(10, 1)]  # decodes at once, prompt not recomputed
     outs = {}
     s.update(plan, FakeRunner().run(plan))
     for _ in range(10):
         step(s, d, outs)
-    assert not s.has_work and not d.has_work and s.used_pages() == 0
+    assert not s.has_work() and not d.has_work() and used_pages(s) == 0
     assert r.output_ids == [0, 7, 7, 7, 7] and r.transfer_time is not None
 
 
 def test_decode_prealloc_budget_and_retracted_first():
+    # 8 pages of 4 tokens: a and b (3 pages each) run and grow until one is retracted;
+    # c (3 pages) waits for budget, and while the retracted request waits in the
+    # scheduler no new pages are preallocated: retracted requests resume first
     s, d = setup(DisaggregationMode.DECODE, num_pages=8, ps=4)
-    a, b = req("a", n=20, room=1), req("b", n=20, room=2)
-    d.add(a)
-    d.add(b)
+    a, b, c = (req(rid, n=10, max_new=12, room=room) for room, rid in enumerate("abc"))
+    decisions = []
+    real = s.preallocate
+
+    def spy(r, n):
+        waiting = s.load().num_waiting_reqs
+        got = real(r, n)
+        decisions.append((r.rid, waiting, got))
+        return got
+
+    s.preallocate = spy
+    for r in (a, b):
+        d.add(r)
     d.step()
     d.step()
-    # a takes 6 of 8 pages; b must wait for budget
-    assert a.pages and not b.pages and d.prealloc_queue.queue == [b]
-    # a retracted request waiting in the scheduler blocks new preallocation
-    s.waiting.append(req("retracted", n=2))
-    d.step()
-    assert not b.pages
-    s.waiting.clear()
+    assert a.pages and b.pages and s.load().num_running_reqs == 2
+    d.add(c)
     outs = {}
-    for _ in range(40):
+    for _ in range(60):
         step(s, d, outs)
-    assert outs["a"][-1].finish is not None and outs["b"][-1].finish is not None
-    assert s.used_pages() == 0
+    assert s.load().num_retractions > 0
+    assert ("c", 1, Prealloc.RESUME_FIRST) in decisions
+    assert ("c", 0, Prealloc.NO_BUDGET) in decisions
+    assert all(got != Prealloc.OK for _, waiting, got in decisions if waiting)
+    assert [sum(len(o.new_ids) for o in outs[r.rid]) for r in (a, b, c)] == [12, 12, 12]
+    assert all(outs[r.rid][-1].finish.type == "length" for r in (a, b, c))
+    assert used_pages(s) == 0
 
 
 def test_decode_failure_and_abort_free_pages():
@@ -134,7 +153,8 @@ def test_decode_failure_and_abort_free_pages():
     step(s, d, outs)
     assert outs["a"][-1].finish.type == "abort" and "KV transfer" in outs["a"][-1].finish.message
     assert outs["b"][-1].finish.type == "abort"
-    assert not d.has_work and s.used_pages() == 0 and s.alloc.num_free == s.alloc.num_pages
+    load = s.load()
+    assert not d.has_work() and load.num_used_pages == 0 and load.num_free_pages == load.num_total_pages
 
 
 def test_decode_room_mismatch_fails():
@@ -147,7 +167,7 @@ def test_decode_room_mismatch_fails():
     outs = {}
     step(s, d, outs)
     assert outs["a"][-1].finish.type == "abort" and "room" in outs["a"][-1].finish.message
-    assert s.used_pages() == 0
+    assert used_pages(s) == 0
 
 
 def test_no_per_request_state_outlives_the_requests():
@@ -168,8 +188,8 @@ def test_no_per_request_state_outlives_the_requests():
         for _ in range(30):
             step(s, d, outs)
         assert len(outs) == 300 and all(o[-1].finish is not None for o in outs.values())
-        assert not s.has_work and not d.has_work and s.used_pages() == 0
-        assert s.reqs == {} and s.pending_outs == []
+        assert not s.has_work() and not d.has_work() and used_pages(s) == 0
+        assert s.table_sizes() == {"reqs": 0, "waiting": 0, "running": 0, "pending_outs": 0}
         if mode == DisaggregationMode.DECODE:
             assert len(d.transfer_queue.transfer_seconds) == 100
-            assert d.stats()["avg_transfer_latency_s"] >= 0
+            assert d.stats().avg_transfer_latency_s >= 0

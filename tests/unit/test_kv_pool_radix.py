@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pdserve.engine.kv_pool import PageAllocator
-from pdserve.engine.radix_cache import NoCache, RadixCache
+from pdserve.engine.prefix_cache import NoCache
+from pdserve.engine.radix_cache import RadixCache
 
 
 def test_alloc_free_roundtrip():
@@ -96,3 +97,15 @@ def test_random_inserts_conserve_pages(sequences, ps, evictions):
         c.dec_lock(n)
     c.reset()
     assert a.num_free == 200 and c.total_pages() == 0
+
+
+def test_prefix_caches_by_name():
+    from pdserve.engine.prefix_cache import BasePrefixCache
+    from pdserve.engine.prefix_caches import create_prefix_cache
+
+    a = PageAllocator(8, 1)
+    assert isinstance(create_prefix_cache("radix", a), RadixCache)
+    assert isinstance(create_prefix_cache("none", a), NoCache)
+    assert all(isinstance(create_prefix_cache(k, a), BasePrefixCache) for k in ("radix", "none"))
+    with pytest.raises(ValueError, match="unknown prefix cache"):
+        create_prefix_cache("lru", a)

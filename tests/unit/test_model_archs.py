@@ -55,7 +55,7 @@ def test_greedy_matches_transformers(kind, tie, tmp_path):
     runner = ModelRunner(model, 32, 4)
     s.add_request(Req("a", prompt, SamplingParams(max_new_tokens=10, temperature=0)))
     got = []
-    while s.has_work:
+    while s.has_work():
         plan = s.schedule()
         got += [t for o in s.update(plan, runner.run(plan)) for t in o.new_ids]
     assert got == ref

@@ -30,27 +30,30 @@ class FakeRunner:
         return RunOutput([7 for it in plan.items if it.sample])
 
 
+def collect(outs, new):
+    for o in new:
+        outs.setdefault(o.rid, []).extend(o.new_ids)
+        if o.finish is not None:
+            outs[o.rid + ":finish"] = o.finish
+
+
 def drain(s, runner, limit=10_000):
     outs = {}
     for _ in range(limit):
-        if not s.has_work:
+        if not s.has_work():
             break
-        plan = s.schedule()
-        if plan is None:
-            continue
-        for o in s.update(plan, runner.run(plan)):
-            outs.setdefault(o.rid, []).extend(o.new_ids)
-            if o.finish is not None:
-                outs[o.rid + ":finish"] = o.finish
-    outs.update({o.rid + ":finish": o.finish for o in s.pending_outs})
+        collect(outs, s.step(runner.run))
+    collect(outs, s.take_outputs())
+    assert not s.has_work(), "the scheduler did not finish its requests"
     return outs
 
 
 def assert_all_free(s):
-    assert s.used_pages() == 0
-    assert s.alloc.num_free + s.cache.evictable_pages == s.alloc.num_pages
-    s.cache.reset()
-    assert s.alloc.num_free == s.alloc.num_pages
+    load = s.load()
+    assert load.num_used_pages == 0
+    assert load.num_free_pages + load.num_cached_pages == load.num_total_pages
+    assert s.flush_cache()
+    assert s.load().num_free_pages == load.num_total_pages
 
 
 def req(rid, n_in, max_new=5, **kw):
@@ -75,7 +78,7 @@ def test_max_running_requests_caps_batch():
     for i in range(5):
         s.add_request(req(f"r{i}", 3))
     plan = s.schedule()
-    assert len(plan.items) == 2 and len(s.waiting) == 3
+    assert len(plan.items) == 2 and s.load().num_waiting_reqs == 3
     out = drain(s, FakeRunner())
     assert all(len(out[f"r{i}"]) == 5 for i in range(5))
     assert_all_free(s)
@@ -84,15 +87,23 @@ def test_max_running_requests_caps_batch():
 def test_oversized_prompt_rejected_with_400():
     s = make(num_pages=4, ps=4)
     s.add_request(req("big", 40))
-    outs = s.update(*_noop())
+    outs = s.step(FakeRunner().run)
     fin = [o for o in outs if o.rid == "big"][0].finish
     assert fin.type == "abort" and fin.status_code == 400 and "KV pool" in fin.message
+    assert fin.message == "prompt of 40 tokens exceeds the KV pool of 16 tokens (the prompt and one output token must fit)"
+    assert not s.has_work()
     assert_all_free(s)
 
 
-def _noop():
-    from pdserve.engine.scheduler import Plan
-    return Plan([], 0), RunOutput([])
+def test_admission_rejects_duplicates_and_long_prompts():
+    s = make(num_pages=256)  # the pool (1024 tokens) is larger than the context (512)
+    s.add_request(req("a", 4))
+    s.add_request(req("a", 4))
+    s.add_request(req("long", 600))
+    outs = {o.rid: o.finish for o in s.take_outputs()}
+    assert "duplicate" in outs["a"].message and outs["a"].status_code == 400
+    assert "context length" in outs["long"].message and outs["long"].status_code == 400
+    assert s.load().num_waiting_reqs == 1
 
 
 def test_abort_frees_pages():
@@ -101,9 +112,10 @@ def test_abort_frees_pages():
     for _ in range(3):
         plan = s.schedule()
         s.update(plan, FakeRunner().run(plan))
-    assert s.used_pages() > 0
+    assert s.load().num_used_pages > 0
     s.abort("a")
-    assert s.pending_outs[0].finish.type == "abort"
+    assert s.take_outputs()[0].finish.type == "abort"
+    assert not s.has_work() and s.get("a") is None
     assert_all_free(s)
 
 
@@ -120,7 +132,7 @@ def test_retraction_when_pool_runs_out():
     for i in range(4):
         s.add_request(req(f"r{i}", 4, max_new=20))
     out = drain(s, FakeRunner())
-    assert s.stats.num_retractions > 0
+    assert s.load().num_retractions > 0
     assert all(len(out[f"r{i}"]) == 20 for i in range(4))
     assert_all_free(s)
 
@@ -132,7 +144,7 @@ def run_tiny(prompts, max_new=12, **sched_kw):
     model = LlamaModel(CFG, torch.float32)
     model.init_random(0)
     s = make(**sched_kw)
-    runner = ModelRunner(model, s.alloc.num_pages, s.alloc.page_size)
+    runner = ModelRunner(model, s.load().num_total_pages, s.page_size)
     for i, p in enumerate(prompts):
         s.add_request(Req(f"r{i}", p, SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True)))
     out = drain(s, runner)
@@ -170,13 +182,13 @@ def test_prefix_cache_reuse_same_outputs():
         s.add_request(Req(f"q{i}", p, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)))
         outs.append(drain(s, runner)[f"q{i}"])
     assert outs == ref
-    assert s.cache.hit_tokens >= 2 * (len(shared) // 4 * 4) - 8
+    assert s.load().cache_hit_tokens >= 2 * (len(shared) // 4 * 4) - 8
 
 
 def test_retraction_same_outputs():
     ref, _ = run_tiny(PROMPTS, max_new=20, num_pages=256)
     got, s = run_tiny(PROMPTS, max_new=20, num_pages=30, ps=4)
-    assert s.stats.num_retractions > 0
+    assert s.load().num_retractions > 0
     assert got == ref
 
 
@@ -201,4 +213,35 @@ def test_input_logprobs_match_a_full_forward_and_ignore_chunking():
         assert len(r.logprobs) == 3
         got = [o for o in [r.input_logprobs]][0]
         assert got == pytest.approx(ref, abs=1e-4), chunk
-        assert s.cache.hit_tokens == 0
+        assert s.load().cache_hit_tokens == 0
+
+
+def test_runner_with_fake_attention_runs_the_plan():
+    """The runner takes its attention backend by name; with the fake one the whole
+    schedule -> run -> update path runs and frees every page."""
+    from pdserve.model.attention_backends import FakeAttention
+
+    model = LlamaModel(CFG, torch.float32)
+    model.init_random(0)
+    s = make(num_pages=64, chunk=8)
+    runner = ModelRunner(model, 64, 4, attention_backend="fake")
+    assert isinstance(runner.attn, FakeAttention)
+    for i, p in enumerate(PROMPTS[:3]):
+        s.add_request(Req(f"r{i}", p, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)))
+    out = drain(s, runner)
+    assert [len(out[f"r{i}"]) for i in range(3)] == [4, 4, 4]
+    assert_all_free(s)
+
+
+def test_seeded_sampling_is_reproducible_and_the_request_owns_its_generator():
+    model = LlamaModel(CFG, torch.float32)
+    model.init_random(0)
+    got = []
+    for _ in range(2):
+        s = make(num_pages=64)
+        runner = ModelRunner(model, 64, 4)
+        r = Req("a", PROMPTS[1], SamplingParams(max_new_tokens=8, temperature=1.0, seed=1234, ignore_eos=True))
+        assert r.generator is not None
+        s.add_request(r)
+        got.append(drain(s, runner)["a"])
+    assert got[0] == got[1] and len(got[0]) == 8

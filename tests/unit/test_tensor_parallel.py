@@ -86,7 +86,7 @@ def test_sharded_forward_equals_whole(arch, heads, kv, tp):
     s.add_request(Req("a", [5, 17, 33, 100, 2, 250, 7, 9, 11], SamplingParams(max_new_tokens=6, temperature=0)))
     s.add_request(Req("b", [8, 3, 1], SamplingParams(max_new_tokens=6, temperature=0)))
     steps = 0
-    while s.has_work:
+    while s.has_work():
         plan = s.schedule()
         ref = whole.forward(w_runner.build_batch(plan), w_runner.attn)
         got = group.run([lambda rn=rn: rn.model.forward(rn.build_batch(plan), rn.attn) for rn in runners])
@@ -132,7 +132,7 @@ def test_batch_codec_roundtrip_and_rejects_bad_frames():
     s.add_request(Req("a", list(range(3, 12)), SamplingParams(max_new_tokens=3, temperature=0)))
     s.add_request(Req("b", [4, 5, 6], SamplingParams(max_new_tokens=3, temperature=0)))
     seen_ctx = seen_dec = False
-    while s.has_work:
+    while s.has_work():
         plan = s.schedule()
         fb = rn.build_batch(plan)
         frames = [bytes(f) for f in encode_batch(fb)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import numpy as np
 import torch
@@ -174,6 +174,15 @@ class BaseKVManager(ABC):
     def stats(self) -> TransferStats:
         return self._stats.snapshot()
 
+    def wait_registered(self, timeout: float) -> bool:
+        """Prefill: wait until this rank is registered with the bootstrap server; True once
+        it is (backends that register nothing: at once)."""
+        return True
+
+    def create_endpoint(self, cls: type, bootstrap_addr: str, bootstrap_room: int, **kw: Any) -> Any:
+        """A request's sender or receiver (`cls`, from the registry) on this manager."""
+        return cls(self, bootstrap_addr, bootstrap_room, **kw)
+
     def shutdown(self) -> None:
         """Stop threads, close sockets; idempotent."""
 
@@ -238,6 +247,12 @@ class BaseKVReceiver(ABC):
     @abstractmethod
     def abort(self) -> None:
         """Give up: once this returns no more bytes are written to the request's pages."""
+
+    @property
+    def busy(self) -> bool:
+        """A write into the request's pages is still under way: they may not be reused yet
+        (backends whose writes end with abort(): never)."""
+        return False
 
 
 class BaseKVBootstrapServer(ABC):

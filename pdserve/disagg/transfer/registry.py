@@ -6,12 +6,14 @@ import importlib
 import importlib.util
 from enum import Enum
 
+from pdserve.enums import StrEnum
+
 # Bootstrap host of warm-up and /health_generate requests: use the fake sender/receiver,
 # move nothing (SGLang's constant).
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"
 
 
-class TransferBackend(Enum):
+class TransferBackend(StrEnum):
     FAKE = "fake"
     TCP = "tcp"  # default; any two hosts
     SHM = "shm"  # prefill and decode on the same host

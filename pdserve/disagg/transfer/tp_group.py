@@ -18,15 +18,15 @@ from pdserve.disagg.transfer.base import BaseKVManager, KVTransferError
 from pdserve.disagg.transfer.stats import TransferStats
 
 
-class TPKVManagerGroup:
-    """The managers of ranks 0..T-1 of one instance (same mode and backend)."""
+class TPKVManagerGroup(BaseKVManager):
+    """The managers of ranks 0..T-1 of one instance (same mode and backend), seen by the
+    queues as one manager: its endpoints are one per rank (TPEndpoint)."""
 
     def __init__(self, managers: Sequence[BaseKVManager]) -> None:
         if not managers:
             raise ValueError("a manager group needs at least one manager")
+        super().__init__(managers[0].args, managers[0].mode)
         self.managers = list(managers)
-        self.args = self.managers[0].args
-        self.mode = self.managers[0].mode
 
     def stats(self) -> TransferStats:
         """Counts and bytes summed over ranks (a request counts once per rank)."""
@@ -43,7 +43,10 @@ class TPKVManagerGroup:
         )
 
     def wait_registered(self, timeout: float) -> bool:
-        return all(m.wait_registered(timeout) for m in self.managers if hasattr(m, "wait_registered"))
+        return all(m.wait_registered(timeout) for m in self.managers)
+
+    def create_endpoint(self, cls: type, bootstrap_addr: str, bootstrap_room: int, **kw: object) -> "TPEndpoint":
+        return TPEndpoint([m.create_endpoint(cls, bootstrap_addr, bootstrap_room, **kw) for m in self.managers])
 
     def shutdown(self) -> None:
         for m in self.managers:

@@ -1,0 +1,49 @@
+"""Enums shared across layers (config, messages, engine, disagg): the bottom of the import graph."""
+
+from __future__ import annotations
+
+import enum
+
+
+class StrEnum(str, enum.Enum):
+    """An enum whose members are their string values: `DType.AUTO == "auto"`, it formats,
+    hashes and JSON-encodes (msgspec, json, FastAPI) as the value, so settings read from
+    JSON or the command line compare and serialize as before (Python 3.10 has no StrEnum)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    __hash__ = str.__hash__
+
+
+class DType(StrEnum):
+    """`--dtype`: the weight and activation dtype."""
+
+    AUTO = "auto"  # bfloat16 where the CPU computes it natively, else float32
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+
+class DisaggregationMode(StrEnum):
+    """`--disaggregation-mode`: which side of PD disaggregation this server runs."""
+
+    NULL = "null"  # no disaggregation: prefill and decode in one server
+    PREFILL = "prefill"  # runs the prompt, ships the KV cache and the first token
+    DECODE = "decode"  # receives the KV cache and generates from the first token
+
+
+class AttentionBackend(StrEnum):
+    """`--attention-backend` (SGLang's flag): the paged attention implementation."""
+
+    TORCH_NATIVE = "torch_native"  # pdserve/model/attention.py; CPU and GPU
+    FAKE = "fake"  # writes the KV, attends to nothing (tests of the plumbing around attention)
+
+
+class PrefixCacheKind(StrEnum):
+    """The prefix cache (`--disable-radix-cache` selects `none`)."""
+
+    RADIX = "radix"  # engine/radix_cache.py
+    NONE = "none"  # engine/prefix_cache.py: NoCache, keeps nothing

@@ -1,0 +1,48 @@
+"""Attention backends by name (`--attention-backend`), and the fake one used in tests.
+
+Like the KV transfer backends (disagg/transfer/registry.py): a base class
+(`attention.BaseAttentionBackend`), a registry, and a fake that keeps the contract
+(K/V written into the pool, output shaped like q) without the math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.enums import AttentionBackend
+from pdserve.model.attention import BaseAttentionBackend, ForwardBatch, TorchNativeAttention
+
+
+class FakeAttention(BaseAttentionBackend):
+    """Writes the new K/V into the pool like a real backend and returns q as the output:
+    for tests of what surrounds attention (runner, scheduler, KV transfer), where the
+    attention math is beside the point."""
+
+    def __init__(self, kv_data: torch.Tensor) -> None:
+        super().__init__(kv_data)
+        _, num_layers, _, self.page_size, heads, dim = kv_data.shape
+        self.rows = kv_data.view(-1, heads, dim)  # row of (page, layer, k|v, offset), as in TorchNativeAttention
+        self.page_stride = num_layers * 2 * self.page_size
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 fb: ForwardBatch) -> torch.Tensor:
+        rows = fb.write_pages * self.page_stride + fb.write_offs + layer * 2 * self.page_size
+        self.rows.index_copy_(0, rows, k)
+        self.rows.index_copy_(0, rows + self.page_size, v)
+        return q.clone()
+
+
+_BACKENDS: dict[AttentionBackend, type[BaseAttentionBackend]] = {
+    AttentionBackend.TORCH_NATIVE: TorchNativeAttention,
+    AttentionBackend.FAKE: FakeAttention,
+}
+
+
+def create_attention_backend(name: AttentionBackend | str, kv_data: torch.Tensor) -> BaseAttentionBackend:
+    """The backend `name` over the KV pool `kv_data`; ValueError for an unknown name."""
+    try:
+        backend = AttentionBackend(name)
+    except ValueError:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of "
+                         f"{[b.value for b in AttentionBackend]}") from None
+    return _BACKENDS[backend](kv_data)
