@@ -155,7 +155,7 @@ def test_phase_split_separates_prefill_from_transfer(pd):
     r = httpx.post(pd.url + "/generate", json={"text": PROMPTS[-1], "sampling_params": SP}, timeout=120).json()
     mi = r["meta_info"]
     pt, tt = mi["prefill_time"], mi["transfer_time"]
-    assert pt > 0 and tt >= 0
+    assert pt > 0 and tt > 0  # tcp and shm both move bytes: the receiver times them
     # a few pages over loopback against a ~70-token fp32 forward: the transfer is the small part
     assert tt < 0.5 * (pt + tt), mi
     assert pt + tt <= mi["e2e_latency"] + 1e-3, mi
