@@ -130,7 +130,7 @@ class LoadResp(msgspec.Struct, tag=True):
     def to_dict(self) -> dict[str, Any]:
         """The flat JSON of /get_load."""
         out = msgspec.structs.asdict(self.load)
-        out["disaggregation_mode"] = self.disaggregation_mode
+        out["disaggregation_mode"] = self.disaggregation_mode.value
         for part in (self.prefill, self.decode):
             if part is not None:
                 out.update(msgspec.structs.asdict(part))

@@ -26,9 +26,9 @@ from pdserve.config import ServerArgs
 from pdserve.engine.admission import kv_pool_fit_error
 from pdserve.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from pdserve.net import ipc_addr
-from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, FlushCacheReq, FlushCacheResp,
-                              GenerateReq, GetLoadReq, LoadResp, ReqOut, ServerInfo, ShutdownReq, ShutdownResp,
-                              StartupError, decode_from_scheduler, encode)
+from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, FinishReasonType, FlushCacheReq,
+                              FlushCacheResp, GenerateReq, GetLoadReq, LoadResp, ReqOut, ServerInfo, ShutdownReq,
+                              ShutdownResp, StartupError, decode_from_scheduler, encode)
 from pdserve.server.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("pdserve.tokenizer_manager")
@@ -304,12 +304,13 @@ class TokenizerManager:
             text = st.detok.text
             finish = msgspec.structs.asdict(out.finish)
             finish = {k: v for k, v in finish.items() if v is not None}
-            if out.finish.type == "stop" and isinstance(out.finish.matched, str):
+            finish["type"] = out.finish.type.value  # a plain str for Engine callers and JSON
+            if out.finish.type == FinishReasonType.STOP and isinstance(out.finish.matched, str):
                 cut = text.find(out.finish.matched)
                 if cut >= 0:
                     text = text[:cut]
             if self.metrics:
-                self.metrics.observe_e2e(now - st.created, out.finish.type)
+                self.metrics.observe_e2e(now - st.created, out.finish.type.value)
         elif st.stop_strings:
             # never show a partial stop string that might complete later
             hold = max(len(s) for s in st.stop_strings) - 1
