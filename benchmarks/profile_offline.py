@@ -22,7 +22,7 @@ from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.model_loading import load_model, set_threads
 from pdserve.engine.request import Req
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
 
 

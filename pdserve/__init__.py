@@ -11,7 +11,7 @@ __all__ = ["Engine", "__version__"]
 
 def __getattr__(name: str):
     if name == "Engine":
-        from pdserve.engine.engine import Engine
+        from pdserve.server.engine import Engine
 
         return Engine
     raise AttributeError(name)

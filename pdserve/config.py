@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
-from pdserve.enums import AttentionBackend, DisaggregationMode, DType
-
-if TYPE_CHECKING:
-    from pdserve.disagg.transfer.registry import TransferBackend
+from pdserve.enums import AttentionBackend, DisaggregationMode, DType, TransferBackend
 
 DTYPES = tuple(d.value for d in DType)
 ATTENTION_BACKENDS = tuple(b.value for b in AttentionBackend)
@@ -41,7 +37,7 @@ class ServerArgs:
     # PD disaggregation
     disaggregation_mode: DisaggregationMode = DisaggregationMode.NULL
     disaggregation_bootstrap_port: int = 8998
-    disaggregation_transfer_backend: TransferBackend = "tcp"  # a TransferBackend once built
+    disaggregation_transfer_backend: TransferBackend = TransferBackend.TCP
     disaggregation_ib_device: str | None = None  # RDMA devices (mooncake); None: TCP transport
     tp_size: int = 1
     attention_backend: AttentionBackend = AttentionBackend.TORCH_NATIVE
@@ -115,7 +111,7 @@ class ServerArgs:
 
             if self.tool_call_parser not in parser_names():
                 bad("tool_call_parser", f"must be one of {', '.join(parser_names())}, got {self.tool_call_parser!r}")
-        from pdserve.disagg.transfer.registry import TransferBackend, missing_package
+        from pdserve.disagg.transfer.registry import missing_package
 
         try:
             backend = TransferBackend.from_name(self.disaggregation_transfer_backend)

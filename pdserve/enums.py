@@ -35,6 +35,27 @@ class DisaggregationMode(StrEnum):
     DECODE = "decode"  # receives the KV cache and generates from the first token
 
 
+class TransferBackend(StrEnum):
+    """`--disaggregation-transfer-backend`: how KV pages move from prefill to decode
+    (implementations: pdserve/disagg/transfer/registry.py)."""
+
+    FAKE = "fake"
+    TCP = "tcp"  # default; any two hosts
+    SHM = "shm"  # prefill and decode on the same host
+    NIXL = "nixl"  # NIXL (UCX) one-sided writes; optional extra pdserve[nixl]
+    MOONCAKE = "mooncake"  # Mooncake TransferEngine one-sided writes; optional extra pdserve[mooncake]
+    GLOO = "gloo"  # torch.distributed send/recv (CPU pools)
+    NCCL = "nccl"  # the same with CUDA pools (GPUs only)
+
+    @classmethod
+    def from_name(cls, name: str) -> TransferBackend:
+        try:
+            return cls(name.lower())
+        except ValueError:
+            raise ValueError(f"unknown KV transfer backend {name!r}; "
+                             f"choose one of {[b.value for b in cls]}") from None
+
+
 class AttentionBackend(StrEnum):
     """`--attention-backend` (SGLang's flag): the paged attention implementation."""
 

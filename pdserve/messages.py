@@ -10,7 +10,7 @@ from typing import Any, Union
 
 import msgspec
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 from pdserve.enums import DisaggregationMode, StrEnum
 
 

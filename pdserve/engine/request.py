@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 from pdserve.messages import FinishReason, FinishReasonType
 
 

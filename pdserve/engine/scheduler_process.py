@@ -19,8 +19,7 @@ import torch
 import zmq
 
 from pdserve.config import ServerArgs
-from pdserve.disagg.transfer.registry import TransferBackend
-from pdserve.enums import DisaggregationMode
+from pdserve.enums import DisaggregationMode, TransferBackend
 from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.model_loading import load_model, num_kv_pages, set_threads
@@ -170,7 +169,7 @@ class SchedulerProcess:
 
     def warmup(self) -> None:
         """One tiny prefill + decode so the first user request does not pay for lazy init."""
-        from pdserve.engine.sampling_params import SamplingParams
+        from pdserve.sampling_params import SamplingParams
 
         self.scheduler.add_request(Req("__warmup__", [1, 2, 3, 4], SamplingParams(max_new_tokens=2, temperature=0)))
         while self.scheduler.has_work():

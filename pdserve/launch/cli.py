@@ -130,7 +130,7 @@ def check_flags(a: argparse.Namespace) -> list[str]:
             raise ValueError(f"--port {a.port}: the servers need the {n} ports after it")
         try:
             check_port(a.host, port)
-        except ValueError as e:
+        except ValueError:
             raise ValueError(f"--port {a.port}: port {port} is taken (the router uses --port, the servers the "
                              f"{n} after it); pick another --port") from None
     for port in range(a.bootstrap_port_base, a.bootstrap_port_base + a.prefill):

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 
 
 def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],

@@ -254,10 +254,10 @@ def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_pat
             content = []
             for (lp, tid, _), row in zip(toks, tops):
                 content.append({"token": dec(tid), "logprob": lp, "bytes": None,
-                                "top_logprobs": [{"token": dec(t), "logprob": l, "bytes": None}
-                                                 for l, t, _ in row]})
+                                "top_logprobs": [{"token": dec(t), "logprob": top_lp, "bytes": None}
+                                                 for top_lp, t, _ in row]})
             return {"content": content}
         return {"tokens": [dec(tid) for _, tid, _ in toks],
                 "token_logprobs": [lp for lp, _, _ in toks],
-                "top_logprobs": [{dec(t): l for l, t, _ in row} for row in tops] if top else None,
+                "top_logprobs": [{dec(t): top_lp for top_lp, t, _ in row} for row in tops] if top else None,
                 "text_offset": None}

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from pdserve.engine.sampling_params import FieldError, SamplingParams
+from pdserve.sampling_params import FieldError, SamplingParams
 
 _SP_FIELDS = set(SamplingParams.__struct_fields__)
 

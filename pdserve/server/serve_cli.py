@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 
 from pdserve.config import ATTENTION_BACKENDS, DTYPES, LOG_LEVELS, ServerArgs
 from pdserve.enums import DisaggregationMode

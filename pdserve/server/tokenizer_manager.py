@@ -24,7 +24,7 @@ import zmq.asyncio
 
 from pdserve.config import ServerArgs
 from pdserve.engine.admission import kv_pool_fit_error
-from pdserve.engine.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from pdserve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from pdserve.net import ipc_addr
 from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, FinishReasonType, FlushCacheReq,
                               FlushCacheResp, GenerateReq, GetLoadReq, LoadResp, ReqOut, ServerInfo, ShutdownReq,

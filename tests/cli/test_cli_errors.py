@@ -2,7 +2,6 @@
 the flag and the fix, no traceback, and no model load (each must fail in seconds)."""
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -11,7 +11,7 @@ from pdserve.disagg.transfer.fake import FakeKVManager
 from pdserve.disagg.transfer.registry import TransferBackend
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.request import Req, ReqStatus
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Prealloc, RunOutput, Scheduler
 
 

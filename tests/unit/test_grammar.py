@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pdserve.engine.grammar import GrammarBackend, apply_grammar_masks, validate_spec
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 from pdserve.model.sampler import apply_logit_bias
 from pdserve.model.tokenizer import load_tokenizer
 from pdserve.server.protocol import FieldError, openai_sampling, sampling_from_dict

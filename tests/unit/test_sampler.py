@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 from pdserve.model.sampler import apply_penalties, gather_logprobs, sample
 
 

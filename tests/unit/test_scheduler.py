@@ -9,7 +9,7 @@ import torch
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.request import Req
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 from pdserve.engine.scheduler import RunOutput, Scheduler
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
@@ -209,7 +209,7 @@ def test_input_logprobs_match_a_full_forward_and_ignore_chunking():
         runner = ModelRunner(model, 128, 4)
         r = Req("a", prompt, SamplingParams(max_new_tokens=3, temperature=0), return_logprob=True)
         s.add_request(r)
-        outs = drain(s, runner)
+        drain(s, runner)
         assert len(r.logprobs) == 3
         got = [o for o in [r.input_logprobs]][0]
         assert got == pytest.approx(ref, abs=1e-4), chunk

@@ -6,29 +6,13 @@ import importlib
 import importlib.util
 from enum import Enum
 
-from pdserve.enums import StrEnum
+from pdserve.enums import TransferBackend
 
 # Bootstrap host of warm-up and /health_generate requests: use the fake sender/receiver,
 # move nothing (SGLang's constant).
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"
 
-
-class TransferBackend(StrEnum):
-    FAKE = "fake"
-    TCP = "tcp"  # default; any two hosts
-    SHM = "shm"  # prefill and decode on the same host
-    NIXL = "nixl"  # NIXL (UCX) one-sided writes; optional extra pdserve[nixl]
-    MOONCAKE = "mooncake"  # Mooncake TransferEngine one-sided writes; optional extra pdserve[mooncake]
-    GLOO = "gloo"  # torch.distributed send/recv (CPU pools)
-    NCCL = "nccl"  # the same with CUDA pools (GPUs only)
-
-    @classmethod
-    def from_name(cls, name: str) -> "TransferBackend":
-        try:
-            return cls(name.lower())
-        except ValueError:
-            raise ValueError(f"unknown KV transfer backend {name!r}; "
-                             f"choose one of {[b.value for b in cls]}") from None
+__all__ = ["TransferBackend"]  # defined with the other settings' enums (pdserve/enums.py)
 
 
 class KVClassType(Enum):

@@ -4,7 +4,7 @@
 
 import httpx
 
-from tests.e2e.pd_faults.cluster import PROMPTS, SP, assert_pair_healthy
+from tests.e2e.pd_faults.cluster import assert_pair_healthy
 
 
 def test_pd_servers_refuse_requests_without_bootstrap_fields(pair, reference):
