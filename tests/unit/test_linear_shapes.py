@@ -12,7 +12,7 @@ import torch
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.request import Req
 from pdserve.engine.runner import ModelRunner
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
 from pdserve.model import llama
 from pdserve.model.config import ModelConfig
@@ -66,7 +66,7 @@ def test_prefills_of_every_length_reach_onednn_at_few_row_counts(monkeypatch):
     runner = ModelRunner(model, 256, 4)
     for n in range(1, 201):
         s.add_request(Req(f"r{n}", [(7 * i + n) % 290 + 5 for i in range(n)], SamplingParams(max_new_tokens=1)))
-        while s.has_work:
+        while s.has_work():
             plan = s.schedule()
             s.update(plan, runner.run(plan))
     assert seen, "the prepacked path did not run"
