@@ -1,8 +1,8 @@
 """The scheduler process: owns the model, the KV pool and the prefix cache.
 
 It receives typed messages (pdserve.messages) from the front end over ZMQ and
-answers with BatchOut and one typed reply per control call. The event loop is schedule -> run -> update
-(`Scheduler.step`), with the PD queues advanced before each step.
+answers with BatchOut and one typed reply per control call. The event loop is
+schedule -> run -> update (`Scheduler.step`), with the PD queues advanced before each step.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import torch
 import zmq
 
 from pdserve.config import ServerArgs
-from pdserve.enums import DisaggregationMode, TransferBackend
 from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.model_loading import load_model, num_kv_pages, set_threads
 from pdserve.engine.request import Req
 from pdserve.engine.runner import ModelRunner, kv_pool_shape, prefault
 from pdserve.engine.scheduler import Scheduler
+from pdserve.enums import DisaggregationMode, TransferBackend
 from pdserve.model.tp import TPShard
 from pdserve.net import free_port
 from pdserve.messages import (AbortReq, BatchOut, FinishReason, FinishReasonType, FlushCacheReq, FlushCacheResp,
