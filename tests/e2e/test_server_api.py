@@ -166,9 +166,10 @@ def test_client_disconnect_mid_stream_frees_pages(server):
             "stream": True}
     with httpx.stream("POST", server.url + "/generate", json=body, timeout=60) as r:
         for i, line in enumerate(r.iter_lines()):
+            if i == 2:
+                assert server.load()["num_running_reqs"] == 1  # generating while the client reads
             if i > 6:
-                break
-        assert server.load()["num_running_reqs"] == 1  # still generating when the client leaves
+                break  # leaving iter_lines() closes the connection: the client is gone
     ld = server.wait_idle_and_free()
     assert ld["num_running_reqs"] == 0 and ld["num_used_pages"] == 0
     assert ld["generation_tokens"] - before < 2000  # aborted, not run to the end
