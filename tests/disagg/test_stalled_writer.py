@@ -14,7 +14,7 @@ from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.wire import FrameHeader, FrameType
 from pdserve.engine.request import ReqStatus
 from tests.disagg.helpers import Pair, poll_until, wait_for
-from tests.unit.test_disagg_queues import req, setup, step
+from tests.unit.test_disagg_queues import req, setup, step, used_pages
 
 
 @pytest.fixture
@@ -64,13 +64,13 @@ def test_decode_frees_an_aborted_requests_pages_only_once_its_write_ends():
         assert d.abort("a")
         outs = {}
         step(s, d, outs)
-        assert outs["a"][-1].finish.type == "abort" and r.status == ReqStatus.FINISHED  # the client knows now
-        assert r.pages == held and s.used_pages() == len(held) and d.has_work  # pages not reused yet
+        assert outs["a"][-1].finish.type == "abort" and r.status == ReqStatus.FINISHED_ABORT  # the client knows now
+        assert r.pages == held and used_pages(s) == len(held) and d.has_work()  # pages not reused yet
         step(s, d, outs)
         assert r.pages == held
         busy["v"] = False  # the write ended
         step(s, d, outs)
-        assert r.pages == [] and s.used_pages() == 0 and not d.has_work
+        assert r.pages == [] and used_pages(s) == 0 and not d.has_work()
     finally:
         del type(r.kv_receiver).busy
 
