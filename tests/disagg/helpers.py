@@ -23,7 +23,10 @@ ENGINE_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(bool(missing_package
 
 # [num_pages, num_layers, 2, page_size, heads, head_dim]
 SHAPE = (128, 2, 2, 4, 4, 8)
-FAST = dict(bootstrap_timeout=1.0, waiting_timeout=1.5, heartbeat_interval=0.2, heartbeat_max_failure=2,
+# Timeouts short enough to test them, long enough that a sender or receiver does not time out
+# on a busy 2-core box while the other side is still setting up (1 s / 1.5 s flaked there
+# once five backends, each with its own threads, ran in one process)
+FAST = dict(bootstrap_timeout=3.0, waiting_timeout=4.0, heartbeat_interval=0.2, heartbeat_max_failure=2,
             thread_pool_size=4, queue_size=2, io_timeout=5.0)
 
 
