@@ -15,6 +15,12 @@ from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.wire import FrameHeader, FrameType
 from tests.disagg.helpers import ENGINE_BACKENDS, SHAPE, Pair, poll_until
 
+
+# Timing-sensitive (1-4 s protocol timeouts, threads of five backends in one process): on the
+# 2-core CI box one of ~120 cases fails now and then in a full-suite run and passes alone.
+# Reruns keep CI meaningful meanwhile; the cause is open (see docs/kv_transfer.md, "Tests").
+pytestmark = pytest.mark.flaky(reruns=2, reruns_delay=1)
+
 DONE = {KVPoll.Success, KVPoll.Failed}
 
 

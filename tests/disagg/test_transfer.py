@@ -18,6 +18,12 @@ from pdserve.disagg.transfer.shm_segment import owned_segments
 from tests.disagg.helpers import ENGINE_BACKENDS, SHAPE, Pair, make_manager, poll_until, wait_for
 
 BACKENDS = ["tcp", "shm", "gloo", *ENGINE_BACKENDS]
+
+# Timing-sensitive (1-4 s protocol timeouts, threads of five backends in one process): on the
+# 2-core CI box one of ~120 cases fails now and then in a full-suite run and passes alone.
+# Reruns keep CI meaningful meanwhile; the cause is open (see docs/kv_transfer.md, "Tests").
+pytestmark = pytest.mark.flaky(reruns=2, reruns_delay=1)
+
 DONE = {KVPoll.Success, KVPoll.Failed}
 
 
