@@ -30,8 +30,8 @@ from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import KVArgs
 from pdserve.disagg.transfer.decode_service import DataConn
 from pdserve.disagg.transfer.decode_side import SocketKVReceiver
-from pdserve.disagg.transfer.heads import gather_pages, head_range, scatter_pages, staging_view
-from pdserve.disagg.transfer.one_sided import OneSidedDecodeMover, OneSidedPrefillMover
+from pdserve.disagg.transfer.heads import gather_pages, scatter_pages, staging_view
+from pdserve.disagg.transfer.one_sided import OneSidedDecodeMover, OneSidedPrefillMover, host_port_error
 from pdserve.disagg.transfer.prefill_service import Job
 from pdserve.disagg.transfer.prefill_side import SocketKVSender
 from pdserve.disagg.transfer.socket_manager import SocketKVManager
@@ -79,13 +79,7 @@ class GlooPrefillMover(OneSidedPrefillMover):
     def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
         if body.engine_meta is None:
             return f"the {self.kind} backend needs decode's store address (is decode on {self.kind} too?)"
-        try:
-            host, _, port = body.engine_meta.decode().rpartition(":")
-            if not host or not (0 < int(port) < 65536):
-                raise ValueError
-        except ValueError:
-            return f"decode's {self.kind} store address must be host:port"
-        return None
+        return host_port_error(body.engine_meta, f"{self.kind} store address")
 
     def connect(self, sock: socket.socket, job: Job, scratch: dict) -> object:
         groups: dict = scratch.setdefault("groups", {})
@@ -138,8 +132,6 @@ class GlooDecodeMover(OneSidedDecodeMover):
         heads = (h.head_start, h.head_end)
         slice_nbytes = (h.head_end - h.head_start) * self.head_page_nbytes
         kv = self.args.kv_data
-        d0, d1 = head_range(self.args.engine_rank, self.args.tp_size, self.args.layout.total_kv_heads)
-        assert h.head_end <= d1 - d0  # check_geometry
         try:
             for lo, n in _chunks(len(pages), slice_nbytes):
                 buf = _staging(n * slice_nbytes, kv)

@@ -19,7 +19,7 @@ import numpy as np
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import KVArgs
 from pdserve.disagg.transfer.decode_side import SocketKVReceiver
-from pdserve.disagg.transfer.one_sided import OneSidedDecodeMover, OneSidedPrefillMover, write_segments
+from pdserve.disagg.transfer.one_sided import OneSidedDecodeMover, OneSidedPrefillMover, host_port_error, write_segments
 from pdserve.disagg.transfer.prefill_service import Job
 from pdserve.disagg.transfer.prefill_side import SocketKVSender
 from pdserve.disagg.transfer.socket_manager import SocketKVManager
@@ -58,13 +58,7 @@ class MooncakePrefillMover(OneSidedPrefillMover):
     def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
         if body.engine_meta is None or body.kv_ptr is None:
             return "the mooncake backend needs decode's session and pool address (is decode on mooncake too?)"
-        try:
-            host, _, port = body.engine_meta.decode().rpartition(":")
-            if not host or not (0 < int(port) < 65536):
-                raise ValueError
-        except ValueError:
-            return "decode's Mooncake session must be host:port"
-        return None
+        return host_port_error(body.engine_meta, "Mooncake session")
 
     def write(self, job: Job, dst_pages: np.ndarray, link: object) -> None:
         dest = job.dest

@@ -128,6 +128,17 @@ class OneSidedDecodeMover(ABC):
             r.end_write(0, False)  # pages may be half written: the bytes do not count
 
 
+def host_port_error(meta: bytes | None, what: str) -> str | None:
+    """Why `meta` (decode's registration field) is not "host:port", or None."""
+    try:
+        host, _, port = (meta or b"").decode().rpartition(":")
+        if host and 0 < int(port) < 65536:
+            return None
+    except ValueError:
+        pass
+    return f"decode's {what} must be host:port"
+
+
 def write_segments(args: KVArgs, dest: Destination, src_pages: np.ndarray, dst_pages: np.ndarray,
                    src_base: int, dst_base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(src addresses, dst addresses, lengths) of the byte ranges that move `src_pages`
