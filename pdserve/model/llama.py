@@ -75,28 +75,37 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor | None:
 
 
 EXACT_ROWS = 32  # row counts up to this reach oneDNN as they are (decode batches)
+LOGIT_EXACT_ROWS = 8  # lm_head: memory-bound up to here; above, 4 steps per doubling
+LOGIT_STEPS = 4
 
 
-def padded_rows(m: int) -> int:
+def padded_rows(m: int, exact: int = EXACT_ROWS, steps: int = 8) -> int:
     """The row count a prepacked linear runs at for `m` rows of input.
 
     oneDNN (through ideep) builds and caches a primitive for every input shape it sees, about
-    0.5 MiB per weight and row count, in caches of 1024 entries; the memory of evicted ones
-    is not given back to the system. A prefill server sees a new row count with almost every
-    new prompt length, so its RSS grew by ~1-2 MiB per new length, past the caches' capacity
-    and without bound (issue #10, docs/benchmarks.md "Soak with faults"). Above EXACT_ROWS the
-    count is rounded up to one of 8 steps per power of two (at most 12.5 % padding rows): a
-    server then meets at most 32 + 8 per doubling row counts (72 up to 1024 rows)."""
-    if m <= EXACT_ROWS:
+    0.5 MiB per weight shape and row count (shared by all weights of one shape), in caches of
+    1024 entries; the memory of evicted ones is not given back to the system. A prefill server
+    sees a new row count with almost every new prompt length, so its RSS grew by ~1-2 MiB per
+    new length, past the caches' capacity and without bound (issue #10, docs/benchmarks.md
+    "Soak with faults"). Above `exact` the count is rounded up to one of `steps` sizes per
+    power of two (8: at most 12.5 % padding rows), so a server meets a fixed, small set of row
+    counts, which warm-up builds before the first request (`LlamaModel.prebuild_linear_shapes`)
+    and RSS stays flat afterwards."""
+    if m <= exact:
         return m
-    step = 1 << ((m - 1).bit_length() - 4)
+    step = 1 << max(0, (m - 1).bit_length() - steps.bit_length())
     return -(-m // step) * step
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+def row_counts(max_rows: int, exact: int = EXACT_ROWS, steps: int = 8) -> list[int]:
+    """Every row count padded_rows() can return for 1..max_rows rows."""
+    return sorted({padded_rows(m, exact, steps) for m in range(1, max_rows + 1)})
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, exact: int = EXACT_ROWS, steps: int = 8) -> torch.Tensor:
     """x [M, K] @ the prepacked weight, run at padded_rows(M) rows (zero rows appended)."""
     m = x.shape[0]
-    mp = padded_rows(m)
+    mp = padded_rows(m, exact, steps)
     if mp != m:
         xp = x.new_zeros(mp, x.shape[1])
         xp[:m] = x
@@ -269,5 +278,32 @@ class LlamaModel:
             return None
         if fb.logits_indices is not None:
             h = h[fb.logits_indices]
+        if h.shape[0] == 0:  # a mid-prompt chunk samples nothing
+            return torch.empty(0, self.lm_head.shape[0], dtype=torch.float32)
         h = rms_norm(h, self.norm, eps)
-        return linear(h, self.lm_head, None, False, self.lm_head_packed).float()
+        if self.lm_head_packed is not None:
+            return packed_linear(h, self.lm_head_packed, LOGIT_EXACT_ROWS, LOGIT_STEPS).float()
+        return F.linear(h, self.lm_head).float()
+
+    @torch.inference_mode()
+    def prebuild_linear_shapes(self, max_rows: int, max_logit_rows: int) -> int:
+        """Run every prepacked linear shape once at every row count the server can meet (up to
+        `max_rows` rows per step, `max_logit_rows` sampled rows), so oneDNN builds its
+        primitives now and not while serving: RSS stays flat afterwards (issue #10). oneDNN
+        caches per shape, so one layer's weights stand for all. Returns the shapes built."""
+        built = 0
+        if not self.layers:
+            return built
+        for name, packed in self.layers[0].packed.items():
+            if packed is None:
+                continue
+            k = getattr(self.layers[0], name).shape[1]
+            for m in row_counts(max_rows):
+                packed_linear(torch.zeros(m, k, dtype=self.dtype), packed)
+                built += 1
+        if self.lm_head_packed is not None:
+            for m in row_counts(max_logit_rows, LOGIT_EXACT_ROWS, LOGIT_STEPS):
+                packed_linear(torch.zeros(m, self.lm_head.shape[1], dtype=self.dtype), self.lm_head_packed,
+                              LOGIT_EXACT_ROWS, LOGIT_STEPS)
+                built += 1
+        return built

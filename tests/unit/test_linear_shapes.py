@@ -72,3 +72,39 @@ def test_prefills_of_every_length_reach_onednn_at_few_row_counts(monkeypatch):
     assert seen, "the prepacked path did not run"
     assert seen <= {padded_rows(m) for m in range(1, 201)}
     assert len(seen) <= llama.EXACT_ROWS + 8 * 3  # up to 200 rows: 32 exact + 8 per doubling
+
+
+@needs_mkldnn
+def test_prebuilt_shapes_cover_everything_serving_meets(monkeypatch):
+    """Warm-up (`prebuild_linear_shapes`, called by load_model) runs every (row count, weight)
+    shape serving can meet, so no new oneDNN primitive is built while serving: RSS flat."""
+    cfg = ModelConfig(arch="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, eos_token_ids=())
+    model = LlamaModel(cfg, torch.float32)
+    model.load_weights(random_state(cfg))
+    seen: set[tuple] = set()
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def spy(x, packed, *args):
+        seen.add((x.shape[0], x.shape[1], tuple(packed.shape)))
+        return real(x, packed, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    max_running, chunk = 4, 96
+    built = model.prebuild_linear_shapes(chunk + max_running, max_running)
+    assert built == len(seen) > 0
+    prebuilt = set(seen)
+    seen.clear()
+    s = Scheduler(PageAllocator(512, 4), max_running_requests=max_running, chunked_prefill_size=chunk,
+                  context_length=512, eos_ids=(), disable_radix_cache=True)
+    runner = ModelRunner(model, 512, 4)
+    for n in range(1, 161, 3):  # prompts longer than a chunk, several requests per step
+        for j in range(3):
+            s.add_request(Req(f"r{n}-{j}", [(7 * i + n + j) % 290 + 5 for i in range(n)],
+                              SamplingParams(max_new_tokens=3)))
+        while s.has_work():
+            plan = s.schedule()
+            s.update(plan, runner.run(plan))
+    assert seen, "the prepacked path did not run"
+    assert seen <= prebuilt, f"shapes built while serving: {sorted(seen - prebuilt)[:5]}"
