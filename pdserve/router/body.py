@@ -6,27 +6,12 @@ enough for the cache-aware policy's approximate prefix trees.
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from pdserve.json_body import BadRequest
 
 # Routing keys are cut here: prefix matching needs a prefix, not a whole book.
 MAX_KEY_CHARS = 32_768
-
-
-class BadRequest(ValueError):
-    """The client's body is unusable (answered 400, never retried)."""
-
-
-def parse_body(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"malformed JSON body: {e}") from None
-    except RecursionError:
-        raise BadRequest("the JSON body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise BadRequest("the JSON body must be an object")
-    return body
 
 
 def _is_ids(x: Any) -> bool:

@@ -15,7 +15,8 @@ from typing import Awaitable, Callable, Coroutine
 import aiohttp
 from aiohttp import web
 
-from pdserve.router.body import BadRequest, parse_body, routing_key
+from pdserve.json_body import BadRequest, parse_body
+from pdserve.router.body import routing_key
 from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import ErrorKind, RouterMetrics
 from pdserve.router.pd import pd_attempt
