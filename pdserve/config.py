@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, fields
 
 from pdserve.enums import AttentionBackend, DisaggregationMode, DType, TransferBackend
+from pdserve.setting_checks import TOOL_CALL_PARSERS, hub_name_hint, missing_package
 
 DTYPES = tuple(d.value for d in DType)
 ATTENTION_BACKENDS = tuple(b.value for b in AttentionBackend)
@@ -97,8 +98,6 @@ class ServerArgs:
         if not (1 <= self.tp_size <= 64):
             bad("tp_size", f"must be in 1..64, got {self.tp_size}")
         if self.model_path not in (None, "", "default") and not os.path.exists(self.model_path):
-            from pdserve.server.preflight import hub_name_hint
-
             hint = hub_name_hint(self.model_path)
             if hint:
                 raise ValueError(hint)
@@ -107,12 +106,9 @@ class ServerArgs:
                 and "{" not in self.chat_template:
             bad("chat_template", f"{self.chat_template!r} is neither a file nor a Jinja template")
         if self.tool_call_parser is not None:
-            from pdserve.server.tools.base import parser_names
-
-            if self.tool_call_parser not in parser_names():
-                bad("tool_call_parser", f"must be one of {', '.join(parser_names())}, got {self.tool_call_parser!r}")
-        from pdserve.disagg.transfer.registry import missing_package
-
+            if self.tool_call_parser not in TOOL_CALL_PARSERS:
+                bad("tool_call_parser", f"must be one of {', '.join(sorted(TOOL_CALL_PARSERS))}, "
+                                        f"got {self.tool_call_parser!r}")
         try:
             backend = TransferBackend.from_name(self.disaggregation_transfer_backend)
         except ValueError as e:

@@ -1,4 +1,4 @@
-"""The store interface, its registry, and the wrapper servers use.
+"""The store interface and the wrapper servers use (stores.py opens one by URL).
 
 A store holds encoded page records (record.py) by key (keys.py). Backends:
 - `memory`: an in-process LRU with a byte capacity (the fake in tests, and the storage of
@@ -18,8 +18,6 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
-from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)
 
@@ -39,27 +37,6 @@ class KVStore(ABC):
 
     def close(self) -> None:
         pass
-
-
-_REGISTRY: dict[str, Callable[[str], KVStore]] = {}
-
-
-def register(scheme: str):
-    def deco(factory):
-        _REGISTRY[scheme] = factory
-        return factory
-    return deco
-
-
-def open_store(url: str) -> KVStore:
-    """`memory://[capacity_bytes]`, `http://host:port` (embedded service), `mooncake://host:port`."""
-    from pdserve.kvstore import http_client, memory, mooncake_store  # noqa: F401  (register)
-
-    scheme = urlparse(url).scheme
-    if scheme not in _REGISTRY:
-        raise ValueError(f"--kv-store {url!r}: unknown scheme {scheme!r}; use one of "
-                         f"{', '.join(s + '://' for s in sorted(_REGISTRY))}")
-    return _REGISTRY[scheme](url)
 
 
 @dataclass

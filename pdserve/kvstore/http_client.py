@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import msgspec
 
-from pdserve.kvstore.base import KVStore, register
+from pdserve.kvstore.base import KVStore
 
 TIMEOUT_S = 2.0
 _enc = msgspec.msgpack.Encoder()
@@ -36,5 +36,3 @@ class HttpStore(KVStore):
     def close(self) -> None:
         self.client.close()
 
-
-register("http")(HttpStore)

@@ -7,7 +7,7 @@ import threading
 from collections import OrderedDict
 from urllib.parse import urlparse
 
-from pdserve.kvstore.base import KVStore, register
+from pdserve.kvstore.base import KVStore
 
 DEFAULT_CAPACITY = 1 << 30
 
@@ -58,7 +58,6 @@ class MemoryStore(KVStore):
         return len(self._items)
 
 
-@register("memory")
-def _open(url: str) -> KVStore:
+def open_url(url: str) -> KVStore:
     cap = urlparse(url).netloc
     return MemoryStore(int(cap) if cap else DEFAULT_CAPACITY)

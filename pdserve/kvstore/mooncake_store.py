@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from urllib.parse import parse_qs, urlparse
 
-from pdserve.kvstore.base import KVStore, register
+from pdserve.kvstore.base import KVStore
 
 SEGMENT_BYTES = 256 << 20  # what this client contributes to the store
 BUFFER_BYTES = 64 << 20
@@ -47,8 +47,7 @@ class MooncakeStore(KVStore):
         self.store.close()
 
 
-@register("mooncake")
-def _open(url: str) -> KVStore:
+def open_url(url: str) -> KVStore:
     u = urlparse(url)
     q = parse_qs(u.query)
     return MooncakeStore(u.netloc, q.get("local_host", ["127.0.0.1"])[0],

@@ -21,20 +21,18 @@ import functools
 import json
 import logging
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from pdserve.router.attempt import AttemptContext
 from pdserve.router.body import batch_size
 from pdserve.router.metrics import ErrorKind
 from pdserve.router.relay import SSETransform, relay
 from pdserve.router.upstream import (AttemptFailed, is_ok, open_request, read_body, read_first_chunk,
                                      status_failure)
 from pdserve.router.workers import Role, Worker
-
-if TYPE_CHECKING:
-    from pdserve.router.router import Router
 
 logger = logging.getLogger("pdserve.router")
 
@@ -127,7 +125,7 @@ def stream_merger(prefill_body: bytes) -> SSETransform:
 
 
 # ---- one attempt ---------------------------------------------------------------------------
-async def _prefill_job(router: "Router", w: Worker, path: str, data: bytes, headers: dict[str, str],
+async def _prefill_job(router: AttemptContext, w: Worker, path: str, data: bytes, headers: dict[str, str],
                        verdict: asyncio.Future, need_body: bool) -> bool:
     """Sends to prefill; settles `verdict` with the body (b"" when not needed) or an
     `AttemptFailed`; then drains the rest of a successful answer. Returns the verdict
@@ -155,7 +153,7 @@ async def _prefill_job(router: "Router", w: Worker, path: str, data: bytes, head
             resp.close()
 
 
-def _prefill_done(router: "Router", w: Worker, verdict: asyncio.Future, task: asyncio.Task) -> None:
+def _prefill_done(router: AttemptContext, w: Worker, verdict: asyncio.Future, task: asyncio.Task) -> None:
     """Bookkeeping once the prefill job ended, however it ended (even cancelled
     before it ran): the worker's in-flight count and breaker, and a verdict for a
     waiter if the job left none."""
@@ -170,7 +168,7 @@ def _settle(verdict: asyncio.Future, value: Any) -> None:
         verdict.set_result(value)
 
 
-async def _decode_first(router: "Router", w: Worker, path: str, data: bytes, headers: dict[str, str],
+async def _decode_first(router: AttemptContext, w: Worker, path: str, data: bytes, headers: dict[str, str],
                         stream: bool) -> tuple[aiohttp.ClientResponse, bytes]:
     """Decode's response and its first data: the whole body unless it is a 2xx stream."""
     resp = await open_request(router.session, w, path, data, headers, router.upstream_timeout)
@@ -187,7 +185,7 @@ def _decode_succeeded(task: asyncio.Task) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None and is_ok(task.result()[0].status)
 
 
-async def pd_attempt(router: "Router", request: web.Request, path: str, body: dict, raw: bytes,
+async def pd_attempt(router: AttemptContext, request: web.Request, path: str, body: dict, raw: bytes,
                      key: str | None, excluded: set[str]) -> web.StreamResponse:
     """One try on one pair; raises `AttemptFailed` when nothing reached the client."""
     prefill = router.select(Role.PREFILL, key, excluded)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import aiohttp
 from aiohttp import web
 
+from pdserve.router.attempt import AttemptContext
 from pdserve.router.relay import relay
 from pdserve.router.upstream import (AttemptFailed, is_ok, open_request, read_body, read_first_chunk,
                                      status_failure)
 from pdserve.router.workers import Role
 
-if TYPE_CHECKING:
-    from pdserve.router.router import Router
 
-
-async def plain_attempt(router: "Router", request: web.Request, path: str, body: dict, raw: bytes,
+async def plain_attempt(router: AttemptContext, request: web.Request, path: str, body: dict, raw: bytes,
                         key: str | None, excluded: set[str]) -> web.StreamResponse:
     """One try on one worker; raises `AttemptFailed` when nothing reached the client."""
     w = router.select(Role.REGULAR, key, excluded)

@@ -9,25 +9,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import struct
 
 from pdserve.config import ServerArgs
+from pdserve.setting_checks import hub_name_hint
 
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def hub_name_hint(path: str) -> str | None:
-    """The fix for a Hugging Face Hub name passed as a path (pdserve loads local files only)."""
-    if os.path.exists(path) or not HUB_NAME.fullmatch(path) or path.endswith(".gguf"):
-        return None
-    local = "./" + path.split("/")[-1]
-    return (f"--model-path {path!r} is no local path; it looks like a Hugging Face Hub name, but pdserve "
-            f"loads local files only (it downloads nothing): run `huggingface-cli download {path} --local-dir {local}` and pass "
-            f"--model-path {local}, or pass a .gguf file")
 
 
 def _dir_problem(path: str, tokenizer_path: str | None) -> str | None:

@@ -12,7 +12,8 @@ import msgspec
 import pytest
 
 from pdserve.kvstore import record
-from pdserve.kvstore.base import SafeStore, open_store
+from pdserve.kvstore.base import SafeStore
+from pdserve.kvstore.stores import open_store
 from pdserve.kvstore.keys import StoreLayout, page_keys
 from pdserve.kvstore.memory import MemoryStore
 from pdserve.net import free_port

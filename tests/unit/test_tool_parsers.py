@@ -6,7 +6,8 @@ import json
 import pytest
 
 from pdserve.server.protocol import FieldError, chat_message
-from pdserve.server.tools.base import Tool, get_parser, parser_names
+from pdserve.server.tools.base import Tool
+from pdserve.server.tools.registry import get_parser, parser_names
 from pdserve.server.tools.request import plan_tools
 
 WEATHER = {"type": "object", "required": ["city"],
@@ -150,3 +151,11 @@ def test_chat_message_tool_fields():
         with pytest.raises(FieldError) as e:
             chat_message(bad, 0)
         assert e.value.param == field
+
+
+def test_config_knows_every_parser_name():
+    """ServerArgs validates --tool-call-parser against setting_checks.TOOL_CALL_PARSERS
+    (config may not import the server layer): it must list exactly the registry's names."""
+    from pdserve.setting_checks import TOOL_CALL_PARSERS
+
+    assert sorted(TOOL_CALL_PARSERS) == parser_names()

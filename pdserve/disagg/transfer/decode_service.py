@@ -16,18 +16,17 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
+
+import numpy as np
 
 from pdserve.disagg.bootstrap import HeartbeatMonitor, RankInfo, fetch_route
 from pdserve.disagg.metadata import KVMetadata, MetadataError
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import KVLayout, KVTransferError
 from pdserve.disagg.transfer.listener import Listener
+from pdserve.disagg.transfer.service_settings import ServiceSettings
 from pdserve.disagg.transfer.wire import FrameHeader, FrameType, ProtocolError
-
-if TYPE_CHECKING:
-    from pdserve.disagg.transfer.decode_side import SocketKVReceiver
-    from pdserve.disagg.transfer.socket_manager import SocketKVManager
 
 logger = logging.getLogger(__name__)
 
@@ -114,15 +113,40 @@ class _ControlConn:
                 self.lock.release()
 
 
+class Receiver(Protocol):
+    """What the service and the movers use of a request's receiver (decode_side.py:
+    SocketKVReceiver)."""
+
+    room: int
+    bootstrap_addr: str
+    pages: np.ndarray | None  # the request's pages, once init() gave them
+    route: Route | None  # the prefill ranks, once the bootstrap server answered
+    sources: list[int]  # prefill ranks that send us heads
+    registered: threading.Event  # every source prefill rank accepted our pages
+
+    @property
+    def done(self) -> bool: ...
+
+    def set_route(self, route: Route) -> None: ...
+
+    def on_meta(self, src_rank: int, meta: KVMetadata) -> None: ...
+
+    def fail(self, reason: str, notify: bool = True, remove: bool = True) -> None: ...
+
+    def begin_write(self, h: FrameHeader) -> np.ndarray | None: ...
+
+    def end_write(self, nbytes: int, complete: bool) -> None: ...
+
+
 class DecodeTransferService:
-    def __init__(self, mgr: "SocketKVManager", mover: DecodeMover) -> None:
+    def __init__(self, mgr: ServiceSettings, mover: DecodeMover) -> None:
         self.mgr = mgr
         self.args = mgr.args
         self.mover = mover
         self.layout: KVLayout = mgr.args.layout
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)  # writers finishing
-        self._receivers: dict[int, SocketKVReceiver] = {}
+        self._receivers: dict[int, Receiver] = {}
         self._routes: dict[str, Future[Route]] = {}
         self._ctrl: dict[tuple[str, int], _ControlConn] = {}
         self._heartbeats: dict[str, HeartbeatMonitor] = {}
@@ -151,7 +175,7 @@ class DecodeTransferService:
                     reason = wire.read_abort_reason(sock, h)
                     r = self.lookup(h.room)
                     if r is not None:
-                        r._fail(f"prefill aborted the transfer: {reason or 'no reason given'}", notify=False)
+                        r.fail(f"prefill aborted the transfer: {reason or 'no reason given'}", notify=False)
                 elif h.type in (FrameType.DATA, FrameType.WRITE_BEGIN, FrameType.WRITE_DONE, FrameType.GROUP_JOIN):
                     self.mover.handle_frame(conn, h)
                 else:
@@ -185,18 +209,18 @@ class DecodeTransferService:
         try:
             meta = KVMetadata.unpack(data, expected_room=h.room)
         except MetadataError as e:
-            r._fail(f"bad metadata record: {e}")
+            r.fail(f"bad metadata record: {e}")
             return
-        r._on_meta(h.src_rank, meta)
+        r.on_meta(h.src_rank, meta)
 
     # -- receivers -------------------------------------------------------------------------
-    def lookup(self, room: int) -> "SocketKVReceiver | None":
+    def lookup(self, room: int) -> "Receiver | None":
         with self.lock:
             return self._receivers.get(room)
 
-    def add_receiver(self, r: "SocketKVReceiver") -> None:
+    def add_receiver(self, r: "Receiver") -> None:
         if self._closed.is_set():
-            r._fail("KV manager shut down", notify=False, remove=False)
+            r.fail("KV manager shut down", notify=False, remove=False)
             return
         with self.lock:
             if r.room in self._receivers:
@@ -212,12 +236,12 @@ class DecodeTransferService:
                 if fut is None or (fut.done() and fut.exception() is not None):
                     fut = self._routes[r.bootstrap_addr] = self._pool.submit(self._resolve, r.bootstrap_addr)
         if collision:
-            r._fail("bootstrap_room collision: another request on this decode uses the same room",
+            r.fail("bootstrap_room collision: another request on this decode uses the same room",
                     notify=False, remove=False)
             return
         fut.add_done_callback(lambda f: self._on_route(r, f))
 
-    def remove(self, r: "SocketKVReceiver") -> None:
+    def remove(self, r: "Receiver") -> None:
         with self.lock:
             if self._receivers.get(r.room) is r:
                 del self._receivers[r.room]
@@ -240,19 +264,19 @@ class DecodeTransferService:
             delay = min(delay * 2, 1.0)
         raise KVTransferError(0, f"prefill bootstrap server {addr} unusable: {last}")
 
-    def _on_route(self, r: "SocketKVReceiver", fut: Future) -> None:
+    def _on_route(self, r: "Receiver", fut: Future) -> None:
         try:
             route = fut.result()
         except Exception as e:  # noqa: BLE001
             reason = e.reason if isinstance(e, KVTransferError) else repr(e)
-            r._fail(reason, notify=False)
+            r.fail(reason, notify=False)
             return
-        r._set_route(route)
+        r.set_route(route)
 
-    def submit_register(self, r: "SocketKVReceiver") -> None:
+    def submit_register(self, r: "Receiver") -> None:
         self._pool.submit(self._register, r)
 
-    def _register(self, r: "SocketKVReceiver") -> None:
+    def _register(self, r: "Receiver") -> None:
         a, lay = self.args, self.layout
         assert r.route is not None and r.pages is not None
         body = wire.encode_body(wire.RegisterBody(
@@ -262,7 +286,7 @@ class DecodeTransferService:
             decode_num_pages=a.num_pages, **self.mover.register_extra()))
         payload = r.pages.astype("<u4").tobytes()
         for src in r.sources:
-            if r._state.done:
+            if r.done:
                 return
             info = r.route.ranks[src]
             try:
@@ -271,14 +295,14 @@ class DecodeTransferService:
                     body, [payload])
             except (OSError, ProtocolError) as e:
                 self._forget_route(r.bootstrap_addr)
-                r._fail(f"could not reach prefill rank {src} at {info.rank_ip}:{info.rank_port}: {e!r}")
+                r.fail(f"could not reach prefill rank {src} at {info.rank_ip}:{info.rank_port}: {e!r}")
                 return
             if ack is None or not ack.ok:
-                r._fail(f"prefill rank {src} refused the request: {ack.error if ack else 'no reply'}", notify=False)
+                r.fail(f"prefill rank {src} refused the request: {ack.error if ack else 'no reply'}", notify=False)
                 return
         r.registered.set()
 
-    def send_abort(self, r: "SocketKVReceiver", reason: str) -> None:
+    def send_abort(self, r: "Receiver", reason: str) -> None:
         """Best effort: tell the prefill ranks this room is gone."""
         route = r.route
         if route is None or self._closed.is_set():
@@ -324,7 +348,7 @@ class DecodeTransferService:
         with self.lock:
             victims = [r for r in self._receivers.values() if r.bootstrap_addr == addr]
         for r in victims:
-            r._fail(message, notify=False)
+            r.fail(message, notify=False)
         self._forget_route(addr)
 
     def close(self) -> None:
@@ -342,4 +366,4 @@ class DecodeTransferService:
             with c.lock:
                 c.close_locked()
         for r in receivers:
-            r._fail("KV manager shut down", notify=False)
+            r.fail("KV manager shut down", notify=False)

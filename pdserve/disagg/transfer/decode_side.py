@@ -61,22 +61,27 @@ class SocketKVReceiver(BaseKVReceiver):
         self._metadata: KVMetadata | None = None
         self.svc.add_receiver(self)
 
-    def _set_route(self, route: Route) -> None:
+    @property
+    def done(self) -> bool:
+        """Success or Failed: no more work for the transfer service."""
+        return self._state.done
+
+    def set_route(self, route: Route) -> None:
         a = self.mgr.args
         info = next(iter(route.ranks.values()))
         theirs = KVLayout(info.page_size, info.num_layers, info.total_kv_heads, info.head_dim, info.dtype)
         diff = self.svc.layout.mismatch(theirs)
         if diff:
-            self._fail(f"KV layout mismatch between decode and prefill {route.addr} ({diff})")
+            self.fail(f"KV layout mismatch between decode and prefill {route.addr} ({diff})")
             return
         if info.backend != self.mgr.backend:
-            self._fail(f"prefill {route.addr} uses transfer backend {info.backend!r}, this decode uses "
+            self.fail(f"prefill {route.addr} uses transfer backend {info.backend!r}, this decode uses "
                        f"{self.mgr.backend!r}")
             return
         try:
             sources = peer_ranks(a.engine_rank, a.tp_size, route.tp_size, a.layout.total_kv_heads)
         except ValueError as e:
-            self._fail(str(e))
+            self.fail(str(e))
             return
         with self.svc.lock:
             self.route = route
@@ -124,7 +129,7 @@ class SocketKVReceiver(BaseKVReceiver):
             elif self._dst_heads.get(h.src_rank) != (h.head_start, h.head_end):
                 err = f"prefill rank {h.src_rank} may not write heads [{h.head_start}, {h.head_end})"
             if err is not None:
-                self._fail(f"malformed {h.type.name} frame: {err}")
+                self.fail(f"malformed {h.type.name} frame: {err}")
                 raise ProtocolError(f"room {self.room}: {err}")
             self._writers += 1
             if self._t_first_byte is None:
@@ -140,14 +145,14 @@ class SocketKVReceiver(BaseKVReceiver):
             if complete:
                 self._bytes += nbytes
                 if self._bytes > self._expected_bytes:
-                    self._fail(f"received {self._bytes} KV bytes, expected {self._expected_bytes}")
+                    self.fail(f"received {self._bytes} KV bytes, expected {self._expected_bytes}")
             if self._writers == 0:
                 if self._pending_fail is not None:
                     self._finish_fail_locked()
                 self.svc.cond.notify_all()
             self._maybe_succeed_locked()
 
-    def _on_meta(self, src_rank: int, meta: KVMetadata) -> None:
+    def on_meta(self, src_rank: int, meta: KVMetadata) -> None:
         with self.svc.lock:
             if src_rank not in self._dst_heads:
                 logger.error("room %d: metadata from prefill rank %d, which sends it no heads", self.room, src_rank)
@@ -178,7 +183,7 @@ class SocketKVReceiver(BaseKVReceiver):
                 self.mgr._stats.record_success(self._bytes, now - t0)
                 self.svc.remove(self)
 
-    def _fail(self, reason: str, notify: bool = True, remove: bool = True) -> None:
+    def fail(self, reason: str, notify: bool = True, remove: bool = True) -> None:
         with self.svc.lock:
             if self._state.done or self._pending_fail is not None:
                 return
@@ -201,7 +206,7 @@ class SocketKVReceiver(BaseKVReceiver):
     def poll(self) -> KVPoll:
         if (self._t_init is not None and not self._state.done
                 and time.monotonic() - self._t_init > self.mgr.waiting_timeout):
-            self._fail(f"KV did not arrive within {self.mgr.waiting_timeout:g}s of init() "
+            self.fail(f"KV did not arrive within {self.mgr.waiting_timeout:g}s of init() "
                        "(SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
         return self._state.state
 
@@ -226,4 +231,4 @@ class SocketKVReceiver(BaseKVReceiver):
         finishes (or ends with its connection) on its own thread: the caller frees the pages
         once `busy` is False. (This used to wait for it here, up to the I/O timeout, on the
         scheduler's thread: a prefill paused mid-frame froze every decode for as long, #10.)"""
-        self._fail("aborted by the decode scheduler")
+        self.fail("aborted by the decode scheduler")

@@ -17,20 +17,18 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from pdserve.disagg.bootstrap import RankInfo, register_rank
+from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import KVLayout
 from pdserve.disagg.transfer.heads import peer_ranks, slice_mapping
 from pdserve.disagg.transfer.listener import Listener
+from pdserve.disagg.transfer.service_settings import ServiceSettings
 from pdserve.disagg.transfer.wire import FrameHeader, FrameType, ProtocolError
-
-if TYPE_CHECKING:
-    from pdserve.disagg.transfer.prefill_side import SocketKVSender
-    from pdserve.disagg.transfer.socket_manager import SocketKVManager
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +62,7 @@ class Destination:
 @dataclass(eq=False)
 class Job:
     kind: str  # "piece" | "meta" | "abort"
-    sender: "SocketKVSender"
+    sender: "Sender"
     dest: Destination
     offset: int = 0  # position of src_pages[0] in the request's page list
     src_pages: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
@@ -85,22 +83,43 @@ class PrefillMover(Protocol):
 
 
 @dataclass(eq=False)
-class _Room:
+class RoomEntry:
     dests: dict[int, Destination] = field(default_factory=dict)
     required: int | None = None  # decode ranks that must register (from decode's tp size)
-    sender: "SocketKVSender | None" = None
+    sender: "Sender | None" = None
     created: float = field(default_factory=time.monotonic)
     aborted: str | None = None  # decode aborted before prefill created the sender
 
 
+class Sender(Protocol):
+    """What the service and the movers use of a request's sender (prefill_side.py:
+    SocketKVSender)."""
+
+    room: int
+    metadata: KVMetadata | None  # sent after the last page
+
+    @property
+    def done(self) -> bool: ...
+
+    def slice_nbytes(self, dest: Destination) -> int: ...
+
+    def update_locked(self, entry: RoomEntry) -> None: ...
+
+    def piece_done(self, dest: Destination, nbytes: int) -> bool: ...
+
+    def meta_sent(self, dest: Destination) -> None: ...
+
+    def fail(self, reason: str, notify_decode: bool = True, detach: bool = True) -> None: ...
+
+
 class PrefillTransferService:
-    def __init__(self, mgr: "SocketKVManager", mover: PrefillMover) -> None:
+    def __init__(self, mgr: ServiceSettings, mover: PrefillMover) -> None:
         self.mgr = mgr
         self.args = mgr.args
         self.mover = mover
         self.layout: KVLayout = mgr.args.layout
         self.lock = threading.RLock()  # senders call back into the service while holding it
-        self._rooms: dict[int, _Room] = {}
+        self._rooms: dict[int, RoomEntry] = {}
         self._last_sweep = time.monotonic()
         self.registered = threading.Event()  # set once the bootstrap server has our endpoint
         self.listener = Listener(self.args.host, self.args.port, self._serve_control, name="kv-prefill-ctrl",
@@ -218,7 +237,7 @@ class PrefillTransferService:
             if entry is None:
                 if len(self._rooms) >= MAX_ROOMS:
                     return f"too many rooms in flight ({MAX_ROOMS})"
-                entry = self._rooms[room] = _Room()
+                entry = self._rooms[room] = RoomEntry()
             if body.decode_rank in entry.dests:
                 return f"room already registered by decode rank {body.decode_rank}"
             if entry.required is not None and entry.required != required:
@@ -226,7 +245,7 @@ class PrefillTransferService:
             entry.required = required
             entry.dests[body.decode_rank] = dest
             if entry.sender is not None:
-                entry.sender._update_locked(entry)
+                entry.sender.update_locked(entry)
         return None
 
     def _on_decode_abort(self, room: int, reason: str) -> None:
@@ -238,7 +257,7 @@ class PrefillTransferService:
                 entry.aborted = reason or "decode aborted"
                 return
             sender = entry.sender
-        sender._fail(f"decode aborted the request: {reason or 'no reason given'}", notify_decode=False)
+        sender.fail(f"decode aborted the request: {reason or 'no reason given'}", notify_decode=False)
 
     def _sweep_locked(self) -> None:
         """Forget registrations no sender claimed within the bootstrap timeout."""
@@ -254,14 +273,14 @@ class PrefillTransferService:
             logger.warning("dropped %d decode registrations that no prefill request claimed", len(stale))
 
     # -- senders ---------------------------------------------------------------------------
-    def attach(self, sender: "SocketKVSender") -> None:
+    def attach(self, sender: "Sender") -> None:
         with self.lock:
             entry = self._rooms.get(sender.room)
             if entry is None:
                 if len(self._rooms) >= MAX_ROOMS:
                     reason = f"too many rooms in flight ({MAX_ROOMS})"
                 else:
-                    entry = self._rooms[sender.room] = _Room()
+                    entry = self._rooms[sender.room] = RoomEntry()
                     reason = None
             elif entry.sender is not None:
                 reason = "bootstrap_room collision: another request on this prefill uses the same room"
@@ -271,11 +290,11 @@ class PrefillTransferService:
             if entry is not None and reason is None:
                 entry.sender = sender
                 entry.created = time.monotonic()
-                sender._update_locked(entry)
+                sender.update_locked(entry)
                 return
-        sender._fail(reason or "could not attach", notify_decode=False, detach=False)
+        sender.fail(reason or "could not attach", notify_decode=False, detach=False)
 
-    def detach(self, sender: "SocketKVSender") -> None:
+    def detach(self, sender: "Sender") -> None:
         with self.lock:
             entry = self._rooms.get(sender.room)
             if entry is not None and entry.sender is sender:
@@ -286,7 +305,7 @@ class PrefillTransferService:
         for i, job in enumerate(jobs):
             self._queues[(job.sender.room + i) % nq].put(job)
 
-    def split_pieces(self, sender: "SocketKVSender", dest: Destination, pages: np.ndarray, offset: int) -> list[Job]:
+    def split_pieces(self, sender: "Sender", dest: Destination, pages: np.ndarray, offset: int) -> list[Job]:
         if len(pages) == 0:
             return []
         pages_per_piece = max(1, MIN_PIECE_BYTES // max(1, sender.slice_nbytes(dest)))
@@ -317,7 +336,7 @@ class PrefillTransferService:
             job = q.get()
             if job is None:
                 break
-            if job.kind != "abort" and job.sender._state.done:
+            if job.kind != "abort" and job.sender.done:
                 continue  # failed or aborted meanwhile: skip its remaining pieces
             ep = job.dest.endpoint
             for attempt in (0, 1):
@@ -332,7 +351,7 @@ class PrefillTransferService:
                     if attempt == 0 and reused and isinstance(e, OSError) and not isinstance(e, TimeoutError):
                         continue  # a stale kept-alive connection: retry once on a fresh one
                     if job.kind != "abort":
-                        job.sender._fail(f"sending KV to decode {ep[0]}:{ep[1]} failed: {e!r}")
+                        job.sender.fail(f"sending KV to decode {ep[0]}:{ep[1]} failed: {e!r}")
                     break
         for ep in list(conns):
             self._drop(conns, ep)
@@ -345,14 +364,14 @@ class PrefillTransferService:
             return
         if job.kind == "piece":
             nbytes = self.mover.send_piece(sock, job, scratch)
-            if not sender._piece_done(dest, nbytes):
+            if not sender.piece_done(dest, nbytes):
                 return
             job.kind = "meta"  # a retry after this point resends only the metadata
         meta = sender.metadata
         assert meta is not None
         wire.send_frame(sock, FrameHeader(FrameType.META, sender.room, src_rank=self.args.engine_rank),
                         payload=[meta.pack()])
-        sender._meta_sent(dest)
+        sender.meta_sent(dest)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -366,4 +385,4 @@ class PrefillTransferService:
         with self.lock:
             senders = [e.sender for e in self._rooms.values() if e.sender is not None]
         for s in senders:
-            s._fail("KV manager shut down", notify_decode=False)
+            s.fail("KV manager shut down", notify_decode=False)

@@ -14,7 +14,7 @@ from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll, PollState
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import BaseKVSender, KVTransferError, PageIndices, as_page_array, check_room
-from pdserve.disagg.transfer.prefill_service import Destination, Job, PrefillTransferService, _Room
+from pdserve.disagg.transfer.prefill_service import Destination, Job, PrefillTransferService, RoomEntry
 
 if TYPE_CHECKING:
     from pdserve.disagg.transfer.socket_manager import SocketKVManager
@@ -46,19 +46,24 @@ class SocketKVSender(BaseKVSender):
         self._t_first_send: float | None = None
         self.svc.attach(self)
 
+    @property
+    def done(self) -> bool:
+        """Success or Failed: no more work for the transfer service."""
+        return self._state.done
+
     def slice_nbytes(self, dest: Destination) -> int:
         """Bytes of one page's share for `dest`."""
         a = self.mgr.args
         return a.page_nbytes // a.num_kv_heads * (dest.src_heads[1] - dest.src_heads[0])
 
     # called with svc.lock held
-    def _update_locked(self, entry: _Room) -> None:
+    def update_locked(self, entry: RoomEntry) -> None:
         if self._state.done or entry.required is None or len(entry.dests) < entry.required:
             return
         if self.num_pages is not None:
             for d in entry.dests.values():
                 if len(d.pages) != self.num_pages:
-                    self._fail(f"decode rank {d.decode_rank} allocated {len(d.pages)} pages, "
+                    self.fail(f"decode rank {d.decode_rank} allocated {len(d.pages)} pages, "
                                f"prefill has {self.num_pages}")
                     return
         self._dests = sorted(entry.dests.values(), key=lambda d: d.decode_rank)
@@ -71,7 +76,7 @@ class SocketKVSender(BaseKVSender):
             self.num_pages = num_pages
             bad = [d for d in self._dests if len(d.pages) != num_pages]
         if bad:
-            self._fail(f"decode rank {bad[0].decode_rank} allocated {len(bad[0].pages)} pages, prefill has {num_pages}")
+            self.fail(f"decode rank {bad[0].decode_rank} allocated {len(bad[0].pages)} pages, prefill has {num_pages}")
 
     def send(self, page_indices: PageIndices, metadata: KVMetadata | None = None) -> None:
         if self._state.done:
@@ -109,7 +114,7 @@ class SocketKVSender(BaseKVSender):
         self._state.advance(KVPoll.Transferring)
         self.svc.submit(jobs)
 
-    def _piece_done(self, dest: Destination, nbytes: int) -> bool:
+    def piece_done(self, dest: Destination, nbytes: int) -> bool:
         """A worker wrote a piece; True when that worker should now send dest's metadata."""
         with self.svc.lock:
             self._bytes += nbytes
@@ -119,7 +124,7 @@ class SocketKVSender(BaseKVSender):
                 return True
             return False
 
-    def _meta_sent(self, dest: Destination) -> None:
+    def meta_sent(self, dest: Destination) -> None:
         with self.svc.lock:
             self._meta_pending -= 1
             done = self._meta_pending == 0
@@ -128,7 +133,7 @@ class SocketKVSender(BaseKVSender):
             self.mgr._stats.record_success(self._bytes, time.monotonic() - t0)
             self.svc.detach(self)
 
-    def _fail(self, reason: str, notify_decode: bool = True, detach: bool = True) -> None:
+    def fail(self, reason: str, notify_decode: bool = True, detach: bool = True) -> None:
         if not self._state.fail(reason):
             return
         logger.warning("KV sender room %d failed: %s", self.room, reason)
@@ -143,7 +148,7 @@ class SocketKVSender(BaseKVSender):
     def poll(self) -> KVPoll:
         state = self._state.state
         if state == KVPoll.Bootstrapping and time.monotonic() - self._created > self.mgr.bootstrap_timeout:
-            self._fail(f"decode did not send its page indices within {self.mgr.bootstrap_timeout:g}s "
+            self.fail(f"decode did not send its page indices within {self.mgr.bootstrap_timeout:g}s "
                        "(SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)")
         return self._state.state
 
@@ -155,4 +160,4 @@ class SocketKVSender(BaseKVSender):
         raise KVTransferError(self.room, self._state.reason or "unknown failure")
 
     def abort(self) -> None:
-        self._fail("aborted by the prefill scheduler")
+        self.fail("aborted by the prefill scheduler")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from enum import Enum
 
 from pdserve.enums import TransferBackend
+from pdserve.setting_checks import missing_package
 
 # Bootstrap host of warm-up and /health_generate requests: use the fake sender/receiver,
 # move nothing (SGLang's constant).
 FAKE_BOOTSTRAP_HOST = "2.2.2.2"
 
-__all__ = ["TransferBackend"]  # defined with the other settings' enums (pdserve/enums.py)
+# TransferBackend is defined with the other settings' enums (pdserve/enums.py), missing_package
+# with the other setting checks (pdserve/setting_checks.py)
+__all__ = ["TransferBackend", "missing_package"]
 
 
 class KVClassType(Enum):
@@ -66,28 +68,6 @@ _CLASSES: dict[TransferBackend, dict[KVClassType, str]] = {
         KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
     },
 }
-
-
-def missing_package(backend: TransferBackend) -> str | None:
-    """Why an optional backend cannot load here (what to install), or None."""
-    if backend == TransferBackend.NIXL:
-        if importlib.util.find_spec("nixl") is None:
-            return "the nixl backend needs NIXL: pip install 'pdserve[nixl]' (after torch)"
-    elif backend == TransferBackend.MOONCAKE:
-        if importlib.util.find_spec("mooncake") is None:
-            return ("the mooncake backend needs Mooncake's transfer engine: pip install 'pdserve[mooncake]' "
-                    "(and apt-get install libibverbs1)")
-        try:
-            importlib.import_module("mooncake.engine")
-        except ImportError as e:
-            hint = "apt-get install libibverbs1" if "ibverbs" in str(e) else "reinstall 'pdserve[mooncake]'"
-            return f"Mooncake's transfer engine does not load ({e}): {hint}"
-    elif backend == TransferBackend.NCCL:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "the nccl backend needs CUDA GPUs (torch.cuda.is_available() is False here); use gloo on CPU"
-    return None
 
 
 def get_kv_class(backend: TransferBackend | str, class_type: KVClassType) -> type:

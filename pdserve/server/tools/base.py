@@ -1,10 +1,10 @@
-"""Tool calling: the parser interface and its registry.
+"""Tool calling: the parser interface (registry.py: the parsers by name).
 
 A tool-call parser knows one model family's tool-call format. It turns generated text
 into (content, tool calls), incrementally when streaming, and writes the grammar that
 forces a call in that format when `tool_choice` is "required" or names a function
-(structured output, pdserve/engine/grammar.py). Parsers register under the names
-SGLang's and vLLM's `--tool-call-parser` use.
+(structured output, pdserve/engine/grammar.py). registry.py names them as
+SGLang's and vLLM's `--tool-call-parser` do.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -79,29 +78,6 @@ class ToolCallParser(ABC):
     def forced_grammar(self, tools: list[Tool], parallel: bool) -> str:
         """EBNF (xgrammar) for output that is only tool calls, at least one, each naming
         one of `tools` with arguments valid against its schema; one call if not parallel."""
-
-
-_REGISTRY: dict[str, Callable[[], ToolCallParser]] = {}
-
-
-def register(*names: str):
-    def deco(cls):
-        for n in names:
-            _REGISTRY[n] = cls
-        return cls
-    return deco
-
-
-def parser_names() -> list[str]:
-    from pdserve.server.tools import hermes  # noqa: F401  (registers its names)
-
-    return sorted(_REGISTRY)
-
-
-def get_parser(name: str) -> ToolCallParser:
-    if name not in parser_names():
-        raise ValueError(f"unknown tool-call parser {name!r}; choose from {', '.join(parser_names())}")
-    return _REGISTRY[name]()
 
 
 # Model architectures whose own chat templates use a registered format.

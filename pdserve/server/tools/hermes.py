@@ -13,7 +13,7 @@ import json
 import re
 
 from pdserve.server.tools.base import ParsedOutput, Tool, ToolCall, ToolCallParser, ToolCallStream, \
-    arguments_json, register
+    arguments_json
 
 START, END = "<tool_call>", "</tool_call>"
 # a closed block, or an unclosed one at the very end (generation stopped before END)
@@ -36,7 +36,6 @@ def _join(parts: list[str]) -> str | None:
     return text or None
 
 
-@register("hermes", "qwen25", "qwen", "qwen3")
 class HermesToolParser(ToolCallParser):
     name = "hermes"
 

@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass
 
 from pdserve.server.protocol import FieldError
-from pdserve.server.tools.base import Tool, ToolCallParser, get_parser, parser_names
+from pdserve.server.tools.base import Tool, ToolCallParser
+from pdserve.server.tools.registry import get_parser, parser_names
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}}
