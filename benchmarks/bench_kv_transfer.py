@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pdserve.disagg.bootstrap import KVBootstrapServer
+from pdserve.disagg.transfer.bootstrap import KVBootstrapServer
 from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import KVArgs
 from pdserve.disagg.transfer.prefill_service import Destination, Job
 from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
-from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
+from pdserve.engine.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
 
 # SmolLM2-135M's KV page at page_size 16: [30 layers, 2, 16 tokens, 3 kv heads, 64] bf16 = 360 KiB
 PAGE_SHAPE = (30, 2, 16, 3, 64)

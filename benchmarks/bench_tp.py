@@ -41,7 +41,7 @@ PROMPTS = ["Write a haiku about the sea.", "List three prime numbers.", "Explain
 
 def _allreduce_child(rank: int, kind: str, port: int, shm: str, reps: int) -> None:
     """Runs in a child process: time `reps` all-reduces per shape, rank 0 prints JSON."""
-    from pdserve.disagg.transfer.shm_segment import SegmentMaps
+    from pdserve.engine.shm_segment import SegmentMaps
     from pdserve.engine.tp import GlooAllReduce, ShmAllReduce, init_gloo
 
     torch.set_num_threads(1)
@@ -66,7 +66,7 @@ def _allreduce_child(rank: int, kind: str, port: int, shm: str, reps: int) -> No
 
 
 def allreduce_latency(kind: str, reps: int) -> dict:
-    from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
+    from pdserve.engine.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
     from pdserve.engine.tp import ShmAllReduce
 
     name = new_shm_name()

@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 
-from pdserve.disagg.endpoints import EndpointFactory, fail, failure_reason
+from pdserve.disagg.endpoints import DisaggQueues, EndpointFactory, fail, failure_reason
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import BaseKVManager
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
@@ -118,11 +118,11 @@ class DecodeTransferQueue:
         return ready
 
 
-class DecodeDisagg:
+class DecodeDisagg(DisaggQueues):
     def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
                  bootstrap_port: int) -> None:
+        super().__init__(kv_manager)
         self.scheduler = scheduler
-        self.kv_manager = kv_manager
         self.prealloc_queue = DecodePreallocQueue(scheduler, kv_manager, backend, bootstrap_port)
         self.transfer_queue = DecodeTransferQueue(scheduler)
         self.prealloc_queue.fail = self.transfer_queue.fail = self._fail

@@ -1,14 +1,19 @@
 """What the prefill and decode queues share: creating a request's transfer endpoint
-(the fake one for SGLang's fake bootstrap host) and failing or aborting a queued request."""
+(the fake one for SGLang's fake bootstrap host), failing or aborting a queued request, and
+their common part as the engine's PDQueues (DisaggQueues)."""
 
 from __future__ import annotations
 
 import logging
 from http import HTTPStatus
 
-from pdserve.disagg.transfer.base import BaseKVManager
+import msgspec
+
+from pdserve.disagg.poll import WAKER
+from pdserve.disagg.transfer.base import BaseKVBootstrapServer, BaseKVManager
 from pdserve.disagg.transfer.registry import (FAKE_BOOTSTRAP_HOST, KVClassType, TransferBackend,
                                               get_kv_class, is_fake_bootstrap)
+from pdserve.engine.pd_queues import PDQueues
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler
 from pdserve.messages import FinishReason, FinishReasonType
@@ -73,3 +78,39 @@ def abort_queued(scheduler: Scheduler, queue: list[Req], rid: str, endpoint_attr
             fail(scheduler, req, "aborted by the client", 499)
             return True
     return False
+
+
+class DisaggQueues(PDQueues):
+    """What the prefill and decode queues (prefill.py, decode.py) share as the engine's
+    PDQueues: their transfer manager, the bootstrap server (prefill), the waker, closing."""
+
+    def __init__(self, kv_manager: BaseKVManager, bootstrap_server: BaseKVBootstrapServer | None = None) -> None:
+        self.kv_manager = kv_manager
+        self.bootstrap_server = bootstrap_server
+
+    def wake_fileno(self) -> int:
+        return WAKER.fileno()
+
+    def drain_wakeups(self) -> None:
+        WAKER.drain()
+
+    def table_sizes(self) -> dict[str, int]:
+        out = {k: v for k, v in msgspec.structs.asdict(self.stats()).items() if isinstance(v, int)}
+        managers = getattr(self.kv_manager, "managers", [self.kv_manager])  # tp: one per rank
+        for i, m in enumerate(managers):
+            prefill_svc, decode_svc = getattr(m, "prefill", None), getattr(m, "decode", None)
+            if prefill_svc is not None:
+                out[f"rank{i}.prefill_rooms"] = len(prefill_svc._rooms)
+                out[f"rank{i}.prefill_conns"] = len(prefill_svc.listener.conns)
+            if decode_svc is not None:
+                out[f"rank{i}.decode_receivers"] = len(decode_svc._receivers)
+                out[f"rank{i}.decode_conns"] = len(decode_svc.listener.conns)
+        httpd = getattr(self.bootstrap_server, "_httpd", None)
+        if httpd is not None:
+            out["bootstrap_threads_tracked"] = len(getattr(httpd, "_threads", None) or [])
+        return out
+
+    def close(self) -> None:
+        self.kv_manager.shutdown()
+        if self.bootstrap_server is not None:
+            self.bootstrap_server.close()

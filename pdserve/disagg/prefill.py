@@ -13,9 +13,9 @@ import math
 import time
 
 from pdserve.disagg.metadata import KVMetadata
-from pdserve.disagg.endpoints import EndpointFactory, abort_queued, fail, failure_reason
+from pdserve.disagg.endpoints import DisaggQueues, EndpointFactory, abort_queued, fail, failure_reason
 from pdserve.disagg.poll import KVPoll
-from pdserve.disagg.transfer.base import BaseKVManager
+from pdserve.disagg.transfer.base import BaseKVBootstrapServer, BaseKVManager
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler
@@ -67,13 +67,13 @@ class PrefillBootstrapQueue:
         return abort_queued(self.scheduler, self.queue, rid, "kv_sender")
 
 
-class PrefillDisagg:
+class PrefillDisagg(DisaggQueues):
     """Owns the bootstrap and inflight queues; hooks into the scheduler."""
 
     def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
-                 bootstrap_port: int) -> None:
+                 bootstrap_port: int, bootstrap_server: BaseKVBootstrapServer | None = None) -> None:
+        super().__init__(kv_manager, bootstrap_server)
         self.scheduler = scheduler
-        self.kv_manager = kv_manager
         self.bootstrap_queue = PrefillBootstrapQueue(scheduler, kv_manager, backend, bootstrap_port)
         self.inflight: list[Req] = []
         scheduler.on_generation_end(self._on_prefill_done)

@@ -20,7 +20,6 @@ import threading
 import time
 import tracemalloc
 
-import msgspec
 
 logger = logging.getLogger(__name__)
 
@@ -50,24 +49,12 @@ def rss_bytes() -> int:
 def tables(proc) -> dict:
     """Sizes of everything that holds per-request state in the scheduler process."""
     out: dict = {}
-    s = getattr(proc, "scheduler", None)
-    if s is not None:
-        out.update(s.table_sizes())
-    d = getattr(proc, "disagg", None)
-    if d is not None:
-        out.update({k: v for k, v in msgspec.structs.asdict(d.stats()).items() if isinstance(v, int)})
-        mgrs = getattr(d.kv_manager, "managers", [d.kv_manager])
-        for i, m in enumerate(mgrs):
-            ps, ds = getattr(m, "prefill", None), getattr(m, "decode", None)
-            if ps is not None:
-                out[f"rank{i}.prefill_rooms"] = len(ps._rooms)
-                out[f"rank{i}.prefill_conns"] = len(ps.listener.conns)
-            if ds is not None:
-                out[f"rank{i}.decode_receivers"] = len(ds._receivers)
-                out[f"rank{i}.decode_conns"] = len(ds.listener.conns)
-    bs = getattr(proc, "bootstrap_server", None)
-    if bs is not None and hasattr(bs, "_httpd"):
-        out["bootstrap_threads_tracked"] = len(getattr(bs._httpd, "_threads", None) or [])
+    scheduler = getattr(proc, "scheduler", None)
+    if scheduler is not None:
+        out.update(scheduler.table_sizes())
+    pd_queues = getattr(proc, "pd_queues", None)
+    if pd_queues is not None:
+        out.update(pd_queues.table_sizes())
     return out
 
 

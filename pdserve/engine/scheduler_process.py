@@ -2,12 +2,13 @@
 
 It receives typed messages (pdserve.messages) from the front end over ZMQ and
 answers with BatchOut and one typed reply per control call. The event loop is
-schedule -> run -> update (`Scheduler.step`), with the PD queues advanced before each step.
+schedule -> run -> update (`Scheduler.step`), with the PD queues (engine/pd_queues.py:
+PDQueues) advanced before each step. The process is started as
+`python -m pdserve.disagg.scheduler_process_main`, which plugs the PD queues in.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -19,12 +20,13 @@ import torch
 import zmq
 
 from pdserve.config import ServerArgs
-from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.model_loading import load_model, num_kv_pages, set_threads
+from pdserve.engine.pd_queues import PDContext, PDQueues, PDSetup
 from pdserve.engine.request import Req
 from pdserve.engine.runner import ModelRunner, kv_pool_shape, prefault
 from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
 from pdserve.enums import DisaggregationMode, TransferBackend
 from pdserve.model.tp import TPShard
 from pdserve.net import free_port
@@ -36,7 +38,9 @@ logger = logging.getLogger("pdserve.scheduler")
 
 
 class SchedulerProcess:
-    def __init__(self, args: ServerArgs, recv_addr: str, send_addr: str) -> None:
+    def __init__(self, args: ServerArgs, recv_addr: str, send_addr: str, pd_setup: PDSetup | None = None) -> None:
+        """`pd_setup` builds the PD queues of a prefill or decode server (the disagg layer's
+        build_pd_queues, passed in by disagg/scheduler_process_main.py)."""
         self.args = args
         self.tp = None
         if args.tp_size > 1:  # start the other ranks first: they load their shards meanwhile
@@ -48,8 +52,7 @@ class SchedulerProcess:
         else:
             set_threads(args)
         t0 = time.time()
-        self.disagg = None
-        self.bootstrap_server = None
+        self.pd_queues: PDQueues | None = None
         self.kv_shm, self.ar_shm = [], None
         try:
             self._build(args)
@@ -67,7 +70,7 @@ class SchedulerProcess:
         self._pd_poller: zmq.Poller | None = None
         self.warmup()
         if args.disaggregation_mode != DisaggregationMode.NULL:
-            self._setup_disagg()
+            self._setup_pd_queues(pd_setup)
         if self.runner.lazy_pool:  # after startup: it must not slow the start itself
             prefault(self.runner.kv_data)
 
@@ -121,46 +124,16 @@ class SchedulerProcess:
 
         self.grammar = GrammarBackend(tok, cfg.vocab_size, sorted(eos))
 
-    def _setup_disagg(self) -> None:
-        import socket as _socket
-
-        from pdserve.disagg.transfer.base import KVArgs
-        from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
-        from pdserve.disagg.transfer.tp_group import TPKVManagerGroup
-
-        args = self.args
-        mode = args.disaggregation_mode
-        backend = args.disaggregation_transfer_backend
-        ip = _socket.gethostbyname(args.host)
-        if mode == DisaggregationMode.PREFILL:
-            self.bootstrap_server = get_kv_class(backend, KVClassType.BOOTSTRAP_SERVER)(
-                args.host, args.disaggregation_bootstrap_port)
-        tp = args.tp_size
-        decode_shm = mode == DisaggregationMode.DECODE and backend == TransferBackend.SHM
-        # one manager per tp rank, each registering as its engine_rank (transfer/tp_group.py)
-        mgrs = [get_kv_class(backend, KVClassType.MANAGER)(
-            KVArgs(engine_rank=r, kv_data=self.kv_pools[r], host=ip, port=0, tp_size=tp,
-                   total_num_kv_heads=self.model.full_config.num_kv_heads, bootstrap_host=ip,
-                   bootstrap_port=args.disaggregation_bootstrap_port,
-                   shm_name=self.kv_shm[r] if decode_shm else None,
-                   ib_device=args.disaggregation_ib_device), mode) for r in range(tp)]
-        mgr = mgrs[0] if tp == 1 else TPKVManagerGroup(mgrs)
-        if mode == DisaggregationMode.PREFILL:
-            from pdserve.disagg.prefill import PrefillDisagg
-
-            mgr.wait_registered(10)
-            self.disagg = PrefillDisagg(self.scheduler, mgr, backend, args.disaggregation_bootstrap_port)
-        else:
-            from pdserve.disagg.decode import DecodeDisagg
-
-            self.disagg = DecodeDisagg(self.scheduler, mgr, backend, args.disaggregation_bootstrap_port)
-        logger.info("PD %s mode, %s transfer backend", mode.value, backend.value)
+    def _setup_pd_queues(self, pd_setup: PDSetup | None) -> None:
+        if pd_setup is None:
+            raise ValueError(f"--disaggregation-mode {self.args.disaggregation_mode}: this scheduler process has "
+                             "no PD queues (start it as pdserve.disagg.scheduler_process_main)")
+        self.pd_queues = pd_setup(PDContext(self.args, self.scheduler, self.kv_pools, self.kv_shm,
+                                            self.model.full_config.num_kv_heads))
 
     def close(self) -> None:
-        if self.disagg is not None:
-            self.disagg.kv_manager.shutdown()
-        if self.bootstrap_server is not None:
-            self.bootstrap_server.close()
+        if self.pd_queues is not None:
+            self.pd_queues.close()
         if self.tp is not None:
             self.tp.close()
         for name in [*self.kv_shm, self.ar_shm]:
@@ -208,14 +181,14 @@ class SchedulerProcess:
                 except ValueError as e:
                     scheduler.fail(req, FinishReason(FinishReasonType.ABORT, message=str(e), status_code=400))
                     return
-            if self.disagg is not None:
+            if self.pd_queues is not None:
                 req.bootstrap_host, req.bootstrap_port = msg.bootstrap_host, msg.bootstrap_port
                 req.bootstrap_room = msg.bootstrap_room
-                self.disagg.add(req)
+                self.pd_queues.add(req)
             else:
                 scheduler.add_request(req)
         elif isinstance(msg, AbortReq):
-            if self.disagg is None or not self.disagg.abort(msg.rid):
+            if self.pd_queues is None or not self.pd_queues.abort(msg.rid):
                 scheduler.abort(msg.rid)
         elif isinstance(msg, GetLoadReq):
             self.send.send(encode(self.load(msg.call_id)))
@@ -227,8 +200,8 @@ class SchedulerProcess:
 
     def load(self, call_id: int) -> LoadResp:
         resp = LoadResp(call_id, self.scheduler.load(), self.args.disaggregation_mode)
-        if self.disagg is not None:
-            stats = self.disagg.stats()
+        if self.pd_queues is not None:
+            stats = self.pd_queues.stats()
             if isinstance(stats, PrefillQueueStats):
                 resp.prefill = stats
             else:
@@ -257,24 +230,23 @@ class SchedulerProcess:
         """Take in new messages and advance the PD queues. `idle`: nothing to schedule
         and nothing to send; then wait (for a message, or a transfer state change while
         PD queues hold requests) instead of spinning."""
-        pd_busy = self.disagg is not None and self.disagg.has_work()
+        pd_busy = self.pd_queues is not None and self.pd_queues.has_work()
         if pd_busy and idle:
             self._wait_pd()
         self.recv_all(block=idle and not pd_busy)
-        if self.disagg is not None:
-            self.disagg.step()
+        if self.pd_queues is not None:
+            self.pd_queues.step()
 
     def _wait_pd(self, timeout_s: float = 0.02) -> None:
         """Only transfers in flight: sleep until a message arrives, a transfer endpoint changes
-        state (disagg/poll.py: WAKER) or `timeout_s` passes (time-based checks: timeouts)."""
-        from pdserve.disagg.poll import WAKER
-
+        state (PDQueues.wake_fileno) or `timeout_s` passes (time-based checks: timeouts)."""
+        assert self.pd_queues is not None
         if self._pd_poller is None:
             self._pd_poller = zmq.Poller()
             self._pd_poller.register(self.recv, zmq.POLLIN)
-            self._pd_poller.register(WAKER.fileno(), zmq.POLLIN)
+            self._pd_poller.register(self.pd_queues.wake_fileno(), zmq.POLLIN)
         self._pd_poller.poll(timeout_s * 1000)
-        WAKER.drain()
+        self.pd_queues.drain_wakeups()
 
     def event_loop_normal(self) -> None:
         """schedule -> run -> update, one after the other (Scheduler.step)."""
@@ -317,9 +289,9 @@ class SchedulerProcess:
         self._last_log = time.time()
         load = self.scheduler.load()
         extra = ""
-        if self.disagg is not None:
+        if self.pd_queues is not None:
             extra = " " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in msgspec.structs.asdict(self.disagg.stats()).items())
+                                   for k, v in msgspec.structs.asdict(self.pd_queues.stats()).items())
         logger.info("running=%d waiting=%d used_pages=%d/%d cached_pages=%d%s",
                     load.num_running_reqs, load.num_waiting_reqs, load.num_used_pages,
                     load.num_total_pages, load.num_cached_pages, extra)
@@ -335,7 +307,7 @@ def die_with_parent() -> None:
         pass
 
 
-def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str) -> None:
+def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str, pd_setup: PDSetup | None = None) -> None:
     """Child process body: build everything, announce readiness (ServerInfo), serve."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     holder: dict = {}
@@ -351,7 +323,7 @@ def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str) -> N
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s [scheduler] %(levelname)s %(message)s")
     try:
-        proc = SchedulerProcess(args, recv_addr, send_addr)
+        proc = SchedulerProcess(args, recv_addr, send_addr, pd_setup)
     except Exception as e:
         # the front end reports the error in one line; the traceback shows at --log-level debug
         logger.debug("scheduler failed to start", exc_info=True)
@@ -369,14 +341,3 @@ def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str) -> N
         proc.event_loop()
     finally:
         proc.close()
-
-
-def main() -> None:
-    """`python -m pdserve.engine.scheduler_process ARGS_JSON RECV SEND` (started by the
-    front end with subprocess: no pickled state crosses the process boundary)."""
-    raw = json.loads(sys.argv[1])
-    run_scheduler_process(ServerArgs(**raw), sys.argv[2], sys.argv[3])
-
-
-if __name__ == "__main__":
-    main()

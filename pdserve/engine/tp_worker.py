@@ -55,7 +55,7 @@ def main() -> None:
 
 
 def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
-    from pdserve.disagg.transfer.shm_segment import SegmentMaps
+    from pdserve.engine.shm_segment import SegmentMaps
     from pdserve.engine.model_loading import load_model
     from pdserve.engine.runner import ModelRunner, kv_pool_shape, prefault
     from pdserve.engine.tp import ShmAllReduce, decode_batch, decode_header, init_gloo, make_allreduce
@@ -92,9 +92,9 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
             return
         if h.op != "forward":
             raise RuntimeError(f"unknown op {h.op!r}")
-        fb = decode_batch(h, [f.buffer for f in frames[1:]])
+        batch = decode_batch(h, [f.buffer for f in frames[1:]])
         with torch.inference_mode():
-            model.forward(fb, runner.attn)
+            model.forward(batch, runner.attn)
 
 
 if __name__ == "__main__":

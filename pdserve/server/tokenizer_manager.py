@@ -77,7 +77,7 @@ class TokenizerManager:
         self.ctx = zmq.asyncio.Context()
         self.recv_sock = self.ctx.socket(zmq.PULL)
         self.recv_sock.bind(from_sched)
-        cmd = [sys.executable, "-m", "pdserve.engine.scheduler_process",
+        cmd = [sys.executable, "-m", "pdserve.disagg.scheduler_process_main",
                json.dumps(dataclasses.asdict(dataclasses.replace(self.args, api_key=None, admin_api_key=None))), to_sched, from_sched]
         self.proc = subprocess.Popen(cmd)
         from pdserve.model.tokenizer import load_tokenizer

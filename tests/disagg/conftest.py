@@ -1,6 +1,6 @@
 import pytest
 
-from pdserve.disagg.transfer.shm_segment import free_kv_buffer, owned_segments
+from pdserve.engine.shm_segment import free_kv_buffer, owned_segments
 
 
 @pytest.fixture(autouse=True)

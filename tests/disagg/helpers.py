@@ -8,12 +8,12 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from pdserve.disagg.bootstrap import KVBootstrapServer
+from pdserve.disagg.transfer.bootstrap import KVBootstrapServer
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import KVArgs
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend, get_kv_class, missing_package
-from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, new_shm_name
+from pdserve.engine.shm_segment import allocate_kv_buffer, new_shm_name
 
 # the transfer engines (optional extras, installed by scripts/setup.sh): the same tests as
 # tcp/shm; skipped, with the reason, only where the package cannot load
@@ -99,5 +99,5 @@ class Pair:
         self.decode.shutdown()
         self.bs.close()
         if self.decode.args.shm_name:
-            from pdserve.disagg.transfer.shm_segment import free_kv_buffer
+            from pdserve.engine.shm_segment import free_kv_buffer
             free_kv_buffer(self.decode.args.shm_name)

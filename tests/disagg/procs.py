@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from pdserve.disagg.bootstrap import KVBootstrapServer
+from pdserve.disagg.transfer.bootstrap import KVBootstrapServer
 from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
-from pdserve.disagg.transfer.shm_segment import allocate_kv_buffer, new_shm_name
+from pdserve.engine.shm_segment import allocate_kv_buffer, new_shm_name
 from tests.disagg.helpers import make_manager, poll_until, wait_for
 
 DONE = {KVPoll.Success, KVPoll.Failed}

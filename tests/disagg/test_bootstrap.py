@@ -7,7 +7,7 @@ import threading
 import msgspec
 import pytest
 
-from pdserve.disagg.bootstrap import (BootstrapError, HeartbeatMonitor, KVBootstrapServer, RankInfo, check_health,
+from pdserve.disagg.transfer.bootstrap import (BootstrapError, HeartbeatMonitor, KVBootstrapServer, RankInfo, check_health,
                                       fetch_route, register_rank, split_addr)
 from tests.disagg.helpers import wait_for
 

@@ -10,7 +10,7 @@ import torch
 from pdserve.disagg.mode import DisaggregationMode as Mode
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
-from pdserve.disagg.transfer.shm_segment import cleanup_stale_segments
+from pdserve.engine.shm_segment import cleanup_stale_segments
 from tests.disagg import procs
 from tests.disagg.helpers import SHAPE, make_manager, poll_until, random_kv
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.disagg.bootstrap import KVBootstrapServer
+from pdserve.disagg.transfer.bootstrap import KVBootstrapServer
 from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.mode import DisaggregationMode as Mode
 from pdserve.disagg.poll import KVPoll
@@ -14,7 +14,7 @@ from pdserve.disagg.transfer import prefill_service, tcp
 from pdserve.disagg.transfer.base import KVArgs, KVTransferError
 from pdserve.disagg.transfer.heads import head_range
 from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
-from pdserve.disagg.transfer.shm_segment import owned_segments
+from pdserve.engine.shm_segment import owned_segments
 from tests.disagg.helpers import ENGINE_BACKENDS, SHAPE, Pair, make_manager, poll_until, wait_for
 
 BACKENDS = ["tcp", "shm", "gloo", *ENGINE_BACKENDS]
@@ -232,7 +232,7 @@ def _tp_run(backend, tp_p, tp_d, heads=4):
         for m in pms + dms:
             m.shutdown()
             if m.args.shm_name:
-                from pdserve.disagg.transfer.shm_segment import free_kv_buffer
+                from pdserve.engine.shm_segment import free_kv_buffer
                 free_kv_buffer(m.args.shm_name)
         bs.close()
 

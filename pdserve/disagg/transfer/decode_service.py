@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pdserve.disagg.bootstrap import HeartbeatMonitor, RankInfo, fetch_route
+from pdserve.disagg.transfer.bootstrap import HeartbeatMonitor, RankInfo, fetch_route
 from pdserve.disagg.metadata import KVMetadata, MetadataError
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import KVLayout, KVTransferError

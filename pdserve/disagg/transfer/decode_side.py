@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
-from pdserve.disagg.bootstrap import split_addr
+from pdserve.disagg.transfer.bootstrap import split_addr
 from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll, PollState

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pdserve.disagg.bootstrap import RankInfo, register_rank
+from pdserve.disagg.transfer.bootstrap import RankInfo, register_rank
 from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import KVLayout
@@ -384,5 +384,5 @@ class PrefillTransferService:
             t.join(timeout=5)
         with self.lock:
             senders = [e.sender for e in self._rooms.values() if e.sender is not None]
-        for s in senders:
-            s.fail("KV manager shut down", notify_decode=False)
+        for sender in senders:
+            sender.fail("KV manager shut down", notify_decode=False)

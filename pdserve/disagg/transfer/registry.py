@@ -35,37 +35,37 @@ _CLASSES: dict[TransferBackend, dict[KVClassType, str]] = {
         KVClassType.MANAGER: "pdserve.disagg.transfer.tcp:TcpKVManager",
         KVClassType.SENDER: "pdserve.disagg.transfer.tcp:TcpKVSender",
         KVClassType.RECEIVER: "pdserve.disagg.transfer.tcp:TcpKVReceiver",
-        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
+        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.transfer.bootstrap:KVBootstrapServer",
     },
     TransferBackend.SHM: {
         KVClassType.MANAGER: "pdserve.disagg.transfer.shm:ShmKVManager",
         KVClassType.SENDER: "pdserve.disagg.transfer.shm:ShmKVSender",
         KVClassType.RECEIVER: "pdserve.disagg.transfer.shm:ShmKVReceiver",
-        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
+        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.transfer.bootstrap:KVBootstrapServer",
     },
     TransferBackend.NIXL: {
         KVClassType.MANAGER: "pdserve.disagg.transfer.nixl_backend:NixlKVManager",
         KVClassType.SENDER: "pdserve.disagg.transfer.nixl_backend:NixlKVSender",
         KVClassType.RECEIVER: "pdserve.disagg.transfer.nixl_backend:NixlKVReceiver",
-        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
+        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.transfer.bootstrap:KVBootstrapServer",
     },
     TransferBackend.MOONCAKE: {
         KVClassType.MANAGER: "pdserve.disagg.transfer.mooncake_backend:MooncakeKVManager",
         KVClassType.SENDER: "pdserve.disagg.transfer.mooncake_backend:MooncakeKVSender",
         KVClassType.RECEIVER: "pdserve.disagg.transfer.mooncake_backend:MooncakeKVReceiver",
-        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
+        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.transfer.bootstrap:KVBootstrapServer",
     },
     TransferBackend.GLOO: {
         KVClassType.MANAGER: "pdserve.disagg.transfer.gloo_backend:GlooKVManager",
         KVClassType.SENDER: "pdserve.disagg.transfer.gloo_backend:GlooKVSender",
         KVClassType.RECEIVER: "pdserve.disagg.transfer.gloo_backend:GlooKVReceiver",
-        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
+        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.transfer.bootstrap:KVBootstrapServer",
     },
     TransferBackend.NCCL: {
         KVClassType.MANAGER: "pdserve.disagg.transfer.gloo_backend:NcclKVManager",
         KVClassType.SENDER: "pdserve.disagg.transfer.gloo_backend:NcclKVSender",
         KVClassType.RECEIVER: "pdserve.disagg.transfer.gloo_backend:NcclKVReceiver",
-        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.bootstrap:KVBootstrapServer",
+        KVClassType.BOOTSTRAP_SERVER: "pdserve.disagg.transfer.bootstrap:KVBootstrapServer",
     },
 }
 

@@ -18,7 +18,7 @@ from pdserve.disagg.transfer.heads import copy_pages, head_range
 from pdserve.disagg.transfer.one_sided import OneSidedDecodeMover, OneSidedPrefillMover
 from pdserve.disagg.transfer.prefill_service import Job
 from pdserve.disagg.transfer.prefill_side import SocketKVSender
-from pdserve.disagg.transfer.shm_segment import (SegmentMaps, allocate_kv_buffer, check_shm_name,
+from pdserve.engine.shm_segment import (SegmentMaps, allocate_kv_buffer, check_shm_name,
                                                  cleanup_stale_segments, free_kv_buffer, new_shm_name, segment_of)
 from pdserve.disagg.transfer.socket_manager import SocketKVManager
 

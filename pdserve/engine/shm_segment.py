@@ -1,4 +1,5 @@
-"""KV buffers in named POSIX shared memory (the decode pool of the shm backend).
+"""Tensors in named POSIX shared memory: KV pools that another process maps (the decode pool
+of the shm transfer backend, every rank's pool under tp in PD mode) and the tp all-reduce buffer.
 
 Why not `multiprocessing.shared_memory`: before Python 3.13 every process that merely
 attaches a segment registers it with a resource tracker, which unlinks it (and warns) when
