@@ -88,11 +88,11 @@ def main() -> int:
                 for vname, (_, _, norm) in variants.items():
                     llama.rms_norm = norm
                     r = runners[vname]
-                    fb = make()
-                    r.model.forward(fb, r.attn)  # warm this shape
-                    fb = make()
+                    batch = make()
+                    r.model.forward(batch, r.attn)  # warm this shape
+                    batch = make()
                     t = time.perf_counter()
-                    r.model.forward(fb, r.attn)
+                    r.model.forward(batch, r.attn)
                     times[vname][sname].append((time.perf_counter() - t) * 1e3)
     finally:
         llama.rms_norm = real_norm

@@ -390,11 +390,11 @@ class Scheduler:
         if req.fill_len >= self._context_length:
             return FinishReason(FinishReasonType.LENGTH, message="context length reached")
         if sp.stop and self._detokenize is not None:
-            longest = max(len(s) for s in sp.stop)
+            longest = max(len(stop) for stop in sp.stop)
             tail = self._detokenize(req.output_ids[-(longest + 8):])
-            for s in sp.stop:
-                if s in tail:
-                    return FinishReason(FinishReasonType.STOP, matched=s)
+            for stop in sp.stop:
+                if stop in tail:
+                    return FinishReason(FinishReasonType.STOP, matched=stop)
         return None
 
     # ---- release and output -------------------------------------------------------------

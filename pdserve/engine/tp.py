@@ -154,7 +154,7 @@ def encode_op(op: str, **body) -> list[bytes]:
     return [_enc.encode(BatchHeader(op=op, body=body))]
 
 
-def encode_batch(fb: ForwardBatch) -> list:
+def encode_batch(batch: ForwardBatch) -> list:
     heads: list[_TensorHead] = []
     frames: list = []
 
@@ -164,17 +164,17 @@ def encode_batch(fb: ForwardBatch) -> list:
         frames.append(t.view(-1).view(torch.uint8).numpy())
 
     for name in _TENSORS:
-        t = getattr(fb, name)
+        t = getattr(batch, name)
         if t is not None:
             put(name, t)
     ext = []
-    for i, e in enumerate(fb.extends):
+    for i, e in enumerate(batch.extends):
         has = e.ctx_pages is not None
         ext.append((e.q_start, e.q_len, e.prefix_len, has))
         if has:
             put(f"ctx_pages.{i}", e.ctx_pages)
             put(f"ctx_offs.{i}", e.ctx_offs)
-    header = BatchHeader(op="forward", num_decode=fb.num_decode, tensors=heads, extends=ext)
+    header = BatchHeader(op="forward", num_decode=batch.num_decode, tensors=heads, extends=ext)
     return [_enc.encode(header), *frames]
 
 
@@ -197,15 +197,15 @@ def decode_batch(h: BatchHeader, frames: list) -> ForwardBatch:
             raise ValueError(f"tensor {th.name}: {mv.nbytes} bytes for shape {th.shape} {th.dtype}")
         got[th.name] = (torch.frombuffer(bytearray(mv), dtype=torch.uint8).view(dt).view(th.shape)
                         if n else torch.empty(th.shape, dtype=dt))
-    fb = ForwardBatch(**{k: got.get(k) for k in _TENSORS[:4]}, num_decode=h.num_decode,
+    batch = ForwardBatch(**{k: got.get(k) for k in _TENSORS[:4]}, num_decode=h.num_decode,
                       dec_table=got.get("dec_table"), dec_mask=got.get("dec_mask"),
                       logits_indices=got.get("logits_indices"))
     for i, (qs, ql, pl, has) in enumerate(h.extends):
-        fb.extends.append(ExtendSeq(qs, ql, pl, got[f"ctx_pages.{i}"] if has else None,
+        batch.extends.append(ExtendSeq(qs, ql, pl, got[f"ctx_pages.{i}"] if has else None,
                                     got[f"ctx_offs.{i}"] if has else None))
-    if any(t is None for t in (fb.input_ids, fb.positions, fb.write_pages, fb.write_offs)):
+    if any(t is None for t in (batch.input_ids, batch.positions, batch.write_pages, batch.write_offs)):
         raise ValueError("batch lacks one of input_ids/positions/write_pages/write_offs")
-    return fb
+    return batch
 
 
 # ---- rank 0's side ----------------------------------------------------------------------
@@ -229,10 +229,10 @@ class TPDriver:
         threads = max(1, (args.num_threads or len(cores)) // self.size)
         wargs = json.dumps({**asdict(args), "num_threads": threads})
         for r in range(1, self.size):
-            s = ctx.socket(zmq.PUSH)
+            sock = ctx.socket(zmq.PUSH)
             addr = ipc_addr(f"tp-{r}")
-            s.bind(addr)
-            self.socks.append(s)
+            sock.bind(addr)
+            self.socks.append(sock)
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "pdserve.engine.tp_worker", wargs, str(r), addr, reply_addr,
                  ",".join(map(str, groups[r]))]))
@@ -264,22 +264,22 @@ class TPDriver:
               ar_buf: torch.Tensor) -> None:
         """Workers have loaded their shard: give them the pool and the group, join it."""
         self._collect("loaded")
-        for r, s in enumerate(self.socks, start=1):
-            s.send_multipart(encode_op("init", num_pages=num_pages, kv_shm=kv_shm[r], gloo_port=gloo_port,
+        for r, sock in enumerate(self.socks, start=1):
+            sock.send_multipart(encode_op("init", num_pages=num_pages, kv_shm=kv_shm[r], gloo_port=gloo_port,
                                        allreduce_shm=ar_shm))
         init_gloo(0, self.size, gloo_port)
         self._collect("ready")
         self.allreduce = make_allreduce(ar_buf, 0, self.size, self.check_alive)
         logger.info("tensor parallel: %d ranks, %s all-reduce", self.size, allreduce_kind())
 
-    def broadcast(self, fb: ForwardBatch) -> None:
+    def broadcast(self, batch: ForwardBatch) -> None:
         import zmq
 
-        frames = encode_batch(fb)
-        for s in self.socks:
+        frames = encode_batch(batch)
+        for sock in self.socks:
             while True:  # a PUSH socket whose peer died would block forever
                 try:
-                    s.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
                     break
                 except zmq.Again:
                     self.check_alive()
@@ -288,9 +288,9 @@ class TPDriver:
     def close(self) -> None:
         import zmq
 
-        for s in self.socks:
+        for sock in self.socks:
             try:
-                s.send_multipart(encode_op("stop"), flags=zmq.NOBLOCK)
+                sock.send_multipart(encode_op("stop"), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         for p in self.procs:
@@ -299,8 +299,8 @@ class TPDriver:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        for s in self.socks:
-            s.close(linger=0)
+        for sock in self.socks:
+            sock.close(linger=0)
         self.reply.close(linger=0)
         try:
             import torch.distributed as dist

@@ -34,14 +34,14 @@ class StoreLayout:
 def page_keys(layout: StoreLayout, token_ids: Sequence[int], max_pages: int | None = None) -> list[str]:
     """Keys of the full pages of `token_ids` (a partial last page has none): key i hashes key
     i-1 and the tokens of page i, so a key names the whole prefix up to its page."""
-    ps = layout.page_size
-    n = len(token_ids) // ps
+    page_size = layout.page_size
+    n = len(token_ids) // page_size
     if max_pages is not None:
         n = min(n, max_pages)
-    toks = np.asarray(token_ids[:n * ps], dtype="<u4").tobytes()
+    toks = np.asarray(token_ids[:n * page_size], dtype="<u4").tobytes()
     h = layout.namespace()
     out = []
     for i in range(n):
-        h = hashlib.sha256(h + toks[i * ps * 4:(i + 1) * ps * 4]).digest()
+        h = hashlib.sha256(h + toks[i * page_size * 4:(i + 1) * page_size * 4]).digest()
         out.append(h.hex())
     return out

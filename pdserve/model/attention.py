@@ -36,8 +36,8 @@ class ForwardBatch:
     write_pages: torch.Tensor  # [T] page receiving each new token's KV
     write_offs: torch.Tensor  # [T]
     num_decode: int = 0  # decode tokens occupy [0, num_decode)
-    dec_table: torch.Tensor | None = None  # [B, npg] KV pages of each decode request (padded with page 0)
-    dec_mask: torch.Tensor | None = None  # [B, 1, npg * page_size] additive (0 / -inf); None when all full
+    dec_table: torch.Tensor | None = None  # [B, pages_per_req] KV pages of each decode request (padded with page 0)
+    dec_mask: torch.Tensor | None = None  # [B, 1, pages_per_req * page_size] additive (0 / -inf); None when all full
     extends: list[ExtendSeq] = field(default_factory=list)
     logits_indices: torch.Tensor | None = None  # [N] flat indices whose logits are needed
     write_rows: torch.Tensor | None = None  # derived by the backend, cached across layers
@@ -53,7 +53,7 @@ class BaseAttentionBackend(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 fb: ForwardBatch) -> torch.Tensor:
+                 batch: ForwardBatch) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] (the batch's new tokens) -> out [T, Hq, D]."""
 
 
@@ -71,7 +71,7 @@ class TorchNativeAttention(BaseAttentionBackend):
         _, self.num_layers, _, self.page_size, h, d = kv_data.shape
         self.rows = kv_data.view(-1, h, d)
         self.page_stride = self.num_layers * 2 * self.page_size
-        # one "chunk" = the K (or V) block of one page of one layer: ps * h * d contiguous elements;
+        # one "chunk" = the K (or V) block of one page of one layer: page_size * h * d contiguous elements;
         # chunk index = (page * L + layer) * 2 + kv
         self.chunks = kv_data.view(-1, self.page_size * h * d)
         self._ws: dict[str, torch.Tensor] = {}
@@ -91,7 +91,7 @@ class TorchNativeAttention(BaseAttentionBackend):
 
     DECODE_GROUP = 32  # requests per gather + matmul round: their K/V stay in cache in between
 
-    def _decode(self, q: torch.Tensor, layer: int, fb: ForwardBatch, out: torch.Tensor) -> None:
+    def _decode(self, q: torch.Tensor, layer: int, batch: ForwardBatch, out: torch.Tensor) -> None:
         """One query per request against its pages, written into out [B, Hq, D]. K and V are
         gathered a whole page at a time into reused buffers laid out [b, L, Hkv * D], a group
         of requests at a time; with few KV heads the scores are one batched matmul against a
@@ -100,15 +100,15 @@ class TorchNativeAttention(BaseAttentionBackend):
         B, hq, d = q.shape
         hkv = self.rows.shape[1]
         g = hq // hkv
-        npg = fb.dec_table.shape[1]
-        L = npg * self.page_size
+        pages_per_req = batch.dec_table.shape[1]
+        L = pages_per_req * self.page_size
         block_diag = hkv <= 4
         if block_diag and (self._eye is None or self._eye.dtype != q.dtype or self._eye.shape[1] != hkv):
             self._eye = torch.eye(hkv, dtype=q.dtype).view(1, hkv, 1, hkv, 1)
         for lo in range(0, B, self.DECODE_GROUP):
             hi = min(B, lo + self.DECODE_GROUP)
             b = hi - lo
-            idx = fb.dec_chunks[lo * npg: hi * npg] + layer * 2
+            idx = batch.dec_chunks[lo * pages_per_req: hi * pages_per_req] + layer * 2
             k = torch.index_select(self.chunks, 0, idx, out=self._workspace("k", idx.numel())).view(b, L, hkv * d)
             v = torch.index_select(self.chunks, 0, idx + 1, out=self._workspace("v", idx.numel())).view(b, L, hkv * d)
             qg = q[lo:hi]
@@ -119,8 +119,8 @@ class TorchNativeAttention(BaseAttentionBackend):
                 scores = torch.matmul(qg.reshape(b, hkv, g, d), k.view(b, L, hkv, d).permute(0, 2, 3, 1))
                 scores = scores.float().view(b, hq, L)
             scores.mul_(d ** -0.5)
-            if fb.dec_mask is not None:
-                scores.add_(fb.dec_mask[lo:hi])
+            if batch.dec_mask is not None:
+                scores.add_(batch.dec_mask[lo:hi])
             p = torch.softmax(scores, dim=-1).to(q.dtype)
             if block_diag:
                 o = torch.bmm(p, v).view(b, hkv, g, hkv, d)  # [b, Hq, Hkv * D]: keep the diagonal blocks
@@ -129,20 +129,20 @@ class TorchNativeAttention(BaseAttentionBackend):
                 out[lo:hi] = torch.matmul(p.view(b, hkv, g, L), v.view(b, L, hkv, d).transpose(1, 2)).reshape(b, hq, d)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 fb: ForwardBatch) -> torch.Tensor:
+                 batch: ForwardBatch) -> torch.Tensor:
         # q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]
-        rows, lk = self.rows, layer * 2 * self.page_size
-        if fb.write_rows is None:
-            fb.write_rows = self.base_rows(fb.write_pages, fb.write_offs)
-        rows.index_copy_(0, fb.write_rows + lk, k)
-        rows.index_copy_(0, fb.write_rows + (lk + self.page_size), v)
+        rows, layer_row = self.rows, layer * 2 * self.page_size
+        if batch.write_rows is None:
+            batch.write_rows = self.base_rows(batch.write_pages, batch.write_offs)
+        rows.index_copy_(0, batch.write_rows + layer_row, k)
+        rows.index_copy_(0, batch.write_rows + (layer_row + self.page_size), v)
         out = torch.empty_like(q)
-        num_decode = fb.num_decode
+        num_decode = batch.num_decode
         if num_decode:
-            if fb.dec_chunks is None:
-                fb.dec_chunks = (fb.dec_table * (self.num_layers * 2)).view(-1)
-            self._decode(q[:num_decode], layer, fb, out[:num_decode])
-        for e in fb.extends:
+            if batch.dec_chunks is None:
+                batch.dec_chunks = (batch.dec_table * (self.num_layers * 2)).view(-1)
+            self._decode(q[:num_decode], layer, batch, out[:num_decode])
+        for e in batch.extends:
             start, n = e.q_start, e.q_len
             qe = q[start:start + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
             if e.prefix_len == 0:
@@ -152,8 +152,8 @@ class TorchNativeAttention(BaseAttentionBackend):
             else:
                 if e.ctx_rows is None:
                     e.ctx_rows = self.base_rows(e.ctx_pages, e.ctx_offs)
-                ke = rows.index_select(0, e.ctx_rows + lk).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-                ve = rows.index_select(0, e.ctx_rows + (lk + self.page_size)).transpose(0, 1).unsqueeze(0)
+                ke = rows.index_select(0, e.ctx_rows + layer_row).transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
+                ve = rows.index_select(0, e.ctx_rows + (layer_row + self.page_size)).transpose(0, 1).unsqueeze(0)
                 ctx = e.prefix_len + n
                 qpos = torch.arange(e.prefix_len, ctx).unsqueeze(1)
                 mask = torch.arange(ctx).unsqueeze(0) <= qpos  # [n, ctx]

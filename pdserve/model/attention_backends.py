@@ -25,8 +25,8 @@ class FakeAttention(BaseAttentionBackend):
         self.page_stride = num_layers * 2 * self.page_size
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 fb: ForwardBatch) -> torch.Tensor:
-        rows = fb.write_pages * self.page_stride + fb.write_offs + layer * 2 * self.page_size
+                 batch: ForwardBatch) -> torch.Tensor:
+        rows = batch.write_pages * self.page_stride + batch.write_offs + layer * 2 * self.page_size
         self.rows.index_copy_(0, rows, k)
         self.rows.index_copy_(0, rows + self.page_size, v)
         return q.clone()

@@ -234,16 +234,16 @@ class LlamaModel:
 
     # ---- forward -------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, fb: ForwardBatch, attn: BaseAttentionBackend) -> torch.Tensor | None:
-        """Returns float32 logits [N, vocab] for `fb.logits_indices` (None where the model does
+    def forward(self, batch: ForwardBatch, attn: BaseAttentionBackend) -> torch.Tensor | None:
+        """Returns float32 logits [N, vocab] for `batch.logits_indices` (None where the model does
         not compute logits: tensor-parallel ranks other than 0)."""
         cfg = self.config
         eps = cfg.rms_norm_eps
         hd, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         qs, ks = cfg.q_size, cfg.kv_size
-        cos = self.cos[fb.positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[fb.positions].unsqueeze(1)
-        h = self.embed[fb.input_ids]  # [T, hidden]
+        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[batch.positions].unsqueeze(1)
+        h = self.embed[batch.input_ids]  # [T, hidden]
         T = h.shape[0]
         small = T <= self.q4_max_tokens
         ar = self.all_reduce
@@ -262,7 +262,7 @@ class LlamaModel:
                 k = rms_norm(k, layer.k_norm, eps)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            o = attn(i, q, k, v, fb).view(T, qs)
+            o = attn(i, q, k, v, batch).view(T, qs)
             a = linear(o, layer.o, q4.get("o"), small, pk["o"])
             if ar is not None:
                 ar(a)
@@ -276,8 +276,8 @@ class LlamaModel:
             h = h + a
         if not self.computes_logits:
             return None
-        if fb.logits_indices is not None:
-            h = h[fb.logits_indices]
+        if batch.logits_indices is not None:
+            h = h[batch.logits_indices]
         if h.shape[0] == 0:  # a mid-prompt chunk samples nothing
             return torch.empty(0, self.lm_head.shape[0], dtype=torch.float32)
         h = rms_norm(h, self.norm, eps)

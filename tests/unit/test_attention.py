@@ -28,15 +28,15 @@ def test_paged_decode_matches_dense_attention(hkv, g, dtype):
         table[i, :k] = perm[used: used + k]
         used += k
     pad = torch.arange(npg * ps).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)
-    fb = ForwardBatch(input_ids=torch.zeros(B, dtype=torch.long), positions=torch.zeros(B, dtype=torch.long),
+    batch = ForwardBatch(input_ids=torch.zeros(B, dtype=torch.long), positions=torch.zeros(B, dtype=torch.long),
                       write_pages=torch.zeros(B, dtype=torch.long), write_offs=torch.zeros(B, dtype=torch.long),
                       num_decode=B, dec_table=table,
                       dec_mask=torch.zeros(B, 1, npg * ps).masked_fill_(pad.view(B, 1, -1), float("-inf")))
-    fb.dec_chunks = (table * (layers * 2)).view(-1)
+    batch.dec_chunks = (table * (layers * 2)).view(-1)
     q = torch.randn(B, hkv * g, d).to(dtype)
     layer = 1
     out = torch.empty_like(q)
-    attn._decode(q, layer, fb, out)
+    attn._decode(q, layer, batch, out)
     for i, n in enumerate(lens):
         pos = torch.arange(n)
         pg = table[i, pos // ps]
@@ -67,9 +67,9 @@ def test_attention_backends_by_name_write_the_same_kv():
     pages = torch.tensor([5, 2])[pos // 4]
     for name, attn in backends.items():
         from pdserve.model.attention import ExtendSeq
-        fb = ForwardBatch(torch.zeros(n, dtype=torch.long), pos, pages, pos % 4,
+        batch = ForwardBatch(torch.zeros(n, dtype=torch.long), pos, pages, pos % 4,
                           extends=[ExtendSeq(0, n, 0, None, None)])
-        out = attn(1, q, k, v, fb)
+        out = attn(1, q, k, v, batch)
         assert out.shape == q.shape, name
     assert torch.equal(pools["fake"], pools["torch_native"])
     assert torch.equal(pools["fake"][5, 1, 0, :, :, :], k[:4]) and torch.equal(pools["fake"][2, 1, 1, :2], v[4:])

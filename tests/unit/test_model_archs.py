@@ -83,9 +83,9 @@ def test_w4_decode_path_is_as_close_as_bf16_on_q4_weights():
         m.load_weights(state)
         assert (m.layers[0].q4 is not None) == bool(q4)
         kv = torch.zeros(4, cfg.num_layers, 2, 4, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
-        fb = ForwardBatch(ids, pos, pos // 4, pos % 4, extends=[ExtendSeq(0, 4, 0, None, None)],
+        batch = ForwardBatch(ids, pos, pos // 4, pos % 4, extends=[ExtendSeq(0, 4, 0, None, None)],
                           logits_indices=torch.tensor([3]))
-        outs.append(m.forward(fb, TorchNativeAttention(kv)))
+        outs.append(m.forward(batch, TorchNativeAttention(kv)))
     scale = outs[0].abs().max()
     err_bf16 = (outs[1] - outs[0]).abs().max() / scale
     err_q4 = (outs[2] - outs[0]).abs().max() / scale

@@ -200,9 +200,9 @@ def test_input_logprobs_match_a_full_forward_and_ignore_chunking():
     n = len(prompt)
     kv = torch.zeros(64, CFG.num_layers, 2, 4, CFG.num_kv_heads, CFG.head_dim)
     pos = torch.arange(n)
-    fb = ForwardBatch(torch.tensor(prompt), pos, pos // 4, pos % 4, extends=[ExtendSeq(0, n, 0, None, None)],
+    batch = ForwardBatch(torch.tensor(prompt), pos, pos // 4, pos % 4, extends=[ExtendSeq(0, n, 0, None, None)],
                       logits_indices=pos)
-    lp = torch.log_softmax(model.forward(fb, TorchNativeAttention(kv)), -1)
+    lp = torch.log_softmax(model.forward(batch, TorchNativeAttention(kv)), -1)
     ref = [lp[i, prompt[i + 1]].item() for i in range(n - 1)]
     for chunk in (512, 7):
         s = make(chunk=chunk, num_pages=128)

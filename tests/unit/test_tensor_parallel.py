@@ -134,20 +134,20 @@ def test_batch_codec_roundtrip_and_rejects_bad_frames():
     seen_ctx = seen_dec = False
     while s.has_work():
         plan = s.schedule()
-        fb = rn.build_batch(plan)
-        frames = [bytes(f) for f in encode_batch(fb)]
+        batch = rn.build_batch(plan)
+        frames = [bytes(f) for f in encode_batch(batch)]
         h = decode_header(frames[0])
         back = decode_batch(h, frames[1:])
-        assert back.num_decode == fb.num_decode and len(back.extends) == len(fb.extends)
+        assert back.num_decode == batch.num_decode and len(back.extends) == len(batch.extends)
         for name in ("input_ids", "positions", "write_pages", "write_offs", "dec_table", "dec_mask", "logits_indices"):
-            a, b = getattr(fb, name), getattr(back, name)
+            a, b = getattr(batch, name), getattr(back, name)
             assert (a is None and b is None) or torch.equal(a, b), name
-        for a, b in zip(fb.extends, back.extends):
+        for a, b in zip(batch.extends, back.extends):
             assert (a.q_start, a.q_len, a.prefix_len) == (b.q_start, b.q_len, b.prefix_len)
             if a.ctx_pages is not None:
                 seen_ctx = True
                 assert torch.equal(a.ctx_pages, b.ctx_pages) and torch.equal(a.ctx_offs, b.ctx_offs)
-        seen_dec |= fb.num_decode > 0
+        seen_dec |= batch.num_decode > 0
         s.update(plan, rn.run(plan))
     assert seen_ctx and seen_dec
     with pytest.raises(ValueError, match="bytes for shape"):
@@ -157,4 +157,4 @@ def test_batch_codec_roundtrip_and_rejects_bad_frames():
     h.tensors[0].dtype = "object"
     with pytest.raises(ValueError, match="bad tensor header"):
         decode_batch(h, frames[1:])
-    assert np.frombuffer(frames[1], dtype=np.int64).size == len(fb.input_ids)
+    assert np.frombuffer(frames[1], dtype=np.int64).size == len(batch.input_ids)

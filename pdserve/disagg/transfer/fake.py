@@ -54,10 +54,10 @@ class FakeKVSender(BaseKVSender):
             self._state.advance(KVPoll.Success)
 
     def poll(self) -> KVPoll:
-        s = self._state.state
-        if s == KVPoll.Bootstrapping:
+        state = self._state.state
+        if state == KVPoll.Bootstrapping:
             self._state.advance(KVPoll.WaitingForInput)  # bootstrap is instant; observed once
-        return s
+        return state
 
     def failure_exception(self) -> NoReturn:
         raise KVTransferError(self.room, self._state.reason or "fake sender failure")
@@ -84,13 +84,13 @@ class FakeKVReceiver(BaseKVReceiver):
         self._inited = True
 
     def poll(self) -> KVPoll:
-        s = self._state.state
-        if s == KVPoll.Bootstrapping:
+        state = self._state.state
+        if state == KVPoll.Bootstrapping:
             self._state.advance(KVPoll.WaitingForInput)
-        elif s == KVPoll.WaitingForInput and self._inited:
+        elif state == KVPoll.WaitingForInput and self._inited:
             self._state.advance(KVPoll.Success)
             return KVPoll.Success
-        return s
+        return state
 
     def get_metadata(self) -> KVMetadata | None:
         return self.fake_metadata if self._state.state == KVPoll.Success else None
