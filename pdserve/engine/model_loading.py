@@ -53,6 +53,13 @@ def load_model(args: ServerArgs, tp_rank: int = 0) -> LlamaModel:
     model.full_config = config
     model.load_weights(shard_state(state, config, shard))
     del state
+    return model
+
+
+def prebuild_shapes(model: LlamaModel, args: ServerArgs) -> None:
+    """Build oneDNN's kernels for every linear row count a step can have, before serving
+    (LlamaModel.prebuild_linear_shapes: RSS stays flat while serving). After the KV pool is
+    sized, so a server that cannot start says so without waiting for this."""
     t0 = time.perf_counter()
     # a step holds up to max_running decodes plus one prefill chunk (engine/scheduler.py)
     built = model.prebuild_linear_shapes(args.chunked_prefill_size + args.max_running_requests,
@@ -60,7 +67,6 @@ def load_model(args: ServerArgs, tp_rank: int = 0) -> LlamaModel:
     if built:
         logger.info("Built %d linear kernel shapes in %.2f s (RSS stays flat while serving)",
                     built, time.perf_counter() - t0)
-    return model
 
 
 def num_kv_pages(args: ServerArgs, cfg: ModelConfig, dtype: torch.dtype, weight_bytes: int) -> int:

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import typing
 
 import msgspec
 import torch
@@ -21,20 +22,23 @@ import zmq
 
 from pdserve.config import ServerArgs
 from pdserve.engine.kv_pool import PageAllocator
-from pdserve.engine.model_loading import load_model, num_kv_pages, set_threads
+from pdserve.engine.model_loading import load_model, num_kv_pages, prebuild_shapes, set_threads
 from pdserve.engine.pd_queues import PDContext, PDQueues, PDSetup
 from pdserve.engine.request import Req
 from pdserve.engine.runner import ModelRunner, kv_pool_shape, prefault
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
+from pdserve.engine.weights_control import WeightsControl
 from pdserve.enums import DisaggregationMode, TransferBackend
 from pdserve.model.tp import TPShard
 from pdserve.net import free_port
 from pdserve.messages import (AbortReq, BatchOut, FinishReason, FinishReasonType, FlushCacheReq, FlushCacheResp,
                               GenerateReq, GetLoadReq, LoadResp, PrefillQueueStats, ServerInfo, ShutdownReq,
-                              ShutdownResp, StartupError, ToScheduler, decode_to_scheduler, encode)
+                              ShutdownResp, StartupError, ToScheduler, WeightsReq, decode_to_scheduler, encode)
 
 logger = logging.getLogger("pdserve.scheduler")
+
+WEIGHTS_CALLS = typing.get_args(WeightsReq)
 
 
 class SchedulerProcess:
@@ -71,6 +75,10 @@ class SchedulerProcess:
         self.warmup()
         if args.disaggregation_mode != DisaggregationMode.NULL:
             self._setup_pd_queues(pd_setup)
+        self.weights = WeightsControl(self.model, self.kv_pools, args.tp_size, busy=self._busy,
+                                      flush_cache=self.scheduler.flush_cache,
+                                      reply=lambda resp: self.send.send(encode(resp)))
+        self.held: list[GenerateReq] = []  # new requests while a weight update waits
         if self.runner.lazy_pool:  # after startup: it must not slow the start itself
             prefault(self.runner.kv_data)
 
@@ -81,6 +89,7 @@ class SchedulerProcess:
         tp = args.tp_size
         # the pool budget covers the whole instance: all ranks' heads and weights
         num_pages = num_kv_pages(args, full, self.model.dtype, self.model.num_bytes() * tp)
+        prebuild_shapes(self.model, args)
         pd = args.disaggregation_mode != DisaggregationMode.NULL
         decode_shm = (args.disaggregation_mode == DisaggregationMode.DECODE
                       and args.disaggregation_transfer_backend == TransferBackend.SHM)
@@ -132,6 +141,8 @@ class SchedulerProcess:
                                             self.model.full_config.num_kv_heads))
 
     def close(self) -> None:
+        if getattr(self, "weights", None) is not None:
+            self.weights.close()
         if self.pd_queues is not None:
             self.pd_queues.close()
         if self.tp is not None:
@@ -169,11 +180,32 @@ class SchedulerProcess:
         )
 
     # ---- message handling ---------------------------------------------------------------
+    def _busy(self) -> bool:
+        """Requests in flight: in the scheduler or in the PD queues."""
+        return self.scheduler.has_work() or (self.pd_queues is not None and self.pd_queues.has_work())
+
+    def _after_step(self) -> None:
+        """A weight update that waited for the requests in flight applies now; the requests
+        held meanwhile go in (they run on the new weights)."""
+        if self.weights.poll():
+            held, self.held = self.held, []
+            for msg in held:
+                self.handle(msg)
+
     def handle(self, msg: ToScheduler) -> None:
         scheduler = self.scheduler
-        if isinstance(msg, GenerateReq):
+        if isinstance(msg, WEIGHTS_CALLS):
+            self.weights.handle(msg)
+        elif isinstance(msg, GenerateReq):
+            if self.weights.holds_new_requests():
+                self.held.append(msg)
+                return
             req = Req(msg.rid, msg.input_ids, msg.sampling, msg.return_logprob,
                       msg.top_logprobs_num, msg.arrival_time)
+            released = self.weights.released_message()
+            if released is not None:
+                scheduler.fail(req, FinishReason(FinishReasonType.ABORT, message=released, status_code=503))
+                return
             g = msg.sampling.grammar
             if g is not None:  # compiled grammars are cached: a repeated one costs ~nothing
                 try:
@@ -188,8 +220,13 @@ class SchedulerProcess:
             else:
                 scheduler.add_request(req)
         elif isinstance(msg, AbortReq):
-            if self.pd_queues is None or not self.pd_queues.abort(msg.rid):
-                scheduler.abort(msg.rid)
+            held = next((m for m in self.held if m.rid == msg.rid), None)
+            if held is not None:  # never reached the scheduler: end it there, as an abort
+                self.held.remove(held)
+                scheduler.fail(Req(held.rid, held.input_ids, held.sampling, arrival_time=held.arrival_time),
+                               FinishReason(FinishReasonType.ABORT, message=msg.message))
+            elif self.pd_queues is None or not self.pd_queues.abort(msg.rid):
+                scheduler.abort(msg.rid, msg.message)
         elif isinstance(msg, GetLoadReq):
             self.send.send(encode(self.load(msg.call_id)))
         elif isinstance(msg, FlushCacheReq):
@@ -252,10 +289,12 @@ class SchedulerProcess:
         """schedule -> run -> update, one after the other (Scheduler.step)."""
         scheduler = self.scheduler
         while self.running:
-            self._receive(idle=not scheduler.has_work() and not scheduler.has_outputs())
-            outs = scheduler.step(self.runner.run)
+            paused = self.weights.paused
+            self._receive(idle=(paused or not scheduler.has_work()) and not scheduler.has_outputs())
+            outs = scheduler.take_outputs() if self.weights.paused else scheduler.step(self.runner.run)
             if outs:
                 self.send.send(encode(BatchOut(outs)))
+            self._after_step()
             self._maybe_log()
 
     def event_loop_overlap(self) -> None:
@@ -269,8 +308,10 @@ class SchedulerProcess:
         unsent: list = []
         try:
             while self.running:
-                self._receive(idle=not scheduler.has_work() and not scheduler.has_outputs() and not unsent)
-                plan = scheduler.schedule()
+                paused = self.weights.paused
+                self._receive(idle=(paused or not scheduler.has_work()) and not scheduler.has_outputs()
+                              and not unsent)
+                plan = None if self.weights.paused else scheduler.schedule()
                 future = pool.submit(self.runner.run, plan) if plan is not None else None
                 if unsent:
                     self.send.send(encode(BatchOut(unsent)))
@@ -279,6 +320,7 @@ class SchedulerProcess:
                     unsent = scheduler.update(plan, future.result())
                 else:
                     unsent = scheduler.take_outputs()
+                self._after_step()
                 self._maybe_log()
         finally:
             pool.shutdown(wait=True)

@@ -56,11 +56,12 @@ def main() -> None:
 
 def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
     from pdserve.engine.shm_segment import SegmentMaps
-    from pdserve.engine.model_loading import load_model
+    from pdserve.engine.model_loading import load_model, prebuild_shapes
     from pdserve.engine.runner import ModelRunner, kv_pool_shape, prefault
     from pdserve.engine.tp import ShmAllReduce, decode_batch, decode_header, init_gloo, make_allreduce
 
     model = load_model(args, tp_rank=rank)
+    prebuild_shapes(model, args)
     say("loaded")
     maps = SegmentMaps()
     init = decode_header(batches.recv())

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="pdserve launch", description=__doc__)
     p.add_argument("--prefill", type=int, default=1, help="number of prefill servers")
     p.add_argument("--decode", type=int, default=1, help="number of decode servers")
+    p.add_argument("--pd-ratio", default=None, metavar="P:D",
+                   help="another spelling of --prefill P --decode D (e.g. 2:3)")
     p.add_argument("--prefill-tp-size", type=int, default=1,
                    help="tensor-parallel ranks of each prefill server (they split its cores)")
     p.add_argument("--decode-tp-size", type=int, default=1,
@@ -66,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disjoint: each server pinned to its own cores (no interference; each phase "
                         "gets a share); shared: every server may use every core (a lone phase gets "
                         "them all at low load, phases compete under load)")
+    p.add_argument("--ray", action="store_true",
+                   help="place the servers and the router on a Ray cluster by resources (optional extra "
+                        "pdserve[ray]); --cpu-split does not apply")
+    p.add_argument("--ray-address", default=None,
+                   help="with --ray: the cluster to join (ray start --head ...); unset: a local Ray")
+    p.add_argument("--ray-cpus-per-server", type=float, default=1.0,
+                   help="with --ray: CPUs each server asks Ray for (and its thread count)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of start-up errors")
     return p
 
@@ -99,6 +108,15 @@ def server_args_of(a: argparse.Namespace, extra: list[str]) -> list[str]:
 def check_flags(a: argparse.Namespace) -> list[str]:
     """Validates launch's flags and --server-args as the servers will see them, before anything
     starts. Returns the extra server flags; raises ValueError (flag + fix)."""
+    if a.ray_address is not None and not a.ray:
+        raise ValueError("--ray-address needs --ray")
+    if a.ray_cpus_per_server <= 0:
+        raise ValueError("--ray-cpus-per-server must be > 0")
+    if a.pd_ratio is not None:
+        parts = a.pd_ratio.split(":")
+        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+            raise ValueError(f"--pd-ratio {a.pd_ratio!r} must be P:D with two integers, e.g. 2:3")
+        a.prefill, a.decode = int(parts[0]), int(parts[1])
     for flag in ("prefill", "decode", "prefill_tp_size", "decode_tp_size"):
         if getattr(a, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
@@ -203,6 +221,12 @@ def main(argv: list[str]) -> int:
         if a.debug:
             raise
         return fail(parser.prog, str(e))
+    if a.ray:
+        try:
+            from pdserve.launch.ray_launch import run_on_ray
+        except ImportError:
+            return fail(parser.prog, "--ray needs Ray: pip install 'pdserve[ray]'")
+        return run_on_ray(a, server_args_of(a, extra))
     n = a.prefill + a.decode
     cores = my_cores()
     groups = split_cores(cores, n) if a.cpu_split == "disjoint" else [cores] * n

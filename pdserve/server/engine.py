@@ -88,32 +88,51 @@ class Engine:
 
     def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
                  input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False):
+                 top_logprobs_num: int = 0, stream: bool = False, bootstrap_host: str | None = None,
+                 bootstrap_port: int | None = None, bootstrap_room: int | list[int] | None = None):
         """Dict per prompt ({"text", "output_ids", "meta_info"}), a list for a batch,
-        or (stream=True, single prompt) an iterator of cumulative chunks."""
+        or (stream=True, single prompt) an iterator of cumulative chunks. A prefill or decode
+        engine (disaggregation_mode) needs the pair's bootstrap_host / bootstrap_port /
+        bootstrap_room (one room per prompt), as the router sends them; `pdserve.PDEngine`
+        pairs engines for you."""
         self._check_open()
         batched, jobs = self._jobs(prompt, sampling_params, input_ids)
+        boots = self._bootstraps(len(jobs), bootstrap_host, bootstrap_port, bootstrap_room)
         if stream:
             if batched:
                 raise ValueError("stream=True takes a single prompt")
-            return self._sync_stream(jobs[0], return_logprob, top_logprobs_num)
+            return self._sync_stream(jobs[0], return_logprob, top_logprobs_num, boots[0])
 
         async def run_all():
-            return await asyncio.gather(*(self._collect(ids, sp, return_logprob, top_logprobs_num)
-                                          for ids, sp in jobs))
+            return await asyncio.gather(*(self._collect(ids, sp, return_logprob, top_logprobs_num, boot)
+                                          for (ids, sp), boot in zip(jobs, boots)))
 
         results = self._call(run_all())
         return results if batched else results[0]
 
-    async def _collect(self, ids, sp, lp, top):
+    def _bootstraps(self, n: int, host, port, room) -> list[tuple | None]:
+        """One (host, port, room) per prompt, or None each in mode null."""
+        from pdserve.enums import DisaggregationMode
+
+        if self.args.disaggregation_mode == DisaggregationMode.NULL:
+            if room is not None or host is not None or port is not None:
+                raise ValueError("bootstrap_host / bootstrap_port / bootstrap_room are for prefill and decode engines")
+            return [None] * n
+        rooms = room if isinstance(room, list) else [room] * n
+        if host is None or port is None or len(rooms) != n or not all(isinstance(r, int) for r in rooms):
+            raise ValueError(f"a {self.args.disaggregation_mode} engine needs bootstrap_host, bootstrap_port and "
+                             f"one integer bootstrap_room per prompt (pdserve.PDEngine pairs engines for you)")
+        return [(host, int(port), r) for r in rooms]
+
+    async def _collect(self, ids, sp, lp, top, boot=None):
         last = None
-        async for last in self.tm.generate(ids, sp, return_logprob=lp, top_logprobs_num=top):
+        async for last in self.tm.generate(ids, sp, return_logprob=lp, top_logprobs_num=top, bootstrap=boot):
             pass
         return last
 
-    def _sync_stream(self, job, lp, top) -> Iterator[dict]:
+    def _sync_stream(self, job, lp, top, boot=None) -> Iterator[dict]:
         ids, sp = job
-        agen = self.tm.generate(ids, sp, return_logprob=lp, top_logprobs_num=top)
+        agen = self.tm.generate(ids, sp, return_logprob=lp, top_logprobs_num=top, bootstrap=boot)
         try:
             while True:
                 try:
@@ -126,22 +145,25 @@ class Engine:
 
     async def async_generate(self, prompt: str | None = None, sampling_params: dict | None = None,
                              input_ids: list[int] | None = None, return_logprob: bool = False,
-                             top_logprobs_num: int = 0, stream: bool = False):
+                             top_logprobs_num: int = 0, stream: bool = False, bootstrap_host: str | None = None,
+                             bootstrap_port: int | None = None, bootstrap_room: int | list[int] | None = None):
         """Awaitable result, or (stream=True) an async iterator of chunks."""
         self._check_open()
         batched, jobs = self._jobs(prompt, sampling_params, input_ids)
+        boots = self._bootstraps(len(jobs), bootstrap_host, bootstrap_port, bootstrap_room)
         if stream:
             if batched:
                 raise ValueError("stream=True takes a single prompt")
-            return self._async_stream(jobs[0], return_logprob, top_logprobs_num)
+            return self._async_stream(jobs[0], return_logprob, top_logprobs_num, boots[0])
         futs = [asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-            self._collect(ids, sp, return_logprob, top_logprobs_num), self.loop)) for ids, sp in jobs]
+            self._collect(ids, sp, return_logprob, top_logprobs_num, boot), self.loop))
+            for (ids, sp), boot in zip(jobs, boots)]
         results = await asyncio.gather(*futs)
         return results if batched else results[0]
 
-    async def _async_stream(self, job, lp, top) -> AsyncIterator[dict]:
+    async def _async_stream(self, job, lp, top, boot=None) -> AsyncIterator[dict]:
         ids, sp = job
-        agen = self.tm.generate(ids, sp, return_logprob=lp, top_logprobs_num=top)
+        agen = self.tm.generate(ids, sp, return_logprob=lp, top_logprobs_num=top, bootstrap=boot)
         try:
             while True:
                 try:

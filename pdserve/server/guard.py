@@ -25,7 +25,8 @@ ADMIN_PATHS = frozenset({
     "/flush_cache", "/abort_request",
     # SGLang's admin endpoints, should pdserve grow them
     "/update_weights_from_disk", "/update_weights_from_tensor", "/update_weights_from_distributed",
-    "/init_weights_update_group", "/release_memory_occupation", "/resume_memory_occupation",
+    "/init_weights_update_group", "/destroy_weights_update_group", "/get_weights_by_name",
+    "/release_memory_occupation", "/resume_memory_occupation",
     "/start_profile", "/stop_profile", "/configure_logging", "/pause_generation", "/continue_generation",
 })
 

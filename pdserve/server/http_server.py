@@ -6,6 +6,7 @@
     openai_api.py      /v1/models, /v1/completions, /v1/chat/completions
     responses.py       error bodies, server-sent events, streams, client disconnects
     pd_fields.py       bootstrap_host / port / room of PD requests
+    weights_routes.py  RL weight sync, memory release, pause (docs/rl.md)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pdserve.server.metrics import ServerMetrics
 from pdserve.server.native_api import add_native_routes
 from pdserve.server.openai_api import add_openai_routes
 from pdserve.server.tokenizer_manager import TokenizerManager
+from pdserve.server.weights_routes import add_weights_routes
 
 
 def build_app(tm: TokenizerManager, metrics: ServerMetrics, served_model_name: str, model_path: str) -> FastAPI:
@@ -28,4 +30,5 @@ def build_app(tm: TokenizerManager, metrics: ServerMetrics, served_model_name: s
                        max_body=tm.args.max_payload_size)
     add_native_routes(app, tm, metrics, served_model_name, model_path)
     add_openai_routes(app, tm, served_model_name, model_path)
+    add_weights_routes(app, tm)
     return app

@@ -26,7 +26,7 @@ from pdserve.config import ServerArgs
 from pdserve.engine.admission import kv_pool_fit_error
 from pdserve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from pdserve.net import ipc_addr
-from pdserve.messages import (AbortReq, BatchOut, ControlReq, ControlResp, FinishReasonType, FlushCacheReq,
+from pdserve.messages import (AbortReq, AdminResp, BatchOut, ControlReq, ControlResp, FinishReasonType, FlushCacheReq,
                               FlushCacheResp, GenerateReq, GetLoadReq, LoadResp, ReqOut, ServerInfo, ShutdownReq,
                               ShutdownResp, StartupError, decode_from_scheduler, encode)
 from pdserve.server.detokenizer import IncrementalDetokenizer
@@ -160,7 +160,7 @@ class TokenizerManager:
             except Exception:  # a bug, not a peer: log it loudly, keep serving the rest
                 logger.exception("undecodable message from the scheduler")
                 continue
-            if isinstance(msg, (FlushCacheResp, LoadResp, ShutdownResp)):
+            if isinstance(msg, (FlushCacheResp, LoadResp, ShutdownResp, AdminResp)):
                 fut = self.calls.pop(msg.call_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -192,6 +192,17 @@ class TokenizerManager:
         """Empty the prefix cache; False while requests run."""
         resp: FlushCacheResp = await self._call(FlushCacheReq)
         return resp.success
+
+    async def admin_call(self, request: Callable[[int], ControlReq]) -> AdminResp:
+        """A weights / memory / pause call (pdserve/engine/weights_control.py)."""
+        return await self._call(request)
+
+    async def abort_all(self, message: str) -> int:
+        """Abort every request in flight with `message`; returns how many."""
+        rids = list(self.states)
+        for rid in rids:
+            await self.send_sock.send(encode(AbortReq(rid, message)))
+        return len(rids)
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

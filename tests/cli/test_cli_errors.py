@@ -89,6 +89,8 @@ def test_device_and_chat_template_and_trust_remote_code(port):
     (["--decode-tp-size", "4"], "--decode-tp-size 4"),
     (["--server-args", "--no-such-flag"], "--no-such-flag"),
     (["--model-path", "HuggingFaceTB/SmolLM2-135M-Instruct"], "huggingface-cli download"),
+    (["--pd-ratio", "2-3"], "--pd-ratio"),
+    (["--pd-ratio", "0:1"], "--prefill must be >= 1"),
 ])
 def test_launch_validates_its_flags(argv, needle):
     r = run("launch", "--port", str(free_port()), *argv)
@@ -102,6 +104,14 @@ def test_launch_policy_default_is_the_routers():
     from pdserve.router.config import RouterConfig
 
     assert build_parser().parse_args([]).policy == RouterConfig.policy
+
+
+def test_launch_pd_ratio_spells_prefill_and_decode():
+    from pdserve.launch.cli import build_parser, check_flags
+
+    ns = build_parser().parse_args(["--pd-ratio", "2:3", "--port", str(free_port())])
+    check_flags(ns)
+    assert (ns.prefill, ns.decode) == (2, 3)
 
 
 def test_launch_server_args_accepts_leading_dashes():

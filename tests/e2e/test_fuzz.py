@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from pdserve.router.config import HealthCheckConfig, RouterConfig
 from pdserve.router.serve import RouterThread
+from pdserve.server.guard import ADMIN_PATHS
 from tests.conftest import ServerProc
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +56,19 @@ BASES = {
                              ["messages", "messages.0", "messages.0.role", "messages.0.content"] + OPENAI_FIELDS),
     "/abort_request": ({"rid": "no-such-request"}, ["rid"]),
     "/flush_cache": ({}, ["x"]),
+    # weight sync (#15); /init_weights_update_group, /pause_generation and /release_memory_occupation
+    # change the server's state for the other cases and are tested in tests/e2e/test_weight_sync.py
+    "/get_weights_by_name": ({"name": "model.norm.weight", "truncate_size": 2}, ["name", "truncate_size"]),
+    "/update_weights_from_disk": ({"model_path": "/nonexistent"}, ["model_path", "flush_cache"]),
+    "/update_weights_from_tensor": ({"serialized_named_tensors": ["AAAA"]},
+                                    ["serialized_named_tensors", "serialized_named_tensors.0", "load_format"]),
+    "/update_weights_from_distributed": ({"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[576]],
+                                          "group_name": "none"}, ["names", "dtypes", "shapes", "group_name",
+                                                                  "load_format", "shapes.0"]),
+    "/destroy_weights_update_group": ({"group_name": "none"}, ["group_name"]),
 }
+
+ROUTED = ["/generate", "/v1/completions", "/v1/chat/completions", "/abort_request", "/flush_cache"]  # the router's
 
 RAW = [
     b"", b"{", b"null", b"[]", b'"text"', b"{}", b"NaN", b'{"text": "\xff\xfe\xfa"}', b"\xff\xfe\x00{",
@@ -168,11 +181,11 @@ def fuzz(url: str, path: str, key: str, examples: int) -> None:
 
 @pytest.mark.parametrize("path", list(BASES))
 def test_fuzz_server(fuzz_server, path):
-    fuzz(fuzz_server.url, path, ADMIN if path in ("/abort_request", "/flush_cache") else USER, EXAMPLES["server"])
+    fuzz(fuzz_server.url, path, ADMIN if path in ADMIN_PATHS else USER, EXAMPLES["server"])
     assert_clean(fuzz_server)
 
 
-@pytest.mark.parametrize("path", list(BASES))
+@pytest.mark.parametrize("path", ROUTED)
 def test_fuzz_router(fuzz_server, fuzz_router, path):
     fuzz(fuzz_router.url, path, ROUTER, EXAMPLES["router"])
     assert_clean(fuzz_server)
