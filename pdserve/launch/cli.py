@@ -6,17 +6,16 @@ parent-death signal), and their scheduler and tensor-parallel processes follow t
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 
 from pdserve.cpus import my_cores, split_cores
+from pdserve.launch.children import child_setup, wait_healthy
 
 
 @dataclass
@@ -160,38 +159,6 @@ def check_flags(a: argparse.Namespace) -> list[str]:
     return extra
 
 
-def _die_with_parent(parent: int) -> None:
-    """In a child before exec: SIGTERM when launch dies, however it dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    if os.getppid() != parent:  # launch died before prctl took effect
-        os._exit(1)
-
-
-def _child_setup(parent: int, cpus=None):
-    def setup() -> None:
-        _die_with_parent(parent)
-        if cpus is not None:
-            os.sched_setaffinity(0, cpus)
-    return setup
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, deadline: float, path: str = "/health") -> None:
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url} exited with code {proc.returncode} during startup")
-        try:
-            with urllib.request.urlopen(url + path, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not become healthy in time")
-
-
 def stop_all(children: list[Child]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut this short
         signal.signal(sig, signal.SIG_IGN)
@@ -258,7 +225,7 @@ def main(argv: list[str]) -> int:
                 # servers on the same cores: decode's OpenMP threads must not spin-wait on
                 # cores the prefill needs (its steps are short and frequent)
                 child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            proc = subprocess.Popen(cmd, start_new_session=True, env=child_env, preexec_fn=_child_setup(me, cpus))
+            proc = subprocess.Popen(cmd, start_new_session=True, env=child_env, preexec_fn=child_setup(me, cpus))
             url = f"http://{a.host}:{port}"
             children.append(Child(f"{role}-{i}", proc, url))
             if role == "prefill":
@@ -272,7 +239,7 @@ def main(argv: list[str]) -> int:
         router_cmd = [py, "-m", "pdserve.cli", "router", "--pd-disaggregation", *prefill_args,
                       *sum((["--decode", u] for u in decode_urls), []), "--host", a.host, "--port", str(a.port),
                       "--policy", a.policy]
-        router = subprocess.Popen(router_cmd, start_new_session=True, preexec_fn=_child_setup(me))
+        router = subprocess.Popen(router_cmd, start_new_session=True, preexec_fn=child_setup(me))
         rurl = f"http://{a.host}:{a.port}"
         children.append(Child("router", router, rurl))
         wait_healthy(rurl, router, deadline, "/readiness")

@@ -17,6 +17,8 @@ import time
 
 import psutil
 
+from pdserve.launch.children import child_setup, wait_healthy
+
 
 def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -71,10 +73,8 @@ class RayProcessActor:
         return self._spawn(cmd, f"http://{self.host}:{port}", "/readiness", timeout)
 
     def _spawn(self, cmd: list[str], url: str, health: str, timeout: float) -> str:
-        from pdserve.launch.cli import _child_setup, wait_healthy
-
         # the processes follow the actor down however it ends (parent-death signal)
-        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_child_setup(os.getpid()))
+        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=child_setup(os.getpid()))
         self.procs.append(proc)
         wait_healthy(url, proc, time.time() + timeout, health)
         return url
