@@ -60,6 +60,7 @@ class AttentionBackend(StrEnum):
     """`--attention-backend` (SGLang's flag): the paged attention implementation."""
 
     TORCH_NATIVE = "torch_native"  # pdserve/model/attention.py; CPU and GPU
+    CPU_PAGED = "cpu_paged"  # C++ decode kernel reading the paged pool in place (attention_backends.py)
     FAKE = "fake"  # writes the KV, attends to nothing (tests of the plumbing around attention)
 
 

@@ -42,6 +42,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor | None = None  # [N] flat indices whose logits are needed
     write_rows: torch.Tensor | None = None  # derived by the backend, cached across layers
     dec_chunks: torch.Tensor | None = None
+    dec_lens: torch.Tensor | None = None  # [B] context length of each decode request (derived)
 
 
 class BaseAttentionBackend(abc.ABC):

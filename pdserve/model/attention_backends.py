@@ -10,7 +10,27 @@ from __future__ import annotations
 import torch
 
 from pdserve.enums import AttentionBackend
+from pdserve.model import cpu_kernels
 from pdserve.model.attention import BaseAttentionBackend, ForwardBatch, TorchNativeAttention
+
+
+class CpuPagedAttention(TorchNativeAttention):
+    """Decode attention by pdserve's C++ kernel (pdserve/model/csrc/paged_attention.cpp),
+    which reads each request's pages of the pool in place: no per-step gather of K/V, one
+    pass over the context with an online softmax. Prefill (extend) chunks run as in
+    TorchNativeAttention (SDPA's flash kernel). Float32 and bfloat16 pools on CPU."""
+
+    def __init__(self, kv_data: torch.Tensor) -> None:
+        super().__init__(kv_data)
+        if kv_data.device.type != "cpu" or kv_data.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError("the cpu_paged attention backend needs a float32 or bfloat16 KV pool on the CPU")
+        cpu_kernels.load()
+        self._op = torch.ops.pdserve_cpu.paged_decode
+
+    def _decode(self, q: torch.Tensor, layer: int, fb: ForwardBatch, out: torch.Tensor) -> None:
+        if fb.dec_lens is None:  # context length of each decode request: its position + 1
+            fb.dec_lens = fb.positions[: fb.num_decode] + 1
+        self._op(q, self.kv_data, fb.dec_table, fb.dec_lens, layer, q.shape[-1] ** -0.5, out)
 
 
 class FakeAttention(BaseAttentionBackend):
@@ -34,6 +54,7 @@ class FakeAttention(BaseAttentionBackend):
 
 _BACKENDS: dict[AttentionBackend, type[BaseAttentionBackend]] = {
     AttentionBackend.TORCH_NATIVE: TorchNativeAttention,
+    AttentionBackend.CPU_PAGED: CpuPagedAttention,
     AttentionBackend.FAKE: FakeAttention,
 }
 

@@ -1,0 +1,147 @@
+// Decode attention that reads pdserve's paged KV pool in place (issue #12).
+//
+// KV pool: kv [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim], contiguous
+// (pdserve/model/attention.py). For each decode request b and KV head h, one pass over the
+// request's pages: the G = Hq / Hkv query heads of the group share every K and V row load,
+// and the softmax is computed online (running max and sum, rescaled once per page), so
+// nothing is gathered or materialised: each K/V byte of the context is read once.
+//
+// Registered as torch.ops.pdserve_cpu.paged_decode(q, kv, table, lens, layer, scale, out).
+// Built by pdserve/model/cpu_kernels.py with torch.utils.cpp_extension (-O3 -march=native).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_f(T x) {
+  return static_cast<float>(x);
+}
+
+template <typename T>
+void paged_decode_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table,
+                       const at::Tensor& lens, int64_t layer, double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t L = kv.size(1), ps = kv.size(3), Hkv = kv.size(4);
+  const int64_t G = Hq / Hkv;
+  const int64_t npg = table.size(1);
+  const T* kvp = kv.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const int64_t os0 = out.stride(0), os1 = out.stride(1);
+  const int64_t tok_stride = Hkv * D;        // next token in a page
+  const int64_t kv_half = ps * Hkv * D;      // K block of a page -> its V block
+  const int64_t page_stride = L * 2 * kv_half;
+  const int64_t layer_off = layer * 2 * kv_half;
+  const float sc = static_cast<float>(scale);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), s(G * ps), m(G), l(G);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / Hkv, h = w % Hkv;
+      const int64_t len = lp[b];
+      for (int64_t g = 0; g < G; ++g) {
+        const T* qrow = qp + b * qs0 + (h * G + g) * qs1;
+        for (int64_t d = 0; d < D; ++d) qf[g * D + d] = to_f(qrow[d]) * sc;
+        m[g] = neg_inf;
+        l[g] = 0.f;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t pages = (len + ps - 1) / ps;
+      for (int64_t pi = 0; pi < pages; ++pi) {
+        const int64_t page = tp[b * npg + pi];
+        const int64_t n = std::min(ps, len - pi * ps);
+        const T* kb = kvp + page * page_stride + layer_off + h * D;
+        const T* vb = kb + kv_half;
+        // scores of the page's n tokens for every query head of the group: s[g][t]
+        for (int64_t t = 0; t < n; ++t) {
+          const T* k = kb + t * tok_stride;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf.data() + g * D;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < D; ++d) dot += qg[d] * to_f(k[d]);
+            s[g * ps + t] = dot;
+          }
+        }
+        // online softmax: new running max, rescale what was accumulated, exponentiate
+        for (int64_t g = 0; g < G; ++g) {
+          float* sg = s.data() + g * ps;
+          float mx = m[g];
+          for (int64_t t = 0; t < n; ++t) mx = std::max(mx, sg[t]);
+          const float corr = m[g] == neg_inf ? 0.f : std::exp(m[g] - mx);
+          float sum = 0.f;
+          for (int64_t t = 0; t < n; ++t) {
+            sg[t] = std::exp(sg[t] - mx);
+            sum += sg[t];
+          }
+          l[g] = l[g] * corr + sum;
+          m[g] = mx;
+          if (corr != 1.f) {
+            float* ag = acc.data() + g * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) ag[d] *= corr;
+          }
+        }
+        // acc[g] += sum_t p[g][t] * V[t]
+        for (int64_t t = 0; t < n; ++t) {
+          const T* v = vb + t * tok_stride;
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = s[g * ps + t];
+            float* ag = acc.data() + g * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) ag[d] += p * to_f(v[d]);
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+        T* orow = op + b * os0 + (h * G + g) * os1;
+        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(acc[g * D + d] * inv);
+      }
+    }
+  });
+}
+
+void paged_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table, const at::Tensor& lens,
+                  int64_t layer, double scale, at::Tensor out) {
+  TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && kv.dim() == 6, "paged_decode: q/out [B, Hq, D], kv 6-d");
+  TORCH_CHECK(kv.is_contiguous(), "paged_decode: the KV pool must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "paged_decode: head_dim must be contiguous");
+  TORCH_CHECK(q.scalar_type() == kv.scalar_type() && out.scalar_type() == kv.scalar_type(),
+              "paged_decode: q, kv and out must share a dtype");
+  TORCH_CHECK(table.scalar_type() == at::kLong && lens.scalar_type() == at::kLong &&
+                  table.is_contiguous() && lens.is_contiguous(),
+              "paged_decode: table and lens must be contiguous int64");
+  TORCH_CHECK(q.size(2) == kv.size(5) && q.size(1) % kv.size(4) == 0, "paged_decode: head shapes differ");
+  TORCH_CHECK(table.size(0) == q.size(0) && lens.size(0) == q.size(0), "paged_decode: one table row per query");
+  TORCH_CHECK(layer >= 0 && layer < kv.size(1), "paged_decode: layer out of range");
+  if (kv.scalar_type() == at::kFloat) {
+    paged_decode_impl<float>(q, kv, table, lens, layer, scale, out);
+  } else if (kv.scalar_type() == at::kBFloat16) {
+    paged_decode_impl<at::BFloat16>(q, kv, table, lens, layer, scale, out);
+  } else {
+    TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pdserve_cpu, m) {
+  m.def("paged_decode(Tensor q, Tensor kv, Tensor table, Tensor lens, int layer, float scale, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+}
