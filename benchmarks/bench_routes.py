@@ -6,7 +6,8 @@
 
     .venv/bin/python benchmarks/bench_routes.py --output bench_out/routes.json
 
-Per route: decode tok/s (output tokens after the first / time from the first to the last
+The fourth row sends the body of vLLM's own benchmark client (default temperature, so
+sampled rather than greedy). Per route: decode tok/s (output tokens after the first / time from the first to the last
 token's event, median over rounds), TTFT, events per request, and the front-end process's
 CPU time per output token (psutil, the HTTP server process only: the scheduler process,
 which runs the model, is not counted), which is where per-token front-end work shows.
@@ -44,6 +45,11 @@ def bodies(max_tokens: int) -> dict[str, tuple[str, dict]]:
         "/v1/chat/completions": ("/v1/chat/completions", {
             "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, **common,
             "stream_options": {"include_usage": True}}),
+        # the body `vllm bench serve` sends (vllm/benchmarks/lib/endpoint_request_func.py): no
+        # temperature (the server's default, 1.0, so random sampling), repetition_penalty 1.0
+        "/v1/completions (vLLM client body)": ("/v1/completions", {
+            "prompt": PROMPT, "repetition_penalty": 1.0, "max_tokens": max_tokens, "logprobs": None,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}),
     }
 
 
@@ -120,7 +126,7 @@ def main() -> int:
         stop_server(proc)
 
     res["routes"] = {}
-    print(f"\n{'route':24} {'decode tok/s':>12} {'TTFT ms':>8} {'events':>7} {'front CPU us/token':>19}")
+    print(f"\n{'route':36} {'decode tok/s':>12} {'TTFT ms':>8} {'events':>7} {'front CPU us/token':>19}")
     for name, rs in runs.items():
         rate = statistics.median((r["tokens"] - 1) / r["decode_s"] for r in rs)
         row = {"decode_tok_s": rate,
@@ -130,7 +136,7 @@ def main() -> int:
                "tokens": statistics.median(r["tokens"] for r in rs),
                "front_cpu_us_per_token": statistics.median(r["front_cpu_s"] / r["tokens"] for r in rs) * 1e6}
         res["routes"][name] = row
-        print(f"{name:24} {rate:12.1f} {row['ttft_ms']:8.1f} {row['events']:7.0f} "
+        print(f"{name:36} {rate:12.1f} {row['ttft_ms']:8.1f} {row['events']:7.0f} "
               f"{row['front_cpu_us_per_token']:19.0f}")
     write_json(args.output, res)
     return 0

@@ -45,6 +45,17 @@ class ShutdownReq(msgspec.Struct, tag=True):
     call_id: int
 
 
+class ProfileReq(msgspec.Struct, tag=True):
+    """/start_profile (start=True) and /stop_profile (pdserve/engine/profiler.py)."""
+
+    call_id: int
+    start: bool
+    output_dir: str | None = None
+    num_steps: int | None = None
+    record_shapes: bool = False
+    with_stack: bool = False
+
+
 class FinishReasonType(StrEnum):
     """Why a request ended; compares equal to its value ("stop" == FinishReasonType.STOP)."""
 
@@ -140,6 +151,13 @@ class LoadResp(msgspec.Struct, tag=True):
 
 class ShutdownResp(msgspec.Struct, tag=True):
     call_id: int
+
+
+class ProfileResp(msgspec.Struct, tag=True):
+    call_id: int
+    success: bool
+    message: str
+    trace_path: str | None = None  # where the trace goes (start) or went (stop)
 
 
 class ServerInfo(msgspec.Struct, tag=True):
@@ -256,10 +274,11 @@ WeightsReq = Union[InitWeightsGroupReq, DestroyWeightsGroupReq, UpdateWeightsFro
                    ReleaseMemoryReq, ResumeMemoryReq, PauseGenerationReq, ContinueGenerationReq]
 
 
-ControlReq = Union[FlushCacheReq, GetLoadReq, ShutdownReq, WeightsReq]
-ControlResp = Union[FlushCacheResp, LoadResp, ShutdownResp, AdminResp]
-ToScheduler = Union[GenerateReq, AbortReq, FlushCacheReq, GetLoadReq, ShutdownReq, WeightsReq]
-FromScheduler = Union[BatchOut, FlushCacheResp, LoadResp, ShutdownResp, AdminResp, ServerInfo, StartupError]
+ControlReq = Union[FlushCacheReq, GetLoadReq, ShutdownReq, ProfileReq, WeightsReq]
+ControlResp = Union[FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp]
+ToScheduler = Union[GenerateReq, AbortReq, FlushCacheReq, GetLoadReq, ShutdownReq, ProfileReq, WeightsReq]
+FromScheduler = Union[BatchOut, FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp, ServerInfo,
+                      StartupError]
 
 _enc = msgspec.msgpack.Encoder()
 _dec_to = msgspec.msgpack.Decoder(ToScheduler)

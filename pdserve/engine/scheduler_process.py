@@ -22,6 +22,7 @@ import zmq
 
 from pdserve.config import ServerArgs
 from pdserve.engine.kv_pool import PageAllocator
+from pdserve.engine.profiler import Profiler
 from pdserve.engine.model_loading import load_model, num_kv_pages, prebuild_shapes, set_threads
 from pdserve.engine.pd_queues import PDContext, PDQueues, PDSetup
 from pdserve.engine.request import Req
@@ -33,7 +34,7 @@ from pdserve.enums import DisaggregationMode, TransferBackend
 from pdserve.model.tp import TPShard
 from pdserve.net import free_port
 from pdserve.messages import (AbortReq, BatchOut, FinishReason, FinishReasonType, FlushCacheReq, FlushCacheResp,
-                              GenerateReq, GetLoadReq, LoadResp, PrefillQueueStats, ServerInfo, ShutdownReq,
+                              GenerateReq, GetLoadReq, LoadResp, PrefillQueueStats, ProfileReq, ProfileResp, ServerInfo, ShutdownReq,
                               ShutdownResp, StartupError, ToScheduler, WeightsReq, decode_to_scheduler, encode)
 
 logger = logging.getLogger("pdserve.scheduler")
@@ -47,6 +48,8 @@ class SchedulerProcess:
         build_pd_queues, passed in by disagg/scheduler_process_main.py)."""
         self.args = args
         self.tp = None
+        mode = args.disaggregation_mode
+        self.profiler = Profiler("colocated" if mode == DisaggregationMode.NULL else mode.value)
         if args.tp_size > 1:  # start the other ranks first: they load their shards meanwhile
             from pdserve.engine.tp import TPDriver
 
@@ -234,6 +237,17 @@ class SchedulerProcess:
         elif isinstance(msg, ShutdownReq):
             self.running = False
             self.send.send(encode(ShutdownResp(msg.call_id)))
+        elif isinstance(msg, ProfileReq):
+            self.send.send(encode(self.profile(msg)))
+
+    def profile(self, msg: ProfileReq) -> ProfileResp:
+        try:
+            if msg.start:
+                path = self.profiler.start(msg.output_dir, msg.num_steps, msg.record_shapes, msg.with_stack)
+                return ProfileResp(msg.call_id, True, "Start profiling.", path)
+            return ProfileResp(msg.call_id, True, "Stop profiling.", self.profiler.stop())
+        except ValueError as e:
+            return ProfileResp(msg.call_id, False, str(e))
 
     def load(self, call_id: int) -> LoadResp:
         resp = LoadResp(call_id, self.scheduler.load(), self.args.disaggregation_mode)
@@ -294,6 +308,7 @@ class SchedulerProcess:
             outs = scheduler.take_outputs() if self.weights.paused else scheduler.step(self.runner.run)
             if outs:
                 self.send.send(encode(BatchOut(outs)))
+                self.profiler.step()
             self._after_step()
             self._maybe_log()
 
@@ -318,6 +333,7 @@ class SchedulerProcess:
                     unsent = []
                 if future is not None:
                     unsent = scheduler.update(plan, future.result())
+                    self.profiler.step()
                 else:
                     unsent = scheduler.take_outputs()
                 self._after_step()

@@ -7,11 +7,15 @@ Like the KV transfer backends (disagg/transfer/registry.py): a base class
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from pdserve.enums import AttentionBackend
 from pdserve.model import cpu_kernels
 from pdserve.model.attention import BaseAttentionBackend, ForwardBatch, TorchNativeAttention
+
+logger = logging.getLogger("pdserve.attention")
 
 
 class CpuPagedAttention(TorchNativeAttention):
@@ -59,11 +63,27 @@ _BACKENDS: dict[AttentionBackend, type[BaseAttentionBackend]] = {
 }
 
 
-def create_attention_backend(name: AttentionBackend | str, kv_data: torch.Tensor) -> BaseAttentionBackend:
-    """The backend `name` over the KV pool `kv_data`; ValueError for an unknown name."""
+def resolve_attention_backend(name: AttentionBackend | str, kv_data: torch.Tensor) -> AttentionBackend:
+    """`auto` -> cpu_paged for a float32/bfloat16 pool on the CPU whose kernel builds here
+    (measured faster than torch_native in every decode shape, docs/benchmarks.md), else
+    torch_native (with a warning when the kernel failed to build). Other names stay."""
     try:
         backend = AttentionBackend(name)
     except ValueError:
         raise ValueError(f"unknown attention backend {name!r}; choose one of "
                          f"{[b.value for b in AttentionBackend]}") from None
-    return _BACKENDS[backend](kv_data)
+    if backend != AttentionBackend.AUTO:
+        return backend
+    if kv_data.device.type != "cpu" or kv_data.dtype not in (torch.float32, torch.bfloat16):
+        return AttentionBackend.TORCH_NATIVE
+    try:
+        cpu_kernels.load()
+    except RuntimeError as e:
+        logger.warning("attention backend auto: %s; using torch_native", e)
+        return AttentionBackend.TORCH_NATIVE
+    return AttentionBackend.CPU_PAGED
+
+
+def create_attention_backend(name: AttentionBackend | str, kv_data: torch.Tensor) -> BaseAttentionBackend:
+    """The backend `name` over the KV pool `kv_data`; ValueError for an unknown name."""
+    return _BACKENDS[resolve_attention_backend(name, kv_data)](kv_data)

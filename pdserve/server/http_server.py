@@ -7,6 +7,7 @@
     responses.py       error bodies, server-sent events, streams, client disconnects
     pd_fields.py       bootstrap_host / port / room of PD requests
     weights_routes.py  RL weight sync, memory release, pause (docs/rl.md)
+    profile_routes.py  /start_profile, /stop_profile (torch profiler traces by role)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pdserve.server.guard import Guard
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.native_api import add_native_routes
 from pdserve.server.openai_api import add_openai_routes
+from pdserve.server.profile_routes import add_profile_routes
 from pdserve.server.tokenizer_manager import TokenizerManager
 from pdserve.server.weights_routes import add_weights_routes
 
@@ -31,4 +33,5 @@ def build_app(tm: TokenizerManager, metrics: ServerMetrics, served_model_name: s
     add_native_routes(app, tm, metrics, served_model_name, model_path)
     add_openai_routes(app, tm, served_model_name, model_path)
     add_weights_routes(app, tm)
+    add_profile_routes(app, tm)
     return app

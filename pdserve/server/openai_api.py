@@ -50,6 +50,11 @@ def _usage(results: list[dict], prompts: list[int], n: int = 1) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+async def _only(gen: AsyncIterator[dict]) -> AsyncIterator[tuple[int, dict]]:
+    async for out in gen:
+        yield 0, out
+
+
 def _include_usage(body: dict) -> bool:
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
@@ -235,7 +240,8 @@ class OpenAIRoutes:
                 yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
                            "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
-        merged = merge(gens)
+        # one choice (the usual case): no merge task and queue hop per token, as in /generate
+        merged = merge(gens) if len(gens) > 1 else _only(gens[0])
         try:
             async for k, out in merged:
                 meta = out["meta_info"]

@@ -122,6 +122,11 @@ def check_openai_fields(body: dict, chat: bool) -> None:
     for k in body:
         if k in allowed:
             continue
+        if k == "repetition_penalty":  # vLLM/SGLang extra; `vllm bench serve` sends the no-op 1.0
+            v = body[k]
+            if v is None or (type(v) in (int, float) and v == 1):
+                continue
+            raise FieldError(f"repetition_penalty is supported only as 1.0, got {v!r}", k)
         if k in _NOT_IMPLEMENTED:
             raise FieldError(f"{k} is not supported by this server", k)
         raise FieldError(f"unrecognized request argument: {k}", k)

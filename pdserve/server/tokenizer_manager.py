@@ -27,7 +27,7 @@ from pdserve.engine.admission import kv_pool_fit_error
 from pdserve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from pdserve.net import ipc_addr
 from pdserve.messages import (AbortReq, AdminResp, BatchOut, ControlReq, ControlResp, FinishReasonType, FlushCacheReq,
-                              FlushCacheResp, GenerateReq, GetLoadReq, LoadResp, ReqOut, ServerInfo, ShutdownReq,
+                              FlushCacheResp, GenerateReq, GetLoadReq, LoadResp, ProfileReq, ProfileResp, ReqOut, ServerInfo, ShutdownReq,
                               ShutdownResp, StartupError, decode_from_scheduler, encode)
 from pdserve.server.detokenizer import IncrementalDetokenizer
 
@@ -160,7 +160,7 @@ class TokenizerManager:
             except Exception:  # a bug, not a peer: log it loudly, keep serving the rest
                 logger.exception("undecodable message from the scheduler")
                 continue
-            if isinstance(msg, (FlushCacheResp, LoadResp, ShutdownResp, AdminResp)):
+            if isinstance(msg, (FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp)):
                 fut = self.calls.pop(msg.call_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -192,6 +192,12 @@ class TokenizerManager:
         """Empty the prefix cache; False while requests run."""
         resp: FlushCacheResp = await self._call(FlushCacheReq)
         return resp.success
+
+    async def profile(self, start: bool, **options: Any) -> ProfileResp:
+        """Start (options: output_dir, num_steps, record_shapes, with_stack) or stop the
+        scheduler's torch profiler (pdserve/engine/profiler.py)."""
+        resp: ProfileResp = await self._call(lambda call_id: ProfileReq(call_id, start, **options))
+        return resp
 
     async def admin_call(self, request: Callable[[int], ControlReq]) -> AdminResp:
         """A weights / memory / pause call (pdserve/engine/weights_control.py)."""
