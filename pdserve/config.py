@@ -41,7 +41,8 @@ class ServerArgs:
     disaggregation_transfer_backend: TransferBackend = TransferBackend.TCP
     disaggregation_ib_device: str | None = None  # RDMA devices (mooncake); None: TCP transport
     tp_size: int = 1
-    attention_backend: AttentionBackend = AttentionBackend.TORCH_NATIVE
+    # auto: cpu_paged (pdserve's C++ decode kernel) where it builds, else torch_native
+    attention_backend: AttentionBackend = AttentionBackend.AUTO
     # chat template for /v1/chat/completions: a Jinja file or the template text itself
     # (None: the model's own, from tokenizer_config.json or the GGUF metadata)
     chat_template: str | None = None

@@ -108,6 +108,7 @@ class SchedulerProcess:
         self.runner = ModelRunner(self.model, num_pages, args.page_size, self.kv_pools[0], tp=self.tp,
                                   attention_backend=args.attention_backend)
         self.kv_pools[0] = self.runner.kv_data
+        logger.info("attention backend: %s", type(self.runner.attn).__name__)
         if self.tp is not None:
             from pdserve.engine.tp import ShmAllReduce
 

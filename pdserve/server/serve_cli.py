@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="RDMA devices for the mooncake backend (e.g. mlx5_0,mlx5_1); unset: its TCP transport. "
            "nixl picks its transports itself (UCX)")
     a("--attention-backend", default=D.attention_backend, choices=ATTENTION_BACKENDS,
-      help="paged attention implementation (pdserve/model/attention_backends.py)")
+      help="paged attention implementation (pdserve/model/attention_backends.py): auto = cpu_paged (C++ "
+           "decode kernel reading the paged KV in place; compiled once per machine) where it builds, else "
+           "torch_native (portable PyTorch, also on GPUs)")
     a("--tp-size", type=int, default=D.tp_size,
       help="tensor-parallel ranks (at most the model's KV heads; they split the cores)")
     a("--api-key", default=D.api_key,
