@@ -22,3 +22,8 @@ if ! ldconfig -p | grep -q 'libibverbs\.so\.1'; then
 fi
 # test extras include the transfer engines (nixl, mooncake) and Ray: their tests run them for real
 $PIP install -e '.[test,nixl,mooncake,ray]'
+# pdserve's CPU kernels (attention backend cpu_paged): compiled now, once, instead of at the
+# first server start; needs g++ (apt-get install g++). Cached in ~/.cache/pdserve/kernels.
+command -v g++ >/dev/null || echo "setup: no g++; --attention-backend auto will use torch_native" >&2
+.venv/bin/python -c "from pdserve.model import cpu_kernels; print('setup: CPU kernels in', cpu_kernels.load())" \
+  || echo "setup: CPU kernels did not build; --attention-backend auto will use torch_native" >&2

@@ -66,7 +66,11 @@ def load() -> str:
             torch.ops.load_library(lib)
             _loaded = lib
             return lib
-        os.makedirs(build, exist_ok=True)
+        try:
+            os.makedirs(build, exist_ok=True)
+        except OSError as e:
+            raise RuntimeError(f"cannot create the kernel cache {build}: {e.strerror} "
+                               "(set PDSERVE_KERNEL_CACHE to a writable directory)") from None
         print(f"pdserve: compiling CPU kernels ({', '.join(_SOURCES)}) into {build}; "
               "once per machine, ~30 s", file=sys.stderr, flush=True)
         t = time.perf_counter()
