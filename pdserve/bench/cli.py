@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=1, help="seed of prompts and arrivals (default: %(default)s)")
     a.add_argument("--warmup-requests", type=int, default=1, help="sent first, excluded from the figures (default: %(default)s)")
     a.add_argument("--flush-cache", action="store_true", help="POST /flush_cache before each run")
+    a.add_argument("--profile", action="store_true",
+                   help="POST /start_profile before each run and /stop_profile after it (SGLang's flag): each "
+                        "server, or through a router each prefill and decode server, writes a torch.profiler "
+                        "trace named by role into its $SGLANG_TORCH_PROFILER_DIR (default /tmp)")
 
     s = p.add_argument_group("SLOs and timeouts")
     s.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT objective for goodput")
@@ -183,7 +187,7 @@ def run_config(args: argparse.Namespace, model: str | None) -> RunConfig:
         warmup_requests=args.warmup_requests, ignore_eos=not args.disable_ignore_eos,
         extra_body=args.extra_body, request_timeout_s=args.request_timeout,
         read_timeout_s=args.read_timeout, connect_timeout_s=args.connect_timeout,
-        flush_cache=args.flush_cache, disable_tqdm=args.disable_tqdm,
+        flush_cache=args.flush_cache, profile=args.profile, disable_tqdm=args.disable_tqdm,
         slo=Slo(args.slo_ttft_ms, args.slo_tpot_ms),
     )
 

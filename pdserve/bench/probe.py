@@ -71,3 +71,25 @@ async def flush_cache(session: aiohttp.ClientSession, base_url: str) -> str | No
             return None if resp.status == 200 else f"HTTP {resp.status}"
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         return f"{type(e).__name__}: {e}"
+
+
+async def profile(session: aiohttp.ClientSession, base_url: str, start: bool) -> tuple[list[str], str | None]:
+    """`POST /start_profile` or `/stop_profile` (SGLang's names): (trace paths the server, or
+    each worker behind a router, reported; an error text or None). The traces are written on
+    the servers' machines, named `<id>-<role>.trace.json.gz`."""
+    path = "/start_profile" if start else "/stop_profile"
+    try:
+        async with session.post(base_url + path, json={}) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except ValueError:
+                body = None
+            if resp.status != 200:
+                msg = body.get("error", {}).get("message") if isinstance(body, dict) and isinstance(
+                    body.get("error"), dict) else None
+                return [], f"HTTP {resp.status}" + (f": {msg}" if msg else "")
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        return [], f"{type(e).__name__}: {e}"
+    bodies = [w.get("body") for w in body.get("workers", [])] if isinstance(body, dict) and "workers" in body \
+        else [body]
+    return [b["trace_path"] for b in bodies if isinstance(b, dict) and b.get("trace_path")], None

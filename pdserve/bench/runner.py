@@ -21,7 +21,7 @@ from pdserve.bench.arrivals import arrival_offsets
 from pdserve.bench.backends import BACKENDS, RequestInput, RequestOutput, TokenCounter
 from pdserve.bench.datasets import BenchRequest
 from pdserve.bench.metrics import BenchMetrics, Slo, compute_metrics
-from pdserve.bench.probe import flush_cache
+from pdserve.bench.probe import flush_cache, profile
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class RunConfig:
     read_timeout_s: float = 300.0  # longest silence while waiting for bytes
     connect_timeout_s: float = 10.0
     flush_cache: bool = False
+    profile: bool = False  # /start_profile before each run, /stop_profile after it
     disable_tqdm: bool = False
     slo: Slo = Slo()
 
@@ -163,6 +164,16 @@ async def run_benchmark(cfg: RunConfig, requests: Sequence[BenchRequest], count_
                 err = await flush_cache(session, cfg.base_url)
                 if err:
                     logger.warning("flush_cache failed (%s); going on", err)
+            if cfg.profile:
+                _, err = await profile(session, cfg.base_url, start=True)
+                if err:
+                    logger.warning("start_profile failed (%s); going on without a trace", err)
             outputs, duration = await run_once(session, cfg, requests, rate, count_tokens)
+            if cfg.profile:
+                traces, err = await profile(session, cfg.base_url, start=False)
+                if err:
+                    logger.warning("stop_profile failed (%s)", err)
+                for t in traces:
+                    print(f"profile trace ({'all at once' if math.isinf(rate) else f'{rate:g} req/s'}): {t}")
             results.append(RunResult(rate, compute_metrics(outputs, duration, cfg.slo), outputs))
     return results

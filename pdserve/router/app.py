@@ -51,6 +51,8 @@ def build_app(router: Router) -> web.Application:
     app.router.add_get("/get_model_info", h.proxy_get("/get_model_info"))
     app.router.add_get("/get_server_info", h.get_server_info)
     app.router.add_route("*", "/flush_cache", h.flush_cache)
+    for path in ("/start_profile", "/stop_profile"):  # every worker profiles; traces named by role
+        app.router.add_route("*", path, h.profile(path))
     app.router.add_get("/get_load", h.get_load)
     app.router.add_get("/get_loads", h.get_load)
     app.router.add_post("/abort_request", h.abort_request)
@@ -175,6 +177,22 @@ class _Handlers:
             return _json({"success": True, "workers": results})
         status = failed[0]["status"] if isinstance(failed[0]["status"], int) else 502
         return _json({"success": False, "workers": results}, status)
+
+    def profile(self, path: str):
+        """/start_profile, /stop_profile: sent to every worker (the body as it came), so a
+        PD deployment's prefill and decode servers each write their own trace."""
+
+        async def handler(request: web.Request) -> web.Response:
+            raw = await request.read()
+            results = await self._fan_out("POST", path, self.r.pool.workers, timeout=120,
+                                          data=raw or None, admin=True)
+            failed = [x for x in results if x["status"] != 200]
+            if not failed:
+                return _json({"success": True, "workers": results})
+            status = failed[0]["status"] if isinstance(failed[0]["status"], int) else 502
+            return _json({"success": False, "workers": results}, status)
+
+        return handler
 
     async def get_load(self, _: web.Request) -> web.Response:
         results = await self._fan_out("GET", "/get_load", self.r.pool.workers)

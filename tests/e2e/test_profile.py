@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -65,6 +67,16 @@ def test_profile_endpoints_write_traces(tmp_path, monkeypatch):
             time.sleep(0.2)
         assert os.path.dirname(path) == str(other) and os.path.getsize(path) > 0
         assert httpx.post(url + "/stop_profile", timeout=10).status_code == 400  # it stopped by itself
+
+        # `pdserve bench --profile`: a trace of the measured run (not of the warm-up)
+        out = subprocess.run(
+            [sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--dataset-name", "random",
+             "--random-input-len", "16", "--random-output-len", "4", "--random-range-ratio", "1",
+             "--num-prompts", "2", "--output-file", str(tmp_path / "b.json"), "--disable-tqdm", "--no-plots",
+             "--profile"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        traces = [line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.startswith("profile trace")]
+        assert len(traces) == 1 and traces[0].startswith(str(env_dir)) and os.path.exists(traces[0])
     finally:
         s.stop()
 

@@ -77,6 +77,8 @@ class FakeWorker:
         r.add_get("/v1/models", self._answer(lambda: {
             "object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": self.name}]}))
         r.add_route("*", "/flush_cache", self._answer(lambda: "Cache flushed.\n"))
+        for path in ("/start_profile", "/stop_profile"):
+            r.add_route("*", path, self._answer(lambda: {"success": True, "trace_path": f"/tmp/x-{self.role}"}))
         r.add_get("/metrics", self._answer(lambda: "fake_metric 1\n"))
         r.add_route("*", "/{tail:.*}", self._other)
         return app

@@ -90,6 +90,11 @@ def test_proxied_and_fan_out_endpoints(fakes, make_router):
     r = httpx.post(rt.url + "/flush_cache", timeout=5)
     assert r.status_code == 200 and r.json()["success"]
     assert all(any(x.path == "/flush_cache" for x in w.received) for w in (p, d))
+    for path in ("/start_profile", "/stop_profile"):  # every worker profiles, each names its trace by role
+        r = httpx.post(rt.url + path, json={"num_steps": 3} if path == "/start_profile" else None, timeout=5)
+        assert r.status_code == 200 and r.json()["success"]
+        assert sorted(x["body"]["trace_path"] for x in r.json()["workers"]) == ["/tmp/x-decode", "/tmp/x-prefill"]
+        assert all(any(x.path == path for x in w.received) for w in (p, d))
     load = httpx.get(rt.url + "/get_load", timeout=5).json()
     assert load["prefill"][0]["load"] == 1 and load["decode"][0]["load"] == 0
     hg = httpx.get(rt.url + "/health_generate", timeout=5)
