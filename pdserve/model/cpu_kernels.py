@@ -62,7 +62,8 @@ def load() -> str:
         key = h.hexdigest()[:16]
         build = os.path.join(cache_dir(), key)
         lib = os.path.join(build, "pdserve_cpu_kernels.so")
-        if os.path.exists(lib):
+        done = os.path.join(build, "built")  # written after a complete build: never load a half-linked .so
+        if os.path.exists(done) and os.path.exists(lib):
             torch.ops.load_library(lib)
             _loaded = lib
             return lib
@@ -77,11 +78,17 @@ def load() -> str:
         try:
             from torch.utils import cpp_extension
 
+            # concurrent first starts (a PD pair, TP ranks): cpp_extension's lock file in the
+            # build directory lets one process compile while the others wait, then all load
             cpp_extension.load(name="pdserve_cpu_kernels", sources=sources, extra_cflags=_CFLAGS,
                                extra_ldflags=["-fopenmp"], build_directory=build,
                                is_python_module=False, verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: no kernels here
             raise RuntimeError(f"could not build pdserve's CPU kernels: {type(e).__name__}: {e}") from e
         print(f"pdserve: CPU kernels compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        tmp = f"{done}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(lib + "\n")
+        os.replace(tmp, done)
         _loaded = lib
         return lib

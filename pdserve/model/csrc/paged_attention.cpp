@@ -9,7 +9,7 @@
 // Registered as torch.ops.pdserve_cpu.paged_decode(q, kv, table, lens, layer, scale, out).
 // Built by pdserve/model/cpu_kernels.py with torch.utils.cpp_extension (-O3 -march=native).
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
