@@ -59,7 +59,7 @@ class TransferBackend(StrEnum):
 class AttentionBackend(StrEnum):
     """`--attention-backend` (SGLang's flag): the paged attention implementation."""
 
-    AUTO = "auto"  # cpu_paged where its kernel builds (CPU, float32/bfloat16), else torch_native
+    AUTO = "auto"  # cpu_paged for float32 on a CPU where its kernel builds, else torch_native
     TORCH_NATIVE = "torch_native"  # pdserve/model/attention.py; CPU and GPU
     CPU_PAGED = "cpu_paged"  # C++ decode kernel reading the paged pool in place (attention_backends.py)
     FAKE = "fake"  # writes the KV, attends to nothing (tests of the plumbing around attention)

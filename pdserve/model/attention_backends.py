@@ -32,6 +32,7 @@ class CpuPagedAttention(TorchNativeAttention):
         self._op = torch.ops.pdserve_cpu.paged_decode
 
     def _decode(self, q: torch.Tensor, layer: int, fb: ForwardBatch, out: torch.Tensor) -> None:
+        # one call per layer for the whole decode batch; the kernel reads the pages where they are
         if fb.dec_lens is None:  # context length of each decode request: its position + 1
             fb.dec_lens = fb.positions[: fb.num_decode] + 1
         self._op(q, self.kv_data, fb.dec_table, fb.dec_lens, layer, q.shape[-1] ** -0.5, out)
@@ -64,9 +65,12 @@ _BACKENDS: dict[AttentionBackend, type[BaseAttentionBackend]] = {
 
 
 def resolve_attention_backend(name: AttentionBackend | str, kv_data: torch.Tensor) -> AttentionBackend:
-    """`auto` -> cpu_paged for a float32/bfloat16 pool on the CPU whose kernel builds here
-    (measured faster than torch_native in every decode shape, docs/benchmarks.md), else
-    torch_native (with a warning when the kernel failed to build). Other names stay."""
+    """`auto` -> cpu_paged for a float32 pool on the CPU whose kernel builds here (measured
+    faster than torch_native in every decode shape, docs/benchmarks.md), else torch_native
+    (with a warning when the kernel failed to build). bfloat16 stays on torch_native: with the
+    kernel, greedy agreement with transformers' bf16 fell from 19/20 to 15/20 full answers
+    (tests/e2e/test_bf16_agreement.py), as it keeps the softmax weights in float32 where SDPA's
+    flash kernel, which transformers runs, rounds them to bf16. Other names stay."""
     try:
         backend = AttentionBackend(name)
     except ValueError:
@@ -74,7 +78,7 @@ def resolve_attention_backend(name: AttentionBackend | str, kv_data: torch.Tenso
                          f"{[b.value for b in AttentionBackend]}") from None
     if backend != AttentionBackend.AUTO:
         return backend
-    if kv_data.device.type != "cpu" or kv_data.dtype not in (torch.float32, torch.bfloat16):
+    if kv_data.device.type != "cpu" or kv_data.dtype != torch.float32:
         return AttentionBackend.TORCH_NATIVE
     try:
         cpu_kernels.load()
