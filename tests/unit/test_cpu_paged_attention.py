@@ -105,3 +105,15 @@ def test_cpu_paged_rejects_what_it_cannot_run():
     with pytest.raises(RuntimeError, match="table and lens must be contiguous int64"):
         attn._op(q, attn.kv_data, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.long),
                  0, 1.0, torch.empty_like(q))
+
+
+def test_auto_picks_the_kernel_for_float32_only():
+    """auto: cpu_paged for float32 pools; bfloat16 stays on torch_native (bf16 agreement with
+    transformers, docs/architecture.md "CPU kernels"), as does anything not on the CPU's dtypes."""
+    from pdserve.model.attention import TorchNativeAttention
+
+    assert type(create_attention_backend("auto", torch.zeros(4, 1, 2, 4, 1, 8))) is CpuPagedAttention
+    for dt in (torch.bfloat16, torch.float16):
+        assert type(create_attention_backend("auto", torch.zeros(4, 1, 2, 4, 1, 8, dtype=dt))) is TorchNativeAttention
+    assert type(create_attention_backend("cpu_paged", torch.zeros(4, 1, 2, 4, 1, 8, dtype=torch.bfloat16))) \
+        is CpuPagedAttention
