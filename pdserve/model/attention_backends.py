@@ -31,11 +31,11 @@ class CpuPagedAttention(TorchNativeAttention):
         cpu_kernels.load()
         self._op = torch.ops.pdserve_cpu.paged_decode
 
-    def _decode(self, q: torch.Tensor, layer: int, fb: ForwardBatch, out: torch.Tensor) -> None:
+    def _decode(self, q: torch.Tensor, layer: int, batch: ForwardBatch, out: torch.Tensor) -> None:
         # one call per layer for the whole decode batch; the kernel reads the pages where they are
-        if fb.dec_lens is None:  # context length of each decode request: its position + 1
-            fb.dec_lens = fb.positions[: fb.num_decode] + 1
-        self._op(q, self.kv_data, fb.dec_table, fb.dec_lens, layer, q.shape[-1] ** -0.5, out)
+        if batch.dec_lens is None:  # context length of each decode request: its position + 1
+            batch.dec_lens = batch.positions[: batch.num_decode] + 1
+        self._op(q, self.kv_data, batch.dec_table, batch.dec_lens, layer, q.shape[-1] ** -0.5, out)
 
 
 class FakeAttention(BaseAttentionBackend):
