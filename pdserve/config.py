@@ -11,6 +11,33 @@ from pdserve.setting_checks import TOOL_CALL_PARSERS, hub_name_hint, missing_pac
 DTYPES = tuple(d.value for d in DType)
 ATTENTION_BACKENDS = tuple(b.value for b in AttentionBackend)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SEMI_PD_SWITCHES = ("enable_semi_pd", "enable_semi_pd_coordinator", "enable_unified_memory", "enable_slo_aware")
+
+
+def unified_memory_geometry_error(total_blocks: int, block_size: int, page_size: int,
+                                  itemsize: int = 4) -> tuple[str, str] | None:
+    """(field, why) when a unified KV block pool of this geometry cannot exist, else None.
+
+    A block holds the K and V of `page_size` tokens of one layer in `block_size` bytes, so
+    `block_size` must split into 2 * page_size slots of whole elements (`itemsize` bytes)."""
+    if total_blocks < 1:
+        return "unified_memory_blocks", f"must be >= 1, got {total_blocks}"
+    if not (1 <= page_size <= 1024):
+        return "unified_memory_page_size", f"must be in 1..1024 tokens, got {page_size}"
+    slot = 2 * page_size * itemsize
+    if block_size < slot or block_size % slot:
+        return "unified_memory_block_size", (
+            f"{block_size} bytes do not hold K and V of {page_size} tokens ({page_size} = "
+            f"--unified-memory-page-size) in whole {itemsize}-byte elements: use a multiple of {slot}")
+    total = total_blocks * block_size
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - no sysconf
+        ram = None
+    if ram and total > ram:
+        return "unified_memory_blocks", (f"{total_blocks} blocks of {block_size} bytes = {total / 2**30:.1f} GiB, "
+                                         f"more than this machine's RAM ({ram / 2**30:.1f} GiB)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,22 @@ class ServerArgs:
     api_key: str | None = None  # `Authorization: Bearer KEY` on every path but /health*
     admin_api_key: str | None = None  # admin paths (/flush_cache, /abort_request) need this one
     max_payload_size: int = 32 * 1024 * 1024  # largest request body in bytes (413 above)
+    # Semi-PD (pdserve/semi_pd, docs/semi_pd.md): prefill and decode workers sharing weights
+    # and one KV pool with a compute split. Only the library parts exist yet; the switches are
+    # validated and then refused with "not yet supported" by the front end (preflight).
+    enable_semi_pd: bool = False  # fixed split (--initial-prefill-sm / --initial-decode-sm)
+    enable_semi_pd_coordinator: bool = False  # all of it: split + unified memory + SLO-aware
+    enable_unified_memory: bool = False
+    enable_slo_aware: bool = False
+    unified_memory_blocks: int = 1000
+    unified_memory_block_size: int = 4096  # bytes per block: K and V of page_size tokens, one layer
+    unified_memory_page_size: int = 16  # tokens per block
+    slo_ttft_target: float = 100.0  # ms, at the 95th percentile
+    slo_tpot_target: float = 50.0  # ms, at the 95th percentile
+    slo_window_size: float = 30.0  # s of history the SLO metrics cover
+    slo_monitoring_interval: float = 10.0  # s between two controller decisions
+    initial_prefill_sm: int = 70  # % of the machine's compute (CPU: docs/semi_pd.md)
+    initial_decode_sm: int = 30
 
     def __post_init__(self) -> None:
         """Validate every setting (ValueError naming the flag) and turn names into enums:
@@ -121,6 +164,39 @@ class ServerArgs:
         object.__setattr__(self, "disaggregation_transfer_backend", backend)
         if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):
             bad("tokenizer_path", f"{self.tokenizer_path!r} does not exist")
+        self._validate_semi_pd(bad)
+
+    def _validate_semi_pd(self, bad) -> None:
+        for name in ("initial_prefill_sm", "initial_decode_sm"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not (1 <= v <= 100):
+                bad(name, f"a percentage of the machine's compute in 1..100, got {v!r}")
+        total = self.initial_prefill_sm + self.initial_decode_sm
+        if total > 100:
+            bad("initial_prefill_sm", f"{self.initial_prefill_sm} % + --initial-decode-sm {self.initial_decode_sm} % "
+                f"= {total} %, over 100 %: the two shares must add up to at most 100")
+        for name in ("slo_ttft_target", "slo_tpot_target", "slo_window_size", "slo_monitoring_interval"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 < v < float("inf")):
+                bad(name, f"must be a positive number, got {v!r}")
+        if self.slo_monitoring_interval > self.slo_window_size:
+            bad("slo_monitoring_interval", f"{self.slo_monitoring_interval} s is longer than --slo-window-size "
+                f"{self.slo_window_size} s: decisions would skip requests no window covers")
+        err = unified_memory_geometry_error(self.unified_memory_blocks, self.unified_memory_block_size,
+                                            self.unified_memory_page_size)
+        if err:
+            bad(*err)
+        if self.semi_pd_enabled:
+            if self.disaggregation_mode != DisaggregationMode.NULL:
+                bad("enable_semi_pd", f"Semi-PD splits one server's compute; it cannot run with "
+                    f"--disaggregation-mode {self.disaggregation_mode}")
+            if self.tp_size != 1:
+                bad("enable_semi_pd", "Semi-PD runs with --tp-size 1")
+
+    @property
+    def semi_pd_enabled(self) -> bool:
+        """Any Semi-PD switch is on (each of them turns on the prefill/decode worker split)."""
+        return any(getattr(self, n) for n in SEMI_PD_SWITCHES)
 
     @classmethod
     def field_names(cls) -> list[str]:

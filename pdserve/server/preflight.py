@@ -112,12 +112,35 @@ def _gguf_heads(path: str) -> tuple[str, int]:
     return arch, int(meta.get(f"{arch}.attention.head_count_kv") or heads or 0)
 
 
+SEMI_PD_TUNING = ("unified_memory_blocks", "unified_memory_block_size", "unified_memory_page_size",
+                  "slo_ttft_target", "slo_tpot_target", "slo_window_size", "slo_monitoring_interval",
+                  "initial_prefill_sm", "initial_decode_sm")
+
+
+def check_semi_pd(args: ServerArgs) -> None:
+    """Semi-PD settings a server cannot honour yet: ValueError naming the flag. The values
+    themselves were validated by ServerArgs; the serving path does not exist yet
+    (docs/semi_pd.md), so accepting a switch would silently serve without it."""
+    from pdserve.config import SEMI_PD_SWITCHES
+
+    on = [n for n in SEMI_PD_SWITCHES if getattr(args, n)]
+    if on:
+        raise ValueError(f"--{on[0].replace('_', '-')}: not yet supported: the Semi-PD serving path (resident "
+                         f"process, prefill/decode workers) is not built yet; the unified memory manager and the "
+                         f"SLO-aware controller exist as a library, pdserve.semi_pd (docs/semi_pd.md)")
+    for n in SEMI_PD_TUNING:
+        if getattr(args, n) != getattr(ServerArgs, n):
+            raise ValueError(f"--{n.replace('_', '-')}: a Semi-PD setting, and Semi-PD serving is not yet "
+                             f"supported (docs/semi_pd.md); leave it at its default")
+
+
 def check_model(args: ServerArgs, *, tp_flags: dict[str, int] | None = None) -> None:
     """Raises ValueError (message: flag + fix) for model files pdserve cannot serve, or a
     --tp-size the model cannot be split over (`tp_flags`: flag -> tp size, default
     {"--tp-size": args.tp_size}). Reads headers and config.json only."""
     from pdserve.model.paths import resolve_model_path
 
+    check_semi_pd(args)
     tp_flags = tp_flags or {"--tp-size": args.tp_size}
     try:
         path = resolve_model_path(args.model_path)

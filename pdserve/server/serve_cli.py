@@ -82,7 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
       help="admin paths (/flush_cache, /abort_request) need this key instead of --api-key")
     a("--max-payload-size", type=int, default=D.max_payload_size,
       help="largest request body in bytes; larger ones get 413 before they are read")
+    add_semi_pd_flags(p)
     return p
+
+
+def add_semi_pd_flags(p: argparse.ArgumentParser) -> None:
+    """The seed's Semi-PD flags (docs/semi_pd.md). They are validated like every flag; the
+    serving path is not built yet, so a server started with a switch on exits with
+    "not yet supported" (preflight.check_semi_pd) instead of ignoring it."""
+    g = p.add_argument_group("Semi-PD (not yet servable: docs/semi_pd.md)")
+    a = g.add_argument
+    a("--enable-semi-pd", action="store_true", help="prefill and decode workers with a fixed compute split")
+    a("--enable-semi-pd-coordinator", action="store_true",
+      help="Semi-PD with all parts: split, unified memory manager, SLO-aware controller")
+    a("--enable-unified-memory", action="store_true", help="Semi-PD with the unified KV block pool")
+    a("--enable-slo-aware", action="store_true", help="Semi-PD with the SLO-aware split controller")
+    a("--unified-memory-blocks", type=int, default=D.unified_memory_blocks, help="blocks in the unified KV pool")
+    a("--unified-memory-block-size", type=int, default=D.unified_memory_block_size,
+      help="bytes per block (K and V of --unified-memory-page-size tokens of one layer)")
+    a("--unified-memory-page-size", type=int, default=D.unified_memory_page_size, help="tokens per block")
+    a("--slo-ttft-target", type=float, default=D.slo_ttft_target, help="TTFT target in ms (p95)")
+    a("--slo-tpot-target", type=float, default=D.slo_tpot_target, help="TPOT target in ms (p95)")
+    a("--slo-window-size", type=float, default=D.slo_window_size, help="seconds of history the SLO metrics cover")
+    a("--slo-monitoring-interval", type=float, default=D.slo_monitoring_interval,
+      help="seconds between two decisions of the SLO-aware controller")
+    a("--initial-prefill-sm", type=int, default=D.initial_prefill_sm,
+      help="prefill's share of the machine's compute in %% (CPU: cores and CFS quota, docs/semi_pd.md)")
+    a("--initial-decode-sm", type=int, default=D.initial_decode_sm, help="decode's share in %%")
 
 
 def args_from_namespace(ns: argparse.Namespace) -> ServerArgs:
