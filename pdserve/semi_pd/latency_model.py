@@ -1,0 +1,105 @@
+"""Online latency model of Semi-PD: what TTFT and TPOT would be at another split.
+
+Work latency scales as 100 / share (the Semi-PD paper's assumption: a worker with x % of
+the machine runs its forward 100/x times slower than with all of it; on CPU this holds for
+compute-bound prefill and only roughly for bandwidth-bound decode, see docs/semi_pd.md):
+
+    prefill forward of n tokens at share x:      (a_p * n + b_p) * 100 / x
+    decode step of a batch of B at share y:      (a_d * B + b_d) * 100 / y
+
+a_p, b_p, a_d, b_d are least-squares fits on the most recent step timings, each normalised
+to a 100 % share first, so timings taken at any split all inform one fit.
+
+Queueing on top:
+  TTFT (prefill as an M/M/1 queue): service S = prefill(mean prompt, x), arrival rate
+    lambda; TTFT = S / (1 - lambda * S), infinite when lambda * S >= 1.
+  TPOT: one decode step at the observed mean batch B. (Little's law would let B grow as
+    decode slows, B = lambda * mean output * TPOT, but at a steady load the batch hardly
+    varies, so a_d is poorly determined and that extrapolation swung to infinity in the
+    closed-loop tests; at a fixed B only a_d * B + b_d matters, which the samples pin down.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+
+from pdserve.semi_pd.metrics_collector import StepSample
+
+
+class LinearFit:
+    """y = a * n + b (a, b >= 0) over the last `max_samples` points."""
+
+    def __init__(self, max_samples: int = 256) -> None:
+        self.points: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self.a = 0.0
+        self.b = 0.0
+
+    def add(self, n: float, y: float) -> None:
+        self.points.append((float(n), float(y)))
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def fit(self) -> None:
+        if not self.points:
+            return
+        n = np.array([p[0] for p in self.points])
+        y = np.array([p[1] for p in self.points])
+        if np.ptp(n) > 0:
+            a, b = np.polyfit(n, y, 1)
+            if a >= 0 and b >= 0:
+                self.a, self.b = float(a), float(b)
+                return
+            if a < 0:  # time falling with size is noise: constant time
+                self.a, self.b = 0.0, float(y.mean())
+                return
+        # one size only, or a negative intercept: time proportional to size
+        nz = n > 0
+        self.a = float((y[nz] / n[nz]).mean()) if nz.any() else 0.0
+        self.b = 0.0 if nz.any() else float(y.mean())
+
+    def __call__(self, n: float) -> float:
+        return self.a * n + self.b
+
+
+class LatencyModel:
+    """Fitted on step timings (`SemiPDMetricsCollector.step_samples`); predicts TTFT and
+    TPOT in seconds at any split. `ready` once both fits have `min_samples` points."""
+
+    def __init__(self, max_samples: int = 256, min_samples: int = 3) -> None:
+        self.prefill = LinearFit(max_samples)  # seconds at 100 % vs tokens
+        self.decode = LinearFit(max_samples)  # seconds at 100 % vs batch size
+        self.min_samples = min_samples
+        self._last = {"prefill": 0, "decode": 0}  # seq of the newest sample added
+
+    def observe(self, prefill: list[StepSample], decode: list[StepSample]) -> None:
+        """Add step samples newer than the last ones added, and refit."""
+        for kind, fit, samples in (("prefill", self.prefill, prefill), ("decode", self.decode, decode)):
+            for smp in samples:
+                if smp.seq <= self._last[kind] or smp.share <= 0:
+                    continue
+                self._last[kind] = smp.seq
+                fit.add(smp.size, smp.seconds * smp.share / 100.0)
+            fit.fit()
+
+    @property
+    def ready(self) -> bool:
+        return len(self.prefill) >= self.min_samples and len(self.decode) >= self.min_samples
+
+    def prefill_time(self, tokens: float, share: float) -> float:
+        return self.prefill(tokens) * 100.0 / share
+
+    def decode_step_time(self, batch: float, share: float) -> float:
+        return self.decode(batch) * 100.0 / share
+
+    def predict_ttft(self, share: float, arrival_rate: float, mean_input_tokens: float) -> float:
+        s = self.prefill_time(mean_input_tokens, share)
+        rho = arrival_rate * s
+        return math.inf if rho >= 1.0 else s / (1.0 - rho)
+
+    def predict_tpot(self, share: float, batch: float) -> float:
+        """Seconds per output token at decode share `share` with `batch` requests decoding."""
+        return self.decode_step_time(max(batch, 1.0), share)
