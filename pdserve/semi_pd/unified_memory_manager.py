@@ -12,7 +12,7 @@ share, with block allocation atomic across processes.
 A block holds the K and V of `page_size` tokens of one layer in `block_size` bytes
 (`[2, page_size, width]` elements of `dtype`, width = block_size / (2 * page_size * itemsize)).
 
-Everything lives in one named POSIX shared-memory segment (`disagg/transfer/shm_segment.py`,
+Everything lives in one named POSIX shared-memory segment (`engine/shm_segment.py`,
 the segment the shm transfer backend and the tp workers use: pid-named, unlinked at exit and
 by the next creator when its owner died):
 
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from pdserve.config import unified_memory_geometry_error
-from pdserve.disagg.transfer.shm_segment import SegmentMaps, allocate_kv_buffer, free_kv_buffer, new_shm_name
+from pdserve.engine.shm_segment import SegmentMaps, allocate_kv_buffer, free_kv_buffer, new_shm_name
 from pdserve.semi_pd.roles import InstanceRole
 
 logger = logging.getLogger(__name__)
