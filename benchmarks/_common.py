@@ -15,7 +15,6 @@ import torch
 from pdserve.net import free_port  # noqa: F401 (benchmarks import it from here)
 
 
-
 def copy_bandwidth_gbs(mb: int = 256, reps: int = 10) -> float:
     """STREAM-style copy: (read + write) bytes per second."""
     src = torch.ones(mb * 2**20 // 4)
@@ -93,8 +92,10 @@ def prompt_ids(k: int, n: int = 256) -> list[int]:
 
 def single_stream_decode_tok_s(url: str) -> float:
     """Median of 3 streamed 128-token generations, excluding the first token (after a warm one)."""
-    body = {"input_ids": list(range(1000, 1016)), "sampling_params": {
-        "max_new_tokens": 128, "ignore_eos": True, "temperature": 0}}
+    body = {
+        "input_ids": list(range(1000, 1016)),
+        "sampling_params": {"max_new_tokens": 128, "ignore_eos": True, "temperature": 0},
+    }
     stream_times(url, body)
     rates = []
     for _ in range(3):
@@ -105,8 +106,9 @@ def single_stream_decode_tok_s(url: str) -> float:
 
 def ttft_256_ms(url: str, n: int = 5) -> float:
     """Median TTFT of n distinct 256-token prompts, one at a time."""
-    ttfts = sorted(stream_times(url, {"input_ids": prompt_ids(i), "sampling_params": {"max_new_tokens": 1}})[0]
-                   for i in range(n))
+    ttfts = sorted(
+        stream_times(url, {"input_ids": prompt_ids(i), "sampling_params": {"max_new_tokens": 1}})[0] for i in range(n)
+    )
     return ttfts[n // 2] * 1000
 
 
@@ -114,7 +116,13 @@ def batch_output_tok_s(url: str, n: int, in_len: int, out_len: int) -> tuple[flo
     """(output tok/s, seconds) of n requests sent at once as one batched /generate."""
     prompts = [[(i * 104729 + j * 17) % 40000 + 100 for j in range(in_len)] for i in range(n)]
     t = time.perf_counter()
-    outs = httpx.post(url + "/generate", json={"input_ids": prompts, "sampling_params": {
-        "max_new_tokens": out_len, "ignore_eos": True, "temperature": 0}}, timeout=900).json()
+    outs = httpx.post(
+        url + "/generate",
+        json={
+            "input_ids": prompts,
+            "sampling_params": {"max_new_tokens": out_len, "ignore_eos": True, "temperature": 0},
+        },
+        timeout=900,
+    ).json()
     dur = time.perf_counter() - t
     return sum(o["meta_info"]["completion_tokens"] for o in outs) / dur, dur

@@ -49,23 +49,35 @@ def main() -> int:
     refs = {}
     for dt in tqdm(("float32", "bfloat16"), desc="transformers references"):
         refs[dt] = transformers_greedy(prompts, dt, n)
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-                 "auto_dtype": str(auto_dtype()).removeprefix("torch."), "max_new_tokens": n, "modes": {}}
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "torch": torch.__version__,
+        "auto_dtype": str(auto_dtype()).removeprefix("torch."),
+        "max_new_tokens": n,
+        "modes": {},
+    }
     for name, kw in tqdm(MODES, desc="pdserve modes"):
         with pdserve.Engine(max_total_tokens=8192, num_threads=args.threads, **kw) as e:
             t = time.perf_counter()
-            outs = [e.generate(input_ids=p, sampling_params={"max_new_tokens": n, "temperature": 0})["output_ids"]
-                    for p in prompts]
+            outs = [
+                e.generate(input_ids=p, sampling_params={"max_new_tokens": n, "temperature": 0})["output_ids"]
+                for p in prompts
+            ]
             secs = time.perf_counter() - t
-        res["modes"][name] = {"engine_args": kw, "seconds": round(secs, 1),
-                              **{f"vs_transformers_{dt}": agreement(outs, refs[dt]).as_dict() for dt in refs}}
+        res["modes"][name] = {
+            "engine_args": kw,
+            "seconds": round(secs, 1),
+            **{f"vs_transformers_{dt}": agreement(outs, refs[dt]).as_dict() for dt in refs},
+        }
     print(f"\n{len(prompts)} chat questions, greedy, {n} tokens; auto dtype here = {res['auto_dtype']}")
     print(f"{'mode':40} {'vs transformers':>15} {'first token':>12} {'all tokens':>11} {'mean equal':>11}")
     for name, m in res["modes"].items():
         for dt in refs:
             a = m[f"vs_transformers_{dt}"]
-            print(f"{name:40} {dt:>15} {a['first_token_equal']:>9}/{a['prompts']} "
-                  f"{a['all_tokens_equal']:>8}/{a['prompts']} {a['mean_leading_equal']:>11}")
+            print(
+                f"{name:40} {dt:>15} {a['first_token_equal']:>9}/{a['prompts']} "
+                f"{a['all_tokens_equal']:>8}/{a['prompts']} {a['mean_leading_equal']:>11}"
+            )
     write_json(args.output, res)
     return 0
 

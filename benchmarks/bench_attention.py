@@ -33,9 +33,14 @@ def decode_batch(b: int, ctx: int, num_pages: int, g: torch.Generator) -> Forwar
     perm = torch.randperm(num_pages - 1, generator=g)[: b * npg] + 1
     table = perm.view(b, npg)
     pos = torch.full((b,), ctx - 1, dtype=torch.long)
-    return ForwardBatch(input_ids=torch.zeros(b, dtype=torch.long), positions=pos,
-                        write_pages=table[:, (ctx - 1) // PS].contiguous(), write_offs=pos % PS,
-                        num_decode=b, dec_table=table)
+    return ForwardBatch(
+        input_ids=torch.zeros(b, dtype=torch.long),
+        positions=pos,
+        write_pages=table[:, (ctx - 1) // PS].contiguous(),
+        write_offs=pos % PS,
+        num_decode=b,
+        dec_table=table,
+    )
 
 
 def main() -> int:
@@ -53,8 +58,14 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     kv = (torch.randn(num_pages, LAYERS, 2, PS, HKV, D, generator=g) * 0.5).to(dtype)
     backends = {name: create_attention_backend(name, kv) for name in args.backends.split(",")}
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
-                 "threads": args.threads, "dtype": args.dtype, "torch": torch.__version__, "rows": []}
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "rows": [],
+    }
     print(f"{'batch':>5} {'context':>7} " + " ".join(f"{n + ' ms':>16}" for n in backends) + "   max |diff|")
     for b, ctx in shapes:
         fb0 = decode_batch(b, ctx, num_pages, g)
@@ -66,8 +77,12 @@ def main() -> int:
         for name, be in backends.items():
             times = []
             for _ in range(args.reps):
-                fb = ForwardBatch(**{f: getattr(fb0, f) for f in (
-                    "input_ids", "positions", "write_pages", "write_offs", "num_decode", "dec_table")})
+                fb = ForwardBatch(
+                    **{
+                        f: getattr(fb0, f)
+                        for f in ("input_ids", "positions", "write_pages", "write_offs", "num_decode", "dec_table")
+                    }
+                )
                 t = time.perf_counter()
                 outs[name] = be(LAYERS // 2, q, k, v, fb)
                 times.append(time.perf_counter() - t)
@@ -75,8 +90,7 @@ def main() -> int:
         ref = next(iter(outs.values())).float()
         row["max_abs_diff"] = max((o.float() - ref).abs().max().item() for o in outs.values())
         res["rows"].append(row)
-        print(f"{b:5} {ctx:7} " + " ".join(f"{row['ms'][n]:16.3f}" for n in backends)
-              + f"   {row['max_abs_diff']:.2e}")
+        print(f"{b:5} {ctx:7} " + " ".join(f"{row['ms'][n]:16.3f}" for n in backends) + f"   {row['max_abs_diff']:.2e}")
     write_json(args.output, res)
     return 0
 

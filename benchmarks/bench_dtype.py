@@ -42,9 +42,14 @@ def fused_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor
 
 def prefill_batch(n: int) -> ForwardBatch:
     pos = torch.arange(n)
-    return ForwardBatch(input_ids=torch.randint(100, 20000, (n,)), positions=pos, write_pages=pos // PAGE,
-                        write_offs=pos % PAGE, extends=[ExtendSeq(0, n, 0, None, None)],
-                        logits_indices=torch.tensor([n - 1]))
+    return ForwardBatch(
+        input_ids=torch.randint(100, 20000, (n,)),
+        positions=pos,
+        write_pages=pos // PAGE,
+        write_offs=pos % PAGE,
+        extends=[ExtendSeq(0, n, 0, None, None)],
+        logits_indices=torch.tensor([n - 1]),
+    )
 
 
 def decode_batch(b: int) -> ForwardBatch:
@@ -52,10 +57,17 @@ def decode_batch(b: int) -> ForwardBatch:
     table = torch.arange(b * npg).view(b, npg)
     pos = torch.full((b,), CTX)
     mask = torch.zeros(b, 1, npg * PAGE)
-    mask[:, :, CTX + 1:] = float("-inf")
-    return ForwardBatch(input_ids=torch.randint(100, 20000, (b,)), positions=pos, write_pages=table[:, CTX // PAGE],
-                        write_offs=pos % PAGE, num_decode=b, dec_table=table, dec_mask=mask,
-                        logits_indices=torch.arange(b))
+    mask[:, :, CTX + 1 :] = float("-inf")
+    return ForwardBatch(
+        input_ids=torch.randint(100, 20000, (b,)),
+        positions=pos,
+        write_pages=table[:, CTX // PAGE],
+        write_offs=pos % PAGE,
+        num_decode=b,
+        dec_table=table,
+        dec_mask=mask,
+        logits_indices=torch.arange(b),
+    )
 
 
 def main() -> int:
@@ -73,8 +85,11 @@ def main() -> int:
         "bf16 + 4-bit decode, transformers norm": (torch.bfloat16, 8, llama.rms_norm),
         "bf16 + 4-bit decode, fused norm (before)": (torch.bfloat16, 8, fused_rms_norm),
     }
-    shapes = {"prefill 256": lambda: prefill_batch(256), "decode x1": lambda: decode_batch(1),
-              "decode x32": lambda: decode_batch(32)}
+    shapes = {
+        "prefill 256": lambda: prefill_batch(256),
+        "decode x1": lambda: decode_batch(1),
+        "decode x32": lambda: decode_batch(32),
+    }
     runners = {}
     for name, (dt, q4, _) in tqdm(variants.items(), desc="loading"):
         m = llama.LlamaModel(cfg, dt, q4)
@@ -96,9 +111,14 @@ def main() -> int:
                     times[vname][sname].append((time.perf_counter() - t) * 1e3)
     finally:
         llama.rms_norm = real_norm
-    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "native_bf16": cpu_has_native_bf16(),
-           "auto_dtype": str(auto_dtype()).removeprefix("torch."), "threads": args.threads, "rounds": args.rounds,
-           "median_ms": {v: {s: round(statistics.median(x), 2) for s, x in d.items()} for v, d in times.items()}}
+    res = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "native_bf16": cpu_has_native_bf16(),
+        "auto_dtype": str(auto_dtype()).removeprefix("torch."),
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "median_ms": {v: {s: round(statistics.median(x), 2) for s, x in d.items()} for v, d in times.items()},
+    }
     print(f"\nnative bf16: {res['native_bf16']}; --dtype auto = {res['auto_dtype']}; median ms per forward")
     print(f"{'variant':44}" + "".join(f"{s:>14}" for s in shapes))
     for v, d in res["median_ms"].items():

@@ -24,8 +24,15 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (RssSampler, batch_output_tok_s, copy_bandwidth_gbs, free_port,  # noqa: E402
-                     single_stream_decode_tok_s, ttft_256_ms, write_json)
+from _common import (
+    RssSampler,
+    batch_output_tok_s,
+    copy_bandwidth_gbs,
+    free_port,  # noqa: E402
+    single_stream_decode_tok_s,
+    ttft_256_ms,
+    write_json,
+)
 
 
 def main() -> int:
@@ -36,16 +43,33 @@ def main() -> int:
     ap.add_argument("--extra", default="", help="extra `pdserve serve` flags")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
-                 "threads": args.threads, "torch": torch.__version__}
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+    }
     steps = tqdm(total=6, desc="bench_engine")
     res["copy_bandwidth_GBps"] = copy_bandwidth_gbs()
     steps.update()
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port), "--dtype", args.dtype,
-           "--num-threads", str(args.threads), "--max-total-tokens", "65536", *args.extra.split()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pdserve.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--dtype",
+        args.dtype,
+        "--num-threads",
+        str(args.threads),
+        "--max-total-tokens",
+        "65536",
+        *args.extra.split(),
+    ]
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
     rss = RssSampler(proc.pid)
@@ -53,8 +77,9 @@ def main() -> int:
     try:
         while True:
             try:
-                r = httpx.post(url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}},
-                               timeout=2)
+                r = httpx.post(
+                    url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}}, timeout=2
+                )
                 if r.status_code == 200:
                     break
             except httpx.HTTPError:
@@ -90,14 +115,21 @@ def main() -> int:
             os.killpg(proc.pid, signal.SIGKILL)
         steps.close()
 
-    targets = {"single_stream_decode_tok_s": (">=", 60), "ttft_256_ms": ("<=", 100),
-               "offline_64x256x128_output_tok_s": (">=", 640), "startup_to_first_answer_s": ("<=", 10)}
+    targets = {
+        "single_stream_decode_tok_s": (">=", 60),
+        "ttft_256_ms": ("<=", 100),
+        "offline_64x256x128_output_tok_s": (">=", 640),
+        "startup_to_first_answer_s": ("<=", 10),
+    }
     print(f"\n{'figure':<36}{'value':>12}  target")
     for k, v in res.items():
         if isinstance(v, float):
             tgt = targets.get(k)
-            t = f"{tgt[0]} {tgt[1]}  {'met' if (v >= tgt[1] if tgt[0] == '>=' else v <= tgt[1]) else 'MISSED'}" \
-                if tgt else ""
+            t = (
+                f"{tgt[0]} {tgt[1]}  {'met' if (v >= tgt[1] if tgt[0] == '>=' else v <= tgt[1]) else 'MISSED'}"
+                if tgt
+                else ""
+            )
             print(f"{k:<36}{v:>12.1f}  {t}")
     write_json(args.output, res)
     return 0

@@ -95,8 +95,12 @@ def main() -> None:
     ap.add_argument("--backends", default="tcp,shm")
     ap.add_argument("--sizes-mb", default="1,4,16,64,256", help="request sizes in MB (2^20 bytes)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--pages", choices=["random", "contiguous"], default="random",
-                    help="page indices on both sides: shuffled (worst case for coalescing) or one run")
+    ap.add_argument(
+        "--pages",
+        choices=["random", "contiguous"],
+        default="random",
+        help="page indices on both sides: shuffled (worst case for coalescing) or one run",
+    )
     ap.add_argument("--output", default=None, help="write the results as JSON here")
     args = ap.parse_args()
 
@@ -114,8 +118,9 @@ def main() -> None:
     bar = tqdm(total=total, desc="kv transfer", unit="req")
     for backend in args.backends.split(","):
         bs = KVBootstrapServer("127.0.0.1", 0)
-        pm = get_kv_class(backend, KVClassType.MANAGER)(KVArgs(0, src_kv, bootstrap_port=bs.port),
-                                                        DisaggregationMode.PREFILL)
+        pm = get_kv_class(backend, KVClassType.MANAGER)(
+            KVArgs(0, src_kv, bootstrap_port=bs.port), DisaggregationMode.PREFILL
+        )
         pm.wait_registered(30)
         sender_cls = get_kv_class(backend, KVClassType.SENDER)
         ctx = mp.get_context("spawn")
@@ -153,8 +158,19 @@ def main() -> None:
             src = rng.permutation(num_pages)[:npages] if args.pages == "random" else np.arange(npages)
             dst = rng.permutation(num_pages)[:npages] if args.pages == "random" else np.arange(npages)
             heads = (0, PAGE_SHAPE[3])
-            dest = Destination(0, 1, d_host, d_port, dst, heads, heads, num_pages, None,
-                               d_extra.get("engine_meta"), d_extra.get("kv_ptr"))
+            dest = Destination(
+                0,
+                1,
+                d_host,
+                d_port,
+                dst,
+                heads,
+                heads,
+                num_pages,
+                None,
+                d_extra.get("engine_meta"),
+                d_extra.get("kv_ptr"),
+            )
             job = Job("piece", SimpleNamespace(room=0), dest, 0, src)  # type: ignore[arg-type]
             t0 = time.monotonic()
             pm.prefill.mover.write(job, dst, None)
@@ -171,11 +187,21 @@ def main() -> None:
                 if r is not None:
                     raws.append(r)
                 bar.update()
-            results.append(dict(backend=backend, size_mb=size, pages=npages, bytes=npages * page_nbytes,
-                                gbps_median=statistics.median(samples), gbps_best=max(samples),
-                                samples_gbps=samples, torch_copy_gbps=statistics.median(base),
-                                torch_copy_samples_gbps=base,
-                                raw_gbps=statistics.median(raws) if raws else None, raw_samples_gbps=raws))
+            results.append(
+                dict(
+                    backend=backend,
+                    size_mb=size,
+                    pages=npages,
+                    bytes=npages * page_nbytes,
+                    gbps_median=statistics.median(samples),
+                    gbps_best=max(samples),
+                    samples_gbps=samples,
+                    torch_copy_gbps=statistics.median(base),
+                    torch_copy_samples_gbps=base,
+                    raw_gbps=statistics.median(raws) if raws else None,
+                    raw_samples_gbps=raws,
+                )
+            )
         parent.send(("stop",))
         proc.join(30)
         pm.shutdown()
@@ -184,23 +210,47 @@ def main() -> None:
 
     load = (load_before, os.getloadavg()[0])
     print(f"\nload average (1 min) before/after: {load[0]:.2f}/{load[1]:.2f} (other processes share these cores)")
-    print(f"page = {list(PAGE_SHAPE)} {str(DTYPE).removeprefix('torch.')} = {page_nbytes / 1024:.0f} KiB, "
-          f"pages: {args.pages}, repeats: {args.repeats}, cpus: {os.cpu_count()}, torch threads: "
-          f"{torch.get_num_threads()}")
-    print(f"{'backend':8} {'size MB':>8} {'pages':>6} {'median GB/s':>12} {'best GB/s':>10} "
-          f"{'torch copy GB/s':>16} {'median/copy':>12} {'raw engine GB/s':>16} {'median/raw':>11}")
+    print(
+        f"page = {list(PAGE_SHAPE)} {str(DTYPE).removeprefix('torch.')} = {page_nbytes / 1024:.0f} KiB, "
+        f"pages: {args.pages}, repeats: {args.repeats}, cpus: {os.cpu_count()}, torch threads: "
+        f"{torch.get_num_threads()}"
+    )
+    print(
+        f"{'backend':8} {'size MB':>8} {'pages':>6} {'median GB/s':>12} {'best GB/s':>10} "
+        f"{'torch copy GB/s':>16} {'median/copy':>12} {'raw engine GB/s':>16} {'median/raw':>11}"
+    )
     for r in results:  # torch copy and raw: medians of the interleaved samples
-        raw_col = (f"{r['raw_gbps']:>16.2f} {r['gbps_median'] / r['raw_gbps']:>11.0%}" if r.get("raw_gbps")
-                   else f"{'-':>16} {'-':>11}")
-        print(f"{r['backend']:8} {r['size_mb']:>8} {r['pages']:>6} {r['gbps_median']:>12.2f} {r['gbps_best']:>10.2f} "
-              f"{r['torch_copy_gbps']:>16.2f} {r['gbps_median'] / r['torch_copy_gbps']:>12.0%} {raw_col}")
+        raw_col = (
+            f"{r['raw_gbps']:>16.2f} {r['gbps_median'] / r['raw_gbps']:>11.0%}"
+            if r.get("raw_gbps")
+            else f"{'-':>16} {'-':>11}"
+        )
+        print(
+            f"{r['backend']:8} {r['size_mb']:>8} {r['pages']:>6} {r['gbps_median']:>12.2f} {r['gbps_best']:>10.2f} "
+            f"{r['torch_copy_gbps']:>16.2f} {r['gbps_median'] / r['torch_copy_gbps']:>12.0%} {raw_col}"
+        )
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
-            json.dump(dict(page_shape=PAGE_SHAPE, dtype=str(DTYPE), page_nbytes=page_nbytes, pages=args.pages,
-                           repeats=args.repeats, cpu_count=os.cpu_count(), loadavg_before_after=load, torch_threads=torch.get_num_threads(),
-                           python=sys.version.split()[0], torch=torch.__version__, machine=platform.machine(),
-                           command=" ".join(sys.argv), results=results), f, indent=2)
+            json.dump(
+                dict(
+                    page_shape=PAGE_SHAPE,
+                    dtype=str(DTYPE),
+                    page_nbytes=page_nbytes,
+                    pages=args.pages,
+                    repeats=args.repeats,
+                    cpu_count=os.cpu_count(),
+                    loadavg_before_after=load,
+                    torch_threads=torch.get_num_threads(),
+                    python=sys.version.split()[0],
+                    torch=torch.__version__,
+                    machine=platform.machine(),
+                    command=" ".join(sys.argv),
+                    results=results,
+                ),
+                f,
+                indent=2,
+            )
         print(f"wrote {args.output}")
 
 

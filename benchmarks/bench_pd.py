@@ -72,12 +72,44 @@ def wait_quiet(procs: list[subprocess.Popen], limit_s: float = 90.0) -> float:
 
 
 def mixed_load(url: str, out_file: str, a) -> dict:
-    cmd = [sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--backend", "pdserve",
-           "--dataset-name", "mixed", "--num-prompts", str(a.num_prompts), "--random-input-len", "128",
-           "--random-output-len", "64", "--random-range-ratio", "1.0", "--mixed-long-input-len", "1024",
-           "--mixed-long-fraction", "0.125", "--request-rate", str(a.rate), "--seed", "1",
-           "--warmup-requests", "2", "--slo-ttft-ms", str(a.slo_ttft_ms), "--slo-tpot-ms", str(a.slo_tpot_ms),
-           "--output-file", out_file, "--no-plots", "--disable-tqdm"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pdserve.cli",
+        "bench",
+        "--base-url",
+        url,
+        "--backend",
+        "pdserve",
+        "--dataset-name",
+        "mixed",
+        "--num-prompts",
+        str(a.num_prompts),
+        "--random-input-len",
+        "128",
+        "--random-output-len",
+        "64",
+        "--random-range-ratio",
+        "1.0",
+        "--mixed-long-input-len",
+        "1024",
+        "--mixed-long-fraction",
+        "0.125",
+        "--request-rate",
+        str(a.rate),
+        "--seed",
+        "1",
+        "--warmup-requests",
+        "2",
+        "--slo-ttft-ms",
+        str(a.slo_ttft_ms),
+        "--slo-tpot-ms",
+        str(a.slo_tpot_ms),
+        "--output-file",
+        out_file,
+        "--no-plots",
+        "--disable-tqdm",
+    ]
     subprocess.run(cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
     with open(out_file) as f:
         return json.load(f)
@@ -94,9 +126,14 @@ def main() -> int:
     ap.add_argument("--backend", default="tcp", choices=("tcp", "shm"))
     a = ap.parse_args()
     os.makedirs(os.path.dirname(a.output) or ".", exist_ok=True)
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "slo_ttft_ms": a.slo_ttft_ms,
-                 "slo_tpot_ms": a.slo_tpot_ms, "rate": a.rate, "num_prompts": a.num_prompts,
-                 "transfer_backend": a.backend}
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "slo_ttft_ms": a.slo_ttft_ms,
+        "slo_tpot_ms": a.slo_tpot_ms,
+        "rate": a.rate,
+        "num_prompts": a.num_prompts,
+        "transfer_backend": a.backend,
+    }
     py = [sys.executable, "-m", "pdserve.cli"]
     bar = tqdm(total=1 + a.ttft_samples + 3, desc="bench_pd")
 
@@ -106,9 +143,24 @@ def main() -> int:
         if kind == "colocated":  # one server on both cores
             return url, start(py + ["serve", "--port", str(port), "--max-total-tokens", "65536"], url, "/health")
         # 1P1D, router in front: cores split (one each) or shared (both may use both)
-        return url, start(py + ["launch", "--port", str(port), "--max-total-tokens", "65536", "--transfer-backend",
-                                a.backend, "--bootstrap-port-base", str(free_port()), "--cpu-split", kind],
-                          url, "/readiness")
+        return url, start(
+            py
+            + [
+                "launch",
+                "--port",
+                str(port),
+                "--max-total-tokens",
+                "65536",
+                "--transfer-backend",
+                a.backend,
+                "--bootstrap-port-base",
+                str(free_port()),
+                "--cpu-split",
+                kind,
+            ],
+            url,
+            "/readiness",
+        )
 
     kinds = ("colocated", "disjoint", "shared")
     # 1. TTFT: all three deployments up at once (idle ones cost ~nothing), requests
@@ -127,7 +179,9 @@ def main() -> int:
         for i in range(a.ttft_samples):
             for j, k in enumerate(kinds):
                 ids = prompt_ids(i * 3 + j)
-                samples[k].append(stream_times(urls[k], {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})[0])
+                samples[k].append(
+                    stream_times(urls[k], {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})[0]
+                )
             bar.update()
     finally:
         for proc in procs:
@@ -148,19 +202,25 @@ def main() -> int:
             stop_server(proc)
         bar.update()
     bar.close()
-    print("\nTTFT of a 256-token prompt, low load (median of %d): co-located %.1f ms" %
-          (a.ttft_samples, res["colocated_ttft_256_ms"]))
+    print(
+        "\nTTFT of a 256-token prompt, low load (median of %d): co-located %.1f ms"
+        % (a.ttft_samples, res["colocated_ttft_256_ms"])
+    )
     for split in ("disjoint", "shared"):
         res[f"pd_{split}_ttft_overhead_pct"] = 100 * (res[f"pd_{split}_ttft_256_ms"] / res["colocated_ttft_256_ms"] - 1)
         # each PD sample against the co-located one taken just before it (same VM speed)
         ratios = sorted(p / c for p, c in zip(samples[split], samples["colocated"]))
         res[f"pd_{split}_ttft_paired_overhead_pct"] = 100 * (ratios[len(ratios) // 2] - 1)
-        print(f"  1P1D --cpu-split {split:<8}: {res[f'pd_{split}_ttft_256_ms']:.1f} ms, "
-              f"PD overhead {res[f'pd_{split}_ttft_overhead_pct']:+.1f} % of medians, "
-              f"{res[f'pd_{split}_ttft_paired_overhead_pct']:+.1f} % median of paired ratios (target <= 10 %)")
+        print(
+            f"  1P1D --cpu-split {split:<8}: {res[f'pd_{split}_ttft_256_ms']:.1f} ms, "
+            f"PD overhead {res[f'pd_{split}_ttft_overhead_pct']:+.1f} % of medians, "
+            f"{res[f'pd_{split}_ttft_paired_overhead_pct']:+.1f} % median of paired ratios (target <= 10 %)"
+        )
     keys = [("ttft_ms", "median"), ("ttft_ms", "p99"), ("tpot_ms", "median"), ("tpot_ms", "p99")]
-    print(f"\nmixed load, Poisson {a.rate}/s, {a.num_prompts} requests, SLO TTFT<={a.slo_ttft_ms} ms, "
-          f"TPOT<={a.slo_tpot_ms} ms")
+    print(
+        f"\nmixed load, Poisson {a.rate}/s, {a.num_prompts} requests, SLO TTFT<={a.slo_ttft_ms} ms, "
+        f"TPOT<={a.slo_tpot_ms} ms"
+    )
     print(f"{'':<12}" + "".join(f"{k}.{s:<8}" for k, s in keys) + "goodput  attainment  failed")
     for name in ("colocated", "pd_disjoint", "pd_shared"):
         m = res[f"{name}_mixed"]

@@ -45,9 +45,24 @@ def main() -> int:
         for b in backends:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            pd = start(py + ["launch", "--port", str(port), "--max-total-tokens", str(a.max_total_tokens),
-                             "--transfer-backend", b, "--bootstrap-port-base", str(free_port()),
-                             "--cpu-split", "shared"], url, "/readiness")
+            pd = start(
+                py
+                + [
+                    "launch",
+                    "--port",
+                    str(port),
+                    "--max-total-tokens",
+                    str(a.max_total_tokens),
+                    "--transfer-backend",
+                    b,
+                    "--bootstrap-port-base",
+                    str(free_port()),
+                    "--cpu-split",
+                    "shared",
+                ],
+                url,
+                "/readiness",
+            )
             try:
                 stream_times(url, {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
                 wait_quiet([co, pd])
@@ -61,10 +76,13 @@ def main() -> int:
             finally:
                 stop_server(pd)
             ratios = [p / c for p, c in zip(pd_s, co_s)]
-            res["backends"][b] = {"colocated_ms": co_s, "pd_ms": pd_s,
-                                  "colocated_median_ms": statistics.median(co_s),
-                                  "pd_median_ms": statistics.median(pd_s),
-                                  "paired_overhead_pct": 100 * (statistics.median(ratios) - 1)}
+            res["backends"][b] = {
+                "colocated_ms": co_s,
+                "pd_ms": pd_s,
+                "colocated_median_ms": statistics.median(co_s),
+                "pd_median_ms": statistics.median(pd_s),
+                "paired_overhead_pct": 100 * (statistics.median(ratios) - 1),
+            }
     finally:
         stop_server(co)
         bar.close()

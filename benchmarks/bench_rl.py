@@ -61,16 +61,18 @@ def weight_sync(strategy, weights: dict[str, torch.Tensor]) -> dict:
     res = {"bytes": nbytes, "tensors": len(names)}
 
     t = time.perf_counter()
-    pending = strategy.broadcast_parameter("bench", names, ["float32"] * len(names),
-                                           [list(weights[n].shape) for n in names])
+    pending = strategy.broadcast_parameter(
+        "bench", names, ["float32"] * len(names), [list(weights[n].shape) for n in names]
+    )
     trainer.broadcast([weights[n] for n in names])
     pending.wait(600)
     dt = time.perf_counter() - t
     res["per_parameter"] = {"seconds": dt, "gb_s": nbytes / dt / 1e9}
 
     t = time.perf_counter()
-    pending = strategy.broadcast_bucket("bench", [{"name": n, "dtype": "float32", "shape": list(weights[n].shape)}
-                                                  for n in names])
+    pending = strategy.broadcast_bucket(
+        "bench", [{"name": n, "dtype": "float32", "shape": list(weights[n].shape)} for n in names]
+    )
     trainer.broadcast_bucket([weights[n] for n in names])
     pending.wait(600)
     dt = time.perf_counter() - t
@@ -95,8 +97,13 @@ def memory(strategy) -> dict:
     strategy.load_states()
     t_on = time.perf_counter() - t
     strategy.generate([prompt_ids(0, 16)], {"max_new_tokens": 4})
-    return {"offload_s": t_off, "load_s": t_on, "rss_before_mib": rss0 / 2**20, "rss_offloaded_mib": rss1 / 2**20,
-            "released_mib": (rss0 - rss1) / 2**20}
+    return {
+        "offload_s": t_off,
+        "load_s": t_on,
+        "rss_before_mib": rss0 / 2**20,
+        "rss_offloaded_mib": rss1 / 2**20,
+        "released_mib": (rss0 - rss1) / 2**20,
+    }
 
 
 def main() -> int:
@@ -116,8 +123,10 @@ def main() -> int:
     res: dict = {"batch": a.batch, "prompt_len": a.prompt_len, "max_new_tokens": a.max_new_tokens}
     base = 41000
     for name in ("sglang", "sglang_pd_dis"):
-        cfg = {"strategy_name": name, "strategy_config": {"max_total_tokens": a.max_total_tokens,
-                                                          "log_level": "warning", "base_port": base}}
+        cfg = {
+            "strategy_name": name,
+            "strategy_config": {"max_total_tokens": a.max_total_tokens, "log_level": "warning", "base_port": base},
+        }
         with create_strategy(cfg, world_size=2, cpus_per_rank=1) as strategy:
             res[name] = {"rollout": rollout(strategy, a.batch, a.prompt_len, a.max_new_tokens, a.reps)}
             print(name, res[name]["rollout"], flush=True)
@@ -133,12 +142,16 @@ def main() -> int:
     for name, r in (("sglang (co-located, 2 engines)", co), ("sglang_pd_dis (1P1D + router)", pd)):
         print(f"| {name} | {r['output_tok_s']:.1f} | {r['seconds']:.1f} |")
     print(f"\nPD / co-located: {pd['output_tok_s'] / co['output_tok_s']:.2f}x")
-    print(f"\n| weight sync ({ws['bytes'] / 1e9:.2f} GB, {ws['tensors']} tensors, into 2 engines) | s | GB/s |\n"
-          f"|---|---:|---:|")
+    print(
+        f"\n| weight sync ({ws['bytes'] / 1e9:.2f} GB, {ws['tensors']} tensors, into 2 engines) | s | GB/s |\n"
+        f"|---|---:|---:|"
+    )
     for k in ("per_parameter", "bucket", "memcpy"):
         print(f"| {k} | {ws[k]['seconds']:.2f} | {ws[k]['gb_s']:.2f} |")
-    print(f"\noffload {mem['offload_s']:.2f} s (released {mem['released_mib']:.0f} MiB of "
-          f"{mem['rss_before_mib']:.0f}), load {mem['load_s']:.2f} s")
+    print(
+        f"\noffload {mem['offload_s']:.2f} s (released {mem['released_mib']:.0f} MiB of "
+        f"{mem['rss_before_mib']:.0f}), load {mem['load_s']:.2f} s"
+    )
     write_json(a.output, res)
     return 0
 

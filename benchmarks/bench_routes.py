@@ -38,18 +38,41 @@ def bodies(max_tokens: int) -> dict[str, tuple[str, dict]]:
     """Route name -> (path, streamed request body)."""
     common = {"temperature": 0, "ignore_eos": True, "stream": True}
     return {
-        "/generate": ("/generate", {"text": PROMPT, "stream": True, "sampling_params": {
-            "max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True}}),
-        "/v1/completions": ("/v1/completions", {"prompt": PROMPT, "max_tokens": max_tokens, **common,
-                                                "stream_options": {"include_usage": True}}),
-        "/v1/chat/completions": ("/v1/chat/completions", {
-            "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, **common,
-            "stream_options": {"include_usage": True}}),
+        "/generate": (
+            "/generate",
+            {
+                "text": PROMPT,
+                "stream": True,
+                "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
+            },
+        ),
+        "/v1/completions": (
+            "/v1/completions",
+            {"prompt": PROMPT, "max_tokens": max_tokens, **common, "stream_options": {"include_usage": True}},
+        ),
+        "/v1/chat/completions": (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": PROMPT}],
+                "max_tokens": max_tokens,
+                **common,
+                "stream_options": {"include_usage": True},
+            },
+        ),
         # the body `vllm bench serve` sends (vllm/benchmarks/lib/endpoint_request_func.py): no
         # temperature (the server's default, 1.0, so random sampling), repetition_penalty 1.0
-        "/v1/completions (vLLM client body)": ("/v1/completions", {
-            "prompt": PROMPT, "repetition_penalty": 1.0, "max_tokens": max_tokens, "logprobs": None,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}),
+        "/v1/completions (vLLM client body)": (
+            "/v1/completions",
+            {
+                "prompt": PROMPT,
+                "repetition_penalty": 1.0,
+                "max_tokens": max_tokens,
+                "logprobs": None,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "ignore_eos": True,
+            },
+        ),
     }
 
 
@@ -93,11 +116,25 @@ def main() -> int:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port), "--num-threads",
-           str(args.threads), *args.extra.split()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pdserve.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--num-threads",
+        str(args.threads),
+        *args.extra.split(),
+    ]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
-                 "command": " ".join(cmd), "rounds": args.rounds, "max_tokens": args.max_tokens}
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "command": " ".join(cmd),
+        "rounds": args.rounds,
+        "max_tokens": args.max_tokens,
+    }
     try:
         t_start = time.perf_counter()
         while True:
@@ -129,15 +166,18 @@ def main() -> int:
     print(f"\n{'route':36} {'decode tok/s':>12} {'TTFT ms':>8} {'events':>7} {'front CPU us/token':>19}")
     for name, rs in runs.items():
         rate = statistics.median((r["tokens"] - 1) / r["decode_s"] for r in rs)
-        row = {"decode_tok_s": rate,
-               "decode_tok_s_runs": [(r["tokens"] - 1) / r["decode_s"] for r in rs],
-               "ttft_ms": statistics.median(r["ttft_s"] for r in rs) * 1000,
-               "events": statistics.median(r["events"] for r in rs),
-               "tokens": statistics.median(r["tokens"] for r in rs),
-               "front_cpu_us_per_token": statistics.median(r["front_cpu_s"] / r["tokens"] for r in rs) * 1e6}
+        row = {
+            "decode_tok_s": rate,
+            "decode_tok_s_runs": [(r["tokens"] - 1) / r["decode_s"] for r in rs],
+            "ttft_ms": statistics.median(r["ttft_s"] for r in rs) * 1000,
+            "events": statistics.median(r["events"] for r in rs),
+            "tokens": statistics.median(r["tokens"] for r in rs),
+            "front_cpu_us_per_token": statistics.median(r["front_cpu_s"] / r["tokens"] for r in rs) * 1e6,
+        }
         res["routes"][name] = row
-        print(f"{name:36} {rate:12.1f} {row['ttft_ms']:8.1f} {row['events']:7.0f} "
-              f"{row['front_cpu_us_per_token']:19.0f}")
+        print(
+            f"{name:36} {rate:12.1f} {row['ttft_ms']:8.1f} {row['events']:7.0f} {row['front_cpu_us_per_token']:19.0f}"
+        )
     write_json(args.output, res)
     return 0
 

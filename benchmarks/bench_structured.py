@@ -25,8 +25,12 @@ import time
 
 import torch
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "bio"],
-          "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "bio": {"type": "string"}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "age", "bio"],
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "bio": {"type": "string"}},
+}
 GRAMMARS = [
     ("json_schema", json.dumps(SCHEMA)),
     ("json_object", '{"type": "object"}'),
@@ -36,8 +40,11 @@ GRAMMARS = [
     ("ebnf", 'root ::= item+ "."\nitem ::= ("yes" | "no" | "maybe") ", "'),
 ]
 VOCAB = 49152
-WEATHER_TOOL = {"type": "object", "required": ["city"],
-                "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
+WEATHER_TOOL = {
+    "type": "object",
+    "required": ["city"],
+    "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+}
 
 
 def tool_call_grammar() -> str:
@@ -92,11 +99,16 @@ def micro(batch: int, steps: int = 64) -> dict:
             xgr.apply_token_bitmask_inplace(logits, bm)
         xgr_apply = (time.perf_counter() - t) / 20
         mask, accept = statistics.median(mask_s), statistics.median(accept_s)  # medians: a busy box
-        out[name] = {"batch": batch, "steps": n, "mask_us_per_step": mask * 1e6,
-                     "accept_us_per_step": accept * 1e6,
-                     "total_us_per_token": (mask + accept) / batch * 1e6,
-                     "xgrammar_apply_us_per_step": xgr_apply * 1e6,
-                     "compile_ms_first": first_compile * 1e3, "compile_ms_cached": cached_compile * 1e3}
+        out[name] = {
+            "batch": batch,
+            "steps": n,
+            "mask_us_per_step": mask * 1e6,
+            "accept_us_per_step": accept * 1e6,
+            "total_us_per_token": (mask + accept) / batch * 1e6,
+            "xgrammar_apply_us_per_step": xgr_apply * 1e6,
+            "compile_ms_first": first_compile * 1e3,
+            "compile_ms_cached": cached_compile * 1e3,
+        }
     return out
 
 
@@ -107,9 +119,14 @@ def e2e(reps: int = 3) -> dict:
     try:
         prompt = e.tokenizer.apply_chat_template(
             [{"role": "user", "content": "Describe a person as JSON with name, age and a long bio."}],
-            add_generation_prompt=True, tokenize=False)
-        cases = {"none": {"ignore_eos": True}, "json_schema": {"json_schema": json.dumps(SCHEMA)},
-                 "regex": {"regex": GRAMMARS[2][1]}}
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        cases = {
+            "none": {"ignore_eos": True},
+            "json_schema": {"json_schema": json.dumps(SCHEMA)},
+            "regex": {"regex": GRAMMARS[2][1]},
+        }
         res = {}
         for name, extra in cases.items():
             per_tok = []
@@ -117,8 +134,11 @@ def e2e(reps: int = 3) -> dict:
                 r = e.generate(prompt, {"max_new_tokens": 64, "temperature": 0, **extra})
                 m = r["meta_info"]
                 per_tok.append(m["decode_time"] / max(1, m["completion_tokens"] - 1) * 1e3)
-            res[name] = {"decode_ms_per_token": statistics.median(per_tok[1:]),
-                         "completion_tokens": m["completion_tokens"], "finish": m["finish_reason"]["type"]}
+            res[name] = {
+                "decode_ms_per_token": statistics.median(per_tok[1:]),
+                "completion_tokens": m["completion_tokens"],
+                "finish": m["finish_reason"]["type"],
+            }
         for k in ("json_schema", "regex"):
             res[k]["overhead_ms_per_token"] = res[k]["decode_ms_per_token"] - res["none"]["decode_ms_per_token"]
         return res
@@ -133,22 +153,30 @@ def main() -> None:
     torch.set_num_threads(1)
     result = {"micro": {f"batch{b}": micro(b) for b in (1, 8)}}
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"{'grammar':<14} {'batch':>5} {'steps':>5} {'mask us/step':>13} {'accept us/step':>15} "
-          f"{'us/token':>9} {'xgr apply us':>13} {'compile ms (1st/cached)':>24}")
+    print(
+        f"{'grammar':<14} {'batch':>5} {'steps':>5} {'mask us/step':>13} {'accept us/step':>15} "
+        f"{'us/token':>9} {'xgr apply us':>13} {'compile ms (1st/cached)':>24}"
+    )
     for b, rows in result["micro"].items():
         for name, r in rows.items():
-            print(f"{name:<14} {r['batch']:>5} {r['steps']:>5} {r['mask_us_per_step']:>13.0f} "
-                  f"{r['accept_us_per_step']:>15.0f} {r['total_us_per_token']:>9.0f} "
-                  f"{r['xgrammar_apply_us_per_step']:>13.0f} "
-                  f"{r['compile_ms_first']:>15.2f} / {r['compile_ms_cached']:.3f}")
+            print(
+                f"{name:<14} {r['batch']:>5} {r['steps']:>5} {r['mask_us_per_step']:>13.0f} "
+                f"{r['accept_us_per_step']:>15.0f} {r['total_us_per_token']:>9.0f} "
+                f"{r['xgrammar_apply_us_per_step']:>13.0f} "
+                f"{r['compile_ms_first']:>15.2f} / {r['compile_ms_cached']:.3f}"
+            )
     if not args.skip_e2e:
         result["e2e"] = e2e()
         x = result["e2e"]
-        print(f"\nend to end, decode ms/token (median of 3, <= 64 tokens, float32): "
-              f"no grammar {x['none']['decode_ms_per_token']:.1f}")
+        print(
+            f"\nend to end, decode ms/token (median of 3, <= 64 tokens, float32): "
+            f"no grammar {x['none']['decode_ms_per_token']:.1f}"
+        )
         for k in ("json_schema", "regex"):
-            print(f"  {k}: {x[k]['decode_ms_per_token']:.1f} ({x[k]['completion_tokens']} tokens, "
-                  f"{x[k]['finish']}); overhead {x[k]['overhead_ms_per_token']:+.2f} ms/token")
+            print(
+                f"  {k}: {x[k]['decode_ms_per_token']:.1f} ({x[k]['completion_tokens']} tokens, "
+                f"{x[k]['finish']}); overhead {x[k]['overhead_ms_per_token']:+.2f} ms/token"
+            )
     result["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["load_avg"] = os.getloadavg()
     os.makedirs("bench_out", exist_ok=True)

@@ -28,15 +28,28 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (batch_output_tok_s, free_port, single_stream_decode_tok_s, stop_server,  # noqa: E402
-                     ttft_256_ms, write_json)
+from _common import (
+    batch_output_tok_s,
+    free_port,
+    single_stream_decode_tok_s,
+    stop_server,  # noqa: E402
+    ttft_256_ms,
+    write_json,
+)
 
 from pdserve.launch.cli import wait_healthy  # noqa: E402
 
 SHAPES = ((1, 576), (64, 576), (256, 576))
-PROMPTS = ["Write a haiku about the sea.", "List three prime numbers.", "Explain gravity to a child.",
-           "What is the capital of France?", "Give me a recipe for pancakes.", "Who wrote Hamlet?",
-           "Describe a cat in one sentence.", "Why is the sky blue?"]
+PROMPTS = [
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain gravity to a child.",
+    "What is the capital of France?",
+    "Give me a recipe for pancakes.",
+    "Who wrote Hamlet?",
+    "Describe a cat in one sentence.",
+    "Why is the sky blue?",
+]
 
 
 def _allreduce_child(rank: int, kind: str, port: int, shm: str, reps: int) -> None:
@@ -73,10 +86,16 @@ def allreduce_latency(kind: str, reps: int) -> dict:
     allocate_kv_buffer((ShmAllReduce.nbytes(2),), torch.uint8, name)
     port = free_port()
     code = "import sys; sys.path.insert(0, %r); from bench_tp import _allreduce_child as f; f(%%d, %r, %d, %r, %d)" % (
-        os.path.dirname(os.path.abspath(__file__)), kind, port, name, reps)
+        os.path.dirname(os.path.abspath(__file__)),
+        kind,
+        port,
+        name,
+        reps,
+    )
     try:
-        procs = [subprocess.Popen([sys.executable, "-c", code % r], stdout=subprocess.PIPE, text=True)
-                 for r in range(2)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code % r], stdout=subprocess.PIPE, text=True) for r in range(2)
+        ]
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         free_kv_buffer(name)
@@ -87,24 +106,49 @@ def serve(args, tp: int, kind: str):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PDSERVE_TP_ALLREDUCE": kind}
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port), "--dtype", args.dtype,
-                             "--num-threads", str(args.threads), "--max-total-tokens", "32768", "--tp-size", str(tp),
-                             "--log-level", "warning"], start_new_session=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--dtype",
+            args.dtype,
+            "--num-threads",
+            str(args.threads),
+            "--max-total-tokens",
+            "32768",
+            "--tp-size",
+            str(tp),
+            "--log-level",
+            "warning",
+        ],
+        start_new_session=True,
+        env=env,
+    )
     wait_healthy(url, proc, time.time() + 300)
     return url, proc
 
 
 def measure(url: str) -> dict:
-    return {"single_stream_decode_tok_s": single_stream_decode_tok_s(url), "ttft_256_ms": ttft_256_ms(url),
-            "batch_32x256x64_output_tok_s": batch_output_tok_s(url, 32, 256, 64)[0]}
+    return {
+        "single_stream_decode_tok_s": single_stream_decode_tok_s(url),
+        "ttft_256_ms": ttft_256_ms(url),
+        "batch_32x256x64_output_tok_s": batch_output_tok_s(url, 32, 256, 64)[0],
+    }
 
 
 def greedy(url: str) -> list[list[int]]:
     out = []
     for p in PROMPTS:
         text = f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n"
-        r = httpx.post(url + "/generate", json={"text": text, "sampling_params": {
-            "max_new_tokens": 64, "temperature": 0, "ignore_eos": True}}, timeout=300).json()
+        r = httpx.post(
+            url + "/generate",
+            json={"text": text, "sampling_params": {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True}},
+            timeout=300,
+        ).json()
         out.append(r["output_ids"])
     return out
 
@@ -116,8 +160,14 @@ def main() -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--reps", type=int, default=2000)
     args = ap.parse_args()
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
-                 "threads": args.threads, "torch": torch.__version__, "allreduce_us": {}, "serve": {}}
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "allreduce_us": {},
+        "serve": {},
+    }
     configs = [(1, "shm"), (2, "shm"), (2, "gloo")]
     bar = tqdm(total=2 + len(configs), desc="bench_tp")
     for kind in ("shm", "gloo"):
@@ -145,8 +195,10 @@ def main() -> int:
         print(f"{shape:<12}{res['allreduce_us']['shm'][shape]:>10.1f}{res['allreduce_us']['gloo'][shape]:>10.1f}")
     print(f"\n{'config':<12}{'decode tok/s':>14}{'TTFT256 ms':>12}{'32x256x64 tok/s':>17}")
     for name, r in res["serve"].items():
-        print(f"{name:<12}{r['single_stream_decode_tok_s']:>14.1f}{r['ttft_256_ms']:>12.1f}"
-              f"{r['batch_32x256x64_output_tok_s']:>17.1f}")
+        print(
+            f"{name:<12}{r['single_stream_decode_tok_s']:>14.1f}{r['ttft_256_ms']:>12.1f}"
+            f"{r['batch_32x256x64_output_tok_s']:>17.1f}"
+        )
     print(f"\nbf16 greedy, tp2 vs tp1, tokens until the first difference (of 64): {agree}")
     write_json(args.output, res)
     return 0

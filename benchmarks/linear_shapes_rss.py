@@ -47,8 +47,11 @@ def main() -> int:
             q, k = torch.randn(1, 9, m, 64), torch.randn(1, 3, m, 64)
             F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
         if m % a.every == 0:
-            print(f"{a.mode} rows 1..{m}: malloc in use {in_use() - base:+.1f} MiB, "
-                  f"RSS {rss_bytes() / 2**20 - r0:+.1f} MiB", flush=True)
+            print(
+                f"{a.mode} rows 1..{m}: malloc in use {in_use() - base:+.1f} MiB, "
+                f"RSS {rss_bytes() / 2**20 - r0:+.1f} MiB",
+                flush=True,
+            )
     return 0
 
 

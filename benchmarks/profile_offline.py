@@ -36,14 +36,25 @@ def main() -> None:
     ap.add_argument("--w4-decode-max-tokens", type=int, default=8)
     ap.add_argument("--prof", action="store_true")
     a = ap.parse_args()
-    args = ServerArgs(dtype="auto", num_threads=a.threads, chunked_prefill_size=a.chunked_prefill_size,
-                      w4_decode_max_tokens=a.w4_decode_max_tokens)
+    args = ServerArgs(
+        dtype="auto",
+        num_threads=a.threads,
+        chunked_prefill_size=a.chunked_prefill_size,
+        w4_decode_max_tokens=a.w4_decode_max_tokens,
+    )
     set_threads(args)
     model = load_model(args)
     ps, pages = 16, 65536 // 16
     runner = ModelRunner(model, pages, ps)
-    s = Scheduler(PageAllocator(pages, ps), max_running_requests=64, chunked_prefill_size=a.chunked_prefill_size,
-                  context_length=8192, eos_ids=(2,), disable_radix_cache=True, detokenize=lambda ids: "")
+    s = Scheduler(
+        PageAllocator(pages, ps),
+        max_running_requests=64,
+        chunked_prefill_size=a.chunked_prefill_size,
+        context_length=8192,
+        eos_ids=(2,),
+        disable_radix_cache=True,
+        detokenize=lambda ids: "",
+    )
     rng = random.Random(0)
     for i in range(a.num_prompts):
         sp = SamplingParams(max_new_tokens=a.output_len, ignore_eos=True, temperature=0.0)
@@ -71,8 +82,10 @@ def main() -> None:
     if prof:
         prof.__exit__(None, None, None)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    print(f"{a.num_prompts} requests: {el:.2f} s, {a.num_prompts * a.output_len / el:.1f} output tok/s; "
-          f"{n_steps} steps, {n_mixed} with prefill ({t_mixed:.2f} s), pure decode {t_dec:.2f} s")
+    print(
+        f"{a.num_prompts} requests: {el:.2f} s, {a.num_prompts * a.output_len / el:.1f} output tok/s; "
+        f"{n_steps} steps, {n_mixed} with prefill ({t_mixed:.2f} s), pure decode {t_dec:.2f} s"
+    )
 
 
 if __name__ == "__main__":

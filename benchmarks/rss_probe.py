@@ -63,12 +63,13 @@ async def run(a, router_url: str, prefill_url: str, boot: int, sched_pid: int, d
 
     def body() -> dict:
         n = rng.randint(a.prompt_len, a.prompt_len_max) if a.prompt_len_max else a.prompt_len
-        return {"input_ids": [rng.randrange(100, 49000) for _ in range(n)],
-                "sampling_params": {"max_new_tokens": a.max_new_tokens, "temperature": 0.7, "ignore_eos": True}}
+        return {
+            "input_ids": [rng.randrange(100, 49000) for _ in range(n)],
+            "sampling_params": {"max_new_tokens": a.max_new_tokens, "temperature": 0.7, "ignore_eos": True},
+        }
 
     async def doomed(session) -> None:  # prefill alone: no decode registers this room
-        b = {**body(), "bootstrap_host": "127.0.0.1", "bootstrap_port": boot,
-             "bootstrap_room": rng.randrange(1 << 62)}
+        b = {**body(), "bootstrap_host": "127.0.0.1", "bootstrap_port": boot, "bootstrap_room": rng.randrange(1 << 62)}
         try:
             async with session.post(prefill_url + "/generate", json=b, timeout=aiohttp.ClientTimeout(total=60)) as r:
                 await r.read()
@@ -81,10 +82,12 @@ async def run(a, router_url: str, prefill_url: str, boot: int, sched_pid: int, d
         stream = rng.random() < 0.5
 
         async def go():
-            async with session.post(router_url + "/generate", json={**body(), "stream": stream},
-                                    timeout=aiohttp.ClientTimeout(total=120)) as r:
+            async with session.post(
+                router_url + "/generate", json={**body(), "stream": stream}, timeout=aiohttp.ClientTimeout(total=120)
+            ) as r:
                 await r.read()
                 return r.status
+
         task = asyncio.ensure_future(go())
         try:
             if abort_after is not None:
@@ -100,10 +103,16 @@ async def run(a, router_url: str, prefill_url: str, boot: int, sched_pid: int, d
     async def sample() -> None:
         loop = asyncio.get_running_loop()
         d = await loop.run_in_executor(None, dump, sched_pid, dump_dir)
-        row = {"requests": n, "t_s": round(time.time() - t0, 1), **counts,
-               "rss_mib": round(d.get("rss_bytes", 0) / 2**20, 1),
-               **{f"malloc_{k}_mib": round(v / 2**20, 1) for k, v in d.get("malloc", {}).items()},
-               "threads": d.get("threads"), "objects": d.get("objects_total"), "tables": d.get("tables")}
+        row = {
+            "requests": n,
+            "t_s": round(time.time() - t0, 1),
+            **counts,
+            "rss_mib": round(d.get("rss_bytes", 0) / 2**20, 1),
+            **{f"malloc_{k}_mib": round(v / 2**20, 1) for k, v in d.get("malloc", {}).items()},
+            "threads": d.get("threads"),
+            "objects": d.get("objects_total"),
+            "tables": d.get("tables"),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -125,6 +134,7 @@ async def run(a, router_url: str, prefill_url: str, boot: int, sched_pid: int, d
                 await one(session)
                 if k % a.every == 0:
                     await sample()
+
         await asyncio.gather(*(worker() for _ in range(a.concurrency)))
         if side:
             await asyncio.wait(side, timeout=60)
@@ -139,8 +149,12 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=600)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--prompt-len-max", type=int, default=0,
-                    help="if set: prompt lengths uniform in [--prompt-len, this] (the control run: new shapes)")
+    ap.add_argument(
+        "--prompt-len-max",
+        type=int,
+        default=0,
+        help="if set: prompt lengths uniform in [--prompt-len, this] (the control run: new shapes)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--abort-prob", type=float, default=0.1)
@@ -157,14 +171,19 @@ def main() -> int:
     prefill, decode, router = deployment(out_dir, prefill_env=env)
     procs = [prefill, decode, router]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(a),
-                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                          text=True).stdout.strip()}
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "args": vars(a),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+    }
     try:
         for p in procs:
             p.start()
-        httpx.post(router.url + "/generate", json={"text": "warm up", "sampling_params": {"max_new_tokens": 4}},
-                   timeout=120).raise_for_status()
+        httpx.post(
+            router.url + "/generate", json={"text": "warm up", "sampling_params": {"max_new_tokens": 4}}, timeout=120
+        ).raise_for_status()
         sched = prefill.children()["prefill.scheduler"]
         res["rows"] = asyncio.run(run(a, router.url, prefill.url, prefill.bootstrap_port, sched.pid, dump_dir))
         res["prefill_load_end"] = httpx.get(prefill.url + "/get_load", timeout=10).json()

@@ -65,11 +65,14 @@ async def run_load(router: Proc, prefill: Proc, decode: Proc, rate: float, a, re
     stop = asyncio.Event()
     probes, samples, faults, states = [], [], [], []
     t0 = time.time()
-    bg = [asyncio.ensure_future(probe_loop(router.url, stop, probes)),
-          asyncio.ensure_future(rss_loop([router, prefill, decode], stop, samples, t0)),
-          asyncio.ensure_future(router_state_loop(router.url, stop, states, t0))]
-    sched = asyncio.ensure_future(fault_schedule({"prefill": prefill, "decode": decode}, parse_plan(a.faults),
-                                                 a, t0, faults))
+    bg = [
+        asyncio.ensure_future(probe_loop(router.url, stop, probes)),
+        asyncio.ensure_future(rss_loop([router, prefill, decode], stop, samples, t0)),
+        asyncio.ensure_future(router_state_loop(router.url, stop, states, t0)),
+    ]
+    sched = asyncio.ensure_future(
+        fault_schedule({"prefill": prefill, "decode": decode}, parse_plan(a.faults), a, t0, faults)
+    )
     tasks: set[asyncio.Task] = set()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         i = 0
@@ -82,9 +85,12 @@ async def run_load(router: Proc, prefill: Proc, decode: Proc, rate: float, a, re
             t.add_done_callback(tasks.discard)
             i += 1
             if i % 100 == 0:
-                print(f"[{time.time() - t0:6.1f}s] sent {i}, in flight {len(tasks)}, "
-                      f"ok {stats.count('succeeded')}, failed {stats.count('failed')}, "
-                      f"lost {stats.count('lost')}", flush=True)
+                print(
+                    f"[{time.time() - t0:6.1f}s] sent {i}, in flight {len(tasks)}, "
+                    f"ok {stats.count('succeeded')}, failed {stats.count('failed')}, "
+                    f"lost {stats.count('lost')}",
+                    flush=True,
+                )
         await sched  # every fault injected and its process back
         if tasks:
             await asyncio.wait(tasks, timeout=a.client_timeout_s + 30)
@@ -97,8 +103,11 @@ async def run_load(router: Proc, prefill: Proc, decode: Proc, rate: float, a, re
     res["faults"] = [{k: v for k, v in f.items() if not k.startswith("t_")} for f in faults]
     res["rss_samples"] = samples
     res["router_states"] = states
-    res["probes"] = {"sent": len(probes), "ok": sum(p.ok for p in probes),
-                     "series": [(round(p.t - t0, 1), p.ok, p.latency_s, p.detail) for p in probes]}
+    res["probes"] = {
+        "sent": len(probes),
+        "ok": sum(p.ok for p in probes),
+        "series": [(round(p.t - t0, 1), p.ok, p.latency_s, p.detail) for p in probes],
+    }
     return stats
 
 
@@ -124,8 +133,11 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=None, help="requests/s (skips the capacity measurement)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--abort-prob", type=float, default=0.1, help="share of clients that abort at random")
-    ap.add_argument("--faults", default=",".join(f"{k}-{t}" for k, t in DEFAULT_PLAN),
-                    help="comma-separated kill-decode, kill-prefill, pause-decode, pause-prefill, in order")
+    ap.add_argument(
+        "--faults",
+        default=",".join(f"{k}-{t}" for k, t in DEFAULT_PLAN),
+        help="comma-separated kill-decode, kill-prefill, pause-decode, pause-prefill, in order",
+    )
     ap.add_argument("--down-s", type=float, default=3.0, help="seconds a killed server stays down")
     ap.add_argument("--pause-s", type=float, default=10.0, help="seconds a paused server stays stopped")
     ap.add_argument("--client-timeout-s", type=float, default=200.0, help="a request with no answer by then is lost")
@@ -134,9 +146,13 @@ def main() -> int:
     parse_plan(a.faults)
     out_dir = os.path.dirname(a.output) or "."
     os.makedirs(out_dir, exist_ok=True)
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "args": vars(a),
-                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                          text=True).stdout.strip()}
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "args": vars(a),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+    }
     prefill, decode, router = deployment(out_dir)
     procs = [prefill, decode, router]
     # SIGTERM (timeout, Ctrl-C of a wrapper) still stops the servers: they run in their own sessions
@@ -144,8 +160,9 @@ def main() -> int:
     try:
         for p in procs:
             p.start()
-        httpx.post(router.url + "/generate", json={"text": "warm up", "sampling_params": {"max_new_tokens": 4}},
-                   timeout=120).raise_for_status()
+        httpx.post(
+            router.url + "/generate", json={"text": "warm up", "sampling_params": {"max_new_tokens": 4}}, timeout=120
+        ).raise_for_status()
         if a.rate is None:
             cap = asyncio.run(closed_loop(router.url, a.capacity_concurrency, a.capacity_s, a))
             res["capacity_req_s"] = round(cap, 3)
@@ -153,8 +170,10 @@ def main() -> int:
         else:
             rate = a.rate
         res["rate_req_s"] = round(rate, 3)
-        print(f"capacity {res.get('capacity_req_s')} req/s -> Poisson {rate:.2f} req/s for {a.duration_s:.0f} s",
-              flush=True)
+        print(
+            f"capacity {res.get('capacity_req_s')} req/s -> Poisson {rate:.2f} req/s for {a.duration_s:.0f} s",
+            flush=True,
+        )
         stats = asyncio.run(run_load(router, prefill, decode, rate, a, res))
         summarize(res, stats)
         res["kv_end"] = {"prefill": kv_clean(prefill), "decode": kv_clean(decode)}

@@ -14,8 +14,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SEMI_PD_SWITCHES = ("enable_semi_pd", "enable_semi_pd_coordinator", "enable_unified_memory", "enable_slo_aware")
 
 
-def unified_memory_geometry_error(total_blocks: int, block_size: int, page_size: int,
-                                  itemsize: int = 4) -> tuple[str, str] | None:
+def unified_memory_geometry_error(
+    total_blocks: int, block_size: int, page_size: int, itemsize: int = 4
+) -> tuple[str, str] | None:
     """(field, why) when a unified KV block pool of this geometry cannot exist, else None.
 
     A block holds the K and V of `page_size` tokens of one layer in `block_size` bytes, so
@@ -28,15 +29,18 @@ def unified_memory_geometry_error(total_blocks: int, block_size: int, page_size:
     if block_size < slot or block_size % slot:
         return "unified_memory_block_size", (
             f"{block_size} bytes do not hold K and V of {page_size} tokens ({page_size} = "
-            f"--unified-memory-page-size) in whole {itemsize}-byte elements: use a multiple of {slot}")
+            f"--unified-memory-page-size) in whole {itemsize}-byte elements: use a multiple of {slot}"
+        )
     total = total_blocks * block_size
     try:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - no sysconf
         ram = None
     if ram and total > ram:
-        return "unified_memory_blocks", (f"{total_blocks} blocks of {block_size} bytes = {total / 2**30:.1f} GiB, "
-                                         f"more than this machine's RAM ({ram / 2**30:.1f} GiB)")
+        return "unified_memory_blocks", (
+            f"{total_blocks} blocks of {block_size} bytes = {total / 2**30:.1f} GiB, "
+            f"more than this machine's RAM ({ram / 2**30:.1f} GiB)"
+        )
     return None
 
 
@@ -111,8 +115,11 @@ class ServerArgs:
                 bad(name, why)
 
         to_enum("dtype", DType, f"must be one of {DTYPES}, got {self.dtype!r}")
-        to_enum("attention_backend", AttentionBackend,
-                f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        to_enum(
+            "attention_backend",
+            AttentionBackend,
+            f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
+        )
         if not (0 < self.port < 65536):
             bad("port", f"must be in 1..65535, got {self.port}")
         if not (0 < self.disaggregation_bootstrap_port < 65536):
@@ -135,8 +142,11 @@ class ServerArgs:
             bad("w4_decode_max_tokens", "must be in 0..64")
         if self.num_threads is not None and self.num_threads < 1:
             bad("num_threads", "must be >= 1")
-        to_enum("disaggregation_mode", DisaggregationMode,
-                f"must be null, prefill or decode, got {self.disaggregation_mode!r}")
+        to_enum(
+            "disaggregation_mode",
+            DisaggregationMode,
+            f"must be null, prefill or decode, got {self.disaggregation_mode!r}",
+        )
         if self.max_payload_size < 1024:
             bad("max_payload_size", f"must be >= 1024 bytes, got {self.max_payload_size}")
         if not (1 <= self.tp_size <= 64):
@@ -146,13 +156,14 @@ class ServerArgs:
             if hint:
                 raise ValueError(hint)
             bad("model_path", f"{self.model_path!r} does not exist (pass a local model directory or .gguf file)")
-        if self.chat_template is not None and not os.path.isfile(self.chat_template) \
-                and "{" not in self.chat_template:
+        if self.chat_template is not None and not os.path.isfile(self.chat_template) and "{" not in self.chat_template:
             bad("chat_template", f"{self.chat_template!r} is neither a file nor a Jinja template")
         if self.tool_call_parser is not None:
             if self.tool_call_parser not in TOOL_CALL_PARSERS:
-                bad("tool_call_parser", f"must be one of {', '.join(sorted(TOOL_CALL_PARSERS))}, "
-                                        f"got {self.tool_call_parser!r}")
+                bad(
+                    "tool_call_parser",
+                    f"must be one of {', '.join(sorted(TOOL_CALL_PARSERS))}, got {self.tool_call_parser!r}",
+                )
         try:
             backend = TransferBackend.from_name(self.disaggregation_transfer_backend)
         except ValueError as e:
@@ -173,23 +184,33 @@ class ServerArgs:
                 bad(name, f"a percentage of the machine's compute in 1..100, got {v!r}")
         total = self.initial_prefill_sm + self.initial_decode_sm
         if total > 100:
-            bad("initial_prefill_sm", f"{self.initial_prefill_sm} % + --initial-decode-sm {self.initial_decode_sm} % "
-                f"= {total} %, over 100 %: the two shares must add up to at most 100")
+            bad(
+                "initial_prefill_sm",
+                f"{self.initial_prefill_sm} % + --initial-decode-sm {self.initial_decode_sm} % "
+                f"= {total} %, over 100 %: the two shares must add up to at most 100",
+            )
         for name in ("slo_ttft_target", "slo_tpot_target", "slo_window_size", "slo_monitoring_interval"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 < v < float("inf")):
                 bad(name, f"must be a positive number, got {v!r}")
         if self.slo_monitoring_interval > self.slo_window_size:
-            bad("slo_monitoring_interval", f"{self.slo_monitoring_interval} s is longer than --slo-window-size "
-                f"{self.slo_window_size} s: decisions would skip requests no window covers")
-        err = unified_memory_geometry_error(self.unified_memory_blocks, self.unified_memory_block_size,
-                                            self.unified_memory_page_size)
+            bad(
+                "slo_monitoring_interval",
+                f"{self.slo_monitoring_interval} s is longer than --slo-window-size "
+                f"{self.slo_window_size} s: decisions would skip requests no window covers",
+            )
+        err = unified_memory_geometry_error(
+            self.unified_memory_blocks, self.unified_memory_block_size, self.unified_memory_page_size
+        )
         if err:
             bad(*err)
         if self.semi_pd_enabled:
             if self.disaggregation_mode != DisaggregationMode.NULL:
-                bad("enable_semi_pd", f"Semi-PD splits one server's compute; it cannot run with "
-                    f"--disaggregation-mode {self.disaggregation_mode}")
+                bad(
+                    "enable_semi_pd",
+                    f"Semi-PD splits one server's compute; it cannot run with "
+                    f"--disaggregation-mode {self.disaggregation_mode}",
+                )
             if self.tp_size != 1:
                 bad("enable_semi_pd", "Semi-PD runs with --tp-size 1")
 

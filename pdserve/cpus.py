@@ -13,7 +13,7 @@ def split_cores(cores: list[int], n: int, share_when_short: bool = False) -> lis
         out, i = [], 0
         for k in range(n):
             step = size + (1 if k < extra else 0)
-            out.append(cores[i:i + step])
+            out.append(cores[i : i + step])
             i += step
         return out
     if share_when_short:

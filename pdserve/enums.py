@@ -52,8 +52,7 @@ class TransferBackend(StrEnum):
         try:
             return cls(name.lower())
         except ValueError:
-            raise ValueError(f"unknown KV transfer backend {name!r}; "
-                             f"choose one of {[b.value for b in cls]}") from None
+            raise ValueError(f"unknown KV transfer backend {name!r}; choose one of {[b.value for b in cls]}") from None
 
 
 class AttentionBackend(StrEnum):

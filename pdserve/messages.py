@@ -269,16 +269,26 @@ class AdminResp(msgspec.Struct, tag=True):
     data: Any = None
 
 
-WeightsReq = Union[InitWeightsGroupReq, DestroyWeightsGroupReq, UpdateWeightsFromDistributedReq,
-                   UpdateWeightsFromTensorReq, UpdateWeightsFromDiskReq, GetWeightsByNameReq,
-                   ReleaseMemoryReq, ResumeMemoryReq, PauseGenerationReq, ContinueGenerationReq]
+WeightsReq = Union[
+    InitWeightsGroupReq,
+    DestroyWeightsGroupReq,
+    UpdateWeightsFromDistributedReq,
+    UpdateWeightsFromTensorReq,
+    UpdateWeightsFromDiskReq,
+    GetWeightsByNameReq,
+    ReleaseMemoryReq,
+    ResumeMemoryReq,
+    PauseGenerationReq,
+    ContinueGenerationReq,
+]
 
 
 ControlReq = Union[FlushCacheReq, GetLoadReq, ShutdownReq, ProfileReq, WeightsReq]
 ControlResp = Union[FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp]
 ToScheduler = Union[GenerateReq, AbortReq, FlushCacheReq, GetLoadReq, ShutdownReq, ProfileReq, WeightsReq]
-FromScheduler = Union[BatchOut, FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp, ServerInfo,
-                      StartupError]
+FromScheduler = Union[
+    BatchOut, FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp, ServerInfo, StartupError
+]
 
 _enc = msgspec.msgpack.Encoder()
 _dec_to = msgspec.msgpack.Decoder(ToScheduler)

@@ -56,10 +56,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     def has_penalty(self) -> bool:
         return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
-    def verify(self, vocab_size: int, prefix: str = "sampling_params.",
-               names: dict[str, str] | None = None) -> None:
+    def verify(self, vocab_size: int, prefix: str = "sampling_params.", names: dict[str, str] | None = None) -> None:
         """Raises ValueError naming the offending field: `prefix` + its name, or the name
         the client used (`names`: field -> request key, e.g. max_new_tokens -> max_tokens)."""
+
         def bad(name: str, why: str) -> None:
             field = f"{prefix}{(names or {}).get(name, name)}"
             raise FieldError(f"{field} {why}", field)

@@ -24,9 +24,11 @@ def hub_name_hint(path: str) -> str | None:
     if os.path.exists(path) or not HUB_NAME.fullmatch(path) or path.endswith(".gguf"):
         return None
     local = "./" + path.split("/")[-1]
-    return (f"--model-path {path!r} is no local path; it looks like a Hugging Face Hub name, but pdserve "
-            f"loads local files only (it downloads nothing): run `huggingface-cli download {path} --local-dir {local}` and pass "
-            f"--model-path {local}, or pass a .gguf file")
+    return (
+        f"--model-path {path!r} is no local path; it looks like a Hugging Face Hub name, but pdserve "
+        f"loads local files only (it downloads nothing): run `huggingface-cli download {path} --local-dir {local}` and pass "
+        f"--model-path {local}, or pass a .gguf file"
+    )
 
 
 def missing_package(backend: TransferBackend) -> str | None:
@@ -36,8 +38,10 @@ def missing_package(backend: TransferBackend) -> str | None:
             return "the nixl backend needs NIXL: pip install 'pdserve[nixl]' (after torch)"
     elif backend == TransferBackend.MOONCAKE:
         if importlib.util.find_spec("mooncake") is None:
-            return ("the mooncake backend needs Mooncake's transfer engine: pip install 'pdserve[mooncake]' "
-                    "(and apt-get install libibverbs1)")
+            return (
+                "the mooncake backend needs Mooncake's transfer engine: pip install 'pdserve[mooncake]' "
+                "(and apt-get install libibverbs1)"
+            )
         try:
             importlib.import_module("mooncake.engine")
         except ImportError as e:

@@ -13,7 +13,6 @@ from pdserve.net import free_port
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
 def stop_group(proc: subprocess.Popen, grace: float = 20) -> None:
     """SIGTERM the process group we started (start_new_session=True), SIGKILL it after `grace` s."""
     if proc.poll() is None:
@@ -45,8 +44,9 @@ class ServerProc:
         deadline = time.time() + timeout
         while True:
             ld = self.load()
-            if (ld["num_used_pages"] == 0 and ld["num_running_reqs"] == 0 and ld["num_waiting_reqs"] == 0) \
-                    or time.time() > deadline:
+            if (
+                ld["num_used_pages"] == 0 and ld["num_running_reqs"] == 0 and ld["num_waiting_reqs"] == 0
+            ) or time.time() > deadline:
                 return ld
             time.sleep(0.1)
 

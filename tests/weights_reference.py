@@ -20,8 +20,9 @@ def load_hf():
 
     path = default_model_path()
     torch.set_num_threads(2)
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
     return hf.eval()
 
 
@@ -49,7 +50,8 @@ def hf_generate(hf, new: dict[str, torch.Tensor] | None = None) -> list[list[int
             params[n].copy_(t)
         for p in PROMPTS:
             ids = tok.encode(p, add_special_tokens=False)
-            g = hf.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
-                            eos_token_id=2, pad_token_id=2)
-            outs.append(g[0, len(ids):].tolist())
+            g = hf.generate(
+                torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=2, pad_token_id=2
+            )
+            outs.append(g[0, len(ids) :].tolist())
     return outs

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pdserve.net import free_port
 
 
-
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
@@ -54,17 +53,22 @@ class Engine:
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads), **p.env}
                 log = open(os.path.join(log_dir, f"{self.name}.{p.name}.log"), "wb")
                 p.popen = subprocess.Popen(
-                    p.cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    p.cmd,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
                 )
                 log.close()
                 deadline = time.monotonic() + timeout_s
                 while p.health_url and not healthy(p.health_url):
                     if p.popen.poll() is not None:
-                        raise RuntimeError(f"{self.name}/{p.name} exited with {p.popen.returncode} "
-                                           f"(log: {log.name})")
+                        raise RuntimeError(f"{self.name}/{p.name} exited with {p.popen.returncode} (log: {log.name})")
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"{self.name}/{p.name} not healthy after {timeout_s:.0f} s (log: {log.name})")
+                        raise RuntimeError(
+                            f"{self.name}/{p.name} not healthy after {timeout_s:.0f} s (log: {log.name})"
+                        )
                     time.sleep(1.0)
         except BaseException:
             self.stop()
@@ -102,14 +106,41 @@ def pdserve_1p1d(extra: list[str], threads: int) -> Engine:
     pp, dp, rp, boot = free_port(), free_port(), free_port(), free_port()
     purl, durl, rurl = (f"http://127.0.0.1:{p}" for p in (pp, dp, rp))
     half = str(max(1, threads // 2))
-    return Engine("pdserve-1p1d", "pdserve", rurl, [
-        Proc("prefill", _pdserve("serve", "--port", str(pp), "--disaggregation-mode", "prefill",
-                                 "--disaggregation-bootstrap-port", str(boot), "--num-threads", half, *extra), purl),
-        Proc("decode", _pdserve("serve", "--port", str(dp), "--disaggregation-mode", "decode",
-                                "--num-threads", half, *extra), durl),
-        Proc("router", _pdserve("router", "--pd-disaggregation", "--prefill", purl, str(boot),
-                                "--decode", durl, "--port", str(rp)), rurl),
-    ])
+    return Engine(
+        "pdserve-1p1d",
+        "pdserve",
+        rurl,
+        [
+            Proc(
+                "prefill",
+                _pdserve(
+                    "serve",
+                    "--port",
+                    str(pp),
+                    "--disaggregation-mode",
+                    "prefill",
+                    "--disaggregation-bootstrap-port",
+                    str(boot),
+                    "--num-threads",
+                    half,
+                    *extra,
+                ),
+                purl,
+            ),
+            Proc(
+                "decode",
+                _pdserve("serve", "--port", str(dp), "--disaggregation-mode", "decode", "--num-threads", half, *extra),
+                durl,
+            ),
+            Proc(
+                "router",
+                _pdserve(
+                    "router", "--pd-disaggregation", "--prefill", purl, str(boot), "--decode", durl, "--port", str(rp)
+                ),
+                rurl,
+            ),
+        ],
+    )
 
 
 def vllm_cpu(venv: str, model_dir: str, kv_gb: int, extra: list[str]) -> Engine:
@@ -120,17 +151,30 @@ def vllm_cpu(venv: str, model_dir: str, kv_gb: int, extra: list[str]) -> Engine:
         "VLLM_CPU_KVCACHE_SPACE": str(kv_gb),
         "VLLM_TARGET_DEVICE": "cpu",
     }
-    cmd = [os.path.join(venv, "bin", "vllm"), "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "bfloat16", "--max-model-len", "4096", *extra]
+    cmd = [
+        os.path.join(venv, "bin", "vllm"),
+        "serve",
+        model_dir,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "4096",
+        *extra,
+    ]
     return Engine("vllm", "vllm", url, [Proc("serve", cmd, url, env)])
 
 
 def vllm_version(venv: str) -> str:
     try:
         out = subprocess.run(
-            [os.path.join(venv, "bin", "python"), "-c",
-             "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
-            capture_output=True, text=True, timeout=60,
+            [os.path.join(venv, "bin", "python"), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         return out.stdout.strip() or "?"
     except OSError:

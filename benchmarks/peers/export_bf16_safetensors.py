@@ -53,8 +53,11 @@ def export(out_dir: str, gguf: str | None = None, dtype: str = "bfloat16") -> st
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(model_path=path).save_pretrained(out_dir)
     with open(os.path.join(out_dir, "pdserve_export.json"), "w") as f:
-        json.dump({"source": path, "dtype": dtype, "transformers": transformers.__version__,
-                   "torch": torch.__version__}, f, indent=1)
+        json.dump(
+            {"source": path, "dtype": dtype, "transformers": transformers.__version__, "torch": torch.__version__},
+            f,
+            indent=1,
+        )
     return out_dir
 
 

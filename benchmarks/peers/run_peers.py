@@ -39,16 +39,21 @@ ENGINES = ("pdserve", "pdserve-1p1d", "vllm", "transformers")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     p.add_argument("--smoke", action="store_true", help="a few requests per workload: checks the plumbing only")
     p.add_argument("--output", default=os.path.join(REPO, "docs", "benchmarks.md"), help="Markdown file to update")
-    p.add_argument("--results-dir", default=None, help="JSON results and server logs "
-                   "(default: benchmarks/peers/results/<time>)")
-    p.add_argument("--model-dir", default=os.path.join(HERE, "models", "smollm2-135m-bf16"),
-                   help="bf16 safetensors export of the default model (made if missing)")
+    p.add_argument(
+        "--results-dir", default=None, help="JSON results and server logs (default: benchmarks/peers/results/<time>)"
+    )
+    p.add_argument(
+        "--model-dir",
+        default=os.path.join(HERE, "models", "smollm2-135m-bf16"),
+        help="bf16 safetensors export of the default model (made if missing)",
+    )
     p.add_argument("--vllm-venv", default=os.path.join(HERE, ".venv-vllm"))
     p.add_argument("--vllm-kv-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     p.add_argument("--cpus", default=None, help="CPU ids every engine is pinned to, e.g. 0,1 (default: all)")
@@ -76,17 +81,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _run(cmd: list[str], log_path: str, cpus: set[int], env: dict[str, str] | None = None) -> int:
     with open(log_path, "w") as log:
         print("$ " + shlex.join(cmd), file=log, flush=True)
-        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                              preexec_fn=lambda: os.sched_setaffinity(0, cpus)).returncode
+        return subprocess.run(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        ).returncode
 
 
 def bench(engine: Engine, workload: str, args: argparse.Namespace) -> tuple[str, list[str]]:
     """Runs `pdserve bench` for one workload; returns (JSON path, the command)."""
     out = os.path.join(args.results_dir, f"{engine.name}_{workload}.json")
     wl = WORKLOADS[workload].args(args.smoke, args.slo_ttft_ms, args.slo_tpot_ms, args.rates)
-    cmd = [sys.executable, "-m", "pdserve.cli", "bench", "--backend", engine.backend, "--base-url", engine.url,
-           "--tokenizer", args.model_dir, "--seed", "1", "--warmup-requests", "2", "--output-file", out,
-           "--disable-tqdm", "--read-timeout", "600", *wl]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pdserve.cli",
+        "bench",
+        "--backend",
+        engine.backend,
+        "--base-url",
+        engine.url,
+        "--tokenizer",
+        args.model_dir,
+        "--seed",
+        "1",
+        "--warmup-requests",
+        "2",
+        "--output-file",
+        out,
+        "--disable-tqdm",
+        "--read-timeout",
+        "600",
+        *wl,
+    ]
     rc = _run(cmd, out[:-5] + ".log", args.cpus)
     if rc != 0 or not os.path.exists(out):
         raise RuntimeError(f"pdserve bench exited with {rc} (log: {out[:-5]}.log)")
@@ -102,10 +131,23 @@ def floor(workload: str, args: argparse.Namespace) -> tuple[str, list[str]]:
 
     out = os.path.join(args.results_dir, f"transformers_{workload}.json")
     single = "--max-concurrency" in flags
-    cmd = [sys.executable, os.path.join(HERE, "transformers_floor.py"), "--model-dir", args.model_dir,
-           "--random-input-len", flag("--random-input-len"), "--random-output-len", flag("--random-output-len"),
-           "--num-prompts", flag("--num-prompts"), "--threads", str(args.threads), "--output-file", out,
-           *(["--batch-size", "1"] if single else [])]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "transformers_floor.py"),
+        "--model-dir",
+        args.model_dir,
+        "--random-input-len",
+        flag("--random-input-len"),
+        "--random-output-len",
+        flag("--random-output-len"),
+        "--num-prompts",
+        flag("--num-prompts"),
+        "--threads",
+        str(args.threads),
+        "--output-file",
+        out,
+        *(["--batch-size", "1"] if single else []),
+    ]
     rc = _run(cmd, out[:-5] + ".log", args.cpus)
     if rc != 0:
         raise RuntimeError(f"transformers_floor.py exited with {rc} (log: {out[:-5]}.log)")
@@ -126,32 +168,58 @@ def table_rows(engine: str, path: str) -> list[str]:
         phases = m.get("phases") or {}
         split = " / ".join(f"{k} {100 * v['share']:.0f}%" for k, v in phases.items()) or "n/a"
         att = None if m.get("slo_attainment") is None else 100 * m["slo_attainment"]
-        rows.append(" | ".join([
-            engine, run["request_rate"], f"{m['completed']}/{m['failed']}", _fmt(m["request_throughput"], 3),
-            _fmt(m["output_throughput"], 1), _fmt(m["ttft_ms"]["median"]), _fmt(m["ttft_ms"]["p99"]),
-            _fmt(m["tpot_ms"]["median"], 1), _fmt(m["tpot_ms"]["p99"], 1), _fmt(m["itl_ms"]["p99"], 1),
-            _fmt(m.get("goodput"), 3), _fmt(att, 0), split,
-        ]))
+        rows.append(
+            " | ".join(
+                [
+                    engine,
+                    run["request_rate"],
+                    f"{m['completed']}/{m['failed']}",
+                    _fmt(m["request_throughput"], 3),
+                    _fmt(m["output_throughput"], 1),
+                    _fmt(m["ttft_ms"]["median"]),
+                    _fmt(m["ttft_ms"]["p99"]),
+                    _fmt(m["tpot_ms"]["median"], 1),
+                    _fmt(m["tpot_ms"]["p99"], 1),
+                    _fmt(m["itl_ms"]["p99"], 1),
+                    _fmt(m.get("goodput"), 3),
+                    _fmt(att, 0),
+                    split,
+                ]
+            )
+        )
     return ["| " + r + " |" for r in rows]
 
 
-HEADER = ("| engine | rate (req/s) | done/failed | req/s | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | "
-          "TPOT p99 | ITL p99 | goodput (req/s) | SLO att. % | server time split |")
+HEADER = (
+    "| engine | rate (req/s) | done/failed | req/s | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | "
+    "TPOT p99 | ITL p99 | goodput (req/s) | SLO att. % | server time split |"
+)
 
 
-def markdown(args, results: dict[str, dict[str, str]], failures: dict[str, str], commands: list[str],
-             versions: dict[str, str], startup: dict[str, float]) -> str:
+def markdown(
+    args,
+    results: dict[str, dict[str, str]],
+    failures: dict[str, str],
+    commands: list[str],
+    versions: dict[str, str],
+    startup: dict[str, float],
+) -> str:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [BEGIN, "", f"### Peers side by side ({'SMOKE RUN: plumbing check, not figures' if args.smoke else 'full run'})",
-             "", f"- Date: {date}; machine: {platform.machine()} `{_cpu_name()}`, pinned to CPUs "
-             f"{sorted(args.cpus)}, {args.threads} compute threads per engine; Python {platform.python_version()}.",
-             "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
-             "- Model: SmolLM2-135M-Instruct (pdserve serves the packaged GGUF; vLLM and transformers the "
-             "bf16 safetensors export of the same file, `export_bf16_safetensors.py`).",
-             f"- SLOs for goodput: TTFT <= {args.slo_ttft_ms:g} ms, TPOT <= {args.slo_tpot_ms:g} ms. "
-             "Latencies in ms. `transformers` is static batched `generate` (no server, no arrivals): "
-             "its TTFT is the batch's prefill.",
-             "- Server start-up (s): " + (", ".join(f"{k} {v:.0f}" for k, v in startup.items()) or "n/a") + "."]
+    lines = [
+        BEGIN,
+        "",
+        f"### Peers side by side ({'SMOKE RUN: plumbing check, not figures' if args.smoke else 'full run'})",
+        "",
+        f"- Date: {date}; machine: {platform.machine()} `{_cpu_name()}`, pinned to CPUs "
+        f"{sorted(args.cpus)}, {args.threads} compute threads per engine; Python {platform.python_version()}.",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "- Model: SmolLM2-135M-Instruct (pdserve serves the packaged GGUF; vLLM and transformers the "
+        "bf16 safetensors export of the same file, `export_bf16_safetensors.py`).",
+        f"- SLOs for goodput: TTFT <= {args.slo_ttft_ms:g} ms, TPOT <= {args.slo_tpot_ms:g} ms. "
+        "Latencies in ms. `transformers` is static batched `generate` (no server, no arrivals): "
+        "its TTFT is the batch's prefill.",
+        "- Server start-up (s): " + (", ".join(f"{k} {v:.0f}" for k, v in startup.items()) or "n/a") + ".",
+    ]
     for name, why in failures.items():
         lines.append(f"- **{name}: not measured** — {why}")
     for wl, per_engine in results.items():
@@ -197,8 +265,9 @@ def _versions(args) -> dict[str, str]:
     if "vllm" in args.engines:
         v["vllm-cpu"] = vllm_version(args.vllm_venv)
     try:
-        v["pdserve commit"] = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                                             capture_output=True, text=True, timeout=10).stdout.strip()
+        v["pdserve commit"] = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except OSError:
         pass
     return v

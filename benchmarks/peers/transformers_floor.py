@@ -58,32 +58,56 @@ def main(argv: list[str] | None = None) -> int:
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
+            model.generate(
+                **enc,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
         return time.perf_counter() - t0
 
     generate([reqs[0].prompt], 2)  # warm-up
     outputs: list[RequestOutput] = []
     clock = 0.0
     for i in range(0, len(reqs), bs):
-        batch = reqs[i: i + bs]
+        batch = reqs[i : i + bs]
         prompts = [r.prompt for r in batch]
         ttft = generate(prompts, 1)
         total = generate(prompts, n_out)
         for r in batch:
             gap = (total - ttft) / max(1, n_out - 1)
-            outputs.append(RequestOutput(success=True, prompt_len=r.prompt_len, output_len=n_out, start=clock,
-                                         ttft=ttft, latency=total, itl=[gap] * (n_out - 1), kind=r.kind))
+            outputs.append(
+                RequestOutput(
+                    success=True,
+                    prompt_len=r.prompt_len,
+                    output_len=n_out,
+                    start=clock,
+                    ttft=ttft,
+                    latency=total,
+                    itl=[gap] * (n_out - 1),
+                    kind=r.kind,
+                )
+            )
         clock += total
     run = RunResult(math.inf, compute_metrics(outputs, clock), outputs)
-    config = {"engine": "transformers", "model_dir": args.model_dir, "dtype": args.dtype, "batch_size": bs,
-              "num_prompts": args.num_prompts, "random_input_len": args.random_input_len,
-              "random_output_len": n_out, "threads": torch.get_num_threads(),
-              "command": " ".join(["transformers_floor.py", *(argv if argv is not None else sys.argv[1:])])}
+    config = {
+        "engine": "transformers",
+        "model_dir": args.model_dir,
+        "dtype": args.dtype,
+        "batch_size": bs,
+        "num_prompts": args.num_prompts,
+        "random_input_len": args.random_input_len,
+        "random_output_len": n_out,
+        "threads": torch.get_num_threads(),
+        "command": " ".join(["transformers_floor.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
     write_json(result_dict([run], config, {"model_info": {"model_path": args.model_dir}}), args.output_file)
     m = run.metrics
-    print(f"transformers floor: {m.completed} requests in {m.duration_s:.2f} s, "
-          f"{m.output_throughput:.1f} output tok/s, TTFT {m.ttft_ms.median:.0f} ms, TPOT {m.tpot_ms.median:.1f} ms")
+    print(
+        f"transformers floor: {m.completed} requests in {m.duration_s:.2f} s, "
+        f"{m.output_throughput:.1f} output tok/s, TTFT {m.ttft_ms.median:.0f} ms, TPOT {m.tpot_ms.median:.1f} ms"
+    )
     return 0
 
 

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-WORDS = ("river stone cloud garden engine lamp forest paper window silver morning harbor signal "
-         "yellow market thunder pencil orbit candle meadow bridge winter copper island music").split()
+WORDS = (
+    "river stone cloud garden engine lamp forest paper window silver morning harbor signal "
+    "yellow market thunder pencil orbit candle meadow bridge winter copper island music"
+).split()
 
 
 @dataclass
@@ -43,8 +45,12 @@ def make_request(rng: random.Random, i: int, max_new_tokens: int) -> tuple[str, 
     elif route == "/v1/completions":
         body = {"prompt": text, "max_tokens": n, "temperature": 0.7, "ignore_eos": True}
     else:
-        body = {"messages": [{"role": "user", "content": text}], "max_tokens": n, "temperature": 0.7,
-                "ignore_eos": True}
+        body = {
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": n,
+            "temperature": 0.7,
+            "ignore_eos": True,
+        }
     body["stream"] = stream
     return route, body, stream
 
@@ -63,8 +69,9 @@ def error_message(data: bytes) -> str | None:
     return None
 
 
-async def one_request(session: aiohttp.ClientSession, url: str, route: str, body: dict, stream: bool,
-                      timeout_s: float) -> tuple[str, str]:
+async def one_request(
+    session: aiohttp.ClientSession, url: str, route: str, body: dict, stream: bool, timeout_s: float
+) -> tuple[str, str]:
     """(kind, detail) of one request, never raising (except for cancellation)."""
     try:
         async with session.post(url + route, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
@@ -131,6 +138,7 @@ async def closed_loop(url: str, concurrency: int, seconds: float, a) -> float:
     done = 0
     stop_at = time.time() + seconds
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
         async def worker(k: int) -> None:
             nonlocal done
             i = 0

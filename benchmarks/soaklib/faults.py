@@ -15,7 +15,7 @@ DEFAULT_PLAN = (("kill", "decode"), ("kill", "prefill"), ("pause", "decode"), ("
 
 
 def parse_plan(spec: str) -> list[tuple[str, str]]:
-    """"kill-decode,pause-prefill" -> [("kill", "decode"), ("pause", "prefill")]."""
+    """ "kill-decode,pause-prefill" -> [("kill", "decode"), ("pause", "prefill")]."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, target = item.partition("-")
@@ -25,8 +25,7 @@ def parse_plan(spec: str) -> list[tuple[str, str]]:
     return out
 
 
-async def fault_schedule(procs: dict[str, Proc], plan: list[tuple[str, str]], a, t0: float,
-                         faults: list[dict]) -> None:
+async def fault_schedule(procs: dict[str, Proc], plan: list[tuple[str, str]], a, t0: float, faults: list[dict]) -> None:
     """The n faults at 12 %, ..., 78 % of --duration-s, evenly spaced (one fault: at 30 %);
     a killed server is restarted after --down-s, a paused one resumed after --pause-s."""
     loop = asyncio.get_running_loop()

@@ -27,8 +27,9 @@ DISAGG_ENV = {
 class Proc:
     """One server or the router, in its own process group, restartable on the same ports."""
 
-    def __init__(self, name: str, cmd: list[str], url: str, ready: str, log_dir: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, cmd: list[str], url: str, ready: str, log_dir: str, env: dict[str, str] | None = None
+    ) -> None:
         self.name, self.cmd, self.url, self.ready = name, cmd, url, ready
         self.env = {**os.environ, **(env or {})}
         self.log_path = os.path.join(log_dir, f"soak-{name}.log")
@@ -41,8 +42,9 @@ class Proc:
         log = open(self.log_path, "a")
         log.write(f"\n==== start {self.incarnation} at {time.strftime('%H:%M:%S')} ====\n")
         log.flush()
-        self.proc = subprocess.Popen(self.cmd, start_new_session=True, env=self.env, stdout=log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.cmd, start_new_session=True, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         wait_healthy(self.url, self.proc, time.time() + timeout, self.ready)
         return time.time() - t0
@@ -96,23 +98,82 @@ class Proc:
         return out
 
 
-def deployment(log_dir: str, *, prefill_env: dict[str, str] | None = None,
-               backend: str = "tcp") -> tuple[Proc, Proc, Proc]:
+def deployment(
+    log_dir: str, *, prefill_env: dict[str, str] | None = None, backend: str = "tcp"
+) -> tuple[Proc, Proc, Proc]:
     """Prefill, decode and router Procs (not started) on free loopback ports."""
     p_port, d_port, r_port, boot = free_port(), free_port(), free_port(), free_port()
-    common = ["--dtype", "float32", "--max-total-tokens", "16384", "--disaggregation-transfer-backend", backend,
-              "--log-level", "warning"]
-    prefill = Proc("prefill", PY + ["serve", "--port", str(p_port), "--disaggregation-mode", "prefill",
-                                    "--disaggregation-bootstrap-port", str(boot), *common],
-                   f"http://127.0.0.1:{p_port}", "/health", log_dir, {**DISAGG_ENV, **(prefill_env or {})})
-    decode = Proc("decode", PY + ["serve", "--port", str(d_port), "--disaggregation-mode", "decode", *common],
-                  f"http://127.0.0.1:{d_port}", "/health", log_dir, {**DISAGG_ENV, "OMP_WAIT_POLICY": "PASSIVE"})
-    router = Proc("router", PY + ["router", "--pd-disaggregation", "--prefill", prefill.url, str(boot),
-                                  "--decode", decode.url, "--port", str(r_port), "--policy", "round_robin",
-                                  "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
-                                  "--health-check-timeout-secs", "2", "--cb-timeout-duration-secs", "2",
-                                  "--request-timeout-secs", "120", "--retry-max-retries", "3",
-                                  "--retry-max-backoff-ms", "2000", "--log-level", "warn"],
-                  f"http://127.0.0.1:{r_port}", "/health", log_dir)
+    common = [
+        "--dtype",
+        "float32",
+        "--max-total-tokens",
+        "16384",
+        "--disaggregation-transfer-backend",
+        backend,
+        "--log-level",
+        "warning",
+    ]
+    prefill = Proc(
+        "prefill",
+        PY
+        + [
+            "serve",
+            "--port",
+            str(p_port),
+            "--disaggregation-mode",
+            "prefill",
+            "--disaggregation-bootstrap-port",
+            str(boot),
+            *common,
+        ],
+        f"http://127.0.0.1:{p_port}",
+        "/health",
+        log_dir,
+        {**DISAGG_ENV, **(prefill_env or {})},
+    )
+    decode = Proc(
+        "decode",
+        PY + ["serve", "--port", str(d_port), "--disaggregation-mode", "decode", *common],
+        f"http://127.0.0.1:{d_port}",
+        "/health",
+        log_dir,
+        {**DISAGG_ENV, "OMP_WAIT_POLICY": "PASSIVE"},
+    )
+    router = Proc(
+        "router",
+        PY
+        + [
+            "router",
+            "--pd-disaggregation",
+            "--prefill",
+            prefill.url,
+            str(boot),
+            "--decode",
+            decode.url,
+            "--port",
+            str(r_port),
+            "--policy",
+            "round_robin",
+            "--health-check-interval-secs",
+            "1",
+            "--health-failure-threshold",
+            "1",
+            "--health-check-timeout-secs",
+            "2",
+            "--cb-timeout-duration-secs",
+            "2",
+            "--request-timeout-secs",
+            "120",
+            "--retry-max-retries",
+            "3",
+            "--retry-max-backoff-ms",
+            "2000",
+            "--log-level",
+            "warn",
+        ],
+        f"http://127.0.0.1:{r_port}",
+        "/health",
+        log_dir,
+    )
     prefill.bootstrap_port = boot
     return prefill, decode, router

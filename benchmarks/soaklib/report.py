@@ -9,8 +9,14 @@ import httpx
 
 from soaklib.procs import Proc
 
-QUEUES = ("num_running_reqs", "num_waiting_reqs", "prealloc_queue_len", "transfer_queue_len",
-          "bootstrap_queue_len", "inflight_queue_len")
+QUEUES = (
+    "num_running_reqs",
+    "num_waiting_reqs",
+    "prealloc_queue_len",
+    "transfer_queue_len",
+    "bootstrap_queue_len",
+    "inflight_queue_len",
+)
 
 
 def kv_clean(proc: Proc, timeout: float = 60) -> dict:
@@ -49,10 +55,15 @@ def rss_summary(samples: list[dict], warm_s: float = 30.0) -> dict:
         warm = [(t, v) for t, v in pts if t >= pts[0][0] + warm_s] or [pts[0]]
         mid_t = (warm[0][0] + pts[-1][0]) / 2
         mid = next(v for t, v in pts if t >= mid_t)
-        out[k] = {"from_s": pts[0][0], "to_s": pts[-1][0], "first_mib": round(warm[0][1] / 2**20, 1),
-                  "last_mib": round(pts[-1][1] / 2**20, 1), "max_mib": round(max(v for _, v in pts) / 2**20, 1),
-                  "growth_mib": round((pts[-1][1] - warm[0][1]) / 2**20, 1),
-                  "growth_2nd_half_mib": round((pts[-1][1] - mid) / 2**20, 1)}
+        out[k] = {
+            "from_s": pts[0][0],
+            "to_s": pts[-1][0],
+            "first_mib": round(warm[0][1] / 2**20, 1),
+            "last_mib": round(pts[-1][1] / 2**20, 1),
+            "max_mib": round(max(v for _, v in pts) / 2**20, 1),
+            "growth_mib": round((pts[-1][1] - warm[0][1]) / 2**20, 1),
+            "growth_2nd_half_mib": round((pts[-1][1] - mid) / 2**20, 1),
+        }
     return out
 
 
@@ -67,8 +78,7 @@ def plot_rss(samples: list[dict], faults: list[dict], path: str) -> None:
         ax.plot([t for t, _ in pts], [v / 2**20 for _, v in pts], label=k, linewidth=1)
     for f in faults:
         ax.axvline(f["at_s"], color="grey", linestyle=":", linewidth=1)
-        ax.text(f["at_s"], ax.get_ylim()[1] * 0.98, f"{f['kind']} {f['target']}", rotation=90, va="top",
-                fontsize=7)
+        ax.text(f["at_s"], ax.get_ylim()[1] * 0.98, f"{f['kind']} {f['target']}", rotation=90, va="top", fontsize=7)
     ax.set_xlabel("seconds into the soak")
     ax.set_ylabel("RSS (MiB)")
     ax.set_title("pdserve soak: RSS per process (name#incarnation)")
@@ -79,18 +89,29 @@ def plot_rss(samples: list[dict], faults: list[dict], path: str) -> None:
 
 def table(res: dict) -> str:
     c = res["counts"]
-    lines = ["| sent | succeeded | failed (clear error) | aborted by client | lost |",
-             "|---:|---:|---:|---:|---:|",
-             f"| {res['sent']} | {c['succeeded']} | {c['failed']} | {c['aborted']} | **{c['lost']}** |", "",
-             "| fault | at (s) | restart (s) | serving again after the process is back (s) | "
-             "after the fault (s) | probes failed |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| sent | succeeded | failed (clear error) | aborted by client | lost |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {res['sent']} | {c['succeeded']} | {c['failed']} | {c['aborted']} | **{c['lost']}** |",
+        "",
+        "| fault | at (s) | restart (s) | serving again after the process is back (s) | "
+        "after the fault (s) | probes failed |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for f in res["faults"]:
-        lines.append(f"| {f['kind']} {f['target']} | {f['at_s']} | {f.get('restart_s', '-')} | "
-                     f"{f['serving_again_after_back_s']} | {f['serving_again_after_fault_s']} | {f['probes_failed']} |")
-    lines += ["", "| process#incarnation | seconds | RSS first (MiB) | last | max | growth | growth, 2nd half |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {f['kind']} {f['target']} | {f['at_s']} | {f.get('restart_s', '-')} | "
+            f"{f['serving_again_after_back_s']} | {f['serving_again_after_fault_s']} | {f['probes_failed']} |"
+        )
+    lines += [
+        "",
+        "| process#incarnation | seconds | RSS first (MiB) | last | max | growth | growth, 2nd half |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for k, s in sorted(res["rss"].items()):
-        lines.append(f"| {k} | {s['from_s']}–{s['to_s']} | {s['first_mib']} | {s['last_mib']} | {s['max_mib']} | "
-                     f"{s['growth_mib']:+} | {s['growth_2nd_half_mib']:+} |")
+        lines.append(
+            f"| {k} | {s['from_s']}–{s['to_s']} | {s['first_mib']} | {s['last_mib']} | {s['max_mib']} | "
+            f"{s['growth_mib']:+} | {s['growth_2nd_half_mib']:+} |"
+        )
     lines += ["", f"KV pools at the end: prefill {res['kv_end']['prefill']}, decode {res['kv_end']['decode']}"]
     return "\n".join(lines)

@@ -41,14 +41,14 @@ def chat_prompts(tokenizer, questions: Sequence[str] = CHAT_QUESTIONS) -> list[l
     """Token ids of each question through the model's chat template (as the chat route sends)."""
     out = []
     for q in questions:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                            tokenize=True)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
         out.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
     return out
 
 
-def transformers_greedy(prompts: Sequence[list[int]], dtype: str, max_new_tokens: int,
-                        model_path: str | None = None) -> list[list[int]]:
+def transformers_greedy(
+    prompts: Sequence[list[int]], dtype: str, max_new_tokens: int, model_path: str | None = None
+) -> list[list[int]]:
     """Greedy continuations from `transformers` on the same weights (GGUF or HF directory)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -67,9 +67,10 @@ def transformers_greedy(prompts: Sequence[list[int]], dtype: str, max_new_tokens
     refs = []
     with torch.inference_mode():
         for ids in prompts:
-            g = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                            eos_token_id=eos, pad_token_id=eos)
-            refs.append(g[0, len(ids):].tolist())
+            g = hf.generate(
+                torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
+            )
+            refs.append(g[0, len(ids) :].tolist())
     return refs
 
 
@@ -97,9 +98,14 @@ class Agreement:
 
     def as_dict(self) -> dict:
         n = len(self.prefix)
-        return {"prompts": n, "first_token_equal": self.first_token, "all_tokens_equal": self.num_full,
-                "all_tokens_equal_pct": round(100 * self.num_full / n, 1),
-                "mean_leading_equal": round(sum(self.prefix) / n, 2), "leading_equal": self.prefix}
+        return {
+            "prompts": n,
+            "first_token_equal": self.first_token,
+            "all_tokens_equal": self.num_full,
+            "all_tokens_equal_pct": round(100 * self.num_full / n, 1),
+            "mean_leading_equal": round(sum(self.prefix) / n, 2),
+            "leading_equal": self.prefix,
+        }
 
 
 def agreement(outputs: Sequence[Sequence[int]], refs: Sequence[Sequence[int]]) -> Agreement:

@@ -210,8 +210,12 @@ def _openai_handler(text_of: Callable[[dict], str | None]):
 
 
 async def _openai_request(
-    session: aiohttp.ClientSession, url: str, payload: dict, inp: RequestInput,
-    count_tokens: TokenCounter, text_of: Callable[[dict], str | None],
+    session: aiohttp.ClientSession,
+    url: str,
+    payload: dict,
+    inp: RequestInput,
+    count_tokens: TokenCounter,
+    text_of: Callable[[dict], str | None],
 ) -> RequestOutput:
     out = await _post_stream(session, url, payload, inp, _openai_handler(text_of))
     usage = out.server.get("usage")
@@ -253,7 +257,11 @@ async def chat_request(
         **inp.extra_body,
     }
     return await _openai_request(
-        session, base_url + "/v1/chat/completions", payload, inp, count_tokens,
+        session,
+        base_url + "/v1/chat/completions",
+        payload,
+        inp,
+        count_tokens,
         lambda c: (c.get("delta") or {}).get("content"),
     )
 

@@ -128,8 +128,10 @@ def random_requests(tokenizer: Tokenizer, num_prompts: int, spec: RandomSpec, se
 def shared_prefix_requests(tokenizer: Tokenizer, spec: SharedPrefixSpec, seed: int) -> list[BenchRequest]:
     """`num_groups * prompts_per_group` prompts; those of a group share a long prefix."""
     _check_positive(
-        gsp_num_groups=spec.num_groups, gsp_prompts_per_group=spec.prompts_per_group,
-        gsp_system_prompt_len=spec.system_prompt_len, gsp_question_len=spec.question_len,
+        gsp_num_groups=spec.num_groups,
+        gsp_prompts_per_group=spec.prompts_per_group,
+        gsp_system_prompt_len=spec.system_prompt_len,
+        gsp_question_len=spec.question_len,
         gsp_output_len=spec.output_len,
     )
     rng = random.Random(seed)

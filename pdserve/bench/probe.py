@@ -85,11 +85,15 @@ async def profile(session: aiohttp.ClientSession, base_url: str, start: bool) ->
             except ValueError:
                 body = None
             if resp.status != 200:
-                msg = body.get("error", {}).get("message") if isinstance(body, dict) and isinstance(
-                    body.get("error"), dict) else None
+                msg = (
+                    body.get("error", {}).get("message")
+                    if isinstance(body, dict) and isinstance(body.get("error"), dict)
+                    else None
+                )
                 return [], f"HTTP {resp.status}" + (f": {msg}" if msg else "")
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         return [], f"{type(e).__name__}: {e}"
-    bodies = [w.get("body") for w in body.get("workers", [])] if isinstance(body, dict) and "workers" in body \
-        else [body]
+    bodies = (
+        [w.get("body") for w in body.get("workers", [])] if isinstance(body, dict) and "workers" in body else [body]
+    )
     return [b["trace_path"] for b in bodies if isinstance(b, dict) and b.get("trace_path")], None

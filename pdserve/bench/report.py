@@ -67,8 +67,10 @@ def summary_table(m: BenchMetrics, header: dict[str, Any]) -> str:
     if m.goodput is None:
         lines.append("n/a (set --slo-ttft-ms and/or --slo-tpot-ms)")
     else:
-        slo = [f"TTFT <= {m.slo_ttft_ms:g} ms" if m.slo_ttft_ms is not None else "",
-               f"TPOT <= {m.slo_tpot_ms:g} ms" if m.slo_tpot_ms is not None else ""]
+        slo = [
+            f"TTFT <= {m.slo_ttft_ms:g} ms" if m.slo_ttft_ms is not None else "",
+            f"TPOT <= {m.slo_tpot_ms:g} ms" if m.slo_tpot_ms is not None else "",
+        ]
         lines += [
             _row("SLO", ", ".join(s for s in slo if s)),
             _row("Requests meeting every SLO", m.good_requests),
@@ -83,7 +85,7 @@ def summary_table(m: BenchMetrics, header: dict[str, Any]) -> str:
             lines.append(_row(f"{phase.capitalize()} mean (ms)", f"{v['mean_ms']:.2f}  ({100 * v['share']:.1f}%)"))
     if m.errors:
         lines.append(_section("Errors"))
-        lines += [f"{n:>6} x {err[:_W * 2]}" for err, n in m.errors.items()]
+        lines += [f"{n:>6} x {err[: _W * 2]}" for err, n in m.errors.items()]
     lines.append("=" * _W)
     return "\n".join(lines)
 
@@ -163,8 +165,12 @@ def plot_latency_cdfs(results: Sequence[RunResult], path: str, title: str = "") 
         for r in results:
             vals = np.sort(np.asarray(values_of([o for o in r.outputs if o.success]), dtype=float) * 1000.0)
             if len(vals):
-                ax.step(vals, np.arange(1, len(vals) + 1) / len(vals), where="post",
-                        label=f"rate {rate_label(r.request_rate)}")
+                ax.step(
+                    vals,
+                    np.arange(1, len(vals) + 1) / len(vals),
+                    where="post",
+                    label=f"rate {rate_label(r.request_rate)}",
+                )
         ax.set_title(name)
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of samples")

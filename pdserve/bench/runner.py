@@ -79,9 +79,7 @@ def _session(cfg: RunConfig) -> aiohttp.ClientSession:
     )
     # limit=0: no client-side connection cap, or queued requests would wait in the
     # pool (inflating TTFT) and spend their timeout there.
-    return aiohttp.ClientSession(
-        timeout=timeout, connector=aiohttp.TCPConnector(limit=0), read_bufsize=1 << 20
-    )
+    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0), read_bufsize=1 << 20)
 
 
 def _input(cfg: RunConfig, req: BenchRequest, output_len: int | None = None) -> RequestInput:
@@ -96,7 +94,9 @@ def _input(cfg: RunConfig, req: BenchRequest, output_len: int | None = None) -> 
     )
 
 
-async def _send(session: aiohttp.ClientSession, cfg: RunConfig, inp: RequestInput, count_tokens: TokenCounter) -> RequestOutput:
+async def _send(
+    session: aiohttp.ClientSession, cfg: RunConfig, inp: RequestInput, count_tokens: TokenCounter
+) -> RequestOutput:
     try:
         return await BACKENDS[cfg.backend](session, cfg.base_url, inp, count_tokens)
     except Exception as e:  # a bug or an odd answer must not kill the whole run
@@ -104,7 +104,9 @@ async def _send(session: aiohttp.ClientSession, cfg: RunConfig, inp: RequestInpu
         return RequestOutput(error=f"client error: {type(e).__name__}: {e}", prompt_len=inp.prompt_len, kind=inp.kind)
 
 
-async def warm_up(session: aiohttp.ClientSession, cfg: RunConfig, requests: Sequence[BenchRequest], count_tokens: TokenCounter) -> list[RequestOutput]:
+async def warm_up(
+    session: aiohttp.ClientSession, cfg: RunConfig, requests: Sequence[BenchRequest], count_tokens: TokenCounter
+) -> list[RequestOutput]:
     """Sends `cfg.warmup_requests` copies of the first prompts (at most 16 output
     tokens each) concurrently; raises `WarmupError` if all of them fail."""
     if cfg.warmup_requests == 0 or not requests:
@@ -120,8 +122,11 @@ async def warm_up(session: aiohttp.ClientSession, cfg: RunConfig, requests: Sequ
 
 
 async def run_once(
-    session: aiohttp.ClientSession, cfg: RunConfig, requests: Sequence[BenchRequest],
-    rate: float, count_tokens: TokenCounter,
+    session: aiohttp.ClientSession,
+    cfg: RunConfig,
+    requests: Sequence[BenchRequest],
+    rate: float,
+    count_tokens: TokenCounter,
 ) -> tuple[list[RequestOutput], float]:
     """Sends every request at its arrival time (and under the concurrency cap);
     returns the outputs in request order and the run's duration in seconds."""
@@ -154,7 +159,9 @@ async def run_once(
     return list(outputs), time.perf_counter() - t_start
 
 
-async def run_benchmark(cfg: RunConfig, requests: Sequence[BenchRequest], count_tokens: TokenCounter) -> list[RunResult]:
+async def run_benchmark(
+    cfg: RunConfig, requests: Sequence[BenchRequest], count_tokens: TokenCounter
+) -> list[RunResult]:
     """Warm-up, then one run per rate in `cfg.request_rates`; one `RunResult` each."""
     results = []
     async with _session(cfg) as session:

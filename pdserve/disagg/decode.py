@@ -1,10 +1,10 @@
 """Decode side of PD disaggregation, inside the scheduler process.
 
-    GenerateReq -> DecodePreallocQueue (admission check; receiver finds the prefill rank;
-    scheduler.preallocate reserves pages within a budget that leaves room for running
-    requests to grow) -> DecodeTransferQueue (pop_ready polls receivers) ->
-    scheduler.add_prebuilt: the request joins the running batch with the first token
-    prefill produced and its prompt KV in place; no prompt recomputation.
+GenerateReq -> DecodePreallocQueue (admission check; receiver finds the prefill rank;
+scheduler.preallocate reserves pages within a budget that leaves room for running
+requests to grow) -> DecodeTransferQueue (pop_ready polls receivers) ->
+scheduler.add_prebuilt: the request joins the running batch with the first token
+prefill produced and its prompt KV in place; no prompt recomputation.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 class DecodePreallocQueue:
-    def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
-                 bootstrap_port: int) -> None:
+    def __init__(
+        self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend, bootstrap_port: int
+    ) -> None:
         self.scheduler = scheduler
         self.endpoints = EndpointFactory(kv_manager, backend, bootstrap_port, KVClassType.RECEIVER)
         self.queue: list[Req] = []
@@ -119,8 +120,9 @@ class DecodeTransferQueue:
 
 
 class DecodeDisagg(DisaggQueues):
-    def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
-                 bootstrap_port: int) -> None:
+    def __init__(
+        self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend, bootstrap_port: int
+    ) -> None:
         super().__init__(kv_manager)
         self.scheduler = scheduler
         self.prealloc_queue = DecodePreallocQueue(scheduler, kv_manager, backend, bootstrap_port)
@@ -143,8 +145,9 @@ class DecodeDisagg(DisaggQueues):
             fail(self.scheduler, req, message, status)
             return
         logger.error("request %s failed: %s (pages freed once the KV write under way ends)", req.rid, message)
-        self.scheduler.fail(req, FinishReason(FinishReasonType.ABORT, message=message, status_code=status),
-                            keep_pages=True)
+        self.scheduler.fail(
+            req, FinishReason(FinishReasonType.ABORT, message=message, status_code=status), keep_pages=True
+        )
         self.parked.append(req)
 
     def _release_parked(self) -> None:

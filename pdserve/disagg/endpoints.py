@@ -11,8 +11,13 @@ import msgspec
 
 from pdserve.disagg.poll import WAKER
 from pdserve.disagg.transfer.base import BaseKVBootstrapServer, BaseKVManager
-from pdserve.disagg.transfer.registry import (FAKE_BOOTSTRAP_HOST, KVClassType, TransferBackend,
-                                              get_kv_class, is_fake_bootstrap)
+from pdserve.disagg.transfer.registry import (
+    FAKE_BOOTSTRAP_HOST,
+    KVClassType,
+    TransferBackend,
+    get_kv_class,
+    is_fake_bootstrap,
+)
 from pdserve.engine.pd_queues import PDQueues
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler
@@ -38,8 +43,9 @@ def failure_reason(endpoint) -> str:
 class EndpointFactory:
     """Creates a request's KV sender (prefill) or receiver (decode)."""
 
-    def __init__(self, kv_manager: BaseKVManager, backend: TransferBackend, bootstrap_port: int,
-                 class_type: KVClassType) -> None:
+    def __init__(
+        self, kv_manager: BaseKVManager, backend: TransferBackend, bootstrap_port: int, class_type: KVClassType
+    ) -> None:
         self.kv_manager = kv_manager
         self.backend = backend
         self.bootstrap_port = bootstrap_port
@@ -58,8 +64,12 @@ class EndpointFactory:
         try:
             return mgr.create_endpoint(cls, addr, room, **kw)  # tensor parallel: one per rank
         except Exception as e:
-            scheduler.fail(req, FinishReason(FinishReasonType.ABORT, message=f"bad bootstrap info: {e}",
-                                             status_code=HTTPStatus.BAD_REQUEST))
+            scheduler.fail(
+                req,
+                FinishReason(
+                    FinishReasonType.ABORT, message=f"bad bootstrap info: {e}", status_code=HTTPStatus.BAD_REQUEST
+                ),
+            )
             return None
 
     def _fake_manager(self) -> BaseKVManager:

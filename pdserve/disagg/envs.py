@@ -22,7 +22,7 @@ def default_thread_pool_size(cpu_count: int | None = None) -> int:
 def _lookup(name: str, environ: Mapping[str, str]) -> tuple[str, str] | None:
     """(variable actually read, its raw value) or None when neither spelling is set."""
     assert name.startswith("SGLANG_")
-    ours = "PDSERVE_" + name[len("SGLANG_"):]
+    ours = "PDSERVE_" + name[len("SGLANG_") :]
     for var in (ours, name):
         raw = environ.get(var)
         if raw is not None and raw.strip() != "":

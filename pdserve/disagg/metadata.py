@@ -49,8 +49,9 @@ class KVMetadata:
                 raise MetadataError(f"{name} {v} is not a u32")
 
     def pack(self) -> bytes:
-        return _RECORD.pack(self.room, self.output_token_id, float(self.output_logprob),
-                            self.cached_tokens, self.prompt_tokens)
+        return _RECORD.pack(
+            self.room, self.output_token_id, float(self.output_logprob), self.cached_tokens, self.prompt_tokens
+        )
 
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview, expected_room: int | None = None) -> "KVMetadata":

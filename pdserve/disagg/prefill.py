@@ -1,9 +1,9 @@
 """Prefill side of PD disaggregation, inside the scheduler process.
 
-    GenerateReq -> PrefillBootstrapQueue (admission check; sender bootstrapping: waits
-    for decode's page indices) -> scheduler.add_request (normal chunked prefill, prefix
-    cache, max_new_tokens forced to 1) -> on_generation_end: send the pages + metadata ->
-    inflight queue (poll the sender) -> scheduler.finish_held: pages freed, finished.
+GenerateReq -> PrefillBootstrapQueue (admission check; sender bootstrapping: waits
+for decode's page indices) -> scheduler.add_request (normal chunked prefill, prefix
+cache, max_new_tokens forced to 1) -> on_generation_end: send the pages + metadata ->
+inflight queue (poll the sender) -> scheduler.finish_held: pages freed, finished.
 """
 
 from __future__ import annotations
@@ -27,8 +27,14 @@ logger = logging.getLogger(__name__)
 class PrefillBootstrapQueue:
     """Requests whose KV sender is bootstrapping (decode has not sent its pages yet)."""
 
-    def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
-                 bootstrap_port: int, tp_rank: int = 0) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        kv_manager: BaseKVManager,
+        backend: TransferBackend,
+        bootstrap_port: int,
+        tp_rank: int = 0,
+    ) -> None:
         self.scheduler = scheduler
         self.endpoints = EndpointFactory(kv_manager, backend, bootstrap_port, KVClassType.SENDER)
         self.tp_rank = tp_rank
@@ -70,8 +76,14 @@ class PrefillBootstrapQueue:
 class PrefillDisagg(DisaggQueues):
     """Owns the bootstrap and inflight queues; hooks into the scheduler."""
 
-    def __init__(self, scheduler: Scheduler, kv_manager: BaseKVManager, backend: TransferBackend,
-                 bootstrap_port: int, bootstrap_server: BaseKVBootstrapServer | None = None) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        kv_manager: BaseKVManager,
+        backend: TransferBackend,
+        bootstrap_port: int,
+        bootstrap_server: BaseKVBootstrapServer | None = None,
+    ) -> None:
         super().__init__(kv_manager, bootstrap_server)
         self.scheduler = scheduler
         self.bootstrap_queue = PrefillBootstrapQueue(scheduler, kv_manager, backend, bootstrap_port)
@@ -88,8 +100,13 @@ class PrefillDisagg(DisaggQueues):
         """First token sampled: ship the prompt's pages and the metadata record."""
         n_pages = -(-len(req.origin_input_ids) // self.scheduler.page_size)
         lp = req.logprobs[0] if req.logprobs else math.nan
-        meta = KVMetadata(room=req.bootstrap_room or 0, output_token_id=req.output_ids[0], output_logprob=lp,
-                          cached_tokens=req.cached_tokens, prompt_tokens=len(req.origin_input_ids))
+        meta = KVMetadata(
+            room=req.bootstrap_room or 0,
+            output_token_id=req.output_ids[0],
+            output_logprob=lp,
+            cached_tokens=req.cached_tokens,
+            prompt_tokens=len(req.origin_input_ids),
+        )
         try:
             req.kv_sender.send(req.pages[:n_pages], meta)
         except Exception as e:
@@ -124,5 +141,6 @@ class PrefillDisagg(DisaggQueues):
         return False
 
     def stats(self) -> PrefillQueueStats:
-        return PrefillQueueStats(bootstrap_queue_len=len(self.bootstrap_queue.queue),
-                                 inflight_queue_len=len(self.inflight))
+        return PrefillQueueStats(
+            bootstrap_queue_len=len(self.bootstrap_queue.queue), inflight_queue_len=len(self.inflight)
+        )

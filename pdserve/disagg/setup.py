@@ -25,17 +25,30 @@ def build_pd_queues(ctx: PDContext) -> PDQueues:
     bootstrap_server = None
     if mode == DisaggregationMode.PREFILL:
         bootstrap_server = get_kv_class(backend, KVClassType.BOOTSTRAP_SERVER)(
-            args.host, args.disaggregation_bootstrap_port)
+            args.host, args.disaggregation_bootstrap_port
+        )
     tp = args.tp_size
     decode_shm = mode == DisaggregationMode.DECODE and backend == TransferBackend.SHM
     try:
         # one manager per tp rank, each registering as its engine_rank (transfer/tp_group.py)
-        managers = [get_kv_class(backend, KVClassType.MANAGER)(
-            KVArgs(engine_rank=r, kv_data=ctx.kv_pools[r], host=ip, port=0, tp_size=tp,
-                   total_num_kv_heads=ctx.total_num_kv_heads, bootstrap_host=ip,
-                   bootstrap_port=args.disaggregation_bootstrap_port,
-                   shm_name=ctx.kv_shm[r] if decode_shm else None,
-                   ib_device=args.disaggregation_ib_device), mode) for r in range(tp)]
+        managers = [
+            get_kv_class(backend, KVClassType.MANAGER)(
+                KVArgs(
+                    engine_rank=r,
+                    kv_data=ctx.kv_pools[r],
+                    host=ip,
+                    port=0,
+                    tp_size=tp,
+                    total_num_kv_heads=ctx.total_num_kv_heads,
+                    bootstrap_host=ip,
+                    bootstrap_port=args.disaggregation_bootstrap_port,
+                    shm_name=ctx.kv_shm[r] if decode_shm else None,
+                    ib_device=args.disaggregation_ib_device,
+                ),
+                mode,
+            )
+            for r in range(tp)
+        ]
     except BaseException:
         if bootstrap_server is not None:
             bootstrap_server.close()
@@ -44,8 +57,9 @@ def build_pd_queues(ctx: PDContext) -> PDQueues:
     queues: PDQueues
     if mode == DisaggregationMode.PREFILL:
         manager.wait_registered(10)
-        queues = PrefillDisagg(ctx.scheduler, manager, backend, args.disaggregation_bootstrap_port,
-                               bootstrap_server=bootstrap_server)
+        queues = PrefillDisagg(
+            ctx.scheduler, manager, backend, args.disaggregation_bootstrap_port, bootstrap_server=bootstrap_server
+        )
     else:
         queues = DecodeDisagg(ctx.scheduler, manager, backend, args.disaggregation_bootstrap_port)
     logger.info("PD %s mode, %s transfer backend", mode.value, backend.value)

@@ -47,8 +47,11 @@ def _clean(e: BaseException) -> str:
 def validate_spec(kind: str, spec: str) -> None:
     """Front end: parse the grammar (no tokenizer needed); ValueError naming the key."""
     xgr = _xgr()
-    parse = {"json_schema": xgr.Grammar.from_json_schema, "regex": xgr.Grammar.from_regex,
-             "ebnf": xgr.Grammar.from_ebnf}.get(kind)
+    parse = {
+        "json_schema": xgr.Grammar.from_json_schema,
+        "regex": xgr.Grammar.from_regex,
+        "ebnf": xgr.Grammar.from_ebnf,
+    }.get(kind)
     if parse is None:
         raise ValueError(f"unknown grammar kind {kind!r}")
     try:
@@ -75,8 +78,9 @@ class GrammarBackend:
     def compiler(self):
         if self._compiler is None:
             xgr = _xgr()
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=self.stop_token_ids)
+            info = xgr.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
+            )
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=True)
         return self._compiler
 
@@ -130,8 +134,9 @@ class ReqGrammar:
 def apply_grammar_masks(logits: torch.Tensor, reqs: Sequence) -> None:
     """In place: -inf on every token the request's grammar does not allow next.
     `reqs[i]` owns row i; rows of requests without a grammar are untouched."""
-    rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.grammar.failed
-            and not r.grammar.terminated]
+    rows = [
+        i for i, r in enumerate(reqs) if r.grammar is not None and not r.grammar.failed and not r.grammar.terminated
+    ]
     if not rows:
         return
     xgr = _xgr()
@@ -148,4 +153,3 @@ def apply_grammar_masks(logits: torch.Tensor, reqs: Sequence) -> None:
     banned = torch.from_numpy(bits == 0)
     for j, i in enumerate(rows):
         logits[i].masked_fill_(banned[j], float("-inf"))
-

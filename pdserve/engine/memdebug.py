@@ -27,8 +27,21 @@ ENV = "PDSERVE_MEMDUMP_DIR"
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def mallinfo() -> dict:
@@ -67,9 +80,16 @@ class MemDump:
     def dump(self) -> str:
         gc.collect()
         by_type = collections.Counter(type(o).__name__ for o in gc.get_objects())
-        rec: dict = {"t": time.time(), "pid": os.getpid(), "rss_bytes": rss_bytes(), "malloc": mallinfo(),
-                     "threads": threading.active_count(), "tables": tables(self.proc),
-                     "objects_total": sum(by_type.values()), "objects_by_type": dict(by_type.most_common(40))}
+        rec: dict = {
+            "t": time.time(),
+            "pid": os.getpid(),
+            "rss_bytes": rss_bytes(),
+            "malloc": mallinfo(),
+            "threads": threading.active_count(),
+            "tables": tables(self.proc),
+            "objects_total": sum(by_type.values()),
+            "objects_by_type": dict(by_type.most_common(40)),
+        }
         if tracemalloc.is_tracing():
             snap = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
             rec["traced_bytes"] = sum(st.size for st in snap.statistics("filename"))

@@ -164,8 +164,12 @@ class MemoryReleaser:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        logger.info("released weights: %d regions, %.0f MiB spooled to %s",
-                    len(self._regions), sum(n for _, n in self._regions) / 2**20, path)
+        logger.info(
+            "released weights: %d regions, %.0f MiB spooled to %s",
+            len(self._regions),
+            sum(n for _, n in self._regions) / 2**20,
+            path,
+        )
         return dropped
 
     def _resume_weights(self) -> None:

@@ -48,8 +48,9 @@ def load_model(args: ServerArgs, tp_rank: int = 0) -> LlamaModel:
     path = resolve_model_path(args.model_path)
     config, state = load_model_files(path)
     shard = TPShard.of(config, tp_rank, args.tp_size)
-    model = LlamaModel(shard.local_config(config), resolve_dtype(args.dtype), args.w4_decode_max_tokens,
-                       computes_logits=tp_rank == 0)
+    model = LlamaModel(
+        shard.local_config(config), resolve_dtype(args.dtype), args.w4_decode_max_tokens, computes_logits=tp_rank == 0
+    )
     model.full_config = config
     model.load_weights(shard_state(state, config, shard))
     del state
@@ -62,11 +63,13 @@ def prebuild_shapes(model: LlamaModel, args: ServerArgs) -> None:
     sized, so a server that cannot start says so without waiting for this."""
     t0 = time.perf_counter()
     # a step holds up to max_running decodes plus one prefill chunk (engine/scheduler.py)
-    built = model.prebuild_linear_shapes(args.chunked_prefill_size + args.max_running_requests,
-                                         args.max_running_requests)
+    built = model.prebuild_linear_shapes(
+        args.chunked_prefill_size + args.max_running_requests, args.max_running_requests
+    )
     if built:
-        logger.info("Built %d linear kernel shapes in %.2f s (RSS stays flat while serving)",
-                    built, time.perf_counter() - t0)
+        logger.info(
+            "Built %d linear kernel shapes in %.2f s (RSS stays flat while serving)", built, time.perf_counter() - t0
+        )
 
 
 def num_kv_pages(args: ServerArgs, cfg: ModelConfig, dtype: torch.dtype, weight_bytes: int) -> int:
@@ -76,8 +79,10 @@ def num_kv_pages(args: ServerArgs, cfg: ModelConfig, dtype: torch.dtype, weight_
         frac = args.mem_fraction_static or DEFAULT_CPU_MEM_FRACTION
         budget = frac * psutil.virtual_memory().total - weight_bytes
         if budget <= 0:
-            raise ValueError(f"--mem-fraction-static {frac} leaves no memory for the KV pool "
-                             f"(weights take {weight_bytes / 2**20:.0f} MiB)")
+            raise ValueError(
+                f"--mem-fraction-static {frac} leaves no memory for the KV pool "
+                f"(weights take {weight_bytes / 2**20:.0f} MiB)"
+            )
         tokens = int(budget // kv_bytes_per_token(cfg, dtype))
     return max(1, tokens // args.page_size)
 

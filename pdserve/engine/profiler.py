@@ -36,8 +36,13 @@ class Profiler:
     def active(self) -> bool:
         return self._prof is not None
 
-    def start(self, output_dir: str | None = None, num_steps: int | None = None,
-              record_shapes: bool = False, with_stack: bool = False) -> str:
+    def start(
+        self,
+        output_dir: str | None = None,
+        num_steps: int | None = None,
+        record_shapes: bool = False,
+        with_stack: bool = False,
+    ) -> str:
         """Starts profiling; returns the path the trace will be written to. ValueError when a
         session is running, the directory cannot be created, or num_steps < 1."""
         if self._prof is not None:
@@ -54,8 +59,9 @@ class Profiler:
         profile_id = f"{time.time():.0f}"
         self._path = os.path.join(out_dir, f"{profile_id}-{self.role}.trace.json.gz")
         self._steps_left = num_steps
-        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                            record_shapes=record_shapes, with_stack=with_stack)
+        self._prof = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=record_shapes, with_stack=with_stack
+        )
         self._prof.start()
         logger.info("profiling started; the trace goes to %s", self._path)
         return self._path

@@ -19,8 +19,7 @@ from pdserve.engine.prefix_cache import BasePrefixCache
 class Node:
     __slots__ = ("key", "pages", "children", "parent", "lock_ref", "last_access")
 
-    def __init__(self, key: tuple[int, ...] = (), pages: list[int] | None = None,
-                 parent: "Node | None" = None) -> None:
+    def __init__(self, key: tuple[int, ...] = (), pages: list[int] | None = None, parent: "Node | None" = None) -> None:
         self.key = key
         self.pages = pages or []
         self.children: dict[tuple[int, ...], Node] = {}
@@ -48,7 +47,7 @@ class RadixCache(BasePrefixCache):
         node, pages, i = self.root, [], 0
         now = time.monotonic()
         while i < n:
-            child = node.children.get(key[i:i + self.page_size])
+            child = node.children.get(key[i : i + self.page_size])
             if child is None:
                 break
             m = self._match_len(child.key, key[i:])
@@ -77,7 +76,7 @@ class RadixCache(BasePrefixCache):
         upper.last_access = child.last_access
         child.parent.children[self._first(upper.key)] = upper
         child.key = child.key[m:]
-        child.pages = child.pages[m // self.page_size:]
+        child.pages = child.pages[m // self.page_size :]
         child.parent = upper
         upper.children[self._first(child.key)] = child
         return upper
@@ -93,9 +92,9 @@ class RadixCache(BasePrefixCache):
         node, i = self.root, 0
         now = time.monotonic()
         while i < n:
-            child = node.children.get(key[i:i + self.page_size])
+            child = node.children.get(key[i : i + self.page_size])
             if child is None:
-                new = Node(key[i:], list(pages[i // self.page_size: n // self.page_size]), node)
+                new = Node(key[i:], list(pages[i // self.page_size : n // self.page_size]), node)
                 new.last_access = now
                 node.children[self._first(new.key)] = new
                 self.evictable_pages += len(new.pages)

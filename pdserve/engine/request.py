@@ -33,9 +33,15 @@ class ReqStatus(enum.IntEnum):
 
 
 class Req:
-    def __init__(self, rid: str, input_ids: list[int], sampling: SamplingParams,
-                 return_logprob: bool = False, top_logprobs_num: int = 0,
-                 arrival_time: float | None = None) -> None:
+    def __init__(
+        self,
+        rid: str,
+        input_ids: list[int],
+        sampling: SamplingParams,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
         self.rid = rid
         self.origin_input_ids = input_ids
         self.output_ids: list[int] = []
@@ -113,5 +119,8 @@ class Req:
         return f"Req({self.rid}, in={len(self.origin_input_ids)}, out={len(self.output_ids)}, kv={self.kv_len})"
 
 
-_FINISHED = {FinishReasonType.STOP: ReqStatus.FINISHED_STOP, FinishReasonType.LENGTH: ReqStatus.FINISHED_LENGTH,
-             FinishReasonType.ABORT: ReqStatus.FINISHED_ABORT}
+_FINISHED = {
+    FinishReasonType.STOP: ReqStatus.FINISHED_STOP,
+    FinishReasonType.LENGTH: ReqStatus.FINISHED_LENGTH,
+    FinishReasonType.ABORT: ReqStatus.FINISHED_ABORT,
+}

@@ -84,9 +84,15 @@ class ModelRunner:
     samples. Every decision (what runs, which logprobs, which random stream) comes from
     the plan and its requests."""
 
-    def __init__(self, model: LlamaModel, num_pages: int, page_size: int,
-                 kv_data: torch.Tensor | None = None, tp=None,
-                 attention_backend: AttentionBackend | str = AttentionBackend.TORCH_NATIVE) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        num_pages: int,
+        page_size: int,
+        kv_data: torch.Tensor | None = None,
+        tp=None,
+        attention_backend: AttentionBackend | str = AttentionBackend.TORCH_NATIVE,
+    ) -> None:
         self.model = model
         self.cfg = model.config
         self.page_size = page_size
@@ -121,7 +127,7 @@ class ModelRunner:
         for item in plan.items[num_decode:]:
             req = item.req
             fill = req.fill_ids
-            ids.extend(fill[item.start: item.start + item.n])
+            ids.extend(fill[item.start : item.start + item.n])
             pos = torch.arange(item.start, item.start + item.n)
             pages_t = torch.tensor(req.pages, dtype=torch.long)
             positions.extend(pos.tolist())
@@ -161,7 +167,8 @@ class ModelRunner:
             if min(lens) != npg * page_size:
                 pad = torch.arange(npg * page_size).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)
                 batch.dec_mask = torch.zeros(num_decode, 1, npg * page_size).masked_fill_(
-                    pad.view(num_decode, 1, npg * page_size), float("-inf"))
+                    pad.view(num_decode, 1, npg * page_size), float("-inf")
+                )
         return batch
 
     @torch.inference_mode()
@@ -184,7 +191,8 @@ class ModelRunner:
         out = RunOutput(next_ids, input_logprobs=input_lps)
         if any(r.return_logprob for r in reqs):
             out.logprobs, out.top_logprobs = gather_logprobs(
-                logits, next_ids, [r.top_logprobs_num if r.return_logprob else 0 for r in reqs])
+                logits, next_ids, [r.top_logprobs_num if r.return_logprob else 0 for r in reqs]
+            )
         return out
 
     @staticmethod
@@ -197,8 +205,8 @@ class ModelRunner:
             n = item.num_input_logprobs
             if n == 0:
                 continue
-            nxt = item.req.origin_input_ids[item.start + 1: item.start + 1 + n]
-            lp = torch.log_softmax(logits[row: row + n], dim=-1)
+            nxt = item.req.origin_input_ids[item.start + 1 : item.start + 1 + n]
+            lp = torch.log_softmax(logits[row : row + n], dim=-1)
             out[k] = lp[torch.arange(n), torch.tensor(nxt)].tolist()
             row += n
         return out or None

@@ -92,14 +92,22 @@ class Scheduler:
                 reset_stats(), page_size, capacity_tokens
     """
 
-    def __init__(self, allocator: PageAllocator, *, max_running_requests: int,
-                 chunked_prefill_size: int, context_length: int, eos_ids: tuple[int, ...],
-                 disable_radix_cache: bool = False,
-                 detokenize: Callable[[list[int]], str] | None = None) -> None:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        *,
+        max_running_requests: int,
+        chunked_prefill_size: int,
+        context_length: int,
+        eos_ids: tuple[int, ...],
+        disable_radix_cache: bool = False,
+        detokenize: Callable[[list[int]], str] | None = None,
+    ) -> None:
         self._alloc = allocator
         self.page_size = allocator.page_size
         self._cache: BasePrefixCache = create_prefix_cache(
-            PrefixCacheKind.NONE if disable_radix_cache else PrefixCacheKind.RADIX, allocator)
+            PrefixCacheKind.NONE if disable_radix_cache else PrefixCacheKind.RADIX, allocator
+        )
         self._max_running = max_running_requests
         self._chunk_size = chunked_prefill_size
         self._context_length = context_length
@@ -312,8 +320,12 @@ class Scheduler:
                 # alone and still no room: the pool cannot hold this request any longer
                 self._running.remove(req)
                 self._release(req)
-                self._finish(req, FinishReason(
-                    FinishReasonType.LENGTH, message="KV pool exhausted: the request no longer fits the pool"))
+                self._finish(
+                    req,
+                    FinishReason(
+                        FinishReasonType.LENGTH, message="KV pool exhausted: the request no longer fits the pool"
+                    ),
+                )
                 return False
             self._retract(victim)
 
@@ -377,8 +389,11 @@ class Scheduler:
         sp = req.sampling
         if req.grammar is not None:  # advance the matcher over the new output token(s)
             if not req.grammar.sync(req.output_ids):
-                return FinishReason(FinishReasonType.ABORT, status_code=500,
-                                    message=f"token {tok} is not allowed by the request's grammar")
+                return FinishReason(
+                    FinishReasonType.ABORT,
+                    status_code=500,
+                    message=f"token {tok} is not allowed by the request's grammar",
+                )
             if req.grammar.terminated:
                 return FinishReason(FinishReasonType.STOP, matched=tok if tok in self._eos_ids else None)
         if not sp.ignore_eos and tok in self._eos_ids:
@@ -391,7 +406,7 @@ class Scheduler:
             return FinishReason(FinishReasonType.LENGTH, message="context length reached")
         if sp.stop and self._detokenize is not None:
             longest = max(len(stop) for stop in sp.stop)
-            tail = self._detokenize(req.output_ids[-(longest + 8):])
+            tail = self._detokenize(req.output_ids[-(longest + 8) :])
             for stop in sp.stop:
                 if stop in tail:
                     return FinishReason(FinishReasonType.STOP, matched=stop)
@@ -410,7 +425,7 @@ class Scheduler:
         else:
             dup = aligned
         own = req.prefix_len // page_size
-        self._alloc.free(req.pages[own: dup // page_size] + req.pages[aligned // page_size:])
+        self._alloc.free(req.pages[own : dup // page_size] + req.pages[aligned // page_size :])
         if req.prefix_node is not None:
             self._cache.dec_lock(req.prefix_node)
         req.pages, req.prefix_node, req.prefix_len, req.kv_len = [], None, 0, 0
@@ -428,14 +443,18 @@ class Scheduler:
             self._outputs.append(self._make_out(req))
 
     def _make_out(self, req: Req) -> ReqOut:
-        new = req.output_ids[req.sent_len:]
-        lps = req.logprobs[req.sent_len:] if req.return_logprob else None
-        tops = req.top_logprobs[req.sent_len:] if req.return_logprob and req.top_logprobs_num else None
+        new = req.output_ids[req.sent_len :]
+        lps = req.logprobs[req.sent_len :] if req.return_logprob else None
+        tops = req.top_logprobs[req.sent_len :] if req.return_logprob and req.top_logprobs_num else None
         req.sent_len = len(req.output_ids)
-        out = ReqOut(req.rid, new, lps, tops, req.finish, len(req.origin_input_ids),
-                     req.cached_tokens, len(req.output_ids))
-        if req.return_logprob and not req.input_logprobs_sent and len(req.input_logprobs) >= \
-                len(req.origin_input_ids) - 1:
+        out = ReqOut(
+            req.rid, new, lps, tops, req.finish, len(req.origin_input_ids), req.cached_tokens, len(req.output_ids)
+        )
+        if (
+            req.return_logprob
+            and not req.input_logprobs_sent
+            and len(req.input_logprobs) >= len(req.origin_input_ids) - 1
+        ):
             out.input_logprobs = [None] + req.input_logprobs[: len(req.origin_input_ids) - 1]
             req.input_logprobs_sent = True
         if req.finished:
@@ -472,8 +491,12 @@ class Scheduler:
 
     def table_sizes(self) -> dict[str, int]:
         """Entries of each per-request table (memory debugging: all 0 when idle)."""
-        return {"reqs": len(self._reqs), "waiting": len(self._waiting), "running": len(self._running),
-                "pending_outs": len(self._outputs)}
+        return {
+            "reqs": len(self._reqs),
+            "waiting": len(self._waiting),
+            "running": len(self._running),
+            "pending_outs": len(self._outputs),
+        }
 
     def reset_stats(self) -> None:
         self._stats = SchedulerStats()

@@ -33,9 +33,28 @@ from pdserve.engine.weights_control import WeightsControl
 from pdserve.enums import DisaggregationMode, TransferBackend
 from pdserve.model.tp import TPShard
 from pdserve.net import free_port
-from pdserve.messages import (AbortReq, BatchOut, FinishReason, FinishReasonType, FlushCacheReq, FlushCacheResp,
-                              GenerateReq, GetLoadReq, LoadResp, PrefillQueueStats, ProfileReq, ProfileResp, ServerInfo, ShutdownReq,
-                              ShutdownResp, StartupError, ToScheduler, WeightsReq, decode_to_scheduler, encode)
+from pdserve.messages import (
+    AbortReq,
+    BatchOut,
+    FinishReason,
+    FinishReasonType,
+    FlushCacheReq,
+    FlushCacheResp,
+    GenerateReq,
+    GetLoadReq,
+    LoadResp,
+    PrefillQueueStats,
+    ProfileReq,
+    ProfileResp,
+    ServerInfo,
+    ShutdownReq,
+    ShutdownResp,
+    StartupError,
+    ToScheduler,
+    WeightsReq,
+    decode_to_scheduler,
+    encode,
+)
 
 logger = logging.getLogger("pdserve.scheduler")
 
@@ -78,9 +97,14 @@ class SchedulerProcess:
         self.warmup()
         if args.disaggregation_mode != DisaggregationMode.NULL:
             self._setup_pd_queues(pd_setup)
-        self.weights = WeightsControl(self.model, self.kv_pools, args.tp_size, busy=self._busy,
-                                      flush_cache=self.scheduler.flush_cache,
-                                      reply=lambda resp: self.send.send(encode(resp)))
+        self.weights = WeightsControl(
+            self.model,
+            self.kv_pools,
+            args.tp_size,
+            busy=self._busy,
+            flush_cache=self.scheduler.flush_cache,
+            reply=lambda resp: self.send.send(encode(resp)),
+        )
         self.held: list[GenerateReq] = []  # new requests while a weight update waits
         if self.runner.lazy_pool:  # after startup: it must not slow the start itself
             prefault(self.runner.kv_data)
@@ -94,8 +118,10 @@ class SchedulerProcess:
         num_pages = num_kv_pages(args, full, self.model.dtype, self.model.num_bytes() * tp)
         prebuild_shapes(self.model, args)
         pd = args.disaggregation_mode != DisaggregationMode.NULL
-        decode_shm = (args.disaggregation_mode == DisaggregationMode.DECODE
-                      and args.disaggregation_transfer_backend == TransferBackend.SHM)
+        decode_shm = (
+            args.disaggregation_mode == DisaggregationMode.DECODE
+            and args.disaggregation_transfer_backend == TransferBackend.SHM
+        )
         # Pools in shared memory: decode + shm (prefill writes straight into them), and every
         # rank's under tp in PD mode (rank 0's transfer managers move all ranks' heads)
         self.kv_shm: list[str | None] = [None] * tp
@@ -105,8 +131,14 @@ class SchedulerProcess:
                 self.kv_shm[r] = new_shm_name()
                 shape = kv_pool_shape(TPShard.of(full, r, tp).local_config(full), num_pages, args.page_size)
                 self.kv_pools[r] = allocate_kv_buffer(shape, self.model.dtype, self.kv_shm[r])
-        self.runner = ModelRunner(self.model, num_pages, args.page_size, self.kv_pools[0], tp=self.tp,
-                                  attention_backend=args.attention_backend)
+        self.runner = ModelRunner(
+            self.model,
+            num_pages,
+            args.page_size,
+            self.kv_pools[0],
+            tp=self.tp,
+            attention_backend=args.attention_backend,
+        )
         self.kv_pools[0] = self.runner.kv_data
         logger.info("attention backend: %s", type(self.runner.attn).__name__)
         if self.tp is not None:
@@ -119,8 +151,7 @@ class SchedulerProcess:
         from pdserve.model.tokenizer import load_tokenizer
 
         tok = load_tokenizer(args.model_path, args.tokenizer_path)
-        self.context_length = min(args.context_length or cfg.max_position_embeddings,
-                                  cfg.max_position_embeddings)
+        self.context_length = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
         eos = set(cfg.eos_token_ids)
         if tok.eos_token_id is not None:
             eos.add(tok.eos_token_id)
@@ -139,10 +170,13 @@ class SchedulerProcess:
 
     def _setup_pd_queues(self, pd_setup: PDSetup | None) -> None:
         if pd_setup is None:
-            raise ValueError(f"--disaggregation-mode {self.args.disaggregation_mode}: this scheduler process has "
-                             "no PD queues (start it as pdserve.disagg.scheduler_process_main)")
-        self.pd_queues = pd_setup(PDContext(self.args, self.scheduler, self.kv_pools, self.kv_shm,
-                                            self.model.full_config.num_kv_heads))
+            raise ValueError(
+                f"--disaggregation-mode {self.args.disaggregation_mode}: this scheduler process has "
+                "no PD queues (start it as pdserve.disagg.scheduler_process_main)"
+            )
+        self.pd_queues = pd_setup(
+            PDContext(self.args, self.scheduler, self.kv_pools, self.kv_shm, self.model.full_config.num_kv_heads)
+        )
 
     def close(self) -> None:
         if getattr(self, "weights", None) is not None:
@@ -204,8 +238,7 @@ class SchedulerProcess:
             if self.weights.holds_new_requests():
                 self.held.append(msg)
                 return
-            req = Req(msg.rid, msg.input_ids, msg.sampling, msg.return_logprob,
-                      msg.top_logprobs_num, msg.arrival_time)
+            req = Req(msg.rid, msg.input_ids, msg.sampling, msg.return_logprob, msg.top_logprobs_num, msg.arrival_time)
             released = self.weights.released_message()
             if released is not None:
                 scheduler.fail(req, FinishReason(FinishReasonType.ABORT, message=released, status_code=503))
@@ -227,8 +260,10 @@ class SchedulerProcess:
             held = next((m for m in self.held if m.rid == msg.rid), None)
             if held is not None:  # never reached the scheduler: end it there, as an abort
                 self.held.remove(held)
-                scheduler.fail(Req(held.rid, held.input_ids, held.sampling, arrival_time=held.arrival_time),
-                               FinishReason(FinishReasonType.ABORT, message=msg.message))
+                scheduler.fail(
+                    Req(held.rid, held.input_ids, held.sampling, arrival_time=held.arrival_time),
+                    FinishReason(FinishReasonType.ABORT, message=msg.message),
+                )
             elif self.pd_queues is None or not self.pd_queues.abort(msg.rid):
                 scheduler.abort(msg.rid, msg.message)
         elif isinstance(msg, GetLoadReq):
@@ -325,8 +360,7 @@ class SchedulerProcess:
         try:
             while self.running:
                 paused = self.weights.paused
-                self._receive(idle=(paused or not scheduler.has_work()) and not scheduler.has_outputs()
-                              and not unsent)
+                self._receive(idle=(paused or not scheduler.has_work()) and not scheduler.has_outputs() and not unsent)
                 plan = None if self.weights.paused else scheduler.schedule()
                 future = pool.submit(self.runner.run, plan) if plan is not None else None
                 if unsent:
@@ -349,11 +383,19 @@ class SchedulerProcess:
         load = self.scheduler.load()
         extra = ""
         if self.pd_queues is not None:
-            extra = " " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in msgspec.structs.asdict(self.pd_queues.stats()).items())
-        logger.info("running=%d waiting=%d used_pages=%d/%d cached_pages=%d%s",
-                    load.num_running_reqs, load.num_waiting_reqs, load.num_used_pages,
-                    load.num_total_pages, load.num_cached_pages, extra)
+            extra = " " + " ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in msgspec.structs.asdict(self.pd_queues.stats()).items()
+            )
+        logger.info(
+            "running=%d waiting=%d used_pages=%d/%d cached_pages=%d%s",
+            load.num_running_reqs,
+            load.num_waiting_reqs,
+            load.num_used_pages,
+            load.num_total_pages,
+            load.num_cached_pages,
+            extra,
+        )
 
 
 def die_with_parent() -> None:
@@ -379,8 +421,7 @@ def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str, pd_s
 
     signal.signal(signal.SIGTERM, on_term)
     die_with_parent()
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s [scheduler] %(levelname)s %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s [scheduler] %(levelname)s %(message)s")
     try:
         proc = SchedulerProcess(args, recv_addr, send_addr, pd_setup)
     except Exception as e:

@@ -69,8 +69,9 @@ def check_shm_name(name: str) -> re.Match:
     return m
 
 
-def allocate_kv_buffer(shape: tuple[int, ...], dtype: torch.dtype, shm_name: str | None = None,
-                       device: str | torch.device = "cpu") -> torch.Tensor:
+def allocate_kv_buffer(
+    shape: tuple[int, ...], dtype: torch.dtype, shm_name: str | None = None, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """The engine's KV pool tensor, zeroed. With `shm_name` (see `new_shm_name`) it lives in
     that shared-memory segment so a same-host prefill can write pages into it directly."""
     if shm_name is None:
@@ -182,7 +183,9 @@ class SegmentMaps:
         try:
             fd = _posixshmem.shm_open("/" + name, os.O_RDWR, 0)
         except FileNotFoundError:
-            raise ValueError(f"shm segment {name} not found: is decode on another host? (use the tcp backend)") from None
+            raise ValueError(
+                f"shm segment {name} not found: is decode on another host? (use the tcp backend)"
+            ) from None
         try:
             st = os.fstat(fd)
             if st.st_uid != os.getuid():

@@ -47,6 +47,7 @@ def allreduce_kind() -> str:
 
 # ---- all-reduce -------------------------------------------------------------------------
 
+
 class ShmAllReduce:
     """In-place sum over T ranks through one shared-memory segment.
 
@@ -85,7 +86,7 @@ class ShmAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.view(-1)
         for lo in range(0, flat.numel(), SLOT_ELEMS):
-            part = flat[lo: lo + SLOT_ELEMS]
+            part = flat[lo : lo + SLOT_ELEMS]
             n = part.numel()
             self.seq += 1
             buf = self.data[self.seq & 1]
@@ -120,8 +121,9 @@ def init_gloo(rank: int, size: int, port: int) -> None:
 
     if os.path.exists("/sys/class/net/lo"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on loopback
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=timedelta(seconds=120)
+    )
 
 
 # ---- ForwardBatch on the wire -------------------------------------------------------------
@@ -195,20 +197,29 @@ def decode_batch(h: BatchHeader, frames: list) -> ForwardBatch:
         mv = memoryview(fr)
         if n != mv.nbytes or n > MAX_FRAME:
             raise ValueError(f"tensor {th.name}: {mv.nbytes} bytes for shape {th.shape} {th.dtype}")
-        got[th.name] = (torch.frombuffer(bytearray(mv), dtype=torch.uint8).view(dt).view(th.shape)
-                        if n else torch.empty(th.shape, dtype=dt))
-    batch = ForwardBatch(**{k: got.get(k) for k in _TENSORS[:4]}, num_decode=h.num_decode,
-                      dec_table=got.get("dec_table"), dec_mask=got.get("dec_mask"),
-                      logits_indices=got.get("logits_indices"))
+        got[th.name] = (
+            torch.frombuffer(bytearray(mv), dtype=torch.uint8).view(dt).view(th.shape)
+            if n
+            else torch.empty(th.shape, dtype=dt)
+        )
+    batch = ForwardBatch(
+        **{k: got.get(k) for k in _TENSORS[:4]},
+        num_decode=h.num_decode,
+        dec_table=got.get("dec_table"),
+        dec_mask=got.get("dec_mask"),
+        logits_indices=got.get("logits_indices"),
+    )
     for i, (qs, ql, pl, has) in enumerate(h.extends):
-        batch.extends.append(ExtendSeq(qs, ql, pl, got[f"ctx_pages.{i}"] if has else None,
-                                    got[f"ctx_offs.{i}"] if has else None))
+        batch.extends.append(
+            ExtendSeq(qs, ql, pl, got[f"ctx_pages.{i}"] if has else None, got[f"ctx_offs.{i}"] if has else None)
+        )
     if any(t is None for t in (batch.input_ids, batch.positions, batch.write_pages, batch.write_offs)):
         raise ValueError("batch lacks one of input_ids/positions/write_pages/write_offs")
     return batch
 
 
 # ---- rank 0's side ----------------------------------------------------------------------
+
 
 class TPDriver:
     """Starts ranks 1..T-1, hands them the pool and the group, broadcasts batches, stops them."""
@@ -233,9 +244,20 @@ class TPDriver:
             addr = ipc_addr(f"tp-{r}")
             sock.bind(addr)
             self.socks.append(sock)
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "pdserve.engine.tp_worker", wargs, str(r), addr, reply_addr,
-                 ",".join(map(str, groups[r]))]))
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pdserve.engine.tp_worker",
+                        wargs,
+                        str(r),
+                        addr,
+                        reply_addr,
+                        ",".join(map(str, groups[r])),
+                    ]
+                )
+            )
         self.rank0_cores, self.rank0_threads = groups[0], threads
         self.allreduce: Callable | None = None
 
@@ -260,13 +282,15 @@ class TPDriver:
             if msg.get("op") == what:
                 seen.add(int(msg["rank"]))
 
-    def start(self, num_pages: int, kv_shm: list[str | None], gloo_port: int, ar_shm: str,
-              ar_buf: torch.Tensor) -> None:
+    def start(
+        self, num_pages: int, kv_shm: list[str | None], gloo_port: int, ar_shm: str, ar_buf: torch.Tensor
+    ) -> None:
         """Workers have loaded their shard: give them the pool and the group, join it."""
         self._collect("loaded")
         for r, sock in enumerate(self.socks, start=1):
-            sock.send_multipart(encode_op("init", num_pages=num_pages, kv_shm=kv_shm[r], gloo_port=gloo_port,
-                                       allreduce_shm=ar_shm))
+            sock.send_multipart(
+                encode_op("init", num_pages=num_pages, kv_shm=kv_shm[r], gloo_port=gloo_port, allreduce_shm=ar_shm)
+            )
         init_gloo(0, self.size, gloo_port)
         self._collect("ready")
         self.allreduce = make_allreduce(ar_buf, 0, self.size, self.check_alive)

@@ -69,8 +69,11 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
         raise RuntimeError(f"expected init, got {init.op!r}")
     b = init.body
     num_pages = int(b["num_pages"])
-    kv = (maps.get(b["kv_shm"], kv_pool_shape(model.config, num_pages, args.page_size), model.dtype)
-          if b.get("kv_shm") else None)  # PD: rank 0 allocated this rank's pool in shared memory
+    kv = (
+        maps.get(b["kv_shm"], kv_pool_shape(model.config, num_pages, args.page_size), model.dtype)
+        if b.get("kv_shm")
+        else None
+    )  # PD: rank 0 allocated this rank's pool in shared memory
     runner = ModelRunner(model, num_pages, args.page_size, kv, attention_backend=args.attention_backend)
     init_gloo(rank, args.tp_size, int(b["gloo_port"]))
 

@@ -30,10 +30,20 @@ from typing import Any
 import torch
 
 from pdserve.engine.memory_release import MemoryReleaser, parse_tags
-from pdserve.messages import (AdminResp, ContinueGenerationReq, DestroyWeightsGroupReq, GetWeightsByNameReq,
-                              InitWeightsGroupReq, PauseGenerationReq, ReleaseMemoryReq, ResumeMemoryReq,
-                              UpdateWeightsFromDiskReq, UpdateWeightsFromDistributedReq, UpdateWeightsFromTensorReq,
-                              WeightsReq)
+from pdserve.messages import (
+    AdminResp,
+    ContinueGenerationReq,
+    DestroyWeightsGroupReq,
+    GetWeightsByNameReq,
+    InitWeightsGroupReq,
+    PauseGenerationReq,
+    ReleaseMemoryReq,
+    ResumeMemoryReq,
+    UpdateWeightsFromDiskReq,
+    UpdateWeightsFromDistributedReq,
+    UpdateWeightsFromTensorReq,
+    WeightsReq,
+)
 from pdserve.model.llama import LlamaModel
 from pdserve.model.weight_update import apply_named_weights, check_named_weights, parse_dtype, weight_rows
 
@@ -48,9 +58,15 @@ class WeightsControl:
     """Owned by the scheduler process. `busy()`: requests in flight (scheduler or PD queues);
     `flush_cache()`: empty the prefix cache (False while requests run)."""
 
-    def __init__(self, model: LlamaModel, kv_pools: list[torch.Tensor], tp_size: int,
-                 busy: Callable[[], bool], flush_cache: Callable[[], bool],
-                 reply: Callable[[AdminResp], None]) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_pools: list[torch.Tensor],
+        tp_size: int,
+        busy: Callable[[], bool],
+        flush_cache: Callable[[], bool],
+        reply: Callable[[AdminResp], None],
+    ) -> None:
         self.model = model
         self.tp_size = tp_size
         self.busy = busy
@@ -63,8 +79,12 @@ class WeightsControl:
         self._joiner = ThreadPoolExecutor(1, thread_name_prefix="pdserve-weights-join")
         self.paused = False
         self.deferred: WeightsReq | None = None  # an update waiting for requests to finish
-        self.memory = MemoryReleaser(self._weight_tensors, [t for t in kv_pools if t is not None],
-                                     drop_derived=self._drop_derived, rebuild_derived=self._rebuild_derived)
+        self.memory = MemoryReleaser(
+            self._weight_tensors,
+            [t for t in kv_pools if t is not None],
+            drop_derived=self._drop_derived,
+            rebuild_derived=self._rebuild_derived,
+        )
 
     # ---- what the scheduler process asks --------------------------------------------------
     def holds_new_requests(self) -> bool:
@@ -86,11 +106,16 @@ class WeightsControl:
                 try:
                     self.groups[name] = fut.result()
                 except Exception as e:  # unreachable store, a rank that never came
-                    self.reply(AdminResp(msg.call_id, False, f"could not join group {name!r} at "
-                                         f"{msg.master_address}:{msg.master_port}: {e}", 400))
+                    self.reply(
+                        AdminResp(
+                            msg.call_id,
+                            False,
+                            f"could not join group {name!r} at {msg.master_address}:{msg.master_port}: {e}",
+                            400,
+                        )
+                    )
                     continue
-                logger.info("joined weights update group %r as rank %d of %d", name, msg.rank_offset,
-                            msg.world_size)
+                logger.info("joined weights update group %r as rank %d of %d", name, msg.rank_offset, msg.world_size)
                 self._ok(msg, f"joined group {name!r} as rank {msg.rank_offset}")
         if self.deferred is None or self.busy():
             return False
@@ -109,8 +134,11 @@ class WeightsControl:
                     raise _Refused(self.released_message(), 409)
                 if self.busy():
                     if self.paused:
-                        raise _Refused("requests are paused in flight: /continue_generation first, "
-                                       "or update with abort_all_requests", 409)
+                        raise _Refused(
+                            "requests are paused in flight: /continue_generation first, "
+                            "or update with abort_all_requests",
+                            409,
+                        )
                     self.deferred = msg
                     logger.info("weight update waits for the requests in flight to finish")
                     return
@@ -165,10 +193,10 @@ class WeightsControl:
                 named = self._read_checkpoint(msg.model_path)
             layers = apply_named_weights(self.model, named)
             flushed = self.flush_cache() if msg.flush_cache else False
-            logger.info("updated %d weights (%d layers)%s", len(named), layers,
-                        ", prefix cache flushed" if flushed else "")
-            self._ok(msg, f"updated {len(named)} weights", data={"num_weights": len(named),
-                                                                  "cache_flushed": flushed})
+            logger.info(
+                "updated %d weights (%d layers)%s", len(named), layers, ", prefix cache flushed" if flushed else ""
+            )
+            self._ok(msg, f"updated {len(named)} weights", data={"num_weights": len(named), "cache_flushed": flushed})
         except (ValueError, TypeError, KeyError) as e:
             self.reply(AdminResp(msg.call_id, False, f"weights not updated: {e}", 400))
         except Exception as e:
@@ -188,8 +216,9 @@ class WeightsControl:
         mine = self.model.config
         for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
             if getattr(config, k) != getattr(mine, k):
-                raise ValueError(f"model_path {path!r} is another architecture ({k} {getattr(config, k)} "
-                                 f"!= {getattr(mine, k)})")
+                raise ValueError(
+                    f"model_path {path!r} is another architecture ({k} {getattr(config, k)} != {getattr(mine, k)})"
+                )
         return state
 
     def _init_group(self, msg: InitWeightsGroupReq) -> None:
@@ -200,8 +229,10 @@ class WeightsControl:
         if msg.group_name in self.groups or msg.group_name in self._joining:
             raise _Refused(f"weights update group {msg.group_name!r} exists; destroy it first", 409)
         if not (0 < msg.rank_offset < msg.world_size):  # + tp rank, once tp ranks join
-            raise ValueError(f"rank_offset {msg.rank_offset} must be in 1..world_size-1 "
-                             f"(world_size {msg.world_size}; the trainer is rank 0)")
+            raise ValueError(
+                f"rank_offset {msg.rank_offset} must be in 1..world_size-1 "
+                f"(world_size {msg.world_size}; the trainer is rank 0)"
+            )
         if not (0 < msg.master_port < 65536):
             raise ValueError("master_port must be in 1..65535")
         self._joining[msg.group_name] = (msg, self._joiner.submit(_join_group, msg))
@@ -223,7 +254,7 @@ class WeightsControl:
             group.broadcast(flat, 0).wait()
             named, off = {}, 0
             for name, shape, dt, size in zip(msg.names, shapes, dtypes, sizes):
-                named[name] = flat[off:off + size].view(dt).view(shape)
+                named[name] = flat[off : off + size].view(dt).view(shape)
                 off += size
         elif msg.load_format is None:
             named = {}

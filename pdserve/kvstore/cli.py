@@ -1,7 +1,7 @@
 """`pdserve kvstore`: the KV cache data service servers share (`--kv-store URL`).
 
-    pdserve kvstore                      # embedded: http://127.0.0.1:9015, 4 GiB LRU
-    pdserve kvstore --backend mooncake   # starts mooncake_master: mooncake://127.0.0.1:9015
+pdserve kvstore                      # embedded: http://127.0.0.1:9015, 4 GiB LRU
+pdserve kvstore --backend mooncake   # starts mooncake_master: mooncake://127.0.0.1:9015
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ def build_parser():
     p = Parser(prog="pdserve kvstore", description="KV cache data service shared by servers (docs/kvstore.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 only behind a firewall)")
     p.add_argument("--port", type=int, default=9015, help="service port (mooncake: the master's RPC port)")
-    p.add_argument("--backend", choices=("embedded", "mooncake"), default="embedded",
-                   help="embedded: a pdserve process holding pages in RAM (LRU); mooncake: Mooncake Store's "
-                        "master (clients contribute the memory)")
+    p.add_argument(
+        "--backend",
+        choices=("embedded", "mooncake"),
+        default="embedded",
+        help="embedded: a pdserve process holding pages in RAM (LRU); mooncake: Mooncake Store's "
+        "master (clients contribute the memory)",
+    )
     p.add_argument("--capacity-gb", type=float, default=4.0, help="embedded: bytes held before LRU eviction")
     return p
 
@@ -31,11 +35,17 @@ def _mooncake(a) -> int:
     if not os.path.exists(exe):
         from pdserve.cli import fail
 
-        return fail("pdserve kvstore", "--backend mooncake: mooncake_master not found; pip install "
-                                       "'pdserve[mooncake]' (and apt-get install libibverbs1)")
+        return fail(
+            "pdserve kvstore",
+            "--backend mooncake: mooncake_master not found; pip install "
+            "'pdserve[mooncake]' (and apt-get install libibverbs1)",
+        )
     proc = subprocess.Popen([exe, f"-rpc_port={a.port}", f"-rpc_address={a.host}", f"-metrics_port={a.port + 1}"])
-    print(f"pdserve kvstore (Mooncake Store master) at mooncake://{a.host}:{a.port}; "
-          f"servers: --kv-store mooncake://{a.host}:{a.port}", flush=True)
+    print(
+        f"pdserve kvstore (Mooncake Store master) at mooncake://{a.host}:{a.port}; "
+        f"servers: --kv-store mooncake://{a.host}:{a.port}",
+        flush=True,
+    )
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     signal.signal(signal.SIGHUP, lambda *_: proc.terminate())
     try:
@@ -60,7 +70,10 @@ def main(argv: list[str]) -> int:
     from pdserve.kvstore.service import build_app
 
     store = MemoryStore(int(a.capacity_gb * (1 << 30)))
-    print(f"pdserve kvstore (embedded, {a.capacity_gb:g} GiB LRU) at http://{a.host}:{a.port}; "
-          f"servers: --kv-store http://{a.host}:{a.port}", flush=True)
+    print(
+        f"pdserve kvstore (embedded, {a.capacity_gb:g} GiB LRU) at http://{a.host}:{a.port}; "
+        f"servers: --kv-store http://{a.host}:{a.port}",
+        flush=True,
+    )
     web.run_app(build_app(store), host=a.host, port=a.port, print=None, handle_signals=True)
     return 0

@@ -35,4 +35,3 @@ class HttpStore(KVStore):
 
     def close(self) -> None:
         self.client.close()
-

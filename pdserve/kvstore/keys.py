@@ -14,6 +14,7 @@ import numpy as np
 @dataclass(frozen=True)
 class StoreLayout:
     """What a page's bytes depend on, beside its tokens."""
+
     model: str  # the model's identity (file name + size, or the served name)
     page_size: int
     num_layers: int
@@ -38,10 +39,10 @@ def page_keys(layout: StoreLayout, token_ids: Sequence[int], max_pages: int | No
     n = len(token_ids) // page_size
     if max_pages is not None:
         n = min(n, max_pages)
-    toks = np.asarray(token_ids[:n * page_size], dtype="<u4").tobytes()
+    toks = np.asarray(token_ids[: n * page_size], dtype="<u4").tobytes()
     h = layout.namespace()
     out = []
     for i in range(n):
-        h = hashlib.sha256(h + toks[i * page_size * 4:(i + 1) * page_size * 4]).digest()
+        h = hashlib.sha256(h + toks[i * page_size * 4 : (i + 1) * page_size * 4]).digest()
         out.append(h.hex())
     return out

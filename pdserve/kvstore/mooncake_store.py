@@ -50,5 +50,6 @@ class MooncakeStore(KVStore):
 def open_url(url: str) -> KVStore:
     u = urlparse(url)
     q = parse_qs(u.query)
-    return MooncakeStore(u.netloc, q.get("local_host", ["127.0.0.1"])[0],
-                         int(q.get("segment_bytes", [SEGMENT_BYTES])[0]))
+    return MooncakeStore(
+        u.netloc, q.get("local_host", ["127.0.0.1"])[0], int(q.get("segment_bytes", [SEGMENT_BYTES])[0])
+    )

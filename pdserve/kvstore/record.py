@@ -42,8 +42,9 @@ def decode(key: str, record: bytes | memoryview, page_nbytes: int) -> memoryview
     if k.hex() != key:
         raise RecordError("record holds another key")
     if nbytes != page_nbytes or len(mv) != HEADER_SIZE + nbytes:
-        raise RecordError(f"record holds {nbytes} bytes ({len(mv) - HEADER_SIZE} present), the layout needs "
-                          f"{page_nbytes}")
+        raise RecordError(
+            f"record holds {nbytes} bytes ({len(mv) - HEADER_SIZE} present), the layout needs {page_nbytes}"
+        )
     data = mv[HEADER_SIZE:]
     if zlib.crc32(data) != crc:
         raise RecordError("record checksum mismatch")

@@ -80,8 +80,9 @@ def build_app(store: MemoryStore) -> web.Application:
         return web.Response(status=204)
 
     async def health(_req: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "pages": len(store), "used_bytes": store.used,
-                                  "capacity_bytes": store.capacity})
+        return web.json_response(
+            {"status": "ok", "pages": len(store), "used_bytes": store.used, "capacity_bytes": store.capacity}
+        )
 
     async def metrics(_req: web.Request) -> web.Response:
         pages.set(len(store))
@@ -90,6 +91,13 @@ def build_app(store: MemoryStore) -> web.Application:
         return web.Response(body=generate_latest(reg), content_type="text/plain")
 
     app = web.Application(client_max_size=MAX_BODY)
-    app.add_routes([web.post("/exists", exists), web.post("/get", get), web.post("/put", put),
-                    web.get("/health", health), web.get("/metrics", metrics)])
+    app.add_routes(
+        [
+            web.post("/exists", exists),
+            web.post("/get", get),
+            web.post("/put", put),
+            web.get("/health", health),
+            web.get("/metrics", metrics),
+        ]
+    )
     return app

@@ -19,6 +19,8 @@ def open_store(url: str) -> KVStore:
     """`memory://[capacity_bytes]`, `http://host:port` (embedded service), `mooncake://host:port`."""
     scheme = urlparse(url).scheme
     if scheme not in _OPENERS:
-        raise ValueError(f"--kv-store {url!r}: unknown scheme {scheme!r}; use one of "
-                         f"{', '.join(s + '://' for s in sorted(_OPENERS))}")
+        raise ValueError(
+            f"--kv-store {url!r}: unknown scheme {scheme!r}; use one of "
+            f"{', '.join(s + '://' for s in sorted(_OPENERS))}"
+        )
     return _OPENERS[scheme](url)

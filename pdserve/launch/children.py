@@ -26,6 +26,7 @@ def child_setup(parent: int, cpus=None):
         _die_with_parent(parent)
         if cpus is not None:
             os.sched_setaffinity(0, cpus)
+
     return setup
 
 

@@ -34,46 +34,90 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="pdserve launch", description=__doc__)
     p.add_argument("--prefill", type=int, default=1, help="number of prefill servers")
     p.add_argument("--decode", type=int, default=1, help="number of decode servers")
-    p.add_argument("--pd-ratio", default=None, metavar="P:D",
-                   help="another spelling of --prefill P --decode D (e.g. 2:3)")
-    p.add_argument("--prefill-tp-size", type=int, default=1,
-                   help="tensor-parallel ranks of each prefill server (they split its cores)")
-    p.add_argument("--decode-tp-size", type=int, default=1,
-                   help="tensor-parallel ranks of each decode server (may differ from prefill's)")
+    p.add_argument(
+        "--pd-ratio", default=None, metavar="P:D", help="another spelling of --prefill P --decode D (e.g. 2:3)"
+    )
+    p.add_argument(
+        "--prefill-tp-size",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks of each prefill server (they split its cores)",
+    )
+    p.add_argument(
+        "--decode-tp-size",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks of each decode server (may differ from prefill's)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address of the router and the servers")
-    p.add_argument("--port", type=int, default=30000,
-                   help="router port (the endpoint); the servers take the ports after it")
-    p.add_argument("--disaggregation-transfer-backend", "--transfer-backend", dest="disaggregation_transfer_backend",
-                   default=ServerArgs.disaggregation_transfer_backend, choices=[b.value for b in TransferBackend],
-                   help="how KV moves from prefill to decode: tcp (any hosts), shm (same host, no copy "
-                        "through sockets), nixl / mooncake (their engines; optional extras), fake (moves "
-                        "nothing; for tests)")
-    p.add_argument("--disaggregation-ib-device", default=None,
-                   help="RDMA devices for the mooncake backend; unset: its TCP transport")
-    p.add_argument("--model-path", default=None,
-                   help="local HF model directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--port", type=int, default=30000, help="router port (the endpoint); the servers take the ports after it"
+    )
+    p.add_argument(
+        "--disaggregation-transfer-backend",
+        "--transfer-backend",
+        dest="disaggregation_transfer_backend",
+        default=ServerArgs.disaggregation_transfer_backend,
+        choices=[b.value for b in TransferBackend],
+        help="how KV moves from prefill to decode: tcp (any hosts), shm (same host, no copy "
+        "through sockets), nixl / mooncake (their engines; optional extras), fake (moves "
+        "nothing; for tests)",
+    )
+    p.add_argument(
+        "--disaggregation-ib-device",
+        default=None,
+        help="RDMA devices for the mooncake backend; unset: its TCP transport",
+    )
+    p.add_argument(
+        "--model-path",
+        default=None,
+        help="local HF model directory or .gguf file (default: the packaged SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype of every server")
     p.add_argument("--max-total-tokens", type=int, default=None, help="KV pool size of each server in tokens")
     p.add_argument("--base-gpu-id", type=int, default=0, help="first GPU (GPU builds; ignored on CPU)")
-    p.add_argument("--bootstrap-port-base", type=int, default=8998,
-                   help="bootstrap port of the first prefill server; the next ones count up")
-    p.add_argument("--policy", default=RouterConfig.policy, choices=POLICY_NAMES,
-                   help="the router's policy (the same default as `pdserve router` and SGLang's router)")
-    p.add_argument("--server-args", default="",
-                   help="extra flags for every `pdserve serve`, one quoted string; a value starting with "
-                        "-- is fine (--server-args '--max-running-requests 8'); checked before anything starts")
+    p.add_argument(
+        "--bootstrap-port-base",
+        type=int,
+        default=8998,
+        help="bootstrap port of the first prefill server; the next ones count up",
+    )
+    p.add_argument(
+        "--policy",
+        default=RouterConfig.policy,
+        choices=POLICY_NAMES,
+        help="the router's policy (the same default as `pdserve router` and SGLang's router)",
+    )
+    p.add_argument(
+        "--server-args",
+        default="",
+        help="extra flags for every `pdserve serve`, one quoted string; a value starting with "
+        "-- is fine (--server-args '--max-running-requests 8'); checked before anything starts",
+    )
     p.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for every server")
-    p.add_argument("--cpu-split", default="disjoint", choices=("disjoint", "shared"),
-                   help="disjoint: each server pinned to its own cores (no interference; each phase "
-                        "gets a share); shared: every server may use every core (a lone phase gets "
-                        "them all at low load, phases compete under load)")
-    p.add_argument("--ray", action="store_true",
-                   help="place the servers and the router on a Ray cluster by resources (optional extra "
-                        "pdserve[ray]); --cpu-split does not apply")
-    p.add_argument("--ray-address", default=None,
-                   help="with --ray: the cluster to join (ray start --head ...); unset: a local Ray")
-    p.add_argument("--ray-cpus-per-server", type=float, default=1.0,
-                   help="with --ray: CPUs each server asks Ray for (and its thread count)")
+    p.add_argument(
+        "--cpu-split",
+        default="disjoint",
+        choices=("disjoint", "shared"),
+        help="disjoint: each server pinned to its own cores (no interference; each phase "
+        "gets a share); shared: every server may use every core (a lone phase gets "
+        "them all at low load, phases compete under load)",
+    )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="place the servers and the router on a Ray cluster by resources (optional extra "
+        "pdserve[ray]); --cpu-split does not apply",
+    )
+    p.add_argument(
+        "--ray-address", default=None, help="with --ray: the cluster to join (ray start --head ...); unset: a local Ray"
+    )
+    p.add_argument(
+        "--ray-cpus-per-server",
+        type=float,
+        default=1.0,
+        help="with --ray: CPUs each server asks Ray for (and its thread count)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks of start-up errors")
     return p
 
@@ -93,8 +137,14 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 def server_args_of(a: argparse.Namespace, extra: list[str]) -> list[str]:
     """Flags every server gets (before its role's own)."""
-    common = ["--host", a.host, "--dtype", a.dtype,
-              "--disaggregation-transfer-backend", a.disaggregation_transfer_backend]
+    common = [
+        "--host",
+        a.host,
+        "--dtype",
+        a.dtype,
+        "--disaggregation-transfer-backend",
+        a.disaggregation_transfer_backend,
+    ]
     if a.model_path:
         common += ["--model-path", a.model_path]
     if a.disaggregation_ib_device:
@@ -128,8 +178,10 @@ def check_flags(a: argparse.Namespace) -> list[str]:
     owned = {"--port", "--disaggregation-mode", "--disaggregation-bootstrap-port", "--tp-size", "--num-threads"}
     for f in extra:
         if f.split("=")[0] in owned:
-            raise ValueError(f"--server-args: {f.split('=')[0]} is set by launch for each server; "
-                             f"use launch's own flags (--port, --prefill-tp-size, --decode-tp-size, ...)")
+            raise ValueError(
+                f"--server-args: {f.split('=')[0]} is set by launch for each server; "
+                f"use launch's own flags (--port, --prefill-tp-size, --decode-tp-size, ...)"
+            )
     from pdserve.server.preflight import check_model
     from pdserve.server.serve_cli import args_from_namespace, build_parser as serve_parser
 
@@ -148,14 +200,18 @@ def check_flags(a: argparse.Namespace) -> list[str]:
         try:
             check_port(a.host, port)
         except ValueError:
-            raise ValueError(f"--port {a.port}: port {port} is taken (the router uses --port, the servers the "
-                             f"{n} after it); pick another --port") from None
+            raise ValueError(
+                f"--port {a.port}: port {port} is taken (the router uses --port, the servers the "
+                f"{n} after it); pick another --port"
+            ) from None
     for port in range(a.bootstrap_port_base, a.bootstrap_port_base + a.prefill):
         try:
             check_port(a.host, port)
         except ValueError:
-            raise ValueError(f"--bootstrap-port-base {a.bootstrap_port_base}: port {port} is taken; "
-                             f"pick another --bootstrap-port-base") from None
+            raise ValueError(
+                f"--bootstrap-port-base {a.bootstrap_port_base}: port {port} is taken; "
+                f"pick another --bootstrap-port-base"
+            ) from None
     return extra
 
 
@@ -213,9 +269,21 @@ def main(argv: list[str]) -> int:
         for i in range(n):
             role = "prefill" if i < a.prefill else "decode"
             port = a.port + 1 + i
-            cmd = [py, "-m", "pdserve.cli", "serve", "--port", str(port), "--disaggregation-mode", role,
-                   "--num-threads", str(len(groups[i])),
-                   "--tp-size", str(a.prefill_tp_size if role == "prefill" else a.decode_tp_size), *common]
+            cmd = [
+                py,
+                "-m",
+                "pdserve.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--disaggregation-mode",
+                role,
+                "--num-threads",
+                str(len(groups[i])),
+                "--tp-size",
+                str(a.prefill_tp_size if role == "prefill" else a.decode_tp_size),
+                *common,
+            ]
             if role == "prefill":
                 boot = a.bootstrap_port_base + i
                 cmd += ["--disaggregation-bootstrap-port", str(boot)]
@@ -236,18 +304,32 @@ def main(argv: list[str]) -> int:
         deadline = time.time() + a.startup_timeout
         for c in children:
             wait_healthy(c.url, c.proc, deadline)
-        router_cmd = [py, "-m", "pdserve.cli", "router", "--pd-disaggregation", *prefill_args,
-                      *sum((["--decode", u] for u in decode_urls), []), "--host", a.host, "--port", str(a.port),
-                      "--policy", a.policy]
+        router_cmd = [
+            py,
+            "-m",
+            "pdserve.cli",
+            "router",
+            "--pd-disaggregation",
+            *prefill_args,
+            *sum((["--decode", u] for u in decode_urls), []),
+            "--host",
+            a.host,
+            "--port",
+            str(a.port),
+            "--policy",
+            a.policy,
+        ]
         router = subprocess.Popen(router_cmd, start_new_session=True, preexec_fn=child_setup(me))
         rurl = f"http://{a.host}:{a.port}"
         children.append(Child("router", router, rurl))
         wait_healthy(rurl, router, deadline, "/readiness")
-        print(f"pdserve {a.prefill}P{a.decode}D is ready at {rurl} ({a.disaggregation_transfer_backend} KV transfer)\n"
-              f"  try: curl {rurl}/v1/chat/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}], "
-              f"\"max_tokens\": 32, \"temperature\": 0}}'",
-              flush=True)
+        print(
+            f"pdserve {a.prefill}P{a.decode}D is ready at {rurl} ({a.disaggregation_transfer_backend} KV transfer)\n"
+            f"  try: curl {rurl}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"messages": [{{"role": "user", "content": "What is the capital of France?"}}], '
+            f'"max_tokens": 32, "temperature": 0}}\'',
+            flush=True,
+        )
         while all(c.proc.poll() is None for c in children):
             time.sleep(0.5)
         dead = [c.name for c in children if c.proc.poll() is not None]

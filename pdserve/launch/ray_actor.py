@@ -42,28 +42,67 @@ class RayProcessActor:
 
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
-    def start_server(self, port: int, flags: list[str], role: str | None, bootstrap_port: int | None,
-                     tp_size: int, num_threads: int, timeout: float = 300, advertise: str | None = None) -> str:
+    def start_server(
+        self,
+        port: int,
+        flags: list[str],
+        role: str | None,
+        bootstrap_port: int | None,
+        tp_size: int,
+        num_threads: int,
+        timeout: float = 300,
+        advertise: str | None = None,
+    ) -> str:
         """Start `pdserve serve` and wait until it is healthy; returns its URL (at `advertise`,
         else the bind address)."""
         for p in (port, bootstrap_port):
             if p is not None and not port_free(self.host, p):
-                raise ValueError(f"port {p} on {self.host} is taken (engine ports are base_port + rank * 500; "
-                                 f"set strategy_config.base_port)")
-        cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--host", self.host, "--port", str(port),
-               "--tp-size", str(tp_size), "--num-threads", str(num_threads), *flags]
+                raise ValueError(
+                    f"port {p} on {self.host} is taken (engine ports are base_port + rank * 500; "
+                    f"set strategy_config.base_port)"
+                )
+        cmd = [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "serve",
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+            "--tp-size",
+            str(tp_size),
+            "--num-threads",
+            str(num_threads),
+            *flags,
+        ]
         if role is not None:
             cmd += ["--disaggregation-mode", role]
         if bootstrap_port is not None:
             cmd += ["--disaggregation-bootstrap-port", str(bootstrap_port)]
         return self._spawn(cmd, f"http://{advertise or self.host}:{port}", "/health", timeout)
 
-    def start_router(self, port: int, prefill: list[tuple[str, int]], decode: list[str], timeout: float = 120,
-                     policy: str | None = None) -> str:
+    def start_router(
+        self,
+        port: int,
+        prefill: list[tuple[str, int]],
+        decode: list[str],
+        timeout: float = 120,
+        policy: str | None = None,
+    ) -> str:
         if not port_free(self.host, port):
             raise ValueError(f"router port {port} on {self.host} is taken")
-        cmd = [sys.executable, "-m", "pdserve.cli", "router", "--pd-disaggregation", "--host", self.host,
-               "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "router",
+            "--pd-disaggregation",
+            "--host",
+            self.host,
+            "--port",
+            str(port),
+        ]
         for url, boot in prefill:
             cmd += ["--prefill", url, str(boot)]
         for url in decode:

@@ -42,8 +42,11 @@ def run_on_ray(a: argparse.Namespace, common: list[str]) -> int:
             port = a.port + 1 + i
             boot = a.bootstrap_port_base + i if role == "prefill" else None
             tp = a.prefill_tp_size if role == "prefill" else a.decode_tp_size
-            starts.append(actor.start_server.remote(port, common, role, boot, tp, threads, a.startup_timeout,
-                                                    advertise=_advertised(a.host, nodes[i][1])))
+            starts.append(
+                actor.start_server.remote(
+                    port, common, role, boot, tp, threads, a.startup_timeout, advertise=_advertised(a.host, nodes[i][1])
+                )
+            )
         try:
             urls = ray.get(starts)
         except Exception as e:  # a server's start-up error (its own one-line message is above)
@@ -57,13 +60,17 @@ def run_on_ray(a: argparse.Namespace, common: list[str]) -> int:
                 decode_urls.append(url)
             print(f"started {role} server {url} on Ray node {nodes[i][0]} ({nodes[i][1]})", flush=True)
         try:
-            rurl = ray.get(router_actor.start_router.remote(a.port, prefill_args, decode_urls, a.startup_timeout,
-                                                            policy=a.policy))
+            rurl = ray.get(
+                router_actor.start_router.remote(a.port, prefill_args, decode_urls, a.startup_timeout, policy=a.policy)
+            )
         except Exception as e:
             print(f"pdserve launch: the router did not start: {getattr(e, 'cause', None) or e}", file=sys.stderr)
             return 2
-        print(f"pdserve {a.prefill}P{a.decode}D is ready at {rurl} on Ray "
-              f"({len({nd for nd, _ in nodes})} nodes, {a.disaggregation_transfer_backend} KV transfer)", flush=True)
+        print(
+            f"pdserve {a.prefill}P{a.decode}D is ready at {rurl} on Ray "
+            f"({len({nd for nd, _ in nodes})} nodes, {a.disaggregation_transfer_backend} KV transfer)",
+            flush=True,
+        )
         while True:
             dead = [i for i, ok in enumerate(ray.get([x.alive.remote() for x in everyone])) if not ok]
             if dead:

@@ -53,8 +53,9 @@ class BaseAttentionBackend(abc.ABC):
         self.kv_data = kv_data  # [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
 
     @abc.abstractmethod
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 batch: ForwardBatch) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] (the batch's new tokens) -> out [T, Hq, D]."""
 
 
@@ -109,7 +110,7 @@ class TorchNativeAttention(BaseAttentionBackend):
         for lo in range(0, B, self.DECODE_GROUP):
             hi = min(B, lo + self.DECODE_GROUP)
             b = hi - lo
-            idx = batch.dec_chunks[lo * pages_per_req: hi * pages_per_req] + layer * 2
+            idx = batch.dec_chunks[lo * pages_per_req : hi * pages_per_req] + layer * 2
             k = torch.index_select(self.chunks, 0, idx, out=self._workspace("k", idx.numel())).view(b, L, hkv * d)
             v = torch.index_select(self.chunks, 0, idx + 1, out=self._workspace("v", idx.numel())).view(b, L, hkv * d)
             qg = q[lo:hi]
@@ -119,7 +120,7 @@ class TorchNativeAttention(BaseAttentionBackend):
             else:
                 scores = torch.matmul(qg.reshape(b, hkv, g, d), k.view(b, L, hkv, d).permute(0, 2, 3, 1))
                 scores = scores.float().view(b, hq, L)
-            scores.mul_(d ** -0.5)
+            scores.mul_(d**-0.5)
             if batch.dec_mask is not None:
                 scores.add_(batch.dec_mask[lo:hi])
             p = torch.softmax(scores, dim=-1).to(q.dtype)
@@ -129,8 +130,9 @@ class TorchNativeAttention(BaseAttentionBackend):
             else:
                 out[lo:hi] = torch.matmul(p.view(b, hkv, g, L), v.view(b, L, hkv, d).transpose(1, 2)).reshape(b, hq, d)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 batch: ForwardBatch) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         # q: [T, Hq, D], k/v: [T, Hkv, D] -> out [T, Hq, D]
         rows, layer_row = self.rows, layer * 2 * self.page_size
         if batch.write_rows is None:
@@ -145,10 +147,10 @@ class TorchNativeAttention(BaseAttentionBackend):
             self._decode(q[:num_decode], layer, batch, out[:num_decode])
         for e in batch.extends:
             start, n = e.q_start, e.q_len
-            qe = q[start:start + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+            qe = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
             if e.prefix_len == 0:
-                ke = k[start:start + n].transpose(0, 1).unsqueeze(0)
-                ve = v[start:start + n].transpose(0, 1).unsqueeze(0)
+                ke = k[start : start + n].transpose(0, 1).unsqueeze(0)
+                ve = v[start : start + n].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qe, ke, ve, is_causal=True, enable_gqa=True)
             else:
                 if e.ctx_rows is None:
@@ -159,5 +161,5 @@ class TorchNativeAttention(BaseAttentionBackend):
                 qpos = torch.arange(e.prefix_len, ctx).unsqueeze(1)
                 mask = torch.arange(ctx).unsqueeze(0) <= qpos  # [n, ctx]
                 o = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask, enable_gqa=True)
-            out[start:start + n] = o.squeeze(0).transpose(0, 1)
+            out[start : start + n] = o.squeeze(0).transpose(0, 1)
         return out

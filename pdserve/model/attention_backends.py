@@ -49,8 +49,9 @@ class FakeAttention(BaseAttentionBackend):
         self.rows = kv_data.view(-1, heads, dim)  # row of (page, layer, k|v, offset), as in TorchNativeAttention
         self.page_stride = num_layers * 2 * self.page_size
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 batch: ForwardBatch) -> torch.Tensor:
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
         rows = batch.write_pages * self.page_stride + batch.write_offs + layer * 2 * self.page_size
         self.rows.index_copy_(0, rows, k)
         self.rows.index_copy_(0, rows + self.page_size, v)
@@ -74,8 +75,9 @@ def resolve_attention_backend(name: AttentionBackend | str, kv_data: torch.Tenso
     try:
         backend = AttentionBackend(name)
     except ValueError:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of "
-                         f"{[b.value for b in AttentionBackend]}") from None
+        raise ValueError(
+            f"unknown attention backend {name!r}; choose one of {[b.value for b in AttentionBackend]}"
+        ) from None
     if backend != AttentionBackend.AUTO:
         return backend
     if kv_data.device.type != "cpu" or kv_data.dtype != torch.float32:

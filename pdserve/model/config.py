@@ -70,9 +70,18 @@ class ModelConfig:
     def tiny(**overrides) -> "ModelConfig":
         """A random-weight model small enough for unit tests (runs in milliseconds)."""
         base = ModelConfig(
-            arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
-            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-            rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=512,
-            tie_word_embeddings=True, eos_token_ids=(2,),
+            arch="llama",
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            eos_token_ids=(2,),
         )
         return replace(base, **overrides)

@@ -40,7 +40,8 @@ def _cpu_flags() -> str:
 def cache_dir() -> str:
     """$PDSERVE_KERNEL_CACHE, else ~/.cache/pdserve/kernels."""
     return os.environ.get("PDSERVE_KERNEL_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "pdserve", "kernels")
+        os.path.expanduser("~"), ".cache", "pdserve", "kernels"
+    )
 
 
 def load() -> str:
@@ -70,19 +71,30 @@ def load() -> str:
         try:
             os.makedirs(build, exist_ok=True)
         except OSError as e:
-            raise RuntimeError(f"cannot create the kernel cache {build}: {e.strerror} "
-                               "(set PDSERVE_KERNEL_CACHE to a writable directory)") from None
-        print(f"pdserve: compiling CPU kernels ({', '.join(_SOURCES)}) into {build}; "
-              "once per machine, ~30 s", file=sys.stderr, flush=True)
+            raise RuntimeError(
+                f"cannot create the kernel cache {build}: {e.strerror} "
+                "(set PDSERVE_KERNEL_CACHE to a writable directory)"
+            ) from None
+        print(
+            f"pdserve: compiling CPU kernels ({', '.join(_SOURCES)}) into {build}; once per machine, ~30 s",
+            file=sys.stderr,
+            flush=True,
+        )
         t = time.perf_counter()
         try:
             from torch.utils import cpp_extension
 
             # concurrent first starts (a PD pair, TP ranks): cpp_extension's lock file in the
             # build directory lets one process compile while the others wait, then all load
-            cpp_extension.load(name="pdserve_cpu_kernels", sources=sources, extra_cflags=_CFLAGS,
-                               extra_ldflags=["-fopenmp"], build_directory=build,
-                               is_python_module=False, verbose=False)
+            cpp_extension.load(
+                name="pdserve_cpu_kernels",
+                sources=sources,
+                extra_cflags=_CFLAGS,
+                extra_ldflags=["-fopenmp"],
+                build_directory=build,
+                is_python_module=False,
+                verbose=False,
+            )
         except Exception as e:  # noqa: BLE001 - any build failure means: no kernels here
             raise RuntimeError(f"could not build pdserve's CPU kernels: {type(e).__name__}: {e}") from e
         print(f"pdserve: CPU kernels compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)

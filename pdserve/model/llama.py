@@ -114,8 +114,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, exact: int = EXACT_ROWS
     return out[:m] if mp != m else out
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, q4: tuple | None, small: bool,
-           packed: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, w: torch.Tensor, q4: tuple | None, small: bool, packed: torch.Tensor | None = None
+) -> torch.Tensor:
     # Small batches are memory-bound: 4-bit weights read 4x fewer bytes per token
     # (benchmarks/bench_engine.py); large batches are compute-bound and stay on bf16/AMX.
     if small and q4 is not None:
@@ -158,8 +159,9 @@ def random_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 class LlamaModel:
     """Weights as plain tensors with fused qkv and gate_up projections."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, q4_max_tokens: int = 0,
-                 computes_logits: bool = True) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, q4_max_tokens: int = 0, computes_logits: bool = True
+    ) -> None:
         self.config = config
         self.dtype = dtype
         # False on tensor-parallel ranks other than 0: they run the layers only (no lm_head)
@@ -198,20 +200,21 @@ class LlamaModel:
             layer.in_norm = get(p + "input_layernorm.weight")
             layer.post_norm = get(p + "post_attention_layernorm.weight")
             layer.qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous()
-            layer.qkv_b = (torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-                           if cfg.qkv_bias else None)
+            layer.qkv_b = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None
             layer.o = get(p + "self_attn.o_proj.weight")
             layer.gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).contiguous()
             layer.down = get(p + "mlp.down_proj.weight")
             layer.q_norm = get(p + "self_attn.q_norm.weight") if cfg.qk_norm else None
             layer.k_norm = get(p + "self_attn.k_norm.weight") if cfg.qk_norm else None
-            layer.q4 = ({n: quantize_int4(getattr(layer, n)) for n in ("qkv", "o", "gate_up", "down")}
-                        if self.q4_max_tokens else None)
+            layer.q4 = (
+                {n: quantize_int4(getattr(layer, n)) for n in ("qkv", "o", "gate_up", "down")}
+                if self.q4_max_tokens
+                else None
+            )
             layer.packed = {n: pack_weight(getattr(layer, n)) for n in ("qkv", "o", "gate_up", "down")}
             self.layers.append(layer)
         # lm_head stays bf16: in the default GGUF it is the Q8_0 embedding, not a 4-bit grid
         self.lm_head_packed = pack_weight(self.lm_head) if self.computes_logits else None
-
 
     def init_random(self, seed: int = 0) -> None:
         """Random weights for unit tests (tiny configs)."""
@@ -255,8 +258,8 @@ class LlamaModel:
             if layer.qkv_b is not None:
                 qkv = qkv + layer.qkv_b
             q = qkv[:, :qs].view(T, nq, hd)
-            k = qkv[:, qs:qs + ks].view(T, nkv, hd)
-            v = qkv[:, qs + ks:].view(T, nkv, hd)
+            k = qkv[:, qs : qs + ks].view(T, nkv, hd)
+            v = qkv[:, qs + ks :].view(T, nkv, hd)
             if layer.q_norm is not None:
                 q = rms_norm(q, layer.q_norm, eps)
                 k = rms_norm(k, layer.k_norm, eps)
@@ -303,7 +306,11 @@ class LlamaModel:
                 built += 1
         if self.lm_head_packed is not None:
             for m in row_counts(max_logit_rows, LOGIT_EXACT_ROWS, LOGIT_STEPS):
-                packed_linear(torch.zeros(m, self.lm_head.shape[1], dtype=self.dtype), self.lm_head_packed,
-                              LOGIT_EXACT_ROWS, LOGIT_STEPS)
+                packed_linear(
+                    torch.zeros(m, self.lm_head.shape[1], dtype=self.dtype),
+                    self.lm_head_packed,
+                    LOGIT_EXACT_ROWS,
+                    LOGIT_STEPS,
+                )
                 built += 1
         return built

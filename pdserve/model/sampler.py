@@ -9,8 +9,7 @@ import torch
 from pdserve.sampling_params import SamplingParams
 
 
-def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams],
-                    counts: Sequence[dict[int, int]]) -> None:
+def apply_penalties(logits: torch.Tensor, params: Sequence[SamplingParams], counts: Sequence[dict[int, int]]) -> None:
     """In place: OpenAI-style frequency and presence penalties over generated tokens."""
     for i, (p, c) in enumerate(zip(params, counts)):
         if not p.has_penalty or not c:
@@ -44,8 +43,9 @@ def _filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> list[int]:
     """logits: [N, V] float32 (penalties applied). Returns one token id per row."""
     ids = logits.argmax(dim=-1).tolist()
     for i, p in enumerate(params):
@@ -57,8 +57,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     return ids
 
 
-def gather_logprobs(logits: torch.Tensor, ids: list[int], top_nums: Sequence[int]
-                    ) -> tuple[list[float], list[list[tuple[int, float]]]]:
+def gather_logprobs(
+    logits: torch.Tensor, ids: list[int], top_nums: Sequence[int]
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
     """Log-probabilities (of the model's distribution after penalties, before
     temperature) of the chosen tokens, and the top-k alternatives per row."""
     # a token banned by a grammar mask has logit -inf: report OpenAI's floor, -9999.0, so

@@ -27,8 +27,9 @@ INTER_UNIT = 32  # intermediate slices stay multiples of the 4-bit weight group
 def head_range(rank: int, tp_size: int, total_heads: int) -> tuple[int, int]:
     """Global heads [start, end) of `rank`: as even a split as `total_heads` allows."""
     if tp_size < 1 or total_heads < tp_size:
-        raise ValueError(f"{total_heads} KV heads cannot be split over tp size {tp_size} "
-                         "(every rank needs at least one head)")
+        raise ValueError(
+            f"{total_heads} KV heads cannot be split over tp size {tp_size} (every rank needs at least one head)"
+        )
     if not (0 <= rank < tp_size):
         raise ValueError(f"rank {rank} not in [0, {tp_size})")
     return rank * total_heads // tp_size, (rank + 1) * total_heads // tp_size
@@ -45,8 +46,10 @@ class TPShard:
     @staticmethod
     def of(cfg: ModelConfig, rank: int, size: int) -> "TPShard":
         if size > cfg.num_kv_heads:
-            raise ValueError(f"--tp-size {size}: the model has {cfg.num_kv_heads} KV heads and every "
-                             f"tensor-parallel rank needs at least one")
+            raise ValueError(
+                f"--tp-size {size}: the model has {cfg.num_kv_heads} KV heads and every "
+                f"tensor-parallel rank needs at least one"
+            )
         kv = head_range(rank, size, cfg.num_kv_heads)
         group = cfg.num_heads // cfg.num_kv_heads
         unit = INTER_UNIT if cfg.intermediate_size % INTER_UNIT == 0 else 1
@@ -56,9 +59,12 @@ class TPShard:
 
     def local_config(self, cfg: ModelConfig) -> ModelConfig:
         """The config this rank's forward sees (its heads and MLP width; the rest unchanged)."""
-        return replace(cfg, num_heads=self.q_heads[1] - self.q_heads[0],
-                       num_kv_heads=self.kv_heads[1] - self.kv_heads[0],
-                       intermediate_size=self.inter[1] - self.inter[0])
+        return replace(
+            cfg,
+            num_heads=self.q_heads[1] - self.q_heads[0],
+            num_kv_heads=self.kv_heads[1] - self.kv_heads[0],
+            intermediate_size=self.inter[1] - self.inter[0],
+        )
 
 
 def shard_state(state: dict[str, torch.Tensor], cfg: ModelConfig, shard: TPShard) -> dict[str, torch.Tensor]:
@@ -67,10 +73,13 @@ def shard_state(state: dict[str, torch.Tensor], cfg: ModelConfig, shard: TPShard
     if shard.size == 1:
         return state
     hd = cfg.head_dim
-    rows = {"q_proj": (shard.q_heads[0] * hd, shard.q_heads[1] * hd),
-            "k_proj": (shard.kv_heads[0] * hd, shard.kv_heads[1] * hd),
-            "v_proj": (shard.kv_heads[0] * hd, shard.kv_heads[1] * hd),
-            "gate_proj": shard.inter, "up_proj": shard.inter}
+    rows = {
+        "q_proj": (shard.q_heads[0] * hd, shard.q_heads[1] * hd),
+        "k_proj": (shard.kv_heads[0] * hd, shard.kv_heads[1] * hd),
+        "v_proj": (shard.kv_heads[0] * hd, shard.kv_heads[1] * hd),
+        "gate_proj": shard.inter,
+        "up_proj": shard.inter,
+    }
     cols = {"o_proj": rows["q_proj"], "down_proj": shard.inter}
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():

@@ -34,8 +34,7 @@ def hf_views(model: LlamaModel) -> dict[str, torch.Tensor]:
     cfg = model.config
     qs, ks = cfg.q_size, cfg.kv_size
     inter = cfg.intermediate_size
-    out = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm,
-           "lm_head.weight": model.lm_head}
+    out = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm, "lm_head.weight": model.lm_head}
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = layer.in_norm
@@ -60,8 +59,9 @@ def check_named_weights(model: LlamaModel, shapes: dict[str, tuple[int, ...]]) -
     for name, shape in shapes.items():
         view = views.get(name)
         if view is None:
-            raise ValueError(f"unknown weight name {name!r} (Hugging Face names, e.g. "
-                             f"'model.layers.0.self_attn.q_proj.weight')")
+            raise ValueError(
+                f"unknown weight name {name!r} (Hugging Face names, e.g. 'model.layers.0.self_attn.q_proj.weight')"
+            )
         if tuple(view.shape) != tuple(shape):
             raise ValueError(f"weight {name!r} has shape {list(view.shape)} in this model, got {list(shape)}")
 

@@ -4,5 +4,12 @@ from pdserve.rl.config import StrategyArgs
 from pdserve.rl.strategy import STRATEGIES, InferenceStrategy, SgLangPdDisStrategy, SgLangStrategy, create_strategy
 from pdserve.rl.trainer import TrainerGroup
 
-__all__ = ["STRATEGIES", "InferenceStrategy", "SgLangPdDisStrategy", "SgLangStrategy", "StrategyArgs",
-           "TrainerGroup", "create_strategy"]
+__all__ = [
+    "STRATEGIES",
+    "InferenceStrategy",
+    "SgLangPdDisStrategy",
+    "SgLangStrategy",
+    "StrategyArgs",
+    "TrainerGroup",
+    "create_strategy",
+]

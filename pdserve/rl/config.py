@@ -67,8 +67,10 @@ class StrategyArgs:
                 raise ValueError(f"strategy_config.{key} is set by the strategy for each rank")
             action = known.get(key)
             if action is None:
-                raise ValueError(f"strategy_config.{key}: `pdserve serve` has no such flag "
-                                 f"(keys are its flags with underscores, e.g. mem_fraction_static)")
+                raise ValueError(
+                    f"strategy_config.{key}: `pdserve serve` has no such flag "
+                    f"(keys are its flags with underscores, e.g. mem_fraction_static)"
+                )
             flag = action.option_strings[0]
             if action.nargs == 0:  # a switch
                 if value is True:

@@ -49,16 +49,24 @@ class RankPlan:
         return self.port + 1
 
     def log_line(self) -> str:
-        return (f"[sglang_pd_dis][local]: global_rank={self.global_rank} dp_rank={self.dp_rank} "
-                f"dp_size={self.dp_size} tp_size={self.tp_size} is_prefill={self.is_prefill} "
-                f"is_decode={self.is_decode}")
+        return (
+            f"[sglang_pd_dis][local]: global_rank={self.global_rank} dp_rank={self.dp_rank} "
+            f"dp_size={self.dp_size} tp_size={self.tp_size} is_prefill={self.is_prefill} "
+            f"is_decode={self.is_decode}"
+        )
 
 
-def pd_plan(world_size: int, prefill_tp_size: int | None = None, decode_tp_size: int | None = None,
-            base_port: int = BASE_PORT, devices: int | None = None) -> list[RankPlan]:
+def pd_plan(
+    world_size: int,
+    prefill_tp_size: int | None = None,
+    decode_tp_size: int | None = None,
+    base_port: int = BASE_PORT,
+    devices: int | None = None,
+) -> list[RankPlan]:
     if not isinstance(world_size, int) or world_size < 2 or world_size % 2:
-        raise ValueError(f"world_size must be even and >= 2 for sglang_pd_dis (dp_size = world_size / 2), "
-                         f"got {world_size}")
+        raise ValueError(
+            f"world_size must be even and >= 2 for sglang_pd_dis (dp_size = world_size / 2), got {world_size}"
+        )
     default_tp = max(1, (devices if devices is not None else device_count()) // 2)
     ptp = prefill_tp_size or default_tp
     dtp = decode_tp_size or default_tp
@@ -69,12 +77,15 @@ def pd_plan(world_size: int, prefill_tp_size: int | None = None, decode_tp_size:
     top = base_port + (world_size - 1) * PORT_STRIDE + 1
     if not (0 < base_port and top < 65536):
         raise ValueError(f"base_port {base_port}: ranks need ports up to {top} (base_port + rank * {PORT_STRIDE})")
-    return [RankPlan(r, world_size, r % dp, dp, ptp if r < dp else dtp, r < dp, base_port + r * PORT_STRIDE)
-            for r in range(world_size)]
+    return [
+        RankPlan(r, world_size, r % dp, dp, ptp if r < dp else dtp, r < dp, base_port + r * PORT_STRIDE)
+        for r in range(world_size)
+    ]
 
 
-def colocated_plan(world_size: int, tp_size: int | None = None, base_port: int = BASE_PORT,
-                   devices: int | None = None) -> list[RankPlan]:
+def colocated_plan(
+    world_size: int, tp_size: int | None = None, base_port: int = BASE_PORT, devices: int | None = None
+) -> list[RankPlan]:
     """The co-located strategy: one mode-null engine per rank (is_prefill = is_decode = both)."""
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")

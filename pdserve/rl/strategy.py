@@ -65,8 +65,14 @@ class Pending:
 class InferenceStrategy(abc.ABC):
     name: ClassVar[str]
 
-    def __init__(self, args: StrategyArgs, world_size: int, host: str = "127.0.0.1",
-                 cpus_per_rank: float | None = None, startup_timeout: float = 300) -> None:
+    def __init__(
+        self,
+        args: StrategyArgs,
+        world_size: int,
+        host: str = "127.0.0.1",
+        cpus_per_rank: float | None = None,
+        startup_timeout: float = 300,
+    ) -> None:
         self.args = args
         self.world_size = world_size
         self.host = host
@@ -107,8 +113,11 @@ class InferenceStrategy(abc.ABC):
         for plan, actor in zip(self.plans, self.actors):
             role = None if self.name == "sglang" else plan.role
             boot = plan.bootstrap_port if role == "prefill" else None
-            starts.append(actor.start_server.remote(plan.port, self.flags, role, boot, plan.tp_size,
-                                                    threads, self.startup_timeout))
+            starts.append(
+                actor.start_server.remote(
+                    plan.port, self.flags, role, boot, plan.tp_size, threads, self.startup_timeout
+                )
+            )
         try:
             self.urls = ray.get(starts)
         except Exception as e:
@@ -131,8 +140,9 @@ class InferenceStrategy(abc.ABC):
         return Pending([self._pool.submit(self._post, u, path, body) for u in self.urls])
 
     # ---- rollouts ---------------------------------------------------------------------------
-    def generate(self, prompts: list[str] | list[list[int]], sampling_params: dict | list[dict],
-                 return_logprob: bool = True) -> list[dict]:
+    def generate(
+        self, prompts: list[str] | list[list[int]], sampling_params: dict | list[dict], return_logprob: bool = True
+    ) -> list[dict]:
         """One result per prompt: output_ids, text, output_token_logprobs, finish_reason."""
         if isinstance(sampling_params, dict):
             sampling_params = [sampling_params] * len(prompts)
@@ -147,9 +157,12 @@ class InferenceStrategy(abc.ABC):
             if status != 200:
                 raise RuntimeError(f"request {i} failed ({status}): {out}")
             meta = out.get("meta_info", {})
-            return {"output_ids": out.get("output_ids"), "text": out.get("text"),
-                    "output_token_logprobs": [lp[0] for lp in meta.get("output_token_logprobs") or []],
-                    "finish_reason": (meta.get("finish_reason") or {}).get("type")}
+            return {
+                "output_ids": out.get("output_ids"),
+                "text": out.get("text"),
+                "output_token_logprobs": [lp[0] for lp in meta.get("output_token_logprobs") or []],
+                "finish_reason": (meta.get("finish_reason") or {}).get("type"),
+            }
 
         return list(self._pool.map(one, range(len(prompts))))
 
@@ -157,33 +170,49 @@ class InferenceStrategy(abc.ABC):
     def weight_sync_world_size(self) -> int:
         return 1 + sum(p.tp_size for p in self.plans)
 
-    def setup_collective_group(self, group_name: str, master_address: str, master_port: int,
-                               backend: str = "gloo") -> Pending:
+    def setup_collective_group(
+        self, group_name: str, master_address: str, master_port: int, backend: str = "gloo"
+    ) -> Pending:
         """Every engine joins `group_name` with rank 1 + the tp ranks of the engines before it
         (so prefill and decode may have different tp sizes). Call the trainer's
         `TrainerGroup.connect()` next, then `wait()`."""
         world = self.weight_sync_world_size()
         futures, offset = [], 1
         for plan, url in zip(self.plans, self.urls):
-            body = {"master_address": master_address, "master_port": master_port, "rank_offset": offset,
-                    "world_size": world, "group_name": group_name, "backend": backend}
+            body = {
+                "master_address": master_address,
+                "master_port": master_port,
+                "rank_offset": offset,
+                "world_size": world,
+                "group_name": group_name,
+                "backend": backend,
+            }
             futures.append(self._pool.submit(self._post, url, "/init_weights_update_group", body))
             offset += plan.tp_size
         return Pending(futures)
 
-    def broadcast_parameter(self, group_name: str, names: list[str], dtypes: list[str],
-                            shapes: list[list[int]]) -> Pending:
+    def broadcast_parameter(
+        self, group_name: str, names: list[str], dtypes: list[str], shapes: list[list[int]]
+    ) -> Pending:
         """Engines receive one broadcast per name; the trainer sends them next."""
-        return self._on_all("/update_weights_from_distributed", {
-            "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name})
+        return self._on_all(
+            "/update_weights_from_distributed",
+            {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name},
+        )
 
     def broadcast_bucket(self, group_name: str, meta_infos: list[dict]) -> Pending:
         """Engines receive one flat broadcast holding the tensors of `meta_infos`
         ([{name, dtype, shape}], in order); the trainer sends `TrainerGroup.broadcast_bucket`."""
-        return self._on_all("/update_weights_from_distributed", {
-            "names": [m["name"] for m in meta_infos], "dtypes": [m["dtype"] for m in meta_infos],
-            "shapes": [list(m["shape"]) for m in meta_infos], "group_name": group_name,
-            "load_format": "flattened_bucket"})
+        return self._on_all(
+            "/update_weights_from_distributed",
+            {
+                "names": [m["name"] for m in meta_infos],
+                "dtypes": [m["dtype"] for m in meta_infos],
+                "shapes": [list(m["shape"]) for m in meta_infos],
+                "group_name": group_name,
+                "load_format": "flattened_bucket",
+            },
+        )
 
     def update_parameter(self, name: str, weight: torch.Tensor) -> list[dict]:
         """Point to point (the trainer and the engines share a machine): the tensor goes as a
@@ -203,7 +232,7 @@ class InferenceStrategy(abc.ABC):
             n = torch.Size(m["shape"]).numel() * dt.itemsize
             if off + n > flat.numel():
                 raise ValueError(f"{m['name']}: bytes {off}..{off + n} lie outside the {flat.numel()}-byte bucket")
-            named[m["name"]] = flat[off:off + n].view(dt).view(m["shape"]).clone()
+            named[m["name"]] = flat[off : off + n].view(dt).view(m["shape"]).clone()
             off += n
         return self.update_parameters(named)
 
@@ -214,8 +243,9 @@ class InferenceStrategy(abc.ABC):
         return self._on_all("/update_weights_from_tensor", {"serialized_named_tensors": [payload]}).wait()
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list[Any]:
-        return [body for body in self._on_all("/get_weights_by_name",
-                                              {"name": name, "truncate_size": truncate_size}).wait()]
+        return [
+            body for body in self._on_all("/get_weights_by_name", {"name": name, "truncate_size": truncate_size}).wait()
+        ]
 
     # ---- memory -----------------------------------------------------------------------------
     def offload_states(self, include: list[str] | None = None) -> list[dict]:
@@ -259,8 +289,9 @@ class SgLangPdDisStrategy(InferenceStrategy):
 
     def make_plan(self) -> list[RankPlan]:
         tp = self.args.get("tp_size")
-        return pd_plan(self.world_size, self.args.get("prefill_tp_size", tp), self.args.get("decode_tp_size", tp),
-                       self.base_port)
+        return pd_plan(
+            self.world_size, self.args.get("prefill_tp_size", tp), self.args.get("decode_tp_size", tp), self.base_port
+        )
 
     def initialize(self) -> None:
         import ray

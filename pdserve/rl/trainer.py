@@ -18,8 +18,9 @@ import torch
 
 
 class TrainerGroup:
-    def __init__(self, host: str, port: int, world_size: int, group_name: str = "weight_update_group",
-                 timeout_s: float = 600) -> None:
+    def __init__(
+        self, host: str, port: int, world_size: int, group_name: str = "weight_update_group", timeout_s: float = 600
+    ) -> None:
         import torch.distributed as dist
 
         self.world_size = world_size

@@ -28,8 +28,9 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 def build_app(router: Router) -> web.Application:
     """The aiohttp application; `router.start/stop` run on its startup/cleanup."""
-    app = web.Application(client_max_size=router.config.max_payload_size,
-                          middlewares=[_auth_middleware(router), _size_middleware(router)])
+    app = web.Application(
+        client_max_size=router.config.max_payload_size, middlewares=[_auth_middleware(router), _size_middleware(router)]
+    )
     app[ROUTER_KEY] = router
 
     async def on_startup(_: web.Application) -> None:
@@ -95,8 +96,9 @@ def _auth_middleware(router: Router):
             got = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(got, expected):
                 router.metrics.error(ErrorKind.UNAUTHORIZED)
-                return error_response(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                                      "AuthenticationError")
+                return error_response(
+                    401, "missing or invalid API key (Authorization: Bearer <key>)", "AuthenticationError"
+                )
         return await handler(request)
 
     return auth
@@ -120,8 +122,7 @@ class _Handlers:
     def _readiness(self) -> tuple[bool, dict]:
         pool = self.r.pool
         roles = (Role.PREFILL, Role.DECODE) if self.r.pd else (Role.REGULAR,)
-        counts = {role.value: {"healthy": len(pool.healthy(role)), "total": len(pool.by_role(role))}
-                  for role in roles}
+        counts = {role.value: {"healthy": len(pool.healthy(role)), "total": len(pool.by_role(role))} for role in roles}
         return all(counts[r.value]["healthy"] > 0 for r in roles), counts
 
     async def readiness(self, _: web.Request) -> web.Response:
@@ -146,12 +147,16 @@ class _Handlers:
             last = "no worker registered"
             for w in self._proxy_order():
                 try:
-                    async with self.r.session.get(w.url + path, headers=self.r.upstream_headers(request),
-                                                  timeout=PROXY_TIMEOUT) as resp:
+                    async with self.r.session.get(
+                        w.url + path, headers=self.r.upstream_headers(request), timeout=PROXY_TIMEOUT
+                    ) as resp:
                         body = await resp.read()
                         if resp.status < 500:
-                            return web.Response(status=resp.status, body=body, headers={
-                                "Content-Type": resp.headers.get("Content-Type", "application/json")})
+                            return web.Response(
+                                status=resp.status,
+                                body=body,
+                                headers={"Content-Type": resp.headers.get("Content-Type", "application/json")},
+                            )
                         last = f"{w.url} answered {resp.status}"
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                     last = f"{w.url}: {type(e).__name__}: {e}"
@@ -167,8 +172,13 @@ class _Handlers:
         infos = [x.get("body") for x in decode]
         states = [s for i in infos if isinstance(i, dict) for s in i.get("internal_states", []) or []]
         # SGLang's shape: what bench_one_batch_server reads, plus each side's own info
-        return _json({"internal_states": states or [{"last_gen_throughput": 0.0, "avg_spec_accept_length": None}],
-                      "prefill": [x.get("body") for x in prefill], "decode": infos})
+        return _json(
+            {
+                "internal_states": states or [{"last_gen_throughput": 0.0, "avg_spec_accept_length": None}],
+                "prefill": [x.get("body") for x in prefill],
+                "decode": infos,
+            }
+        )
 
     async def flush_cache(self, _: web.Request) -> web.Response:
         results = await self._fan_out("POST", "/flush_cache", self.r.pool.workers, admin=True)
@@ -184,8 +194,7 @@ class _Handlers:
 
         async def handler(request: web.Request) -> web.Response:
             raw = await request.read()
-            results = await self._fan_out("POST", path, self.r.pool.workers, timeout=120,
-                                          data=raw or None, admin=True)
+            results = await self._fan_out("POST", path, self.r.pool.workers, timeout=120, data=raw or None, admin=True)
             failed = [x for x in results if x["status"] != 200]
             if not failed:
                 return _json({"success": True, "workers": results})
@@ -200,8 +209,9 @@ class _Handlers:
             x["load"] = parse_load(x.get("body")) if x["status"] == 200 else None
         if not self.r.pd:
             return _json({"workers": results})
-        return _json({role.value: [x for x in results if x["role"] == role.value]
-                      for role in (Role.PREFILL, Role.DECODE)})
+        return _json(
+            {role.value: [x for x in results if x["role"] == role.value] for role in (Role.PREFILL, Role.DECODE)}
+        )
 
     async def abort_request(self, request: web.Request) -> web.Response:
         raw = await request.read()
@@ -209,8 +219,15 @@ class _Handlers:
         hit = any(isinstance(x.get("body"), dict) and x["body"].get("success") for x in results)
         return _json({"success": hit, "workers": results})
 
-    async def _fan_out(self, method: str, path: str, workers: list[Worker], timeout: float = 30,
-                       data: bytes | None = None, admin: bool = False) -> list[dict]:
+    async def _fan_out(
+        self,
+        method: str,
+        path: str,
+        workers: list[Worker],
+        timeout: float = 30,
+        data: bytes | None = None,
+        admin: bool = False,
+    ) -> list[dict]:
         """One call per worker, concurrently; never raises."""
         headers = self.r.worker_headers(admin)
         if data is not None:
@@ -219,8 +236,9 @@ class _Handlers:
         async def one(w: Worker) -> dict:
             out: dict[str, Any] = {"url": w.url, "role": w.role.value}
             try:
-                async with self.r.session.request(method, w.url + path, headers=headers, data=data,
-                                                  timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                async with self.r.session.request(
+                    method, w.url + path, headers=headers, data=data, timeout=aiohttp.ClientTimeout(total=timeout)
+                ) as resp:
                     out["status"] = resp.status
                     text = await resp.text()
                     try:
@@ -241,8 +259,13 @@ class _Handlers:
 
     async def list_workers(self, _: web.Request) -> web.Response:
         ws = [w.to_json() for w in self.r.pool.workers]
-        return _json({"mode": "pd" if self.r.pd else "plain", "workers": ws,
-                      "policies": {role.value: p.name for role, p in self.r.policies.items()}})
+        return _json(
+            {
+                "mode": "pd" if self.r.pd else "plain",
+                "workers": ws,
+                "policies": {role.value: p.name for role, p in self.r.policies.items()},
+            }
+        )
 
     async def add_worker(self, request: web.Request) -> web.Response:
         """`?url=...&role=prefill|decode|regular&bootstrap_port=N|none` (role defaults to

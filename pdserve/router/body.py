@@ -35,8 +35,9 @@ def routing_key(body: dict, path: str) -> str | None:
                     continue
                 content = m.get("content")
                 if isinstance(content, list):
-                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict)
-                                      and isinstance(p.get("text"), str))
+                    content = "".join(
+                        p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+                    )
                 parts.append(f"{m.get('role')}: {content if isinstance(content, str) else ''}\n")
             key = "".join(parts)
     else:

@@ -81,7 +81,8 @@ class CircuitBreaker:
             return
         st = self.state
         if st is CircuitState.HALF_OPEN or (
-                st is CircuitState.CLOSED and self.consecutive_failures >= self.config.failure_threshold):
+            st is CircuitState.CLOSED and self.consecutive_failures >= self.config.failure_threshold
+        ):
             self._state = CircuitState.OPEN
             self.opened_at = self.clock()
             self.total_opens += 1

@@ -99,10 +99,11 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         # accept lists and bare host:port from Python callers; store normalized tuples
-        prefill = tuple(p if isinstance(p, PrefillSpec) else PrefillSpec(*p) if isinstance(p, (tuple, list))
-                        else PrefillSpec(p) for p in self.prefill)
-        object.__setattr__(self, "prefill", tuple(PrefillSpec(normalize_url(p.url), p.bootstrap_port)
-                                                  for p in prefill))
+        prefill = tuple(
+            p if isinstance(p, PrefillSpec) else PrefillSpec(*p) if isinstance(p, (tuple, list)) else PrefillSpec(p)
+            for p in self.prefill
+        )
+        object.__setattr__(self, "prefill", tuple(PrefillSpec(normalize_url(p.url), p.bootstrap_port) for p in prefill))
         object.__setattr__(self, "decode", tuple(normalize_url(u) for u in self.decode))
         object.__setattr__(self, "worker_urls", tuple(normalize_url(u) for u in self.worker_urls))
 

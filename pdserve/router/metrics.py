@@ -52,21 +52,30 @@ class RouterMetrics:
         self.requests = Counter(p + "requests", "Requests received", ["route"], registry=r)
         self.errors = Counter(p + "errors", "Errors by kind", ["kind"], registry=r)
         self.retries = Counter(p + "retries", "Attempts repeated on a new worker or pair", registry=r)
-        self.duration = Histogram(p + "request_duration_seconds", "Request duration until the last byte",
-                                  ["route"], buckets=DURATION_BUCKETS, registry=r)
+        self.duration = Histogram(
+            p + "request_duration_seconds",
+            "Request duration until the last byte",
+            ["route"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         labels = ["url", "role"]
-        self.worker_healthy = Gauge(p + "worker_healthy", "1 if the worker passes health checks",
-                                    labels, registry=r)
+        self.worker_healthy = Gauge(p + "worker_healthy", "1 if the worker passes health checks", labels, registry=r)
         self.worker_load = Gauge(p + "worker_load", "Load the worker reports on /get_load", labels, registry=r)
         self.worker_in_flight = Gauge(p + "worker_in_flight", "Requests open on the worker", labels, registry=r)
-        self.worker_circuit = Gauge(p + "worker_circuit_state", "0 closed, 1 open, 2 half-open",
-                                    labels, registry=r)
-        self.worker_requests = Gauge(p + "worker_requests_total", "Requests sent to the worker",
-                                     labels, registry=r)
-        self.worker_failures = Gauge(p + "worker_failures_total", "Failures recorded against the worker",
-                                     labels, registry=r)
-        self._worker_gauges = (self.worker_healthy, self.worker_load, self.worker_in_flight,
-                               self.worker_circuit, self.worker_requests, self.worker_failures)
+        self.worker_circuit = Gauge(p + "worker_circuit_state", "0 closed, 1 open, 2 half-open", labels, registry=r)
+        self.worker_requests = Gauge(p + "worker_requests_total", "Requests sent to the worker", labels, registry=r)
+        self.worker_failures = Gauge(
+            p + "worker_failures_total", "Failures recorded against the worker", labels, registry=r
+        )
+        self._worker_gauges = (
+            self.worker_healthy,
+            self.worker_load,
+            self.worker_in_flight,
+            self.worker_circuit,
+            self.worker_requests,
+            self.worker_failures,
+        )
         self._labelled: set[tuple[str, str]] = set()
 
     def error(self, kind: ErrorKind) -> None:

@@ -30,8 +30,7 @@ from pdserve.router.attempt import AttemptContext
 from pdserve.router.body import batch_size
 from pdserve.router.metrics import ErrorKind
 from pdserve.router.relay import SSETransform, relay
-from pdserve.router.upstream import (AttemptFailed, is_ok, open_request, read_body, read_first_chunk,
-                                     status_failure)
+from pdserve.router.upstream import AttemptFailed, is_ok, open_request, read_body, read_first_chunk, status_failure
 from pdserve.router.workers import Role, Worker
 
 logger = logging.getLogger("pdserve.router")
@@ -44,8 +43,7 @@ def new_room(rng: random.Random | None = None) -> int:
     return (rng or random).randint(0, MAX_ROOM)
 
 
-def inject_bootstrap(body: dict, prefill: Worker, batch: int | None,
-                     rng: random.Random | None = None) -> dict:
+def inject_bootstrap(body: dict, prefill: Worker, batch: int | None, rng: random.Random | None = None) -> dict:
     """A copy of `body` with SGLang's three bootstrap fields (lists for a batch)."""
     out = dict(body)
     if batch is None:
@@ -125,8 +123,15 @@ def stream_merger(prefill_body: bytes) -> SSETransform:
 
 
 # ---- one attempt ---------------------------------------------------------------------------
-async def _prefill_job(router: AttemptContext, w: Worker, path: str, data: bytes, headers: dict[str, str],
-                       verdict: asyncio.Future, need_body: bool) -> bool:
+async def _prefill_job(
+    router: AttemptContext,
+    w: Worker,
+    path: str,
+    data: bytes,
+    headers: dict[str, str],
+    verdict: asyncio.Future,
+    need_body: bool,
+) -> bool:
     """Sends to prefill; settles `verdict` with the body (b"" when not needed) or an
     `AttemptFailed`; then drains the rest of a successful answer. Returns the verdict
     on the worker for its circuit breaker (cancelled: no verdict)."""
@@ -159,8 +164,7 @@ def _prefill_done(router: AttemptContext, w: Worker, verdict: asyncio.Future, ta
     waiter if the job left none."""
     ok = None if task.cancelled() or task.exception() is not None else task.result()
     router.end(w, ok)
-    _settle(verdict, AttemptFailed(w, ErrorKind.CONNECTION,
-                                   f"prefill worker {w.url}: request ended without an answer"))
+    _settle(verdict, AttemptFailed(w, ErrorKind.CONNECTION, f"prefill worker {w.url}: request ended without an answer"))
 
 
 def _settle(verdict: asyncio.Future, value: Any) -> None:
@@ -168,8 +172,9 @@ def _settle(verdict: asyncio.Future, value: Any) -> None:
         verdict.set_result(value)
 
 
-async def _decode_first(router: AttemptContext, w: Worker, path: str, data: bytes, headers: dict[str, str],
-                        stream: bool) -> tuple[aiohttp.ClientResponse, bytes]:
+async def _decode_first(
+    router: AttemptContext, w: Worker, path: str, data: bytes, headers: dict[str, str], stream: bool
+) -> tuple[aiohttp.ClientResponse, bytes]:
     """Decode's response and its first data: the whole body unless it is a 2xx stream."""
     resp = await open_request(router.session, w, path, data, headers, router.upstream_timeout)
     try:
@@ -185,8 +190,9 @@ def _decode_succeeded(task: asyncio.Task) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None and is_ok(task.result()[0].status)
 
 
-async def pd_attempt(router: AttemptContext, request: web.Request, path: str, body: dict, raw: bytes,
-                     key: str | None, excluded: set[str]) -> web.StreamResponse:
+async def pd_attempt(
+    router: AttemptContext, request: web.Request, path: str, body: dict, raw: bytes, key: str | None, excluded: set[str]
+) -> web.StreamResponse:
     """One try on one pair; raises `AttemptFailed` when nothing reached the client."""
     prefill = router.select(Role.PREFILL, key, excluded)
     decode = router.select(Role.DECODE, key, excluded)
@@ -207,8 +213,9 @@ async def pd_attempt(router: AttemptContext, request: web.Request, path: str, bo
     d_task = asyncio.ensure_future(_decode_first(router, decode, path, data, headers, stream))
     try:
         while not d_task.done():
-            await asyncio.wait({d_task, verdict} if not verdict.done() else {d_task},
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {d_task, verdict} if not verdict.done() else {d_task}, return_when=asyncio.FIRST_COMPLETED
+            )
             v = verdict.result() if verdict.done() else None
             if isinstance(v, AttemptFailed) and not _decode_succeeded(d_task):
                 raise v  # the client gets prefill's error now; decode is cancelled below

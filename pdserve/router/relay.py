@@ -68,12 +68,12 @@ class SSEFramer:
         end = self.buf.rfind(b"\n\n")
         if end < 0:
             return b""
-        whole, self.buf = self.buf[:end + 2], self.buf[end + 2:]
+        whole, self.buf = self.buf[: end + 2], self.buf[end + 2 :]
         out = []
         start = 0
         while start < len(whole):
             i = whole.find(b"\n\n", start)
-            out.append(self._event(whole[start:i + 2]))
+            out.append(self._event(whole[start : i + 2]))
             start = i + 2
         return b"".join(out)
 
@@ -93,8 +93,9 @@ class SSEFramer:
 SSETransform = SSEFramer
 
 
-async def relay(request: web.Request, worker: Worker, resp: aiohttp.ClientResponse, first: bytes,
-                transform: SSEFramer | None = None) -> tuple[web.StreamResponse, bool | None]:
+async def relay(
+    request: web.Request, worker: Worker, resp: aiohttp.ClientResponse, first: bytes, transform: SSEFramer | None = None
+) -> tuple[web.StreamResponse, bool | None]:
     """Commits the worker's status and content type to the client, writes `first`, then
     every further chunk. Returns the response and a verdict on the worker: True (the
     stream ended cleanly), False (the worker broke it), None (the client went away)."""
@@ -118,8 +119,12 @@ async def relay(request: web.Request, worker: Worker, resp: aiohttp.ClientRespon
                 logger.warning("%s worker %s broke its stream: %s", worker.role.value, worker.url, why)
                 if framer is not None:
                     # the partial event (if any) is dropped: it was cut by the failure
-                    await out.write(sse_error(f"{worker.role.value} worker {worker.url} broke the stream "
-                                              f"before it ended ({why}); the output is incomplete"))
+                    await out.write(
+                        sse_error(
+                            f"{worker.role.value} worker {worker.url} broke the stream "
+                            f"before it ended ({why}); the output is incomplete"
+                        )
+                    )
                 await out.write_eof()
                 return out, False
             if not chunk:
@@ -133,8 +138,12 @@ async def relay(request: web.Request, worker: Worker, resp: aiohttp.ClientRespon
                 await out.write(tail)
             if not framer.ended_knowingly:
                 logger.warning("%s worker %s ended its stream without [DONE]", worker.role.value, worker.url)
-                await out.write(sse_error(f"{worker.role.value} worker {worker.url} ended the stream without "
-                                          "[DONE]; the output may be incomplete"))
+                await out.write(
+                    sse_error(
+                        f"{worker.role.value} worker {worker.url} ended the stream without "
+                        "[DONE]; the output may be incomplete"
+                    )
+                )
                 await out.write_eof()
                 return out, False
         await out.write_eof()

@@ -48,13 +48,15 @@ class Router:
         if config.pd_disaggregation:
             self.policies: dict[Role, LoadBalancingPolicy] = {
                 Role.PREFILL: make_policy(config.effective_prefill_policy, config, self.rng),
-                Role.DECODE: make_policy(config.effective_decode_policy, config, self.rng)}
+                Role.DECODE: make_policy(config.effective_decode_policy, config, self.rng),
+            }
         else:
             self.policies = {Role.REGULAR: make_policy(config.policy, config, self.rng)}
         self.attempt: Attempt = pd_attempt if config.pd_disaggregation else plain_attempt
         self.session: aiohttp.ClientSession | None = None
-        self.upstream_timeout = aiohttp.ClientTimeout(total=config.request_timeout_secs,
-                                                      sock_connect=config.connect_timeout_secs)
+        self.upstream_timeout = aiohttp.ClientTimeout(
+            total=config.request_timeout_secs, sock_connect=config.connect_timeout_secs
+        )
         self._loops: list[asyncio.Task] = []
         self._background: set[asyncio.Task] = set()
 
@@ -159,8 +161,9 @@ class Router:
         finally:
             self.metrics.duration.labels(route=path).observe(time.perf_counter() - t0)
 
-    async def _attempts(self, request: web.Request, path: str, body: dict, raw: bytes,
-                        key: str | None) -> web.StreamResponse:
+    async def _attempts(
+        self, request: web.Request, path: str, body: dict, raw: bytes, key: str | None
+    ) -> web.StreamResponse:
         excluded: set[str] = set()
         last: AttemptFailed | None = None
         attempts = self.config.retry.max_retries + 1

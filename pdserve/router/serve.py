@@ -18,8 +18,9 @@ from pdserve.router.router import Router
 logger = logging.getLogger("pdserve.router")
 
 
-async def serve(config: RouterConfig, stop: asyncio.Event | None = None,
-                on_ready: Callable[[Router, int], None] | None = None) -> None:
+async def serve(
+    config: RouterConfig, stop: asyncio.Event | None = None, on_ready: Callable[[Router, int], None] | None = None
+) -> None:
     """Serves until `stop` is set (or SIGINT/SIGTERM when `stop` is None)."""
     router = Router(config)
     runner = web.AppRunner(build_app(router), handler_cancellation=True, access_log=None)
@@ -28,9 +29,13 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None,
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         port = runner.addresses[0][1]
-        logger.info("pdserve router (%s mode) listening on http://%s:%d; workers: %s",
-                    "PD" if router.pd else "plain", config.host, port,
-                    ", ".join(f"{w.role.value}={w.url}" for w in router.pool.workers))
+        logger.info(
+            "pdserve router (%s mode) listening on http://%s:%d; workers: %s",
+            "PD" if router.pd else "plain",
+            config.host,
+            port,
+            ", ".join(f"{w.role.value}={w.url}" for w in router.pool.workers),
+        )
         if on_ready is not None:
             on_ready(router, port)
         if stop is None:
@@ -46,8 +51,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None,
 class RouterThread:
     """A router on its own event loop in a daemon thread.
 
-        with RouterThread(RouterConfig(...)) as rt:
-            httpx.post(rt.url + "/generate", ...)
+    with RouterThread(RouterConfig(...)) as rt:
+        httpx.post(rt.url + "/generate", ...)
     """
 
     def __init__(self, config: RouterConfig, start_timeout: float = 10.0) -> None:

@@ -24,9 +24,17 @@ RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 class AttemptFailed(Exception):
     """One attempt on one worker failed before anything reached the client."""
 
-    def __init__(self, worker: Worker, kind: ErrorKind, message: str, *, retryable: bool = True,
-                 status: int | None = None, body: bytes | None = None,
-                 content_type: str | None = None) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        kind: ErrorKind,
+        message: str,
+        *,
+        retryable: bool = True,
+        status: int | None = None,
+        body: bytes | None = None,
+        content_type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.worker = worker
         self.kind = kind
@@ -44,8 +52,12 @@ class AttemptFailed(Exception):
     def to_response(self) -> web.Response:
         """What the client gets when this is the last word."""
         if self.status is not None and self.body is not None:
-            return web.Response(status=self.status, body=self.body,
-                                content_type=_mime(self.content_type), charset=_charset(self.content_type))
+            return web.Response(
+                status=self.status,
+                body=self.body,
+                content_type=_mime(self.content_type),
+                charset=_charset(self.content_type),
+            )
         if self.kind is ErrorKind.TIMEOUT:
             return error_response(504, self.message, "GatewayTimeout")
         return error_response(502, self.message, "BadGateway")
@@ -53,8 +65,7 @@ class AttemptFailed(Exception):
 
 def error_response(status: int, message: str, err_type: str = "RouterError") -> web.Response:
     """OpenAI's error shape (SGLang's clients read `message` / `error.message` too)."""
-    body = {"error": {"message": message, "type": err_type, "code": status}, "object": "error",
-            "message": message}
+    body = {"error": {"message": message, "type": err_type, "code": status}, "object": "error", "message": message}
     return web.Response(status=status, text=json.dumps(body), content_type="application/json")
 
 
@@ -70,25 +81,37 @@ def _charset(content_type: str | None) -> str | None:
 
 def _timeout(worker: Worker) -> AttemptFailed:
     # not retried: the request used up its whole --request-timeout-secs on this worker
-    return AttemptFailed(worker, ErrorKind.TIMEOUT, f"{worker.role.value} worker {worker.url} did not answer "
-                         "within --request-timeout-secs", retryable=False)
+    return AttemptFailed(
+        worker,
+        ErrorKind.TIMEOUT,
+        f"{worker.role.value} worker {worker.url} did not answer within --request-timeout-secs",
+        retryable=False,
+    )
 
 
-async def open_request(session: aiohttp.ClientSession, worker: Worker, path: str, data: bytes,
-                       headers: dict[str, str], timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+async def open_request(
+    session: aiohttp.ClientSession,
+    worker: Worker,
+    path: str,
+    data: bytes,
+    headers: dict[str, str],
+    timeout: aiohttp.ClientTimeout,
+) -> aiohttp.ClientResponse:
     """POST `data` to `worker` and return once the status line and headers arrived.
     Connection errors (connect timeouts included) become a retryable `AttemptFailed`,
     the request timeout a final one (504)."""
     try:
         return await session.post(worker.url + path, data=data, headers=headers, timeout=timeout)
     except aiohttp.ConnectionTimeoutError:
-        raise AttemptFailed(worker, ErrorKind.CONNECTION,
-                            f"{worker.role.value} worker {worker.url}: connect timed out") from None
+        raise AttemptFailed(
+            worker, ErrorKind.CONNECTION, f"{worker.role.value} worker {worker.url}: connect timed out"
+        ) from None
     except asyncio.TimeoutError:
         raise _timeout(worker) from None
     except (aiohttp.ClientError, OSError) as e:
-        raise AttemptFailed(worker, ErrorKind.CONNECTION,
-                            f"{worker.role.value} worker {worker.url}: {type(e).__name__}: {e}") from None
+        raise AttemptFailed(
+            worker, ErrorKind.CONNECTION, f"{worker.role.value} worker {worker.url}: {type(e).__name__}: {e}"
+        ) from None
 
 
 async def read_body(worker: Worker, resp: aiohttp.ClientResponse) -> bytes:
@@ -98,8 +121,9 @@ async def read_body(worker: Worker, resp: aiohttp.ClientResponse) -> bytes:
     except asyncio.TimeoutError:
         raise _timeout(worker) from None
     except (aiohttp.ClientError, OSError) as e:
-        raise AttemptFailed(worker, ErrorKind.CONNECTION,
-                            f"{worker.role.value} worker {worker.url} dropped the answer: {e}") from None
+        raise AttemptFailed(
+            worker, ErrorKind.CONNECTION, f"{worker.role.value} worker {worker.url} dropped the answer: {e}"
+        ) from None
 
 
 async def read_first_chunk(worker: Worker, resp: aiohttp.ClientResponse) -> bytes:
@@ -109,8 +133,9 @@ async def read_first_chunk(worker: Worker, resp: aiohttp.ClientResponse) -> byte
     except asyncio.TimeoutError:
         raise _timeout(worker) from None
     except (aiohttp.ClientError, OSError) as e:
-        raise AttemptFailed(worker, ErrorKind.CONNECTION,
-                            f"{worker.role.value} worker {worker.url} dropped the stream: {e}") from None
+        raise AttemptFailed(
+            worker, ErrorKind.CONNECTION, f"{worker.role.value} worker {worker.url} dropped the stream: {e}"
+        ) from None
 
 
 def status_failure(worker: Worker, resp: aiohttp.ClientResponse, body: bytes) -> AttemptFailed:
@@ -119,9 +144,15 @@ def status_failure(worker: Worker, resp: aiohttp.ClientResponse, body: bytes) ->
     retryable = resp.status in RETRYABLE_STATUSES
     kind = ErrorKind.UPSTREAM_5XX if retryable or resp.status >= 500 else ErrorKind.UPSTREAM_4XX
     snippet = body[:300].decode("utf-8", "replace")
-    return AttemptFailed(worker, kind, f"{worker.role.value} worker {worker.url} answered {resp.status}: {snippet}",
-                         retryable=retryable, status=resp.status, body=body,
-                         content_type=resp.headers.get("Content-Type"))
+    return AttemptFailed(
+        worker,
+        kind,
+        f"{worker.role.value} worker {worker.url} answered {resp.status}: {snippet}",
+        retryable=retryable,
+        status=resp.status,
+        body=body,
+        content_type=resp.headers.get("Content-Type"),
+    )
 
 
 def is_ok(status: int) -> bool:

@@ -107,11 +107,18 @@ class Worker:
         return self.healthy and self.breaker.can_execute()
 
     def to_json(self) -> dict:
-        return {"url": self.url, "role": self.role.value, "bootstrap_port": self.bootstrap_port,
-                "healthy": self.healthy, "circuit": self.breaker.state.name.lower(),
-                "load": self.reported_load, "in_flight": self.in_flight,
-                "total_requests": self.total_requests, "total_failures": self.total_failures,
-                "last_error": self.last_error}
+        return {
+            "url": self.url,
+            "role": self.role.value,
+            "bootstrap_port": self.bootstrap_port,
+            "healthy": self.healthy,
+            "circuit": self.breaker.state.name.lower(),
+            "load": self.reported_load,
+            "in_flight": self.in_flight,
+            "total_requests": self.total_requests,
+            "total_failures": self.total_failures,
+            "last_error": self.last_error,
+        }
 
 
 @dataclass
@@ -136,8 +143,9 @@ class WorkerPool:
         url = normalize_url(url)
         if self.get(url) is not None:
             raise ValueError(f"worker {url} is already registered")
-        w = Worker(url=url, role=role, breaker=CircuitBreaker(self.config.circuit_breaker),
-                   bootstrap_port=bootstrap_port)
+        w = Worker(
+            url=url, role=role, breaker=CircuitBreaker(self.config.circuit_breaker), bootstrap_port=bootstrap_port
+        )
         self.workers.append(w)
         return w
 
@@ -158,8 +166,7 @@ class WorkerPool:
         return [w for w in self.workers if w.role is role and w.available]
 
     def healthy(self, role: Role) -> list[Worker]:
-        return [w for w in self.workers if w.role is role and w.healthy
-                and w.breaker.state is not CircuitState.OPEN]
+        return [w for w in self.workers if w.role is role and w.healthy and w.breaker.state is not CircuitState.OPEN]
 
     # ---- background loops ---------------------------------------------------------------
     async def check_health_once(self, session: aiohttp.ClientSession, headers: dict[str, str]) -> None:
@@ -168,8 +175,9 @@ class WorkerPool:
     async def _check(self, session: aiohttp.ClientSession, w: Worker, headers: dict[str, str]) -> None:
         h: HealthCheckConfig = self.config.health
         try:
-            async with session.get(w.url + h.endpoint, headers=headers,
-                                   timeout=aiohttp.ClientTimeout(total=h.timeout_secs)) as r:
+            async with session.get(
+                w.url + h.endpoint, headers=headers, timeout=aiohttp.ClientTimeout(total=h.timeout_secs)
+            ) as r:
                 ok = r.status == 200
                 why = f"health check answered {r.status}"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
@@ -205,8 +213,11 @@ class WorkerPool:
 
     async def _poll(self, session: aiohttp.ClientSession, w: Worker, headers: dict[str, str]) -> None:
         try:
-            async with session.get(w.url + "/get_load", headers=headers,
-                                   timeout=aiohttp.ClientTimeout(total=self.config.health.timeout_secs)) as r:
+            async with session.get(
+                w.url + "/get_load",
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.config.health.timeout_secs),
+            ) as r:
                 if r.status == 200:
                     w.reported_load = parse_load(await r.json(content_type=None))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):

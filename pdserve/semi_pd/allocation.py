@@ -19,8 +19,10 @@ class SMAllocation:
             if isinstance(v, bool) or not isinstance(v, int) or not (1 <= v <= 100):
                 raise ValueError(f"{name} must be an integer percentage in 1..100, got {v!r}")
         if self.total > 100:
-            raise ValueError(f"prefill_percentage {self.prefill_percentage} + decode_percentage "
-                             f"{self.decode_percentage} = {self.total} %, over 100 %")
+            raise ValueError(
+                f"prefill_percentage {self.prefill_percentage} + decode_percentage "
+                f"{self.decode_percentage} = {self.total} %, over 100 %"
+            )
 
     @property
     def total(self) -> int:

@@ -57,8 +57,12 @@ def percentile(values: list[float], q: float) -> float:
 class SemiPDMetricsCollector:
     """Thread-safe; every sample older than `window_size_seconds` is dropped."""
 
-    def __init__(self, window_size_seconds: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                 max_pending: int = 1_000_000) -> None:
+    def __init__(
+        self,
+        window_size_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_pending: int = 1_000_000,
+    ) -> None:
         if not (window_size_seconds > 0):
             raise ValueError(f"window_size_seconds must be > 0, got {window_size_seconds}")
         self.window = float(window_size_seconds)
@@ -117,16 +121,16 @@ class SemiPDMetricsCollector:
             if self._pending.pop(request_id, None) is not None:
                 self.totals["aborted"] += 1
 
-    def record_prefill_batch(self, num_tokens: int, seconds: float, share: float,
-                             timestamp: float | None = None) -> None:
+    def record_prefill_batch(
+        self, num_tokens: int, seconds: float, share: float, timestamp: float | None = None
+    ) -> None:
         """One prefill forward of `num_tokens` tokens that took `seconds` at `share` % of the machine."""
         t = self.clock() if timestamp is None else timestamp
         with self._lock:
             self._seq += 1
             self._prefill_steps.append(StepSample(t, int(num_tokens), float(seconds), float(share), self._seq))
 
-    def record_decode_step(self, batch_size: int, seconds: float, share: float,
-                           timestamp: float | None = None) -> None:
+    def record_decode_step(self, batch_size: int, seconds: float, share: float, timestamp: float | None = None) -> None:
         """One decode step over `batch_size` requests that took `seconds` at `share` %."""
         t = self.clock() if timestamp is None else timestamp
         with self._lock:

@@ -113,9 +113,16 @@ class SLOAwareResourceController:
     `evaluate()` makes one decision now; `start_monitoring()` makes one every interval in
     a background thread."""
 
-    def __init__(self, slo_constraints: SLOConstraints, metrics_collector: SemiPDMetricsCollector,
-                 process_rotation_manager: SplitActuator, *, settings: ControllerSettings | None = None,
-                 latency_model: LatencyModel | None = None, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        slo_constraints: SLOConstraints,
+        metrics_collector: SemiPDMetricsCollector,
+        process_rotation_manager: SplitActuator,
+        *,
+        settings: ControllerSettings | None = None,
+        latency_model: LatencyModel | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.slo = slo_constraints
         self.metrics = metrics_collector
         self.actuator = process_rotation_manager
@@ -148,14 +155,24 @@ class SLOAwareResourceController:
         tpot_v = have_tpot and m["tpot_p95_ms"] > slo.tpot_target_ms
         if ttft_v:
             self.stats.ttft_violations += 1
-            logger.warning("SLO VIOLATION DETECTED: TTFT p95 %.1f ms > target %.1f ms (%d requests, split %s, "
-                           "prefill queue %d)", m["ttft_p95_ms"], slo.ttft_target_ms, m["num_ttft_samples"], cur,
-                           m["prefill_queue_length"])
+            logger.warning(
+                "SLO VIOLATION DETECTED: TTFT p95 %.1f ms > target %.1f ms (%d requests, split %s, prefill queue %d)",
+                m["ttft_p95_ms"],
+                slo.ttft_target_ms,
+                m["num_ttft_samples"],
+                cur,
+                m["prefill_queue_length"],
+            )
         if tpot_v:
             self.stats.tpot_violations += 1
-            logger.warning("SLO VIOLATION DETECTED: TPOT p95 %.1f ms > target %.1f ms (%d requests, split %s, "
-                           "decode queue %d)", m["tpot_p95_ms"], slo.tpot_target_ms, m["num_tpot_samples"], cur,
-                           m["decode_queue_length"])
+            logger.warning(
+                "SLO VIOLATION DETECTED: TPOT p95 %.1f ms > target %.1f ms (%d requests, split %s, decode queue %d)",
+                m["tpot_p95_ms"],
+                slo.tpot_target_ms,
+                m["num_tpot_samples"],
+                cur,
+                m["decode_queue_length"],
+            )
 
         def done(action: str, new: SMAllocation, reason: str) -> Decision:
             d = Decision(now, action, cur, new, reason, m["ttft_p95_ms"], m["tpot_p95_ms"], ttft_v, tpot_v)
@@ -166,12 +183,13 @@ class SLOAwareResourceController:
                 self.stats.refused += 1
             else:
                 self.stats.keeps += 1
-            logger.info("Semi-PD split decision: %s %s%s: %s", action, cur,
-                        f" -> {new}" if new != cur else "", reason)
+            logger.info("Semi-PD split decision: %s %s%s: %s", action, cur, f" -> {new}" if new != cur else "", reason)
             return d
 
-        figures = (f"TTFT p95 {m['ttft_p95_ms']:.1f}/{slo.ttft_target_ms:g} ms over {m['num_ttft_samples']}, "
-                   f"TPOT p95 {m['tpot_p95_ms']:.1f}/{slo.tpot_target_ms:g} ms over {m['num_tpot_samples']}")
+        figures = (
+            f"TTFT p95 {m['ttft_p95_ms']:.1f}/{slo.ttft_target_ms:g} ms over {m['num_ttft_samples']}, "
+            f"TPOT p95 {m['tpot_p95_ms']:.1f}/{slo.tpot_target_ms:g} ms over {m['num_tpot_samples']}"
+        )
         want = +1 if ttft_v and not tpot_v else -1 if tpot_v and not ttft_v else 0
         for d in (+1, -1):
             self._streak[d] = self._streak[d] + 1 if want == d else 0
@@ -185,9 +203,13 @@ class SLOAwareResourceController:
                 return done("keep", cur, f"both SLOs missed ({figures}); {why}")
             return self._apply(done, cur, new, 0, f"both SLOs missed ({figures}); {why}")
         if self._last_direction == -want and self._streak[want] < s.reverse_patience:
-            return done("keep", cur, f"{'TTFT' if want > 0 else 'TPOT'} missed ({figures}) but moving back against "
-                        f"the last move waits for {s.reverse_patience} evaluations in a row "
-                        f"({self._streak[want]} so far)")
+            return done(
+                "keep",
+                cur,
+                f"{'TTFT' if want > 0 else 'TPOT'} missed ({figures}) but moving back against "
+                f"the last move waits for {s.reverse_patience} evaluations in a row "
+                f"({self._streak[want]} so far)",
+            )
         new, why = self._one_violated(cur, want, m)
         if new is None or new == cur:
             return done("keep", cur, f"{'TTFT' if want > 0 else 'TPOT'} missed ({figures}); {why}")
@@ -216,10 +238,15 @@ class SLOAwareResourceController:
                 return lambda share: observed_ms * model_at(share) / base
             return lambda share: model_at(share) * 1000.0
 
-        ttft = calibrated(lambda x: self.model.predict_ttft(x, lam, lin), cur.prefill_percentage,
-                          m["ttft_p95_ms"], m["num_ttft_samples"])
-        tpot = calibrated(lambda y: self.model.predict_tpot(y, batch), cur.decode_percentage,
-                          m["tpot_p95_ms"], m["num_tpot_samples"])
+        ttft = calibrated(
+            lambda x: self.model.predict_ttft(x, lam, lin),
+            cur.prefill_percentage,
+            m["ttft_p95_ms"],
+            m["num_ttft_samples"],
+        )
+        tpot = calibrated(
+            lambda y: self.model.predict_tpot(y, batch), cur.decode_percentage, m["tpot_p95_ms"], m["num_tpot_samples"]
+        )
         return ttft, tpot
 
     def _one_violated(self, cur: SMAllocation, direction: int, m: dict) -> tuple[SMAllocation | None, str]:
@@ -233,7 +260,8 @@ class SLOAwareResourceController:
             x = min(hi, max(lo, x0 + direction * s.fallback_step))
             return SMAllocation(x, total - x), (
                 f"latency model not fitted yet ({len(self.model.prefill)} prefill, {len(self.model.decode)} decode "
-                f"step timings): a step of {s.fallback_step} %")
+                f"step timings): a step of {s.fallback_step} %"
+            )
         ttft_at, tpot_at = self._predictors(cur, m)
         best = None
         x = x0
@@ -270,8 +298,9 @@ class SLOAwareResourceController:
         if best is None or best[0] > 1.0 or best[1] == cur.prefill_percentage:
             return None, "no split is predicted to meet both (the load is beyond what any split serves): keep"
         x = best[1]
-        return SMAllocation(x, total - x), (f"{x}/{total - x} is predicted to meet both "
-                                            f"(TTFT {ttft_at(x):.1f} ms, TPOT {tpot_at(total - x):.1f} ms)")
+        return SMAllocation(x, total - x), (
+            f"{x}/{total - x} is predicted to meet both (TTFT {ttft_at(x):.1f} ms, TPOT {tpot_at(total - x):.1f} ms)"
+        )
 
     # ---- monitoring thread --------------------------------------------------------------
     def start_monitoring(self) -> None:
@@ -312,10 +341,24 @@ class SLOAwareResourceController:
             "is_monitoring": self.is_monitoring,
             "current_split": self.actuator.current.as_dict(),
             "slo": asdict(self.slo),
-            "statistics": {k: getattr(st, k) for k in ("evaluations", "ttft_violations", "tpot_violations", "moves",
-                                                        "keeps", "refused", "direction_reversals")},
+            "statistics": {
+                k: getattr(st, k)
+                for k in (
+                    "evaluations",
+                    "ttft_violations",
+                    "tpot_violations",
+                    "moves",
+                    "keeps",
+                    "refused",
+                    "direction_reversals",
+                )
+            },
             "last_decision": last,
-            "latency_model": {"ready": self.model.ready, "prefill_s_per_token": self.model.prefill.a,
-                              "prefill_s_fixed": self.model.prefill.b, "decode_s_per_request": self.model.decode.a,
-                              "decode_s_fixed": self.model.decode.b},
+            "latency_model": {
+                "ready": self.model.ready,
+                "prefill_s_per_token": self.model.prefill.a,
+                "prefill_s_fixed": self.model.prefill.b,
+                "decode_s_per_request": self.model.decode.a,
+                "decode_s_fixed": self.model.decode.b,
+            },
         }

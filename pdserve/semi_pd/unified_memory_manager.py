@@ -95,12 +95,21 @@ class UnifiedMemoryManager:
     processes `attach(name)`. All methods are safe to call from several threads and processes.
     """
 
-    def __init__(self, total_blocks: int = 1000, block_size: int = 4096, page_size: int = 16,
-                 device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32,
-                 _attach: str | None = None) -> None:
+    def __init__(
+        self,
+        total_blocks: int = 1000,
+        block_size: int = 4096,
+        page_size: int = 16,
+        device: str | torch.device = "cpu",
+        *,
+        dtype: torch.dtype = torch.float32,
+        _attach: str | None = None,
+    ) -> None:
         if torch.device(device).type != "cpu":
-            raise ValueError(f"device {str(device)!r}: this build keeps the unified KV pool in host shared memory; "
-                             f"use device='cpu' (CUDA IPC handles are not implemented)")
+            raise ValueError(
+                f"device {str(device)!r}: this build keeps the unified KV pool in host shared memory; "
+                f"use device='cpu' (CUDA IPC handles are not implemented)"
+            )
         if dtype not in _DTYPE_CODES:
             raise ValueError(f"dtype must be one of {list(_DTYPE_CODES)}, got {dtype}")
         for name, v in (("total_blocks", total_blocks), ("block_size", block_size), ("page_size", page_size)):
@@ -109,8 +118,11 @@ class UnifiedMemoryManager:
         err = unified_memory_geometry_error(total_blocks, block_size, page_size, torch.empty((), dtype=dtype).itemsize)
         if err:
             field, why = err
-            param = {"unified_memory_blocks": "total_blocks", "unified_memory_block_size": "block_size",
-                     "unified_memory_page_size": "page_size"}[field]
+            param = {
+                "unified_memory_blocks": "total_blocks",
+                "unified_memory_block_size": "block_size",
+                "unified_memory_page_size": "page_size",
+            }[field]
             raise ValueError(f"{param} (--{field.replace('_', '-')}): {why}")
         self.total_blocks = total_blocks
         self.block_size = block_size
@@ -132,13 +144,13 @@ class UnifiedMemoryManager:
         lay = self._layout
         n = total_blocks
         self._hdr = raw[:_HEADER_BYTES].view(np.int64)
-        self._free = raw[lay["free"]:lay["free"] + 4 * n].view(np.int32)
-        self._owner = raw[lay["owner"]:lay["owner"] + 8 * n].view(np.uint64)
-        self._layer = raw[lay["layer"]:lay["layer"] + 4 * n].view(np.int32)
-        self._seq = raw[lay["seq"]:lay["seq"] + 4 * n].view(np.int32)
-        self._role = raw[lay["role"]:lay["role"] + n].view(np.int8)
+        self._free = raw[lay["free"] : lay["free"] + 4 * n].view(np.int32)
+        self._owner = raw[lay["owner"] : lay["owner"] + 8 * n].view(np.uint64)
+        self._layer = raw[lay["layer"] : lay["layer"] + 4 * n].view(np.int32)
+        self._seq = raw[lay["seq"] : lay["seq"] + 4 * n].view(np.int32)
+        self._role = raw[lay["role"] : lay["role"] + n].view(np.int8)
         # kv[i]: block i as [2 (K, V), page_size, width]
-        self.kv = self._buf[lay["data"]:].view(dtype).view(n, 2, page_size, self.width)
+        self.kv = self._buf[lay["data"] :].view(dtype).view(n, 2, page_size, self.width)
         self._tlock = threading.Lock()
         self._lock_fd = os.open(os.path.join(_SHM_DIR, self.name), os.O_RDWR)
         self._accesses: Counter[InstanceRole] = Counter()  # this process's access_kv_cache calls
@@ -147,8 +159,14 @@ class UnifiedMemoryManager:
             with self._locked():
                 self._hdr[:7] = (MAGIC, VERSION, n, block_size, page_size, _DTYPE_CODES[dtype], n)
                 self._free[:] = np.arange(n - 1, -1, -1, dtype=np.int32)  # block 0 on top
-            logger.info("unified KV pool %s: %d blocks x %d bytes (%d tokens/block), %.1f MiB",
-                        self.name, n, block_size, page_size, n * block_size / 2**20)
+            logger.info(
+                "unified KV pool %s: %d blocks x %d bytes (%d tokens/block), %.1f MiB",
+                self.name,
+                n,
+                block_size,
+                page_size,
+                n * block_size / 2**20,
+            )
 
     @staticmethod
     def _avail_check(nbytes: int) -> None:
@@ -158,8 +176,10 @@ class UnifiedMemoryManager:
             raise ValueError(f"the unified KV pool needs POSIX shared memory ({_SHM_DIR})") from None
         avail = st.f_bavail * st.f_frsize
         if nbytes > avail:
-            raise ValueError(f"total_blocks (--unified-memory-blocks): the pool needs {nbytes / 2**20:.1f} MiB of "
-                             f"shared memory and {_SHM_DIR} has {avail / 2**20:.1f} MiB free")
+            raise ValueError(
+                f"total_blocks (--unified-memory-blocks): the pool needs {nbytes / 2**20:.1f} MiB of "
+                f"shared memory and {_SHM_DIR} has {avail / 2**20:.1f} MiB free"
+            )
 
     @classmethod
     def attach(cls, name: str) -> "UnifiedMemoryManager":
@@ -172,8 +192,14 @@ class UnifiedMemoryManager:
             raise ValueError(f"unified KV pool {name!r} not found (its creator exited?)") from None
         if len(hdr) < 7 or int(hdr[_H_MAGIC]) != MAGIC or int(hdr[_H_VERSION]) != VERSION:
             raise ValueError(f"{name!r} is not a unified KV pool of this pdserve version")
-        return cls(int(hdr[_H_BLOCKS]), int(hdr[_H_BLOCK_SIZE]), int(hdr[_H_PAGE_SIZE]), "cpu",
-                   dtype=_DTYPES[int(hdr[_H_DTYPE])], _attach=name)
+        return cls(
+            int(hdr[_H_BLOCKS]),
+            int(hdr[_H_BLOCK_SIZE]),
+            int(hdr[_H_PAGE_SIZE]),
+            "cpu",
+            dtype=_DTYPES[int(hdr[_H_DTYPE])],
+            _attach=name,
+        )
 
     # ---- locking ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -188,8 +214,9 @@ class UnifiedMemoryManager:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # ---- the seed's API -----------------------------------------------------------------
-    def allocate_kv_cache_blocks(self, request_id: str, layer_id: int, num_blocks: int,
-                                 requester_role: InstanceRole | str) -> list[int] | None:
+    def allocate_kv_cache_blocks(
+        self, request_id: str, layer_id: int, num_blocks: int, requester_role: InstanceRole | str
+    ) -> list[int] | None:
         """`num_blocks` more blocks for (request, layer), appended to its block table; all or
         nothing: None (and nothing taken) when fewer are free."""
         key = request_key(request_id)
@@ -203,10 +230,16 @@ class UnifiedMemoryManager:
         with self._locked():
             top = int(self._hdr[_H_FREE_TOP])
             if num_blocks > top:
-                logger.warning("Failed to allocate KV cache blocks: %s wants %d blocks for layer %d, %d of %d free",
-                               role.name.lower(), num_blocks, layer_id, top, self.total_blocks)
+                logger.warning(
+                    "Failed to allocate KV cache blocks: %s wants %d blocks for layer %d, %d of %d free",
+                    role.name.lower(),
+                    num_blocks,
+                    layer_id,
+                    top,
+                    self.total_blocks,
+                )
                 return None
-            ids = self._free[top - num_blocks:top][::-1].copy()
+            ids = self._free[top - num_blocks : top][::-1].copy()
             mine = (self._owner == np.uint64(key)) & (self._layer == layer_id)
             base = int(self._seq[mine].max()) + 1 if mine.any() else 0
             self._hdr[_H_FREE_TOP] = top - num_blocks  # off the stack first: a crash here leaks, never doubles
@@ -224,8 +257,7 @@ class UnifiedMemoryManager:
             order = np.argsort(self._seq[ids], kind="stable")
         return ids[order].tolist()
 
-    def access_kv_cache(self, request_id: str, layer_id: int,
-                        accessor_role: InstanceRole | str) -> torch.Tensor | None:
+    def access_kv_cache(self, request_id: str, layer_id: int, accessor_role: InstanceRole | str) -> torch.Tensor | None:
         """The KV blocks of (request, layer) as `[num_blocks, 2, page_size, width]`, or None
         when it has none. A view into the shared pool when the blocks are consecutive;
         otherwise a gathered copy — write through `block_views` (or `kv[i]`) instead."""
@@ -235,7 +267,7 @@ class UnifiedMemoryManager:
         if not ids:
             return None
         if ids == list(range(ids[0], ids[0] + len(ids))):
-            return self.kv[ids[0]:ids[0] + len(ids)]
+            return self.kv[ids[0] : ids[0] + len(ids)]
         return self.kv[torch.tensor(ids)]
 
     def block_views(self, request_id: str, layer_id: int, accessor_role: InstanceRole | str) -> list[torch.Tensor]:
@@ -254,7 +286,7 @@ class UnifiedMemoryManager:
             self._owner[ids] = 0  # unmark first: a crash here leaks, never doubles
             self._role[ids] = 0
             top = int(self._hdr[_H_FREE_TOP])
-            self._free[top:top + len(ids)] = ids
+            self._free[top : top + len(ids)] = ids
             self._hdr[_H_FREE_TOP] = top + len(ids)
         return len(ids)
 
@@ -314,7 +346,7 @@ class UnifiedMemoryManager:
             unowned = np.flatnonzero(self._owner == 0).astype(np.int32)
             lost = np.setdiff1d(unowned, self._free[:top], assume_unique=False).astype(np.int32)
             if len(lost):
-                self._free[top:top + len(lost)] = lost
+                self._free[top : top + len(lost)] = lost
                 self._hdr[_H_FREE_TOP] = top + len(lost)
         if len(lost):
             logger.warning("unified KV pool %s: reclaimed %d lost blocks", self.name, len(lost))

@@ -20,10 +20,10 @@ class IncrementalDetokenizer:
     def add(self, new_ids: list[int]) -> str:
         """Append tokens; returns the newly completed text (maybe empty)."""
         self.ids.extend(new_ids)
-        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
-        full = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
+        prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix):]
+            delta = full[len(prefix) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
             self.text += delta
@@ -33,6 +33,6 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """At the end: whatever is held back (even an incomplete character)."""
         full = self.tok.decode(self.ids, skip_special_tokens=self.skip)
-        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        delta = full[len(self.text) :] if full.startswith(self.text) else ""
         self.text += delta
         return delta

@@ -86,10 +86,18 @@ class Engine:
             raise ValueError("one sampling_params per prompt, or a single one for all")
         return batched, [(ids, sampling_from_dict(sp)) for ids, sp in zip(prompts, sps)]
 
-    def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
-                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False, bootstrap_host: str | None = None,
-                 bootstrap_port: int | None = None, bootstrap_room: int | list[int] | None = None):
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+        bootstrap_host: str | None = None,
+        bootstrap_port: int | None = None,
+        bootstrap_room: int | list[int] | None = None,
+    ):
         """Dict per prompt ({"text", "output_ids", "meta_info"}), a list for a batch,
         or (stream=True, single prompt) an iterator of cumulative chunks. A prefill or decode
         engine (disaggregation_mode) needs the pair's bootstrap_host / bootstrap_port /
@@ -104,8 +112,12 @@ class Engine:
             return self._sync_stream(jobs[0], return_logprob, top_logprobs_num, boots[0])
 
         async def run_all():
-            return await asyncio.gather(*(self._collect(ids, sp, return_logprob, top_logprobs_num, boot)
-                                          for (ids, sp), boot in zip(jobs, boots)))
+            return await asyncio.gather(
+                *(
+                    self._collect(ids, sp, return_logprob, top_logprobs_num, boot)
+                    for (ids, sp), boot in zip(jobs, boots)
+                )
+            )
 
         results = self._call(run_all())
         return results if batched else results[0]
@@ -120,8 +132,10 @@ class Engine:
             return [None] * n
         rooms = room if isinstance(room, list) else [room] * n
         if host is None or port is None or len(rooms) != n or not all(isinstance(r, int) for r in rooms):
-            raise ValueError(f"a {self.args.disaggregation_mode} engine needs bootstrap_host, bootstrap_port and "
-                             f"one integer bootstrap_room per prompt (pdserve.PDEngine pairs engines for you)")
+            raise ValueError(
+                f"a {self.args.disaggregation_mode} engine needs bootstrap_host, bootstrap_port and "
+                f"one integer bootstrap_room per prompt (pdserve.PDEngine pairs engines for you)"
+            )
         return [(host, int(port), r) for r in rooms]
 
     async def _collect(self, ids, sp, lp, top, boot=None):
@@ -143,10 +157,18 @@ class Engine:
             if not self._closed:
                 self._call(agen.aclose())
 
-    async def async_generate(self, prompt: str | None = None, sampling_params: dict | None = None,
-                             input_ids: list[int] | None = None, return_logprob: bool = False,
-                             top_logprobs_num: int = 0, stream: bool = False, bootstrap_host: str | None = None,
-                             bootstrap_port: int | None = None, bootstrap_room: int | list[int] | None = None):
+    async def async_generate(
+        self,
+        prompt: str | None = None,
+        sampling_params: dict | None = None,
+        input_ids: list[int] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+        bootstrap_host: str | None = None,
+        bootstrap_port: int | None = None,
+        bootstrap_room: int | list[int] | None = None,
+    ):
         """Awaitable result, or (stream=True) an async iterator of chunks."""
         self._check_open()
         batched, jobs = self._jobs(prompt, sampling_params, input_ids)
@@ -155,9 +177,14 @@ class Engine:
             if batched:
                 raise ValueError("stream=True takes a single prompt")
             return self._async_stream(jobs[0], return_logprob, top_logprobs_num, boots[0])
-        futs = [asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-            self._collect(ids, sp, return_logprob, top_logprobs_num, boot), self.loop))
-            for (ids, sp), boot in zip(jobs, boots)]
+        futs = [
+            asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(
+                    self._collect(ids, sp, return_logprob, top_logprobs_num, boot), self.loop
+                )
+            )
+            for (ids, sp), boot in zip(jobs, boots)
+        ]
         results = await asyncio.gather(*futs)
         return results if batched else results[0]
 

@@ -21,14 +21,26 @@ import hmac
 import json
 from typing import Any, Awaitable, Callable
 
-ADMIN_PATHS = frozenset({
-    "/flush_cache", "/abort_request",
-    # SGLang's admin endpoints, should pdserve grow them
-    "/update_weights_from_disk", "/update_weights_from_tensor", "/update_weights_from_distributed",
-    "/init_weights_update_group", "/destroy_weights_update_group", "/get_weights_by_name",
-    "/release_memory_occupation", "/resume_memory_occupation",
-    "/start_profile", "/stop_profile", "/configure_logging", "/pause_generation", "/continue_generation",
-})
+ADMIN_PATHS = frozenset(
+    {
+        "/flush_cache",
+        "/abort_request",
+        # SGLang's admin endpoints, should pdserve grow them
+        "/update_weights_from_disk",
+        "/update_weights_from_tensor",
+        "/update_weights_from_distributed",
+        "/init_weights_update_group",
+        "/destroy_weights_update_group",
+        "/get_weights_by_name",
+        "/release_memory_occupation",
+        "/resume_memory_occupation",
+        "/start_profile",
+        "/stop_profile",
+        "/configure_logging",
+        "/pause_generation",
+        "/continue_generation",
+    }
+)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -43,8 +55,9 @@ class BodyTooLarge(Exception):
 
 
 def error_body(message: str, status: int, err_type: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": err_type, "code": status}, "object": "error",
-                       "message": message}).encode()
+    return json.dumps(
+        {"error": {"message": message, "type": err_type, "code": status}, "object": "error", "message": message}
+    ).encode()
 
 
 async def send_error(send: Send, status: int, message: str, err_type: str) -> None:
@@ -63,8 +76,9 @@ def _bearer(key: str | None) -> bytes | None:
 
 
 class Guard:
-    def __init__(self, app, *, api_key: str | None = None, admin_api_key: str | None = None,
-                 max_body: int | None = None) -> None:
+    def __init__(
+        self, app, *, api_key: str | None = None, admin_api_key: str | None = None, max_body: int | None = None
+    ) -> None:
         self.app = app
         self.user = _bearer(api_key)
         self.admin = _bearer(admin_api_key)
@@ -84,8 +98,9 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if (self.user or self.admin) and not self._allowed(scope.get("path", ""), headers.get(b"authorization", b"")):
-            return await send_error(send, 401, "missing or invalid API key (Authorization: Bearer <key>)",
-                                    "AuthenticationError")
+            return await send_error(
+                send, 401, "missing or invalid API key (Authorization: Bearer <key>)", "AuthenticationError"
+            )
         limit = self.max_body
         if limit is None:
             return await self.app(scope, receive, send)

@@ -12,36 +12,43 @@ class ServerMetrics:
         self.registry = r = CollectorRegistry()
         lbl = ["model_name"]
         self.model_name = model_name
-        self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token", lbl,
-                              buckets=_LAT_BUCKETS, registry=r)
-        self.itl = Histogram("pdserve:inter_token_latency_seconds", "Inter-token latency", lbl,
-                             buckets=_LAT_BUCKETS, registry=r)
-        self.e2e = Histogram("pdserve:e2e_request_latency_seconds", "End-to-end request latency", lbl,
-                             buckets=_LAT_BUCKETS, registry=r)
-        self.requests = Counter("pdserve:num_requests", "Finished requests by finish reason",
-                                lbl + ["finish_reason"], registry=r)
+        self.ttft = Histogram(
+            "pdserve:time_to_first_token_seconds", "Time to first token", lbl, buckets=_LAT_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "pdserve:inter_token_latency_seconds", "Inter-token latency", lbl, buckets=_LAT_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "pdserve:e2e_request_latency_seconds", "End-to-end request latency", lbl, buckets=_LAT_BUCKETS, registry=r
+        )
+        self.requests = Counter(
+            "pdserve:num_requests", "Finished requests by finish reason", lbl + ["finish_reason"], registry=r
+        )
         self.prompt_tokens = Gauge("pdserve:prompt_tokens_total", "Prompt tokens processed", lbl, registry=r)
         self.generation_tokens = Gauge("pdserve:generation_tokens_total", "Tokens generated", lbl, registry=r)
         self.running = Gauge("pdserve:num_running_reqs", "Running requests", lbl, registry=r)
         self.waiting = Gauge("pdserve:num_queue_reqs", "Waiting requests", lbl, registry=r)
         self.kv_usage = Gauge("pdserve:token_usage", "KV pool pages held by requests / all pages", lbl, registry=r)
-        self.kv_cached = Gauge("pdserve:cached_page_ratio", "KV pool pages held only by the prefix cache", lbl,
-                               registry=r)
+        self.kv_cached = Gauge(
+            "pdserve:cached_page_ratio", "KV pool pages held only by the prefix cache", lbl, registry=r
+        )
         self.hit_rate = Gauge("pdserve:cache_hit_rate", "Prefix cache hit rate (tokens)", lbl, registry=r)
-        self.retractions = Gauge("pdserve:num_retractions_total", "Requests retracted for KV space", lbl,
-                                 registry=r)
+        self.retractions = Gauge("pdserve:num_retractions_total", "Requests retracted for KV space", lbl, registry=r)
 
         # PD disaggregation (0 in mode null)
-        self.pd = {key: Gauge(f"pdserve:{name}", doc, lbl, registry=r) for key, name, doc in (
-            ("prealloc_queue_len", "num_prealloc_queue_reqs", "Decode: requests waiting for KV preallocation"),
-            ("transfer_queue_len", "num_transfer_queue_reqs", "Decode: requests whose KV is in flight"),
-            ("bootstrap_queue_len", "num_bootstrap_queue_reqs", "Prefill: requests waiting for decode"),
-            ("inflight_queue_len", "num_inflight_queue_reqs", "Prefill: requests whose KV is being sent"),
-            ("num_failed_transfers", "num_failed_transfers_total", "Decode: failed KV transfers"),
-            ("kv_transfer_mean_latency_s", "kv_transfer_latency_seconds", "Mean KV transfer latency"),
-            ("kv_transfer_gbps", "kv_transfer_speed_gb_s", "Mean KV transfer speed, GB/s"),
-            ("kv_bytes_transferred", "kv_transfer_bytes_total", "KV bytes received"),
-        )}
+        self.pd = {
+            key: Gauge(f"pdserve:{name}", doc, lbl, registry=r)
+            for key, name, doc in (
+                ("prealloc_queue_len", "num_prealloc_queue_reqs", "Decode: requests waiting for KV preallocation"),
+                ("transfer_queue_len", "num_transfer_queue_reqs", "Decode: requests whose KV is in flight"),
+                ("bootstrap_queue_len", "num_bootstrap_queue_reqs", "Prefill: requests waiting for decode"),
+                ("inflight_queue_len", "num_inflight_queue_reqs", "Prefill: requests whose KV is being sent"),
+                ("num_failed_transfers", "num_failed_transfers_total", "Decode: failed KV transfers"),
+                ("kv_transfer_mean_latency_s", "kv_transfer_latency_seconds", "Mean KV transfer latency"),
+                ("kv_transfer_gbps", "kv_transfer_speed_gb_s", "Mean KV transfer speed, GB/s"),
+                ("kv_bytes_transferred", "kv_transfer_bytes_total", "KV bytes received"),
+            )
+        }
 
     def observe_ttft(self, s: float) -> None:
         self.ttft.labels(self.model_name).observe(s)

@@ -15,8 +15,18 @@ from pdserve.sampling_params import SamplingParams
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.pd_fields import bootstrap_for, check_pd_fields
 from pdserve.server.protocol import as_bool, as_int, is_token_list, sampling_from_dict
-from pdserve.server.responses import (SSE_DONE, abort_event, collect, error_response, guarded, merge, read_json,
-                                      run_until_disconnect, sse, status_of)
+from pdserve.server.responses import (
+    SSE_DONE,
+    abort_event,
+    collect,
+    error_response,
+    guarded,
+    merge,
+    read_json,
+    run_until_disconnect,
+    sse,
+    status_of,
+)
 from pdserve.server.tokenizer_manager import TokenizerManager
 
 
@@ -112,8 +122,7 @@ async def _closing_stream(gens: list[AsyncIterator[dict]]) -> AsyncIterator[byte
 class NativeRoutes:
     """The native routes of one server (SGLang's names and answers)."""
 
-    def __init__(self, tm: TokenizerManager, metrics: ServerMetrics, served_model_name: str,
-                 model_path: str) -> None:
+    def __init__(self, tm: TokenizerManager, metrics: ServerMetrics, served_model_name: str, model_path: str) -> None:
         self.tm = tm
         self.metrics = metrics
         self.served_model_name = served_model_name
@@ -127,8 +136,9 @@ class NativeRoutes:
 
         def start(item):
             ids, sp, rid, boot = item
-            return tm.generate(ids, sp, rid=rid, return_logprob=g.return_logprob,
-                               top_logprobs_num=g.top_logprobs_num, bootstrap=boot)
+            return tm.generate(
+                ids, sp, rid=rid, return_logprob=g.return_logprob, top_logprobs_num=g.top_logprobs_num, bootstrap=boot
+            )
 
         for ids, sp, _, _ in g.items:  # validate all before starting any
             tm.validate(ids, sp, g.top_logprobs_num)
@@ -136,8 +146,7 @@ class NativeRoutes:
         if g.stream:
             gens = [start(it) for it in g.items]
             return StreamingResponse(guarded(_closing_stream(gens)), media_type="text/event-stream")
-        results = await run_until_disconnect(
-            request, asyncio.gather(*(collect(start(it)) for it in g.items)))
+        results = await run_until_disconnect(request, asyncio.gather(*(collect(start(it)) for it in g.items)))
         if not g.batched:
             code = status_of(results[0])
             if code != 200:  # failed: SGLang's error shape, the partial result beside it
@@ -153,14 +162,20 @@ class NativeRoutes:
 
     async def health_generate(self):
         out = await asyncio.wait_for(
-            collect(self.tm.generate([1], SamplingParams(max_new_tokens=1, temperature=0))), 60)
+            collect(self.tm.generate([1], SamplingParams(max_new_tokens=1, temperature=0))), 60
+        )
         return Response(status_code=200 if out else 503)
 
     async def get_model_info(self):
         tm = self.tm
-        return {"model_path": self.model_path, "tokenizer_path": tm.args.tokenizer_path or self.model_path,
-                "served_model_name": self.served_model_name, "is_generation": True,
-                "arch": tm.info.get("arch"), "context_length": tm.info.get("context_length")}
+        return {
+            "model_path": self.model_path,
+            "tokenizer_path": tm.args.tokenizer_path or self.model_path,
+            "served_model_name": self.served_model_name,
+            "is_generation": True,
+            "arch": tm.info.get("arch"),
+            "context_length": tm.info.get("context_length"),
+        }
 
     async def get_server_info(self):
         tm = self.tm
@@ -196,8 +211,9 @@ class NativeRoutes:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-def add_native_routes(app: FastAPI, tm: TokenizerManager, metrics: ServerMetrics, served_model_name: str,
-                      model_path: str) -> None:
+def add_native_routes(
+    app: FastAPI, tm: TokenizerManager, metrics: ServerMetrics, served_model_name: str, model_path: str
+) -> None:
     routes = NativeRoutes(tm, metrics, served_model_name, model_path)
     app.post("/generate")(routes.generate)
     app.get("/health")(routes.health)

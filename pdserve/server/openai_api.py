@@ -12,8 +12,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pdserve.sampling_params import SamplingParams
 from pdserve.server.pd_fields import bootstrap_for, check_pd_fields
 from pdserve.server.protocol import FieldError, as_bool, as_int, chat_message, is_token_list, openai_sampling
-from pdserve.server.responses import (SSE_DONE, ModelNotFound, abort_event, collect, guarded, merge, new_id, now_s,
-                                      read_json, run_until_disconnect, sse)
+from pdserve.server.responses import (
+    SSE_DONE,
+    ModelNotFound,
+    abort_event,
+    collect,
+    guarded,
+    merge,
+    new_id,
+    now_s,
+    read_json,
+    run_until_disconnect,
+    sse,
+)
 from pdserve.server.tokenizer_manager import TokenizerManager
 from pdserve.server.tools.base import ARCH_PARSERS, ToolCallStream
 from pdserve.server.tools.request import ToolPlan, plan_tools
@@ -34,8 +45,10 @@ def _check_abort(results: list[dict]) -> JSONResponse | None:
         if fr.get("type") == "abort":
             code = int(fr.get("status_code") or 500)
             msg = fr.get("message") or "request aborted"
-            return JSONResponse({"error": {"message": msg, "type": "Error", "code": code},
-                                 "object": "error", "message": msg}, status_code=code)
+            return JSONResponse(
+                {"error": {"message": msg, "type": "Error", "code": code}, "object": "error", "message": msg},
+                status_code=code,
+            )
     return None
 
 
@@ -44,10 +57,16 @@ def _usage(results: list[dict], prompts: list[int], n: int = 1) -> dict:
     results[k] is choice k % n of prompt k // n."""
     p = sum(prompts)
     c = sum(r["meta_info"]["completion_tokens"] for r in results)
-    cached = sum(min(prompts[i], max(r["meta_info"].get("cached_tokens", 0) for r in results[i * n:(i + 1) * n]))
-                 for i in range(len(prompts)))
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    cached = sum(
+        min(prompts[i], max(r["meta_info"].get("cached_tokens", 0) for r in results[i * n : (i + 1) * n]))
+        for i in range(len(prompts))
+    )
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 async def _only(gen: AsyncIterator[dict]) -> AsyncIterator[tuple[int, dict]]:
@@ -89,9 +108,19 @@ class OpenAIRoutes:
 
     # ---- routes -------------------------------------------------------------------------
     async def models(self):
-        return {"object": "list", "data": [{"id": self.served, "object": "model", "created": now_s(),
-                                            "owned_by": "pdserve", "root": self.model_path,
-                                            "max_model_len": self.tm.info.get("context_length")}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.served,
+                    "object": "model",
+                    "created": now_s(),
+                    "owned_by": "pdserve",
+                    "root": self.model_path,
+                    "max_model_len": self.tm.info.get("context_length"),
+                }
+            ],
+        }
 
     async def completions(self, request: Request):
         tm = self.tm
@@ -121,13 +150,17 @@ class OpenAIRoutes:
         body = await read_json(request)
         self.check_model(body)
         msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs)
+        ):
             raise ValueError("messages must be a non-empty list of {role, content} objects")
         tools = plan_tools(body, self.template_text(), self.tool_parser_name(), self.served)
         norm = [chat_message(m, i) for i, m in enumerate(msgs)]
-        ids = tm.apply_chat_template(norm, add_generation_prompt=True,
-                                     tools=[t.as_openai() for t in tools.tools] if tools else None)
+        ids = tm.apply_chat_template(
+            norm, add_generation_prompt=True, tools=[t.as_openai() for t in tools.tools] if tools else None
+        )
         sp, names = openai_sampling(body, tm.info["context_length"] - len(ids), chat=True)
         if tools is not None and tools.grammar is not None:
             sp.ebnf = tools.grammar
@@ -139,8 +172,9 @@ class OpenAIRoutes:
             logprobs = as_int(body, "top_logprobs", 0, 0, 20)
         stream = as_bool(body, "stream")
         include_usage = _include_usage(body)
-        return await self._serve(request, body, [ids], sp, names, logprobs, stream, include_usage, chat=True,
-                                 tools=tools)
+        return await self._serve(
+            request, body, [ids], sp, names, logprobs, stream, include_usage, chat=True, tools=tools
+        )
 
     # ---- request checks -----------------------------------------------------------------
     def check_model(self, body: dict) -> None:
@@ -173,9 +207,19 @@ class OpenAIRoutes:
         return tm.args.tool_call_parser or ARCH_PARSERS.get(tm.info.get("arch", ""))
 
     # ---- generation ---------------------------------------------------------------------
-    async def _serve(self, request: Request, body: dict, prompts: list[list[int]], sp, names: dict[str, str],
-                     logprobs: int | None, stream: bool, include_usage: bool, chat: bool,
-                     tools: ToolPlan | None = None):
+    async def _serve(
+        self,
+        request: Request,
+        body: dict,
+        prompts: list[list[int]],
+        sp,
+        names: dict[str, str],
+        logprobs: int | None,
+        stream: bool,
+        include_usage: bool,
+        chat: bool,
+        tools: ToolPlan | None = None,
+    ):
         tm = self.tm
         n = sp.n
         for ids in prompts:
@@ -183,9 +227,17 @@ class OpenAIRoutes:
         await tm.check_grammar(sp, names)
         jobs = [(ids, self.boot(body, p, i)) for p, ids in enumerate(prompts) for i in range(n)]
         check_pd_fields(tm, [b for _, b in jobs])
-        call = Completion(rid=new_id("chatcmpl" if chat else "cmpl"), created=now_s(), chat=chat, sp=sp,
-                          logprobs=logprobs, include_usage=include_usage, tools=tools, jobs=jobs,
-                          lens=[len(ids) for ids in prompts])
+        call = Completion(
+            rid=new_id("chatcmpl" if chat else "cmpl"),
+            created=now_s(),
+            chat=chat,
+            sp=sp,
+            logprobs=logprobs,
+            include_usage=include_usage,
+            tools=tools,
+            jobs=jobs,
+            lens=[len(ids) for ids in prompts],
+        )
         if not stream:
             return await self._respond(request, call)
         gens = [self._start(call, k) for k in range(len(jobs))]
@@ -193,14 +245,21 @@ class OpenAIRoutes:
 
     def _start(self, call: Completion, k: int):
         ids, boot = call.jobs[k]
-        return self.tm.generate(ids, call.sp, rid=f"{call.rid}-{k}", return_logprob=call.logprobs is not None,
-                                top_logprobs_num=call.logprobs or 0, bootstrap=boot)
+        return self.tm.generate(
+            ids,
+            call.sp,
+            rid=f"{call.rid}-{k}",
+            return_logprob=call.logprobs is not None,
+            top_logprobs_num=call.logprobs or 0,
+            bootstrap=boot,
+        )
 
     async def _respond(self, request: Request, call: Completion):
         """The whole answer at once."""
         chat, logprobs, tools = call.chat, call.logprobs, call.tools
         results = await run_until_disconnect(
-            request, asyncio.gather(*(collect(self._start(call, k)) for k in range(len(call.jobs)))))
+            request, asyncio.gather(*(collect(self._start(call, k)) for k in range(len(call.jobs))))
+        )
         err = _check_abort(results)
         if err is not None:
             return err
@@ -213,16 +272,25 @@ class OpenAIRoutes:
                 if tools is not None:
                     parsed = tools.parser.parse(r["text"])
                     if parsed.calls:
-                        message = {"role": "assistant", "content": parsed.content,
-                                   "tool_calls": [c.as_openai() for c in parsed.calls]}
+                        message = {
+                            "role": "assistant",
+                            "content": parsed.content,
+                            "tool_calls": [c.as_openai() for c in parsed.calls],
+                        }
                         finish = "tool_calls" if finish == "stop" else finish
                 choices.append({"index": k, "message": message, "logprobs": lp, "finish_reason": finish})
             else:
-                choices.append({"index": k, "text": r["text"], "logprobs": lp,
-                                "finish_reason": _finish_reason(r["meta_info"])})
-        return {"id": call.rid, "object": "chat.completion" if chat else "text_completion",
-                "created": call.created, "model": self.served, "choices": choices,
-                "usage": _usage(results, call.lens, call.sp.n)}
+                choices.append(
+                    {"index": k, "text": r["text"], "logprobs": lp, "finish_reason": _finish_reason(r["meta_info"])}
+                )
+        return {
+            "id": call.rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": call.created,
+            "model": self.served,
+            "choices": choices,
+            "usage": _usage(results, call.lens, call.sp.n),
+        }
 
     async def _events(self, call: Completion, gens: list[AsyncIterator[dict]]) -> AsyncIterator[bytes]:
         """The streamed answer: a role chunk per choice (chat), then text deltas as they
@@ -233,13 +301,25 @@ class OpenAIRoutes:
         sent = [0] * len(gens)
         lp_sent = [0] * len(gens)
         finals: list[dict | None] = [None] * len(gens)
-        tool_streams: list[ToolCallStream | None] = [
-            tools.parser.stream() if tools is not None else None for _ in gens]
+        tool_streams: list[ToolCallStream | None] = [tools.parser.stream() if tools is not None else None for _ in gens]
         if chat:
             for k in range(len(gens)):
-                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
-                           "choices": [{"index": k, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]})
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": chunk_obj,
+                        "created": created,
+                        "model": served,
+                        "choices": [
+                            {
+                                "index": k,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
         # one choice (the usual case): no merge task and queue hop per token, as in /generate
         merged = merge(gens) if len(gens) > 1 else _only(gens[0])
         try:
@@ -250,7 +330,7 @@ class OpenAIRoutes:
                 if err is not None:  # failed: an error event ends the stream, no [DONE]
                     yield err
                     return
-                delta = out["text"][sent[k]:]
+                delta = out["text"][sent[k] :]
                 sent[k] = len(out["text"])
                 lp = None
                 if logprobs is not None:
@@ -276,8 +356,7 @@ class OpenAIRoutes:
                         choice["delta"]["tool_calls"] = calls
                 else:
                     choice["text"] = delta
-                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
-                           "choices": [choice]})
+                yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served, "choices": [choice]})
                 if fr is not None:
                     finals[k] = out
         finally:  # in order: the merge's pumps stop before their generators close
@@ -285,8 +364,16 @@ class OpenAIRoutes:
             for gen in gens:
                 await gen.aclose()
         if call.include_usage and all(f is not None for f in finals):
-            yield sse({"id": rid, "object": chunk_obj, "created": created, "model": served,
-                       "choices": [], "usage": _usage(finals, call.lens, call.sp.n)})
+            yield sse(
+                {
+                    "id": rid,
+                    "object": chunk_obj,
+                    "created": created,
+                    "model": served,
+                    "choices": [],
+                    "usage": _usage(finals, call.lens, call.sp.n),
+                }
+            )
         yield SSE_DONE
 
     def _logprobs(self, meta: dict, chat: bool, top: int, start: int = 0) -> dict:
@@ -296,14 +383,21 @@ class OpenAIRoutes:
         if chat:
             content = []
             for (lp, tid, _), row in zip(toks, tops):
-                content.append({"token": dec(tid), "logprob": lp, "bytes": None,
-                                "top_logprobs": [{"token": dec(t), "logprob": top_lp, "bytes": None}
-                                                 for top_lp, t, _ in row]})
+                content.append(
+                    {
+                        "token": dec(tid),
+                        "logprob": lp,
+                        "bytes": None,
+                        "top_logprobs": [{"token": dec(t), "logprob": top_lp, "bytes": None} for top_lp, t, _ in row],
+                    }
+                )
             return {"content": content}
-        return {"tokens": [dec(tid) for _, tid, _ in toks],
-                "token_logprobs": [lp for lp, _, _ in toks],
-                "top_logprobs": [{dec(t): top_lp for top_lp, t, _ in row} for row in tops] if top else None,
-                "text_offset": None}
+        return {
+            "tokens": [dec(tid) for _, tid, _ in toks],
+            "token_logprobs": [lp for lp, _, _ in toks],
+            "top_logprobs": [{dec(t): top_lp for top_lp, t, _ in row} for row in tops] if top else None,
+            "text_offset": None,
+        }
 
 
 def add_openai_routes(app: FastAPI, tm: TokenizerManager, served: str, model_path: str) -> None:

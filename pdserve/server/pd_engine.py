@@ -29,8 +29,14 @@ from pdserve.server.engine import Engine
 
 
 class PDEngine:
-    def __init__(self, num_prefill: int = 1, num_decode: int = 1, prefill_tp_size: int = 1,
-                 decode_tp_size: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        num_prefill: int = 1,
+        num_decode: int = 1,
+        prefill_tp_size: int = 1,
+        decode_tp_size: int = 1,
+        **kwargs: Any,
+    ) -> None:
         for name, v in (("num_prefill", num_prefill), ("num_decode", num_decode)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -41,8 +47,14 @@ class PDEngine:
         self.decode: list[Engine] = []
         try:
             for _ in range(num_prefill):
-                self.prefill.append(Engine(disaggregation_mode="prefill", tp_size=prefill_tp_size,
-                                           disaggregation_bootstrap_port=free_port(), **kwargs))
+                self.prefill.append(
+                    Engine(
+                        disaggregation_mode="prefill",
+                        tp_size=prefill_tp_size,
+                        disaggregation_bootstrap_port=free_port(),
+                        **kwargs,
+                    )
+                )
             for _ in range(num_decode):
                 self.decode.append(Engine(disaggregation_mode="decode", tp_size=decode_tp_size, **kwargs))
         except BaseException:
@@ -54,8 +66,11 @@ class PDEngine:
     def _pick(self) -> tuple[Engine, Engine, dict]:
         i = next(self._pairs)
         p, d = self.prefill[i % len(self.prefill)], self.decode[i % len(self.decode)]
-        boot = {"bootstrap_host": p.args.host, "bootstrap_port": p.args.disaggregation_bootstrap_port,
-                "bootstrap_room": secrets.randbits(63)}
+        boot = {
+            "bootstrap_host": p.args.host,
+            "bootstrap_port": p.args.disaggregation_bootstrap_port,
+            "bootstrap_room": secrets.randbits(63),
+        }
         return p, d, boot
 
     def _run_pair(self, ids: list[int], sp: dict, lp: bool, top: int) -> dict:
@@ -72,9 +87,15 @@ class PDEngine:
                 fp.cancel()  # the decode side's answer (or error) is the request's
         return out
 
-    def generate(self, prompt: str | list[str] | None = None, sampling_params: dict | list[dict] | None = None,
-                 input_ids: list[int] | list[list[int]] | None = None, return_logprob: bool = False,
-                 top_logprobs_num: int = 0, stream: bool = False):
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+    ):
         """As `pdserve.Engine.generate`; each prompt runs on one prefill/decode pair."""
         engine = self.decode[0]
         engine._check_open()
@@ -85,8 +106,9 @@ class PDEngine:
                 raise ValueError("stream=True takes a single prompt")
             return self._stream(jobs[0][0], raw[0], return_logprob, top_logprobs_num)
         with concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), 32))) as pool:
-            outs = list(pool.map(lambda j: self._run_pair(j[0][0], j[1], return_logprob, top_logprobs_num),
-                                 zip(jobs, raw)))
+            outs = list(
+                pool.map(lambda j: self._run_pair(j[0][0], j[1], return_logprob, top_logprobs_num), zip(jobs, raw))
+            )
         return outs if batched else outs[0]
 
     def _stream(self, ids: list[int], sp: dict | None, lp: bool, top: int) -> Iterator[dict]:

@@ -28,6 +28,8 @@ def check_pd_fields(tm: TokenizerManager, boots: list[tuple]) -> None:
     if mode == DisaggregationMode.NULL:
         return
     if any(host is None or room is None for host, _, room in boots):
-        raise ValueError(f"this is a PD {mode} server: send requests to the router in front of it "
-                         "(the `pdserve launch` endpoint, or `pdserve router --pd-disaggregation`), "
-                         "which adds bootstrap_host, bootstrap_port and bootstrap_room")
+        raise ValueError(
+            f"this is a PD {mode} server: send requests to the router in front of it "
+            "(the `pdserve launch` endpoint, or `pdserve router --pd-disaggregation`), "
+            "which adds bootstrap_host, bootstrap_port and bootstrap_room"
+        )

@@ -20,15 +20,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def _dir_problem(path: str, tokenizer_path: str | None) -> str | None:
-    what = ("expected a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) "
-            "or a .gguf file")
+    what = "expected a Hugging Face model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file"
     if not os.path.isfile(os.path.join(path, "config.json")):
         return f"--model-path {path!r} has no config.json: {what}"
     if not glob.glob(os.path.join(path, "*.safetensors")):
         return f"--model-path {path!r} has no *.safetensors weights: {what}"
     if tokenizer_path is None and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        return (f"--model-path {path!r} has no tokenizer (tokenizer.json or tokenizer_config.json): "
-                f"copy the model's tokenizer files there or pass --tokenizer-path")
+        return (
+            f"--model-path {path!r} has no tokenizer (tokenizer.json or tokenizer_config.json): "
+            f"copy the model's tokenizer files there or pass --tokenizer-path"
+        )
     return None
 
 
@@ -40,8 +41,10 @@ def _hf_heads(path: str) -> tuple[str, int]:
             raise ValueError(f"--model-path {path!r}: config.json is not valid JSON ({e})") from None
     model_type = cfg.get("model_type", "llama")
     if model_type not in HF_MODEL_TYPES:
-        raise ValueError(f"--model-path {path!r}: model_type {model_type!r} is not supported; "
-                         f"pdserve runs {', '.join(HF_MODEL_TYPES)} models")
+        raise ValueError(
+            f"--model-path {path!r}: model_type {model_type!r} is not supported; "
+            f"pdserve runs {', '.join(HF_MODEL_TYPES)} models"
+        )
     heads = cfg.get("num_attention_heads")
     return model_type, int(cfg.get("num_key_value_heads") or heads or 0)
 
@@ -55,6 +58,7 @@ def gguf_metadata(path: str, wanted: set[str]) -> dict:
     package's reader maps every tensor too: seconds, where this takes milliseconds)."""
     out: dict = {}
     with open(path, "rb") as f:
+
         def read(fmt: str):
             size = struct.calcsize("<" + fmt)
             data = f.read(size)
@@ -100,8 +104,10 @@ def _gguf_heads(path: str) -> tuple[str, int]:
     try:
         arch = gguf_metadata(path, {"general.architecture"}).get("general.architecture")
         if arch not in GGUF_ARCHS:
-            raise ValueError(f"--model-path {path!r}: GGUF architecture {arch!r} is not supported; "
-                             f"pdserve runs {', '.join(GGUF_ARCHS)} models")
+            raise ValueError(
+                f"--model-path {path!r}: GGUF architecture {arch!r} is not supported; "
+                f"pdserve runs {', '.join(GGUF_ARCHS)} models"
+            )
         keys = {f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"}
         meta = gguf_metadata(path, keys)
     except (OSError, UnicodeError, ValueError) as e:
@@ -112,9 +118,17 @@ def _gguf_heads(path: str) -> tuple[str, int]:
     return arch, int(meta.get(f"{arch}.attention.head_count_kv") or heads or 0)
 
 
-SEMI_PD_TUNING = ("unified_memory_blocks", "unified_memory_block_size", "unified_memory_page_size",
-                  "slo_ttft_target", "slo_tpot_target", "slo_window_size", "slo_monitoring_interval",
-                  "initial_prefill_sm", "initial_decode_sm")
+SEMI_PD_TUNING = (
+    "unified_memory_blocks",
+    "unified_memory_block_size",
+    "unified_memory_page_size",
+    "slo_ttft_target",
+    "slo_tpot_target",
+    "slo_window_size",
+    "slo_monitoring_interval",
+    "initial_prefill_sm",
+    "initial_decode_sm",
+)
 
 
 def check_semi_pd(args: ServerArgs) -> None:
@@ -125,13 +139,17 @@ def check_semi_pd(args: ServerArgs) -> None:
 
     on = [n for n in SEMI_PD_SWITCHES if getattr(args, n)]
     if on:
-        raise ValueError(f"--{on[0].replace('_', '-')}: not yet supported: the Semi-PD serving path (resident "
-                         f"process, prefill/decode workers) is not built yet; the unified memory manager and the "
-                         f"SLO-aware controller exist as a library, pdserve.semi_pd (docs/semi_pd.md)")
+        raise ValueError(
+            f"--{on[0].replace('_', '-')}: not yet supported: the Semi-PD serving path (resident "
+            f"process, prefill/decode workers) is not built yet; the unified memory manager and the "
+            f"SLO-aware controller exist as a library, pdserve.semi_pd (docs/semi_pd.md)"
+        )
     for n in SEMI_PD_TUNING:
         if getattr(args, n) != getattr(ServerArgs, n):
-            raise ValueError(f"--{n.replace('_', '-')}: a Semi-PD setting, and Semi-PD serving is not yet "
-                             f"supported (docs/semi_pd.md); leave it at its default")
+            raise ValueError(
+                f"--{n.replace('_', '-')}: a Semi-PD setting, and Semi-PD serving is not yet "
+                f"supported (docs/semi_pd.md); leave it at its default"
+            )
 
 
 def check_model(args: ServerArgs, *, tp_flags: dict[str, int] | None = None) -> None:
@@ -156,9 +174,13 @@ def check_model(args: ServerArgs, *, tp_flags: dict[str, int] | None = None) -> 
             return  # nothing else to check; the architecture is checked on load
         arch, kv_heads = _gguf_heads(path)
     else:
-        raise ValueError(f"--model-path {path!r}: expected a Hugging Face model directory "
-                         f"(config.json, *.safetensors, tokenizer.json) or a .gguf file")
+        raise ValueError(
+            f"--model-path {path!r}: expected a Hugging Face model directory "
+            f"(config.json, *.safetensors, tokenizer.json) or a .gguf file"
+        )
     for flag, tp in tp_flags.items():
         if kv_heads and tp > kv_heads:
-            raise ValueError(f"{flag} {tp}: this {arch} model has {kv_heads} KV heads and every "
-                             f"tensor-parallel rank needs at least one; use a tp size from 1 to {kv_heads}")
+            raise ValueError(
+                f"{flag} {tp}: this {arch} model has {kv_heads} KV heads and every "
+                f"tensor-parallel rank needs at least one; use a tp size from 1 to {kv_heads}"
+            )

@@ -44,7 +44,7 @@ async def _options(request: Request) -> dict:
             out[key] = value
         elif key == "activities":  # SGLang's list; a CPU server records CPU activity only
             if not isinstance(value, list) or any(a not in ("CPU",) for a in value):
-                raise FieldError(f"activities: this server records only [\"CPU\"], got {value!r}", key)
+                raise FieldError(f'activities: this server records only ["CPU"], got {value!r}', key)
         else:
             raise FieldError(f"unrecognized profiling argument: {key}", key)
     return out

@@ -40,8 +40,7 @@ def parse_logit_bias(v: Any, name: str = "logit_bias") -> dict[int, float] | Non
     return out
 
 
-def sampling_from_dict(d: Any, name: str = "sampling_params",
-                       names: dict[str, str] | None = None) -> SamplingParams:
+def sampling_from_dict(d: Any, name: str = "sampling_params", names: dict[str, str] | None = None) -> SamplingParams:
     """`names`: field -> the request key it came from (OpenAI routes), for error messages.
     Without it (the native API) an unknown key is an error naming it, as in SGLang."""
     if d is None:
@@ -56,8 +55,10 @@ def sampling_from_dict(d: Any, name: str = "sampling_params",
             d.pop(k, None)
     unknown = [k for k in d if k not in _SP_FIELDS]
     if unknown:
-        raise FieldError(f"{name}.{unknown[0]} is not a supported sampling parameter; supported: "
-                         f"{', '.join(sorted(_SP_FIELDS))}", f"{name}.{unknown[0]}")
+        raise FieldError(
+            f"{name}.{unknown[0]} is not a supported sampling parameter; supported: {', '.join(sorted(_SP_FIELDS))}",
+            f"{name}.{unknown[0]}",
+        )
     if "logit_bias" in d:
         d["logit_bias"] = parse_logit_bias(d["logit_bias"], (names or {}).get("logit_bias", f"{name}.logit_bias"))
     if isinstance(d.get("json_schema"), (dict, list)):  # accept the schema itself too
@@ -100,20 +101,59 @@ def is_token_list(x: Any) -> bool:
 # Request keys of the OpenAI routes. Anything else is a 400 naming the key: a field we
 # do not implement must not be accepted and silently ignored (docs/api.md).
 _COMMON_KEYS = {
-    "model", "stream", "stream_options", "n", "max_tokens", "temperature", "top_p", "seed", "stop",
-    "frequency_penalty", "presence_penalty", "logprobs", "logit_bias", "response_format",
-    "user", "service_tier", "store",  # no effect on the output: accepted (store only false)
+    "model",
+    "stream",
+    "stream_options",
+    "n",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "frequency_penalty",
+    "presence_penalty",
+    "logprobs",
+    "logit_bias",
+    "response_format",
+    "user",
+    "service_tier",
+    "store",  # no effect on the output: accepted (store only false)
     # SGLang / vLLM extras
-    "top_k", "min_p", "ignore_eos", "stop_token_ids", "skip_special_tokens", "regex", "ebnf",
+    "top_k",
+    "min_p",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "regex",
+    "ebnf",
     # PD: set by the router
-    "bootstrap_host", "bootstrap_port", "bootstrap_room",
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
 }
-CHAT_KEYS = _COMMON_KEYS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
-                            "parallel_tool_calls"}
+CHAT_KEYS = _COMMON_KEYS | {
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+}
 COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "echo", "best_of", "suffix"}
 # OpenAI fields we know and do not implement: a clearer message than "unknown"
-_NOT_IMPLEMENTED = {"functions", "function_call", "audio", "modalities", "prediction", "reasoning_effort",
-                    "web_search_options", "metadata", "verbosity", "prompt_cache_key", "safety_identifier"}
+_NOT_IMPLEMENTED = {
+    "functions",
+    "function_call",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+    "metadata",
+    "verbosity",
+    "prompt_cache_key",
+    "safety_identifier",
+}
 
 
 def check_openai_fields(body: dict, chat: bool) -> None:
@@ -169,17 +209,20 @@ def response_format_grammar(rf: Any) -> tuple[str, str] | None:
     if t == "json_schema":
         js = rf.get("json_schema")
         if not isinstance(js, dict):
-            raise FieldError("response_format.json_schema must be an object {name, schema, strict}",
-                             "response_format.json_schema")
+            raise FieldError(
+                "response_format.json_schema must be an object {name, schema, strict}", "response_format.json_schema"
+            )
         schema = js.get("schema")
         if schema is None:
             schema = {"type": "object"}  # OpenAI allows a name without a schema
         if not isinstance(schema, (dict, bool)):
-            raise FieldError("response_format.json_schema.schema must be a JSON Schema object",
-                             "response_format.json_schema.schema")
+            raise FieldError(
+                "response_format.json_schema.schema must be a JSON Schema object", "response_format.json_schema.schema"
+            )
         return "json_schema", json.dumps(schema)
-    raise FieldError(f"response_format.type {t!r} is not supported (text, json_object, json_schema)",
-                     "response_format.type")
+    raise FieldError(
+        f"response_format.type {t!r} is not supported (text, json_object, json_schema)", "response_format.type"
+    )
 
 
 def openai_sampling(body: dict, default_max_tokens: int, chat: bool) -> tuple[SamplingParams, dict[str, str]]:
@@ -194,8 +237,21 @@ def openai_sampling(body: dict, default_max_tokens: int, chat: bool) -> tuple[Sa
     else:
         names["max_new_tokens"] = "max_completion_tokens"
     d["max_new_tokens"] = default_max_tokens if max_tokens is None else max_tokens
-    for k in ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-              "seed", "ignore_eos", "stop_token_ids", "skip_special_tokens", "n", "regex", "ebnf"):
+    for k in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "seed",
+        "ignore_eos",
+        "stop_token_ids",
+        "skip_special_tokens",
+        "n",
+        "regex",
+        "ebnf",
+    ):
         if body.get(k) is not None:
             d[k] = body[k]
     stop = body.get("stop")
@@ -226,8 +282,11 @@ def chat_message(m: dict, i: int) -> dict:
             where = f"messages[{i}].content[{j}]"
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else None
-                raise FieldError(f"{where}: only text content parts are supported by this model"
-                                 + (f", got {kind!r}" if isinstance(kind, str) else ""), where)
+                raise FieldError(
+                    f"{where}: only text content parts are supported by this model"
+                    + (f", got {kind!r}" if isinstance(kind, str) else ""),
+                    where,
+                )
             texts.append(part["text"])
         content = "".join(texts)
     out: dict = {"role": role}
@@ -264,7 +323,7 @@ def _template_tool_calls(raw, where: str) -> list[dict]:
         w = f"{where}[{j}]"
         fn = c.get("function") if isinstance(c, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise FieldError(f"{w} must be {{id, type: \"function\", function: {{name, arguments}}}}", w)
+            raise FieldError(f'{w} must be {{id, type: "function", function: {{name, arguments}}}}', w)
         args = fn.get("arguments", "{}")
         if isinstance(args, str):
             try:

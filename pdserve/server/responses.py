@@ -19,8 +19,13 @@ from pdserve.server.tokenizer_manager import SchedulerDied
 logger = logging.getLogger("pdserve.http")
 
 
-def error_response(message: str, status: int = 400, err_type: str = "BadRequestError",
-                   param: str | None = None, code: str | int | None = None) -> JSONResponse:
+def error_response(
+    message: str,
+    status: int = 400,
+    err_type: str = "BadRequestError",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> JSONResponse:
     # OpenAI's error shape (param: the offending request field); SGLang clients read error.message too
     err = {"message": message, "type": err_type, "param": param, "code": status if code is None else code}
     return JSONResponse({"error": err, "object": "error", "message": message}, status_code=status)

@@ -18,70 +18,151 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.cli import Parser
     from pdserve.disagg.transfer.registry import TransferBackend
 
-    p = Parser(prog="pdserve serve", description="Serve one model over HTTP (SGLang-compatible flags). "
-               "Start-up errors exit with status 2 and one line; --debug shows the traceback.")
+    p = Parser(
+        prog="pdserve serve",
+        description="Serve one model over HTTP (SGLang-compatible flags). "
+        "Start-up errors exit with status 2 and one line; --debug shows the traceback.",
+    )
     a = p.add_argument
-    a("--model-path", default=D.model_path,
-      help="a local Hugging Face model directory (config.json, *.safetensors, tokenizer files) or a .gguf "
-           "file; Hub names are not downloaded. Default: the packaged SmolLM2-135M-Instruct GGUF")
+    a(
+        "--model-path",
+        default=D.model_path,
+        help="a local Hugging Face model directory (config.json, *.safetensors, tokenizer files) or a .gguf "
+        "file; Hub names are not downloaded. Default: the packaged SmolLM2-135M-Instruct GGUF",
+    )
     a("--tokenizer-path", default=D.tokenizer_path, help="tokenizer directory or .gguf (default: --model-path)")
-    a("--chat-template", default=D.chat_template,
-      help="chat template for /v1/chat/completions: a Jinja file or the template text (default: the model's)")
-    a("--tool-call-parser", default=D.tool_call_parser,
-      help="tool-call format of the model for `tools` in chat requests: hermes (= qwen25, qwen3; Qwen2/2.5/3 "
-           "and Hermes models). Default: from the model architecture (Qwen2/Qwen3), else tools are refused")
-    a("--trust-remote-code", action="store_true",
-      help="accepted for SGLang compatibility; pdserve never runs code shipped with a model")
+    a(
+        "--chat-template",
+        default=D.chat_template,
+        help="chat template for /v1/chat/completions: a Jinja file or the template text (default: the model's)",
+    )
+    a(
+        "--tool-call-parser",
+        default=D.tool_call_parser,
+        help="tool-call format of the model for `tools` in chat requests: hermes (= qwen25, qwen3; Qwen2/2.5/3 "
+        "and Hermes models). Default: from the model architecture (Qwen2/Qwen3), else tools are refused",
+    )
+    a(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for SGLang compatibility; pdserve never runs code shipped with a model",
+    )
     a("--device", default="cpu", help="device to run on; this build runs on cpu only")
     a("--host", default=D.host, help="address to bind (use 0.0.0.0 only behind a firewall)")
     a("--port", type=int, default=D.port, help="HTTP port")
     a("--dtype", default=D.dtype, choices=DTYPES, help="weight and activation dtype (auto: bfloat16 on CPU)")
-    a("--mem-fraction-static", type=float, default=D.mem_fraction_static,
-      help="share of RAM for weights + KV pool (None: 0.1 on CPU)")
-    a("--max-total-tokens", type=int, default=D.max_total_tokens,
-      help="KV pool size in tokens (wins over --mem-fraction-static)")
+    a(
+        "--mem-fraction-static",
+        type=float,
+        default=D.mem_fraction_static,
+        help="share of RAM for weights + KV pool (None: 0.1 on CPU)",
+    )
+    a(
+        "--max-total-tokens",
+        type=int,
+        default=D.max_total_tokens,
+        help="KV pool size in tokens (wins over --mem-fraction-static)",
+    )
     a("--max-running-requests", type=int, default=D.max_running_requests, help="requests decoded together")
-    a("--chunked-prefill-size", type=int, default=D.chunked_prefill_size,
-      help="longest prefill chunk in tokens (long prompts are prefilled in chunks)")
+    a(
+        "--chunked-prefill-size",
+        type=int,
+        default=D.chunked_prefill_size,
+        help="longest prefill chunk in tokens (long prompts are prefilled in chunks)",
+    )
     a("--page-size", type=int, default=D.page_size, help="tokens per KV page")
-    a("--context-length", type=int, default=D.context_length,
-      help="longest prompt + output in tokens (None: the model's)")
+    a(
+        "--context-length",
+        type=int,
+        default=D.context_length,
+        help="longest prompt + output in tokens (None: the model's)",
+    )
     a("--disable-radix-cache", action="store_true", help="no prefix caching between requests")
-    a("--disable-overlap-schedule", dest="disable_overlap_schedule", action="store_true",
-      default=D.disable_overlap_schedule, help="the normal event loop (measured faster on CPU)")
-    a("--enable-overlap-schedule", dest="disable_overlap_schedule", action="store_false",
-      help="the overlap event loop (outputs sent while the next forward runs)")
-    a("--served-model-name", default=D.served_model_name,
-      help="the model name clients send and /v1/models lists (None: the file or directory name)")
+    a(
+        "--disable-overlap-schedule",
+        dest="disable_overlap_schedule",
+        action="store_true",
+        default=D.disable_overlap_schedule,
+        help="the normal event loop (measured faster on CPU)",
+    )
+    a(
+        "--enable-overlap-schedule",
+        dest="disable_overlap_schedule",
+        action="store_false",
+        help="the overlap event loop (outputs sent while the next forward runs)",
+    )
+    a(
+        "--served-model-name",
+        default=D.served_model_name,
+        help="the model name clients send and /v1/models lists (None: the file or directory name)",
+    )
     a("--log-level", default=D.log_level, choices=LOG_LEVELS, help="logging level")
     a("--debug", action="store_true", help="show tracebacks of start-up errors")
     a("--random-seed", type=int, default=D.random_seed, help="seed of the sampler")
     a("--num-threads", type=int, default=D.num_threads, help="torch threads in the scheduler (None: all cores)")
-    a("--w4-decode-max-tokens", type=int, default=D.w4_decode_max_tokens,
-      help="steps of at most this many tokens use 4-bit weight-only matmuls (bf16 only; 0 = off)")
-    a("--disaggregation-mode", default=D.disaggregation_mode, choices=("null", "prefill", "decode"),
-      help="null: a whole server; prefill/decode: one half of a PD pair, behind `pdserve router`")
-    a("--disaggregation-bootstrap-port", type=int, default=D.disaggregation_bootstrap_port,
-      help="prefill: port of the bootstrap server decode servers connect to")
-    a("--disaggregation-transfer-backend", "--transfer-backend", dest="disaggregation_transfer_backend",
-      default=D.disaggregation_transfer_backend, choices=[b.value for b in TransferBackend],
-      help="how KV moves from prefill to decode: tcp (any hosts), shm (same host), gloo, nixl / mooncake (their "
-           "engines, optional extras pdserve[nixl] / pdserve[mooncake]), fake (moves nothing)")
-    a("--disaggregation-ib-device", default=D.disaggregation_ib_device,
-      help="RDMA devices for the mooncake backend (e.g. mlx5_0,mlx5_1); unset: its TCP transport. "
-           "nixl picks its transports itself (UCX)")
-    a("--attention-backend", default=D.attention_backend, choices=ATTENTION_BACKENDS,
-      help="paged attention implementation (pdserve/model/attention_backends.py): auto = cpu_paged (C++ "
-           "decode kernel reading the paged KV in place; compiled once per machine) where it builds, else "
-           "torch_native (portable PyTorch, also on GPUs)")
-    a("--tp-size", type=int, default=D.tp_size,
-      help="tensor-parallel ranks (at most the model's KV heads; they split the cores)")
-    a("--api-key", default=D.api_key,
-      help="clients must send 'Authorization: Bearer KEY' (every path but /health, /health_generate)")
-    a("--admin-api-key", default=D.admin_api_key,
-      help="admin paths (/flush_cache, /abort_request) need this key instead of --api-key")
-    a("--max-payload-size", type=int, default=D.max_payload_size,
-      help="largest request body in bytes; larger ones get 413 before they are read")
+    a(
+        "--w4-decode-max-tokens",
+        type=int,
+        default=D.w4_decode_max_tokens,
+        help="steps of at most this many tokens use 4-bit weight-only matmuls (bf16 only; 0 = off)",
+    )
+    a(
+        "--disaggregation-mode",
+        default=D.disaggregation_mode,
+        choices=("null", "prefill", "decode"),
+        help="null: a whole server; prefill/decode: one half of a PD pair, behind `pdserve router`",
+    )
+    a(
+        "--disaggregation-bootstrap-port",
+        type=int,
+        default=D.disaggregation_bootstrap_port,
+        help="prefill: port of the bootstrap server decode servers connect to",
+    )
+    a(
+        "--disaggregation-transfer-backend",
+        "--transfer-backend",
+        dest="disaggregation_transfer_backend",
+        default=D.disaggregation_transfer_backend,
+        choices=[b.value for b in TransferBackend],
+        help="how KV moves from prefill to decode: tcp (any hosts), shm (same host), gloo, nixl / mooncake (their "
+        "engines, optional extras pdserve[nixl] / pdserve[mooncake]), fake (moves nothing)",
+    )
+    a(
+        "--disaggregation-ib-device",
+        default=D.disaggregation_ib_device,
+        help="RDMA devices for the mooncake backend (e.g. mlx5_0,mlx5_1); unset: its TCP transport. "
+        "nixl picks its transports itself (UCX)",
+    )
+    a(
+        "--attention-backend",
+        default=D.attention_backend,
+        choices=ATTENTION_BACKENDS,
+        help="paged attention implementation (pdserve/model/attention_backends.py): auto = cpu_paged (C++ "
+        "decode kernel reading the paged KV in place; compiled once per machine) where it builds, else "
+        "torch_native (portable PyTorch, also on GPUs)",
+    )
+    a(
+        "--tp-size",
+        type=int,
+        default=D.tp_size,
+        help="tensor-parallel ranks (at most the model's KV heads; they split the cores)",
+    )
+    a(
+        "--api-key",
+        default=D.api_key,
+        help="clients must send 'Authorization: Bearer KEY' (every path but /health, /health_generate)",
+    )
+    a(
+        "--admin-api-key",
+        default=D.admin_api_key,
+        help="admin paths (/flush_cache, /abort_request) need this key instead of --api-key",
+    )
+    a(
+        "--max-payload-size",
+        type=int,
+        default=D.max_payload_size,
+        help="largest request body in bytes; larger ones get 413 before they are read",
+    )
     add_semi_pd_flags(p)
     return p
 
@@ -93,21 +174,36 @@ def add_semi_pd_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Semi-PD (not yet servable: docs/semi_pd.md)")
     a = g.add_argument
     a("--enable-semi-pd", action="store_true", help="prefill and decode workers with a fixed compute split")
-    a("--enable-semi-pd-coordinator", action="store_true",
-      help="Semi-PD with all parts: split, unified memory manager, SLO-aware controller")
+    a(
+        "--enable-semi-pd-coordinator",
+        action="store_true",
+        help="Semi-PD with all parts: split, unified memory manager, SLO-aware controller",
+    )
     a("--enable-unified-memory", action="store_true", help="Semi-PD with the unified KV block pool")
     a("--enable-slo-aware", action="store_true", help="Semi-PD with the SLO-aware split controller")
     a("--unified-memory-blocks", type=int, default=D.unified_memory_blocks, help="blocks in the unified KV pool")
-    a("--unified-memory-block-size", type=int, default=D.unified_memory_block_size,
-      help="bytes per block (K and V of --unified-memory-page-size tokens of one layer)")
+    a(
+        "--unified-memory-block-size",
+        type=int,
+        default=D.unified_memory_block_size,
+        help="bytes per block (K and V of --unified-memory-page-size tokens of one layer)",
+    )
     a("--unified-memory-page-size", type=int, default=D.unified_memory_page_size, help="tokens per block")
     a("--slo-ttft-target", type=float, default=D.slo_ttft_target, help="TTFT target in ms (p95)")
     a("--slo-tpot-target", type=float, default=D.slo_tpot_target, help="TPOT target in ms (p95)")
     a("--slo-window-size", type=float, default=D.slo_window_size, help="seconds of history the SLO metrics cover")
-    a("--slo-monitoring-interval", type=float, default=D.slo_monitoring_interval,
-      help="seconds between two decisions of the SLO-aware controller")
-    a("--initial-prefill-sm", type=int, default=D.initial_prefill_sm,
-      help="prefill's share of the machine's compute in %% (CPU: cores and CFS quota, docs/semi_pd.md)")
+    a(
+        "--slo-monitoring-interval",
+        type=float,
+        default=D.slo_monitoring_interval,
+        help="seconds between two decisions of the SLO-aware controller",
+    )
+    a(
+        "--initial-prefill-sm",
+        type=int,
+        default=D.initial_prefill_sm,
+        help="prefill's share of the machine's compute in %% (CPU: cores and CFS quota, docs/semi_pd.md)",
+    )
     a("--initial-decode-sm", type=int, default=D.initial_decode_sm, help="decode's share in %%")
 
 
@@ -148,24 +244,36 @@ async def serve(args: ServerArgs) -> None:
     tm = TokenizerManager(args, metrics)
     await tm.start()
     app = build_app(tm, metrics, name, model_path)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=3, access_log=False)
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3, access_log=False
+    )
     server = uvicorn.Server(config)
     log = logging.getLogger("pdserve")
-    log.info("model %s loaded in %.1f s; KV pool %d tokens; dtype %s", name, tm.info["load_seconds"],
-             tm.info["max_total_num_tokens"], tm.info["dtype"])
+    log.info(
+        "model %s loaded in %.1f s; KV pool %d tokens; dtype %s",
+        name,
+        tm.info["load_seconds"],
+        tm.info["max_total_num_tokens"],
+        tm.info["dtype"],
+    )
     url = f"http://{args.host}:{args.port}"
     mode = args.disaggregation_mode
     if mode == DisaggregationMode.NULL:
-        print(f"pdserve is serving {name} at {url}\n"
-              f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
-              f"\"What is the capital of France?\"}}], \"max_tokens\": 32, \"temperature\": 0}}'", flush=True)
+        print(
+            f"pdserve is serving {name} at {url}\n"
+            f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"model": "{name}", "messages": [{{"role": "user", "content": '
+            f'"What is the capital of France?"}}], "max_tokens": 32, "temperature": 0}}\'',
+            flush=True,
+        )
     else:
         boot = f" {args.disaggregation_bootstrap_port}" if mode == DisaggregationMode.PREFILL else ""
-        print(f"pdserve PD {mode} server for {name} at {url}: it answers only requests from a PD router, "
-              f"not clients directly.\n  register it with the router: pdserve router --pd-disaggregation "
-              f"--{mode} {url}{boot} ... (or run the whole deployment with `pdserve launch`)", flush=True)
+        print(
+            f"pdserve PD {mode} server for {name} at {url}: it answers only requests from a PD router, "
+            f"not clients directly.\n  register it with the router: pdserve router --pd-disaggregation "
+            f"--{mode} {url}{boot} ... (or run the whole deployment with `pdserve launch`)",
+            flush=True,
+        )
     try:
         await server.serve()
     finally:

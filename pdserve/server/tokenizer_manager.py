@@ -26,9 +26,28 @@ from pdserve.config import ServerArgs
 from pdserve.engine.admission import kv_pool_fit_error
 from pdserve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from pdserve.net import ipc_addr
-from pdserve.messages import (AbortReq, AdminResp, BatchOut, ControlReq, ControlResp, FinishReasonType, FlushCacheReq,
-                              FlushCacheResp, GenerateReq, GetLoadReq, LoadResp, ProfileReq, ProfileResp, ReqOut, ServerInfo, ShutdownReq,
-                              ShutdownResp, StartupError, decode_from_scheduler, encode)
+from pdserve.messages import (
+    AbortReq,
+    AdminResp,
+    BatchOut,
+    ControlReq,
+    ControlResp,
+    FinishReasonType,
+    FlushCacheReq,
+    FlushCacheResp,
+    GenerateReq,
+    GetLoadReq,
+    LoadResp,
+    ProfileReq,
+    ProfileResp,
+    ReqOut,
+    ServerInfo,
+    ShutdownReq,
+    ShutdownResp,
+    StartupError,
+    decode_from_scheduler,
+    encode,
+)
 from pdserve.server.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger("pdserve.tokenizer_manager")
@@ -77,8 +96,14 @@ class TokenizerManager:
         self.ctx = zmq.asyncio.Context()
         self.recv_sock = self.ctx.socket(zmq.PULL)
         self.recv_sock.bind(from_sched)
-        cmd = [sys.executable, "-m", "pdserve.disagg.scheduler_process_main",
-               json.dumps(dataclasses.asdict(dataclasses.replace(self.args, api_key=None, admin_api_key=None))), to_sched, from_sched]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pdserve.disagg.scheduler_process_main",
+            json.dumps(dataclasses.asdict(dataclasses.replace(self.args, api_key=None, admin_api_key=None))),
+            to_sched,
+            from_sched,
+        ]
         self.proc = subprocess.Popen(cmd)
         from pdserve.model.tokenizer import load_tokenizer
 
@@ -218,17 +243,24 @@ class TokenizerManager:
             raise ValueError(f"the text is not valid Unicode: {e.reason} at position {e.start}") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> list[int]:
         try:
-            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True, chat_template=self.chat_template, tools=tools)
+            out = self.tokenizer.apply_chat_template(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                chat_template=self.chat_template,
+                tools=tools,
+            )
         except Exception as e:
             raise ValueError(f"messages could not be rendered with the chat template: {e}") from e
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
-    def validate(self, input_ids: list[int], sp: SamplingParams, top_logprobs_num: int,
-                 names: dict[str, str] | None = None) -> None:
+    def validate(
+        self, input_ids: list[int], sp: SamplingParams, top_logprobs_num: int, names: dict[str, str] | None = None
+    ) -> None:
         """`names`: sampling field -> the request key it came from (OpenAI routes), so that
         errors name what the client sent."""
         vocab = self.info.get("vocab_size", len(self.tokenizer))
@@ -241,9 +273,11 @@ class TokenizerManager:
         if len(input_ids) >= ctx:
             raise ValueError(f"the prompt has {len(input_ids)} tokens; the context length is {ctx}")
         if len(input_ids) + sp.max_new_tokens > ctx:
-            raise ValueError(f"Requested token count exceeds the model's maximum context length of {ctx} "
-                             f"tokens: {len(input_ids)} prompt + {sp.max_new_tokens} "
-                             f"{(names or {}).get('max_new_tokens', 'max_new_tokens')}")
+            raise ValueError(
+                f"Requested token count exceeds the model's maximum context length of {ctx} "
+                f"tokens: {len(input_ids)} prompt + {sp.max_new_tokens} "
+                f"{(names or {}).get('max_new_tokens', 'max_new_tokens')}"
+            )
         too_big = kv_pool_fit_error(len(input_ids), self.info["max_total_num_tokens"])
         if too_big is not None:
             raise ValueError(too_big)
@@ -265,9 +299,16 @@ class TokenizerManager:
             field = (names or {}).get(g[0]) or (g[0] if names is not None else f"sampling_params.{g[0]}")
             raise FieldError(f"{field}: {e}", field) from None
 
-    async def generate(self, input_ids: list[int], sp: SamplingParams, *, rid: str | None = None,
-                       return_logprob: bool = False, top_logprobs_num: int = 0,
-                       bootstrap: tuple | None = None) -> AsyncIterator[dict]:
+    async def generate(
+        self,
+        input_ids: list[int],
+        sp: SamplingParams,
+        *,
+        rid: str | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        bootstrap: tuple | None = None,
+    ) -> AsyncIterator[dict]:
         """Yields SGLang-shaped dicts (cumulative text/output_ids, meta_info); the
         last one has meta_info.finish_reason set. Raises ValueError for bad input.
         If the consumer stops early (client gone), the request is aborted."""
@@ -278,8 +319,13 @@ class TokenizerManager:
         rid = rid or uuid.uuid4().hex
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
-        st = ReqState(rid, len(input_ids), IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
-                      list(sp.stop), input_ids=list(input_ids))
+        st = ReqState(
+            rid,
+            len(input_ids),
+            IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens),
+            list(sp.stop),
+            input_ids=list(input_ids),
+        )
         self.states[rid] = st
         host, port, room = bootstrap or (None, None, None)
         msg = GenerateReq(rid, input_ids, sp, return_logprob, top_logprobs_num, time.time(), host, port, room)
@@ -348,8 +394,7 @@ class TokenizerManager:
         if st.input_logprobs is not None:
             meta["input_token_logprobs"] = [[lp, tid, None] for lp, tid in zip(st.input_logprobs, st.input_ids)]
         if st.logprobs or out.new_logprobs is not None:
-            meta["output_token_logprobs"] = [
-                [lp, tid, None] for lp, tid in zip(st.logprobs, st.output_ids)]
+            meta["output_token_logprobs"] = [[lp, tid, None] for lp, tid in zip(st.logprobs, st.output_ids)]
             if st.top_logprobs:
                 meta["output_top_logprobs"] = [[[lp, tid, None] for tid, lp in row] for row in st.top_logprobs]
         return {"text": text, "output_ids": list(st.output_ids), "meta_info": meta}

@@ -18,9 +18,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from pdserve.messages import (AdminResp, ContinueGenerationReq, DestroyWeightsGroupReq, GetWeightsByNameReq,
-                              InitWeightsGroupReq, PauseGenerationReq, ReleaseMemoryReq, ResumeMemoryReq,
-                              UpdateWeightsFromDiskReq, UpdateWeightsFromDistributedReq, UpdateWeightsFromTensorReq)
+from pdserve.messages import (
+    AdminResp,
+    ContinueGenerationReq,
+    DestroyWeightsGroupReq,
+    GetWeightsByNameReq,
+    InitWeightsGroupReq,
+    PauseGenerationReq,
+    ReleaseMemoryReq,
+    ResumeMemoryReq,
+    UpdateWeightsFromDiskReq,
+    UpdateWeightsFromDistributedReq,
+    UpdateWeightsFromTensorReq,
+)
 from pdserve.json_body import parse_body
 from pdserve.server.tokenizer_manager import TokenizerManager
 
@@ -99,21 +109,30 @@ def add_weights_routes(app: FastAPI, tm: TokenizerManager) -> None:
         names = _str_list(body, "names")
         dtypes = _str_list(body, "dtypes")
         shapes = _field(body, "shapes", list, required=True)
-        if not all(isinstance(s, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31
-                                               for x in s) for s in shapes):
+        if not all(
+            isinstance(s, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**31 for x in s)
+            for s in shapes
+        ):
             raise ValueError("shapes must be a list of lists of non-negative integers")
         group = _field(body, "group_name", str, "weight_update_group")
         load_format = _field(body, "load_format", str, None)
-        return await _update(tm, body, lambda cid, flush, abort: UpdateWeightsFromDistributedReq(
-            cid, names, dtypes, shapes, group, flush, abort, load_format))
+        return await _update(
+            tm,
+            body,
+            lambda cid, flush, abort: UpdateWeightsFromDistributedReq(
+                cid, names, dtypes, shapes, group, flush, abort, load_format
+            ),
+        )
 
     @app.post("/update_weights_from_tensor")
     async def update_weights_from_tensor(request: Request):
         body = await _body(request)
         entries = _field(body, "serialized_named_tensors", list, required=True)
         if len(entries) != 1 or not isinstance(entries[0], str):
-            raise ValueError("serialized_named_tensors must be a list of one base64 string (a safetensors "
-                             "file; one entry per tensor-parallel rank, and tp > 1 is not supported yet)")
+            raise ValueError(
+                "serialized_named_tensors must be a list of one base64 string (a safetensors "
+                "file; one entry per tensor-parallel rank, and tp > 1 is not supported yet)"
+            )
         try:
             data = base64.b64decode(entries[0], validate=True)
         except (binascii.Error, ValueError):

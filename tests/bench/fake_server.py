@@ -142,8 +142,13 @@ class FakeServer:
             last = k == n - 1
             if len(ids) % per and not last:
                 continue  # hold tokens back until the chunk is full
-            meta = {"id": "r", "prompt_tokens": len(prompt.split()), "completion_tokens": len(ids),
-                    "cached_tokens": 0, "finish_reason": {"type": "length", "length": n} if last else None}
+            meta = {
+                "id": "r",
+                "prompt_tokens": len(prompt.split()),
+                "completion_tokens": len(ids),
+                "cached_tokens": 0,
+                "finish_reason": {"type": "length", "length": n} if last else None,
+            }
             if last:
                 meta.update(self.cfg.phases, e2e_latency=0.0)
             await self._send(resp, {"text": " ".join(f"w{i}" for i in ids), "output_ids": list(ids), "meta_info": meta})

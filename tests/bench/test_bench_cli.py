@@ -21,14 +21,30 @@ def _closed_port() -> int:
 
 
 def _args(url: str, out_dir, *extra: str) -> list[str]:
-    return ["--base-url", url, "--dataset-name", "random", "--random-input-len", "16",
-            "--random-output-len", "4", "--random-range-ratio", "1", "--num-prompts", "4",
-            "--output-dir", str(out_dir), "--disable-tqdm", *extra]
+    return [
+        "--base-url",
+        url,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "4",
+        "--random-range-ratio",
+        "1",
+        "--num-prompts",
+        "4",
+        "--output-dir",
+        str(out_dir),
+        "--disable-tqdm",
+        *extra,
+    ]
 
 
 def test_writes_json_table_and_plots(fake_server, tmp_path, capsys):
-    rc = main(_args(fake_server.url, tmp_path, "--slo-ttft-ms", "500", "--slo-tpot-ms", "100",
-                    "--warmup-requests", "2"))
+    rc = main(
+        _args(fake_server.url, tmp_path, "--slo-ttft-ms", "500", "--slo-tpot-ms", "100", "--warmup-requests", "2")
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "Serving Benchmark Result" in out
@@ -54,11 +70,27 @@ def test_writes_json_table_and_plots(fake_server, tmp_path, capsys):
 
 def test_sweep_plot_and_compare(fake_server, tmp_path, capsys):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert main(_args(fake_server.url, tmp_path, "--request-rate", "5,20", "--output-file", str(a),
-                      "--slo-ttft-ms", "300", "--warmup-requests", "0")) == 0
+    assert (
+        main(
+            _args(
+                fake_server.url,
+                tmp_path,
+                "--request-rate",
+                "5,20",
+                "--output-file",
+                str(a),
+                "--slo-ttft-ms",
+                "300",
+                "--warmup-requests",
+                "0",
+            )
+        )
+        == 0
+    )
     assert (tmp_path / "a_sweep.png").read_bytes()[:8] == PNG_MAGIC
-    assert main(_args(fake_server.url, tmp_path, "--backend", "openai-chat", "--output-file", str(b),
-                      "--no-plots")) == 0
+    assert (
+        main(_args(fake_server.url, tmp_path, "--backend", "openai-chat", "--output-file", str(b), "--no-plots")) == 0
+    )
     assert not (tmp_path / "b_cdf.png").exists()
     assert fake_server.received[-1][1]["model"] == "fake-model"  # found through /v1/models
     doc = json.loads(a.read_text())
@@ -78,9 +110,24 @@ def test_jsonl_workload(fake_server, tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "Hello there", "output_len": 3}\n{"prompt": "Another one"}\n')
     out = tmp_path / "r.json"
-    rc = main(["--base-url", fake_server.url, "--dataset-name", "jsonl", "--dataset-path", str(data),
-               "--jsonl-output-len", "5", "--output-file", str(out), "--disable-tqdm", "--no-plots",
-               "--warmup-requests", "0"])
+    rc = main(
+        [
+            "--base-url",
+            fake_server.url,
+            "--dataset-name",
+            "jsonl",
+            "--dataset-path",
+            str(data),
+            "--jsonl-output-len",
+            "5",
+            "--output-file",
+            str(out),
+            "--disable-tqdm",
+            "--no-plots",
+            "--warmup-requests",
+            "0",
+        ]
+    )
     assert rc == 0
     reqs = json.loads(out.read_text())["runs"][0]["requests"]
     assert sorted(r["output_len"] for r in reqs) == [3, 5]
@@ -100,29 +147,56 @@ def test_all_failed_exits_nonzero(tmp_path, capsys):
         # every prompt fails -> the warm-up fails -> exit 1
         data = tmp_path / "p.jsonl"
         data.write_text('{"prompt": "FAIL a"}\n{"prompt": "FAIL b"}\n')
-        rc = main(["--base-url", srv.url, "--dataset-name", "jsonl", "--dataset-path", str(data),
-                   "--output-dir", str(tmp_path), "--disable-tqdm"])
+        rc = main(
+            [
+                "--base-url",
+                srv.url,
+                "--dataset-name",
+                "jsonl",
+                "--dataset-path",
+                str(data),
+                "--output-dir",
+                str(tmp_path),
+                "--disable-tqdm",
+            ]
+        )
         assert rc == 1
         assert "warm-up requests failed" in capsys.readouterr().err
-        rc = main(["--base-url", srv.url, "--dataset-name", "jsonl", "--dataset-path", str(data),
-                   "--output-dir", str(tmp_path), "--disable-tqdm", "--warmup-requests", "0"])
+        rc = main(
+            [
+                "--base-url",
+                srv.url,
+                "--dataset-name",
+                "jsonl",
+                "--dataset-path",
+                str(data),
+                "--output-dir",
+                str(tmp_path),
+                "--disable-tqdm",
+                "--warmup-requests",
+                "0",
+            ]
+        )
         assert rc == 1  # ran, but nothing completed
         (path,) = tmp_path.glob("*.json")
         assert json.loads(path.read_text())["runs"][0]["metrics"]["failed"] == 2
 
 
-@pytest.mark.parametrize("flags, names", [
-    (["--request-rate", "0"], "--request-rate"),
-    (["--request-rate", "fast"], "--request-rate"),
-    (["--request-rate-range", "5,1,1"], "--request-rate-range"),
-    (["--random-range-ratio", "2"], "--random-range-ratio"),
-    (["--max-concurrency", "0"], "--max-concurrency"),
-    (["--num-prompts", "-3"], "--num-prompts"),
-    (["--backend", "nope"], "--backend"),
-    (["--dataset-name", "jsonl"], "--dataset-path"),
-    (["--extra-request-body", "{oops"], "--extra-request-body"),
-    (["--base-url", "localhost:30000"], "--base-url"),
-])
+@pytest.mark.parametrize(
+    "flags, names",
+    [
+        (["--request-rate", "0"], "--request-rate"),
+        (["--request-rate", "fast"], "--request-rate"),
+        (["--request-rate-range", "5,1,1"], "--request-rate-range"),
+        (["--random-range-ratio", "2"], "--random-range-ratio"),
+        (["--max-concurrency", "0"], "--max-concurrency"),
+        (["--num-prompts", "-3"], "--num-prompts"),
+        (["--backend", "nope"], "--backend"),
+        (["--dataset-name", "jsonl"], "--dataset-path"),
+        (["--extra-request-body", "{oops"], "--extra-request-body"),
+        (["--base-url", "localhost:30000"], "--base-url"),
+    ],
+)
 def test_bad_flags_name_the_flag(flags, names, capsys):
     with pytest.raises(SystemExit) as e:
         main(flags)
@@ -131,17 +205,24 @@ def test_bad_flags_name_the_flag(flags, names, capsys):
 
 
 def test_client_imports_no_torch():
-    code = ("import sys; import pdserve.bench.cli, pdserve.bench.compare, pdserve.bench.report; "
-            "bad = [m for m in ('torch', 'pdserve.engine', 'pdserve.model.llama') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys; import pdserve.bench.cli, pdserve.bench.compare, pdserve.bench.report; "
+        "bad = [m for m in ('torch', 'pdserve.engine', 'pdserve.model.llama') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_pdserve_entry_point_dispatches(tmp_path):
     url = f"http://127.0.0.1:{_closed_port()}"
-    r = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--disable-tqdm"],
-                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--disable-tqdm"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert r.returncode == 1 and "cannot reach" in r.stderr
 
 

@@ -34,8 +34,7 @@ def _reqs(tok, n=4, out_len=8, markers=()):
 
 @pytest.mark.parametrize("backend", ["pdserve", "openai", "openai-chat"])
 def test_timings_match_server_schedule(fake_server, word_tokenizer, backend):
-    cfg = RunConfig(base_url=fake_server.url, backend=backend, model="fake-model", disable_tqdm=True,
-                    warmup_requests=0)
+    cfg = RunConfig(base_url=fake_server.url, backend=backend, model="fake-model", disable_tqdm=True, warmup_requests=0)
     (res,) = _run(cfg, _reqs(word_tokenizer, n=4, out_len=8), word_tokenizer)
     m = res.metrics
     assert (m.completed, m.failed) == (4, 0)
@@ -135,8 +134,7 @@ def test_dead_server_fails_fast(word_tokenizer):
 
 def test_poisson_arrivals_and_warmup_excluded(fake_server, word_tokenizer):
     reqs = _reqs(word_tokenizer, n=8, out_len=2)
-    cfg = RunConfig(base_url=fake_server.url, disable_tqdm=True, warmup_requests=2,
-                    request_rates=(10.0,), seed=7)
+    cfg = RunConfig(base_url=fake_server.url, disable_tqdm=True, warmup_requests=2, request_rates=(10.0,), seed=7)
     (res,) = _run(cfg, reqs, word_tokenizer)
     assert len(fake_server.received) == 10  # 2 warm-up + 8 measured
     warm = [b["sampling_params"]["max_new_tokens"] for _, b in fake_server.received[:2]]
@@ -159,8 +157,13 @@ def test_max_concurrency_serialises(fake_server, word_tokenizer):
 
 
 def test_sweep_runs_every_rate(fake_server, word_tokenizer):
-    cfg = RunConfig(base_url=fake_server.url, disable_tqdm=True, warmup_requests=0,
-                    request_rates=(20.0, math.inf), slo=Slo(ttft_ms=500))
+    cfg = RunConfig(
+        base_url=fake_server.url,
+        disable_tqdm=True,
+        warmup_requests=0,
+        request_rates=(20.0, math.inf),
+        slo=Slo(ttft_ms=500),
+    )
     results = _run(cfg, _reqs(word_tokenizer, n=3, out_len=2), word_tokenizer)
     assert [r.request_rate for r in results] == [20.0, math.inf]
     assert all(r.metrics.completed == 3 and r.metrics.slo_attainment == 1.0 for r in results)

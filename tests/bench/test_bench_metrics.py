@@ -5,8 +5,15 @@ from pdserve.bench.metrics import BenchMetrics, Slo, compute_metrics, meets_slo,
 
 
 def _ok(ttft, latency, n_out, prompt_len=10, **server):
-    return RequestOutput(success=True, prompt_len=prompt_len, output_len=n_out, ttft=ttft, latency=latency,
-                         itl=[(latency - ttft) / max(1, n_out - 1)] * (n_out - 1), server=server)
+    return RequestOutput(
+        success=True,
+        prompt_len=prompt_len,
+        output_len=n_out,
+        ttft=ttft,
+        latency=latency,
+        itl=[(latency - ttft) / max(1, n_out - 1)] * (n_out - 1),
+        server=server,
+    )
 
 
 def test_figures_by_hand():
@@ -48,9 +55,11 @@ def test_tpot_slo_only_and_no_slo():
 
 
 def test_phase_split():
-    outs = [_ok(0.1, 1.0, 5, prefill_time=0.1, transfer_time=0.05, decode_time=0.85),
-            _ok(0.1, 1.0, 5, prefill_time=0.3, transfer_time=0.15, decode_time=0.55),
-            _ok(0.1, 1.0, 5)]  # reports nothing: left out of the means
+    outs = [
+        _ok(0.1, 1.0, 5, prefill_time=0.1, transfer_time=0.05, decode_time=0.85),
+        _ok(0.1, 1.0, 5, prefill_time=0.3, transfer_time=0.15, decode_time=0.55),
+        _ok(0.1, 1.0, 5),
+    ]  # reports nothing: left out of the means
     m = compute_metrics(outs, 1.0)
     assert set(m.phases) == {"prefill", "transfer", "decode"}
     assert m.phases["prefill"]["mean_ms"] == pytest.approx(200.0)

@@ -24,7 +24,6 @@ except ImportError as e:  # the server is built by another part of the project
     _SERVER_IMPORT_ERROR = e
 
 
-
 def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
@@ -45,7 +44,9 @@ def real_server(tmp_path_factory):
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port), "--max-total-tokens", "8192"],
-            stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 120
@@ -75,10 +76,34 @@ def real_server(tmp_path_factory):
 
 
 def _bench(url: str, out: str, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--dataset-name", "random",
-           "--random-input-len", "32", "--random-output-len", "16", "--random-range-ratio", "1",
-           "--num-prompts", "4", "--request-rate", "inf", "--output-file", out, "--disable-tqdm",
-           "--read-timeout", "120", "--request-timeout", "300", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pdserve.cli",
+        "bench",
+        "--base-url",
+        url,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        "32",
+        "--random-output-len",
+        "16",
+        "--random-range-ratio",
+        "1",
+        "--num-prompts",
+        "4",
+        "--request-rate",
+        "inf",
+        "--output-file",
+        out,
+        "--disable-tqdm",
+        "--read-timeout",
+        "120",
+        "--request-timeout",
+        "300",
+        *extra,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(out) as f:

@@ -13,8 +13,7 @@ from pdserve.net import free_port
 
 def run(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "pdserve.cli", *argv], capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run([sys.executable, "-m", "pdserve.cli", *argv], capture_output=True, text=True, timeout=timeout)
     r.elapsed = time.time() - t0
     return r
 
@@ -53,13 +52,21 @@ def test_tp_size_over_kv_heads(port):
 
 @pytest.mark.parametrize("mode", ["null", "prefill", "decode"])
 def test_unknown_transfer_backend(port, mode):
-    one_line_error(run("serve", "--port", port, "--disaggregation-mode", mode,
-                       "--disaggregation-transfer-backend", "foo"), "--disaggregation-transfer-backend", "tcp")
+    one_line_error(
+        run("serve", "--port", port, "--disaggregation-mode", mode, "--disaggregation-transfer-backend", "foo"),
+        "--disaggregation-transfer-backend",
+        "tcp",
+    )
 
 
 def test_hub_name_says_local_paths(port):
-    one_line_error(run("serve", "--port", port, "--model-path", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-                   "--model-path", "huggingface-cli download", "--local-dir", ".gguf")
+    one_line_error(
+        run("serve", "--port", port, "--model-path", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        "--model-path",
+        "huggingface-cli download",
+        "--local-dir",
+        ".gguf",
+    )
 
 
 def test_empty_model_dir(port, tmp_path):
@@ -81,17 +88,20 @@ def test_device_and_chat_template_and_trust_remote_code(port):
     assert "--trust-remote-code" in r.stdout and "--chat-template" in r.stdout
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--dtype", "fp8"], "--dtype"),
-    (["--policy", "foo"], "--policy"),
-    (["--disaggregation-transfer-backend", "foo"], "--disaggregation-transfer-backend"),
-    (["--transfer-backend", "foo"], "--disaggregation-transfer-backend"),
-    (["--decode-tp-size", "4"], "--decode-tp-size 4"),
-    (["--server-args", "--no-such-flag"], "--no-such-flag"),
-    (["--model-path", "HuggingFaceTB/SmolLM2-135M-Instruct"], "huggingface-cli download"),
-    (["--pd-ratio", "2-3"], "--pd-ratio"),
-    (["--pd-ratio", "0:1"], "--prefill must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--dtype", "fp8"], "--dtype"),
+        (["--policy", "foo"], "--policy"),
+        (["--disaggregation-transfer-backend", "foo"], "--disaggregation-transfer-backend"),
+        (["--transfer-backend", "foo"], "--disaggregation-transfer-backend"),
+        (["--decode-tp-size", "4"], "--decode-tp-size 4"),
+        (["--server-args", "--no-such-flag"], "--no-such-flag"),
+        (["--model-path", "HuggingFaceTB/SmolLM2-135M-Instruct"], "huggingface-cli download"),
+        (["--pd-ratio", "2-3"], "--pd-ratio"),
+        (["--pd-ratio", "0:1"], "--prefill must be >= 1"),
+    ],
+)
 def test_launch_validates_its_flags(argv, needle):
     r = run("launch", "--port", str(free_port()), *argv)
     err = one_line_error(r, needle)
@@ -140,8 +150,9 @@ def test_router_errors_are_one_line():
 
 def test_failure_in_the_scheduler_is_one_line_too(port):
     # found only once the weights load: still exit 2, one line, no traceback
-    one_line_error(run("serve", "--port", port, "--mem-fraction-static", "0.0001", timeout=120),
-                   "--mem-fraction-static")
+    one_line_error(
+        run("serve", "--port", port, "--mem-fraction-static", "0.0001", timeout=120), "--mem-fraction-static"
+    )
 
 
 def test_launch_port_taken():

@@ -17,17 +17,30 @@ from pdserve.engine.shm_segment import allocate_kv_buffer, new_shm_name
 
 # the transfer engines (optional extras, installed by scripts/setup.sh): the same tests as
 # tcp/shm; skipped, with the reason, only where the package cannot load
-ENGINE_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(bool(missing_package(TransferBackend(b))),
-                                                            reason=str(missing_package(TransferBackend(b)))))
-                   for b in ("nixl", "mooncake")]
+ENGINE_BACKENDS = [
+    pytest.param(
+        b,
+        marks=pytest.mark.skipif(
+            bool(missing_package(TransferBackend(b))), reason=str(missing_package(TransferBackend(b)))
+        ),
+    )
+    for b in ("nixl", "mooncake")
+]
 
 # [num_pages, num_layers, 2, page_size, heads, head_dim]
 SHAPE = (128, 2, 2, 4, 4, 8)
 # Timeouts short enough to test them, long enough that a sender or receiver does not time out
 # on a busy 2-core box while the other side is still setting up (1 s / 1.5 s flaked there
 # once five backends, each with its own threads, ran in one process)
-FAST = dict(bootstrap_timeout=3.0, waiting_timeout=4.0, heartbeat_interval=0.2, heartbeat_max_failure=2,
-            thread_pool_size=4, queue_size=2, io_timeout=5.0)
+FAST = dict(
+    bootstrap_timeout=3.0,
+    waiting_timeout=4.0,
+    heartbeat_interval=0.2,
+    heartbeat_max_failure=2,
+    thread_pool_size=4,
+    queue_size=2,
+    io_timeout=5.0,
+)
 
 
 def random_kv(shape=SHAPE, dtype=torch.bfloat16, seed=0) -> torch.Tensor:
@@ -49,9 +62,20 @@ def poll_until(obj, states: set[KVPoll], timeout: float = 5.0) -> KVPoll:
     return obj.poll()
 
 
-def make_manager(backend: str, mode: DisaggregationMode, kv: torch.Tensor | None = None, *,
-                 engine_rank: int = 0, tp_size: int = 1, bootstrap_port: int = 8998, shape=SHAPE,
-                 dtype=torch.bfloat16, seed: int = 0, total_num_kv_heads: int | None = None, **overrides):
+def make_manager(
+    backend: str,
+    mode: DisaggregationMode,
+    kv: torch.Tensor | None = None,
+    *,
+    engine_rank: int = 0,
+    tp_size: int = 1,
+    bootstrap_port: int = 8998,
+    shape=SHAPE,
+    dtype=torch.bfloat16,
+    seed: int = 0,
+    total_num_kv_heads: int | None = None,
+    **overrides,
+):
     """A tcp/shm manager; decode+shm buffers are allocated in shared memory."""
     shm_name = None
     if kv is None:
@@ -62,8 +86,14 @@ def make_manager(backend: str, mode: DisaggregationMode, kv: torch.Tensor | None
             kv = torch.zeros(shape, dtype=dtype)
         else:
             kv = random_kv(shape, dtype, seed)
-    args = KVArgs(engine_rank=engine_rank, kv_data=kv, tp_size=tp_size, bootstrap_port=bootstrap_port,
-                  shm_name=shm_name, total_num_kv_heads=total_num_kv_heads)
+    args = KVArgs(
+        engine_rank=engine_rank,
+        kv_data=kv,
+        tp_size=tp_size,
+        bootstrap_port=bootstrap_port,
+        shm_name=shm_name,
+        total_num_kv_heads=total_num_kv_heads,
+    )
     cls = get_kv_class(backend, KVClassType.MANAGER)
     return cls(args, mode, **{**FAST, **overrides})
 
@@ -100,4 +130,5 @@ class Pair:
         self.bs.close()
         if self.decode.args.shm_name:
             from pdserve.engine.shm_segment import free_kv_buffer
+
             free_kv_buffer(self.decode.args.shm_name)

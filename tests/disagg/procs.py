@@ -50,6 +50,7 @@ def prefill_main(backend: str, seed: int, jobs: list, out, stop, overrides: dict
 def shm_owner_main(shape: tuple, out) -> None:
     """Allocate a shared-memory KV buffer, report its name, then wait to be killed."""
     import torch
+
     name = new_shm_name()
     allocate_kv_buffer(shape, torch.bfloat16, name)
     out.put(name)

@@ -7,14 +7,32 @@ import threading
 import msgspec
 import pytest
 
-from pdserve.disagg.transfer.bootstrap import (BootstrapError, HeartbeatMonitor, KVBootstrapServer, RankInfo, check_health,
-                                      fetch_route, register_rank, split_addr)
+from pdserve.disagg.transfer.bootstrap import (
+    BootstrapError,
+    HeartbeatMonitor,
+    KVBootstrapServer,
+    RankInfo,
+    check_health,
+    fetch_route,
+    register_rank,
+    split_addr,
+)
 from tests.disagg.helpers import wait_for
 
 
 def _info(rank=0, tp=2, port=1234):
-    return RankInfo(engine_rank=rank, tp_size=tp, rank_ip="127.0.0.1", rank_port=port, backend="tcp",
-                    page_size=16, num_layers=2, total_kv_heads=4, head_dim=8, dtype="bfloat16")
+    return RankInfo(
+        engine_rank=rank,
+        tp_size=tp,
+        rank_ip="127.0.0.1",
+        rank_port=port,
+        backend="tcp",
+        page_size=16,
+        num_layers=2,
+        total_kv_heads=4,
+        head_dim=8,
+        dtype="bfloat16",
+    )
 
 
 @pytest.fixture

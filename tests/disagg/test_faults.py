@@ -99,11 +99,13 @@ def test_decode_rejects_malformed_data_frames(tcp_pair, caplog):
     assert "bad magic" in caplog.text
 
     # absurd lengths: page count beyond the pool, body over the limit, payload not matching the pages
-    for h in (FrameHeader(FrameType.DATA, 1, npages=1 << 31, head_end=nheads, payload_len=1 << 62),
-              FrameHeader(FrameType.DATA, 1, npages=1, head_end=nheads, body_len=1 << 30),
-              FrameHeader(FrameType.DATA, 1, npages=1, head_end=nheads, payload_len=pn + 1),
-              FrameHeader(FrameType.DATA, 1, npages=1, head_end=nheads + 3, payload_len=pn),
-              FrameHeader(FrameType.REGISTER, 1)):
+    for h in (
+        FrameHeader(FrameType.DATA, 1, npages=1 << 31, head_end=nheads, payload_len=1 << 62),
+        FrameHeader(FrameType.DATA, 1, npages=1, head_end=nheads, body_len=1 << 30),
+        FrameHeader(FrameType.DATA, 1, npages=1, head_end=nheads, payload_len=pn + 1),
+        FrameHeader(FrameType.DATA, 1, npages=1, head_end=nheads + 3, payload_len=pn),
+        FrameHeader(FrameType.REGISTER, 1),
+    ):
         c = connect(port)
         c.sendall(h.pack())
         assert closed_by_peer(c)
@@ -144,9 +146,20 @@ def test_prefill_rejects_malformed_registrations(pair, caplog):
     caplog.set_level(logging.WARNING)
     port = pair.prefill.port
     d = pair.decode
-    good = wire.RegisterBody(decode_rank=0, decode_tp_size=1, host="127.0.0.1", port=d.port, backend=pair.backend,
-                             page_size=SHAPE[3], num_layers=SHAPE[1], total_kv_heads=SHAPE[4], head_dim=SHAPE[5],
-                             dtype="bfloat16", decode_num_pages=SHAPE[0], shm_name=d.args.shm_name)
+    good = wire.RegisterBody(
+        decode_rank=0,
+        decode_tp_size=1,
+        host="127.0.0.1",
+        port=d.port,
+        backend=pair.backend,
+        page_size=SHAPE[3],
+        num_layers=SHAPE[1],
+        total_kv_heads=SHAPE[4],
+        head_dim=SHAPE[5],
+        dtype="bfloat16",
+        decode_num_pages=SHAPE[0],
+        shm_name=d.args.shm_name,
+    )
     pages = np.array([1, 2], dtype="<u4").tobytes()
 
     def send_register(body: bytes, npages=2, payload=pages, room=1):
@@ -155,12 +168,14 @@ def test_prefill_rejects_malformed_registrations(pair, caplog):
         return c
 
     # framing violations close the connection
-    for c in (send_register(wire.encode_body(good), npages=0, payload=b""),
-              send_register(wire.encode_body(good), npages=(1 << 22) + 1, payload=b""),
-              send_register(wire.encode_body(good), npages=3),  # payload is only 2 pages
-              send_register(b"\xc1garbage"),
-              send_register(msgspec.msgpack.encode({**msgspec.structs.asdict(good), "evil": 1})),
-              send_register(msgspec.msgpack.encode({**msgspec.structs.asdict(good), "port": 0}))):
+    for c in (
+        send_register(wire.encode_body(good), npages=0, payload=b""),
+        send_register(wire.encode_body(good), npages=(1 << 22) + 1, payload=b""),
+        send_register(wire.encode_body(good), npages=3),  # payload is only 2 pages
+        send_register(b"\xc1garbage"),
+        send_register(msgspec.msgpack.encode({**msgspec.structs.asdict(good), "evil": 1})),
+        send_register(msgspec.msgpack.encode({**msgspec.structs.asdict(good), "port": 0})),
+    ):
         assert closed_by_peer(c)
     assert "REGISTER for 0 pages" in caplog.text and "bad REGISTER body" in caplog.text
 
@@ -179,8 +194,9 @@ def test_prefill_rejects_malformed_registrations(pair, caplog):
     if pair.backend == "shm":
         assert "not found" in refused(msgspec.structs.replace(good, shm_name="pdserve-kv-1-deadbeef"))
         assert "must look like" in refused(msgspec.structs.replace(good, shm_name="../../etc/passwd"))
-        assert "bytes" in refused(msgspec.structs.replace(good, decode_num_pages=SHAPE[0] - 1),
-                                  np.array([1, 2], dtype="<u4").tobytes())
+        assert "bytes" in refused(
+            msgspec.structs.replace(good, decode_num_pages=SHAPE[0] - 1), np.array([1, 2], dtype="<u4").tobytes()
+        )
     assert "refused decode rank 0's registration" in caplog.text
 
     good_transfer(pair, 300)

@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from pdserve.disagg.transfer.heads import (copy_pages, gather_pages, head_range, paired_runs, peer_ranks,
-                                           scatter_pages, slice_mapping, staging_view)
+from pdserve.disagg.transfer.heads import (
+    copy_pages,
+    gather_pages,
+    head_range,
+    paired_runs,
+    peer_ranks,
+    scatter_pages,
+    slice_mapping,
+    staging_view,
+)
 
 H = 8  # total KV heads
 
@@ -62,7 +70,7 @@ def test_tp_slices_reassemble_through_staging():
         untouched = np.setdiff1d(np.arange(16), dst_pages[d])
         assert decode[d][untouched].abs().sum() == 0
     for d in range(4):
-        assert torch.equal(decode[d][dst_pages[d]], src[src_pages][:, :, :, :, 2 * d:2 * d + 2])
+        assert torch.equal(decode[d][dst_pages[d]], src[src_pages][:, :, :, :, 2 * d : 2 * d + 2])
 
 
 def test_copy_pages_tp2_to_tp1():

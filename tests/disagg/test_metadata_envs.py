@@ -10,8 +10,9 @@ from pdserve.disagg.metadata import KVMetadata, MetadataError
 
 
 def test_metadata_roundtrip():
-    m = KVMetadata(room=(1 << 64) - 1, output_token_id=151643, output_logprob=-0.25, cached_tokens=32,
-                   prompt_tokens=100)
+    m = KVMetadata(
+        room=(1 << 64) - 1, output_token_id=151643, output_logprob=-0.25, cached_tokens=32, prompt_tokens=100
+    )
     data = m.pack()
     assert len(data) == KVMetadata.SIZE == 32
     assert KVMetadata.unpack(data, expected_room=m.room) == m
@@ -34,27 +35,39 @@ def test_metadata_room_mismatch_is_logged(caplog):
 
 def test_env_defaults():
     e = DisaggEnvs.from_env({})
-    assert (e.queue_size, e.bootstrap_timeout, e.heartbeat_interval, e.heartbeat_max_failure,
-            e.waiting_timeout) == (4, 300.0, 5.0, 2, 300.0)
+    assert (e.queue_size, e.bootstrap_timeout, e.heartbeat_interval, e.heartbeat_max_failure, e.waiting_timeout) == (
+        4,
+        300.0,
+        5.0,
+        2,
+        300.0,
+    )
     assert e.thread_pool_size == default_thread_pool_size()
     assert [default_thread_pool_size(n) for n in (1, 2, 64, 128, 1024)] == [4, 4, 6, 12, 12]
 
 
 def test_env_overrides_and_precedence():
-    env = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "600", "PDSERVE_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "7.5",
-           "SGLANG_DISAGGREGATION_QUEUE_SIZE": "8", "SGLANG_DISAGGREGATION_THREAD_POOL_SIZE": "3"}
+    env = {
+        "SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "600",
+        "PDSERVE_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "7.5",
+        "SGLANG_DISAGGREGATION_QUEUE_SIZE": "8",
+        "SGLANG_DISAGGREGATION_THREAD_POOL_SIZE": "3",
+    }
     e = DisaggEnvs.from_env(env)
     assert e.bootstrap_timeout == 7.5 and e.queue_size == 8 and e.thread_pool_size == 3
 
 
-@pytest.mark.parametrize("var,value", [
-    ("SGLANG_DISAGGREGATION_QUEUE_SIZE", "zero"),
-    ("SGLANG_DISAGGREGATION_QUEUE_SIZE", "0"),
-    ("PDSERVE_DISAGGREGATION_HEARTBEAT_MAX_FAILURE", "1.5"),
-    ("PDSERVE_DISAGGREGATION_WAITING_TIMEOUT", "-3"),
-    ("SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL", "inf"),
-    ("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", "soon"),
-])
+@pytest.mark.parametrize(
+    "var,value",
+    [
+        ("SGLANG_DISAGGREGATION_QUEUE_SIZE", "zero"),
+        ("SGLANG_DISAGGREGATION_QUEUE_SIZE", "0"),
+        ("PDSERVE_DISAGGREGATION_HEARTBEAT_MAX_FAILURE", "1.5"),
+        ("PDSERVE_DISAGGREGATION_WAITING_TIMEOUT", "-3"),
+        ("SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL", "inf"),
+        ("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", "soon"),
+    ],
+)
 def test_env_bad_values_name_the_variable(var, value):
     with pytest.raises(ValueError, match=var):
         DisaggEnvs.from_env({var: value})

@@ -8,13 +8,20 @@ from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import ALLOWED_TRANSITIONS, KVPoll, PollState, can_transition
 from pdserve.disagg.transfer.base import KVArgs, KVTransferError
 from pdserve.disagg.transfer.fake import FakeKVManager, FakeKVReceiver, FakeKVSender
-from pdserve.disagg.transfer.registry import (FAKE_BOOTSTRAP_HOST, KVClassType, TransferBackend, get_kv_class,
-                                              is_fake_bootstrap)
+from pdserve.disagg.transfer.registry import (
+    FAKE_BOOTSTRAP_HOST,
+    KVClassType,
+    TransferBackend,
+    get_kv_class,
+    is_fake_bootstrap,
+)
 
 
 def test_sglang_values():
-    assert [int(s) for s in (KVPoll.Failed, KVPoll.Bootstrapping, KVPoll.WaitingForInput, KVPoll.Transferring,
-                             KVPoll.Success)] == [0, 1, 2, 3, 4]
+    assert [
+        int(s)
+        for s in (KVPoll.Failed, KVPoll.Bootstrapping, KVPoll.WaitingForInput, KVPoll.Transferring, KVPoll.Success)
+    ] == [0, 1, 2, 3, 4]
     assert DisaggregationMode("prefill") is DisaggregationMode.PREFILL
     assert [m.value for m in DisaggregationMode] == ["null", "prefill", "decode"]
     assert FAKE_BOOTSTRAP_HOST == "2.2.2.2" and is_fake_bootstrap("2.2.2.2")
@@ -89,8 +96,9 @@ def test_engine_backend_not_installed_is_a_clear_flag_error(monkeypatch):
     from pdserve.disagg.transfer.registry import missing_package
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("nixl", "mooncake")
-                        else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("nixl", "mooncake") else real(name, *a)
+    )
     assert "pip install 'pdserve[nixl]'" in missing_package(TransferBackend.NIXL)
     assert "libibverbs1" in missing_package(TransferBackend.MOONCAKE)
     with pytest.raises(ValueError, match=r"--disaggregation-transfer-backend: the nixl backend needs NIXL"):

@@ -23,8 +23,9 @@ class Child:
 
     def __init__(self, backend, seed, jobs, overrides=None):
         self.out, self.stop = ctx.Queue(), ctx.Event()
-        self.proc = ctx.Process(target=procs.prefill_main,
-                                args=(backend, seed, jobs, self.out, self.stop, overrides or {}), daemon=True)
+        self.proc = ctx.Process(
+            target=procs.prefill_main, args=(backend, seed, jobs, self.out, self.stop, overrides or {}), daemon=True
+        )
         self.proc.start()
 
     def close(self):

@@ -31,8 +31,16 @@ def test_abort_returns_while_a_frame_is_half_written(pair):
     r.init(pages)
     # a prefill that starts a DATA frame for the room and stops in the middle of it
     a = pair.decode.args
-    h = FrameHeader(FrameType.DATA, room, src_rank=0, offset=0, npages=len(pages), head_start=0,
-                    head_end=a.num_kv_heads, payload_len=len(pages) * a.page_nbytes)
+    h = FrameHeader(
+        FrameType.DATA,
+        room,
+        src_rank=0,
+        offset=0,
+        npages=len(pages),
+        head_start=0,
+        head_end=a.num_kv_heads,
+        payload_len=len(pages) * a.page_nbytes,
+    )
     sock = socket.create_connection(("127.0.0.1", pair.decode.port))
     try:
         wire.send_views(sock, [h.pack(), b"\x01" * (a.page_nbytes // 2)])
@@ -85,8 +93,9 @@ def test_a_dead_prefill_fails_its_transfers_while_a_registration_hangs(pair):
     c = svc._control(r.route.ranks[0])
     c.lock.acquire()  # what a registration call waiting for the paused prefill's ACK holds
     try:
-        t = threading.Thread(target=svc._on_prefill_dead, args=(r.bootstrap_addr, "prefill is unreachable"),
-                             daemon=True)
+        t = threading.Thread(
+            target=svc._on_prefill_dead, args=(r.bootstrap_addr, "prefill is unreachable"), daemon=True
+        )
         t.start()
         t.join(10)
         assert not t.is_alive(), "the heartbeat verdict waited for the control connection"

@@ -196,7 +196,8 @@ def test_shm_decode_needs_a_shared_buffer():
         make_manager("shm", Mode.DECODE, kv=torch.zeros(SHAPE))
     with pytest.raises(ValueError, match="allocate_kv_buffer"):
         get_kv_class("shm", KVClassType.MANAGER)(
-            KVArgs(0, torch.zeros(SHAPE), shm_name="pdserve-kv-1-00000000"), Mode.DECODE)
+            KVArgs(0, torch.zeros(SHAPE), shm_name="pdserve-kv-1-00000000"), Mode.DECODE
+        )
 
 
 def _tp_run(backend, tp_p, tp_d, heads=4):
@@ -207,10 +208,24 @@ def _tp_run(backend, tp_p, tp_d, heads=4):
     full = torch.randn(16, 2, 2, 4, heads, 8, generator=g).to(torch.bfloat16)
     p_rng = [head_range(i, tp_p, heads) for i in range(tp_p)]
     d_rng = [head_range(i, tp_d, heads) for i in range(tp_d)]
-    pms = [make_manager(backend, Mode.PREFILL, full[:, :, :, :, a:b].contiguous(), engine_rank=i, tp_size=tp_p,
-                        bootstrap_port=bs.port, total_num_kv_heads=heads) for i, (a, b) in enumerate(p_rng)]
-    dms = [make_manager(backend, Mode.DECODE, engine_rank=i, tp_size=tp_d, shape=(16, 2, 2, 4, b - a, 8),
-                        total_num_kv_heads=heads) for i, (a, b) in enumerate(d_rng)]
+    pms = [
+        make_manager(
+            backend,
+            Mode.PREFILL,
+            full[:, :, :, :, a:b].contiguous(),
+            engine_rank=i,
+            tp_size=tp_p,
+            bootstrap_port=bs.port,
+            total_num_kv_heads=heads,
+        )
+        for i, (a, b) in enumerate(p_rng)
+    ]
+    dms = [
+        make_manager(
+            backend, Mode.DECODE, engine_rank=i, tp_size=tp_d, shape=(16, 2, 2, 4, b - a, 8), total_num_kv_heads=heads
+        )
+        for i, (a, b) in enumerate(d_rng)
+    ]
     src, dst = np.array([4, 5, 9]), np.array([12, 1, 2])
     try:
         recvs = [get_kv_class(backend, KVClassType.RECEIVER)(dm, bs.addr, 77) for dm in dms]
@@ -233,6 +248,7 @@ def _tp_run(backend, tp_p, tp_d, heads=4):
             m.shutdown()
             if m.args.shm_name:
                 from pdserve.engine.shm_segment import free_kv_buffer
+
                 free_kv_buffer(m.args.shm_name)
         bs.close()
 
@@ -245,6 +261,7 @@ def test_tp_head_slicing(backend, tp_p, tp_d, heads):
 
 def test_no_segment_left_behind():
     import os
+
     mine = [f for f in os.listdir("/dev/shm") if f.startswith(f"pdserve-kv-{os.getpid()}-")]
     assert owned_segments() == [] and mine == []
 

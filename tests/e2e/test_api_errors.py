@@ -30,15 +30,19 @@ def test_unknown_route_is_openai_404(server):
 
 
 def test_wrong_model_is_404_model_not_found(server):
-    for path, body in (("/v1/chat/completions", {"model": "gpt-4", "messages": Q}),
-                       ("/v1/completions", {"model": "gpt-4", "prompt": "hi"})):
+    for path, body in (
+        ("/v1/chat/completions", {"model": "gpt-4", "messages": Q}),
+        ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}),
+    ):
         err = assert_openai_error(httpx.post(server.url + path, json=body, timeout=30), 404)
         assert err["code"] == "model_not_found" and err["param"] == "model" and "gpt-4" in err["message"]
 
 
 def test_max_tokens_zero_is_400(server):
-    for path, body in (("/v1/chat/completions", {"messages": Q, "max_tokens": 0}),
-                       ("/v1/completions", {"prompt": "hi", "max_tokens": 0})):
+    for path, body in (
+        ("/v1/chat/completions", {"messages": Q, "max_tokens": 0}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}),
+    ):
         err = assert_openai_error(httpx.post(server.url + path, json=body, timeout=30), 400)
         assert err["param"] == "max_tokens" and "at least 1" in err["message"]
 
@@ -55,22 +59,41 @@ def test_info_aliases_and_served_model_name(server):
 def test_non_streaming_disconnect_logs_one_info_line(tmp_path):
     port = free_port()
     log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port), "--dtype",
-                             "float32", "--max-total-tokens", "4096"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-total-tokens",
+            "4096",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, time.time() + 180)
         body = b'{"text": "Story:", "sampling_params": {"max_new_tokens": 2000, "ignore_eos": true}}'
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            s.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             time.sleep(1.0)
         deadline = time.time() + 20
         while time.time() < deadline:
             ld = httpx.get(url + "/get_load", timeout=10).json()
-            if ld["num_running_reqs"] == 0 and ld["num_used_pages"] == 0 and "client disconnected" in \
-                    (tmp_path / "server.log").read_text():
+            if (
+                ld["num_running_reqs"] == 0
+                and ld["num_used_pages"] == 0
+                and "client disconnected" in (tmp_path / "server.log").read_text()
+            ):
                 break
             time.sleep(0.2)
         text = (tmp_path / "server.log").read_text()

@@ -16,13 +16,18 @@ from tests.e2e.test_pd import Launch
 pytestmark = pytest.mark.e2e
 
 N = 16
-README_CHAT = {"model": "SmolLM2-135M-Instruct", "max_tokens": 32, "temperature": 0,
-               "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+README_CHAT = {
+    "model": "SmolLM2-135M-Instruct",
+    "max_tokens": 32,
+    "temperature": 0,
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+}
 
 
 @pytest.fixture(scope="module")
 def prompts():
     from pdserve.model.tokenizer import load_tokenizer
+
     return chat_prompts(load_tokenizer(None))
 
 
@@ -33,17 +38,22 @@ def reference_bf16(prompts):
 
 def _engine_greedy(prompts, **kw):
     import pdserve
+
     with pdserve.Engine(max_total_tokens=8192, **kw) as e:
-        outs = [e.generate(input_ids=p, sampling_params={"max_new_tokens": N, "temperature": 0})["output_ids"]
-                for p in prompts]
+        outs = [
+            e.generate(input_ids=p, sampling_params={"max_new_tokens": N, "temperature": 0})["output_ids"]
+            for p in prompts
+        ]
         assert e.get_load()["num_used_pages"] == 0
     return outs
 
 
 def _report(name, ag):
     diverged = [(CHAT_QUESTIONS[i], p) for i, (p, f) in enumerate(zip(ag.prefix, ag.full)) if not f]
-    print(f"\n{name}: first token {ag.first_token}/{len(ag.prefix)}, all {N} tokens "
-          f"{ag.num_full}/{len(ag.prefix)}; diverged (question, equal tokens): {diverged}")
+    print(
+        f"\n{name}: first token {ag.first_token}/{len(ag.prefix)}, all {N} tokens "
+        f"{ag.num_full}/{len(ag.prefix)}; diverged (question, equal tokens): {diverged}"
+    )
 
 
 def test_question_set_is_large_and_mixed(prompts):

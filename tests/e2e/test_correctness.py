@@ -26,6 +26,7 @@ MAX_NEW = 24
 @pytest.fixture(scope="module")
 def tokenizer():
     from pdserve.model.tokenizer import load_tokenizer
+
     return load_tokenizer(None)
 
 
@@ -34,8 +35,9 @@ def prompts(tokenizer):
     out = []
     for i, t in enumerate(TEXTS):
         if i % 2 == 0:  # half through the chat template, half raw
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                                tokenize=True)["input_ids"]
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True
+            )["input_ids"]
         else:
             ids = tokenizer.encode(t, add_special_tokens=False)
         out.append(list(ids))
@@ -45,17 +47,20 @@ def prompts(tokenizer):
 @pytest.fixture(scope="module")
 def reference(prompts):
     from transformers import AutoModelForCausalLM
+
     path = default_model_path()
     torch.set_num_threads(2)
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
     hf.eval()
     refs = []
     with torch.inference_mode():
         for ids in prompts:
-            g = hf.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False,
-                            eos_token_id=2, pad_token_id=2)
-            refs.append(g[0, len(ids):].tolist())
+            g = hf.generate(
+                torch.tensor([ids]), max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=2, pad_token_id=2
+            )
+            refs.append(g[0, len(ids) :].tolist())
     del hf
     return refs
 
@@ -63,6 +68,7 @@ def reference(prompts):
 @pytest.fixture(scope="module")
 def engine():
     import pdserve
+
     e = pdserve.Engine(dtype="float32", max_total_tokens=8192, chunked_prefill_size=256)
     yield e
     e.shutdown()
@@ -98,9 +104,12 @@ def test_all_at_once_matches_transformers(engine, prompts, reference):
 
 
 def test_capital_of_france(engine, tokenizer):
-    out = engine.generate(input_ids=tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
-        tokenize=True)["input_ids"], sampling_params={"max_new_tokens": 20, "temperature": 0})
+    out = engine.generate(
+        input_ids=tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=True
+        )["input_ids"],
+        sampling_params={"max_new_tokens": 20, "temperature": 0},
+    )
     assert out["text"] == "The capital of France is Paris."
     assert out["meta_info"]["finish_reason"]["type"] == "stop"
 
@@ -118,8 +127,9 @@ def test_engine_async_stream(engine):
 
     async def go():
         texts = []
-        async for c in await engine.async_generate("Once upon a time", {"max_new_tokens": 8, "temperature": 0},
-                                                   stream=True):
+        async for c in await engine.async_generate(
+            "Once upon a time", {"max_new_tokens": 8, "temperature": 0}, stream=True
+        ):
             texts.append(c["text"])
         return texts
 
@@ -136,9 +146,15 @@ def test_engine_structured_output_and_unknown_key(engine):
     rx = r"[A-Z][a-z]+, [A-Z][a-z]+\."
     out = engine.generate("Name two cities:", {"max_new_tokens": 16, "temperature": 0, "regex": rx})
     assert re.fullmatch(rx, out["text"]), out["text"]
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}}, "required": ["city"],
-              "additionalProperties": False}
-    out = engine.generate("A city as JSON:", {"max_new_tokens": 24, "temperature": 0, "json_schema": json.dumps(schema)})
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 16}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    out = engine.generate(
+        "A city as JSON:", {"max_new_tokens": 24, "temperature": 0, "json_schema": json.dumps(schema)}
+    )
     assert list(json.loads(out["text"])) == ["city"]
     out = engine.generate("Hi", {"max_new_tokens": 2, "temperature": 0, "logit_bias": {"42": 100}})
     assert out["output_ids"] == [42, 42]
@@ -147,8 +163,10 @@ def test_engine_structured_output_and_unknown_key(engine):
     with pytest.raises(ValueError, match="regex"):
         engine.generate("Hi", {"max_new_tokens": 2, "regex": "("})
 
+
 def test_overlap_event_loop_matches_transformers(prompts, reference):
     import pdserve
+
     with pdserve.Engine(dtype="float32", max_total_tokens=8192, disable_overlap_schedule=False) as e:
         outs = e.generate(input_ids=prompts, sampling_params={"max_new_tokens": MAX_NEW, "temperature": 0})
         assert [o["output_ids"] for o in outs] == reference

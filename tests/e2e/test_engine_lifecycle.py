@@ -44,8 +44,9 @@ def _alive(pid: int) -> bool:
 def test_engine_without_shutdown_exits_and_use_after_shutdown_raises(tmp_path):
     script = tmp_path / "no_shutdown.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=150)
     except subprocess.TimeoutExpired:

@@ -31,52 +31,130 @@ USER, ADMIN, ROUTER = "user-key", "admin-key", "router-key"
 LIMIT = 65536
 EXAMPLES = {"server": 30, "router": 20}  # per endpoint; more locally: PDSERVE_FUZZ_EXAMPLES=500
 
-HUGE = [2**31, 2**53 + 1, 2**63, 2**64, -(2**63) - 1, 10**40, -10**40, 1e308, -1e308, 5e-324]
+HUGE = [2**31, 2**53 + 1, 2**63, 2**64, -(2**63) - 1, 10**40, -(10**40), 1e308, -1e308, 5e-324]
 texts = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=24)
 keys = st.sampled_from(["", "x", "text", "stream", "n", "0", "\u00e9"]) | st.text(max_size=8)
-scalars = (st.none() | st.booleans() | st.integers() | st.sampled_from(HUGE)
-           | st.floats(allow_nan=True, allow_infinity=True) | texts)
-json_values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(keys, c, max_size=4),
-                           max_leaves=12)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.sampled_from(HUGE)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | texts
+)
+json_values = st.recursive(
+    scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(keys, c, max_size=4), max_leaves=12
+)
 
-SP_FIELDS = ["max_new_tokens", "temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-             "stop", "stop_token_ids", "ignore_eos", "seed", "skip_special_tokens", "n", "json_schema", "regex"]
-OPENAI_FIELDS = ["model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n",
-                 "stop", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "seed", "ignore_eos",
-                 "stop_token_ids", "frequency_penalty", "presence_penalty", "user", "response_format",
-                 "bootstrap_host", "bootstrap_port", "bootstrap_room", "skip_special_tokens", "tools"]
+SP_FIELDS = [
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "seed",
+    "skip_special_tokens",
+    "n",
+    "json_schema",
+    "regex",
+]
+OPENAI_FIELDS = [
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "n",
+    "stop",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "seed",
+    "ignore_eos",
+    "stop_token_ids",
+    "frequency_penalty",
+    "presence_penalty",
+    "user",
+    "response_format",
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
+    "skip_special_tokens",
+    "tools",
+]
 
 BASES = {
-    "/generate": ({"text": "Hi", "sampling_params": {"max_new_tokens": 2, "temperature": 0}},
-                  ["text", "input_ids", "sampling_params", "rid", "stream", "return_logprob", "top_logprobs_num",
-                   "bootstrap_host", "bootstrap_port", "bootstrap_room", "logprob_start_len"]
-                  + [f"sampling_params.{f}" for f in SP_FIELDS]),
+    "/generate": (
+        {"text": "Hi", "sampling_params": {"max_new_tokens": 2, "temperature": 0}},
+        [
+            "text",
+            "input_ids",
+            "sampling_params",
+            "rid",
+            "stream",
+            "return_logprob",
+            "top_logprobs_num",
+            "bootstrap_host",
+            "bootstrap_port",
+            "bootstrap_room",
+            "logprob_start_len",
+        ]
+        + [f"sampling_params.{f}" for f in SP_FIELDS],
+    ),
     "/v1/completions": ({"prompt": "Hi", "max_tokens": 2, "temperature": 0}, ["prompt"] + OPENAI_FIELDS),
-    "/v1/chat/completions": ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0},
-                             ["messages", "messages.0", "messages.0.role", "messages.0.content"] + OPENAI_FIELDS),
+    "/v1/chat/completions": (
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0},
+        ["messages", "messages.0", "messages.0.role", "messages.0.content"] + OPENAI_FIELDS,
+    ),
     "/abort_request": ({"rid": "no-such-request"}, ["rid"]),
     "/flush_cache": ({}, ["x"]),
     # weight sync (#15); /init_weights_update_group, /pause_generation and /release_memory_occupation
     # change the server's state for the other cases and are tested in tests/e2e/test_weight_sync.py
     "/get_weights_by_name": ({"name": "model.norm.weight", "truncate_size": 2}, ["name", "truncate_size"]),
     "/update_weights_from_disk": ({"model_path": "/nonexistent"}, ["model_path", "flush_cache"]),
-    "/update_weights_from_tensor": ({"serialized_named_tensors": ["AAAA"]},
-                                    ["serialized_named_tensors", "serialized_named_tensors.0", "load_format"]),
-    "/update_weights_from_distributed": ({"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[576]],
-                                          "group_name": "none"}, ["names", "dtypes", "shapes", "group_name",
-                                                                  "load_format", "shapes.0"]),
+    "/update_weights_from_tensor": (
+        {"serialized_named_tensors": ["AAAA"]},
+        ["serialized_named_tensors", "serialized_named_tensors.0", "load_format"],
+    ),
+    "/update_weights_from_distributed": (
+        {"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[576]], "group_name": "none"},
+        ["names", "dtypes", "shapes", "group_name", "load_format", "shapes.0"],
+    ),
     "/destroy_weights_update_group": ({"group_name": "none"}, ["group_name"]),
 }
 
 ROUTED = ["/generate", "/v1/completions", "/v1/chat/completions", "/abort_request", "/flush_cache"]  # the router's
 
 RAW = [
-    b"", b"{", b"null", b"[]", b'"text"', b"{}", b"NaN", b'{"text": "\xff\xfe\xfa"}', b"\xff\xfe\x00{",
-    b'{"text": "\\ud800"}', b'{"text": 1e999}', b'{"text": "a", "text": 2}',
-    b"[" * 30000 + b"]" * 30000, b'{"a":' * 20000 + b"1" + b"}" * 20000,
-    b'{"text": "' + b"a" * 60000 + b'"}', b'{"input_ids": [' + b"1," * 20000 + b'1]}',
-    b'{"text": "a", "bootstrap_host": []}', b'{"text": "a", "bootstrap_room": [1, 2]}',
-    b'{"text": "a", "rid": {"x": 1}}', b'{"text": ["a", "b"], "rid": [[], {}]}',
+    b"",
+    b"{",
+    b"null",
+    b"[]",
+    b'"text"',
+    b"{}",
+    b"NaN",
+    b'{"text": "\xff\xfe\xfa"}',
+    b"\xff\xfe\x00{",
+    b'{"text": "\\ud800"}',
+    b'{"text": 1e999}',
+    b'{"text": "a", "text": 2}',
+    b"[" * 30000 + b"]" * 30000,
+    b'{"a":' * 20000 + b"1" + b"}" * 20000,
+    b'{"text": "' + b"a" * 60000 + b'"}',
+    b'{"input_ids": [' + b"1," * 20000 + b"1]}",
+    b'{"text": "a", "bootstrap_host": []}',
+    b'{"text": "a", "bootstrap_room": [1, 2]}',
+    b'{"text": "a", "rid": {"x": 1}}',
+    b'{"text": ["a", "b"], "rid": [[], {}]}',
 ]
 
 
@@ -127,19 +205,40 @@ def check(r: httpx.Response, data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def fuzz_server():
-    s = ServerProc("--dtype", "float32", "--max-total-tokens", "2048", "--context-length", "64",
-                   "--max-running-requests", "16", "--api-key", USER, "--admin-api-key", ADMIN,
-                   "--max-payload-size", str(LIMIT))
+    s = ServerProc(
+        "--dtype",
+        "float32",
+        "--max-total-tokens",
+        "2048",
+        "--context-length",
+        "64",
+        "--max-running-requests",
+        "16",
+        "--api-key",
+        USER,
+        "--admin-api-key",
+        ADMIN,
+        "--max-payload-size",
+        str(LIMIT),
+    )
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
 def fuzz_router(fuzz_server):
-    cfg = RouterConfig(worker_urls=(fuzz_server.url,), port=0, policy="round_robin", api_key=ROUTER,
-                       worker_api_key=USER, worker_admin_api_key=ADMIN, max_payload_size=LIMIT,
-                       request_timeout_secs=60, load_check_interval_secs=0,
-                       health=HealthCheckConfig(interval_secs=1.0, timeout_secs=5.0))
+    cfg = RouterConfig(
+        worker_urls=(fuzz_server.url,),
+        port=0,
+        policy="round_robin",
+        api_key=ROUTER,
+        worker_api_key=USER,
+        worker_admin_api_key=ADMIN,
+        max_payload_size=LIMIT,
+        request_timeout_secs=60,
+        load_check_interval_secs=0,
+        health=HealthCheckConfig(interval_secs=1.0, timeout_secs=5.0),
+    )
     with RouterThread(cfg) as rt:
         yield rt
 
@@ -151,11 +250,13 @@ def assert_clean(server: ServerProc) -> None:
     ld = httpx.get(server.url + "/get_load", headers={"Authorization": f"Bearer {USER}"}, timeout=10).json()
     deadline_ld = ld
     deadline = time.time() + 20
-    while (deadline_ld["num_used_pages"] or deadline_ld["num_running_reqs"] or deadline_ld["num_waiting_reqs"]) \
-            and time.time() < deadline:
+    while (
+        deadline_ld["num_used_pages"] or deadline_ld["num_running_reqs"] or deadline_ld["num_waiting_reqs"]
+    ) and time.time() < deadline:
         time.sleep(0.1)
-        deadline_ld = httpx.get(server.url + "/get_load", headers={"Authorization": f"Bearer {USER}"},
-                                timeout=10).json()
+        deadline_ld = httpx.get(
+            server.url + "/get_load", headers={"Authorization": f"Bearer {USER}"}, timeout=10
+        ).json()
     assert deadline_ld["num_used_pages"] == 0 and deadline_ld["num_running_reqs"] == 0, deadline_ld
 
 
@@ -165,8 +266,12 @@ def fuzz(url: str, path: str, key: str, examples: int) -> None:
         for data in RAW:  # every raw case every run, then the random ones
             check(client.post(url + path, content=data, headers=headers), data)
 
-        @settings(max_examples=int(os.environ.get("PDSERVE_FUZZ_EXAMPLES", examples)), deadline=None, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @settings(
+            max_examples=int(os.environ.get("PDSERVE_FUZZ_EXAMPLES", examples)),
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
         @given(data=bodies(path))
         def run(data: bytes) -> None:
             t0 = time.monotonic()
@@ -211,8 +316,12 @@ def test_body_over_the_limit_is_413(fuzz_server, fuzz_router, target):
         # chunked, no length: refused while it streams in, long before 16 MiB were sent
         r = httpx.post(url + path, content=chunked(16 << 20), headers=headers, timeout=30)
         assert r.status_code == 413 and "max-payload-size" in r.json()["error"]["message"], r.text
-    ok = httpx.post(url + "/generate", headers=headers, timeout=60,
-                    json={"text": "Hi" + " " * (LIMIT // 2), "sampling_params": {"max_new_tokens": 1}})
+    ok = httpx.post(
+        url + "/generate",
+        headers=headers,
+        timeout=60,
+        json={"text": "Hi" + " " * (LIMIT // 2), "sampling_params": {"max_new_tokens": 1}},
+    )
     assert ok.status_code in (200, 400), ok.text  # under the limit: read (a 400 for the prompt length)
     assert_clean(fuzz_server)
 
@@ -228,8 +337,13 @@ def test_server_keys(fuzz_server):
     gen = {"json": {"text": "Hi", "sampling_params": {"max_new_tokens": 1}}}
     for path in ("/health", "/health_generate"):  # open, as in SGLang
         assert status(u, "GET", path, None) == 200
-    for method, path, kw in (("GET", "/get_load", {}), ("GET", "/v1/models", {}), ("GET", "/metrics", {}),
-                             ("GET", "/get_server_info", {}), ("POST", "/generate", gen)):
+    for method, path, kw in (
+        ("GET", "/get_load", {}),
+        ("GET", "/v1/models", {}),
+        ("GET", "/metrics", {}),
+        ("GET", "/get_server_info", {}),
+        ("POST", "/generate", gen),
+    ):
         assert status(u, method, path, None, **kw) == 401, path
         assert status(u, method, path, "wrong", **kw) == 401, path
         assert status(u, method, path, USER, **kw) == 200, path

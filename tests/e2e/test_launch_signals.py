@@ -50,10 +50,29 @@ def start_launch() -> tuple[subprocess.Popen, int]:
     while any(not free_port_ok(port + i) for i in (1, 2)):
         port = free_port()
     boot = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "launch", "--port", str(port),
-                             "--dtype", "float32", "--max-total-tokens", "2048", "--transfer-backend", "fake",
-                             "--bootstrap-port-base", str(boot), "--cpu-split", "shared"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "launch",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-total-tokens",
+            "2048",
+            "--transfer-backend",
+            "fake",
+            "--bootstrap-port-base",
+            str(boot),
+            "--cpu-split",
+            "shared",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     return proc, port
 
 

@@ -18,9 +18,14 @@ from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.",
-           "List the planets of the solar system.", "Hello", "def add(a, b):",
-           "Summarize the plot of Romeo and Juliet in two sentences. " * 4]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "List the planets of the solar system.",
+    "Hello",
+    "def add(a, b):",
+    "Summarize the plot of Romeo and Juliet in two sentences. " * 4,
+]
 SP = {"max_new_tokens": 24, "temperature": 0}
 
 
@@ -30,10 +35,29 @@ class Launch:
         self.url = f"http://127.0.0.1:{self.port}"
         boot = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pdserve.cli", "launch", "--port", str(self.port), "--dtype", "float32",
-             "--max-total-tokens", "8192", "--transfer-backend", backend, "--bootstrap-port-base", str(boot),
-             "--cpu-split", cpu_split, *extra],
-            start_new_session=True, stdout=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "pdserve.cli",
+                "launch",
+                "--port",
+                str(self.port),
+                "--dtype",
+                "float32",
+                "--max-total-tokens",
+                "8192",
+                "--transfer-backend",
+                backend,
+                "--bootstrap-port-base",
+                str(boot),
+                "--cpu-split",
+                cpu_split,
+                *extra,
+            ],
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.time() + 240
         for line in self.proc.stdout:
             if "is ready at" in line:
@@ -60,8 +84,10 @@ def pd(request):
 
 @pytest.fixture(scope="module")
 def reference(server):
-    return [httpx.post(server.url + "/generate", json={"text": p, "sampling_params": SP}, timeout=120).json()
-            for p in PROMPTS]
+    return [
+        httpx.post(server.url + "/generate", json={"text": p, "sampling_params": SP}, timeout=120).json()
+        for p in PROMPTS
+    ]
 
 
 def pools_free(pd) -> None:
@@ -86,8 +112,9 @@ def test_non_stream_equals_mode_null(pd, reference):
 def test_stream_equals_mode_null(pd, reference):
     for p, ref in zip(PROMPTS[:3], reference):
         chunks = []
-        with httpx.stream("POST", pd.url + "/generate", json={"text": p, "sampling_params": SP, "stream": True},
-                          timeout=120) as r:
+        with httpx.stream(
+            "POST", pd.url + "/generate", json={"text": p, "sampling_params": SP, "stream": True}, timeout=120
+        ) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     chunks.append(json.loads(line[6:]))
@@ -107,14 +134,16 @@ def test_concurrent_equals_mode_null(pd, reference):
 
 
 def test_openai_client_through_router(pd, server):
-    kw = dict(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": PROMPTS[0]}],
-              temperature=0, max_tokens=20)
+    kw = dict(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": PROMPTS[0]}], temperature=0, max_tokens=20
+    )
     ref = openai.OpenAI(base_url=server.url + "/v1", api_key="x").chat.completions.create(**kw)
     c = openai.OpenAI(base_url=pd.url + "/v1", api_key="x")
     r = c.chat.completions.create(**kw)
     assert r.choices[0].message.content == ref.choices[0].message.content == "The capital of France is Paris."
-    text = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(**kw, stream=True)
-                   if ch.choices)
+    text = "".join(
+        ch.choices[0].delta.content or "" for ch in c.chat.completions.create(**kw, stream=True) if ch.choices
+    )
     assert text == ref.choices[0].message.content
     comp = c.completions.create(model="SmolLM2-135M-Instruct", prompt="The sky is", max_tokens=8, temperature=0)
     assert comp.usage.completion_tokens == 8
@@ -142,9 +171,13 @@ def test_decode_metrics_and_load(pd):
         assert k in ld
     assert ld["kv_transfers_completed"] > 0 and ld["num_failed_transfers"] == 0
     m = httpx.get(pd.decode + "/metrics").text
-    for name in ("pdserve:num_prealloc_queue_reqs", "pdserve:num_transfer_queue_reqs",
-                 "pdserve:kv_transfer_latency_seconds", "pdserve:kv_transfer_speed_gb_s",
-                 "pdserve:num_failed_transfers_total"):
+    for name in (
+        "pdserve:num_prealloc_queue_reqs",
+        "pdserve:num_transfer_queue_reqs",
+        "pdserve:kv_transfer_latency_seconds",
+        "pdserve:kv_transfer_speed_gb_s",
+        "pdserve:num_failed_transfers_total",
+    ):
         assert name in m, name
     assert "pdserve:num_bootstrap_queue_reqs" in httpx.get(pd.prefill + "/metrics").text
 

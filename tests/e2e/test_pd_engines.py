@@ -19,6 +19,7 @@ pytestmark = pytest.mark.e2e
 def test_pd_with_engine_equals_mode_null(backend, reference):
     pd = Launch(backend, "shared")
     try:
+
         def one(p):
             return httpx.post(pd.url + "/generate", json={"text": p, "sampling_params": SP}, timeout=300).json()
 

@@ -38,8 +38,11 @@ def test_profile_endpoints_write_traces(tmp_path, monkeypatch):
         url = s.url
         r = httpx.post(url + "/stop_profile", timeout=10)
         assert r.status_code == 400 and "not running" in r.json()["error"]["message"]
-        for body, needle in (({"num_steps": 0}, "num_steps"), ({"activities": ["GPU"]}, "activities"),
-                             ({"bogus": 1}, "bogus")):
+        for body, needle in (
+            ({"num_steps": 0}, "num_steps"),
+            ({"activities": ["GPU"]}, "activities"),
+            ({"bogus": 1}, "bogus"),
+        ):
             r = httpx.post(url + "/start_profile", json=body, timeout=10)
             assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
 
@@ -70,10 +73,33 @@ def test_profile_endpoints_write_traces(tmp_path, monkeypatch):
 
         # `pdserve bench --profile`: a trace of the measured run (not of the warm-up)
         out = subprocess.run(
-            [sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--dataset-name", "random",
-             "--random-input-len", "16", "--random-output-len", "4", "--random-range-ratio", "1",
-             "--num-prompts", "2", "--output-file", str(tmp_path / "b.json"), "--disable-tqdm", "--no-plots",
-             "--profile"], capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                "-m",
+                "pdserve.cli",
+                "bench",
+                "--base-url",
+                url,
+                "--dataset-name",
+                "random",
+                "--random-input-len",
+                "16",
+                "--random-output-len",
+                "4",
+                "--random-range-ratio",
+                "1",
+                "--num-prompts",
+                "2",
+                "--output-file",
+                str(tmp_path / "b.json"),
+                "--disable-tqdm",
+                "--no-plots",
+                "--profile",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         traces = [line.split(": ", 1)[1] for line in out.stdout.splitlines() if line.startswith("profile trace")]
         assert len(traces) == 1 and traces[0].startswith(str(env_dir)) and os.path.exists(traces[0])

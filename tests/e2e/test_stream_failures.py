@@ -58,8 +58,11 @@ def test_aborted_stream_ends_with_error_event(server):
 def test_scheduler_death_ends_streams_with_error_events():
     s = ServerProc("--dtype", "float32", "--max-total-tokens", "4096")
     try:
-        sched = [c for c in psutil.Process(s.proc.pid).children(recursive=True)
-                 if "scheduler_process" in " ".join(c.cmdline())]
+        sched = [
+            c
+            for c in psutil.Process(s.proc.pid).children(recursive=True)
+            if "scheduler_process" in " ".join(c.cmdline())
+        ]
         assert len(sched) == 1, sched
         results: dict[str, list[str] | BaseException] = {}
         started = threading.Barrier(4)
@@ -74,8 +77,12 @@ def test_scheduler_death_ends_streams_with_error_events():
         jobs = {
             "/generate": {"text": "Count to one thousand:", "sampling_params": LONG, "stream": True},
             "/v1/completions": {"prompt": "Count:", "max_tokens": 400, "ignore_eos": True, "stream": True},
-            "/v1/chat/completions": {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 400,
-                                     "ignore_eos": True, "stream": True},
+            "/v1/chat/completions": {
+                "messages": [{"role": "user", "content": "Count."}],
+                "max_tokens": 400,
+                "ignore_eos": True,
+                "stream": True,
+            },
         }
         threads = [threading.Thread(target=run, args=kv, daemon=True) for kv in jobs.items()]
         for t in threads:

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def reference(server):
-    return [httpx.post(server.url + "/generate", json={"text": p, "sampling_params": SP}, timeout=120).json()
-            for p in PROMPTS]
+    return [
+        httpx.post(server.url + "/generate", json={"text": p, "sampling_params": SP}, timeout=120).json()
+        for p in PROMPTS
+    ]
 
 
 def _gen(url: str, p: str) -> dict:
@@ -48,8 +50,9 @@ def test_tp2_server_equals_tp1(reference):
     assert not any(r.is_running() and r.status() != psutil.STATUS_ZOMBIE for r in ranks), "tp rank left behind"
 
 
-@pytest.mark.parametrize("backend,split,p_tp,d_tp", [("tcp", "disjoint", 1, 2), ("shm", "shared", 2, 1)],
-                         ids=["tcp-p1-d2", "shm-p2-d1"])
+@pytest.mark.parametrize(
+    "backend,split,p_tp,d_tp", [("tcp", "disjoint", 1, 2), ("shm", "shared", 2, 1)], ids=["tcp-p1-d2", "shm-p2-d1"]
+)
 def test_pd_with_different_tp_sizes(reference, backend, split, p_tp, d_tp):
     pd = Launch(backend, split, "--prefill-tp-size", str(p_tp), "--decode-tp-size", str(d_tp))
     try:
@@ -71,12 +74,28 @@ def test_pd_with_different_tp_sizes(reference, backend, split, p_tp, d_tp):
 
 def test_tp_size_the_model_cannot_take_is_a_clear_error():
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "pdserve.cli", "serve", "--tp-size", "4", "--max-total-tokens", "1024",
-                        "--port", str(free_port())], capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "serve",
+            "--tp-size",
+            "4",
+            "--max-total-tokens",
+            "1024",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode != 0 and "--tp-size 4" in r.stderr and "3 KV heads" in r.stderr, r.stderr[-2000:]
     assert time.time() - t0 < 170
-    r = subprocess.run([sys.executable, "-m", "pdserve.cli", "serve", "--tp-size", "0"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "pdserve.cli", "serve", "--tp-size", "0"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "--tp-size" in r.stderr
 
 
@@ -88,8 +107,9 @@ def test_a_dead_rank_fails_requests_instead_of_hanging():
         rank1.kill()
         time.sleep(0.5)
         t0 = time.time()
-        r = httpx.post(s.url + "/generate", json={"text": "Hello", "sampling_params": {"max_new_tokens": 8}},
-                       timeout=60)
+        r = httpx.post(
+            s.url + "/generate", json={"text": "Hello", "sampling_params": {"max_new_tokens": 8}}, timeout=60
+        )
         assert r.status_code == 503 and "scheduler process died" in r.text
         assert time.time() - t0 < 30
         assert httpx.get(s.url + "/health", timeout=10).status_code == 503  # a router takes it out

@@ -35,8 +35,11 @@ def server():
 def generate(url: str) -> list[list[int]]:
     outs = []
     for p in PROMPTS:
-        r = httpx.post(url + "/generate", json={"text": p, "sampling_params": {"max_new_tokens": MAX_NEW,
-                                                                                "temperature": 0}}, timeout=120)
+        r = httpx.post(
+            url + "/generate",
+            json={"text": p, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0}},
+            timeout=120,
+        )
         assert r.status_code == 200, r.text
         outs.append(r.json()["output_ids"])
     return outs
@@ -57,12 +60,21 @@ def test_broadcast_update_then_release_and_resume(server):
 
     # the trainer hosts the group's store and is rank 0; the server joins as rank 1
     port = free_port()
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=60))
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
     pool = ThreadPoolExecutor(1)
-    join = pool.submit(httpx.post, url + "/init_weights_update_group", json={
-        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
-        "group_name": "g1", "backend": "gloo"}, timeout=120)
+    join = pool.submit(
+        httpx.post,
+        url + "/init_weights_update_group",
+        json={
+            "master_address": "127.0.0.1",
+            "master_port": port,
+            "rank_offset": 1,
+            "world_size": 2,
+            "group_name": "g1",
+            "backend": "gloo",
+        },
+        timeout=120,
+    )
     opts = dist.ProcessGroupGloo._Options()
     opts._timeout = timedelta(seconds=60)
     opts._devices = [dist.ProcessGroupGloo.create_default_device()]
@@ -70,15 +82,24 @@ def test_broadcast_update_then_release_and_resume(server):
     assert join.result().status_code == 200, join.result().text
 
     # per parameter: one broadcast per name
-    body = {"names": PER_PARAM, "dtypes": ["float32"] * 2, "shapes": [list(new[n].shape) for n in PER_PARAM],
-            "group_name": "g1"}
+    body = {
+        "names": PER_PARAM,
+        "dtypes": ["float32"] * 2,
+        "shapes": [list(new[n].shape) for n in PER_PARAM],
+        "group_name": "g1",
+    }
     call = pool.submit(httpx.post, url + "/update_weights_from_distributed", json=body, timeout=120)
     for n in PER_PARAM:
         group.broadcast(new[n].contiguous(), 0).wait()
     assert call.result().status_code == 200, call.result().text
     # one flattened bucket: the tensors' bytes back to back
-    body = {"names": BUCKET, "dtypes": ["float32"] * 2, "shapes": [list(new[n].shape) for n in BUCKET],
-            "group_name": "g1", "load_format": "flattened_bucket"}
+    body = {
+        "names": BUCKET,
+        "dtypes": ["float32"] * 2,
+        "shapes": [list(new[n].shape) for n in BUCKET],
+        "group_name": "g1",
+        "load_format": "flattened_bucket",
+    }
     call = pool.submit(httpx.post, url + "/update_weights_from_distributed", json=body, timeout=120)
     flat = torch.cat([new[n].contiguous().view(-1).view(torch.uint8) for n in BUCKET])
     group.broadcast(flat, 0).wait()
@@ -97,20 +118,29 @@ def test_broadcast_update_then_release_and_resume(server):
     from safetensors.torch import save
 
     good = {"model.layers.3.mlp.down_proj.weight": torch.zeros(576, 1536)}
-    for bad in ({"model.layers.3.mlp.no_such.weight": torch.zeros(3)},
-                {"model.layers.3.self_attn.q_proj.weight": torch.zeros(5, 5)}):
+    for bad in (
+        {"model.layers.3.mlp.no_such.weight": torch.zeros(3)},
+        {"model.layers.3.self_attn.q_proj.weight": torch.zeros(5, 5)},
+    ):
         payload = base64.b64encode(save({**good, **bad})).decode()
         r = httpx.post(url + "/update_weights_from_tensor", json={"serialized_named_tensors": [payload]}, timeout=60)
         assert r.status_code == 400 and "weights not updated" in r.json()["message"], r.text
-    r = httpx.post(url + "/get_weights_by_name", json={"name": "model.layers.3.mlp.down_proj.weight",
-                                                        "truncate_size": 1}, timeout=30)
+    r = httpx.post(
+        url + "/get_weights_by_name",
+        json={"name": "model.layers.3.mlp.down_proj.weight", "truncate_size": 1},
+        timeout=30,
+    )
     assert torch.tensor(r.json()).abs().sum() > 0
     assert httpx.post(url + "/destroy_weights_update_group", json={"group_name": "g1"}, timeout=30).status_code == 200
 
     # memory: released while a request is in flight -> refused; then released for real
     assert httpx.post(url + "/pause_generation", timeout=30).status_code == 200
-    stream = pool.submit(httpx.post, url + "/generate", json={"text": PROMPTS[0], "sampling_params": {
-        "max_new_tokens": MAX_NEW, "temperature": 0}}, timeout=120)
+    stream = pool.submit(
+        httpx.post,
+        url + "/generate",
+        json={"text": PROMPTS[0], "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0}},
+        timeout=120,
+    )
     deadline = time.time() + 30
     while server.load()["num_running_reqs"] + server.load()["num_waiting_reqs"] == 0 and time.time() < deadline:
         time.sleep(0.05)
@@ -137,12 +167,21 @@ def test_broadcast_update_then_release_and_resume(server):
 def test_bad_calls_get_clear_errors(server):
     url = server.url
     cases = [
-        ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 0,
-                                        "world_size": 2}, "rank_offset"),
-        ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": "x", "rank_offset": 1,
-                                        "world_size": 2}, "master_port"),
-        ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]],
-                                              "group_name": "nope"}, "no weights update group"),
+        (
+            "/init_weights_update_group",
+            {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 0, "world_size": 2},
+            "rank_offset",
+        ),
+        (
+            "/init_weights_update_group",
+            {"master_address": "127.0.0.1", "master_port": "x", "rank_offset": 1, "world_size": 2},
+            "master_port",
+        ),
+        (
+            "/update_weights_from_distributed",
+            {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "nope"},
+            "no weights update group",
+        ),
         ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["int64"], "shapes": [[1]]}, "dtype"),
         ("/update_weights_from_tensor", {"serialized_named_tensors": ["%%%"]}, "base64"),
         ("/update_weights_from_disk", {"model_path": "/nonexistent/model"}, "model_path"),

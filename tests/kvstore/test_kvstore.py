@@ -19,16 +19,19 @@ from pdserve.kvstore.memory import MemoryStore
 from pdserve.net import free_port
 from tests.disagg.helpers import ENGINE_BACKENDS
 
-LAYOUT = StoreLayout("SmolLM2-135M-Instruct.Q4_1.gguf:100", page_size=4, num_layers=2, kv_heads=3, head_dim=8,
-                     dtype="float32")
+LAYOUT = StoreLayout(
+    "SmolLM2-135M-Instruct.Q4_1.gguf:100", page_size=4, num_layers=2, kv_heads=3, head_dim=8, dtype="float32"
+)
 
 
 def test_keys_chain_prefixes_and_namespaces():
     a = page_keys(LAYOUT, list(range(10)))  # 2 full pages, the partial third has no key
     b = page_keys(LAYOUT, list(range(8)) + [99, 98, 97, 96])
     assert len(a) == 2 and a == b[:2] and len(b) == 3
-    assert page_keys(LAYOUT, [0, 1, 2, 3, 9, 9, 9, 9])[0] == a[0] and \
-        page_keys(LAYOUT, [0, 1, 2, 3, 9, 9, 9, 9])[1] != a[1]
+    assert (
+        page_keys(LAYOUT, [0, 1, 2, 3, 9, 9, 9, 9])[0] == a[0]
+        and page_keys(LAYOUT, [0, 1, 2, 3, 9, 9, 9, 9])[1] != a[1]
+    )
     assert page_keys(LAYOUT, [5, 1, 2, 3, 4, 5, 6, 7])[1] != a[1]  # a key names its whole prefix
     other = StoreLayout(**{**LAYOUT.__dict__, "dtype": "bfloat16"})
     assert page_keys(other, list(range(8))) != a  # another layout never shares a key
@@ -42,9 +45,14 @@ def test_record_round_trip_and_rejections():
     assert bytes(record.decode(k, rec, LAYOUT.page_nbytes)) == page
     bad = bytearray(rec)
     bad[-1] ^= 1
-    for data, key, n, why in [(bytes(bad), k, LAYOUT.page_nbytes, "checksum"), (rec[:-1], k, LAYOUT.page_nbytes, "present"),
-                              (rec, "0" * 64, LAYOUT.page_nbytes, "another key"), (rec, k, 16, "needs 16"),
-                              (b"XXXX" + rec[4:], k, LAYOUT.page_nbytes, "not a pdserve"), (rec[:8], k, 4, "shorter")]:
+    for data, key, n, why in [
+        (bytes(bad), k, LAYOUT.page_nbytes, "checksum"),
+        (rec[:-1], k, LAYOUT.page_nbytes, "present"),
+        (rec, "0" * 64, LAYOUT.page_nbytes, "another key"),
+        (rec, k, 16, "needs 16"),
+        (b"XXXX" + rec[4:], k, LAYOUT.page_nbytes, "not a pdserve"),
+        (rec[:8], k, 4, "shorter"),
+    ]:
         with pytest.raises(record.RecordError, match=why):
             record.decode(key, data, n)
 
@@ -87,8 +95,10 @@ def _round_trip(store):
 
 def test_embedded_service_process():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "kvstore", "--port", str(port),
-                             "--capacity-gb", "0.001"], start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve.cli", "kvstore", "--port", str(port), "--capacity-gb", "0.001"],
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 30
@@ -118,8 +128,11 @@ def test_embedded_service_process():
 def test_mooncake_store(backend):
     rpc = free_port()
     exe = os.path.join(os.path.dirname(sys.executable), "mooncake_master")
-    master = subprocess.Popen([exe, f"-rpc_port={rpc}", "-rpc_address=127.0.0.1", f"-metrics_port={free_port()}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    master = subprocess.Popen(
+        [exe, f"-rpc_port={rpc}", "-rpc_address=127.0.0.1", f"-metrics_port={free_port()}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(1.0)
         store = open_store(f"mooncake://127.0.0.1:{rpc}?segment_bytes={16 << 20}")

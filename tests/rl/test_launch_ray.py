@@ -23,8 +23,10 @@ ray = pytest.importorskip("ray")
 def cluster():
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20,
-                                                      "include_dashboard": False})
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20, "include_dashboard": False},
+    )
     c.add_node(num_cpus=1, object_store_memory=80 * 2**20)
     c.wait_for_nodes()
     yield c
@@ -33,9 +35,23 @@ def cluster():
 
 def test_launch_on_two_ray_nodes(cluster):
     port = free_port()
-    cmd = [sys.executable, "-m", "pdserve.cli", "launch", "--ray", "--ray-address", cluster.address,
-           "--port", str(port), "--bootstrap-port-base", str(free_port()), "--dtype", "float32",
-           "--max-total-tokens", "4096"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pdserve.cli",
+        "launch",
+        "--ray",
+        "--ray-address",
+        cluster.address,
+        "--port",
+        str(port),
+        "--bootstrap-port-base",
+        str(free_port()),
+        "--dtype",
+        "float32",
+        "--max-total-tokens",
+        "4096",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     try:
@@ -54,8 +70,11 @@ def test_launch_on_two_ray_nodes(cluster):
         url = f"http://127.0.0.1:{port}"
         got = []
         for p in PROMPTS:
-            r = httpx.post(url + "/generate", json={"text": p, "sampling_params": {"max_new_tokens": MAX_NEW,
-                                                                                    "temperature": 0}}, timeout=120)
+            r = httpx.post(
+                url + "/generate",
+                json={"text": p, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0}},
+                timeout=120,
+            )
             assert r.status_code == 200, r.text
             got.append(r.json()["output_ids"])
         assert got == hf_generate(load_hf())

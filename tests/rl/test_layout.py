@@ -28,8 +28,9 @@ def test_the_seed_example_ranks_and_ports():
     assert [p.port for p in plans] == [30000, 30500, 31000, 31500, 32000, 32500, 33000, 33500]
     assert [p.is_prefill for p in plans] == [True] * 4 + [False] * 4
     assert [p.dp_rank for p in plans] == [0, 1, 2, 3] * 2
-    assert plans[0].log_line() == ("[sglang_pd_dis][local]: global_rank=0 dp_rank=0 dp_size=4 tp_size=4 "
-                                   "is_prefill=True is_decode=False")
+    assert plans[0].log_line() == (
+        "[sglang_pd_dis][local]: global_rank=0 dp_rank=0 dp_size=4 tp_size=4 is_prefill=True is_decode=False"
+    )
 
 
 def test_tp_sizes_default_to_half_the_devices_and_may_differ():

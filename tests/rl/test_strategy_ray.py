@@ -29,9 +29,18 @@ def free_base_port() -> int:
 
 
 def config(base: int) -> dict:
-    return {"strategy_args": {"strategy_name": "sglang_pd_dis", "strategy_config": {
-        "dtype": "float32", "max_total_tokens": 4096, "log_level": "warning", "base_port": base,
-        "disable_custom_all_reduce": True}}}
+    return {
+        "strategy_args": {
+            "strategy_name": "sglang_pd_dis",
+            "strategy_config": {
+                "dtype": "float32",
+                "max_total_tokens": 4096,
+                "log_level": "warning",
+                "base_port": base,
+                "disable_custom_all_reduce": True,
+            },
+        }
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +82,14 @@ def test_rollouts_weight_sync_and_offload(ray_local, caplog):
         pending = strategy.setup_collective_group("actor", "127.0.0.1", port)
         trainer.connect()
         pending.wait(120)
-        pending = strategy.broadcast_parameter("actor", PER_PARAM, ["float32"] * 2,
-                                               [list(new[n].shape) for n in PER_PARAM])
+        pending = strategy.broadcast_parameter(
+            "actor", PER_PARAM, ["float32"] * 2, [list(new[n].shape) for n in PER_PARAM]
+        )
         trainer.broadcast([new[n] for n in PER_PARAM])
         pending.wait(120)
-        pending = strategy.broadcast_bucket("actor", [{"name": n, "dtype": "float32", "shape": list(new[n].shape)}
-                                                      for n in BUCKET])
+        pending = strategy.broadcast_bucket(
+            "actor", [{"name": n, "dtype": "float32", "shape": list(new[n].shape)} for n in BUCKET]
+        )
         trainer.broadcast_bucket([new[n] for n in BUCKET])
         pending.wait(120)
         for n in [*PER_PARAM, *BUCKET]:
@@ -92,8 +103,9 @@ def test_rollouts_weight_sync_and_offload(ray_local, caplog):
         old = dict(hf.named_parameters())  # hf now holds `new`; restore PER_PARAM[1] by /1.3
         restored = (old[PER_PARAM[1]].detach() / 1.3).contiguous()
         buf = restored.view(-1).view(torch.uint8)
-        strategy.update_parameter_in_bucket([{"name": PER_PARAM[1], "dtype": "float32",
-                                              "shape": list(restored.shape), "offset": 0}], buf)
+        strategy.update_parameter_in_bucket(
+            [{"name": PER_PARAM[1], "dtype": "float32", "shape": list(restored.shape), "offset": 0}], buf
+        )
         rows = strategy.get_weights_by_name(PER_PARAM[1], truncate_size=4)
         assert all(torch.allclose(torch.tensor(r), restored[:4]) for r in rows)
         with pytest.raises(RuntimeError, match="unknown weight name"):

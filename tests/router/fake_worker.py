@@ -69,13 +69,32 @@ class FakeWorker:
         r.add_get("/health", self._health)
         r.add_get("/health_generate", self._health)
         r.add_get("/get_load", self._answer(lambda: self.load))
-        r.add_get("/get_server_info", self._answer(lambda: {
-            "name": self.name, "role": self.role, "model_path": MODEL,
-            "internal_states": [{"last_gen_throughput": 1.0, "worker": self.name}]}))
-        r.add_get("/get_model_info", self._answer(lambda: {
-            "model_path": MODEL, "tokenizer_path": MODEL, "is_generation": True, "worker": self.name}))
-        r.add_get("/v1/models", self._answer(lambda: {
-            "object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": self.name}]}))
+        r.add_get(
+            "/get_server_info",
+            self._answer(
+                lambda: {
+                    "name": self.name,
+                    "role": self.role,
+                    "model_path": MODEL,
+                    "internal_states": [{"last_gen_throughput": 1.0, "worker": self.name}],
+                }
+            ),
+        )
+        r.add_get(
+            "/get_model_info",
+            self._answer(
+                lambda: {"model_path": MODEL, "tokenizer_path": MODEL, "is_generation": True, "worker": self.name}
+            ),
+        )
+        r.add_get(
+            "/v1/models",
+            self._answer(
+                lambda: {
+                    "object": "list",
+                    "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": self.name}],
+                }
+            ),
+        )
         r.add_route("*", "/flush_cache", self._answer(lambda: "Cache flushed.\n"))
         for path in ("/start_profile", "/stop_profile"):
             r.add_route("*", path, self._answer(lambda: {"success": True, "trace_path": f"/tmp/x-{self.role}"}))
@@ -110,8 +129,10 @@ class FakeWorker:
                 await asyncio.sleep(self.response_delay)
             if self.fail_statuses:
                 status = self.fail_statuses.pop(0)
-                return web.json_response({"error": {"message": f"{self.name} fails with {status}",
-                                                    "code": status}, "object": "error"}, status=status)
+                return web.json_response(
+                    {"error": {"message": f"{self.name} fails with {status}", "code": status}, "object": "error"},
+                    status=status,
+                )
             if request.path == "/generate":
                 items = self._generate_items(body)
             elif request.path == "/v1/completions":
@@ -154,8 +175,13 @@ class FakeWorker:
 
     # ---- SGLang shapes -------------------------------------------------------------------
     def _meta(self, body: dict, n_out: int) -> dict:
-        meta = {"id": f"{self.name}-req", "finish_reason": {"type": "length", "length": n_out},
-                "prompt_tokens": 3, "completion_tokens": n_out, "cached_tokens": 0}
+        meta = {
+            "id": f"{self.name}-req",
+            "finish_reason": {"type": "length", "length": n_out},
+            "prompt_tokens": 3,
+            "completion_tokens": n_out,
+            "cached_tokens": 0,
+        }
         if body.get("return_logprob"):
             if self.role == "prefill":
                 meta["input_token_logprobs"] = [[None, 1, None], [-0.5, 2, None]]
@@ -166,12 +192,17 @@ class FakeWorker:
 
     def _generate_items(self, body: dict) -> dict:
         text, ids = body.get("text"), body.get("input_ids")
-        batch = len(text) if isinstance(text, list) else (
-            len(ids) if isinstance(ids, list) and ids and isinstance(ids[0], list) else None)
+        batch = (
+            len(text)
+            if isinstance(text, list)
+            else (len(ids) if isinstance(ids, list) and ids and isinstance(ids[0], list) else None)
+        )
 
         def one(k: int) -> dict:
-            return {"text": f"{self.name} says " + " ".join(f"t{i}" for i in range(k)),
-                    "meta_info": self._meta(body, k)}
+            return {
+                "text": f"{self.name} says " + " ".join(f"t{i}" for i in range(k)),
+                "meta_info": self._meta(body, k),
+            }
 
         full = one(self.chunks)
         if batch is not None:
@@ -186,22 +217,60 @@ class FakeWorker:
         base = {"id": f"cmpl-{self.name}", "object": "text_completion", "created": 0, "model": MODEL}
         prompts = body.get("prompt")
         n = len(prompts) if isinstance(prompts, list) and prompts and not isinstance(prompts[0], int) else 1
-        full = dict(base, choices=[{"index": i, "text": f"{self.name} says hi", "logprobs": None,
-                                    "finish_reason": "length"} for i in range(n)], usage=self._usage())
-        chunks = [dict(base, choices=[{"index": 0, "text": f"t{k} ", "logprobs": None,
-                                       "finish_reason": "length" if k == self.chunks - 1 else None}])
-                  for k in range(self.chunks)]
+        full = dict(
+            base,
+            choices=[
+                {"index": i, "text": f"{self.name} says hi", "logprobs": None, "finish_reason": "length"}
+                for i in range(n)
+            ],
+            usage=self._usage(),
+        )
+        chunks = [
+            dict(
+                base,
+                choices=[
+                    {
+                        "index": 0,
+                        "text": f"t{k} ",
+                        "logprobs": None,
+                        "finish_reason": "length" if k == self.chunks - 1 else None,
+                    }
+                ],
+            )
+            for k in range(self.chunks)
+        ]
         return {"full": full, "chunks": chunks}
 
     def _chat_items(self, body: dict) -> dict:
         base = {"id": f"chatcmpl-{self.name}", "created": 0, "model": MODEL}
-        full = dict(base, object="chat.completion", choices=[{
-            "index": 0, "message": {"role": "assistant", "content": f"{self.name} says hi"},
-            "logprobs": None, "finish_reason": "stop"}], usage=self._usage())
-        chunks = [dict(base, object="chat.completion.chunk", choices=[{
-            "index": 0, "delta": ({"role": "assistant", "content": f"t{k} "} if k == 0 else {"content": f"t{k} "}),
-            "logprobs": None, "finish_reason": "stop" if k == self.chunks - 1 else None}])
-            for k in range(self.chunks)]
+        full = dict(
+            base,
+            object="chat.completion",
+            choices=[
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": f"{self.name} says hi"},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            usage=self._usage(),
+        )
+        chunks = [
+            dict(
+                base,
+                object="chat.completion.chunk",
+                choices=[
+                    {
+                        "index": 0,
+                        "delta": ({"role": "assistant", "content": f"t{k} "} if k == 0 else {"content": f"t{k} "}),
+                        "logprobs": None,
+                        "finish_reason": "stop" if k == self.chunks - 1 else None,
+                    }
+                ],
+            )
+            for k in range(self.chunks)
+        ]
         return {"full": full, "chunks": chunks}
 
 

@@ -31,8 +31,12 @@ def test_plain_mode_balances_and_forwards_unchanged(fakes, make_router):
         assert httpx.post(rt.url + "/generate", json=body, timeout=10).status_code == 200
     assert served_by(ws) == {"w0": 2, "w1": 2, "w2": 2}
     assert ws[0].generation_bodies()[0] == body  # no bootstrap fields in plain mode
-    with httpx.stream("POST", rt.url + "/v1/chat/completions", timeout=10,
-                      json={"messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        rt.url + "/v1/chat/completions",
+        timeout=10,
+        json={"messages": [{"role": "user", "content": "x"}], "stream": True},
+    ) as r:
         lines = [ln for ln in r.iter_lines() if ln.startswith("data:")]
     assert lines[-1] == "data: [DONE]" and len(lines) == 4
 
@@ -51,10 +55,14 @@ def test_power_of_two_uses_get_load(fakes, make_router):
     p = fakes("p1", "prefill")
     busy = fakes("busy", "decode", load={"num_running_reqs": 40, "num_waiting_reqs": 9, "num_tokens": 9000})
     idle = fakes("idle", "decode", load=[{"dp_rank": 0, "load": 0}])  # SGLang's list shape
-    rt = make_router(prefill=[p.url], decode=[busy.url, idle.url], decode_policy="power_of_two",
-                     prefill_policy="random")
-    assert wait_for(lambda: all(w["load"] is not None for w in httpx.get(rt.url + "/workers").json()["workers"]
-                                if w["role"] == "decode"))
+    rt = make_router(
+        prefill=[p.url], decode=[busy.url, idle.url], decode_policy="power_of_two", prefill_policy="random"
+    )
+    assert wait_for(
+        lambda: all(
+            w["load"] is not None for w in httpx.get(rt.url + "/workers").json()["workers"] if w["role"] == "decode"
+        )
+    )
     for _ in range(8):
         assert httpx.post(rt.url + "/generate", json={"text": "x"}, timeout=10).status_code == 200
     assert served_by([busy, idle]) == {"busy": 0, "idle": 8}
@@ -63,12 +71,16 @@ def test_power_of_two_uses_get_load(fakes, make_router):
 def test_cache_aware_sticks_over_http(fakes, make_router):
     ps = [fakes(f"p{i}", "prefill") for i in range(2)]
     d = fakes("d1", "decode")
-    rt = make_router(prefill=[p.url for p in ps], decode=[d.url], prefill_policy="cache_aware",
-                     decode_policy="round_robin")
+    rt = make_router(
+        prefill=[p.url for p in ps], decode=[d.url], prefill_policy="cache_aware", decode_policy="round_robin"
+    )
     system = "You are a careful assistant that answers in one line. " * 10
     for i in range(6):
-        r = httpx.post(rt.url + "/v1/chat/completions", timeout=10, json={"messages": [
-            {"role": "system", "content": system}, {"role": "user", "content": f"q{i}"}]})
+        r = httpx.post(
+            rt.url + "/v1/chat/completions",
+            timeout=10,
+            json={"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"q{i}"}]},
+        )
         assert r.status_code == 200
     counts = served_by(ps, "/v1/chat/completions")
     assert sorted(counts.values()) == [0, 6]  # all on one prefill
@@ -128,8 +140,10 @@ def test_official_openai_client(fakes, make_router, stream):
     client = openai.OpenAI(base_url=rt.url + "/v1", api_key="unused", max_retries=0, timeout=10)
     msgs = [{"role": "user", "content": "hi"}]
     if stream:
-        parts = [c.choices[0].delta.content or "" for c in
-                 client.chat.completions.create(model="fake-model", messages=msgs, stream=True)]
+        parts = [
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(model="fake-model", messages=msgs, stream=True)
+        ]
         assert "".join(parts) == "t0 t1 t2 "
         texts = [c.choices[0].text for c in client.completions.create(model="fake-model", prompt="hi", stream=True)]
         assert "".join(texts) == "t0 t1 t2 "
@@ -145,32 +159,57 @@ def test_official_openai_client(fakes, make_router, stream):
 
 
 def test_cli_flags():
-    c = config_from_args(["--pd-disaggregation", "--prefill", "http://10.0.0.1:30000", "9000",
-                          "--prefill", "10.0.0.2:30000", "none", "--prefill", "http://10.0.0.3:30000",
-                          "--decode", "http://10.0.0.4:30001", "--decode", "http://10.0.0.5:30001",
-                          "--prefill-policy", "cache_aware", "--decode-policy", "power_of_two",
-                          "--max-retries", "5", "--api-key", "k"])
+    c = config_from_args(
+        [
+            "--pd-disaggregation",
+            "--prefill",
+            "http://10.0.0.1:30000",
+            "9000",
+            "--prefill",
+            "10.0.0.2:30000",
+            "none",
+            "--prefill",
+            "http://10.0.0.3:30000",
+            "--decode",
+            "http://10.0.0.4:30001",
+            "--decode",
+            "http://10.0.0.5:30001",
+            "--prefill-policy",
+            "cache_aware",
+            "--decode-policy",
+            "power_of_two",
+            "--max-retries",
+            "5",
+            "--api-key",
+            "k",
+        ]
+    )
     assert [(p.url, p.bootstrap_port) for p in c.prefill] == [
-        ("http://10.0.0.1:30000", 9000), ("http://10.0.0.2:30000", None), ("http://10.0.0.3:30000", None)]
+        ("http://10.0.0.1:30000", 9000),
+        ("http://10.0.0.2:30000", None),
+        ("http://10.0.0.3:30000", None),
+    ]
     assert c.decode == ("http://10.0.0.4:30001", "http://10.0.0.5:30001")
     assert (c.effective_prefill_policy, c.effective_decode_policy) == ("cache_aware", "power_of_two")
     assert c.retry.max_retries == 5 and c.api_key == "k" and c.host == "127.0.0.1"
-    plain = config_from_args(["--worker-urls", "http://a:1", "http://b:2", "--policy", "random",
-                              "--disable-retries"])
+    plain = config_from_args(["--worker-urls", "http://a:1", "http://b:2", "--policy", "random", "--disable-retries"])
     assert plain.worker_urls == ("http://a:1", "http://b:2") and plain.retry.max_retries == 0
 
 
-@pytest.mark.parametrize("argv,flag", [
-    (["--pd-disaggregation", "--prefill", "http://a:1", "x", "--decode", "http://b:1"], "--prefill"),
-    (["--pd-disaggregation", "--prefill", "http://a:1", "70000", "--decode", "http://b:1"], "--prefill"),
-    (["--pd-disaggregation", "--prefill", "http://a:1"], "--decode"),
-    (["--worker-urls", "http://a:1", "--policy", "fastest"], "--policy"),
-    (["--worker-urls", "http://a:1", "--cache-threshold", "1.5"], "--cache-threshold"),
-    (["--worker-urls", "http://a:1", "--port", "99999"], "--port"),
-    (["--worker-urls", "ftp://a:1"], "--worker-urls"),
-    (["--worker-urls", "http://a:1", "--max-retries", "-1"], "--retry-max-retries"),
-    ([], "--worker-urls"),
-])
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--pd-disaggregation", "--prefill", "http://a:1", "x", "--decode", "http://b:1"], "--prefill"),
+        (["--pd-disaggregation", "--prefill", "http://a:1", "70000", "--decode", "http://b:1"], "--prefill"),
+        (["--pd-disaggregation", "--prefill", "http://a:1"], "--decode"),
+        (["--worker-urls", "http://a:1", "--policy", "fastest"], "--policy"),
+        (["--worker-urls", "http://a:1", "--cache-threshold", "1.5"], "--cache-threshold"),
+        (["--worker-urls", "http://a:1", "--port", "99999"], "--port"),
+        (["--worker-urls", "ftp://a:1"], "--worker-urls"),
+        (["--worker-urls", "http://a:1", "--max-retries", "-1"], "--retry-max-retries"),
+        ([], "--worker-urls"),
+    ],
+)
 def test_cli_errors_name_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         config_from_args(argv)
@@ -180,15 +219,34 @@ def test_cli_errors_name_the_flag(argv, flag, capsys):
 
 def test_router_process_is_light_and_serves(fakes):
     """`pdserve router` as a process: no torch imported, serves, stops on SIGTERM."""
-    code = ("import sys, pdserve.cli, pdserve.router.cli, pdserve.router.serve, pdserve.router.app; "
-            "assert 'torch' not in sys.modules, 'router imported torch'")
+    code = (
+        "import sys, pdserve.cli, pdserve.router.cli, pdserve.router.serve, pdserve.router.app; "
+        "assert 'torch' not in sys.modules, 'router imported torch'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
     p = fakes("p1", "prefill")
     d = fakes("d1", "decode")
     port = int(dead_url().rsplit(":", 1)[1])
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "router", "--pd-disaggregation",
-                             "--prefill", p.url, "none", "--decode", d.url, "--port", str(port),
-                             "--log-level", "warn"], cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "router",
+            "--pd-disaggregation",
+            "--prefill",
+            p.url,
+            "none",
+            "--decode",
+            d.url,
+            "--port",
+            str(port),
+            "--log-level",
+            "warn",
+        ],
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 

@@ -37,12 +37,17 @@ def test_generate_through_router_equals_direct(server, routed):
 def test_openai_client_and_info_through_router(server, routed):
     client = openai.OpenAI(base_url=routed.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     model = client.models.list().data[0].id
-    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hi"}],
-                                          max_tokens=4, temperature=0)
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, temperature=0
+    )
     assert chat.choices[0].message.content
-    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, temperature=0, stream=True)
-        if c.choices]
+    parts = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, temperature=0, stream=True
+        )
+        if c.choices
+    ]
     assert "".join(parts) == chat.choices[0].message.content
     load = httpx.get(routed.url + "/get_load", timeout=10).json()["workers"][0]
     assert load["status"] == 200 and parse_load(load["body"]) is not None

@@ -60,17 +60,23 @@ def test_rooms_are_fresh_per_request(fakes, make_router):
     assert rooms == [b["bootstrap_room"] for b in d.generation_bodies()]
 
 
-@pytest.mark.parametrize("path,body,size", [
-    ("/generate", {"text": ["a", "b", "c"]}, 3),
-    ("/generate", {"input_ids": [[1, 2], [3, 4]]}, 2),
-    ("/generate", {"input_ids": [1, 2, 3]}, None),  # one tokenized prompt
-    ("/v1/completions", {"model": "fake-model", "prompt": ["a", "b"]}, 2),
-    ("/v1/completions", {"model": "fake-model", "prompt": [5, 6, 7]}, None),
-    ("/v1/completions", {"model": "fake-model", "prompt": "a"}, None),
-    # n > 1 is parallel sampling, not a batch: one room, the server expands it
-    ("/v1/chat/completions", {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "n": 2},
-     None),
-])
+@pytest.mark.parametrize(
+    "path,body,size",
+    [
+        ("/generate", {"text": ["a", "b", "c"]}, 3),
+        ("/generate", {"input_ids": [[1, 2], [3, 4]]}, 2),
+        ("/generate", {"input_ids": [1, 2, 3]}, None),  # one tokenized prompt
+        ("/v1/completions", {"model": "fake-model", "prompt": ["a", "b"]}, 2),
+        ("/v1/completions", {"model": "fake-model", "prompt": [5, 6, 7]}, None),
+        ("/v1/completions", {"model": "fake-model", "prompt": "a"}, None),
+        # n > 1 is parallel sampling, not a batch: one room, the server expands it
+        (
+            "/v1/chat/completions",
+            {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "n": 2},
+            None,
+        ),
+    ],
+)
 def test_batched_requests_get_lists(fakes, make_router, path, body, size):
     p, d, rt = pair(fakes, make_router)
     r = httpx.post(rt.url + path, json=body, timeout=10)
@@ -98,8 +104,11 @@ def test_empty_batch_is_a_bad_request(fakes, make_router):
 
 def test_openai_routes_return_decode_answer(fakes, make_router):
     p, d, rt = pair(fakes, make_router)
-    r = httpx.post(rt.url + "/v1/chat/completions", timeout=10,
-                   json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        rt.url + "/v1/chat/completions",
+        timeout=10,
+        json={"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "d1 says hi"
     r = httpx.post(rt.url + "/v1/completions", json={"model": "fake-model", "prompt": "hi"}, timeout=10)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "d1 says hi"
@@ -145,13 +154,17 @@ def test_logprobs_merged_from_prefill(fakes, make_router):
 
 def test_logprobs_merged_into_stream(fakes, make_router):
     p, d, rt = pair(fakes, make_router)
-    with httpx.stream("POST", rt.url + "/generate", timeout=10,
-                      json={"text": "hi", "return_logprob": True, "stream": True}) as r:
+    with httpx.stream(
+        "POST", rt.url + "/generate", timeout=10, json={"text": "hi", "return_logprob": True, "stream": True}
+    ) as r:
         events = [ln[5:].strip() for ln in r.iter_lines() if ln.startswith("data:")]
     assert events[-1] == "[DONE]" and len(events) == 4
     for e in events[:-1]:
-        assert json.loads(e)["meta_info"]["input_token_logprobs"] == \
-            [[None, 1, None], [-0.5, 2, None], [-0.25, 3, None]]
+        assert json.loads(e)["meta_info"]["input_token_logprobs"] == [
+            [None, 1, None],
+            [-0.5, 2, None],
+            [-0.25, 3, None],
+        ]
 
 
 def test_without_logprobs_nothing_is_merged(fakes, make_router):

@@ -111,8 +111,9 @@ def test_prefix_tree_memory_is_bounded_lru():
 
 def test_circuit_breaker_state_machine():
     now = [0.0]
-    cb = CircuitBreaker(CircuitBreakerConfig(failure_threshold=3, success_threshold=2, timeout_duration_secs=10),
-                        clock=lambda: now[0])
+    cb = CircuitBreaker(
+        CircuitBreakerConfig(failure_threshold=3, success_threshold=2, timeout_duration_secs=10), clock=lambda: now[0]
+    )
     cb.record_failure()
     cb.record_failure()
     cb.record_success()  # resets the consecutive count
@@ -169,8 +170,12 @@ def test_routing_key_and_batch_size():
     assert routing_key({"input_ids": [1, 22, 3]}, "/generate") == "1 22 3 "
     assert routing_key({"input_ids": [[1, 2], [3]]}, "/generate") == "1 2 "
     assert routing_key({"prompt": "p"}, "/v1/completions") == "p"
-    chat = {"messages": [{"role": "system", "content": "be nice"},
-                         {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "be nice"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ]
+    }
     assert routing_key(chat, "/v1/chat/completions") == "system: be nice\nuser: hi\n"
     assert routing_key({}, "/generate") is None
     assert batch_size({"text": "a"}, "/generate") is None

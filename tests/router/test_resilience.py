@@ -63,9 +63,13 @@ def test_decode_503_retried_on_another_decode(fakes, make_router):
 def test_retries_exhausted_returns_last_error(fakes, make_router):
     p = fakes("p1", "prefill", fail_statuses=[500] * 10)
     d = fakes("d1", "decode", response_delay=0.2)
-    rt = make_router(prefill=[p.url], decode=[d.url], health=no_health(),
-                     retry=RetryConfig(max_retries=2, initial_backoff_ms=1, max_backoff_ms=5),
-                     circuit_breaker=CircuitBreakerConfig(failure_threshold=100))
+    rt = make_router(
+        prefill=[p.url],
+        decode=[d.url],
+        health=no_health(),
+        retry=RetryConfig(max_retries=2, initial_backoff_ms=1, max_backoff_ms=5),
+        circuit_breaker=CircuitBreakerConfig(failure_threshold=100),
+    )
     r = httpx.post(rt.url + "/generate", json={"text": "x"}, timeout=10)
     assert r.status_code == 500 and r.json()["error"]["message"] == "p1 fails with 500"
     assert len(p.generation_bodies()) == 3  # 1 + 2 retries
@@ -74,8 +78,11 @@ def test_retries_exhausted_returns_last_error(fakes, make_router):
 
 
 def test_all_dead_gives_clear_gateway_error(make_router):
-    rt = make_router(worker_urls=[dead_url()], health=no_health(),
-                     retry=RetryConfig(max_retries=1, initial_backoff_ms=1, max_backoff_ms=5))
+    rt = make_router(
+        worker_urls=[dead_url()],
+        health=no_health(),
+        retry=RetryConfig(max_retries=1, initial_backoff_ms=1, max_backoff_ms=5),
+    )
     r = httpx.post(rt.url + "/generate", json={"text": "x"}, timeout=10)
     assert r.status_code == 502
     msg = r.json()["error"]["message"]
@@ -87,9 +94,12 @@ def test_circuit_breaker_opens_and_recovers(fakes, make_router):
     good = fakes("p_good", "prefill")
     d = fakes("d1", "decode", response_delay=0.05)
     cooldown = 3.0  # long enough for the three requests below on any machine
-    rt = make_router(prefill=[bad.url, good.url], decode=[d.url], health=no_health(),
-                     circuit_breaker=CircuitBreakerConfig(failure_threshold=2, success_threshold=1,
-                                                          timeout_duration_secs=cooldown))
+    rt = make_router(
+        prefill=[bad.url, good.url],
+        decode=[d.url],
+        health=no_health(),
+        circuit_breaker=CircuitBreakerConfig(failure_threshold=2, success_threshold=1, timeout_duration_secs=cooldown),
+    )
     while len(bad.generation_bodies()) < 2:  # round robin sends every other pair to p_bad
         assert httpx.post(rt.url + "/generate", json={"text": "x"}, timeout=10).status_code == 200
     opened_at = time.monotonic()
@@ -164,9 +174,11 @@ def test_metrics_names(fakes, make_router):
     httpx.post(rt.url + "/v1/completions", json={"prompt": "x"}, timeout=5)
     assert wait_for(lambda: metric(rt, "worker_load", f'{{role="prefill",url="{p.url}"}}') == 3)
     text = httpx.get(rt.url + "/metrics", timeout=5).text
-    for name in ('pdserve_router_requests_total{route="/generate"} 1.0',
-                 'pdserve_router_requests_total{route="/v1/completions"} 1.0',
-                 "pdserve_router_retries_total 0.0",
-                 f'pdserve_router_worker_healthy{{role="decode",url="{d.url}"}} 1.0',
-                 'pdserve_router_request_duration_seconds_count{route="/generate"} 1.0'):
+    for name in (
+        'pdserve_router_requests_total{route="/generate"} 1.0',
+        'pdserve_router_requests_total{route="/v1/completions"} 1.0',
+        "pdserve_router_retries_total 0.0",
+        f'pdserve_router_worker_healthy{{role="decode",url="{d.url}"}} 1.0',
+        'pdserve_router_request_duration_seconds_count{route="/generate"} 1.0',
+    ):
         assert name in text, name

@@ -42,9 +42,12 @@ def _available() -> str | None:
     except subprocess.TimeoutExpired:
         return "importing sglang_router timed out"
     if r.returncode != 0:
-        return ("sglang-router is not installed (pip install --no-deps sglang-router orjson setproctitle, "
-                "or set SGLANG_ROUTER_PYTHONPATH): " + r.stderr.strip().splitlines()[-1:][0]
-                if r.stderr.strip() else "sglang-router is not importable")
+        return (
+            "sglang-router is not installed (pip install --no-deps sglang-router orjson setproctitle, "
+            "or set SGLANG_ROUTER_PYTHONPATH): " + r.stderr.strip().splitlines()[-1:][0]
+            if r.stderr.strip()
+            else "sglang-router is not importable"
+        )
     return None
 
 
@@ -59,12 +62,35 @@ def sglang_router(fakes):
     d = fakes("d1", "decode")
     port = int(dead_url().rsplit(":", 1)[1])
     prom = int(dead_url().rsplit(":", 1)[1])
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-           "--prefill", p1.url, "9123", "--prefill", p2.url, "none", "--decode", d.url,
-           "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin",
-           "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom), "--log-level", "error"]
-    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--pd-disaggregation",
+        "--prefill",
+        p1.url,
+        "9123",
+        "--prefill",
+        p2.url,
+        "none",
+        "--decode",
+        d.url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--policy",
+        "round_robin",
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(prom),
+        "--log-level",
+        "error",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -103,8 +129,9 @@ REQUESTS = [
 
 def test_same_bootstrap_fields_as_sglang_router(sglang_router, make_router):
     url, (p1, p2, d) = sglang_router
-    ours = make_router(prefill=[PrefillSpec(p1.url, 9123), PrefillSpec(p2.url, None)], decode=[d.url],
-                       policy="round_robin")
+    ours = make_router(
+        prefill=[PrefillSpec(p1.url, 9123), PrefillSpec(p2.url, None)], decode=[d.url], policy="round_robin"
+    )
     for path, body in REQUESTS:
         shapes = {}
         for name, base in (("sglang", url), ("pdserve", ours.url)):

@@ -104,8 +104,9 @@ def make(split=(50, 50), **settings):
     clock = Clock()
     mc = SemiPDMetricsCollector(window_size_seconds=30.0, clock=clock)
     act = InMemorySplit(SMAllocation(*split))
-    ctl = SLOAwareResourceController(SLOConstraints(100.0, 50.0), mc, act,
-                                     settings=ControllerSettings(**settings), clock=clock)
+    ctl = SLOAwareResourceController(
+        SLOConstraints(100.0, 50.0), mc, act, settings=ControllerSettings(**settings), clock=clock
+    )
     return clock, mc, act, ctl
 
 
@@ -224,11 +225,13 @@ class SimServer:
             mc.record_first_token(rid, timestamp=t0 + f)
             mc.record_request_completion(rid, 20, timestamp=t0 + f + 19 * p)
             tokens = self.rng.randint(50, 400)
-            mc.record_prefill_batch(tokens, self.law.prefill_time(tokens, x) * self.rng.uniform(0.9, 1.1), x,
-                                    timestamp=t0)
+            mc.record_prefill_batch(
+                tokens, self.law.prefill_time(tokens, x) * self.rng.uniform(0.9, 1.1), x, timestamp=t0
+            )
             batch = max(1, round(self.rate * 20 * min(tpot, 10.0)))
-            mc.record_decode_step(batch, self.law.decode_step_time(batch, y) * self.rng.uniform(0.9, 1.1), y,
-                                  timestamp=t0)
+            mc.record_decode_step(
+                batch, self.law.decode_step_time(batch, y) * self.rng.uniform(0.9, 1.1), y, timestamp=t0
+            )
         clock.t += seconds
 
     def tpot(self, y: float) -> float:
@@ -238,8 +241,10 @@ class SimServer:
         return math.inf if denom <= 0 else self.law.decode.b * k / denom
 
     def meets(self, split: SMAllocation, slo: SLOConstraints) -> bool:
-        return (self.law.predict_ttft(split.prefill_percentage, self.rate, 200) * 1000 * 1.2 <= slo.ttft_target_ms
-                and self.tpot(split.decode_percentage) * 1000 * 1.2 <= slo.tpot_target_ms)
+        return (
+            self.law.predict_ttft(split.prefill_percentage, self.rate, 200) * 1000 * 1.2 <= slo.ttft_target_ms
+            and self.tpot(split.decode_percentage) * 1000 * 1.2 <= slo.tpot_target_ms
+        )
 
 
 @pytest.mark.parametrize("start", [(20, 80), (50, 50), (85, 15)])
@@ -285,8 +290,9 @@ def test_closed_loop_infeasible_load_does_not_flap():
 def test_monitoring_thread_decides_on_its_own():
     mc = SemiPDMetricsCollector(window_size_seconds=5.0)
     act = create_actuator("in_memory", SMAllocation(50, 50))
-    ctl = SLOAwareResourceController(SLOConstraints(100, 50), mc, act,
-                                     settings=ControllerSettings(monitoring_interval_s=0.05))
+    ctl = SLOAwareResourceController(
+        SLOConstraints(100, 50), mc, act, settings=ControllerSettings(monitoring_interval_s=0.05)
+    )
     now = mc.clock()
     for i in range(10):
         mc.record_request_arrival(f"r{i}", 10, timestamp=now - 1)
@@ -303,15 +309,21 @@ def test_monitoring_thread_decides_on_its_own():
 
 
 # ---- settings and flags ----------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"initial_prefill_sm": 80, "initial_decode_sm": 30}, "--initial-prefill-sm: 80 % + --initial-decode-sm 30 % = 110 %"),
-    ({"initial_decode_sm": 0}, "--initial-decode-sm: a percentage"),
-    ({"initial_prefill_sm": 101}, "--initial-prefill-sm: a percentage"),
-    ({"slo_ttft_target": 0}, "--slo-ttft-target: must be a positive number"),
-    ({"slo_tpot_target": -5.0}, "--slo-tpot-target: must be a positive number"),
-    ({"slo_window_size": 5.0}, "--slo-monitoring-interval: 10.0 s is longer than --slo-window-size"),
-    ({"enable_semi_pd": True, "disaggregation_mode": "prefill"}, "--enable-semi-pd: Semi-PD splits one server"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (
+            {"initial_prefill_sm": 80, "initial_decode_sm": 30},
+            "--initial-prefill-sm: 80 % + --initial-decode-sm 30 % = 110 %",
+        ),
+        ({"initial_decode_sm": 0}, "--initial-decode-sm: a percentage"),
+        ({"initial_prefill_sm": 101}, "--initial-prefill-sm: a percentage"),
+        ({"slo_ttft_target": 0}, "--slo-ttft-target: must be a positive number"),
+        ({"slo_tpot_target": -5.0}, "--slo-tpot-target: must be a positive number"),
+        ({"slo_window_size": 5.0}, "--slo-monitoring-interval: 10.0 s is longer than --slo-window-size"),
+        ({"enable_semi_pd": True, "disaggregation_mode": "prefill"}, "--enable-semi-pd: Semi-PD splits one server"),
+    ],
+)
 def test_server_args_reject_bad_semi_pd_settings(kwargs, needle):
     with pytest.raises(ValueError) as e:
         ServerArgs(**kwargs)

@@ -51,10 +51,12 @@ def test_blocks_are_shared_zero_copy_between_processes(umm):
     ids = umm.allocate_kv_cache_blocks("r", 3, 2, InstanceRole.PREFILL)
     for i in ids:  # non-consecutive would also work: views per block
         umm.kv[i].fill_(7.0)
-    code = ("import sys; from pdserve.semi_pd.unified_memory_manager import UnifiedMemoryManager as U;"
-            "m = U.attach(sys.argv[1]); kv = m.block_views('r', 3, 'decode');"
-            "assert all(bool((b == 7.0).all()) for b in kv), 'prefill KV not visible';"
-            "[b[1].fill_(9.0) for b in kv]; m.allocate_kv_cache_blocks('r', 3, 1, 'decode'); m.close()")
+    code = (
+        "import sys; from pdserve.semi_pd.unified_memory_manager import UnifiedMemoryManager as U;"
+        "m = U.attach(sys.argv[1]); kv = m.block_views('r', 3, 'decode');"
+        "assert all(bool((b == 7.0).all()) for b in kv), 'prefill KV not visible';"
+        "[b[1].fill_(9.0) for b in kv]; m.allocate_kv_cache_blocks('r', 3, 1, 'decode'); m.close()"
+    )
     subprocess.run([sys.executable, "-c", code, umm.name], check=True, cwd=ROOT, timeout=60)
     table = umm.get_block_table_index("r", 3)
     assert table[:2] == ids and len(table) == 3  # decode's block appended to prefill's table
@@ -62,13 +64,16 @@ def test_blocks_are_shared_zero_copy_between_processes(umm):
     assert umm.get_memory_usage()["allocated_blocks_by_role"] == {"prefill": 2, "decode": 1}
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"total_blocks": 0}, "total_blocks (--unified-memory-blocks): must be >= 1"),
-    ({"block_size": 100}, "block_size (--unified-memory-block-size): 100 bytes"),
-    ({"page_size": 0}, "page_size (--unified-memory-page-size)"),
-    ({"total_blocks": 2**40}, "more than this machine's RAM"),
-    ({"device": "cuda"}, "device 'cuda'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"total_blocks": 0}, "total_blocks (--unified-memory-blocks): must be >= 1"),
+        ({"block_size": 100}, "block_size (--unified-memory-block-size): 100 bytes"),
+        ({"page_size": 0}, "page_size (--unified-memory-page-size)"),
+        ({"total_blocks": 2**40}, "more than this machine's RAM"),
+        ({"device": "cuda"}, "device 'cuda'"),
+    ],
+)
 def test_impossible_geometry(kwargs, needle):
     args = {"total_blocks": 4, "block_size": 4096, "page_size": 16, "device": "cpu", **kwargs}
     with pytest.raises(ValueError) as e:
@@ -105,12 +110,15 @@ def test_segment_unlinked_on_close():
     assert not os.path.exists(path)
 
 
-@pytest.mark.parametrize("flags, needle", [
-    ({"unified_memory_blocks": 0}, "--unified-memory-blocks: must be >= 1"),
-    ({"unified_memory_block_size": 4000}, "--unified-memory-block-size: 4000 bytes"),
-    ({"unified_memory_page_size": 2000}, "--unified-memory-page-size: must be in 1..1024"),
-    ({"unified_memory_blocks": 10**9, "unified_memory_block_size": 2**20}, "more than this machine's RAM"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        ({"unified_memory_blocks": 0}, "--unified-memory-blocks: must be >= 1"),
+        ({"unified_memory_block_size": 4000}, "--unified-memory-block-size: 4000 bytes"),
+        ({"unified_memory_page_size": 2000}, "--unified-memory-page-size: must be in 1..1024"),
+        ({"unified_memory_blocks": 10**9, "unified_memory_block_size": 2**20}, "more than this machine's RAM"),
+    ],
+)
 def test_server_args_reject_impossible_pools(flags, needle):
     with pytest.raises(ValueError) as e:
         ServerArgs(**flags)
@@ -123,9 +131,17 @@ class Workers:
 
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": ROOT}
-        self.procs = [subprocess.Popen([sys.executable, "-m", "tests.semi_pd.umm_worker"], cwd=ROOT, env=env,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                      for _ in range(2)]
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.semi_pd.umm_worker"],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
 
     def run(self, name: str, scripts: list[list], rounds: int) -> list[dict]:
         for w, (p, ops) in enumerate(zip(self.procs, scripts)):  # both start before either answers
@@ -171,8 +187,7 @@ op = st.one_of(
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(scripts=st.lists(st.lists(op, min_size=1, max_size=40), min_size=2, max_size=2),
-       total_blocks=st.integers(4, 40))
+@given(scripts=st.lists(st.lists(op, min_size=1, max_size=40), min_size=2, max_size=2), total_blocks=st.integers(4, 40))
 def test_two_processes_allocate_and_free_concurrently(workers, scripts, total_blocks):
     with UnifiedMemoryManager(total_blocks, 256, 2) as umm:
         results = workers.run(umm.name, [[list(o) for o in s] for s in scripts], rounds=20)
@@ -184,8 +199,15 @@ def test_two_processes_contend_for_a_small_pool(workers):
     import random
 
     rng = random.Random(13)
-    scripts = [[["alloc", f"r{rng.randrange(8)}", rng.randrange(3), rng.randint(1, 4)] if rng.random() < 0.6
-                else ["free", f"r{rng.randrange(8)}"] for _ in range(400)] for _ in range(2)]
+    scripts = [
+        [
+            ["alloc", f"r{rng.randrange(8)}", rng.randrange(3), rng.randint(1, 4)]
+            if rng.random() < 0.6
+            else ["free", f"r{rng.randrange(8)}"]
+            for _ in range(400)
+        ]
+        for _ in range(2)
+    ]
     with UnifiedMemoryManager(24, 256, 2) as umm:
         results = workers.run(umm.name, scripts, rounds=10)
         assert all(r["failed"] > 0 and r["allocs"] > 100 for r in results), results  # it did contend

@@ -70,8 +70,12 @@ def run(job: dict) -> dict:
     for rid in list(held):
         verify(rid)
     umm.close()
-    return {"errors": errors, "held": {rid: {str(k): v for k, v in t.items()} for rid, t in held.items()},
-            "allocs": allocs, "failed": failed}
+    return {
+        "errors": errors,
+        "held": {rid: {str(k): v for k, v in t.items()} for rid, t in held.items()},
+        "allocs": allocs,
+        "failed": failed,
+    }
 
 
 def main() -> None:

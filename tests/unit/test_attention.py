@@ -25,13 +25,18 @@ def test_paged_decode_matches_dense_attention(hkv, g, dtype):
     used = 0
     for i, n in enumerate(lens):
         k = -(-n // ps)
-        table[i, :k] = perm[used: used + k]
+        table[i, :k] = perm[used : used + k]
         used += k
     pad = torch.arange(npg * ps).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)
-    batch = ForwardBatch(input_ids=torch.zeros(B, dtype=torch.long), positions=torch.zeros(B, dtype=torch.long),
-                      write_pages=torch.zeros(B, dtype=torch.long), write_offs=torch.zeros(B, dtype=torch.long),
-                      num_decode=B, dec_table=table,
-                      dec_mask=torch.zeros(B, 1, npg * ps).masked_fill_(pad.view(B, 1, -1), float("-inf")))
+    batch = ForwardBatch(
+        input_ids=torch.zeros(B, dtype=torch.long),
+        positions=torch.zeros(B, dtype=torch.long),
+        write_pages=torch.zeros(B, dtype=torch.long),
+        write_offs=torch.zeros(B, dtype=torch.long),
+        num_decode=B,
+        dec_table=table,
+        dec_mask=torch.zeros(B, 1, npg * ps).masked_fill_(pad.view(B, 1, -1), float("-inf")),
+    )
     batch.dec_chunks = (table * (layers * 2)).view(-1)
     q = torch.randn(B, hkv * g, d).to(dtype)
     layer = 1
@@ -43,7 +48,7 @@ def test_paged_decode_matches_dense_attention(hkv, g, dtype):
         k = kv[pg, layer, 0, pos % ps].float()  # [n, hkv, d]
         v = kv[pg, layer, 1, pos % ps].float()
         qi = q[i].float().view(hkv, g, d)
-        p = torch.softmax(torch.einsum("hgd,nhd->hgn", qi, k) * d ** -0.5, dim=-1)
+        p = torch.softmax(torch.einsum("hgd,nhd->hgn", qi, k) * d**-0.5, dim=-1)
         ref = torch.einsum("hgn,nhd->hgd", p, v).reshape(hkv * g, d)
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(out[i].float(), ref, atol=tol, rtol=tol)
@@ -67,8 +72,10 @@ def test_attention_backends_by_name_write_the_same_kv():
     pages = torch.tensor([5, 2])[pos // 4]
     for name, attn in backends.items():
         from pdserve.model.attention import ExtendSeq
-        batch = ForwardBatch(torch.zeros(n, dtype=torch.long), pos, pages, pos % 4,
-                          extends=[ExtendSeq(0, n, 0, None, None)])
+
+        batch = ForwardBatch(
+            torch.zeros(n, dtype=torch.long), pos, pages, pos % 4, extends=[ExtendSeq(0, n, 0, None, None)]
+        )
         out = attn(1, q, k, v, batch)
         assert out.shape == q.shape, name
     assert torch.equal(pools["fake"], pools["torch_native"])

@@ -15,8 +15,17 @@ from pdserve.model.attention_backends import CpuPagedAttention, create_attention
 LAYERS = 3
 
 
-def _step(ps: int, hkv: int, g: int, d: int, dec_lens: list[int], ext: list[tuple[int, int]],
-          pages: int, gen: torch.Generator, dtype: torch.dtype):
+def _step(
+    ps: int,
+    hkv: int,
+    g: int,
+    d: int,
+    dec_lens: list[int],
+    ext: list[tuple[int, int]],
+    pages: int,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+):
     """A random step over a pool of `pages` pages: decode requests with context `dec_lens`
     (the last token is the new one), then extend chunks (prefix_len, q_len). Each request's
     pages are drawn at random from the whole pool (never page 0, the padding page)."""
@@ -47,17 +56,24 @@ def _step(ps: int, hkv: int, g: int, d: int, dec_lens: list[int], ext: list[tupl
         ctx = torch.arange(prefix + n)
         extends.append(ExtendSeq(q, n, prefix, tab[ctx // ps], ctx % ps) if prefix else ExtendSeq(q, n, 0, None, None))
         q += n
-    fb = ForwardBatch(torch.tensor(ids), torch.tensor(pos), torch.tensor(wp), torch.tensor(wo),
-                      num_decode=len(dec_lens), extends=extends)
+    fb = ForwardBatch(
+        torch.tensor(ids),
+        torch.tensor(pos),
+        torch.tensor(wp),
+        torch.tensor(wo),
+        num_decode=len(dec_lens),
+        extends=extends,
+    )
     if dec_lens:
         npg = max(len(t) for t in tables)
         fb.dec_table = torch.zeros(len(dec_lens), npg, dtype=torch.long)
         for i, t in enumerate(tables):
-            fb.dec_table[i, :len(t)] = t
+            fb.dec_table[i, : len(t)] = t
         if min(dec_lens) != npg * ps:
             pad = torch.arange(npg * ps).unsqueeze(0) >= torch.tensor(dec_lens).unsqueeze(1)
             fb.dec_mask = torch.zeros(len(dec_lens), 1, npg * ps).masked_fill_(
-                pad.view(len(dec_lens), 1, -1), float("-inf"))
+                pad.view(len(dec_lens), 1, -1), float("-inf")
+            )
     T = q
     qt = torch.randn(T, hkv * g, d, generator=gen).to(dtype)
     k = torch.randn(T, hkv, d, generator=gen).to(dtype)
@@ -67,10 +83,16 @@ def _step(ps: int, hkv: int, g: int, d: int, dec_lens: list[int], ext: list[tupl
 
 def _copy(fb: ForwardBatch) -> ForwardBatch:
     """A fresh batch (backends cache derived tensors on it)."""
-    return ForwardBatch(fb.input_ids, fb.positions, fb.write_pages, fb.write_offs, num_decode=fb.num_decode,
-                        dec_table=fb.dec_table, dec_mask=fb.dec_mask,
-                        extends=[ExtendSeq(e.q_start, e.q_len, e.prefix_len, e.ctx_pages, e.ctx_offs)
-                                 for e in fb.extends])
+    return ForwardBatch(
+        fb.input_ids,
+        fb.positions,
+        fb.write_pages,
+        fb.write_offs,
+        num_decode=fb.num_decode,
+        dec_table=fb.dec_table,
+        dec_mask=fb.dec_mask,
+        extends=[ExtendSeq(e.q_start, e.q_len, e.prefix_len, e.ctx_pages, e.ctx_offs) for e in fb.extends],
+    )
 
 
 @pytest.mark.parametrize("ps,hkv,g,d", [(16, 3, 3, 64), (4, 1, 4, 16), (1, 2, 2, 32), (8, 8, 1, 16)])
@@ -103,8 +125,15 @@ def test_cpu_paged_rejects_what_it_cannot_run():
     attn = create_attention_backend("cpu_paged", torch.zeros(4, 1, 2, 4, 1, 8))
     q = torch.zeros(1, 1, 8)
     with pytest.raises(RuntimeError, match="table and lens must be contiguous int64"):
-        attn._op(q, attn.kv_data, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.long),
-                 0, 1.0, torch.empty_like(q))
+        attn._op(
+            q,
+            attn.kv_data,
+            torch.zeros(1, 1, dtype=torch.int32),
+            torch.ones(1, dtype=torch.long),
+            0,
+            1.0,
+            torch.empty_like(q),
+        )
 
 
 def test_auto_picks_the_kernel_for_float32_only():
@@ -115,5 +144,7 @@ def test_auto_picks_the_kernel_for_float32_only():
     assert type(create_attention_backend("auto", torch.zeros(4, 1, 2, 4, 1, 8))) is CpuPagedAttention
     for dt in (torch.bfloat16, torch.float16):
         assert type(create_attention_backend("auto", torch.zeros(4, 1, 2, 4, 1, 8, dtype=dt))) is TorchNativeAttention
-    assert type(create_attention_backend("cpu_paged", torch.zeros(4, 1, 2, 4, 1, 8, dtype=torch.bfloat16))) \
+    assert (
+        type(create_attention_backend("cpu_paged", torch.zeros(4, 1, 2, 4, 1, 8, dtype=torch.bfloat16)))
         is CpuPagedAttention
+    )

@@ -8,6 +8,7 @@ from pdserve.server.detokenizer import IncrementalDetokenizer
 @pytest.fixture(scope="module")
 def tok():
     from pdserve.model.tokenizer import load_tokenizer
+
     return load_tokenizer(None)
 
 

@@ -21,8 +21,9 @@ class FakeRunner:
 
 
 def setup(mode, num_pages=32, ps=4):
-    s = Scheduler(PageAllocator(num_pages, ps), max_running_requests=8, chunked_prefill_size=64,
-                  context_length=512, eos_ids=(2,))
+    s = Scheduler(
+        PageAllocator(num_pages, ps), max_running_requests=8, chunked_prefill_size=64, context_length=512, eos_ids=(2,)
+    )
     kv = torch.zeros(num_pages, 1, 2, ps, 1, 4)
     mgr = FakeKVManager(KVArgs(0, kv), mode)
     cls = PrefillDisagg if mode == DisaggregationMode.PREFILL else DecodeDisagg
@@ -163,6 +164,7 @@ def test_decode_room_mismatch_fails():
     d.add(r)
     d.step()
     from pdserve.disagg.metadata import KVMetadata
+
     r.kv_receiver.fake_metadata = KVMetadata(6, output_token_id=1)  # prefill answered another room
     outs = {}
     step(s, d, outs)

@@ -36,8 +36,10 @@ def test_rms_norm_fp32_matches_transformers():
         torch.testing.assert_close(rms_norm(x, ref.weight.detach(), 1e-6), ref(x))
 
 
-@pytest.mark.parametrize("amx,avx512bf16,expected", [
-    (True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)])
+@pytest.mark.parametrize(
+    "amx,avx512bf16,expected",
+    [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, torch.float32)],
+)
 def test_auto_dtype_follows_native_bf16(monkeypatch, amx, avx512bf16, expected):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512bf16, raising=False)

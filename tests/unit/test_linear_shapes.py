@@ -48,9 +48,20 @@ def test_packed_linear_equals_the_plain_product(dtype):
 def test_prefills_of_every_length_reach_onednn_at_few_row_counts(monkeypatch):
     """A model serving prompts of 1..200 tokens: the oneDNN op sees a bounded set of row
     counts (without the padding: one per prompt length, 200 of them)."""
-    cfg = ModelConfig(arch="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
-                      rope_theta=10000.0, eos_token_ids=())
+    cfg = ModelConfig(
+        arch="llama",
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        eos_token_ids=(),
+    )
     model = LlamaModel(cfg, torch.float32)
     model.load_weights(random_state(cfg))
     seen: set[int] = set()
@@ -61,8 +72,14 @@ def test_prefills_of_every_length_reach_onednn_at_few_row_counts(monkeypatch):
         return real(x, *args)
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
-    s = Scheduler(PageAllocator(256, 4), max_running_requests=4, chunked_prefill_size=512, context_length=512,
-                  eos_ids=(), disable_radix_cache=True)
+    s = Scheduler(
+        PageAllocator(256, 4),
+        max_running_requests=4,
+        chunked_prefill_size=512,
+        context_length=512,
+        eos_ids=(),
+        disable_radix_cache=True,
+    )
     runner = ModelRunner(model, 256, 4)
     for n in range(1, 201):
         s.add_request(Req(f"r{n}", [(7 * i + n) % 290 + 5 for i in range(n)], SamplingParams(max_new_tokens=1)))
@@ -78,9 +95,20 @@ def test_prefills_of_every_length_reach_onednn_at_few_row_counts(monkeypatch):
 def test_prebuilt_shapes_cover_everything_serving_meets(monkeypatch):
     """Warm-up (`prebuild_linear_shapes`, called by load_model) runs every (row count, weight)
     shape serving can meet, so no new oneDNN primitive is built while serving: RSS flat."""
-    cfg = ModelConfig(arch="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
-                      rope_theta=10000.0, eos_token_ids=())
+    cfg = ModelConfig(
+        arch="llama",
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        eos_token_ids=(),
+    )
     model = LlamaModel(cfg, torch.float32)
     model.load_weights(random_state(cfg))
     seen: set[tuple] = set()
@@ -96,13 +124,20 @@ def test_prebuilt_shapes_cover_everything_serving_meets(monkeypatch):
     assert built == len(seen) > 0
     prebuilt = set(seen)
     seen.clear()
-    s = Scheduler(PageAllocator(512, 4), max_running_requests=max_running, chunked_prefill_size=chunk,
-                  context_length=512, eos_ids=(), disable_radix_cache=True)
+    s = Scheduler(
+        PageAllocator(512, 4),
+        max_running_requests=max_running,
+        chunked_prefill_size=chunk,
+        context_length=512,
+        eos_ids=(),
+        disable_radix_cache=True,
+    )
     runner = ModelRunner(model, 512, 4)
     for n in range(1, 161, 3):  # prompts longer than a chunk, several requests per step
         for j in range(3):
-            s.add_request(Req(f"r{n}-{j}", [(7 * i + n + j) % 290 + 5 for i in range(n)],
-                              SamplingParams(max_new_tokens=3)))
+            s.add_request(
+                Req(f"r{n}-{j}", [(7 * i + n + j) % 290 + 5 for i in range(n)], SamplingParams(max_new_tokens=3))
+            )
         while s.has_work():
             plan = s.schedule()
             s.update(plan, runner.run(plan))

@@ -13,13 +13,22 @@ from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
 from pdserve.model.loader import load_model_files
 
-COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              rms_norm_eps=1e-6, rope_theta=10000.0)
+COMMON = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
 
 
 def hf_model(kind, tmp_path, tie):
     import transformers as tf
+
     torch.manual_seed(0)
     if kind == "llama":
         cfg = tf.LlamaConfig(**COMMON, tie_word_embeddings=tie)
@@ -48,10 +57,10 @@ def test_greedy_matches_transformers(kind, tie, tmp_path):
     model.load_weights(state)
     prompt = [5, 17, 33, 100, 2, 250, 7, 9, 11]
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)[0, len(prompt):].tolist()
-    s = Scheduler(PageAllocator(32, 4), max_running_requests=4, chunked_prefill_size=4, context_length=256,
-                  eos_ids=())
+        ref = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    s = Scheduler(PageAllocator(32, 4), max_running_requests=4, chunked_prefill_size=4, context_length=256, eos_ids=())
     runner = ModelRunner(model, 32, 4)
     s.add_request(Req("a", prompt, SamplingParams(max_new_tokens=10, temperature=0)))
     got = []
@@ -73,9 +82,11 @@ def snap_to_q4_1_grid(w):
 def test_w4_decode_path_is_as_close_as_bf16_on_q4_weights():
     from pdserve.model.attention import ExtendSeq, ForwardBatch, TorchNativeAttention
     from pdserve.model.llama import random_state
+
     cfg = ModelConfig.tiny(hidden_size=64, intermediate_size=128)
-    state = {k: snap_to_q4_1_grid(v) if v.dim() == 2 and "embed" not in k else v
-             for k, v in random_state(cfg, 0).items()}
+    state = {
+        k: snap_to_q4_1_grid(v) if v.dim() == 2 and "embed" not in k else v for k, v in random_state(cfg, 0).items()
+    }
     ids, pos = torch.tensor([3, 9, 27, 81]), torch.arange(4)
     outs = []
     for dtype, q4 in ((torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 8)):
@@ -83,8 +94,9 @@ def test_w4_decode_path_is_as_close_as_bf16_on_q4_weights():
         m.load_weights(state)
         assert (m.layers[0].q4 is not None) == bool(q4)
         kv = torch.zeros(4, cfg.num_layers, 2, 4, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
-        batch = ForwardBatch(ids, pos, pos // 4, pos % 4, extends=[ExtendSeq(0, 4, 0, None, None)],
-                          logits_indices=torch.tensor([3]))
+        batch = ForwardBatch(
+            ids, pos, pos // 4, pos % 4, extends=[ExtendSeq(0, 4, 0, None, None)], logits_indices=torch.tensor([3])
+        )
         outs.append(m.forward(batch, TorchNativeAttention(kv)))
     scale = outs[0].abs().max()
     err_bf16 = (outs[1] - outs[0]).abs().max() / scale

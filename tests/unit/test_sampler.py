@@ -57,12 +57,20 @@ def test_logprobs_and_top():
     assert [t for t, _ in tops[0]] == [0, 1]
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=0), "top_k"),
-    (dict(min_p=2), "min_p"), (dict(max_new_tokens=-3), "max_new_tokens"),
-    (dict(frequency_penalty=9), "frequency_penalty"), (dict(stop=[""]), "stop"),
-    (dict(stop_token_ids=[10**9]), "stop_token_ids"), (dict(n=0), "n"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(min_p=2), "min_p"),
+        (dict(max_new_tokens=-3), "max_new_tokens"),
+        (dict(frequency_penalty=9), "frequency_penalty"),
+        (dict(stop=[""]), "stop"),
+        (dict(stop_token_ids=[10**9]), "stop_token_ids"),
+        (dict(n=0), "n"),
+    ],
+)
 def test_verify_names_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw).verify(1000)

@@ -18,9 +18,14 @@ CFG = ModelConfig.tiny()
 
 
 def make(num_pages=64, ps=4, chunk=16, max_running=8, cache=True):
-    return Scheduler(PageAllocator(num_pages, ps), max_running_requests=max_running,
-                     chunked_prefill_size=chunk, context_length=512, eos_ids=(2,),
-                     disable_radix_cache=not cache)
+    return Scheduler(
+        PageAllocator(num_pages, ps),
+        max_running_requests=max_running,
+        chunked_prefill_size=chunk,
+        context_length=512,
+        eos_ids=(2,),
+        disable_radix_cache=not cache,
+    )
 
 
 class FakeRunner:
@@ -90,7 +95,9 @@ def test_oversized_prompt_rejected_with_400():
     outs = s.step(FakeRunner().run)
     fin = [o for o in outs if o.rid == "big"][0].finish
     assert fin.type == "abort" and fin.status_code == 400 and "KV pool" in fin.message
-    assert fin.message == "prompt of 40 tokens exceeds the KV pool of 16 tokens (the prompt and one output token must fit)"
+    assert (
+        fin.message == "prompt of 40 tokens exceeds the KV pool of 16 tokens (the prompt and one output token must fit)"
+    )
     assert not s.has_work()
     assert_all_free(s)
 
@@ -139,6 +146,7 @@ def test_retraction_when_pool_runs_out():
 
 # ---- real tiny model: outputs must not depend on how the work was scheduled ----------
 
+
 def run_tiny(prompts, max_new=12, **sched_kw):
     torch.manual_seed(0)
     model = LlamaModel(CFG, torch.float32)
@@ -163,8 +171,11 @@ def test_reference_one_by_one_matches_batched():
 
 def test_chunking_and_page_size_do_not_change_outputs():
     ref, _ = run_tiny(PROMPTS, chunk=512, num_pages=128, ps=4)
-    for kw in (dict(chunk=7, ps=4, num_pages=128), dict(chunk=16, ps=1, num_pages=512),
-               dict(chunk=512, ps=16, num_pages=64)):
+    for kw in (
+        dict(chunk=7, ps=4, num_pages=128),
+        dict(chunk=16, ps=1, num_pages=512),
+        dict(chunk=512, ps=16, num_pages=64),
+    ):
         got, _ = run_tiny(PROMPTS, **kw)
         assert got == ref, kw
 
@@ -194,14 +205,16 @@ def test_retraction_same_outputs():
 
 def test_input_logprobs_match_a_full_forward_and_ignore_chunking():
     from pdserve.model.attention import ExtendSeq, ForwardBatch, TorchNativeAttention
+
     prompt = PROMPTS[4]
     model = LlamaModel(CFG, torch.float32)
     model.init_random(0)
     n = len(prompt)
     kv = torch.zeros(64, CFG.num_layers, 2, 4, CFG.num_kv_heads, CFG.head_dim)
     pos = torch.arange(n)
-    batch = ForwardBatch(torch.tensor(prompt), pos, pos // 4, pos % 4, extends=[ExtendSeq(0, n, 0, None, None)],
-                      logits_indices=pos)
+    batch = ForwardBatch(
+        torch.tensor(prompt), pos, pos // 4, pos % 4, extends=[ExtendSeq(0, n, 0, None, None)], logits_indices=pos
+    )
     lp = torch.log_softmax(model.forward(batch, TorchNativeAttention(kv)), -1)
     ref = [lp[i, prompt[i + 1]].item() for i in range(n - 1)]
     for chunk in (512, 7):

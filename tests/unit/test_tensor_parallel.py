@@ -68,8 +68,14 @@ class ThreadGroup:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("heads,kv,tp", [(4, 2, 2), (6, 3, 2), (6, 3, 3)], ids=["even", "uneven", "tp3"])
 def test_sharded_forward_equals_whole(arch, heads, kv, tp):
-    cfg = ModelConfig.tiny(arch=arch, num_heads=heads, num_kv_heads=kv, qkv_bias=arch == "qwen2",
-                           qk_norm=arch == "qwen3", intermediate_size=192)
+    cfg = ModelConfig.tiny(
+        arch=arch,
+        num_heads=heads,
+        num_kv_heads=kv,
+        qkv_bias=arch == "qwen2",
+        qk_norm=arch == "qwen3",
+        intermediate_size=192,
+    )
     state = random_state(cfg, seed=1)
     whole = LlamaModel(cfg, torch.float32)
     whole.load_weights(state)

@@ -10,16 +10,21 @@ from pdserve.server.tools.base import Tool
 from pdserve.server.tools.registry import get_parser, parser_names
 from pdserve.server.tools.request import plan_tools
 
-WEATHER = {"type": "object", "required": ["city"],
-           "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "get_time", "description": "now"}}]
+WEATHER = {
+    "type": "object",
+    "required": ["city"],
+    "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "now"}},
+]
 TEMPLATE = "{% for t in tools %}{{ t }}{% endfor %}"
 P = get_parser("hermes")
 
 
 def block(name, args):
-    return f'<tool_call>\n{json.dumps({"name": name, "arguments": args})}\n</tool_call>'
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': args})}\n</tool_call>"
 
 
 def test_aliases_registered():
@@ -31,8 +36,10 @@ def test_aliases_registered():
 def test_content_and_calls():
     out = P.parse("Let me check.\n" + block("get_weather", {"city": "Paris"}) + "\n" + block("get_time", {}))
     assert out.content == "Let me check."
-    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [("get_weather", {"city": "Paris"}),
-                                                                      ("get_time", {})]
+    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {}),
+    ]
     assert len({c.id for c in out.calls}) == 2 and all(c.id.startswith("call_") for c in out.calls)
 
 
@@ -51,11 +58,14 @@ def test_unclosed_last_call_still_parses():
     assert [(c.name, c.arguments) for c in out.calls] == [("f", '{"a": 1}')]
 
 
-@pytest.mark.parametrize("text", [
-    "Sure.\n" + block("get_weather", {"city": "Paris"}),
-    "no calls here, but a < and <tool",
-    block("get_time", {}) + block("get_weather", {"city": "Rome"}),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Sure.\n" + block("get_weather", {"city": "Paris"}),
+        "no calls here, but a < and <tool",
+        block("get_time", {}) + block("get_weather", {"city": "Rome"}),
+    ],
+)
 def test_streaming_char_by_char_equals_whole(text):
     s = P.stream()
     sent = "".join(s.feed(ch) for ch in text)
@@ -79,6 +89,7 @@ def matches():
         m = xgr.GrammarMatcher(compiler.compile_grammar(grammar))
         ids = tok.encode(text, add_special_tokens=False)
         return all(m.accept_token(i) for i in ids) and m.accept_token(tok.eos_token_id)
+
     return whole_text_then_end
 
 
@@ -108,23 +119,31 @@ def test_plan_modes():
     assert "call)*" in plan(tools=TOOLS, tool_choice="required", parallel_tool_calls=True).grammar
     named = plan(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
     assert "get_time" in named.grammar and "get_weather" not in named.grammar
-    assert auto.tools[1].as_openai() == {"type": "function", "function": {
-        "name": "get_time", "description": "now", "parameters": {"type": "object", "properties": {}}}}
+    assert auto.tools[1].as_openai() == {
+        "type": "function",
+        "function": {"name": "get_time", "description": "now", "parameters": {"type": "object", "properties": {}}},
+    }
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"tools": {"a": 1}}, "tools"),
-    ({"tools": [{"type": "code_interpreter"}]}, "tools[0]"),
-    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools[0].function.parameters"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "x": 1}}]}, "tools[0].function.x"),
-    ({"tools": TOOLS + TOOLS[:1]}, "tools[2].function.name"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
-])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"tools": {"a": 1}}, "tools"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools[0]"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+            "tools[0].function.parameters",
+        ),
+        ({"tools": [{"type": "function", "function": {"name": "f", "x": 1}}]}, "tools[0].function.x"),
+        ({"tools": TOOLS + TOOLS[:1]}, "tools[2].function.name"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "always"}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
 def test_plan_errors_name_the_field(body, field):
     with pytest.raises(FieldError) as e:
         plan(**body)
@@ -139,15 +158,31 @@ def test_template_without_tools_and_no_parser_are_clear_errors():
 
 
 def test_chat_message_tool_fields():
-    m = chat_message({"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}, 1)
-    assert m == {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}
+    m = chat_message(
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}],
+        },
+        1,
+    )
+    assert m == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}],
+    }
     assert chat_message({"role": "tool", "tool_call_id": "call_1", "content": "18C"}, 2) == {
-        "role": "tool", "tool_call_id": "call_1", "content": "18C"}
-    for bad, field in [({"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]},
-                        "messages[0].tool_calls[0].function.arguments"),
-                       ({"role": "user", "content": "x", "tool_call_id": "a"}, "messages[0].tool_call_id")]:
+        "role": "tool",
+        "tool_call_id": "call_1",
+        "content": "18C",
+    }
+    for bad, field in [
+        (
+            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]},
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        ({"role": "user", "content": "x", "tool_call_id": "a"}, "messages[0].tool_call_id"),
+    ]:
         with pytest.raises(FieldError) as e:
             chat_message(bad, 0)
         assert e.value.param == field

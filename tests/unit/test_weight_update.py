@@ -13,9 +13,20 @@ from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel, random_state
 from pdserve.model.weight_update import apply_named_weights, hf_views, parse_dtype, weight_rows
 
-CFG = ModelConfig(arch="llama", vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
-                  rope_theta=10000.0, eos_token_ids=())
+CFG = ModelConfig(
+    arch="llama",
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    eos_token_ids=(),
+)
 
 
 def model_from(state) -> LlamaModel:
@@ -30,9 +41,15 @@ def logits(model: LlamaModel) -> torch.Tensor:
 
     kv = torch.zeros(kv_pool_shape(CFG, 4, 4))
     attn = create_attention_backend("torch_native", kv)
-    fb = ForwardBatch(input_ids=torch.tensor([5, 9, 11, 3, 7, 8]), positions=torch.arange(6),
-                      write_pages=torch.tensor([0, 0, 0, 0, 1, 1]), write_offs=torch.tensor([0, 1, 2, 3, 0, 1]),
-                      num_decode=0, extends=[], logits_indices=None)
+    fb = ForwardBatch(
+        input_ids=torch.tensor([5, 9, 11, 3, 7, 8]),
+        positions=torch.arange(6),
+        write_pages=torch.tensor([0, 0, 0, 0, 1, 1]),
+        write_offs=torch.tensor([0, 1, 2, 3, 0, 1]),
+        num_decode=0,
+        extends=[],
+        logits_indices=None,
+    )
     from pdserve.model.attention import ExtendSeq
 
     fb.extends = [ExtendSeq(0, 6, 0, None, None)]
@@ -52,9 +69,15 @@ def test_update_equals_loading_the_updated_checkpoint():
     state = random_state(CFG)
     model = model_from(state)
     g = torch.Generator().manual_seed(1)
-    changes = {n: state[n] + 0.1 * torch.randn(state[n].shape, generator=g)
-               for n in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.up_proj.weight",
-                         "model.norm.weight", "model.layers.1.self_attn.o_proj.weight")}
+    changes = {
+        n: state[n] + 0.1 * torch.randn(state[n].shape, generator=g)
+        for n in (
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.1.mlp.up_proj.weight",
+            "model.norm.weight",
+            "model.layers.1.self_attn.o_proj.weight",
+        )
+    }
     before = logits(model)
     assert apply_named_weights(model, {n: t.to(torch.bfloat16).float() for n, t in changes.items()}) == 2
     expected = model_from({**state, **{n: t.to(torch.bfloat16).float() for n, t in changes.items()}})
@@ -65,11 +88,14 @@ def test_update_equals_loading_the_updated_checkpoint():
     assert torch.tensor(rows).shape == (2, 64)
 
 
-@pytest.mark.parametrize("bad", [
-    {"model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)},  # wrong shape
-    {"model.layers.9.mlp.up_proj.weight": torch.zeros(128, 64)},  # no such layer
-    {"model.layers.0.mlp.up_proj.weight": torch.zeros(128, 64, dtype=torch.int64)},  # not a float
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"model.layers.0.self_attn.q_proj.weight": torch.zeros(3, 3)},  # wrong shape
+        {"model.layers.9.mlp.up_proj.weight": torch.zeros(128, 64)},  # no such layer
+        {"model.layers.0.mlp.up_proj.weight": torch.zeros(128, 64, dtype=torch.int64)},  # not a float
+    ],
+)
 def test_a_bad_update_changes_nothing(bad):
     state = random_state(CFG)
     model = model_from(state)

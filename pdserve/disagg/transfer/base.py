@@ -57,9 +57,11 @@ class KVLayout:
 
     def mismatch(self, other: "KVLayout") -> str | None:
         """None when equal, else a readable list of the differing fields."""
-        diffs = [f"{f}: {getattr(self, f)} here vs {getattr(other, f)} there"
-                 for f in ("page_size", "num_layers", "total_kv_heads", "head_dim", "dtype")
-                 if getattr(self, f) != getattr(other, f)]
+        diffs = [
+            f"{f}: {getattr(self, f)} here vs {getattr(other, f)} there"
+            for f in ("page_size", "num_layers", "total_kv_heads", "head_dim", "dtype")
+            if getattr(self, f) != getattr(other, f)
+        ]
         return "; ".join(diffs) or None
 
 
@@ -95,8 +97,10 @@ class KVArgs:
             self.total_num_kv_heads = self.num_kv_heads * self.tp_size
         h0, h1 = head_range(self.engine_rank, self.tp_size, int(self.total_num_kv_heads))
         if h1 - h0 != self.num_kv_heads:
-            raise ValueError(f"rank {self.engine_rank} of tp size {self.tp_size} holds {h1 - h0} of "
-                             f"{self.total_num_kv_heads} KV heads, but kv_data has {self.num_kv_heads}")
+            raise ValueError(
+                f"rank {self.engine_rank} of tp size {self.tp_size} holds {h1 - h0} of "
+                f"{self.total_num_kv_heads} KV heads, but kv_data has {self.num_kv_heads}"
+            )
         try:
             ipaddress.ip_address(self.host)
         except ValueError:
@@ -198,8 +202,14 @@ class BaseKVSender(ABC):
     run the forward, send(page_indices, metadata), poll() until Success or Failed."""
 
     @abstractmethod
-    def __init__(self, mgr: BaseKVManager, bootstrap_addr: str, bootstrap_room: int,
-                 dest_tp_ranks: list[int] | None = None, pp_rank: int | None = None) -> None: ...
+    def __init__(
+        self,
+        mgr: BaseKVManager,
+        bootstrap_addr: str,
+        bootstrap_room: int,
+        dest_tp_ranks: list[int] | None = None,
+        pp_rank: int | None = None,
+    ) -> None: ...
 
     @abstractmethod
     def init(self, num_pages: int) -> None:
@@ -227,8 +237,9 @@ class BaseKVReceiver(ABC):
     allocate pages, init(page_indices), poll() until Success, get_metadata()."""
 
     @abstractmethod
-    def __init__(self, mgr: BaseKVManager, bootstrap_addr: str, bootstrap_room: int,
-                 data_parallel_rank: int | None = None) -> None: ...
+    def __init__(
+        self, mgr: BaseKVManager, bootstrap_addr: str, bootstrap_room: int, data_parallel_rank: int | None = None
+    ) -> None: ...
 
     @abstractmethod
     def init(self, page_indices: PageIndices) -> None:

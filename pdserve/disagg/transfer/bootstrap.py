@@ -67,7 +67,7 @@ class BootstrapError(RuntimeError):
 
 
 def split_addr(addr: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" -> (host, port)."""
+    """ "host:port" or "[v6]:port" -> (host, port)."""
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise ValueError(f"bootstrap address must be host:port, got {addr!r}")
@@ -160,8 +160,12 @@ class KVBootstrapServer(BaseKVBootstrapServer):
     def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_BOOTSTRAP_PORT) -> None:
         self.host = host
         self._httpd = _HTTPServer((host, port))
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"kv-bootstrap-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name=f"kv-bootstrap-{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         logger.info("KV bootstrap server listening on %s:%d", host, self.port)
 
@@ -225,8 +229,14 @@ class HeartbeatMonitor:
     success re-arms it (and calls `on_alive(addr)`).
     """
 
-    def __init__(self, addr: str, interval: float, max_failure: int,
-                 on_dead: Callable[[str, str], None], on_alive: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        addr: str,
+        interval: float,
+        max_failure: int,
+        on_dead: Callable[[str, str], None],
+        on_alive: Callable[[str], None] | None = None,
+    ) -> None:
         self.addr = addr
         self.interval = interval
         self.max_failure = max_failure
@@ -247,8 +257,10 @@ class HeartbeatMonitor:
                 logger.debug("heartbeat to %s failed (%d): %s", self.addr, self.failures, e)
                 if self.failures >= self.max_failure and not self.dead:
                     self.dead = True
-                    msg = (f"prefill bootstrap server {self.addr} is unreachable: {self.failures} consecutive "
-                           f"heartbeats failed (every {self.interval:g}s; last error: {e})")
+                    msg = (
+                        f"prefill bootstrap server {self.addr} is unreachable: {self.failures} consecutive "
+                        f"heartbeats failed (every {self.interval:g}s; last error: {e})"
+                    )
                     logger.error(msg)
                     self._on_dead(self.addr, msg)
                 continue

@@ -154,8 +154,14 @@ class DecodeTransferService:
         # bytes of one KV head's share of a page: the unit every DATA payload is made of
         self.head_page_nbytes = self.args.page_nbytes // self.args.num_kv_heads
 
-        self.listener = Listener(self.args.host, self.args.port, self._serve, name="kv-decode-data",
-                                 max_conns=MAX_DATA_CONNECTIONS, lock=self.lock)
+        self.listener = Listener(
+            self.args.host,
+            self.args.port,
+            self._serve,
+            name="kv-decode-data",
+            max_conns=MAX_DATA_CONNECTIONS,
+            lock=self.lock,
+        )
         self._closed = self.listener.closed
         self.port = self.listener.port
 
@@ -193,8 +199,9 @@ class DecodeTransferService:
         if not (1 <= h.npages <= self.args.num_pages):
             raise ProtocolError(f"{h.type.name} for {h.npages} pages (this pool has {self.args.num_pages})")
         if not (h.head_start < h.head_end <= self.args.num_kv_heads):
-            raise ProtocolError(f"head range [{h.head_start}, {h.head_end}) outside the "
-                                f"{self.args.num_kv_heads} local heads")
+            raise ProtocolError(
+                f"head range [{h.head_start}, {h.head_end}) outside the {self.args.num_kv_heads} local heads"
+            )
         if h.body_len:
             raise ProtocolError(f"{h.type.name} carries no body")
 
@@ -230,14 +237,20 @@ class DecodeTransferService:
                 self._receivers[r.room] = r
                 if r.bootstrap_addr not in self._heartbeats:
                     self._heartbeats[r.bootstrap_addr] = HeartbeatMonitor(
-                        r.bootstrap_addr, self.mgr.heartbeat_interval, self.mgr.heartbeat_max_failure,
-                        on_dead=self._on_prefill_dead)
+                        r.bootstrap_addr,
+                        self.mgr.heartbeat_interval,
+                        self.mgr.heartbeat_max_failure,
+                        on_dead=self._on_prefill_dead,
+                    )
                 fut = self._routes.get(r.bootstrap_addr)
                 if fut is None or (fut.done() and fut.exception() is not None):
                     fut = self._routes[r.bootstrap_addr] = self._pool.submit(self._resolve, r.bootstrap_addr)
         if collision:
-            r.fail("bootstrap_room collision: another request on this decode uses the same room",
-                    notify=False, remove=False)
+            r.fail(
+                "bootstrap_room collision: another request on this decode uses the same room",
+                notify=False,
+                remove=False,
+            )
             return
         fut.add_done_callback(lambda f: self._on_route(r, f))
 
@@ -279,11 +292,22 @@ class DecodeTransferService:
     def _register(self, r: "Receiver") -> None:
         a, lay = self.args, self.layout
         assert r.route is not None and r.pages is not None
-        body = wire.encode_body(wire.RegisterBody(
-            decode_rank=a.engine_rank, decode_tp_size=a.tp_size, host=a.host, port=self.port,
-            backend=self.mgr.backend, page_size=lay.page_size, num_layers=lay.num_layers,
-            total_kv_heads=lay.total_kv_heads, head_dim=lay.head_dim, dtype=lay.dtype,
-            decode_num_pages=a.num_pages, **self.mover.register_extra()))
+        body = wire.encode_body(
+            wire.RegisterBody(
+                decode_rank=a.engine_rank,
+                decode_tp_size=a.tp_size,
+                host=a.host,
+                port=self.port,
+                backend=self.mgr.backend,
+                page_size=lay.page_size,
+                num_layers=lay.num_layers,
+                total_kv_heads=lay.total_kv_heads,
+                head_dim=lay.head_dim,
+                dtype=lay.dtype,
+                decode_num_pages=a.num_pages,
+                **self.mover.register_extra(),
+            )
+        )
         payload = r.pages.astype("<u4").tobytes()
         for src in r.sources:
             if r.done:
@@ -292,7 +316,9 @@ class DecodeTransferService:
             try:
                 ack = self._control(info).call(
                     FrameHeader(FrameType.REGISTER, r.room, src_rank=a.engine_rank, npages=len(r.pages)),
-                    body, [payload])
+                    body,
+                    [payload],
+                )
             except (OSError, ProtocolError) as e:
                 self._forget_route(r.bootstrap_addr)
                 r.fail(f"could not reach prefill rank {src} at {info.rank_ip}:{info.rank_port}: {e!r}")
@@ -313,10 +339,11 @@ class DecodeTransferService:
             for src in r.sources:
                 try:
                     self._control(route.ranks[src]).call(
-                        FrameHeader(FrameType.ABORT, r.room, src_rank=self.args.engine_rank), body, [],
-                        want_ack=False)
+                        FrameHeader(FrameType.ABORT, r.room, src_rank=self.args.engine_rank), body, [], want_ack=False
+                    )
                 except (OSError, ProtocolError, KeyError):
                     pass
+
         try:
             self._pool.submit(run)
         except RuntimeError:  # pool shut down

@@ -17,8 +17,14 @@ from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll, PollState
 from pdserve.disagg.transfer import wire
-from pdserve.disagg.transfer.base import (BaseKVReceiver, KVLayout, KVTransferError, PageIndices, as_page_array,
-                                          check_room)
+from pdserve.disagg.transfer.base import (
+    BaseKVReceiver,
+    KVLayout,
+    KVTransferError,
+    PageIndices,
+    as_page_array,
+    check_room,
+)
 from pdserve.disagg.transfer.decode_service import DecodeTransferService, Route
 from pdserve.disagg.transfer.heads import peer_ranks, slice_mapping
 from pdserve.disagg.transfer.wire import FrameHeader, ProtocolError
@@ -32,8 +38,9 @@ logger = logging.getLogger(__name__)
 class SocketKVReceiver(BaseKVReceiver):
     """Decode-side receiver of the tcp and shm backends."""
 
-    def __init__(self, mgr: "SocketKVManager", bootstrap_addr: str, bootstrap_room: int,
-                 data_parallel_rank: int | None = None) -> None:
+    def __init__(
+        self, mgr: "SocketKVManager", bootstrap_addr: str, bootstrap_room: int, data_parallel_rank: int | None = None
+    ) -> None:
         if mgr.mode != DisaggregationMode.DECODE or mgr.decode is None:
             raise ValueError("a KV receiver needs a manager in decode mode")
         split_addr(bootstrap_addr)  # ValueError on a malformed address
@@ -75,8 +82,9 @@ class SocketKVReceiver(BaseKVReceiver):
             self.fail(f"KV layout mismatch between decode and prefill {route.addr} ({diff})")
             return
         if info.backend != self.mgr.backend:
-            self.fail(f"prefill {route.addr} uses transfer backend {info.backend!r}, this decode uses "
-                       f"{self.mgr.backend!r}")
+            self.fail(
+                f"prefill {route.addr} uses transfer backend {info.backend!r}, this decode uses {self.mgr.backend!r}"
+            )
             return
         try:
             sources = peer_ranks(a.engine_rank, a.tp_size, route.tp_size, a.layout.total_kv_heads)
@@ -135,7 +143,7 @@ class SocketKVReceiver(BaseKVReceiver):
             if self._t_first_byte is None:
                 self._t_first_byte = time.monotonic()
             assert self.pages is not None
-            pages = self.pages[h.offset:h.offset + h.npages]
+            pages = self.pages[h.offset : h.offset + h.npages]
         self._state.advance(KVPoll.Transferring)
         return pages
 
@@ -170,8 +178,14 @@ class SocketKVReceiver(BaseKVReceiver):
         return self.completed_at - (self._t_first_byte or self._t_init or self.completed_at)
 
     def _maybe_succeed_locked(self) -> None:
-        if (self._accepting and self._writers == 0 and self.pages is not None and self.sources
-                and self._bytes == self._expected_bytes and self._meta_from.issuperset(self.sources)):
+        if (
+            self._accepting
+            and self._writers == 0
+            and self.pages is not None
+            and self.sources
+            and self._bytes == self._expected_bytes
+            and self._meta_from.issuperset(self.sources)
+        ):
             # the record is complete before the state flips: the scheduler, woken by the
             # flip, reads transfer_seconds at once
             self.completed_at = now = time.monotonic()
@@ -204,10 +218,15 @@ class SocketKVReceiver(BaseKVReceiver):
 
     # -- scheduler API ---------------------------------------------------------------------
     def poll(self) -> KVPoll:
-        if (self._t_init is not None and not self._state.done
-                and time.monotonic() - self._t_init > self.mgr.waiting_timeout):
-            self.fail(f"KV did not arrive within {self.mgr.waiting_timeout:g}s of init() "
-                       "(SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
+        if (
+            self._t_init is not None
+            and not self._state.done
+            and time.monotonic() - self._t_init > self.mgr.waiting_timeout
+        ):
+            self.fail(
+                f"KV did not arrive within {self.mgr.waiting_timeout:g}s of init() "
+                "(SGLANG_DISAGGREGATION_WAITING_TIMEOUT)"
+            )
         return self._state.state
 
     def get_metadata(self) -> KVMetadata | None:

@@ -13,8 +13,16 @@ from typing import NoReturn
 from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll, PollState
-from pdserve.disagg.transfer.base import (BaseKVBootstrapServer, BaseKVManager, BaseKVReceiver, BaseKVSender,
-                                          KVArgs, KVTransferError, PageIndices, check_room)
+from pdserve.disagg.transfer.base import (
+    BaseKVBootstrapServer,
+    BaseKVManager,
+    BaseKVReceiver,
+    BaseKVSender,
+    KVArgs,
+    KVTransferError,
+    PageIndices,
+    check_room,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +35,14 @@ class FakeKVManager(BaseKVManager):
 class FakeKVSender(BaseKVSender):
     """First poll: Bootstrapping; then WaitingForInput; after the final send(): Success."""
 
-    def __init__(self, mgr: BaseKVManager, bootstrap_addr: str, bootstrap_room: int,
-                 dest_tp_ranks: list[int] | None = None, pp_rank: int | None = None) -> None:
+    def __init__(
+        self,
+        mgr: BaseKVManager,
+        bootstrap_addr: str,
+        bootstrap_room: int,
+        dest_tp_ranks: list[int] | None = None,
+        pp_rank: int | None = None,
+    ) -> None:
         self.mgr = mgr
         self.room = check_room(bootstrap_room)
         self._state = PollState(KVPoll.Bootstrapping)
@@ -72,8 +86,9 @@ class FakeKVReceiver(BaseKVReceiver):
     `get_metadata()` returns `fake_metadata` (settable), by default token 0 for this room.
     """
 
-    def __init__(self, mgr: BaseKVManager, bootstrap_addr: str, bootstrap_room: int,
-                 data_parallel_rank: int | None = None) -> None:
+    def __init__(
+        self, mgr: BaseKVManager, bootstrap_addr: str, bootstrap_room: int, data_parallel_rank: int | None = None
+    ) -> None:
         self.mgr = mgr
         self.room = check_room(bootstrap_room)
         self._state = PollState(KVPoll.Bootstrapping)

@@ -97,9 +97,8 @@ class GlooPrefillMover(OneSidedPrefillMover):
         kv = self.args.kv_data
         for lo, n in _chunks(len(job.src_pages), slice_nbytes):
             buf = _staging(n * slice_nbytes, kv)
-            gather_pages(kv, job.src_pages[lo:lo + n], heads, staging_view(buf, kv, n, heads))
+            gather_pages(kv, job.src_pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
             link.send([buf], DECODE, 0).wait()  # type: ignore[attr-defined]
-
 
 
 class GlooDecodeMover(OneSidedDecodeMover):
@@ -136,7 +135,7 @@ class GlooDecodeMover(OneSidedDecodeMover):
             for lo, n in _chunks(len(pages), slice_nbytes):
                 buf = _staging(n * slice_nbytes, kv)
                 pg.recv([buf], PREFILL, 0).wait()
-                scatter_pages(kv, pages[lo:lo + n], heads, staging_view(buf, kv, n, heads))
+                scatter_pages(kv, pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
         except RuntimeError as e:  # the peer died or timed out: the connection ends, the grant fails
             raise OSError(f"{self.kind} receive failed: {e}") from None
 

@@ -27,8 +27,9 @@ def peer_ranks(rank: int, tp_size: int, peer_tp_size: int, total_heads: int) -> 
     return [p for p in range(peer_tp_size) if _overlap(mine, head_range(p, peer_tp_size, total_heads))]
 
 
-def slice_mapping(prefill_rank: int, prefill_tp: int, decode_rank: int, decode_tp: int,
-                  total_heads: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+def slice_mapping(
+    prefill_rank: int, prefill_tp: int, decode_rank: int, decode_tp: int, total_heads: int
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """(prefill-local heads, decode-local heads) the two ranks share, or None."""
     p = head_range(prefill_rank, prefill_tp, total_heads)
     d = head_range(decode_rank, decode_tp, total_heads)
@@ -65,7 +66,7 @@ def staging_view(staging: torch.Tensor, kv: torch.Tensor, npages: int, heads: tu
 
 def gather_pages(kv: torch.Tensor, pages: np.ndarray, heads: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
     """Copy heads [h0, h1) of `pages` into contiguous `out` [n, L, 2, ps, h, D] (one strided copy)."""
-    src = kv[:, :, :, :, heads[0]:heads[1], :]
+    src = kv[:, :, :, :, heads[0] : heads[1], :]
     idx = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).to(kv.device)
     if out.device != kv.device:
         out.copy_(src.index_select(0, idx))
@@ -76,7 +77,7 @@ def gather_pages(kv: torch.Tensor, pages: np.ndarray, heads: tuple[int, int], ou
 
 def scatter_pages(kv: torch.Tensor, pages: np.ndarray, heads: tuple[int, int], src: torch.Tensor) -> None:
     """Write contiguous `src` [n, L, 2, ps, h, D] into heads [h0, h1) of `pages` of kv."""
-    dst = kv[:, :, :, :, heads[0]:heads[1], :]
+    dst = kv[:, :, :, :, heads[0] : heads[1], :]
     idx = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).to(kv.device)
     dst.index_copy_(0, idx, src.to(kv.device, non_blocking=False))
 
@@ -86,8 +87,14 @@ def _page_bytes(t: torch.Tensor) -> np.ndarray:
     return t.view(-1).view(torch.uint8).numpy().reshape(t.shape[0], -1)
 
 
-def copy_pages(src: torch.Tensor, src_pages: np.ndarray, src_heads: tuple[int, int],
-               dst: torch.Tensor, dst_pages: np.ndarray, dst_heads: tuple[int, int]) -> None:
+def copy_pages(
+    src: torch.Tensor,
+    src_pages: np.ndarray,
+    src_heads: tuple[int, int],
+    dst: torch.Tensor,
+    dst_pages: np.ndarray,
+    dst_heads: tuple[int, int],
+) -> None:
     """dst[dst_pages, ..., dst_heads, :] = src[src_pages, ..., src_heads, :] with one copy of
     the bytes: one copy per run of pages contiguous on both sides.
 
@@ -99,13 +106,19 @@ def copy_pages(src: torch.Tensor, src_pages: np.ndarray, src_heads: tuple[int, i
     s_full = src_heads == (0, src.shape[4])
     d_full = dst_heads == (0, dst.shape[4])
     runs = paired_runs(src_pages, dst_pages)
-    if (s_full and d_full and src.device.type == "cpu" and dst.device.type == "cpu"
-            and src.dtype == dst.dtype and src[0].shape == dst[0].shape):
+    if (
+        s_full
+        and d_full
+        and src.device.type == "cpu"
+        and dst.device.type == "cpu"
+        and src.dtype == dst.dtype
+        and src[0].shape == dst[0].shape
+    ):
         sb, db = _page_bytes(src), _page_bytes(dst)
         for s, d, n in runs:
-            np.copyto(db[d:d + n], sb[s:s + n])
+            np.copyto(db[d : d + n], sb[s : s + n])
         return
     for s, d, n in runs:
-        a = src[s:s + n] if s_full else src[s:s + n, :, :, :, src_heads[0]:src_heads[1], :]
-        b = dst[d:d + n] if d_full else dst[d:d + n, :, :, :, dst_heads[0]:dst_heads[1], :]
+        a = src[s : s + n] if s_full else src[s : s + n, :, :, :, src_heads[0] : src_heads[1], :]
+        b = dst[d : d + n] if d_full else dst[d : d + n, :, :, :, dst_heads[0] : dst_heads[1], :]
         b.copy_(a)

@@ -14,8 +14,16 @@ logger = logging.getLogger(__name__)
 
 
 class Listener:
-    def __init__(self, host: str, port: int, handle: Callable[[socket.socket, object], None], *,
-                 name: str, max_conns: int, lock: threading.RLock) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handle: Callable[[socket.socket, object], None],
+        *,
+        name: str,
+        max_conns: int,
+        lock: threading.RLock,
+    ) -> None:
         self.lock = lock  # the service's: connection bookkeeping happens under it
         self.closed = threading.Event()
         self.conns: set[socket.socket] = set()

@@ -33,15 +33,18 @@ def _engine(args: KVArgs):
         from mooncake.engine import TransferEngine
     except ImportError as e:
         hint = " and `apt-get install libibverbs1`" if "ibverbs" in str(e) else ""
-        raise RuntimeError(f"the mooncake transfer backend needs the Mooncake transfer engine: "
-                           f"pip install 'pdserve[mooncake]'{hint} ({e})") from None
+        raise RuntimeError(
+            f"the mooncake transfer backend needs the Mooncake transfer engine: "
+            f"pip install 'pdserve[mooncake]'{hint} ({e})"
+        ) from None
     engine = TransferEngine()
     device = args.ib_device or ""
     protocol = "rdma" if device else "tcp"
     rc = engine.initialize(args.host, "P2PHANDSHAKE", protocol, device)
     if rc != 0:
-        raise RuntimeError(f"Mooncake TransferEngine.initialize({args.host!r}, P2PHANDSHAKE, {protocol}, "
-                           f"{device!r}) failed with {rc}")
+        raise RuntimeError(
+            f"Mooncake TransferEngine.initialize({args.host!r}, P2PHANDSHAKE, {protocol}, {device!r}) failed with {rc}"
+        )
     kv = args.kv_data
     nbytes = kv.numel() * kv.element_size()
     rc = engine.register_memory(kv.data_ptr(), nbytes)
@@ -64,8 +67,9 @@ class MooncakePrefillMover(OneSidedPrefillMover):
         dest = job.dest
         assert dest.engine_meta is not None and dest.kv_ptr is not None  # check_registration
         session = dest.engine_meta.decode()
-        src, dst, lens = write_segments(self.args, dest, job.src_pages, dst_pages,
-                                        self.args.kv_data.data_ptr(), dest.kv_ptr)
+        src, dst, lens = write_segments(
+            self.args, dest, job.src_pages, dst_pages, self.args.kv_data.data_ptr(), dest.kv_ptr
+        )
         rc = self.engine.batch_transfer_sync_write(session, src.tolist(), dst.tolist(), lens.tolist())
         if rc != 0:
             raise RuntimeError(f"Mooncake write of {len(lens)} ranges to {session} failed with {rc}")

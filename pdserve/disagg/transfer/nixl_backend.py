@@ -42,16 +42,16 @@ def _nixl():
     try:
         from nixl._api import nixl_agent, nixl_agent_config
     except ImportError as e:
-        raise RuntimeError(f"the nixl transfer backend needs the nixl package: pip install 'pdserve[nixl]' ({e})") \
-            from None
+        raise RuntimeError(
+            f"the nixl transfer backend needs the nixl package: pip install 'pdserve[nixl]' ({e})"
+        ) from None
     return nixl_agent, nixl_agent_config
 
 
 def _agent(role: str, args: KVArgs):
     nixl_agent, nixl_agent_config = _nixl()
     name = f"pdserve-{role}-r{args.engine_rank}-{uuid.uuid4().hex[:12]}"
-    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, enable_listen_thread=False,
-                                               backends=["UCX"]))
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, enable_listen_thread=False, backends=["UCX"]))
     kv = args.kv_data
     reg = agent.register_memory(kv)  # the whole pool, once
     return agent, reg
@@ -98,8 +98,9 @@ class NixlPrefillMover(OneSidedPrefillMover):
         if peer is None:
             raise RuntimeError("decode's NIXL agent is not known (registration was refused)")
         _, remote, dst_base = peer
-        src, dst, lens = write_segments(self.args, dest, job.src_pages, dst_pages,
-                                        self.args.kv_data.data_ptr(), dst_base)
+        src, dst, lens = write_segments(
+            self.args, dest, job.src_pages, dst_pages, self.args.kv_data.data_ptr(), dst_base
+        )
         dev = self.dev
         tag = write_tag(job.sender.room, job.offset, len(job.src_pages), dest.dst_heads)
         with self._agent_lock:  # every agent call serialized: workers share the agent

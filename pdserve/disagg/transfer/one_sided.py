@@ -55,13 +55,20 @@ class OneSidedPrefillMover(ABC):
         dest, a = job.dest, self.args
         link = self.connect(sock, job, scratch)
         n = len(job.src_pages)
-        h = FrameHeader(FrameType.WRITE_BEGIN, job.sender.room, src_rank=a.engine_rank, offset=job.offset,
-                        npages=n, head_start=dest.dst_heads[0], head_end=dest.dst_heads[1])
+        h = FrameHeader(
+            FrameType.WRITE_BEGIN,
+            job.sender.room,
+            src_rank=a.engine_rank,
+            offset=job.offset,
+            npages=n,
+            head_start=dest.dst_heads[0],
+            head_end=dest.dst_heads[1],
+        )
         wire.send_frame(sock, h)
         ack = wire.read_ack(sock, job.sender.room)
         if not ack.ok:
             raise RuntimeError(f"decode refused the write: {ack.error}")
-        self.write(job, dest.pages[job.offset:job.offset + n], link)
+        self.write(job, dest.pages[job.offset : job.offset + n], link)
         h.type = FrameType.WRITE_DONE
         wire.send_frame(sock, h)
         return n * (dest.src_heads[1] - dest.src_heads[0]) * (a.page_nbytes // a.num_kv_heads)
@@ -139,8 +146,9 @@ def host_port_error(meta: bytes | None, what: str) -> str | None:
     return f"decode's {what} must be host:port"
 
 
-def write_segments(args: KVArgs, dest: Destination, src_pages: np.ndarray, dst_pages: np.ndarray,
-                   src_base: int, dst_base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def write_segments(
+    args: KVArgs, dest: Destination, src_pages: np.ndarray, dst_pages: np.ndarray, src_base: int, dst_base: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(src addresses, dst addresses, lengths) of the byte ranges that move `src_pages`
     (prefill's pool at `src_base`) into `dst_pages` (decode's pool at `dst_base`).
 
@@ -175,6 +183,8 @@ def write_segments(args: KVArgs, dest: Destination, src_pages: np.ndarray, dst_p
     src = src_base + src_pages[:, None] * src_page + rows[None, :] * (src_heads_n * row) + s0 * row
     dst = dst_base + dst_pages[:, None] * dst_page + rows[None, :] * (dst_heads_n * row) + t0 * row
     n = src.size
-    return (src.reshape(-1).astype(np.uint64), dst.reshape(-1).astype(np.uint64),
-            np.full(n, (s1 - s0) * row, np.uint64))
-
+    return (
+        src.reshape(-1).astype(np.uint64),
+        dst.reshape(-1).astype(np.uint64),
+        np.full(n, (s1 - s0) * row, np.uint64),
+    )

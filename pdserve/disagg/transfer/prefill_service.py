@@ -122,8 +122,9 @@ class PrefillTransferService:
         self._rooms: dict[int, RoomEntry] = {}
         self._last_sweep = time.monotonic()
         self.registered = threading.Event()  # set once the bootstrap server has our endpoint
-        self.listener = Listener(self.args.host, self.args.port, self._serve_control, name="kv-prefill-ctrl",
-                                 max_conns=1024, lock=self.lock)
+        self.listener = Listener(
+            self.args.host, self.args.port, self._serve_control, name="kv-prefill-ctrl", max_conns=1024, lock=self.lock
+        )
         self._closed = self.listener.closed
         self.port = self.listener.port
         self._threads: list[threading.Thread] = []
@@ -132,20 +133,29 @@ class PrefillTransferService:
         per_queue = max(1, mgr.thread_pool_size // nq)
         for qi, q in enumerate(self._queues):
             for k in range(per_queue):
-                self._threads.append(threading.Thread(target=self._worker, args=(q,), name=f"kv-send-{qi}.{k}",
-                                                      daemon=True))
+                self._threads.append(
+                    threading.Thread(target=self._worker, args=(q,), name=f"kv-send-{qi}.{k}", daemon=True)
+                )
         if mgr.register_with_bootstrap:
-            self._threads.append(threading.Thread(target=self._register_loop, name="kv-prefill-register",
-                                                  daemon=True))
+            self._threads.append(threading.Thread(target=self._register_loop, name="kv-prefill-register", daemon=True))
         for t in self._threads:
             t.start()
 
     # -- bootstrap registration ------------------------------------------------------------
     def rank_info(self) -> RankInfo:
         a, lay = self.args, self.layout
-        return RankInfo(engine_rank=a.engine_rank, tp_size=a.tp_size, rank_ip=a.host, rank_port=self.port,
-                        backend=self.mgr.backend, page_size=lay.page_size, num_layers=lay.num_layers,
-                        total_kv_heads=lay.total_kv_heads, head_dim=lay.head_dim, dtype=lay.dtype)
+        return RankInfo(
+            engine_rank=a.engine_rank,
+            tp_size=a.tp_size,
+            rank_ip=a.host,
+            rank_port=self.port,
+            backend=self.mgr.backend,
+            page_size=lay.page_size,
+            num_layers=lay.num_layers,
+            total_kv_heads=lay.total_kv_heads,
+            head_dim=lay.head_dim,
+            dtype=lay.dtype,
+        )
 
     def _register_loop(self) -> None:
         addr = f"{self.args.bootstrap_host}:{self.args.bootstrap_port}"
@@ -158,8 +168,12 @@ class PrefillTransferService:
                 return
             except Exception as e:  # noqa: BLE001 - the server may not be up yet; retry
                 if time.monotonic() > deadline:
-                    logger.error("could not register prefill rank %d with bootstrap server %s: %s",
-                                 self.args.engine_rank, addr, e)
+                    logger.error(
+                        "could not register prefill rank %d with bootstrap server %s: %s",
+                        self.args.engine_rank,
+                        addr,
+                        e,
+                    )
                     return
             self._closed.wait(delay)
             delay = min(delay * 2, 1.0)
@@ -218,18 +232,38 @@ class PrefillTransferService:
             return f"page index {int(pages.max())} outside decode's pool of {body.decode_num_pages} pages"
         if np.unique(pages).size != pages.size:
             return "duplicate page indices"
-        if slice_mapping(self.args.engine_rank, self.args.tp_size, body.decode_rank, body.decode_tp_size,
-                         self.layout.total_kv_heads) is None:
+        if (
+            slice_mapping(
+                self.args.engine_rank,
+                self.args.tp_size,
+                body.decode_rank,
+                body.decode_tp_size,
+                self.layout.total_kv_heads,
+            )
+            is None
+        ):
             return f"decode rank {body.decode_rank} shares no KV heads with prefill rank {self.args.engine_rank}"
         return self.mover.check_registration(body, pages)
 
     def _add_destination(self, room: int, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
         a = self.args
-        mapping = slice_mapping(a.engine_rank, a.tp_size, body.decode_rank, body.decode_tp_size,
-                                self.layout.total_kv_heads)
+        mapping = slice_mapping(
+            a.engine_rank, a.tp_size, body.decode_rank, body.decode_tp_size, self.layout.total_kv_heads
+        )
         assert mapping is not None
-        dest = Destination(body.decode_rank, body.decode_tp_size, body.host, body.port, pages, mapping[0],
-                           mapping[1], body.decode_num_pages, body.shm_name, body.engine_meta, body.kv_ptr)
+        dest = Destination(
+            body.decode_rank,
+            body.decode_tp_size,
+            body.host,
+            body.port,
+            pages,
+            mapping[0],
+            mapping[1],
+            body.decode_num_pages,
+            body.shm_name,
+            body.engine_meta,
+            body.kv_ptr,
+        )
         required = len(peer_ranks(a.engine_rank, a.tp_size, body.decode_tp_size, self.layout.total_kv_heads))
         with self.lock:
             self._sweep_locked()
@@ -265,8 +299,7 @@ class PrefillTransferService:
         if now - self._last_sweep < 1.0:
             return
         self._last_sweep = now
-        stale = [r for r, e in self._rooms.items()
-                 if e.sender is None and now - e.created > self.mgr.bootstrap_timeout]
+        stale = [r for r, e in self._rooms.items() if e.sender is None and now - e.created > self.mgr.bootstrap_timeout]
         for r in stale:
             del self._rooms[r]
         if stale:
@@ -312,8 +345,11 @@ class PrefillTransferService:
         max_pieces = min(len(self._queues), getattr(self.mover, "max_pieces", len(self._queues)))
         npieces = max(1, min(max_pieces, -(-len(pages) // pages_per_piece)))
         bounds = np.linspace(0, len(pages), npieces + 1).astype(int)
-        return [Job("piece", sender, dest, offset + int(lo), pages[lo:hi])
-                for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        return [
+            Job("piece", sender, dest, offset + int(lo), pages[lo:hi])
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+            if hi > lo
+        ]
 
     # -- workers ---------------------------------------------------------------------------
     def _connect(self, ep: tuple[str, int]) -> socket.socket:
@@ -369,8 +405,9 @@ class PrefillTransferService:
             job.kind = "meta"  # a retry after this point resends only the metadata
         meta = sender.metadata
         assert meta is not None
-        wire.send_frame(sock, FrameHeader(FrameType.META, sender.room, src_rank=self.args.engine_rank),
-                        payload=[meta.pack()])
+        wire.send_frame(
+            sock, FrameHeader(FrameType.META, sender.room, src_rank=self.args.engine_rank), payload=[meta.pack()]
+        )
         sender.meta_sent(dest)
 
     def close(self) -> None:

@@ -25,8 +25,14 @@ logger = logging.getLogger(__name__)
 class SocketKVSender(BaseKVSender):
     """Prefill-side sender of the tcp and shm backends."""
 
-    def __init__(self, mgr: "SocketKVManager", bootstrap_addr: str, bootstrap_room: int,
-                 dest_tp_ranks: list[int] | None = None, pp_rank: int | None = None) -> None:
+    def __init__(
+        self,
+        mgr: "SocketKVManager",
+        bootstrap_addr: str,
+        bootstrap_room: int,
+        dest_tp_ranks: list[int] | None = None,
+        pp_rank: int | None = None,
+    ) -> None:
         if mgr.mode != DisaggregationMode.PREFILL or mgr.prefill is None:
             raise ValueError("a KV sender needs a manager in prefill mode")
         self.mgr = mgr
@@ -63,8 +69,9 @@ class SocketKVSender(BaseKVSender):
         if self.num_pages is not None:
             for d in entry.dests.values():
                 if len(d.pages) != self.num_pages:
-                    self.fail(f"decode rank {d.decode_rank} allocated {len(d.pages)} pages, "
-                               f"prefill has {self.num_pages}")
+                    self.fail(
+                        f"decode rank {d.decode_rank} allocated {len(d.pages)} pages, prefill has {self.num_pages}"
+                    )
                     return
         self._dests = sorted(entry.dests.values(), key=lambda d: d.decode_rank)
         self._state.advance(KVPoll.WaitingForInput)
@@ -93,8 +100,10 @@ class SocketKVSender(BaseKVSender):
                 raise RuntimeError("send() after the final chunk (the one with metadata)")
             offset = self._queued_pages
             if offset + len(pages) > self.num_pages or (metadata is not None and offset + len(pages) != self.num_pages):
-                raise ValueError(f"chunk of {len(pages)} pages at offset {offset} does not fit a request of "
-                                 f"{self.num_pages} pages (the chunk with metadata must be the last one)")
+                raise ValueError(
+                    f"chunk of {len(pages)} pages at offset {offset} does not fit a request of "
+                    f"{self.num_pages} pages (the chunk with metadata must be the last one)"
+                )
             jobs: list[Job] = []
             for d in self._dests:
                 pieces = self.svc.split_pieces(self, d, pages, offset)
@@ -148,8 +157,10 @@ class SocketKVSender(BaseKVSender):
     def poll(self) -> KVPoll:
         state = self._state.state
         if state == KVPoll.Bootstrapping and time.monotonic() - self._created > self.mgr.bootstrap_timeout:
-            self.fail(f"decode did not send its page indices within {self.mgr.bootstrap_timeout:g}s "
-                       "(SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)")
+            self.fail(
+                f"decode did not send its page indices within {self.mgr.bootstrap_timeout:g}s "
+                "(SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)"
+            )
         return self._state.state
 
     @property

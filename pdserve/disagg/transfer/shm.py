@@ -18,12 +18,26 @@ from pdserve.disagg.transfer.heads import copy_pages, head_range
 from pdserve.disagg.transfer.one_sided import OneSidedDecodeMover, OneSidedPrefillMover
 from pdserve.disagg.transfer.prefill_service import Job
 from pdserve.disagg.transfer.prefill_side import SocketKVSender
-from pdserve.engine.shm_segment import (SegmentMaps, allocate_kv_buffer, check_shm_name,
-                                                 cleanup_stale_segments, free_kv_buffer, new_shm_name, segment_of)
+from pdserve.engine.shm_segment import (
+    SegmentMaps,
+    allocate_kv_buffer,
+    check_shm_name,
+    cleanup_stale_segments,
+    free_kv_buffer,
+    new_shm_name,
+    segment_of,
+)
 from pdserve.disagg.transfer.socket_manager import SocketKVManager
 
-__all__ = ["ShmKVManager", "ShmKVSender", "ShmKVReceiver", "allocate_kv_buffer", "free_kv_buffer",
-           "new_shm_name", "cleanup_stale_segments"]
+__all__ = [
+    "ShmKVManager",
+    "ShmKVSender",
+    "ShmKVReceiver",
+    "allocate_kv_buffer",
+    "free_kv_buffer",
+    "new_shm_name",
+    "cleanup_stale_segments",
+]
 
 logger = logging.getLogger(__name__)
 _DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
@@ -78,8 +92,10 @@ class ShmKVManager(SocketKVManager):
                 raise ValueError("decode with the shm backend needs KVArgs.shm_name (the KV pool's segment)")
             check_shm_name(args.shm_name)
             if segment_of(args.kv_data) != args.shm_name:
-                raise ValueError(f"kv_data is not the shared-memory segment {args.shm_name}: allocate it with "
-                                 "allocate_kv_buffer(shape, dtype, shm_name)")
+                raise ValueError(
+                    f"kv_data is not the shared-memory segment {args.shm_name}: allocate it with "
+                    "allocate_kv_buffer(shape, dtype, shm_name)"
+                )
         super().__init__(args, mode, **kw)
 
     def _make_prefill_mover(self) -> ShmPrefillMover:
@@ -87,7 +103,6 @@ class ShmKVManager(SocketKVManager):
 
     def _make_decode_mover(self) -> ShmDecodeMover:
         return ShmDecodeMover(self.args, lambda: self.decode)
-
 
 
 class ShmKVSender(SocketKVSender):

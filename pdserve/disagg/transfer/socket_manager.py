@@ -32,19 +32,29 @@ class SocketKVManager(BaseKVManager):
 
     backend: ClassVar[str] = ""
 
-    def __init__(self, args: KVArgs, mode: DisaggregationMode, *,
-                 bootstrap_timeout: float | None = None, waiting_timeout: float | None = None,
-                 heartbeat_interval: float | None = None, heartbeat_max_failure: int | None = None,
-                 thread_pool_size: int | None = None, queue_size: int | None = None,
-                 io_timeout: float = 60.0, register_with_bootstrap: bool = True,
-                 envs: DisaggEnvs | None = None) -> None:
+    def __init__(
+        self,
+        args: KVArgs,
+        mode: DisaggregationMode,
+        *,
+        bootstrap_timeout: float | None = None,
+        waiting_timeout: float | None = None,
+        heartbeat_interval: float | None = None,
+        heartbeat_max_failure: int | None = None,
+        thread_pool_size: int | None = None,
+        queue_size: int | None = None,
+        io_timeout: float = 60.0,
+        register_with_bootstrap: bool = True,
+        envs: DisaggEnvs | None = None,
+    ) -> None:
         super().__init__(args, mode)
         env = envs or DisaggEnvs.from_env()
         self.bootstrap_timeout = _positive("bootstrap_timeout", bootstrap_timeout or env.bootstrap_timeout)
         self.waiting_timeout = _positive("waiting_timeout", waiting_timeout or env.waiting_timeout)
         self.heartbeat_interval = _positive("heartbeat_interval", heartbeat_interval or env.heartbeat_interval)
-        self.heartbeat_max_failure = int(_positive("heartbeat_max_failure",
-                                                   heartbeat_max_failure or env.heartbeat_max_failure))
+        self.heartbeat_max_failure = int(
+            _positive("heartbeat_max_failure", heartbeat_max_failure or env.heartbeat_max_failure)
+        )
         self.thread_pool_size = int(_positive("thread_pool_size", thread_pool_size or env.thread_pool_size))
         self.queue_size = int(_positive("queue_size", queue_size or env.queue_size))
         self.io_timeout = _positive("io_timeout", io_timeout)  # s a started frame may take per socket call
@@ -56,8 +66,15 @@ class SocketKVManager(BaseKVManager):
             self.prefill = PrefillTransferService(self, self._make_prefill_mover())
         else:
             self.decode = DecodeTransferService(self, self._make_decode_mover())
-        logger.info("%s KV manager (%s, rank %d/%d) listening on %s:%d", self.backend, mode.value,
-                    args.engine_rank, args.tp_size, args.host, self.port)
+        logger.info(
+            "%s KV manager (%s, rank %d/%d) listening on %s:%d",
+            self.backend,
+            mode.value,
+            args.engine_rank,
+            args.tp_size,
+            args.host,
+            self.port,
+        )
 
     def _make_prefill_mover(self) -> PrefillMover:
         raise NotImplementedError

@@ -55,8 +55,15 @@ class StatsRecorder:
     def record_failure(self) -> None:
         with self._lock:
             s = self._s
-            self._s = TransferStats(s.transfers_completed, s.transfers_failed + 1, s.bytes_transferred,
-                                    s.total_transfer_seconds, s.last_latency_s, s.last_bytes, s.max_latency_s)
+            self._s = TransferStats(
+                s.transfers_completed,
+                s.transfers_failed + 1,
+                s.bytes_transferred,
+                s.total_transfer_seconds,
+                s.last_latency_s,
+                s.last_bytes,
+                s.max_latency_s,
+            )
 
     def snapshot(self) -> TransferStats:
         with self._lock:

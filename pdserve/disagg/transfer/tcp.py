@@ -68,21 +68,28 @@ class TcpPrefillMover:
         per_frame = max(1, cap // slice_nbytes)
         room, rank = job.sender.room, self.args.engine_rank
         for lo in range(0, len(src_pages), per_frame):
-            chunk = src_pages[lo:lo + per_frame]
-            header = FrameHeader(FrameType.DATA, room, src_rank=rank, offset=job.offset + lo, npages=len(chunk),
-                                 head_start=dest.dst_heads[0], head_end=dest.dst_heads[1],
-                                 payload_len=len(chunk) * slice_nbytes)
+            chunk = src_pages[lo : lo + per_frame]
+            header = FrameHeader(
+                FrameType.DATA,
+                room,
+                src_rank=rank,
+                offset=job.offset + lo,
+                npages=len(chunk),
+                head_start=dest.dst_heads[0],
+                head_end=dest.dst_heads[1],
+                payload_len=len(chunk) * slice_nbytes,
+            )
             if direct:
                 pn, mv = self.page_nbytes, self.kv_bytes
                 assert mv is not None
-                views = [mv[s * pn:(s + n) * pn] for s, n in page_runs(chunk)]
+                views = [mv[s * pn : (s + n) * pn] for s, n in page_runs(chunk)]
             else:
                 staging = scratch.get("staging")
                 if staging is None or staging.numel() < len(chunk) * slice_nbytes:
                     staging = scratch["staging"] = new_staging(max(STAGING_BYTES, slice_nbytes), self.kv)
                 out = staging_view(staging, self.kv, len(chunk), (h0, h1))
                 gather_pages(self.kv, chunk, (h0, h1), out)
-                views = [memoryview(staging[:header.payload_len].numpy())]
+                views = [memoryview(staging[: header.payload_len].numpy())]
             wire.send_views(sock, [header.pack(), *views])
         return len(src_pages) * slice_nbytes
 
@@ -131,14 +138,14 @@ class TcpDecodeMover:
         heads = (h.head_start, h.head_end)
         if self.kv_bytes is not None and heads == (0, self.args.num_kv_heads):
             pn, mv = self.page_nbytes, self.kv_bytes
-            wire.recv_into_views(conn.sock, [mv[s * pn:(s + n) * pn] for s, n in page_runs(pages)])
+            wire.recv_into_views(conn.sock, [mv[s * pn : (s + n) * pn] for s, n in page_runs(pages)])
             return
         staging = conn.scratch.get("staging")
         if staging is None:
             staging = conn.scratch["staging"] = new_staging(max(STAGING_BYTES, slice_nbytes), self.kv)
         per = max(1, staging.numel() // slice_nbytes)
         for lo in range(0, len(pages), per):
-            sub = pages[lo:lo + per]
+            sub = pages[lo : lo + per]
             nbytes = len(sub) * slice_nbytes
             wire.recv_exact_into(conn.sock, memoryview(staging[:nbytes].numpy()))
             scatter_pages(self.kv, sub, heads, staging_view(staging, self.kv, len(sub), heads))

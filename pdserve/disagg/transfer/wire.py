@@ -65,8 +65,19 @@ class FrameHeader:
     payload_len: int = 0
 
     def pack(self) -> bytes:
-        return HEADER.pack(MAGIC, VERSION, int(self.type), self.src_rank, self.room, self.offset, self.npages,
-                           self.head_start, self.head_end, self.body_len, self.payload_len)
+        return HEADER.pack(
+            MAGIC,
+            VERSION,
+            int(self.type),
+            self.src_rank,
+            self.room,
+            self.offset,
+            self.npages,
+            self.head_start,
+            self.head_end,
+            self.body_len,
+            self.payload_len,
+        )
 
     @classmethod
     def unpack(cls, data: bytes | bytearray | memoryview) -> "FrameHeader":
@@ -194,7 +205,7 @@ def recv_into_views(sock: socket.socket, views: list[memoryview]) -> None:
     views = [v for v in views if len(v)]
     i = 0
     while i < len(views):
-        k = sock.recvmsg_into(views[i:i + IOV_PER_CALL])[0]
+        k = sock.recvmsg_into(views[i : i + IOV_PER_CALL])[0]
         if k == 0:
             raise ConnectionError("peer closed the connection mid-frame")
         i = _advance(views, i, k)
@@ -219,7 +230,7 @@ def send_views(sock: socket.socket, views: list[bytes | memoryview]) -> None:
     views = [memoryview(v) for v in views if len(v)]
     i = 0
     while i < len(views):
-        i = _advance(views, i, sock.sendmsg(views[i:i + IOV_PER_CALL]))
+        i = _advance(views, i, sock.sendmsg(views[i : i + IOV_PER_CALL]))
 
 
 def drain(sock: socket.socket, n: int) -> None:
@@ -232,8 +243,9 @@ def drain(sock: socket.socket, n: int) -> None:
         n -= k
 
 
-def send_frame(sock: socket.socket, header: FrameHeader, body: bytes = b"",
-               payload: list[bytes | memoryview] | None = None) -> None:
+def send_frame(
+    sock: socket.socket, header: FrameHeader, body: bytes = b"", payload: list[bytes | memoryview] | None = None
+) -> None:
     header.body_len = len(body)
     if payload is not None:
         header.payload_len = sum(len(p) for p in payload)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class Tool:
     """One entry of the request's `tools`, validated."""
+
     name: str
     description: str | None
     parameters: dict  # a JSON Schema object

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import re
 
-from pdserve.server.tools.base import ParsedOutput, Tool, ToolCall, ToolCallParser, ToolCallStream, \
-    arguments_json
+from pdserve.server.tools.base import ParsedOutput, Tool, ToolCall, ToolCallParser, ToolCallStream, arguments_json
 
 START, END = "<tool_call>", "</tool_call>"
 # a closed block, or an unclosed one at the very end (generation stopped before END)
@@ -45,7 +44,7 @@ class HermesToolParser(ToolCallParser):
         pos = 0
         for m in _BLOCK.finditer(text):
             call = _call(m.group(1).strip())
-            content.append(text[pos:m.start()])
+            content.append(text[pos : m.start()])
             if call is None:  # not a valid call: keep it as text
                 content.append(m.group(0))
             else:
@@ -60,15 +59,21 @@ class HermesToolParser(ToolCallParser):
     def forced_grammar(self, tools: list[Tool], parallel: bool) -> str:
         import xgrammar as xgr
 
-        schema = {"anyOf": [{"type": "object",
-                             "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-                             "required": ["name", "arguments"], "additionalProperties": False}
-                            for t in tools]}
+        schema = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+                for t in tools
+            ]
+        }
         call_json = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False))
         call_json = re.sub(r"\broot\b", "tool_call_json", call_json)  # its root becomes a rule of ours
         more = ' ("\\n" call)*' if parallel else ""
-        return (f'root ::= call{more}\n'
-                f'call ::= "{START}\\n" tool_call_json "\\n{END}"\n' + call_json)
+        return f'root ::= call{more}\ncall ::= "{START}\\n" tool_call_json "\\n{END}"\n' + call_json
 
 
 class _HermesStream(ToolCallStream):
@@ -88,7 +93,7 @@ class _HermesStream(ToolCallStream):
             out, self.pending = text[:i], text[i:]
         else:  # hold back a tail that may be the start of START
             keep = next((k for k in range(min(len(START) - 1, len(text)), 0, -1) if START.startswith(text[-k:])), 0)
-            out, self.pending = text[:len(text) - keep], text[len(text) - keep:]
+            out, self.pending = text[: len(text) - keep], text[len(text) - keep :]
         return out
 
     def finish(self) -> ParsedOutput:

@@ -29,8 +29,9 @@ def _tools(raw) -> list[Tool]:
     for i, t in enumerate(raw):
         where = f"tools[{i}]"
         if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict):
-            raise FieldError(f"{where} must be {{type: \"function\", function: {{name, description, parameters}}}}",
-                             where)
+            raise FieldError(
+                f'{where} must be {{type: "function", function: {{name, description, parameters}}}}', where
+            )
         for k in t:
             if k not in ("type", "function"):
                 raise FieldError(f"{where}.{k} is not supported", f"{where}.{k}")
@@ -46,8 +47,9 @@ def _tools(raw) -> list[Tool]:
             raise FieldError(f"{where}.function.description must be a string", f"{where}.function.description")
         params = fn.get("parameters", _EMPTY_PARAMETERS)
         if not isinstance(params, dict):
-            raise FieldError(f"{where}.function.parameters must be a JSON Schema object",
-                             f"{where}.function.parameters")
+            raise FieldError(
+                f"{where}.function.parameters must be a JSON Schema object", f"{where}.function.parameters"
+            )
         if fn.get("strict") not in (None, True, False):
             raise FieldError(f"{where}.function.strict must be a boolean", f"{where}.function.strict")
         if any(o.name == name for o in out):
@@ -57,7 +59,7 @@ def _tools(raw) -> list[Tool]:
 
 
 def _choice(raw, tools: list[Tool]) -> str | Tool:
-    """"none" | "auto" | "required" | the named tool."""
+    """ "none" | "auto" | "required" | the named tool."""
     if raw is None:
         return "auto" if tools else "none"
     if raw in ("none", "auto", "required"):
@@ -65,8 +67,10 @@ def _choice(raw, tools: list[Tool]) -> str | Tool:
     fn = raw.get("function") if isinstance(raw, dict) and raw.get("type") == "function" else None
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str):
-        raise FieldError('tool_choice must be "none", "auto", "required" or '
-                         '{"type": "function", "function": {"name": ...}}', "tool_choice")
+        raise FieldError(
+            'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+            "tool_choice",
+        )
     for t in tools:
         if t.name == name:
             return t
@@ -88,12 +92,18 @@ def plan_tools(body: dict, template: str, parser_name: str | None, served: str) 
     if choice == "none":  # the model must not call: the tools are not shown to it
         return None
     if "tools" not in template:
-        raise FieldError(f"tools are not supported with the chat template of the served model ({served}): it does "
-                         "not render tools; start the server with --chat-template set to one that does "
-                         "(docs/api.md, \"Tool calling\")", "tools")
+        raise FieldError(
+            f"tools are not supported with the chat template of the served model ({served}): it does "
+            "not render tools; start the server with --chat-template set to one that does "
+            '(docs/api.md, "Tool calling")',
+            "tools",
+        )
     if parser_name is None:
-        raise FieldError("tools need a tool-call parser for the served model's format; start the server with "
-                         f"--tool-call-parser ({', '.join(parser_names())})", "tools")
+        raise FieldError(
+            "tools need a tool-call parser for the served model's format; start the server with "
+            f"--tool-call-parser ({', '.join(parser_names())})",
+            "tools",
+        )
     parser = get_parser(parser_name)
     grammar = None
     if choice == "required" or isinstance(choice, Tool):

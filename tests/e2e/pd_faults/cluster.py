@@ -64,10 +64,22 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="pdserve-faults-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(self.port), "--dtype", "float32",
-               "--max-total-tokens", "4096", *extra]
-        self.proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **env},
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pdserve.cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--max-total-tokens",
+            "4096",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, start_new_session=True, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     def wait_healthy(self, timeout: float = 180) -> None:
         try:
@@ -85,8 +97,14 @@ class Server:
 
     def wait_clean(self, timeout: float = 10) -> dict:
         """Polls until nothing holds pages and every queue is empty (aborts are asynchronous)."""
-        queues = ("num_running_reqs", "num_waiting_reqs", "prealloc_queue_len", "transfer_queue_len",
-                  "bootstrap_queue_len", "inflight_queue_len")
+        queues = (
+            "num_running_reqs",
+            "num_waiting_reqs",
+            "prealloc_queue_len",
+            "transfer_queue_len",
+            "bootstrap_queue_len",
+            "inflight_queue_len",
+        )
         deadline = time.time() + timeout
         while True:
             ld = self.load()
@@ -117,8 +135,15 @@ class Server:
 class Prefill(Server):
     def __init__(self, bootstrap_port: int | None = None) -> None:
         self.bootstrap_port = bootstrap_port or free_port()
-        super().__init__("--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "tcp",
-                         "--disaggregation-bootstrap-port", str(self.bootstrap_port), env=ENV)
+        super().__init__(
+            "--disaggregation-mode",
+            "prefill",
+            "--disaggregation-transfer-backend",
+            "tcp",
+            "--disaggregation-bootstrap-port",
+            str(self.bootstrap_port),
+            env=ENV,
+        )
 
     def route(self) -> dict:
         """This prefill rank's registration (its control endpoint) from the bootstrap server."""
@@ -130,8 +155,9 @@ class Prefill(Server):
 class Decode(Server):
     def __init__(self, **env: str) -> None:
         """`env` overrides this package's environment (e.g. a longer waiting timeout)."""
-        super().__init__("--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "tcp",
-                         env={**ENV, **env})
+        super().__init__(
+            "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "tcp", env={**ENV, **env}
+        )
 
     def data_port(self) -> int:
         """The KV data endpoint prefill pushes into (only the scheduler's log names it)."""
@@ -141,8 +167,14 @@ class Decode(Server):
 
 
 def body(prefill: Prefill, prompt: str, sp: dict, room: int | None = None, stream: bool = False) -> dict:
-    return {"text": prompt, "sampling_params": sp, "stream": stream, "bootstrap_host": "127.0.0.1",
-            "bootstrap_port": prefill.bootstrap_port, "bootstrap_room": new_room() if room is None else room}
+    return {
+        "text": prompt,
+        "sampling_params": sp,
+        "stream": stream,
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": prefill.bootstrap_port,
+        "bootstrap_room": new_room() if room is None else room,
+    }
 
 
 def pd_generate(prefill: Prefill, decode: Decode, prompt: str, sp: dict = SP) -> dict:
@@ -230,8 +262,10 @@ def open_stream(server: Server, b: dict) -> socket.socket:
     """POST a streaming /generate on a raw socket (closing it is an unambiguous disconnect)."""
     data = json.dumps(b).encode()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
-    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    sock.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data
+    )
     return sock
 
 

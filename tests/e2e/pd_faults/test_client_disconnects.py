@@ -8,9 +8,24 @@ import time
 
 import pytest
 
-from tests.e2e.pd_faults.cluster import (BOOTSTRAP_TIMEOUT, Background, LONG_IDS, LONG_SP, MARGIN, PROMPTS,
-                                         SP, WAITING_TIMEOUT, assert_pair_healthy, body, error_message,
-                                         new_room, open_stream, read_events, timed_post, wait_for)
+from tests.e2e.pd_faults.cluster import (
+    BOOTSTRAP_TIMEOUT,
+    Background,
+    LONG_IDS,
+    LONG_SP,
+    MARGIN,
+    PROMPTS,
+    SP,
+    WAITING_TIMEOUT,
+    assert_pair_healthy,
+    body,
+    error_message,
+    new_room,
+    open_stream,
+    read_events,
+    timed_post,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -66,8 +81,13 @@ def test_prefill_client_disconnect_during_prefill_tells_decode(pair, reference):
     """Prefill's client goes away while prefill computes a long prompt: prefill aborts the
     request and tells decode, which answers its client at once (not after WAITING_TIMEOUT)."""
     p, d = pair
-    b = {"input_ids": LONG_IDS, "sampling_params": SP, "bootstrap_host": "127.0.0.1",
-         "bootstrap_port": p.bootstrap_port, "bootstrap_room": new_room()}
+    b = {
+        "input_ids": LONG_IDS,
+        "sampling_params": SP,
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": p.bootstrap_port,
+        "bootstrap_room": new_room(),
+    }
     dec = Background(d.url, b)
     wait_for(lambda: d.load()["transfer_queue_len"] == 1, 10, "decode to wait for the KV")
     sock = open_stream(p, b)

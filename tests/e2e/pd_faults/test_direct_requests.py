@@ -9,9 +9,11 @@ from tests.e2e.pd_faults.cluster import assert_pair_healthy
 
 def test_pd_servers_refuse_requests_without_bootstrap_fields(pair, reference):
     for server in pair:
-        for path, body in (("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 4}}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-                           ("/v1/completions", {"prompt": "hi", "max_tokens": 4})):
+        for path, body in (
+            ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 4}}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 4}),
+        ):
             r = httpx.post(server.url + path, json=body, timeout=30)
             assert r.status_code == 400, (server.url, path, r.text)
             msg = r.json()["error"]["message"]

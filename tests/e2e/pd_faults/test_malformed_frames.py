@@ -11,16 +11,46 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.pd_faults.cluster import (ABORT, Background, DATA, HEADER, HEAD_PAGE_BYTES, MAGIC, MARGIN,
-                                         META, PROMPTS, REGISTER, SP, VERSION, WAITING_TIMEOUT, WRITE_BEGIN,
-                                         assert_pair_healthy, body, error_message, new_room, wait_for)
+from tests.e2e.pd_faults.cluster import (
+    ABORT,
+    Background,
+    DATA,
+    HEADER,
+    HEAD_PAGE_BYTES,
+    MAGIC,
+    MARGIN,
+    META,
+    PROMPTS,
+    REGISTER,
+    SP,
+    VERSION,
+    WAITING_TIMEOUT,
+    WRITE_BEGIN,
+    assert_pair_healthy,
+    body,
+    error_message,
+    new_room,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
 
 # -- 5 ------------------------------------------------------------------------------------
-def header(ftype: int, room: int = 0, *, src: int = 0, offset: int = 0, npages: int = 0, h0: int = 0, h1: int = 0,
-           body_len: int = 0, payload_len: int = 0, magic: bytes = MAGIC, version: int = VERSION) -> bytes:
+def header(
+    ftype: int,
+    room: int = 0,
+    *,
+    src: int = 0,
+    offset: int = 0,
+    npages: int = 0,
+    h0: int = 0,
+    h1: int = 0,
+    body_len: int = 0,
+    payload_len: int = 0,
+    magic: bytes = MAGIC,
+    version: int = VERSION,
+) -> bytes:
     return HEADER.pack(magic, version, ftype, src, room, offset, npages, h0, h1, body_len, payload_len)
 
 
@@ -93,8 +123,12 @@ def test_malformed_frames_to_decode_data_endpoint(pair, reference):
         send_raw(port, data, expect_close=expect_close)
     # well-formed frames for a room decode does not know are discarded; the connection stays up
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(header(DATA, room, npages=1, h1=1, payload_len=HEAD_PAGE_BYTES) + b"\0" * HEAD_PAGE_BYTES
-                  + header(META, room, payload_len=32) + b"\0" * 32)
+        s.sendall(
+            header(DATA, room, npages=1, h1=1, payload_len=HEAD_PAGE_BYTES)
+            + b"\0" * HEAD_PAGE_BYTES
+            + header(META, room, payload_len=32)
+            + b"\0" * 32
+        )
         s.settimeout(1)
         with pytest.raises(TimeoutError):
             s.recv(1)
@@ -113,8 +147,11 @@ def test_malformed_frame_for_a_live_room_fails_only_that_request(pair, reference
     wait_for(lambda: d.load()["transfer_queue_len"] == 1, 10, "decode to wait for the KV")
     time.sleep(0.2)
     # pages far outside the request's page list
-    send_raw(port, header(DATA, b["bootstrap_room"], offset=1000, npages=1, h0=0, h1=3,
-                          payload_len=3 * HEAD_PAGE_BYTES), expect_close=True)
+    send_raw(
+        port,
+        header(DATA, b["bootstrap_room"], offset=1000, npages=1, h0=0, h1=3, payload_len=3 * HEAD_PAGE_BYTES),
+        expect_close=True,
+    )
     r, took = bg.join(WAITING_TIMEOUT + MARGIN)
     assert r.status_code >= 500, r.text
     msg = error_message(r)

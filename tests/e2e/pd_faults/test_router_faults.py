@@ -16,12 +16,25 @@ from tests.e2e.pd_faults.cluster import Decode
 
 STREAMS = 6
 BODIES = {
-    "/generate": lambda i: {"text": f"Story {i}: once upon a time", "stream": True,
-                            "sampling_params": {"max_new_tokens": 600, "temperature": 0, "ignore_eos": True}},
-    "/v1/completions": lambda i: {"prompt": f"Story {i}: once upon a time", "stream": True, "max_tokens": 600,
-                                  "temperature": 0, "ignore_eos": True},
-    "/v1/chat/completions": lambda i: {"messages": [{"role": "user", "content": f"Tell story {i}."}], "stream": True,
-                                       "max_tokens": 600, "temperature": 0, "ignore_eos": True},
+    "/generate": lambda i: {
+        "text": f"Story {i}: once upon a time",
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 600, "temperature": 0, "ignore_eos": True},
+    },
+    "/v1/completions": lambda i: {
+        "prompt": f"Story {i}: once upon a time",
+        "stream": True,
+        "max_tokens": 600,
+        "temperature": 0,
+        "ignore_eos": True,
+    },
+    "/v1/chat/completions": lambda i: {
+        "messages": [{"role": "user", "content": f"Tell story {i}."}],
+        "stream": True,
+        "max_tokens": 600,
+        "temperature": 0,
+        "ignore_eos": True,
+    },
 }
 
 
@@ -31,9 +44,16 @@ def test_decode_killed_under_six_streams(pair):
     # and six prompts on a loaded 2-core box can take longer than that to prefill
     victim = Decode(SGLANG_DISAGGREGATION_WAITING_TIMEOUT="60")
     victim.wait_healthy()
-    cfg = RouterConfig(pd_disaggregation=True, port=0, prefill=(PrefillSpec(p.url, p.bootstrap_port),),
-                       decode=(victim.url,), policy="round_robin", load_check_interval_secs=0,
-                       health=HealthCheckConfig(enabled=False), request_timeout_secs=120)
+    cfg = RouterConfig(
+        pd_disaggregation=True,
+        port=0,
+        prefill=(PrefillSpec(p.url, p.bootstrap_port),),
+        decode=(victim.url,),
+        policy="round_robin",
+        load_check_interval_secs=0,
+        health=HealthCheckConfig(enabled=False),
+        request_timeout_secs=120,
+    )
     results: list = [None] * STREAMS
     # one at a time (this package's servers run with 3-4 s transfer timeouts: six prompts
     # prefilled at once on a loaded 2-core box could time out before the kill)

@@ -13,10 +13,25 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.pd_faults.cluster import (BOOTSTRAP_TIMEOUT, Background, HEARTBEAT_INTERVAL,
-                                         HEARTBEAT_MAX_FAILURE, MARGIN, PROMPTS, Prefill, SP, WAITING_TIMEOUT,
-                                         assert_pair_healthy, body, error_message, open_stream, pd_generate,
-                                         read_until_end, timed_post, wait_for)
+from tests.e2e.pd_faults.cluster import (
+    BOOTSTRAP_TIMEOUT,
+    Background,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_MAX_FAILURE,
+    MARGIN,
+    PROMPTS,
+    Prefill,
+    SP,
+    WAITING_TIMEOUT,
+    assert_pair_healthy,
+    body,
+    error_message,
+    open_stream,
+    pd_generate,
+    read_until_end,
+    timed_post,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
