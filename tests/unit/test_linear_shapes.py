@@ -48,20 +48,7 @@ def test_packed_linear_equals_the_plain_product(dtype):
 def test_prefills_of_every_length_reach_onednn_at_few_row_counts(monkeypatch):
     """A model serving prompts of 1..200 tokens: the oneDNN op sees a bounded set of row
     counts (without the padding: one per prompt length, 200 of them)."""
-    cfg = ModelConfig(
-        arch="llama",
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        eos_token_ids=(),
-    )
+    cfg = ModelConfig.tiny(vocab_size=300, eos_token_ids=())
     model = LlamaModel(cfg, torch.float32)
     model.load_weights(random_state(cfg))
     seen: set[int] = set()
@@ -95,20 +82,7 @@ def test_prefills_of_every_length_reach_onednn_at_few_row_counts(monkeypatch):
 def test_prebuilt_shapes_cover_everything_serving_meets(monkeypatch):
     """Warm-up (`prebuild_linear_shapes`, called by load_model) runs every (row count, weight)
     shape serving can meet, so no new oneDNN primitive is built while serving: RSS flat."""
-    cfg = ModelConfig(
-        arch="llama",
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        eos_token_ids=(),
-    )
+    cfg = ModelConfig.tiny(vocab_size=300, eos_token_ids=())
     model = LlamaModel(cfg, torch.float32)
     model.load_weights(random_state(cfg))
     seen: set[tuple] = set()

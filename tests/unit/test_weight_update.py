@@ -13,20 +13,7 @@ from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel, random_state
 from pdserve.model.weight_update import apply_named_weights, hf_views, parse_dtype, weight_rows
 
-CFG = ModelConfig(
-    arch="llama",
-    vocab_size=300,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    eos_token_ids=(),
-)
+CFG = ModelConfig.tiny(vocab_size=300, eos_token_ids=())
 
 
 def model_from(state) -> LlamaModel:
