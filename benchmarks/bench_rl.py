@@ -121,8 +121,7 @@ def main() -> int:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     res: dict = {"batch": a.batch, "prompt_len": a.prompt_len, "max_new_tokens": a.max_new_tokens}
-    base = 41000
-    for name in ("sglang", "sglang_pd_dis"):
+    for base, name in ((41000, "sglang"), (43000, "sglang_pd_dis")):
         cfg = {
             "strategy_name": name,
             "strategy_config": {"max_total_tokens": a.max_total_tokens, "log_level": "warning", "base_port": base},

@@ -22,6 +22,8 @@ from pdserve.launch.children import child_setup, wait_healthy
 
 def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the servers bind: a port in TIME_WAIT after a stopped server is free to them
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
