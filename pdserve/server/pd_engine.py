@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from concurrent.futures import Future
 import itertools
 import secrets
 from typing import Any, Iterator
@@ -63,29 +64,29 @@ class PDEngine:
         self._pairs = itertools.count()
         self.tokenizer = self.decode[0].tokenizer
 
-    def _pick(self) -> tuple[Engine, Engine, dict]:
+    def _start_pair(self, ids: list[int], sp: dict | None, lp: bool, top: int) -> tuple[Engine, tuple, Future]:
+        """Pick the next prefill/decode pair and a fresh room; start the prefill side.
+        Returns the decode engine, the (host, port, room) both sides use, and the prefill's
+        future."""
         i = next(self._pairs)
         p, d = self.prefill[i % len(self.prefill)], self.decode[i % len(self.decode)]
-        boot = {
-            "bootstrap_host": p.args.host,
-            "bootstrap_port": p.args.disaggregation_bootstrap_port,
-            "bootstrap_room": secrets.randbits(63),
-        }
-        return p, d, boot
+        boot = (p.args.host, p.args.disaggregation_bootstrap_port, secrets.randbits(63))
+        return d, boot, asyncio.run_coroutine_threadsafe(p._collect(ids, _sp(sp), lp, top, boot), p.loop)
 
-    def _run_pair(self, ids: list[int], sp: dict, lp: bool, top: int) -> dict:
-        p, d, boot = self._pick()
-        boot_t = (boot["bootstrap_host"], boot["bootstrap_port"], boot["bootstrap_room"])
-        fp = asyncio.run_coroutine_threadsafe(p._collect(ids, _sp(sp), lp, top, boot_t), p.loop)
-        fd = asyncio.run_coroutine_threadsafe(d._collect(ids, _sp(sp), lp, top, boot_t), d.loop)
+    @staticmethod
+    def _end_prefill(fp: Future) -> None:
+        """The decode side's answer (or error) is the request's; the prefill side only ends."""
         try:
-            out = fd.result()
+            fp.result(60)
+        except (concurrent.futures.TimeoutError, ValueError, RuntimeError):
+            fp.cancel()
+
+    def _run_pair(self, ids: list[int], sp: dict | None, lp: bool, top: int) -> dict:
+        d, boot, fp = self._start_pair(ids, sp, lp, top)
+        try:
+            return asyncio.run_coroutine_threadsafe(d._collect(ids, _sp(sp), lp, top, boot), d.loop).result()
         finally:
-            try:
-                fp.result(60)
-            except (concurrent.futures.TimeoutError, ValueError, RuntimeError):
-                fp.cancel()  # the decode side's answer (or error) is the request's
-        return out
+            self._end_prefill(fp)
 
     def generate(
         self,
@@ -112,16 +113,11 @@ class PDEngine:
         return outs if batched else outs[0]
 
     def _stream(self, ids: list[int], sp: dict | None, lp: bool, top: int) -> Iterator[dict]:
-        p, d, boot = self._pick()
-        boot_t = (boot["bootstrap_host"], boot["bootstrap_port"], boot["bootstrap_room"])
-        fp = asyncio.run_coroutine_threadsafe(p._collect(ids, _sp(sp), lp, top, boot_t), p.loop)
+        d, boot, fp = self._start_pair(ids, sp, lp, top)
         try:
-            yield from d._sync_stream((ids, _sp(sp)), lp, top, boot_t)
+            yield from d._sync_stream((ids, _sp(sp)), lp, top, boot)
         finally:
-            try:
-                fp.result(60)
-            except (concurrent.futures.TimeoutError, ValueError, RuntimeError):
-                fp.cancel()
+            self._end_prefill(fp)
 
     def shutdown(self) -> None:
         for e in [*self.decode, *self.prefill]:
