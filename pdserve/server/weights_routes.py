@@ -95,6 +95,9 @@ def add_weights_routes(app: FastAPI, tm: TokenizerManager) -> None:
         )
         if not 0 < msg["master_port"] < 65536:
             raise ValueError("master_port must be in 1..65535")
+        for key in ("rank_offset", "world_size"):  # ints msgpack can carry to the scheduler
+            if not 0 <= msg[key] < 2**31:
+                raise ValueError(f"{key} must be in 0..2**31-1")
         return _answer(await tm.admin_call(lambda cid: InitWeightsGroupReq(cid, **msg)))
 
     @app.post("/destroy_weights_update_group")
@@ -153,9 +156,9 @@ def add_weights_routes(app: FastAPI, tm: TokenizerManager) -> None:
         body = await _body(request)
         name = _field(body, "name", str, required=True)
         size = body.get("truncate_size", 100)
-        try:
-            size = int(size)
-        except (TypeError, ValueError):
+        try:  # a query parameter arrives as text; inf, nan and 1e308 must not reach msgpack
+            size = min(max(int(size), 0), 2**31 - 1)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError("truncate_size must be an integer") from None
         resp = await tm.admin_call(lambda cid: GetWeightsByNameReq(cid, name, size))
         if not resp.success:
