@@ -30,6 +30,7 @@ MODES: list[tuple[str, dict]] = [
     ("float32", {"dtype": "float32"}),
     ("bfloat16", {"dtype": "bfloat16", "w4_decode_max_tokens": 0}),
     ("bfloat16 + 4-bit decode (bf16 default)", {"dtype": "bfloat16"}),
+    ("float32 + --quantization w8a8_int8", {"dtype": "float32", "quantization": "w8a8_int8"}),
 ]
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from pdserve.enums import AttentionBackend, DisaggregationMode, DType, TransferBackend
+from pdserve.enums import AttentionBackend, DisaggregationMode, DType, Quantization, TransferBackend
 from pdserve.setting_checks import TOOL_CALL_PARSERS, hub_name_hint, missing_package
 
 DTYPES = tuple(d.value for d in DType)
 ATTENTION_BACKENDS = tuple(b.value for b in AttentionBackend)
+QUANTIZATIONS = tuple(q.value for q in Quantization)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SEMI_PD_SWITCHES = ("enable_semi_pd", "enable_semi_pd_coordinator", "enable_unified_memory", "enable_slo_aware")
 
@@ -66,6 +67,8 @@ class ServerArgs:
     num_threads: int | None = None  # torch threads in the scheduler (default: all cores)
     # batches of at most this many tokens use 4-bit weight-only matmuls (bf16 only; 0 = off)
     w4_decode_max_tokens: int = 8
+    # w8a8_int8: the decoder layers' linears in int8 (weights per channel, activations per row)
+    quantization: Quantization = Quantization.NONE
     # PD disaggregation
     disaggregation_mode: DisaggregationMode = DisaggregationMode.NULL
     disaggregation_bootstrap_port: int = 8998
@@ -120,6 +123,7 @@ class ServerArgs:
             AttentionBackend,
             f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
         )
+        to_enum("quantization", Quantization, f"must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if not (0 < self.port < 65536):
             bad("port", f"must be in 1..65535, got {self.port}")
         if not (0 < self.disaggregation_bootstrap_port < 65536):

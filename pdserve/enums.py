@@ -64,6 +64,15 @@ class AttentionBackend(StrEnum):
     FAKE = "fake"  # writes the KV, attends to nothing (tests of the plumbing around attention)
 
 
+class Quantization(StrEnum):
+    """`--quantization` (SGLang's flag): how the decoder layers' linear weights are stored."""
+
+    NONE = "none"  # the model dtype
+    # int8 weights (symmetric, per output channel) and int8 activations quantized per row at
+    # run time; int32 accumulation (pdserve/model/llama.py: int8_linear)
+    W8A8_INT8 = "w8a8_int8"
+
+
 class PrefixCacheKind(StrEnum):
     """The prefix cache (`--disable-radix-cache` selects `none`)."""
 

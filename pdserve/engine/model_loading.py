@@ -10,6 +10,7 @@ import psutil
 import torch
 
 from pdserve.config import ServerArgs
+from pdserve.enums import Quantization
 from pdserve.engine.runner import kv_bytes_per_token
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
@@ -49,7 +50,11 @@ def load_model(args: ServerArgs, tp_rank: int = 0) -> LlamaModel:
     config, state = load_model_files(path)
     shard = TPShard.of(config, tp_rank, args.tp_size)
     model = LlamaModel(
-        shard.local_config(config), resolve_dtype(args.dtype), args.w4_decode_max_tokens, computes_logits=tp_rank == 0
+        shard.local_config(config),
+        resolve_dtype(args.dtype),
+        args.w4_decode_max_tokens,
+        computes_logits=tp_rank == 0,
+        int8_linears=args.quantization == Quantization.W8A8_INT8,
     )
     model.full_config = config
     model.load_weights(shard_state(state, config, shard))

@@ -287,6 +287,8 @@ class WeightsControl:
             layer.packed = {n: None for n in (layer.packed or {})}
             if layer.q4 is not None:
                 layer.q4 = {}
+            if layer.q8 is not None:
+                layer.q8 = {}
         import gc
 
         gc.collect()

@@ -34,7 +34,12 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Layer:
-    __slots__ = ("in_norm", "post_norm", "qkv", "qkv_b", "o", "gate_up", "down", "q_norm", "k_norm", "q4", "packed")
+    __slots__ = (
+        "in_norm", "post_norm", "qkv", "qkv_b", "o", "gate_up", "down", "q_norm", "k_norm", "q4", "packed", "q8",
+    )  # fmt: skip
+
+
+LINEAR_NAMES = ("qkv", "o", "gate_up", "down")  # a layer's linear weights
 
 
 INT4_GROUP = 32
@@ -72,6 +77,37 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor | None:
     except (RuntimeError, AttributeError, NotImplementedError):
         return None
     return packed
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`--quantization w8a8_int8` weights: symmetric int8 per output channel. Returns the
+    transposed int8 weight [K, N] (torch._int_mm's layout) and the float32 scales [N]."""
+    wf = w.float()
+    scale = (wf.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.t().contiguous(), scale
+
+
+def int8_linear(x: torch.Tensor, q8: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ an int8 weight (quantize_int8): each row of x is quantized to int8 with its own
+    scale, multiplied in int8 with int32 sums (oneDNN, VNNI where the CPU has it), then scaled
+    back. Rows never share a scale and integer sums are exact, so a row's result does not depend
+    on the other rows of the batch (PD equals mode null; a request's output does not depend on
+    what it was batched with). The row count is padded as for packed_linear (bounded shapes)."""
+    wq, w_scale = q8
+    xf = x.float()
+    m = xf.shape[0]
+    x_scale = (xf.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+    xq = torch.round(xf / x_scale).to(torch.int8)
+    mp = padded_rows(m)
+    if mp != m:
+        xp = xq.new_zeros(mp, xq.shape[1])
+        xp[:m] = xq
+        xq = xp
+    acc = torch._int_mm(xq, wq)
+    if mp != m:
+        acc = acc[:m]
+    return (acc.float() * x_scale * w_scale).to(x.dtype)
 
 
 EXACT_ROWS = 32  # row counts up to this reach oneDNN as they are (decode batches)
@@ -115,10 +151,17 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, exact: int = EXACT_ROWS
 
 
 def linear(
-    x: torch.Tensor, w: torch.Tensor, q4: tuple | None, small: bool, packed: torch.Tensor | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    q4: tuple | None,
+    small: bool,
+    packed: torch.Tensor | None = None,
+    q8: tuple | None = None,
 ) -> torch.Tensor:
     # Small batches are memory-bound: 4-bit weights read 4x fewer bytes per token
     # (benchmarks/bench_engine.py); large batches are compute-bound and stay on bf16/AMX.
+    if q8 is not None:
+        return int8_linear(x, q8)
     if small and q4 is not None:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4[0], INT4_GROUP, q4[1])
     if packed is not None:
@@ -160,10 +203,17 @@ class LlamaModel:
     """Weights as plain tensors with fused qkv and gate_up projections."""
 
     def __init__(
-        self, config: ModelConfig, dtype: torch.dtype, q4_max_tokens: int = 0, computes_logits: bool = True
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        q4_max_tokens: int = 0,
+        computes_logits: bool = True,
+        int8_linears: bool = False,
     ) -> None:
         self.config = config
         self.dtype = dtype
+        # --quantization w8a8_int8: the layers' linears run int8_linear (lm_head stays in dtype)
+        self.int8_linears = int8_linears
         # False on tensor-parallel ranks other than 0: they run the layers only (no lm_head)
         self.computes_logits = computes_logits
         # token counts up to this use 4-bit weight-only matmuls (bf16 only; 0 = never)
@@ -206,15 +256,22 @@ class LlamaModel:
             layer.down = get(p + "mlp.down_proj.weight")
             layer.q_norm = get(p + "self_attn.q_norm.weight") if cfg.qk_norm else None
             layer.k_norm = get(p + "self_attn.k_norm.weight") if cfg.qk_norm else None
-            layer.q4 = (
-                {n: quantize_int4(getattr(layer, n)) for n in ("qkv", "o", "gate_up", "down")}
-                if self.q4_max_tokens
-                else None
-            )
-            layer.packed = {n: pack_weight(getattr(layer, n)) for n in ("qkv", "o", "gate_up", "down")}
             self.layers.append(layer)
+            self.derive_layer(i)
         # lm_head stays bf16: in the default GGUF it is the Q8_0 embedding, not a 4-bit grid
         self.lm_head_packed = pack_weight(self.lm_head) if self.computes_logits else None
+
+    def derive_layer(self, i: int) -> None:
+        """(Re)build layer i's derived copies of its linear weights, the ones forward uses: int8
+        (--quantization w8a8_int8) or oneDNN's prepacked ones, plus the 4-bit decode copies."""
+        layer = self.layers[i]
+        layer.q4 = {n: quantize_int4(getattr(layer, n)) for n in LINEAR_NAMES} if self.q4_max_tokens else None
+        if self.int8_linears:
+            layer.q8 = {n: quantize_int8(getattr(layer, n)) for n in LINEAR_NAMES}
+            layer.packed = {n: None for n in LINEAR_NAMES}  # unused: no second copy of the weights
+        else:
+            layer.q8 = None
+            layer.packed = {n: pack_weight(getattr(layer, n)) for n in LINEAR_NAMES}
 
     def init_random(self, seed: int = 0) -> None:
         """Random weights for unit tests (tiny configs)."""
@@ -252,9 +309,10 @@ class LlamaModel:
         ar = self.all_reduce
         for i, layer in enumerate(self.layers):
             q4 = layer.q4 or {}
+            q8 = layer.q8 or {}
             pk = layer.packed
             x = rms_norm(h, layer.in_norm, eps)
-            qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"])
+            qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"], q8.get("qkv"))
             if layer.qkv_b is not None:
                 qkv = qkv + layer.qkv_b
             q = qkv[:, :qs].view(T, nq, hd)
@@ -266,14 +324,16 @@ class LlamaModel:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             o = attn(i, q, k, v, batch).view(T, qs)
-            a = linear(o, layer.o, q4.get("o"), small, pk["o"])
+            a = linear(o, layer.o, q4.get("o"), small, pk["o"], q8.get("o"))
             if ar is not None:
                 ar(a)
             h = h + a
             x = rms_norm(h, layer.post_norm, eps)
-            gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"])
+            gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"], q8.get("gate_up"))
             inter = cfg.intermediate_size
-            a = linear(F.silu(gu[:, :inter]) * gu[:, inter:], layer.down, q4.get("down"), small, pk["down"])
+            a = linear(
+                F.silu(gu[:, :inter]) * gu[:, inter:], layer.down, q4.get("down"), small, pk["down"], q8.get("down")
+            )
             if ar is not None:
                 ar(a)
             h = h + a
@@ -297,6 +357,11 @@ class LlamaModel:
         built = 0
         if not self.layers:
             return built
+        for name, q8 in (self.layers[0].q8 or {}).items():
+            k = getattr(self.layers[0], name).shape[1]
+            for m in row_counts(max_rows):
+                int8_linear(torch.zeros(m, k, dtype=self.dtype), q8)
+                built += 1
         for name, packed in self.layers[0].packed.items():
             if packed is None:
                 continue

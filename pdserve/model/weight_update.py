@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from pdserve.model.llama import LlamaModel, pack_weight, quantize_int4
+from pdserve.model.llama import LlamaModel, pack_weight
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -92,12 +92,8 @@ def apply_named_weights(model: LlamaModel, named: dict[str, torch.Tensor]) -> in
 
 
 def refresh_layer(model: LlamaModel, i: int) -> None:
-    """Rebuild layer i's prepacked and 4-bit copies from its plain weights."""
-    layer = model.layers[i]
-    names = ("qkv", "o", "gate_up", "down")
-    if layer.q4 is not None:
-        layer.q4 = {n: quantize_int4(getattr(layer, n)) for n in names}
-    layer.packed = {n: pack_weight(getattr(layer, n)) for n in names}
+    """Rebuild layer i's prepacked, int8 and 4-bit copies from its plain weights."""
+    model.derive_layer(i)
 
 
 def weight_rows(model: LlamaModel, name: str, truncate_size: int) -> list:

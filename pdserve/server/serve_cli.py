@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 
-from pdserve.config import ATTENTION_BACKENDS, DTYPES, LOG_LEVELS, ServerArgs
+from pdserve.config import ATTENTION_BACKENDS, DTYPES, LOG_LEVELS, QUANTIZATIONS, ServerArgs
 from pdserve.enums import DisaggregationMode
 
 D = ServerArgs  # defaults come from the frozen dataclass
@@ -105,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=D.w4_decode_max_tokens,
         help="steps of at most this many tokens use 4-bit weight-only matmuls (bf16 only; 0 = off)",
+    )
+    a(
+        "--quantization",
+        default=D.quantization,
+        choices=QUANTIZATIONS,
+        help="w8a8_int8: the decoder layers' linears in int8 (weights per output channel, activations per "
+        "row at run time); 2-4x faster linears on CPUs with AVX512-VNNI, greedy output close to but not "
+        "equal to the model dtype's (docs/benchmarks.md, agreement)",
     )
     a(
         "--disaggregation-mode",
