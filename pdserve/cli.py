@@ -7,9 +7,10 @@ client stay light).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
+
+from pdserve.cli_parser import Parser, fail  # noqa: F401  (the commands' parser and error exit)
 
 COMMANDS = {
     "serve": ("pdserve.server.serve_cli", "serve one engine (HTTP + scheduler)"),
@@ -18,24 +19,6 @@ COMMANDS = {
     "bench": ("pdserve.bench.cli", "serving benchmark client"),
     "kvstore": ("pdserve.kvstore.cli", "KV cache data service shared by servers"),
 }
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (`pdserve serve: error: --flag: why; fix`, exit 2)
-    and defaults shown in --help."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
-
-
-def fail(prog: str, message: str) -> int:
-    """A start-up failure: one line on stderr, exit status 2."""
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    return 2
 
 
 def _usage() -> str:

@@ -75,6 +75,11 @@ class ServerArgs:
     disaggregation_transfer_backend: TransferBackend = TransferBackend.TCP
     disaggregation_ib_device: str | None = None  # RDMA devices (mooncake); None: TCP transport
     tp_size: int = 1
+    # KV cache data service shared by servers (docs/kvstore.md): http://host:port (`pdserve
+    # kvstore`), mooncake://master_host:port or memory://; None: no store
+    kv_store: str | None = None
+    # seconds a request's store lookup may hold back its prefill before it computes instead
+    kv_store_timeout: float = 1.0
     # auto: cpu_paged (pdserve's C++ decode kernel) where it builds, else torch_native
     attention_backend: AttentionBackend = AttentionBackend.AUTO
     # chat template for /v1/chat/completions: a Jinja file or the template text itself
@@ -179,7 +184,22 @@ class ServerArgs:
         object.__setattr__(self, "disaggregation_transfer_backend", backend)
         if self.tokenizer_path is not None and not os.path.exists(self.tokenizer_path):
             bad("tokenizer_path", f"{self.tokenizer_path!r} does not exist")
+        self._validate_kv_store(bad)
         self._validate_semi_pd(bad)
+
+    def _validate_kv_store(self, bad) -> None:
+        t = self.kv_store_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 60):
+            bad("kv_store_timeout", f"seconds in (0, 60], got {t!r}")
+        if self.kv_store is None:
+            return
+        from pdserve.kvstore.stores import url_error
+
+        err = url_error(self.kv_store)
+        if err is not None:
+            bad("kv_store", err)
+        if self.tp_size != 1:
+            bad("kv_store", "not supported with --tp-size > 1 yet (docs/kvstore.md)")
 
     def _validate_semi_pd(self, bad) -> None:
         for name in ("initial_prefill_sm", "initial_decode_sm"):

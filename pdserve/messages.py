@@ -103,6 +103,7 @@ class SchedulerLoad(msgspec.Struct):
     num_retractions: int = 0
     cache_hit_tokens: int = 0
     cache_query_tokens: int = 0
+    prefill_computed_tokens: int = 0  # prompt tokens run through the model (not from a cache)
 
 
 class BatchOut(msgspec.Struct, tag=True):
@@ -117,6 +118,24 @@ class FlushCacheResp(msgspec.Struct, tag=True):
 class PrefillQueueStats(msgspec.Struct):
     bootstrap_queue_len: int
     inflight_queue_len: int
+
+
+class KVStoreStats(msgspec.Struct):
+    """A server's use of the KV cache data service (`--kv-store`), counters since startup."""
+
+    kv_store_query_tokens: int = 0  # prompt tokens looked up beyond the local prefix cache
+    kv_store_hit_tokens: int = 0  # of them, loaded from the store instead of computed
+    kv_store_bytes_read: int = 0  # record bytes fetched
+    kv_store_bytes_written: int = 0  # record bytes written
+    kv_store_fetches: int = 0  # lookups that finished (hit or miss)
+    kv_store_fetch_seconds: float = 0.0  # their total latency (lookup + fetch + checks)
+    kv_store_writes: int = 0  # write batches sent
+    kv_store_write_seconds: float = 0.0
+    kv_store_pending_write_bytes: int = 0  # copied out of the pool, not yet written
+    kv_store_errors: int = 0  # calls that failed or timed out (each one a miss)
+    kv_store_timeouts: int = 0  # lookups given up on: the prefix was computed instead
+    kv_store_rejected_pages: int = 0  # records refused (corrupt, wrong key or layout)
+    kv_store_dropped_writes: int = 0  # pages not written (store down or the write queue full)
 
 
 class DecodeQueueStats(msgspec.Struct):
@@ -138,12 +157,13 @@ class LoadResp(msgspec.Struct, tag=True):
     disaggregation_mode: DisaggregationMode
     prefill: PrefillQueueStats | None = None  # PD prefill server
     decode: DecodeQueueStats | None = None  # PD decode server
+    kv_store: KVStoreStats | None = None  # a server started with --kv-store
 
     def to_dict(self) -> dict[str, Any]:
         """The flat JSON of /get_load."""
         out = msgspec.structs.asdict(self.load)
         out["disaggregation_mode"] = self.disaggregation_mode.value
-        for part in (self.prefill, self.decode):
+        for part in (self.prefill, self.decode, self.kv_store):
             if part is not None:
                 out.update(msgspec.structs.asdict(part))
         return out

@@ -30,6 +30,11 @@ class BasePrefixCache(abc.ABC):
     def match_prefix(self, tokens: list[int]) -> tuple[list[int], Any]:
         """Longest cached page-aligned prefix of `tokens`: (its pages, a handle to lock)."""
 
+    def cached_len(self, tokens: list[int]) -> int:
+        """Tokens of `tokens` match_prefix would match now, without counting a lookup or
+        touching the entries (a KV store lookup asks only beyond them)."""
+        return 0
+
     @abc.abstractmethod
     def insert(self, tokens: list[int], pages: list[int]) -> int:
         """Cache the page-aligned prefix of `tokens` held in `pages`; returns how many

@@ -61,6 +61,21 @@ class RadixCache(BasePrefixCache):
         self.hit_tokens += i
         return pages, node
 
+    def cached_len(self, tokens: list[int]) -> int:
+        n = len(tokens) // self.page_size * self.page_size
+        key = tuple(tokens[:n])
+        node, i = self.root, 0
+        while i < n:
+            child = node.children.get(key[i : i + self.page_size])
+            if child is None:
+                break
+            m = self._match_len(child.key, key[i:])
+            i += m
+            if m < len(child.key):
+                break
+            node = child
+        return i
+
     def _match_len(self, a: tuple[int, ...], b: tuple[int, ...]) -> int:
         """Common prefix length of a and b, rounded down to pages."""
         m = 0

@@ -53,7 +53,10 @@ class Req:
         self.kv_len = 0  # tokens of fill_ids whose KV is in `pages`
         self.prefix_len = 0  # tokens borrowed from the prefix cache
         self.prefix_node = None  # locked radix node
-        self.cached_tokens = 0  # reported to the client (first admission)
+        self.cached_tokens = 0  # reported to the client (first admission): prefix cache + KV store
+        self.prefill_start = 0  # kv_len at admission (tokens not computed: cache and store hits)
+        self.kv_fetch = None  # engine/kv_connector.py KVFetch: a KV store lookup, until admission
+        self.store_pages = 0  # full prompt pages the KV store held at the lookup (not written again)
         # set with a FINISHED_* status, or (PD prefill) when generation ends in SENDING_KV
         self.finish_reason: FinishReason | None = None
         self.sent_len = 0  # output tokens already sent to the front end

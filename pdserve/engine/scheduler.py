@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pdserve.engine.admission import kv_pool_fit_error
+from pdserve.engine.kv_connector import BaseKVConnector, NoKVConnector
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.prefix_cache import BasePrefixCache
 from pdserve.engine.prefix_caches import create_prefix_cache
@@ -69,6 +70,7 @@ class SchedulerStats:
     finished: int = 0
     aborted: int = 0
     steps: int = 0
+    prefill_computed_tokens: int = 0  # prompt tokens run through the model
 
 
 class Prealloc(enum.Enum):
@@ -83,7 +85,9 @@ class Scheduler:
     """The scheduler contract. Warm-up, the event loops, the PD queues and the tests use
     only these methods; the queues and the KV pool behind them are private.
 
-    intake      check_admission(req), add_request(req), preallocate(req, n), add_prebuilt(req)
+    intake      check_admission(req), add_request(req), preallocate(req, n), add_prebuilt(req);
+                a KV connector (`--kv-store`) looks each prompt up on arrival, loads what it
+                found on admission and saves the prompt's pages after its prefill
     ending      abort(rid), fail(req, reason), free_pages(req), finish_held(req),
                 on_generation_end(hook)
     stepping    step(run) -> outputs; or schedule() -> Plan, update(plan, out) -> outputs,
@@ -102,6 +106,7 @@ class Scheduler:
         eos_ids: tuple[int, ...],
         disable_radix_cache: bool = False,
         detokenize: Callable[[list[int]], str] | None = None,
+        kv_connector: BaseKVConnector | None = None,
     ) -> None:
         self._alloc = allocator
         self.page_size = allocator.page_size
@@ -119,6 +124,7 @@ class Scheduler:
         self._outputs: list[ReqOut] = []  # produced between steps (aborts, rejects, PD)
         self._stats = SchedulerStats()
         self._on_generation_end: Callable[[Req], None] | None = None
+        self._kv: BaseKVConnector = kv_connector or NoKVConnector()
 
     @property
     def capacity_tokens(self) -> int:
@@ -151,6 +157,10 @@ class Scheduler:
         req.status = ReqStatus.WAITING
         self._reqs[req.rid] = req
         self._waiting.append(req)
+        if not req.wants_input_logprobs:  # KV store lookup beyond the local prefix cache
+            n = req.fill_len - 1  # the last prompt token is always computed (it samples)
+            local = self._cache.cached_len(req.fill_ids[:n]) // self.page_size
+            req.kv_fetch = self._kv.prefetch(req.fill_ids, local, n // self.page_size)
 
     def preallocate(self, req: Req, num_tokens: int) -> Prealloc:
         """PD decode: reserve pages for `num_tokens` tokens of a request whose KV will be
@@ -261,12 +271,16 @@ class Scheduler:
                 break
             extend.append(item)
             budget -= item.n
+        stalled = None  # the next request's KV store lookup is still under way (FIFO: wait)
         while self._waiting and budget > 0 and len(self._running) < self._max_running:
             req = self._waiting[0]
+            if req.kv_fetch is not None and not self._kv.ready(req.kv_fetch):
+                stalled = req.kv_fetch
+                break
             self._admit(req)
             item = self._prefill_item(req, budget)
             if item is None:
-                self._release(req, cache_it=False)
+                self._release(req)  # pages loaded from the store stay, in the prefix cache
                 break
             self._waiting.popleft()
             req.status = ReqStatus.RUNNING
@@ -275,8 +289,11 @@ class Scheduler:
             extend.append(item)
             budget -= item.n
         if not decode and not extend:
+            if stalled is not None:  # nothing else to run: sleep a little, not spin
+                self._kv.wait(stalled, 0.005)
             return None
         self._stats.steps += 1
+        self._stats.prefill_computed_tokens += sum(i.n for i in extend)
         return Plan(decode + extend, len(decode))
 
     def _admit(self, req: Req) -> None:
@@ -286,8 +303,32 @@ class Scheduler:
         req.prefix_node = node
         req.pages = list(pages)
         req.kv_len = req.prefix_len = len(pages) * self.page_size
+        fetch, req.kv_fetch = req.kv_fetch, None
+        if fetch is not None:
+            req.store_pages = self._kv.stored_pages(fetch)
+            self._load_from_store(req, fetch)
+        req.prefill_start = req.kv_len
         if req.num_retractions == 0:
-            req.cached_tokens = req.prefix_len
+            req.cached_tokens = req.kv_len
+
+    def _load_from_store(self, req: Req, fetch) -> None:
+        """Pages the KV store lookup found beyond the local prefix go into fresh pages of
+        the request (owned, like computed ones), as many as fit without forcing a retraction."""
+        first = len(req.pages)
+        n = self._kv.loadable(fetch, first)
+        if n <= 0:
+            return
+        reserve = sum(1 for r in self._running if r.is_decoding)
+        short = n + reserve - self._alloc.num_free
+        if short > 0 and self._cache.evictable_pages:
+            self._cache.evict(short)
+        n = min(n, self._alloc.num_free - reserve)
+        if n <= 0:
+            return
+        pages = self._alloc.alloc(n)
+        self._kv.load(fetch, first, pages)
+        req.pages.extend(pages)
+        req.kv_len += n * self.page_size
 
     def _prefill_item(self, req: Req, budget: int) -> ScheduledItem | None:
         n = min(req.fill_len - req.kv_len, budget)
@@ -357,10 +398,13 @@ class Scheduler:
                     k += 1
                 continue
             req.kv_len = item.start + item.n
-            if item.start == req.prefix_len and req.num_retractions == 0 and not req.output_ids:
+            if item.start == req.prefill_start and req.num_retractions == 0 and not req.output_ids:
                 self._stats.prompt_tokens += len(req.origin_input_ids)
             if not item.sample:
                 continue
+            if idx >= plan.num_decode and not req.output_ids and req.num_retractions == 0:
+                # the prompt's prefill ended: its full pages the store lacks are written
+                self._kv.save(req.origin_input_ids, req.pages, req.store_pages)
             tok = out.next_ids[k]
             if out.logprobs is not None and req.return_logprob:
                 req.logprobs.append(out.logprobs[k])
@@ -431,6 +475,7 @@ class Scheduler:
         req.pages, req.prefix_node, req.prefix_len, req.kv_len = [], None, 0, 0
 
     def _finish(self, req: Req, reason: FinishReason, emit: bool = True) -> None:
+        req.kv_fetch = None  # a lookup still under way finishes unused
         req.finish_reason = reason
         req.status = ReqStatus.finished(reason)
         req.finish_time = time.time()
@@ -517,4 +562,5 @@ class Scheduler:
             num_retractions=self._stats.num_retractions,
             cache_hit_tokens=self._cache.hit_tokens,
             cache_query_tokens=self._cache.query_tokens,
+            prefill_computed_tokens=self._stats.prefill_computed_tokens,
         )

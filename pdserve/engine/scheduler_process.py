@@ -21,6 +21,7 @@ import torch
 import zmq
 
 from pdserve.config import ServerArgs
+from pdserve.engine.kv_connector import BaseKVConnector, NoKVConnector
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.profiler import Profiler
 from pdserve.engine.model_loading import load_model, num_kv_pages, prebuild_shapes, set_threads
@@ -79,6 +80,7 @@ class SchedulerProcess:
             set_threads(args)
         t0 = time.time()
         self.pd_queues: PDQueues | None = None
+        self.kv_connector: BaseKVConnector = NoKVConnector()
         self.kv_shm, self.ar_shm = [], None
         try:
             self._build(args)
@@ -104,6 +106,7 @@ class SchedulerProcess:
             busy=self._busy,
             flush_cache=self.scheduler.flush_cache,
             reply=lambda resp: self.send.send(encode(resp)),
+            weights_changed=lambda: self.kv_connector.disable("the weights were updated"),
         )
         self.held: list[GenerateReq] = []  # new requests while a weight update waits
         if self.runner.lazy_pool:  # after startup: it must not slow the start itself
@@ -155,6 +158,7 @@ class SchedulerProcess:
         eos = set(cfg.eos_token_ids)
         if tok.eos_token_id is not None:
             eos.add(tok.eos_token_id)
+        self.kv_connector = self._kv_connector(args)
         self.scheduler = Scheduler(
             PageAllocator(num_pages, args.page_size),
             max_running_requests=args.max_running_requests,
@@ -163,10 +167,26 @@ class SchedulerProcess:
             eos_ids=tuple(sorted(eos)),
             disable_radix_cache=args.disable_radix_cache,
             detokenize=lambda ids: tok.decode(ids, skip_special_tokens=False),
+            kv_connector=self.kv_connector,
         )
         from pdserve.engine.grammar import GrammarBackend  # xgrammar loads on first use
 
         self.grammar = GrammarBackend(tok, cfg.vocab_size, sorted(eos))
+
+    def _kv_connector(self, args: ServerArgs) -> BaseKVConnector:
+        """`--kv-store`: mode null and prefill servers look prompts up and write them; decode
+        servers get their KV from prefill and never use it."""
+        if args.kv_store is None or args.disaggregation_mode == DisaggregationMode.DECODE:
+            if args.kv_store is not None:
+                logger.info("--kv-store is not used by a decode server (its KV comes from prefill)")
+            return NoKVConnector()
+        from pdserve.engine.kv_connectors import create_kv_connector, store_layout
+        from pdserve.model.paths import resolve_model_path
+
+        layout = store_layout(
+            resolve_model_path(args.model_path), self.model.full_config, args.page_size, self.model.dtype
+        )
+        return create_kv_connector(args.kv_store, layout, self.runner.kv_data, args.kv_store_timeout)
 
     def _setup_pd_queues(self, pd_setup: PDSetup | None) -> None:
         if pd_setup is None:
@@ -183,6 +203,7 @@ class SchedulerProcess:
             self.weights.close()
         if self.pd_queues is not None:
             self.pd_queues.close()
+        self.kv_connector.close()
         if self.tp is not None:
             self.tp.close()
         for name in [*self.kv_shm, self.ar_shm]:
@@ -286,7 +307,9 @@ class SchedulerProcess:
             return ProfileResp(msg.call_id, False, str(e))
 
     def load(self, call_id: int) -> LoadResp:
-        resp = LoadResp(call_id, self.scheduler.load(), self.args.disaggregation_mode)
+        resp = LoadResp(
+            call_id, self.scheduler.load(), self.args.disaggregation_mode, kv_store=self.kv_connector.stats()
+        )
         if self.pd_queues is not None:
             stats = self.pd_queues.stats()
             if isinstance(stats, PrefillQueueStats):

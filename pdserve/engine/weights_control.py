@@ -66,8 +66,10 @@ class WeightsControl:
         busy: Callable[[], bool],
         flush_cache: Callable[[], bool],
         reply: Callable[[AdminResp], None],
+        weights_changed: Callable[[], None] = lambda: None,
     ) -> None:
         self.model = model
+        self.weights_changed = weights_changed  # e.g. stop using a KV store keyed by the old weights
         self.tp_size = tp_size
         self.busy = busy
         self.flush_cache = flush_cache
@@ -192,6 +194,7 @@ class WeightsControl:
             else:
                 named = self._read_checkpoint(msg.model_path)
             layers = apply_named_weights(self.model, named)
+            self.weights_changed()
             flushed = self.flush_cache() if msg.flush_cache else False
             logger.info(
                 "updated %d weights (%d layers)%s", len(named), layers, ", prefix cache flushed" if flushed else ""

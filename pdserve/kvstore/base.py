@@ -93,12 +93,20 @@ class SafeStore:
             self.stats.bytes_in += sum(len(r) for r in recs if r)
         return recs
 
-    def put(self, items: list[tuple[str, bytes]]) -> None:
+    def put(self, items: list[tuple[str, bytes]]) -> bool:
+        """True if the store took them (False: an error, counted and logged)."""
         if not items:
-            return
-        self._call("put", lambda: self.store.put(items), None)
-        with self._lock:
-            self.stats.bytes_out += sum(len(r) for _, r in items)
+            return True
+
+        def put() -> bool:
+            self.store.put(items)
+            return True
+
+        ok = self._call("put", put, False)
+        if ok:
+            with self._lock:
+                self.stats.bytes_out += sum(len(r) for _, r in items)
+        return ok
 
     def count_hits(self, pages: int) -> None:
         with self._lock:

@@ -14,7 +14,7 @@ import sys
 
 
 def build_parser():
-    from pdserve.cli import Parser
+    from pdserve.cli_parser import Parser
 
     p = Parser(prog="pdserve kvstore", description="KV cache data service shared by servers (docs/kvstore.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 only behind a firewall)")
@@ -33,7 +33,7 @@ def build_parser():
 def _mooncake(a) -> int:
     exe = shutil.which("mooncake_master") or os.path.join(os.path.dirname(sys.executable), "mooncake_master")
     if not os.path.exists(exe):
-        from pdserve.cli import fail
+        from pdserve.cli_parser import fail
 
         return fail(
             "pdserve kvstore",

@@ -5,6 +5,7 @@ the page's bytes are interchangeable."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,6 +31,18 @@ class StoreLayout:
     def page_nbytes(self) -> int:
         elt = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
         return self.num_layers * 2 * self.page_size * self.kv_heads * self.head_dim * elt
+
+
+def model_identity(path: str) -> str:
+    """A model's identity in keys: the file or directory name and the size of its weights
+    (a directory: config.json and *.safetensors), so the same files share keys anywhere."""
+    path = os.path.normpath(path)
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors") or n == "config.json")
+        size = sum(os.path.getsize(os.path.join(path, n)) for n in names)
+    else:
+        size = os.path.getsize(path)
+    return f"{os.path.basename(path)}:{size}"
 
 
 def page_keys(layout: StoreLayout, token_ids: Sequence[int], max_pages: int | None = None) -> list[str]:

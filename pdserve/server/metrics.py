@@ -34,6 +34,35 @@ class ServerMetrics:
         )
         self.hit_rate = Gauge("pdserve:cache_hit_rate", "Prefix cache hit rate (tokens)", lbl, registry=r)
         self.retractions = Gauge("pdserve:num_retractions_total", "Requests retracted for KV space", lbl, registry=r)
+        self.prefill_computed = Gauge(
+            "pdserve:prefill_computed_tokens_total",
+            "Prompt tokens run through the model (not from the prefix cache or the KV store)",
+            lbl,
+            registry=r,
+        )
+        # KV cache data service (--kv-store; absent without one)
+        self.kv_store = {
+            key: Gauge(f"pdserve:{name}", doc, lbl, registry=r)
+            for key, name, doc in (
+                ("kv_store_query_tokens", "kv_store_query_tokens_total", "Prompt tokens looked up in the KV store"),
+                ("kv_store_hit_tokens", "kv_store_hit_tokens_total", "Prompt tokens loaded from the KV store"),
+                ("kv_store_bytes_read", "kv_store_read_bytes_total", "Record bytes fetched from the KV store"),
+                ("kv_store_bytes_written", "kv_store_written_bytes_total", "Record bytes written to the KV store"),
+                ("kv_store_fetches", "kv_store_fetches_total", "KV store lookups finished"),
+                ("kv_store_fetch_seconds", "kv_store_fetch_seconds_total", "Total latency of KV store lookups"),
+                ("kv_store_writes", "kv_store_writes_total", "KV store write batches"),
+                ("kv_store_write_seconds", "kv_store_write_seconds_total", "Total latency of KV store writes"),
+                ("kv_store_pending_write_bytes", "kv_store_pending_write_bytes", "Page bytes waiting to be written"),
+                ("kv_store_errors", "kv_store_errors_total", "KV store calls that failed (each a miss)"),
+                ("kv_store_timeouts", "kv_store_timeouts_total", "Lookups past --kv-store-timeout (computed)"),
+                ("kv_store_rejected_pages", "kv_store_rejected_pages_total", "Corrupt or mismatched records refused"),
+                (
+                    "kv_store_dropped_writes",
+                    "kv_store_dropped_pages_total",
+                    "Pages not written (store down or lagging)",
+                ),
+            )
+        }
 
         # PD disaggregation (0 in mode null)
         self.pd = {
@@ -70,6 +99,10 @@ class ServerMetrics:
         self.prompt_tokens.labels(m).set(load["prompt_tokens"])
         self.generation_tokens.labels(m).set(load["generation_tokens"])
         self.retractions.labels(m).set(load["num_retractions"])
+        self.prefill_computed.labels(m).set(load.get("prefill_computed_tokens", 0))
+        for key, gauge in self.kv_store.items():
+            if key in load:
+                gauge.labels(m).set(load[key])
         for key, gauge in self.pd.items():
             if key in load:
                 gauge.labels(m).set(load[key])

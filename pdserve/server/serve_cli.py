@@ -156,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor-parallel ranks (at most the model's KV heads; they split the cores)",
     )
     a(
+        "--kv-store",
+        "--hicache-storage-backend",
+        dest="kv_store",
+        default=D.kv_store,
+        metavar="URL",
+        help="KV cache data service shared by servers (docs/kvstore.md): http://HOST:PORT (`pdserve kvstore`), "
+        "mooncake://MASTER_HOST:PORT (Mooncake Store) or memory:// (in-process). Before a prefill the longest "
+        "stored prefix is fetched instead of computed; after it, new full pages are written. Mode null and "
+        "prefill servers use it (decode servers ignore it)",
+    )
+    a(
+        "--kv-store-timeout",
+        type=float,
+        default=D.kv_store_timeout,
+        help="seconds a request's store lookup may hold back its prefill; then it computes the prefix itself",
+    )
+    a(
         "--api-key",
         default=D.api_key,
         help="clients must send 'Authorization: Bearer KEY' (every path but /health, /health_generate)",

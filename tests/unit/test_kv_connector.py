@@ -1,0 +1,142 @@
+"""The scheduler with a KV store (engine/kv_connector.py, kv_store_connector.py) on the tiny
+random model: two "servers" (schedulers with their own pools) sharing one store. The second
+computes only what the store lacks and answers the same; corrupt records, a dead store and
+a hung one are misses; pools end free."""
+
+import random
+import threading
+import time
+
+import torch
+
+from pdserve.engine.kv_pool import PageAllocator
+from pdserve.engine.kv_store_connector import StoreConnector
+from pdserve.engine.request import Req
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.scheduler import Scheduler
+from pdserve.kvstore.base import KVStore
+from pdserve.kvstore.keys import StoreLayout, page_keys
+from pdserve.kvstore.memory import MemoryStore
+from pdserve.kvstore.stores import open_store
+from pdserve.model.config import ModelConfig
+from pdserve.model.llama import LlamaModel
+from pdserve.net import free_port
+from pdserve.sampling_params import SamplingParams
+from tests.unit.test_scheduler import assert_all_free, drain
+
+CFG = ModelConfig.tiny()
+PS = 4
+LAYOUT = StoreLayout("tiny:0", PS, CFG.num_layers, CFG.num_kv_heads, CFG.head_dim, "float32")
+SHARED = [random.Random(7).randrange(3, 250) for _ in range(41)]  # 10 full pages + 1 token
+PROMPTS = [SHARED + [random.Random(i).randrange(3, 250) for _ in range(n)] for i, n in enumerate([3, 9, 0, 17])]
+
+
+class Server:
+    """One scheduler + runner + pool, as a server's scheduler process holds them."""
+
+    def __init__(self, store: KVStore | None, cache: bool = True, timeout_s: float = 5.0, num_pages: int = 128):
+        torch.manual_seed(0)
+        self.model = LlamaModel(CFG, torch.float32)
+        self.model.init_random(0)
+        self.runner = ModelRunner(self.model, num_pages, PS)
+        self.kv = None if store is None else StoreConnector(store, "test", LAYOUT, self.runner.kv_data, timeout_s)
+        self.sched = Scheduler(
+            PageAllocator(num_pages, PS),
+            max_running_requests=8,
+            chunked_prefill_size=16,
+            context_length=512,
+            eos_ids=(2,),
+            disable_radix_cache=not cache,
+            kv_connector=self.kv,
+        )
+
+    def run(self, prompts, tag="r", together=False):
+        sp = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+        outs = {}
+        if together:
+            for i, p in enumerate(prompts):
+                self.sched.add_request(Req(f"{tag}{i}", p, sp))
+            outs = drain(self.sched, self.runner)
+        else:
+            for i, p in enumerate(prompts):
+                self.sched.add_request(Req(f"{tag}{i}", p, sp))
+                outs.update(drain(self.sched, self.runner))
+        return [outs[f"{tag}{i}"] for i in range(len(prompts))]
+
+    def flush_writes(self):
+        self.kv._writer.submit(lambda: None).result(10)
+
+    def computed(self):
+        return self.sched.load().prefill_computed_tokens
+
+
+def test_second_server_loads_the_shared_prefix_and_answers_the_same():
+    ref = Server(None).run(PROMPTS)
+    store = MemoryStore()
+    a = Server(store)
+    assert a.run(PROMPTS) == ref
+    a.flush_writes()
+    keys = page_keys(LAYOUT, SHARED)
+    assert store.exists(keys) == len(keys) == 10
+    for cache in (True, False):  # with and without its own prefix cache
+        b = Server(store, cache=cache)
+        assert b.run(PROMPTS, together=not cache) == ref
+        st = b.kv.stats()
+        assert st.kv_store_hit_tokens >= 40 and st.kv_store_rejected_pages == 0
+        # a wrote every full page of every prompt: b computes only what follows the last
+        # full page before each prompt's last token (that one always runs: it samples)
+        assert b.computed() == sum(len(p) - (len(p) - 1) // PS * PS for p in PROMPTS) < a.computed()
+        assert_all_free(b.sched)
+    assert_all_free(a.sched)
+    # pages b loaded were known to be stored: nothing written twice
+    assert b.kv.stats().kv_store_bytes_written == 0
+
+
+def test_corrupt_record_is_rejected_and_computed():
+    ref = Server(None).run(PROMPTS[:1])
+    store = MemoryStore()
+    a = Server(store)
+    a.run(PROMPTS[:1])
+    a.flush_writes()
+    keys = page_keys(LAYOUT, SHARED)
+    rec = bytearray(store._items[keys[3]])
+    rec[-5] ^= 0x40  # one flipped bit in page 3's bytes
+    store._items[keys[3]] = bytes(rec)
+    b = Server(store)
+    assert b.run(PROMPTS[:1]) == ref
+    st = b.kv.stats()
+    assert st.kv_store_rejected_pages == 1 and st.kv_store_hit_tokens == 3 * PS  # pages 0-2 only
+    assert_all_free(b.sched)
+
+
+def test_dead_store_is_computed():
+    ref = Server(None).run(PROMPTS)
+    b = Server(open_store(f"http://127.0.0.1:{free_port()}"))
+    assert b.run(PROMPTS) == ref
+    st = b.kv.stats()
+    assert st.kv_store_errors >= 1 and st.kv_store_hit_tokens == 0
+    assert_all_free(b.sched)
+
+
+class HungStore(MemoryStore):
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def exists(self, keys):
+        self.release.wait(30)
+        return 0
+
+
+def test_hung_store_times_out_then_is_left_alone():
+    ref = Server(None).run(PROMPTS)
+    store = HungStore()
+    b = Server(store, timeout_s=0.2)
+    t0 = time.monotonic()
+    assert b.run(PROMPTS) == ref
+    # the first request waits out its timeout; the store is then skipped (backoff)
+    assert time.monotonic() - t0 < 5
+    st = b.kv.stats()
+    assert st.kv_store_timeouts == 1 and st.kv_store_hit_tokens == 0
+    store.release.set()
+    assert_all_free(b.sched)
