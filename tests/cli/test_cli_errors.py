@@ -176,3 +176,18 @@ def test_launch_child_failing_after_load_exits_2():
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "--mem-fraction-static" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "pdserve launch:" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        (["--kv-store", "mooncake"], ["--kv-store", "backend name", "mooncake://MASTER_HOST:PORT"]),
+        (["--hicache-storage-backend", "redis://h:1"], ["--kv-store", "unknown scheme 'redis'", "http://"]),
+        (["--kv-store", "http://127.0.0.1"], ["--kv-store", "host and a port"]),
+        (["--kv-store", "memory://lots"], ["--kv-store", "byte count"]),
+        (["--kv-store", "memory://", "--tp-size", "2"], ["--kv-store", "--tp-size"]),
+        (["--kv-store-timeout", "0"], ["--kv-store-timeout", "(0, 60]"]),
+    ],
+)
+def test_bad_kv_store(port, flags, needles):
+    one_line_error(run("serve", "--port", port, *flags), *needles)
