@@ -106,18 +106,9 @@ class DisaggQueues(PDQueues):
 
     def table_sizes(self) -> dict[str, int]:
         out = {k: v for k, v in msgspec.structs.asdict(self.stats()).items() if isinstance(v, int)}
-        managers = getattr(self.kv_manager, "managers", [self.kv_manager])  # tp: one per rank
-        for i, m in enumerate(managers):
-            prefill_svc, decode_svc = getattr(m, "prefill", None), getattr(m, "decode", None)
-            if prefill_svc is not None:
-                out[f"rank{i}.prefill_rooms"] = len(prefill_svc._rooms)
-                out[f"rank{i}.prefill_conns"] = len(prefill_svc.listener.conns)
-            if decode_svc is not None:
-                out[f"rank{i}.decode_receivers"] = len(decode_svc._receivers)
-                out[f"rank{i}.decode_conns"] = len(decode_svc.listener.conns)
-        httpd = getattr(self.bootstrap_server, "_httpd", None)
-        if httpd is not None:
-            out["bootstrap_threads_tracked"] = len(getattr(httpd, "_threads", None) or [])
+        out.update(self.kv_manager.table_sizes())
+        if self.bootstrap_server is not None:
+            out.update(self.bootstrap_server.table_sizes())
         return out
 
     def close(self) -> None:

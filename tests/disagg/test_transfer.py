@@ -108,6 +108,10 @@ def test_many_concurrent_rooms_and_chunks(pair, monkeypatch):
         assert torch.equal(pair.dkv[dst], pair.pkv[src])
     assert _untouched(pair.dkv, [p for _, _, d in jobs for p in d])
     assert pair.decode.stats().transfers_completed == 24
+    # the memory-debug tables (engine/memdebug.py) come from the managers themselves, and
+    # no per-room state outlives the rooms
+    assert wait_for(lambda: pair.prefill.table_sizes()["prefill_rooms"] == 0, 5), pair.prefill.table_sizes()
+    assert wait_for(lambda: pair.decode.table_sizes()["decode_receivers"] == 0, 5), pair.decode.table_sizes()
 
 
 def test_send_contract_errors(pair):

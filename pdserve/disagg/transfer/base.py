@@ -178,6 +178,10 @@ class BaseKVManager(ABC):
     def stats(self) -> TransferStats:
         return self._stats.snapshot()
 
+    def table_sizes(self) -> dict[str, int]:
+        """Sizes of the per-request tables this manager holds (memory debugging)."""
+        return {}
+
     def wait_registered(self, timeout: float) -> bool:
         """Prefill: wait until this rank is registered with the bootstrap server; True once
         it is (backends that register nothing: at once)."""
@@ -278,3 +282,7 @@ class BaseKVBootstrapServer(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def table_sizes(self) -> dict[str, int]:
+        """Sizes of the per-request tables this server holds (memory debugging)."""
+        return {}

@@ -173,6 +173,9 @@ class KVBootstrapServer(BaseKVBootstrapServer):
     def port(self) -> int:
         return self._httpd.server_address[1]
 
+    def table_sizes(self) -> dict[str, int]:
+        return {"bootstrap_threads_tracked": len(getattr(self._httpd, "_threads", None) or [])}
+
     @property
     def addr(self) -> str:
         return f"{self.host}:{self.port}"

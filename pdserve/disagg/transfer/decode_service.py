@@ -166,6 +166,11 @@ class DecodeTransferService:
         self.port = self.listener.port
 
     # -- data connections from prefill -----------------------------------------------------
+
+    def table_sizes(self) -> dict[str, int]:
+        """Per-request state held (memory debugging, engine/memdebug.py)."""
+        return {"decode_receivers": len(self._receivers), "decode_conns": len(self.listener.conns)}
+
     def _serve(self, sock: socket.socket, peer: object) -> None:
         conn = DataConn(sock, peer)
         sock.settimeout(self.mgr.io_timeout)

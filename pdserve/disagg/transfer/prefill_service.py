@@ -142,6 +142,11 @@ class PrefillTransferService:
             t.start()
 
     # -- bootstrap registration ------------------------------------------------------------
+
+    def table_sizes(self) -> dict[str, int]:
+        """Per-request state held (memory debugging, engine/memdebug.py)."""
+        return {"prefill_rooms": len(self._rooms), "prefill_conns": len(self.listener.conns)}
+
     def rank_info(self) -> RankInfo:
         a, lay = self.args, self.layout
         return RankInfo(

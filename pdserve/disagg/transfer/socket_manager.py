@@ -76,6 +76,13 @@ class SocketKVManager(BaseKVManager):
             self.port,
         )
 
+    def table_sizes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for service in (self.prefill, self.decode):
+            if service is not None:
+                out.update(service.table_sizes())
+        return out
+
     def _make_prefill_mover(self) -> PrefillMover:
         raise NotImplementedError
 

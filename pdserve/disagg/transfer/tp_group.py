@@ -42,6 +42,9 @@ class TPKVManagerGroup(BaseKVManager):
             max_latency_s=max(p.max_latency_s for p in parts),
         )
 
+    def table_sizes(self) -> dict[str, int]:
+        return {f"rank{i}.{k}": v for i, m in enumerate(self.managers) for k, v in m.table_sizes().items()}
+
     def wait_registered(self, timeout: float) -> bool:
         return all(m.wait_registered(timeout) for m in self.managers)
 
