@@ -239,10 +239,11 @@ class UpdateWeightsFromDistributedReq(msgspec.Struct, tag=True):
 
 
 class UpdateWeightsFromTensorReq(msgspec.Struct, tag=True):
-    """Named tensors as a safetensors file's bytes (never pickle)."""
+    """Named tensors as safetensors files' bytes (never pickle): one per tensor-parallel
+    rank, or one for all ranks. Each holds the whole model's tensors; each rank cuts its shard."""
 
     call_id: int
-    safetensors: bytes
+    safetensors: list[bytes]
     flush_cache: bool = True
     abort_all_requests: bool = False
 

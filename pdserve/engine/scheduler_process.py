@@ -102,7 +102,7 @@ class SchedulerProcess:
         self.weights = WeightsControl(
             self.model,
             self.kv_pools,
-            args.tp_size,
+            self.tp,
             busy=self._busy,
             flush_cache=self.scheduler.flush_cache,
             reply=lambda resp: self.send.send(encode(resp)),

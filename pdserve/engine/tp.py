@@ -152,8 +152,9 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(BatchHeader)
 
 
-def encode_op(op: str, **body) -> list[bytes]:
-    return [_enc.encode(BatchHeader(op=op, body=body))]
+def encode_op(op: str, frames: tuple = (), **body) -> list:
+    """An op for the workers: the header, then raw byte frames the op reads (no pickle)."""
+    return [_enc.encode(BatchHeader(op=op, body=body)), *frames]
 
 
 def encode_batch(batch: ForwardBatch) -> list:
@@ -260,27 +261,75 @@ class TPDriver:
             )
         self.rank0_cores, self.rank0_threads = groups[0], threads
         self.allreduce: Callable | None = None
+        self.inbox: list[dict] = []
+        self._calls = 0
 
     def check_alive(self) -> None:
         for r, p in enumerate(self.procs, start=1):
             if p.poll() is not None:
                 raise RuntimeError(f"tensor-parallel rank {r} exited with status {p.returncode}")
 
-    def _collect(self, what: str) -> None:
+    # Workers answer on one PULL socket: a JSON header, then raw byte frames (a weight's
+    # shard). Answers wait in `inbox` until asked for, so an answer to an op that runs in the
+    # background (a group join) may arrive while another op is being collected.
+    def _drain(self, wait_ms: int) -> None:
+        while self.reply.poll(wait_ms):
+            wait_ms = 0
+            parts = self.reply.recv_multipart()
+            msg = json.loads(parts[0])
+            if msg.get("op") == "error":  # the worker failed and exits
+                raise RuntimeError(f"tensor-parallel rank {msg.get('rank')}: {msg.get('message')}")
+            msg["frames"] = parts[1:]
+            self.inbox.append(msg)
+
+    def _take(self, match: Callable[[dict], bool]) -> list[dict] | None:
+        """Every worker's answer that `match`es, in rank order, once all have arrived."""
+        got = [m for m in self.inbox if match(m)]
+        if len({int(m["rank"]) for m in got}) < self.size - 1:
+            return None
+        self.inbox = [m for m in self.inbox if not match(m)]
+        return sorted(got, key=lambda m: int(m["rank"]))
+
+    def _collect(self, what: str) -> list[dict]:
         """Wait for `what` from every worker; a worker's error or death raises."""
-        seen: set[int] = set()
         deadline = time.monotonic() + self.timeout
-        while len(seen) < self.size - 1:
+        while True:
+            got = self._take(lambda m: m.get("op") == what)
+            if got is not None:
+                return got
             if time.monotonic() > deadline:
                 raise TimeoutError(f"tensor-parallel ranks did not report {what!r} in {self.timeout:.0f} s")
             self.check_alive()
-            if not self.reply.poll(200):
-                continue
-            msg = json.loads(self.reply.recv())
-            if msg.get("op") == "error":
-                raise RuntimeError(f"tensor-parallel rank {msg.get('rank')}: {msg.get('message')}")
-            if msg.get("op") == what:
-                seen.add(int(msg["rank"]))
+            self._drain(200)
+
+    def send_op(self, op: str, frames_by_rank: list[tuple] | None = None, **body) -> int:
+        """Send `op` to every worker (after the batches already sent: workers run both in
+        order); rank r gets frames_by_rank[r - 1]. Returns the call's id for `collect`."""
+        self._calls += 1
+        for r, sock in enumerate(self.socks, start=1):
+            frames = frames_by_rank[r - 1] if frames_by_rank else ()
+            self._send(sock, encode_op(op, frames, call=self._calls, **body))
+        return self._calls
+
+    def collect(self, call: int) -> list[dict]:
+        """Every worker's answer to `call` (dicts with ok, message, status, data, frames)."""
+        return self._collect_call(call, block=True)
+
+    def poll_call(self, call: int) -> list[dict] | None:
+        """`collect` without waiting: None until every worker has answered."""
+        return self._collect_call(call, block=False)
+
+    def _collect_call(self, call: int, block: bool) -> list[dict] | None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.check_alive()
+            self._drain(0)
+            got = self._take(lambda m: m.get("op") == "done" and m.get("call") == call)
+            if got is not None or not block:
+                return got
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tensor-parallel ranks did not answer in {self.timeout:.0f} s")
+            self._drain(200)
 
     def start(
         self, num_pages: int, kv_shm: list[str | None], gloo_port: int, ar_shm: str, ar_buf: torch.Tensor
@@ -297,17 +346,20 @@ class TPDriver:
         logger.info("tensor parallel: %d ranks, %s all-reduce", self.size, allreduce_kind())
 
     def broadcast(self, batch: ForwardBatch) -> None:
-        import zmq
-
         frames = encode_batch(batch)
         for sock in self.socks:
-            while True:  # a PUSH socket whose peer died would block forever
-                try:
-                    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-                    break
-                except zmq.Again:
-                    self.check_alive()
-                    time.sleep(0.001)
+            self._send(sock, frames)
+
+    def _send(self, sock, frames: list) -> None:
+        import zmq
+
+        while True:  # a PUSH socket whose peer died would block forever
+            try:
+                sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                self.check_alive()
+                time.sleep(0.001)
 
     def close(self) -> None:
         import zmq

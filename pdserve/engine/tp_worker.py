@@ -4,8 +4,9 @@
 
 Loads its shard, reports "loaded", gets the pool size (and, in PD mode, the name of the
 shared-memory segment rank 0 allocated its KV pool in) with "init", joins the gloo group and
-the all-reduce segment, reports "ready", then runs the layers of every batch rank 0 sends
-until "stop" or until rank 0 goes away.
+the all-reduce segment, reports "ready", then runs the layers of every batch rank 0 sends,
+and the weight and memory ops between them (tp_weights.py), until "stop" or until rank 0
+goes away.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def main() -> None:
     batches = ctx.socket(zmq.PULL)
     batches.connect(batch_addr)
 
-    def say(op: str, **kw) -> None:
-        reply.send(json.dumps({"op": op, "rank": rank, **kw}).encode())
+    def say(op: str, frames=(), **kw) -> None:
+        reply.send_multipart([json.dumps({"op": op, "rank": rank, **kw}).encode(), *frames])
 
     try:
         serve(args, rank, batches, say, parent)
@@ -58,7 +59,9 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
     from pdserve.engine.shm_segment import SegmentMaps
     from pdserve.engine.model_loading import load_model, prebuild_shapes
     from pdserve.engine.runner import ModelRunner, kv_pool_shape, prefault
+    from pdserve.engine.rank_weights import RankWeights
     from pdserve.engine.tp import ShmAllReduce, decode_batch, decode_header, init_gloo, make_allreduce
+    from pdserve.engine.tp_weights import WorkerWeights
 
     model = load_model(args, tp_rank=rank)
     prebuild_shapes(model, args)
@@ -83,22 +86,33 @@ def serve(args: ServerArgs, rank: int, batches, say, parent: int) -> None:
 
     ar_buf = maps.get(b["allreduce_shm"], (ShmAllReduce.nbytes(args.tp_size),), torch.uint8)
     model.all_reduce = make_allreduce(ar_buf, rank, args.tp_size, check_alive)
+    # weight sync and memory release (tp_weights.py): a pool in rank 0's shared memory is
+    # released by rank 0, a private one here
+    weights = WorkerWeights(RankWeights(model, rank, args.tp_size, [] if kv is not None else [runner.kv_data]), say)
     say("ready")
     if runner.lazy_pool:
         prefault(runner.kv_data)
-    while True:
-        if not batches.poll(1000):
-            check_alive()
-            continue
-        frames = batches.recv_multipart(copy=False)
-        h = decode_header(frames[0].buffer)
-        if h.op == "stop":
-            return
-        if h.op != "forward":
-            raise RuntimeError(f"unknown op {h.op!r}")
-        batch = decode_batch(h, [f.buffer for f in frames[1:]])
-        with torch.inference_mode():
-            model.forward(batch, runner.attn)
+    try:
+        while True:
+            if weights.joining:
+                weights.poll()
+            if not batches.poll(100 if weights.joining else 1000):
+                check_alive()
+                continue
+            frames = batches.recv_multipart(copy=False)
+            h = decode_header(frames[0].buffer)
+            if h.op == "stop":
+                return
+            if h.op.startswith("w_"):
+                weights.handle(h.op, h.body, [f.buffer for f in frames[1:]])
+                continue
+            if h.op != "forward":
+                raise RuntimeError(f"unknown op {h.op!r}")
+            batch = decode_batch(h, [f.buffer for f in frames[1:]])
+            with torch.inference_mode():
+                model.forward(batch, runner.attn)
+    finally:
+        weights.close()
 
 
 if __name__ == "__main__":

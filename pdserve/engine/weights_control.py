@@ -14,9 +14,14 @@ never runs while weights change. The rules:
 - `pause_generation` stops stepping (requests stay where they are); `continue_generation`
   resumes.
 
-Collective groups: gloo on CPU. The engine joins the trainer's group as rank
-`rank_offset` (+ its tensor-parallel rank, when tp ranks join: not yet, see docs/rl.md) over
-a TCPStore the trainer (rank 0) hosts at master_address:master_port.
+With --tp-size > 1 every call reaches every rank: this process is rank 0 and sends ranks
+1..T-1 the same call through TPDriver (pdserve/engine/tp_weights.py runs it there). An
+update goes in two phases: every rank gets and checks it (stage), then all commit, or all
+discard when any rank refused it, so no rank is left on other weights than the rest.
+
+Collective groups: gloo on CPU (NCCL needs GPUs: a clear 400 here). Each rank joins the
+trainer's group as rank `rank_offset + tp_rank` over a TCPStore the trainer (rank 0) hosts
+at master_address:master_port.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from pdserve.engine.memory_release import MemoryReleaser, parse_tags
+from pdserve.engine.memory_release import parse_tags
+from pdserve.engine.rank_weights import GroupSpec, RankWeights, check_broadcast, join_group, load_safetensors
 from pdserve.messages import (
     AdminResp,
     ContinueGenerationReq,
@@ -45,24 +51,24 @@ from pdserve.messages import (
     WeightsReq,
 )
 from pdserve.model.llama import LlamaModel
-from pdserve.model.weight_update import apply_named_weights, check_named_weights, parse_dtype, weight_rows
+from pdserve.model.tp import gather_shards, shard_dim
+from pdserve.model.weight_update import weight_view
 
 logger = logging.getLogger(__name__)
 
-GROUP_TIMEOUT = timedelta(seconds=120)  # one collective: a trainer gone mid-update frees the engine after this
-JOIN_TIMEOUT = timedelta(seconds=60)  # reaching the trainer's store and the other ranks
 UPDATES = (UpdateWeightsFromDistributedReq, UpdateWeightsFromTensorReq, UpdateWeightsFromDiskReq)
 
 
 class WeightsControl:
-    """Owned by the scheduler process. `busy()`: requests in flight (scheduler or PD queues);
-    `flush_cache()`: empty the prefix cache (False while requests run)."""
+    """Owned by the scheduler process. `tp`: the TPDriver of ranks 1..T-1 (None with one
+    rank); `busy()`: requests in flight (scheduler or PD queues); `flush_cache()`: empty the
+    prefix cache (False while requests run)."""
 
     def __init__(
         self,
         model: LlamaModel,
         kv_pools: list[torch.Tensor],
-        tp_size: int,
+        tp: Any,
         busy: Callable[[], bool],
         flush_cache: Callable[[], bool],
         reply: Callable[[AdminResp], None],
@@ -70,23 +76,28 @@ class WeightsControl:
     ) -> None:
         self.model = model
         self.weights_changed = weights_changed  # e.g. stop using a KV store keyed by the old weights
-        self.tp_size = tp_size
+        self.tp = tp
+        self.tp_size = 1 if tp is None else tp.size
         self.busy = busy
         self.flush_cache = flush_cache
         self.reply = reply
-        self.groups: dict[str, Any] = {}
+        # rank 0's own weights, groups and memory; in PD mode with tp > 1 kv_pools holds every
+        # rank's pool (shared memory rank 0 allocated), released here for all of them
+        self.rank = RankWeights(model, 0, self.tp_size, kv_pools)
         # groups being joined, off the scheduler's thread (a trainer that is slow to come
-        # must not stop serving): name -> (the call, its future)
-        self._joining: dict[str, tuple[InitWeightsGroupReq, Future]] = {}
+        # must not stop serving): name -> (the call, rank 0's join, the workers' call id)
+        self._joining: dict[str, tuple[InitWeightsGroupReq, Future, int | None]] = {}
         self._joiner = ThreadPoolExecutor(1, thread_name_prefix="pdserve-weights-join")
         self.paused = False
         self.deferred: WeightsReq | None = None  # an update waiting for requests to finish
-        self.memory = MemoryReleaser(
-            self._weight_tensors,
-            [t for t in kv_pools if t is not None],
-            drop_derived=self._drop_derived,
-            rebuild_derived=self._rebuild_derived,
-        )
+
+    @property
+    def groups(self) -> dict[str, Any]:
+        return self.rank.groups
+
+    @property
+    def memory(self):
+        return self.rank.memory
 
     # ---- what the scheduler process asks --------------------------------------------------
     def holds_new_requests(self) -> bool:
@@ -100,25 +111,36 @@ class WeightsControl:
         return None
 
     def poll(self) -> bool:
-        """Answer group joins that completed; apply a deferred update once nothing is in
-        flight. True when an update was applied."""
-        for name, (msg, fut) in list(self._joining.items()):
-            if fut.done():
+        """Answer group joins that completed on every rank; apply a deferred update once
+        nothing is in flight. True when an update was applied."""
+        for name, (msg, fut, call) in list(self._joining.items()):
+            try:
+                workers = self.tp.poll_call(call) if call is not None else []
+            except Exception as e:  # a rank died
                 del self._joining[name]
-                try:
-                    self.groups[name] = fut.result()
-                except Exception as e:  # unreachable store, a rank that never came
-                    self.reply(
-                        AdminResp(
-                            msg.call_id,
-                            False,
-                            f"could not join group {name!r} at {msg.master_address}:{msg.master_port}: {e}",
-                            400,
-                        )
-                    )
-                    continue
-                logger.info("joined weights update group %r as rank %d of %d", name, msg.rank_offset, msg.world_size)
-                self._ok(msg, f"joined group {name!r} as rank {msg.rank_offset}")
+                self.reply(AdminResp(msg.call_id, False, f"could not join group {name!r}: {e}", 500))
+                continue
+            if not fut.done() or workers is None:
+                continue
+            del self._joining[name]
+            errors = [f"tp rank {w['rank']}: {w['message']}" for w in workers if not w["ok"]]
+            try:
+                self.groups[name] = fut.result()
+            except Exception as e:  # unreachable store, a rank that never came
+                errors.insert(0, str(e))
+            if errors:
+                self._leave(name)
+                where = f"{msg.master_address}:{msg.master_port}"
+                self.reply(AdminResp(msg.call_id, False, f"could not join group {name!r} at {where}: {errors[0]}", 400))
+                continue
+            last = msg.rank_offset + self.tp_size - 1
+            logger.info(
+                "joined weights update group %r as ranks %d..%d of %d", name, msg.rank_offset, last, msg.world_size
+            )
+            self._ok(
+                msg,
+                f"joined group {name!r} as rank {msg.rank_offset}" + (f"..{last}" if last > msg.rank_offset else ""),
+            )
         if self.deferred is None or self.busy():
             return False
         msg, self.deferred = self.deferred, None
@@ -127,8 +149,6 @@ class WeightsControl:
 
     def handle(self, msg: WeightsReq) -> None:
         try:
-            if self.tp_size > 1 and not isinstance(msg, (PauseGenerationReq, ContinueGenerationReq)):
-                raise _Refused("weight sync and memory release are not supported with --tp-size > 1 yet", 501)
             if isinstance(msg, UPDATES):
                 if self.deferred is not None:
                     raise _Refused("another weight update is waiting for requests to finish", 409)
@@ -146,18 +166,19 @@ class WeightsControl:
                     return
                 self._update(msg)
             elif isinstance(msg, GetWeightsByNameReq):
-                self._ok(msg, data=weight_rows(self.model, msg.name, max(0, msg.truncate_size)))
+                self._ok(msg, data=self._weight_rows(msg.name, max(0, msg.truncate_size)))
             elif isinstance(msg, InitWeightsGroupReq):
                 self._init_group(msg)
             elif isinstance(msg, DestroyWeightsGroupReq):
-                if self.groups.pop(msg.group_name, None) is None:
+                if msg.group_name not in self.groups:
                     raise _Refused(f"no weights update group {msg.group_name!r}", 400)
+                self._leave(msg.group_name)
                 self._ok(msg, f"group {msg.group_name!r} destroyed")
             elif isinstance(msg, ReleaseMemoryReq):
                 self._release(msg)
             elif isinstance(msg, ResumeMemoryReq):
-                info = self.memory.resume(parse_tags(msg.tags))
-                self._ok(msg, "memory resumed", data=info)
+                tags = parse_tags(msg.tags)
+                self._ok(msg, "memory resumed", data=self._on_all_ranks("w_resume", self.rank.resume, tags))
             elif isinstance(msg, PauseGenerationReq):
                 self.paused = True
                 self._ok(msg, "generation paused")
@@ -173,102 +194,132 @@ class WeightsControl:
             self.reply(AdminResp(msg.call_id, False, f"{type(e).__name__}: {e}", 500))
 
     def close(self) -> None:
-        self.memory.close()
+        self.rank.close()
         self._joiner.shutdown(wait=False, cancel_futures=True)
 
     # ---- calls ----------------------------------------------------------------------------
     def _ok(self, msg: WeightsReq, message: str = "", data: Any = None) -> None:
         self.reply(AdminResp(msg.call_id, True, message, 200, data))
 
-    def _update(self, msg: WeightsReq) -> None:
-        try:
-            if isinstance(msg, UpdateWeightsFromDistributedReq):
-                named = self._receive_broadcast(msg)
-            elif isinstance(msg, UpdateWeightsFromTensorReq):
-                from safetensors.torch import load as load_safetensors
+    def _send(self, op: str, frames_by_rank: list[tuple] | None = None, **body) -> int | None:
+        """Send `op` to ranks 1..T-1; the call's id (None with one rank)."""
+        return None if self.tp is None else self.tp.send_op(op, frames_by_rank, **body)
 
-                try:
-                    named = load_safetensors(bytes(msg.safetensors))
-                except Exception as e:  # safetensors raises its own error types
-                    raise ValueError(f"serialized_named_tensors is not a safetensors file: {e}") from None
-            else:
-                named = self._read_checkpoint(msg.model_path)
-            layers = apply_named_weights(self.model, named)
+    def _collect(self, call: int | None) -> list[dict]:
+        return [] if call is None else self.tp.collect(call)
+
+    def _on_all_ranks(self, op: str, mine: Callable, tags) -> dict[str, Any]:
+        """Release or resume on every rank; the bytes and seconds of each."""
+        call = self._send(op, tags=[t.value for t in tags])
+        try:
+            infos = [mine(tags)]
+        finally:
+            workers = self._collect(call)
+        for w in workers:
+            if not w["ok"]:
+                raise RuntimeError(f"tp rank {w['rank']}: {w['message']}")
+            infos.append(w["data"])
+        out: dict[str, Any] = {"seconds": max(i["seconds"] for i in infos)}
+        if "bytes_released" in infos[0]:
+            out["bytes_released"] = sum(i["bytes_released"] for i in infos)
+        if len(infos) > 1:
+            out["ranks"] = infos
+        return out
+
+    def _update(self, msg: WeightsReq) -> None:
+        """Every rank gets and checks the update (stage); all commit only if all staged."""
+        try:
+            call, source = self._start_update(msg)
+            errors: list[tuple[int, str]] = []
+            try:
+                self.rank.stage(source())
+            except (ValueError, TypeError, KeyError) as e:
+                errors.append((400, str(e)))
+            except Exception as e:  # a failed collective: the workers are still collected below
+                errors.append((500, f"{type(e).__name__}: {e}"))
+            for w in self._collect(call):
+                if not w["ok"]:
+                    errors.append((w["status"], f"tp rank {w['rank']}: {w['message']}"))
+            if errors:
+                self.rank.discard()
+                self._collect(self._send("w_discard"))
+                status, message = max(errors, key=lambda e: e[0] == 400)  # the caller's mistake first
+                self.reply(AdminResp(msg.call_id, False, f"weights not updated: {message}", status))
+                return
+            commit = self._send("w_commit")
+            n, layers = self.rank.commit()
+            for w in self._collect(commit):
+                if not w["ok"]:  # cannot happen after a stage (copies into checked views)
+                    raise RuntimeError(f"tp rank {w['rank']} failed to commit: {w['message']}")
             self.weights_changed()
             flushed = self.flush_cache() if msg.flush_cache else False
-            logger.info(
-                "updated %d weights (%d layers)%s", len(named), layers, ", prefix cache flushed" if flushed else ""
-            )
-            self._ok(msg, f"updated {len(named)} weights", data={"num_weights": len(named), "cache_flushed": flushed})
+            logger.info("updated %d weights (%d layers)%s", n, layers, ", prefix cache flushed" if flushed else "")
+            self._ok(msg, f"updated {n} weights", data={"num_weights": n, "cache_flushed": flushed})
         except (ValueError, TypeError, KeyError) as e:
             self.reply(AdminResp(msg.call_id, False, f"weights not updated: {e}", 400))
         except Exception as e:
             logger.exception("weight update failed")
             self.reply(AdminResp(msg.call_id, False, f"weights not updated: {type(e).__name__}: {e}", 500))
 
-    def _read_checkpoint(self, path: str) -> dict[str, torch.Tensor]:
-        from pdserve.model.loader import load_model_files
-        from pdserve.model.paths import resolve_model_path
-
-        if not isinstance(path, str) or not path:
-            raise ValueError("model_path must be a non-empty string")
-        try:
-            config, state = load_model_files(resolve_model_path(path))
-        except Exception as e:  # not there, not a model, a broken file: the caller's input
-            raise ValueError(f"cannot read model_path {path!r}: {type(e).__name__}: {e}") from None
-        mine = self.model.config
-        for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
-            if getattr(config, k) != getattr(mine, k):
+    def _start_update(self, msg: WeightsReq) -> tuple[int | None, Callable[[], dict[str, torch.Tensor]]]:
+        """Check what can be checked before any rank starts, send the workers their stage
+        op, and return (its id, how rank 0 gets the whole tensors)."""
+        if isinstance(msg, UpdateWeightsFromDistributedReq):
+            check_broadcast(msg.names, msg.dtypes, msg.shapes, msg.load_format)
+            if msg.group_name not in self.groups:
+                raise ValueError(f"no weights update group {msg.group_name!r}: call /init_weights_update_group first")
+            args = (msg.group_name, msg.names, msg.dtypes, msg.shapes, msg.load_format)
+            call = self._send(
+                "w_stage",
+                source="distributed",
+                group_name=msg.group_name,
+                names=msg.names,
+                dtypes=msg.dtypes,
+                shapes=msg.shapes,
+                load_format=msg.load_format,
+            )
+            return call, lambda: self.rank.receive_broadcast(*args)
+        if isinstance(msg, UpdateWeightsFromTensorReq):
+            files = msg.safetensors
+            if len(files) not in (1, self.tp_size):
                 raise ValueError(
-                    f"model_path {path!r} is another architecture ({k} {getattr(config, k)} != {getattr(mine, k)})"
+                    f"serialized_named_tensors has {len(files)} entries: give one per tensor-parallel "
+                    f"rank ({self.tp_size}) or one for all"
                 )
-        return state
+            per_rank = [(files[r if len(files) > 1 else 0],) for r in range(1, self.tp_size)]
+            call = self._send("w_stage", per_rank, source="tensor")
+            return call, lambda: load_safetensors(files[0])
+        call = self._send("w_stage", source="disk", model_path=msg.model_path)
+        return call, lambda: self.rank.read_checkpoint(msg.model_path)
+
+    def _weight_rows(self, name: str, truncate_size: int) -> list:
+        """The first rows of the whole weight: the shards of every rank, put together."""
+        mine = weight_view(self.model, name)[:truncate_size].float()
+        if self.tp is None or shard_dim(name) is None:
+            return mine.tolist()
+        shards = [mine]
+        for w in self._collect(self._send("w_get", name=name, truncate_size=truncate_size)):
+            if not w["ok"]:
+                raise RuntimeError(f"tp rank {w['rank']}: {w['message']}")
+            raw = bytearray(w["frames"][0])
+            shape = w["data"]["shape"]
+            shards.append(torch.frombuffer(raw, dtype=torch.float32).view(shape) if raw else torch.empty(shape))
+        return gather_shards(name, shards)[:truncate_size].tolist()
 
     def _init_group(self, msg: InitWeightsGroupReq) -> None:
-        if msg.backend not in ("gloo", "nccl"):
-            raise ValueError(f"backend must be 'gloo' or 'nccl', got {msg.backend!r}")
-        if msg.backend == "nccl" and not torch.cuda.is_available():
-            raise ValueError("backend 'nccl' needs GPUs; this engine runs on CPU: use 'gloo'")
+        spec = GroupSpec(
+            msg.master_address, msg.master_port, msg.rank_offset, msg.world_size, msg.group_name, msg.backend
+        )
+        spec.check(self.tp_size)
         if msg.group_name in self.groups or msg.group_name in self._joining:
             raise _Refused(f"weights update group {msg.group_name!r} exists; destroy it first", 409)
-        if not (0 < msg.rank_offset < msg.world_size):  # + tp rank, once tp ranks join
-            raise ValueError(
-                f"rank_offset {msg.rank_offset} must be in 1..world_size-1 "
-                f"(world_size {msg.world_size}; the trainer is rank 0)"
-            )
-        if not (0 < msg.master_port < 65536):
-            raise ValueError("master_port must be in 1..65535")
-        self._joining[msg.group_name] = (msg, self._joiner.submit(_join_group, msg))
+        call = self._send("w_join", spec=asdict(spec))
+        self._joining[msg.group_name] = (msg, self._joiner.submit(join_group, spec, 0), call)
 
-    def _receive_broadcast(self, msg: UpdateWeightsFromDistributedReq) -> dict[str, torch.Tensor]:
-        if not (len(msg.names) == len(msg.dtypes) == len(msg.shapes)):
-            raise ValueError("names, dtypes and shapes must have the same length")
-        dtypes = [parse_dtype(d) for d in msg.dtypes]
-        shapes = [tuple(int(x) for x in s) for s in msg.shapes]
-        entry = self.groups.get(msg.group_name)
-        if entry is None:
-            raise ValueError(f"no weights update group {msg.group_name!r}: call /init_weights_update_group first")
-        group = entry[0]
-        # the trainer broadcasts whatever we say; receive it all (a peer that stops midway
-        # leaves the trainer hanging), then reject it whole if a name or shape is wrong
-        if msg.load_format == "flattened_bucket":
-            sizes = [torch.Size(s).numel() * d.itemsize for s, d in zip(shapes, dtypes)]
-            flat = torch.empty(sum(sizes), dtype=torch.uint8)
-            group.broadcast(flat, 0).wait()
-            named, off = {}, 0
-            for name, shape, dt, size in zip(msg.names, shapes, dtypes, sizes):
-                named[name] = flat[off : off + size].view(dt).view(shape)
-                off += size
-        elif msg.load_format is None:
-            named = {}
-            for name, shape, dt in zip(msg.names, shapes, dtypes):
-                t = torch.empty(shape, dtype=dt)
-                group.broadcast(t, 0).wait()
-                named[name] = t
-        else:
-            raise ValueError(f"load_format must be null or 'flattened_bucket', got {msg.load_format!r}")
-        check_named_weights(self.model, dict(zip(msg.names, shapes)))
-        return named
+    def _leave(self, name: str) -> None:
+        """Drop group `name` on every rank."""
+        self.groups.pop(name, None)
+        self._collect(self._send("w_destroy", group_name=name))
 
     def _release(self, msg: ReleaseMemoryReq) -> None:
         tags = parse_tags(msg.tags)
@@ -276,48 +327,8 @@ class WeightsControl:
             raise _Refused("requests are in flight: release memory once they have finished", 409)
         if any(t.value == "kv_cache" for t in tags) and not self.flush_cache():
             raise _Refused("the prefix cache could not be flushed: requests are running", 409)
-        info = self.memory.release(tags)
+        info = self._on_all_ranks("w_release", self.rank.release, tags)
         self._ok(msg, f"released {info['bytes_released'] / 2**20:.0f} MiB", data=info)
-
-    def _weight_tensors(self) -> list[torch.Tensor]:
-        """The plain weights (what is spooled); the derived copies are dropped and rebuilt."""
-        return list(self.model.named_weights().values())
-
-    def _drop_derived(self) -> None:
-        m = self.model
-        m.lm_head_packed = None
-        for layer in m.layers:
-            layer.packed = {n: None for n in (layer.packed or {})}
-            if layer.q4 is not None:
-                layer.q4 = {}
-            if layer.q8 is not None:
-                layer.q8 = {}
-        import gc
-
-        gc.collect()
-
-    def _rebuild_derived(self) -> None:
-        from pdserve.model.llama import pack_weight
-        from pdserve.model.weight_update import refresh_layer
-
-        m = self.model
-        for i in range(len(m.layers)):
-            refresh_layer(m, i)
-        if m.computes_logits:
-            m.lm_head_packed = pack_weight(m.lm_head)
-
-
-def _join_group(msg: InitWeightsGroupReq) -> tuple[Any, Any]:
-    """Connect to the trainer's TCPStore and build the gloo group (blocks until every rank
-    has joined). Runs on the joiner thread."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore(msg.master_address, int(msg.master_port), is_master=False, timeout=JOIN_TIMEOUT)
-    opts = dist.ProcessGroupGloo._Options()
-    opts._timeout = GROUP_TIMEOUT
-    opts._devices = [dist.ProcessGroupGloo.create_default_device()]
-    group = dist.ProcessGroupGloo(dist.PrefixStore(msg.group_name, store), msg.rank_offset, msg.world_size, opts)
-    return group, store
 
 
 class _Refused(Exception):

@@ -67,30 +67,63 @@ class TPShard:
         )
 
 
+_ROWS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # column-parallel: output rows split
+_COLS = ("o_proj", "down_proj")  # row-parallel: input columns split (weights only)
+
+
+def shard_dim(name: str) -> int | None:
+    """The dimension along which tensor parallelism splits the HF-named weight `name`
+    (0: rows, 1: columns); None when every rank holds all of it (embeddings, norms, lm_head)."""
+    parts = name.split(".")
+    proj = parts[-2] if len(parts) >= 2 else ""
+    if proj in _ROWS:
+        return 0
+    if proj in _COLS and parts[-1] == "weight":
+        return 1
+    return None
+
+
+def _proj_range(name: str, cfg: ModelConfig, shard: TPShard) -> tuple[int, int]:
+    hd = cfg.head_dim
+    proj = name.split(".")[-2]
+    if proj in ("q_proj", "o_proj"):
+        return shard.q_heads[0] * hd, shard.q_heads[1] * hd
+    if proj in ("k_proj", "v_proj"):
+        return shard.kv_heads[0] * hd, shard.kv_heads[1] * hd
+    return shard.inter
+
+
+def full_shape(name: str, local_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
+    """The whole model's shape of weight `name`, from one rank's shape of it (`cfg`: the
+    whole model's config)."""
+    d = shard_dim(name)
+    if d is None:
+        return tuple(local_shape)
+    out = list(local_shape)
+    out[d] = _proj_range(name, cfg, TPShard.of(cfg, 0, 1))[1]
+    return tuple(out)
+
+
 def shard_state(state: dict[str, torch.Tensor], cfg: ModelConfig, shard: TPShard) -> dict[str, torch.Tensor]:
     """HF-named weights of this rank: row slices of q/k/v/gate/up (and their biases), column
     slices of o/down; everything else as is (replicated)."""
     if shard.size == 1:
         return state
-    hd = cfg.head_dim
-    rows = {
-        "q_proj": (shard.q_heads[0] * hd, shard.q_heads[1] * hd),
-        "k_proj": (shard.kv_heads[0] * hd, shard.kv_heads[1] * hd),
-        "v_proj": (shard.kv_heads[0] * hd, shard.kv_heads[1] * hd),
-        "gate_proj": shard.inter,
-        "up_proj": shard.inter,
-    }
-    cols = {"o_proj": rows["q_proj"], "down_proj": shard.inter}
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
-        parts = name.split(".")
-        proj = parts[-2] if len(parts) >= 2 else ""
-        if proj in rows:
-            a, b = rows[proj]
-            out[name] = t[a:b]
-        elif proj in cols and parts[-1] == "weight":
-            a, b = cols[proj]
-            out[name] = t[:, a:b]
-        else:
+        d = shard_dim(name)
+        if d is None:
             out[name] = t
+        else:
+            a, b = _proj_range(name, cfg, shard)
+            out[name] = t[a:b] if d == 0 else t[:, a:b]
     return out
+
+
+def gather_shards(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """The whole weight `name` from every rank's shard, in rank order (ranks hold contiguous,
+    ordered ranges: the inverse of shard_state)."""
+    d = shard_dim(name)
+    if d is None or len(shards) == 1:
+        return shards[0]
+    return torch.cat(shards, dim=d)

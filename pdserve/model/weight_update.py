@@ -15,6 +15,7 @@ import re
 import torch
 
 from pdserve.model.llama import LlamaModel, pack_weight
+from pdserve.model.tp import full_shape
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -53,8 +54,10 @@ def hf_views(model: LlamaModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_named_weights(model: LlamaModel, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Raise ValueError naming the first weight whose name is unknown or whose shape differs."""
+def check_named_weights(model: LlamaModel, shapes: dict[str, tuple[int, ...]], whole: bool = True) -> None:
+    """Raise ValueError naming the first weight whose name is unknown or whose shape differs:
+    from the whole model's shape (what a trainer sends) or, with whole=False, from this
+    tensor-parallel rank's shard of it."""
     views = hf_views(model)
     for name, shape in shapes.items():
         view = views.get(name)
@@ -62,18 +65,24 @@ def check_named_weights(model: LlamaModel, shapes: dict[str, tuple[int, ...]]) -
             raise ValueError(
                 f"unknown weight name {name!r} (Hugging Face names, e.g. 'model.layers.0.self_attn.q_proj.weight')"
             )
-        if tuple(view.shape) != tuple(shape):
-            raise ValueError(f"weight {name!r} has shape {list(view.shape)} in this model, got {list(shape)}")
+        want = full_shape(name, tuple(view.shape), model.full_config) if whole else tuple(view.shape)
+        if want != tuple(shape):
+            raise ValueError(f"weight {name!r} has shape {list(want)} in this model, got {list(shape)}")
+
+
+def check_float(named: dict[str, torch.Tensor]) -> None:
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"weight {name!r} must be a floating-point tensor")
 
 
 @torch.inference_mode()
 def apply_named_weights(model: LlamaModel, named: dict[str, torch.Tensor]) -> int:
     """Copy `named` (Hugging Face names) into the model, all or nothing. Returns the number
-    of layers whose derived copies were rebuilt."""
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise ValueError(f"weight {name!r} must be a floating-point tensor")
-    check_named_weights(model, {n: tuple(t.shape) for n, t in named.items()})
+    of layers whose derived copies were rebuilt. Under tensor parallelism `named` holds this
+    rank's shards (pdserve.model.tp.shard_state)."""
+    check_float(named)
+    check_named_weights(model, {n: tuple(t.shape) for n, t in named.items()}, whole=False)
     views = hf_views(model)
     touched: set[int] = set()
     head = False
@@ -96,10 +105,15 @@ def refresh_layer(model: LlamaModel, i: int) -> None:
     model.derive_layer(i)
 
 
-def weight_rows(model: LlamaModel, name: str, truncate_size: int) -> list:
-    """The first `truncate_size` rows of a weight as nested lists (SGLang's
-    /get_weights_by_name answer)."""
+def weight_view(model: LlamaModel, name: str) -> torch.Tensor:
+    """This rank's tensor of weight `name` (its shard under tensor parallelism)."""
     view = hf_views(model).get(name)
     if view is None:
         raise ValueError(f"unknown weight name {name!r}")
-    return view[:truncate_size].float().tolist()
+    return view
+
+
+def weight_rows(model: LlamaModel, name: str, truncate_size: int) -> list:
+    """The first `truncate_size` rows of a weight as nested lists (SGLang's
+    /get_weights_by_name answer)."""
+    return weight_view(model, name)[:truncate_size].float().tolist()

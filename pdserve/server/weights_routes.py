@@ -6,7 +6,11 @@ Request fields are SGLang's. They are admin endpoints (pdserve/server/guard.py: 
 
 /update_weights_from_tensor differs from SGLang in one way: SGLang's
 `serialized_named_tensors` are pickled tensors, and pdserve never unpickles bytes from a
-socket, so here each entry is a base64-encoded safetensors file (`safetensors.torch.save`).
+socket, so here each entry is a base64-encoded safetensors file (`safetensors.torch.save`)
+of the whole model's tensors: one entry per tensor-parallel rank as in SGLang, or one that
+every rank reads.
+
+With --tp-size > 1 every call reaches every tp rank (pdserve/engine/tp_weights.py).
 """
 
 from __future__ import annotations
@@ -131,15 +135,17 @@ def add_weights_routes(app: FastAPI, tm: TokenizerManager) -> None:
     async def update_weights_from_tensor(request: Request):
         body = await _body(request)
         entries = _field(body, "serialized_named_tensors", list, required=True)
-        if len(entries) != 1 or not isinstance(entries[0], str):
+        if not entries or not all(isinstance(e, str) for e in entries):
             raise ValueError(
-                "serialized_named_tensors must be a list of one base64 string (a safetensors "
-                "file; one entry per tensor-parallel rank, and tp > 1 is not supported yet)"
+                "serialized_named_tensors must be a list of base64 strings (safetensors files: "
+                "one per tensor-parallel rank, or one for all ranks)"
             )
-        try:
-            data = base64.b64decode(entries[0], validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError("serialized_named_tensors[0] is not valid base64") from None
+        data = []
+        for i, e in enumerate(entries):
+            try:
+                data.append(base64.b64decode(e, validate=True))
+            except (binascii.Error, ValueError):
+                raise ValueError(f"serialized_named_tensors[{i}] is not valid base64") from None
         load_format = _field(body, "load_format", str, None)
         if load_format not in (None, "safetensors"):
             raise ValueError("load_format must be null or 'safetensors'")

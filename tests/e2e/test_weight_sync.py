@@ -178,6 +178,11 @@ def test_bad_calls_get_clear_errors(server):
             "master_port",
         ),
         (
+            "/init_weights_update_group",
+            {"master_address": "127.0.0.1", "master_port": 1, "rank_offset": 1, "world_size": 2, "backend": "nccl"},
+            "needs GPUs",
+        ),
+        (
             "/update_weights_from_distributed",
             {"names": ["a"], "dtypes": ["float32"], "shapes": [[1]], "group_name": "nope"},
             "no weights update group",

@@ -17,7 +17,7 @@ from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.tp import SLOT_ELEMS, ShmAllReduce, decode_batch, decode_header, encode_batch
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel, random_state
-from pdserve.model.tp import TPShard, shard_state
+from pdserve.model.tp import TPShard, full_shape, gather_shards, shard_state
 
 
 def test_shards_tile_heads_and_mlp():
@@ -34,6 +34,23 @@ def test_shards_tile_heads_and_mlp():
         assert all((s.inter[1] - s.inter[0]) % 32 == 0 for s in got)  # 4-bit groups stay whole
     with pytest.raises(ValueError, match="--tp-size 4: the model has 3 KV heads"):
         TPShard.of(cfg, 0, 4)
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_gathered_shards_are_the_whole_weights(tp):
+    """What weight sync relies on: every rank's shard (shard_state) put back together in rank
+    order (gather_shards) is the whole tensor, and full_shape finds the whole shape from a
+    shard's."""
+    cfg = ModelConfig.tiny(
+        num_heads=9, num_kv_heads=3, intermediate_size=96, hidden_size=48, head_dim=16, qkv_bias=True
+    )
+    state = random_state(cfg, 0)
+    shards = [shard_state(state, cfg, TPShard.of(cfg, r, tp)) for r in range(tp)]
+    for name, whole in state.items():
+        parts = [sh[name] for sh in shards]
+        torch.testing.assert_close(gather_shards(name, parts), whole, rtol=0, atol=0)
+        assert all(full_shape(name, tuple(p.shape), cfg) == tuple(whole.shape) for p in parts), name
+    assert shards[0]["model.layers.0.self_attn.o_proj.weight"].shape == (48, 3 * 16)  # 3 of 9 query heads
 
 
 class ThreadGroup:
