@@ -14,6 +14,7 @@ from pdserve.router.config import check_url, normalize_url
 from pdserve.router.metrics import ErrorKind
 from pdserve.router.router import Router
 from pdserve.router.upstream import error_response
+from pdserve.router.weights import add_weights_routes
 from pdserve.router.workers import Role, Worker, parse_load
 
 ROUTER_KEY = web.AppKey("router", Router)
@@ -62,6 +63,7 @@ def build_app(router: Router) -> web.Application:
     app.router.add_get("/list_workers", h.list_workers)
     app.router.add_post("/add_worker", h.add_worker)
     app.router.add_post("/remove_worker", h.remove_worker)
+    add_weights_routes(app, h)  # RL weight sync and memory release, to every worker (#15)
     return app
 
 

@@ -1,6 +1,7 @@
-"""The sglang_pd_dis strategy on a real local Ray (2 CPUs): one prefill and one decode
-engine plus the router, a trainer in this process pushing weights into both (per parameter,
-in a bucket, point to point), memory offload and reload (issue #15)."""
+"""The sglang_pd_dis strategy on a real local Ray (2 CPUs): one prefill engine (tp 1) and one
+decode engine (tp 2: different tp sizes on the two sides) plus the router, a trainer in this
+process pushing weights into every engine rank (per parameter, in a bucket, point to point),
+memory offload and reload (issue #15)."""
 
 import logging
 import random
@@ -28,7 +29,7 @@ def free_base_port() -> int:
     raise RuntimeError("no free ports")
 
 
-def config(base: int) -> dict:
+def config(base: int, **extra) -> dict:
     return {
         "strategy_args": {
             "strategy_name": "sglang_pd_dis",
@@ -38,6 +39,7 @@ def config(base: int) -> dict:
                 "log_level": "warning",
                 "base_port": base,
                 "disable_custom_all_reduce": True,
+                **extra,
             },
         }
     }
@@ -62,10 +64,11 @@ def test_a_taken_port_is_a_clear_error(ray_local):
 
 def test_rollouts_weight_sync_and_offload(ray_local, caplog):
     caplog.set_level(logging.INFO, logger="pdserve.rl")
-    strategy = create_strategy(config(free_base_port()), world_size=2, cpus_per_rank=1)
+    strategy = create_strategy(config(free_base_port(), decode_tp_size=2), world_size=2, cpus_per_rank=1)
     with strategy:
         logs = caplog.text
-        assert "[sglang_pd_dis][local]: global_rank=1 dp_rank=0 dp_size=1 tp_size=1 is_prefill=False" in logs
+        assert "[sglang_pd_dis][local]: global_rank=0 dp_rank=0 dp_size=1 tp_size=1 is_prefill=True" in logs
+        assert "[sglang_pd_dis][local]: global_rank=1 dp_rank=0 dp_size=1 tp_size=2 is_prefill=False" in logs
         assert "Initialized prefill engine on rank 0" in logs
         assert f"Initializing router with prefill URLs: ['{strategy.urls[0]}']" in logs
         assert "Router started successfully" in logs
@@ -76,7 +79,8 @@ def test_rollouts_weight_sync_and_offload(ray_local, caplog):
         assert [o["output_ids"] for o in before] == hf_generate(hf)  # PD output = the reference
         new = perturbed(hf)
 
-        # trainer = rank 0; the prefill engine rank 1, the decode engine rank 2
+        # trainer = rank 0; the prefill engine rank 1, the decode engine's tp ranks 2 and 3
+        assert strategy.weight_sync_world_size() == 4
         port = free_port()
         trainer = TrainerGroup("127.0.0.1", port, strategy.weight_sync_world_size(), group_name="actor")
         pending = strategy.setup_collective_group("actor", "127.0.0.1", port)
@@ -92,9 +96,9 @@ def test_rollouts_weight_sync_and_offload(ray_local, caplog):
         )
         trainer.broadcast_bucket([new[n] for n in BUCKET])
         pending.wait(120)
-        for n in [*PER_PARAM, *BUCKET]:
-            for rows in strategy.get_weights_by_name(n, truncate_size=2):  # both engines
-                torch.testing.assert_close(torch.tensor(rows), new[n][:2], rtol=0, atol=0)
+        for n, rows in ((PER_PARAM[0], 2), (PER_PARAM[1], 1), (BUCKET[0], 192), (BUCKET[1], 2)):
+            for got in strategy.get_weights_by_name(n, truncate_size=rows):  # both engines, all ranks
+                torch.testing.assert_close(torch.tensor(got), new[n][:rows], rtol=0, atol=0)
         after = [o["output_ids"] for o in strategy.generate(PROMPTS, GREEDY)]
         assert after == hf_generate(hf, new)
         assert after != [o["output_ids"] for o in before]
