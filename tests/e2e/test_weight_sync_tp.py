@@ -45,11 +45,6 @@ def tp2():
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def hf():
-    return load_hf()
-
-
 def post(url: str, path: str, body: dict | None = None, key: str = ADMIN, timeout: float = 300) -> httpx.Response:
     return httpx.post(url + path, json=body or {}, headers={"Authorization": f"Bearer {key}"}, timeout=timeout)
 
@@ -86,8 +81,9 @@ def weight(url: str, name: str, rows: int, key: str = ADMIN) -> torch.Tensor:
     return torch.tensor(r.json())
 
 
-def test_tp2_weight_sync_release_resume(tp2, hf):
+def test_tp2_weight_sync_release_resume(tp2):
     url = tp2.url
+    hf = load_hf()  # hf_generate puts the new weights into it: each test loads its own
     pool = ThreadPoolExecutor(2)
     try:
         before = generate(url)
@@ -164,7 +160,8 @@ def test_tp2_weight_sync_release_resume(tp2, hf):
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def test_through_a_router_to_tp1_and_tp2_servers(tp2, hf):
+def test_through_a_router_to_tp1_and_tp2_servers(tp2):
+    hf = load_hf()
     tp1 = ServerProc(*SERVER_ARGS)
     cfg = RouterConfig(
         worker_urls=(tp1.url, tp2.url),
