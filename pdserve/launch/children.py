@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import http.client
 import subprocess
 import time
 import urllib.request
@@ -38,7 +39,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, deadline: float, path: str = 
             with urllib.request.urlopen(url + path, timeout=2) as r:
                 if r.status == 200:
                     return
-        except OSError:
+        except (OSError, http.client.HTTPException):
+            # HTTPException: BadStatusLine('GET /health HTTP/1.1') when, before the server
+            # listens on a port in the ephemeral range, the probe's socket connects to itself
             pass
         time.sleep(0.3)
     raise RuntimeError(f"{url} did not become healthy in time")
