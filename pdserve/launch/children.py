@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import ctypes
+import http.client
 import os
 import signal
-import http.client
 import subprocess
 import time
 import urllib.request
