@@ -132,7 +132,19 @@ BASES = {
     "/destroy_weights_update_group": ({"group_name": "none"}, ["group_name"]),
 }
 
-ROUTED = ["/generate", "/v1/completions", "/v1/chat/completions", "/abort_request", "/flush_cache"]  # the router's
+ROUTED = [  # the router's
+    "/generate",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/abort_request",
+    "/flush_cache",
+    # the weight-sync fan-outs (#15; those that change state are tested in test_weight_sync_tp.py)
+    "/get_weights_by_name",
+    "/update_weights_from_disk",
+    "/update_weights_from_tensor",
+    "/update_weights_from_distributed",
+    "/destroy_weights_update_group",
+]
 
 RAW = [
     b"",

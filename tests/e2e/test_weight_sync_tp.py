@@ -130,10 +130,11 @@ def test_tp2_weight_sync_release_resume(tp2):
             "model.layers.3.mlp.down_proj.weight": torch.zeros(576, 1536),
             "model.layers.3.self_attn.q_proj.weight": torch.zeros(600, 576),
         }
-        r = post(
-            url, "/update_weights_from_tensor", {"serialized_named_tensors": [base64.b64encode(save(bad)).decode()]}
-        )
+        entry = base64.b64encode(save(bad)).decode()
+        r = post(url, "/update_weights_from_tensor", {"serialized_named_tensors": [entry, entry]})  # one per rank
         assert r.status_code == 400 and "weights not updated" in r.text and "[576, 576]" in r.text, r.text
+        r = post(url, "/update_weights_from_tensor", {"serialized_named_tensors": [entry] * 3})
+        assert r.status_code == 400 and "one per tensor-parallel rank (2)" in r.text, r.text
         down = weight(url, "model.layers.3.mlp.down_proj.weight", 1)
         assert down[0, :768].abs().sum() > 0 and down[0, 768:].abs().sum() > 0  # rank 0's and rank 1's columns
 
