@@ -114,13 +114,15 @@ class WeightsControl:
         """Answer group joins that completed on every rank; apply a deferred update once
         nothing is in flight. True when an update was applied."""
         for name, (msg, fut, call) in list(self._joining.items()):
+            if not fut.done():  # rank 0 first: poll_call hands the workers' answers out once
+                continue
             try:
                 workers = self.tp.poll_call(call) if call is not None else []
             except Exception as e:  # a rank died
                 del self._joining[name]
                 self.reply(AdminResp(msg.call_id, False, f"could not join group {name!r}: {e}", 500))
                 continue
-            if not fut.done() or workers is None:
+            if workers is None:
                 continue
             del self._joining[name]
             errors = [f"tp rank {w['rank']}: {w['message']}" for w in workers if not w["ok"]]
