@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--chunked-prefill-size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--w4-decode-max-tokens", type=int, default=8)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--quantization", default="none")
     ap.add_argument("--prof", action="store_true")
     a = ap.parse_args()
     args = ServerArgs(
@@ -41,11 +43,13 @@ def main() -> None:
         num_threads=a.threads,
         chunked_prefill_size=a.chunked_prefill_size,
         w4_decode_max_tokens=a.w4_decode_max_tokens,
+        attention_backend=a.attention_backend,
+        quantization=a.quantization,
     )
     set_threads(args)
     model = load_model(args)
     ps, pages = 16, 65536 // 16
-    runner = ModelRunner(model, pages, ps)
+    runner = ModelRunner(model, pages, ps, attention_backend=args.attention_backend)
     s = Scheduler(
         PageAllocator(pages, ps),
         max_running_requests=64,
