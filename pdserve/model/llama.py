@@ -17,9 +17,16 @@ def _rope_tables(cfg: ModelConfig, max_pos: int) -> tuple[torch.Tensor, torch.Te
     return emb.cos(), emb.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (transformers' form), without building rotate_half(x):
+    the first half is x1*cos1 - x2*sin1, the second x2*cos2 + x1*sin2. Each element is rounded
+    exactly as in the reference form ((-a)*b is -(a*b), and a + (-b) is a - b), so the result is
+    bitwise the same, with two fewer passes over the tensor and no concatenation."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -101,9 +108,7 @@ def int8_linear(x: torch.Tensor, q8: tuple[torch.Tensor, torch.Tensor]) -> torch
     xq = torch.round(xf / x_scale).to(torch.int8)
     mp = padded_rows(m)
     if mp != m:
-        xp = xq.new_zeros(mp, xq.shape[1])
-        xp[:m] = xq
-        xq = xp
+        xq = _pad_rows(xq, mp)
     acc = torch._int_mm(xq, wq)
     if mp != m:
         acc = acc[:m]
@@ -138,14 +143,20 @@ def row_counts(max_rows: int, exact: int = EXACT_ROWS, steps: int = 8) -> list[i
     return sorted({padded_rows(m, exact, steps) for m in range(1, max_rows + 1)})
 
 
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with zero rows appended up to `rows` (only the new rows are written twice)."""
+    out = x.new_empty(rows, x.shape[1])
+    out[: x.shape[0]] = x
+    out[x.shape[0] :].zero_()
+    return out
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, exact: int = EXACT_ROWS, steps: int = 8) -> torch.Tensor:
     """x [M, K] @ the prepacked weight, run at padded_rows(M) rows (zero rows appended)."""
     m = x.shape[0]
     mp = padded_rows(m, exact, steps)
     if mp != m:
-        xp = x.new_zeros(mp, x.shape[1])
-        xp[:m] = x
-        x = xp
+        x = _pad_rows(x, mp)
     out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return out[:m] if mp != m else out
 
@@ -315,28 +326,27 @@ class LlamaModel:
             qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"], q8.get("qkv"))
             if layer.qkv_b is not None:
                 qkv = qkv + layer.qkv_b
-            q = qkv[:, :qs].view(T, nq, hd)
-            k = qkv[:, qs : qs + ks].view(T, nkv, hd)
             v = qkv[:, qs + ks :].view(T, nkv, hd)
             if layer.q_norm is not None:
-                q = rms_norm(q, layer.q_norm, eps)
-                k = rms_norm(k, layer.k_norm, eps)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+                q = apply_rope(rms_norm(qkv[:, :qs].view(T, nq, hd), layer.q_norm, eps), cos, sin)
+                k = apply_rope(rms_norm(qkv[:, qs : qs + ks].view(T, nkv, hd), layer.k_norm, eps), cos, sin)
+            else:  # q and k side by side in qkv: one pass over both
+                qk = apply_rope(qkv[:, : qs + ks].view(T, nq + nkv, hd), cos, sin)
+                q, k = qk[:, :nq], qk[:, nq:]
             o = attn(i, q, k, v, batch).view(T, qs)
             a = linear(o, layer.o, q4.get("o"), small, pk["o"], q8.get("o"))
             if ar is not None:
                 ar(a)
-            h = h + a
+            h += a  # h is this forward's own tensor (the embedding rows were gathered into it)
             x = rms_norm(h, layer.post_norm, eps)
             gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"], q8.get("gate_up"))
             inter = cfg.intermediate_size
-            a = linear(
-                F.silu(gu[:, :inter]) * gu[:, inter:], layer.down, q4.get("down"), small, pk["down"], q8.get("down")
-            )
+            act = F.silu(gu[:, :inter])
+            act *= gu[:, inter:]
+            a = linear(act, layer.down, q4.get("down"), small, pk["down"], q8.get("down"))
             if ar is not None:
                 ar(a)
-            h = h + a
+            h += a
         if not self.computes_logits:
             return None
         if batch.logits_indices is not None:
