@@ -12,8 +12,13 @@ Two-sided, so decode takes part: on the same data connection as the other backen
     WRITE_DONE(same fields)                  ->   releases the write slot, counts the bytes
 
 Pages are batched into staging buffers of up to 64 MiB per message: each send/recv costs
-1-2.5 ms here, so page-by-page sends would crawl. Decode's TCPStore address travels in its
-registration (RegisterBody.engine_meta). The grant rules are one_sided.py's.
+1-2.5 ms here, so page-by-page sends would crawl. A request is one piece (`max_pieces = 1`),
+so it is one message up to 64 MiB. Each connection keeps its staging buffer (a fresh one
+per write costs page faults on both sides).
+
+A connection's group is built on its first write (2-13 ms here) and kept for the
+connection's life. Decode's TCPStore address travels in its registration
+(RegisterBody.engine_meta). The grant rules are one_sided.py's.
 """
 
 from __future__ import annotations
@@ -65,12 +70,27 @@ def _chunks(npages: int, slice_nbytes: int) -> list[tuple[int, int]]:
     return [(lo, min(per, npages - lo)) for lo in range(0, npages, per)]
 
 
-def _staging(nbytes: int, kv: torch.Tensor) -> torch.Tensor:
-    return torch.empty(nbytes, dtype=torch.uint8, device=kv.device)
+def _staging(cache: dict, nbytes: int, kv: torch.Tensor) -> torch.Tensor:
+    """A staging buffer of at least `nbytes`, kept in `cache` (one per connection) for the next
+    write. At most MESSAGE_BYTES, as `_chunks` cuts messages."""
+    buf = cache.get("staging")
+    if buf is None or buf.numel() < nbytes:
+        buf = cache["staging"] = torch.empty(nbytes, dtype=torch.uint8, device=kv.device)
+    return buf[:nbytes]
+
+
+class _Link:
+    """Prefill's side of one data connection: its group and staging buffer."""
+
+    def __init__(self, sock: socket.socket, pg) -> None:
+        self.sock = sock
+        self.pg = pg
+        self.cache: dict = {}
 
 
 class GlooPrefillMover(OneSidedPrefillMover):
     kind = "gloo"
+    max_pieces = 1  # one message per transfer (each send/recv has a fixed cost)
 
     def __init__(self, args: KVArgs) -> None:
         super().__init__(args)
@@ -82,23 +102,26 @@ class GlooPrefillMover(OneSidedPrefillMover):
         return host_port_error(body.engine_meta, f"{self.kind} store address")
 
     def connect(self, sock: socket.socket, job: Job, scratch: dict) -> object:
-        groups: dict = scratch.setdefault("groups", {})
-        pg = groups.get(sock)
-        if pg is None:
+        links: dict[socket.socket, _Link] = scratch.setdefault("links", {})
+        link = links.get(sock)
+        if link is None:
+            for old in [s for s in links if s.fileno() == -1]:  # connections the worker dropped
+                del links[old]
             assert job.dest.engine_meta is not None  # check_registration
             gid = random.getrandbits(62)
             wire.send_frame(sock, FrameHeader(FrameType.GROUP_JOIN, gid, src_rank=self.args.engine_rank))
-            pg = groups[sock] = _group(self.kind, job.dest.engine_meta.decode(), gid, PREFILL)
-        return pg
+            link = links[sock] = _Link(sock, _group(self.kind, job.dest.engine_meta.decode(), gid, PREFILL))
+        return link
 
     def write(self, job: Job, dst_pages: np.ndarray, link: object) -> None:
         heads = job.dest.src_heads
         slice_nbytes = (heads[1] - heads[0]) * self.head_page_nbytes
         kv = self.args.kv_data
+        assert isinstance(link, _Link)
         for lo, n in _chunks(len(job.src_pages), slice_nbytes):
-            buf = _staging(n * slice_nbytes, kv)
+            buf = _staging(link.cache, n * slice_nbytes, kv)
             gather_pages(kv, job.src_pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
-            link.send([buf], DECODE, 0).wait()  # type: ignore[attr-defined]
+            link.pg.send([buf], DECODE, 0).wait()
 
 
 class GlooDecodeMover(OneSidedDecodeMover):
@@ -133,7 +156,7 @@ class GlooDecodeMover(OneSidedDecodeMover):
         kv = self.args.kv_data
         try:
             for lo, n in _chunks(len(pages), slice_nbytes):
-                buf = _staging(n * slice_nbytes, kv)
+                buf = _staging(conn.scratch, n * slice_nbytes, kv)
                 pg.recv([buf], PREFILL, 0).wait()
                 scatter_pages(kv, pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
         except RuntimeError as e:  # the peer died or timed out: the connection ends, the grant fails
