@@ -12,6 +12,7 @@ DTYPES = tuple(d.value for d in DType)
 ATTENTION_BACKENDS = tuple(b.value for b in AttentionBackend)
 QUANTIZATIONS = tuple(q.value for q in Quantization)
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SEMI_PD_SWITCH_MECHANISMS = ("in_place", "rotation")
 SEMI_PD_SWITCHES = ("enable_semi_pd", "enable_semi_pd_coordinator", "enable_unified_memory", "enable_slo_aware")
 
 
@@ -93,8 +94,8 @@ class ServerArgs:
     admin_api_key: str | None = None  # admin paths (/flush_cache, /abort_request) need this one
     max_payload_size: int = 32 * 1024 * 1024  # largest request body in bytes (413 above)
     # Semi-PD (pdserve/semi_pd, docs/semi_pd.md): prefill and decode workers sharing weights
-    # and one KV pool with a compute split. Only the library parts exist yet; the switches are
-    # validated and then refused with "not yet supported" by the front end (preflight).
+    # and one KV pool with a compute split. What a server cannot honour is refused by
+    # server/preflight.py: check_semi_pd.
     enable_semi_pd: bool = False  # fixed split (--initial-prefill-sm / --initial-decode-sm)
     enable_semi_pd_coordinator: bool = False  # all of it: split + unified memory + SLO-aware
     enable_unified_memory: bool = False
@@ -108,6 +109,9 @@ class ServerArgs:
     slo_monitoring_interval: float = 10.0  # s between two controller decisions
     initial_prefill_sm: int = 70  # % of the machine's compute (CPU: docs/semi_pd.md)
     initial_decode_sm: int = 30
+    # how a new split takes effect: "in_place" (workers re-pin between two steps) or
+    # "rotation" (standby workers with the new shares, switched to between steps)
+    semi_pd_switch: str = "in_place"
 
     def __post_init__(self) -> None:
         """Validate every setting (ValueError naming the flag) and turn names into enums:
@@ -223,6 +227,8 @@ class ServerArgs:
                 f"{self.slo_monitoring_interval} s is longer than --slo-window-size "
                 f"{self.slo_window_size} s: decisions would skip requests no window covers",
             )
+        if self.semi_pd_switch not in SEMI_PD_SWITCH_MECHANISMS:
+            bad("semi_pd_switch", f"must be one of {SEMI_PD_SWITCH_MECHANISMS}, got {self.semi_pd_switch!r}")
         err = unified_memory_geometry_error(
             self.unified_memory_blocks, self.unified_memory_block_size, self.unified_memory_page_size
         )

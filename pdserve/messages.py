@@ -110,6 +110,27 @@ class BatchOut(msgspec.Struct, tag=True):
     outs: list[ReqOut]
 
 
+class SemiPDStatusReq(msgspec.Struct, tag=True):
+    """Semi-PD resident: its status (GET /semi_pd/status)."""
+
+    call_id: int
+
+
+class SemiPDReallocateReq(msgspec.Struct, tag=True):
+    """Semi-PD resident: move the compute split (POST /semi_pd/reallocate)."""
+
+    call_id: int
+    prefill_percentage: int
+    decode_percentage: int
+
+
+class SemiPDResp(msgspec.Struct, tag=True):
+    call_id: int
+    ok: bool
+    status: dict[str, Any] = {}  # JSON-like: the coordinator status
+    error: str | None = None
+
+
 class FlushCacheResp(msgspec.Struct, tag=True):
     call_id: int
     success: bool  # False: requests are running or waiting
@@ -304,11 +325,21 @@ WeightsReq = Union[
 ]
 
 
-ControlReq = Union[FlushCacheReq, GetLoadReq, ShutdownReq, ProfileReq, WeightsReq]
-ControlResp = Union[FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp]
-ToScheduler = Union[GenerateReq, AbortReq, FlushCacheReq, GetLoadReq, ShutdownReq, ProfileReq, WeightsReq]
+ControlReq = Union[FlushCacheReq, GetLoadReq, ShutdownReq, ProfileReq, WeightsReq, SemiPDStatusReq, SemiPDReallocateReq]
+ControlResp = Union[FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp, SemiPDResp]
+ToScheduler = Union[
+    GenerateReq,
+    AbortReq,
+    FlushCacheReq,
+    GetLoadReq,
+    ShutdownReq,
+    ProfileReq,
+    WeightsReq,
+    SemiPDStatusReq,
+    SemiPDReallocateReq,
+]
 FromScheduler = Union[
-    BatchOut, FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp, ServerInfo, StartupError
+    BatchOut, FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp, SemiPDResp, ServerInfo, StartupError
 ]
 
 _enc = msgspec.msgpack.Encoder()

@@ -89,7 +89,7 @@ class Scheduler:
                 a KV connector (`--kv-store`) looks each prompt up on arrival, loads what it
                 found on admission and saves the prompt's pages after its prefill
     ending      abort(rid), fail(req, reason), free_pages(req), finish_held(req),
-                on_generation_end(hook)
+                detach_held(req), on_generation_end(hook)
     stepping    step(run) -> outputs; or schedule() -> Plan, update(plan, out) -> outputs,
                 take_outputs() (the overlap loop runs the forward in between)
     state       has_work(), has_outputs(), get(rid), load(), table_sizes(), flush_cache(),
@@ -229,6 +229,14 @@ class Scheduler:
         """PD prefill: when a request's generation ends, hand it to `hook` in status
         SENDING_KV with its pages held; it ends later with `finish_held` or `fail`."""
         self._on_generation_end = hook
+
+    def detach_held(self, req: Req) -> None:
+        """A held request leaves this scheduler with its pages, unreleased and unfinished
+        (Semi-PD: the decode scheduler, sharing the page allocator, continues it in place
+        with `add_prebuilt`). Nothing is sent for it."""
+        if req.status != ReqStatus.SENDING_KV:
+            raise RuntimeError(f"{req.rid} is not held (status {req.status.name})")
+        self._reqs.pop(req.rid, None)
 
     def finish_held(self, req: Req) -> None:
         """A request held after its generation (PD prefill: the KV is sent) finishes with

@@ -99,15 +99,7 @@ class SchedulerProcess:
         self.warmup()
         if args.disaggregation_mode != DisaggregationMode.NULL:
             self._setup_pd_queues(pd_setup)
-        self.weights = WeightsControl(
-            self.model,
-            self.kv_pools,
-            self.tp,
-            busy=self._busy,
-            flush_cache=self.scheduler.flush_cache,
-            reply=lambda resp: self.send.send(encode(resp)),
-            weights_changed=lambda: self.kv_connector.disable("the weights were updated"),
-        )
+        self.weights = self._weights_control()
         self.held: list[GenerateReq] = []  # new requests while a weight update waits
         if self.runner.lazy_pool:  # after startup: it must not slow the start itself
             prefault(self.runner.kv_data)
@@ -187,6 +179,19 @@ class SchedulerProcess:
             resolve_model_path(args.model_path), self.model.full_config, args.page_size, self.model.dtype
         )
         return create_kv_connector(args.kv_store, layout, self.runner.kv_data, args.kv_store_timeout)
+
+    def _weights_control(self) -> WeightsControl | None:
+        """RL weight sync and memory release on this process's model (None: the process has
+        no model to update, e.g. Semi-PD's resident, which answers those calls itself)."""
+        return WeightsControl(
+            self.model,
+            self.kv_pools,
+            self.tp,
+            busy=self._busy,
+            flush_cache=self.scheduler.flush_cache,
+            reply=lambda resp: self.send.send(encode(resp)),
+            weights_changed=lambda: self.kv_connector.disable("the weights were updated"),
+        )
 
     def _setup_pd_queues(self, pd_setup: PDSetup | None) -> None:
         if pd_setup is None:
@@ -431,8 +436,15 @@ def die_with_parent() -> None:
         pass
 
 
-def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str, pd_setup: PDSetup | None = None) -> None:
-    """Child process body: build everything, announce readiness (ServerInfo), serve."""
+def run_scheduler_process(
+    args: ServerArgs,
+    recv_addr: str,
+    send_addr: str,
+    pd_setup: PDSetup | None = None,
+    process_class: type[SchedulerProcess] = SchedulerProcess,
+) -> None:
+    """Child process body: build everything, announce readiness (ServerInfo), serve.
+    `process_class`: a SchedulerProcess subclass (Semi-PD's resident process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     holder: dict = {}
 
@@ -446,7 +458,7 @@ def run_scheduler_process(args: ServerArgs, recv_addr: str, send_addr: str, pd_s
     die_with_parent()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s [scheduler] %(levelname)s %(message)s")
     try:
-        proc = SchedulerProcess(args, recv_addr, send_addr, pd_setup)
+        proc = process_class(args, recv_addr, send_addr, pd_setup)
     except Exception as e:
         # the front end reports the error in one line; the traceback shows at --log-level debug
         logger.debug("scheduler failed to start", exc_info=True)

@@ -46,6 +46,9 @@ class Layer:
     )  # fmt: skip
 
 
+DERIVED = ("q4", "packed", "q8")  # Layer slots built from the weights (derive_layer), never loaded
+
+
 LINEAR_NAMES = ("qkv", "o", "gate_up", "down")  # a layer's linear weights
 
 
@@ -251,22 +254,41 @@ class LlamaModel:
                 raise ValueError(f"checkpoint is missing tensor {name}")
             return state[name].to(dt).contiguous()
 
-        self.embed = get("model.embed_tokens.weight")
-        self.norm = get("model.norm.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in state else get("lm_head.weight")
-        self.layers = []
+        fused = {"embed": get("model.embed_tokens.weight"), "norm": get("model.norm.weight")}
+        if not (cfg.tie_word_embeddings or "lm_head.weight" not in state):
+            fused["lm_head"] = get("lm_head.weight")
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
+            q = f"layers.{i}."
+            fused[q + "in_norm"] = get(p + "input_layernorm.weight")
+            fused[q + "post_norm"] = get(p + "post_attention_layernorm.weight")
+            fused[q + "qkv"] = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous()
+            if cfg.qkv_bias:
+                fused[q + "qkv_b"] = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            fused[q + "o"] = get(p + "self_attn.o_proj.weight")
+            fused[q + "gate_up"] = torch.cat(
+                [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
+            ).contiguous()
+            fused[q + "down"] = get(p + "mlp.down_proj.weight")
+            if cfg.qk_norm:
+                fused[q + "q_norm"] = get(p + "self_attn.q_norm.weight")
+                fused[q + "k_norm"] = get(p + "self_attn.k_norm.weight")
+        self.adopt_weights(fused)
+
+    def adopt_weights(self, fused: dict[str, torch.Tensor]) -> None:
+        """Use fused weights as they are, named as `named_weights()` names them (no copy: e.g.
+        views into a shared-memory segment, so Semi-PD's workers share one copy). The derived
+        copies (4-bit, int8 or oneDNN-prepacked: `derive_layer`) are built here: prepacked
+        tensors are opaque (no storage to share), so each process packs its own."""
+        self.embed = fused["embed"]
+        self.norm = fused["norm"]
+        self.lm_head = fused.get("lm_head", self.embed)  # absent: tied to the embedding
+        self.layers = []
+        for i in range(self.config.num_layers):
             layer = Layer()
-            layer.in_norm = get(p + "input_layernorm.weight")
-            layer.post_norm = get(p + "post_attention_layernorm.weight")
-            layer.qkv = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous()
-            layer.qkv_b = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if cfg.qkv_bias else None
-            layer.o = get(p + "self_attn.o_proj.weight")
-            layer.gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).contiguous()
-            layer.down = get(p + "mlp.down_proj.weight")
-            layer.q_norm = get(p + "self_attn.q_norm.weight") if cfg.qk_norm else None
-            layer.k_norm = get(p + "self_attn.k_norm.weight") if cfg.qk_norm else None
+            for n in Layer.__slots__:
+                if n not in DERIVED:
+                    setattr(layer, n, fused.get(f"layers.{i}.{n}"))
             self.layers.append(layer)
             self.derive_layer(i)
         # lm_head stays bf16: in the default GGUF it is the Q8_0 embedding, not a 4-bit grid

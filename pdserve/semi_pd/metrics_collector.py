@@ -74,6 +74,7 @@ class SemiPDMetricsCollector:
         self._ttft: deque[tuple[float, float]] = deque()  # (first token time, seconds)
         self._tpot: deque[tuple[float, float]] = deque()  # (completion time, seconds per token)
         self._done: deque[tuple[float, int]] = deque()  # (completion time, output_length)
+        self._joint: deque[tuple[float, float, float | None]] = deque()  # (completion time, ttft, tpot)
         self._prefill_steps: deque[StepSample] = deque()
         self._decode_steps: deque[StepSample] = deque()
         self._start = clock()
@@ -110,9 +111,11 @@ class SemiPDMetricsCollector:
                 p.first_token = t
                 self._ttft.append((t, t - p.arrival))
                 self.totals["first_tokens"] += 1
-            if output_length >= 2:
-                self._tpot.append((t, (t - p.first_token) / (output_length - 1)))
+            tpot = (t - p.first_token) / (output_length - 1) if output_length >= 2 else None
+            if tpot is not None:
+                self._tpot.append((t, tpot))
             self._done.append((t, int(output_length)))
+            self._joint.append((t, p.first_token - p.arrival, tpot))
             self.totals["completed"] += 1
 
     def record_request_abort(self, request_id: str) -> None:
@@ -140,12 +143,23 @@ class SemiPDMetricsCollector:
     # ---- reading ------------------------------------------------------------------------
     def _prune(self, now: float) -> None:
         cut = now - self.window
-        for q in (self._arrivals, self._ttft, self._tpot, self._done):
+        for q in (self._arrivals, self._ttft, self._tpot, self._done, self._joint):
             while q and q[0][0] < cut:
                 q.popleft()
         for q in (self._prefill_steps, self._decode_steps):
             while q and q[0].time < cut:
                 q.popleft()
+
+    def get_slo_attainment(self, ttft_target_ms: float, tpot_target_ms: float) -> tuple[float, int]:
+        """(share of the requests completed in the window that met both targets, how many
+        completed); (1.0, 0) when none did. A one-token output has no TPOT to miss."""
+        with self._lock:
+            self._prune(self.clock())
+            done = list(self._joint)
+        if not done:
+            return 1.0, 0
+        ok = sum(1 for _, f, p in done if f * 1000 <= ttft_target_ms and (p is None or p * 1000 <= tpot_target_ms))
+        return ok / len(done), len(done)
 
     def step_samples(self, since: float | None = None) -> tuple[list[StepSample], list[StepSample]]:
         """(prefill, decode) step samples in the window, from `since` on."""

@@ -25,6 +25,7 @@ ADMIN_PATHS = frozenset(
     {
         "/flush_cache",
         "/abort_request",
+        "/semi_pd/reallocate",
         # SGLang's admin endpoints, should pdserve grow them
         "/update_weights_from_disk",
         "/update_weights_from_tensor",

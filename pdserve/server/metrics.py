@@ -79,6 +79,58 @@ class ServerMetrics:
             )
         }
 
+        self._semi_pd_made = False  # Semi-PD gauges: made on first use (only with --enable-semi-pd)
+
+    def _make_semi_pd(self) -> None:
+        r, lbl = self.registry, ["model_name"]
+        self.semi_pd_share = Gauge(
+            "pdserve:semi_pd_share_percent", "Semi-PD compute share of each role, %", lbl + ["role"], registry=r
+        )
+        self.semi_pd_latency = Gauge(
+            "pdserve:semi_pd_latency_p95_seconds",
+            "Semi-PD TTFT / TPOT p95 over the SLO window",
+            lbl + ["slo"],
+            registry=r,
+        )
+        self.semi_pd_attainment = Gauge(
+            "pdserve:semi_pd_slo_attainment",
+            "Share of the requests completed in the SLO window that met both targets",
+            lbl,
+            registry=r,
+        )
+        self.semi_pd_violations = Gauge(
+            "pdserve:semi_pd_slo_violations_total",
+            "SLO-aware controller evaluations that found the target missed",
+            lbl + ["slo"],
+            registry=r,
+        )
+        self.semi_pd_changes = Gauge(
+            "pdserve:semi_pd_split_changes_total", "Changes of the Semi-PD split", lbl, registry=r
+        )
+        self.semi_pd_restarts = Gauge(
+            "pdserve:semi_pd_worker_restarts_total", "Semi-PD workers restarted", lbl + ["role"], registry=r
+        )
+        self._semi_pd_made = True
+
+    def set_semi_pd(self, status: dict) -> None:
+        """From the resident's status (GET /semi_pd/status)."""
+        if not self._semi_pd_made:
+            self._make_semi_pd()
+        m = self.model_name
+        split = status["current_split"]
+        self.semi_pd_share.labels(m, "prefill").set(split["prefill_percentage"])
+        self.semi_pd_share.labels(m, "decode").set(split["decode_percentage"])
+        met = status["metrics"]
+        self.semi_pd_latency.labels(m, "ttft").set(met["ttft_p95_ms"] / 1000)
+        self.semi_pd_latency.labels(m, "tpot").set(met["tpot_p95_ms"] / 1000)
+        self.semi_pd_attainment.labels(m).set(status["slo"]["attainment"])
+        ctl = status.get("slo_controller_status") or {"statistics": {"ttft_violations": 0, "tpot_violations": 0}}
+        self.semi_pd_violations.labels(m, "ttft").set(ctl["statistics"]["ttft_violations"])
+        self.semi_pd_violations.labels(m, "tpot").set(ctl["statistics"]["tpot_violations"])
+        self.semi_pd_changes.labels(m).set(status["process_rotation_status"]["num_changes"])
+        for role, w in status["workers"].items():
+            self.semi_pd_restarts.labels(m, role).set(w["restarts"])
+
     def observe_ttft(self, s: float) -> None:
         self.ttft.labels(self.model_name).observe(s)
 

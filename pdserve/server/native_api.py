@@ -1,5 +1,5 @@
 """SGLang's native routes: /generate, health, model and server info, load, cache flush,
-abort and /metrics."""
+abort and /metrics; and Semi-PD's /semi_pd/status and /semi_pd/reallocate (docs/semi_pd.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pdserve.messages import AbortReq, encode
 from pdserve.sampling_params import SamplingParams
+from pdserve.semi_pd.allocation import SMAllocation
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.pd_fields import bootstrap_for, check_pd_fields
 from pdserve.server.protocol import as_bool, as_int, is_token_list, sampling_from_dict
@@ -206,8 +207,24 @@ class NativeRoutes:
             await self.tm.send_sock.send(encode(AbortReq(rid)))
         return {"success": st is not None}
 
+    async def semi_pd_status(self):
+        return await self.tm.semi_pd_status()  # ValueError (400) when Semi-PD is off
+
+    async def semi_pd_reallocate(self, request: Request):
+        body = await read_json(request)
+        unknown = set(body) - {"prefill_percentage", "decode_percentage"}
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}: send prefill_percentage and decode_percentage")
+        alloc = SMAllocation(body.get("prefill_percentage"), body.get("decode_percentage"))  # ValueError -> 400
+        resp = await self.tm.semi_pd_reallocate(alloc.prefill_percentage, alloc.decode_percentage)
+        if not resp.ok:
+            return error_response(resp.error or "reallocation refused", 409, "Conflict")
+        return resp.status
+
     async def get_metrics(self):
         self.metrics.set_load(await self.tm.get_load())
+        if self.tm.args.semi_pd_enabled:
+            self.metrics.set_semi_pd(await self.tm.semi_pd_status())
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -226,3 +243,5 @@ def add_native_routes(
     app.api_route("/flush_cache", methods=["GET", "POST"])(routes.flush_cache)
     app.post("/abort_request")(routes.abort_request)
     app.get("/metrics")(routes.get_metrics)
+    app.get("/semi_pd/status")(routes.semi_pd_status)
+    app.post("/semi_pd/reallocate")(routes.semi_pd_reallocate)  # an admin path (guard.py)

@@ -118,38 +118,36 @@ def _gguf_heads(path: str) -> tuple[str, int]:
     return arch, int(meta.get(f"{arch}.attention.head_count_kv") or heads or 0)
 
 
-SEMI_PD_TUNING = (
-    "unified_memory_blocks",
-    "unified_memory_block_size",
-    "unified_memory_page_size",
-    "slo_ttft_target",
-    "slo_tpot_target",
-    "slo_window_size",
-    "slo_monitoring_interval",
-    "initial_prefill_sm",
-    "initial_decode_sm",
-)
+UNIFIED_MEMORY_GEOMETRY = ("unified_memory_blocks", "unified_memory_block_size", "unified_memory_page_size")
+SLO_SETTINGS = ("slo_ttft_target", "slo_tpot_target", "slo_monitoring_interval", "slo_window_size")
 
 
 def check_semi_pd(args: ServerArgs) -> None:
-    """Semi-PD settings a server cannot honour yet: ValueError naming the flag. The values
-    themselves were validated by ServerArgs; the serving path does not exist yet
-    (docs/semi_pd.md), so accepting a switch would silently serve without it."""
-    from pdserve.config import SEMI_PD_SWITCHES
+    """Semi-PD settings a server cannot honour: ValueError naming the flag, before anything
+    starts. (Values were validated by ServerArgs.) What works and what not: docs/semi_pd.md."""
 
-    on = [n for n in SEMI_PD_SWITCHES if getattr(args, n)]
-    if on:
-        raise ValueError(
-            f"--{on[0].replace('_', '-')}: not yet supported: the Semi-PD serving path (resident "
-            f"process, prefill/decode workers) is not built yet; the unified memory manager and the "
-            f"SLO-aware controller exist as a library, pdserve.semi_pd (docs/semi_pd.md)"
-        )
-    for n in SEMI_PD_TUNING:
-        if getattr(args, n) != getattr(ServerArgs, n):
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def changed(name: str) -> bool:
+        return getattr(args, name) != getattr(ServerArgs, name)
+
+    for n in UNIFIED_MEMORY_GEOMETRY:
+        if changed(n):
             raise ValueError(
-                f"--{n.replace('_', '-')}: a Semi-PD setting, and Semi-PD serving is not yet "
-                f"supported (docs/semi_pd.md); leave it at its default"
+                f"{flag(n)}: not yet supported by the server: under --enable-semi-pd the unified KV "
+                f"pool is the server's page pool, sized by --max-total-tokens / --mem-fraction-static "
+                f"and --page-size (the block geometry flags apply to pdserve.semi_pd's "
+                f"UnifiedMemoryManager only; docs/semi_pd.md)"
             )
+    if not args.semi_pd_enabled:
+        for n in ("initial_prefill_sm", "initial_decode_sm", "semi_pd_switch", *SLO_SETTINGS):
+            if changed(n):
+                raise ValueError(f"{flag(n)}: a Semi-PD setting: it needs --enable-semi-pd")
+    elif not (args.enable_slo_aware or args.enable_semi_pd_coordinator):
+        for n in SLO_SETTINGS:
+            if changed(n):
+                raise ValueError(f"{flag(n)}: only the SLO-aware controller uses it: add --enable-slo-aware")
 
 
 def check_model(args: ServerArgs, *, tp_flags: dict[str, int] | None = None) -> None:

@@ -193,20 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_semi_pd_flags(p: argparse.ArgumentParser) -> None:
-    """The seed's Semi-PD flags (docs/semi_pd.md). They are validated like every flag; the
-    serving path is not built yet, so a server started with a switch on exits with
-    "not yet supported" (preflight.check_semi_pd) instead of ignoring it."""
-    g = p.add_argument_group("Semi-PD (not yet servable: docs/semi_pd.md)")
+    """The seed's Semi-PD flags (docs/semi_pd.md). Validated in ServerArgs; settings the server
+    cannot honour are refused before anything starts (preflight.check_semi_pd)."""
+    g = p.add_argument_group("Semi-PD (docs/semi_pd.md)")
     a = g.add_argument
     a("--enable-semi-pd", action="store_true", help="prefill and decode workers with a fixed compute split")
     a(
         "--enable-semi-pd-coordinator",
         action="store_true",
-        help="Semi-PD with all parts: split, unified memory manager, SLO-aware controller",
+        help="Semi-PD with all parts: split, unified KV pool, SLO-aware controller (as --enable-semi-pd "
+        "--enable-slo-aware)",
     )
-    a("--enable-unified-memory", action="store_true", help="Semi-PD with the unified KV block pool")
+    a(
+        "--enable-unified-memory",
+        action="store_true",
+        help="Semi-PD (its KV pool is always the one unified pool of both workers)",
+    )
     a("--enable-slo-aware", action="store_true", help="Semi-PD with the SLO-aware split controller")
-    a("--unified-memory-blocks", type=int, default=D.unified_memory_blocks, help="blocks in the unified KV pool")
+    a(
+        "--unified-memory-blocks",
+        type=int,
+        default=D.unified_memory_blocks,
+        help="blocks of pdserve.semi_pd.UnifiedMemoryManager; the server's pool is sized by --max-total-tokens "
+        "(non-default values are refused)",
+    )
     a(
         "--unified-memory-block-size",
         type=int,
@@ -230,6 +240,13 @@ def add_semi_pd_flags(p: argparse.ArgumentParser) -> None:
         help="prefill's share of the machine's compute in %% (CPU: cores and CFS quota, docs/semi_pd.md)",
     )
     a("--initial-decode-sm", type=int, default=D.initial_decode_sm, help="decode's share in %%")
+    a(
+        "--semi-pd-switch",
+        default=D.semi_pd_switch,
+        choices=("in_place", "rotation"),
+        help="how a new split takes effect: in_place (each worker re-pins between two steps) or rotation "
+        "(standby workers started with the new shares, switched to between steps, old ones retired)",
+    )
 
 
 def args_from_namespace(ns: argparse.Namespace) -> ServerArgs:

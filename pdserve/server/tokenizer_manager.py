@@ -41,6 +41,9 @@ from pdserve.messages import (
     ProfileReq,
     ProfileResp,
     ReqOut,
+    SemiPDReallocateReq,
+    SemiPDResp,
+    SemiPDStatusReq,
     ServerInfo,
     ShutdownReq,
     ShutdownResp,
@@ -96,10 +99,14 @@ class TokenizerManager:
         self.ctx = zmq.asyncio.Context()
         self.recv_sock = self.ctx.socket(zmq.PULL)
         self.recv_sock.bind(from_sched)
+        # Semi-PD: the resident process (prefill + decode workers) speaks the same protocol
+        module = (
+            "pdserve.semi_pd.resident_process" if self.args.semi_pd_enabled else "pdserve.disagg.scheduler_process_main"
+        )
         cmd = [
             sys.executable,
             "-m",
-            "pdserve.disagg.scheduler_process_main",
+            module,
             json.dumps(dataclasses.asdict(dataclasses.replace(self.args, api_key=None, admin_api_key=None))),
             to_sched,
             from_sched,
@@ -185,7 +192,7 @@ class TokenizerManager:
             except Exception:  # a bug, not a peer: log it loudly, keep serving the rest
                 logger.exception("undecodable message from the scheduler")
                 continue
-            if isinstance(msg, (FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp)):
+            if isinstance(msg, (FlushCacheResp, LoadResp, ShutdownResp, ProfileResp, AdminResp, SemiPDResp)):
                 fut = self.calls.pop(msg.call_id, None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -234,6 +241,20 @@ class TokenizerManager:
         for rid in rids:
             await self.send_sock.send(encode(AbortReq(rid, message)))
         return len(rids)
+
+    async def semi_pd_status(self) -> dict[str, Any]:
+        """The Semi-PD resident's status (ValueError when Semi-PD is off)."""
+        self._need_semi_pd()
+        resp: SemiPDResp = await self._call(SemiPDStatusReq)
+        return resp.status
+
+    async def semi_pd_reallocate(self, prefill_percentage: int, decode_percentage: int) -> SemiPDResp:
+        self._need_semi_pd()
+        return await self._call(lambda cid: SemiPDReallocateReq(cid, prefill_percentage, decode_percentage))
+
+    def _need_semi_pd(self) -> None:
+        if not self.args.semi_pd_enabled:
+            raise ValueError("Semi-PD is not enabled on this server (start it with --enable-semi-pd)")
 
     # ---- requests -----------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -66,6 +66,19 @@ def test_collector_one_token_outputs_and_aborts():
     assert mc.totals == {"arrived": 2, "first_tokens": 1, "completed": 1, "aborted": 1}
 
 
+def test_slo_attainment():
+    clock = Clock()
+    mc = SemiPDMetricsCollector(clock=clock)
+    assert mc.get_slo_attainment(100, 50) == (1.0, 0)
+    for i, (ttft, tpot) in enumerate([(0.05, 0.02), (0.2, 0.02), (0.05, 0.09), (0.08, 0.04)]):
+        mc.record_request_arrival(f"r{i}", 10, timestamp=clock.t)
+        mc.record_first_token(f"r{i}", timestamp=clock.t + ttft)
+        mc.record_request_completion(f"r{i}", 11, timestamp=clock.t + ttft + 10 * tpot)
+    assert mc.get_slo_attainment(100, 50) == (0.5, 4)  # r1 misses TTFT, r2 misses TPOT
+    clock.t += 31
+    assert mc.get_slo_attainment(100, 50) == (1.0, 0)
+
+
 def test_percentile():
     assert percentile([], 95) == 0.0
     assert percentile([3.0], 95) == 3.0

@@ -1,0 +1,726 @@
+"""The Semi-PD resident process: what `pdserve serve --enable-semi-pd` starts in place of
+the scheduler process (same ZMQ protocol with the front end, pdserve/messages.py).
+
+It owns the KV pool (one shared-memory segment) and the scheduling; two worker processes
+(semi_pd/worker.py), prefill and decode, map the pool and run the forwards:
+
+    front end ──ZMQ──▶ resident: prefill Scheduler ─┐ one PageAllocator, one KV pool (shm)
+                                 decode Scheduler  ─┘
+                         │ thread per role: schedule → ForwardBatch ─▶ worker (forward) ─▶ logits
+                         │                  sample here ◀──────────────────────────────────┘
+                         └ a request's first token (prefill) → the decode Scheduler takes the
+                           same Req with the same pages (`detach_held` + `add_prebuilt`): no KV moves
+
+Both schedulers step at the same time, each in its own thread; the policy parts run under
+one lock (they share the page allocator), the forwards do not. Each worker holds its compute
+share (semi_pd/cpu_share.py); a new split takes effect between two of its steps, in place
+(`InPlaceSplit`: re-pin) or by process rotation (`RotationSplit`: standby workers, --semi-pd-switch).
+
+The weights are one copy in shared memory too (semi_pd/shared_weights.py); each worker
+packs its own oneDNN copy of them. v0 limits (docs/semi_pd.md): no prefix cache (a cached
+page would have two owners).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict
+
+import msgspec
+import torch
+import zmq
+
+from pdserve.config import ServerArgs
+from pdserve.cpus import my_cores
+from pdserve.engine.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
+from pdserve.engine.kv_pool import PageAllocator
+from pdserve.engine.model_loading import num_kv_pages
+from pdserve.engine.request import Req, ReqStatus
+from pdserve.engine.runner import ModelRunner, kv_pool_shape
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler_process import WEIGHTS_CALLS, SchedulerProcess, run_scheduler_process
+from pdserve.engine.tp import encode_batch, encode_op
+from pdserve.enums import DisaggregationMode
+from pdserve.messages import (
+    AbortReq,
+    AdminResp,
+    BatchOut,
+    FinishReason,
+    FinishReasonType,
+    FlushCacheReq,
+    FlushCacheResp,
+    GenerateReq,
+    GetLoadReq,
+    LoadResp,
+    ProfileReq,
+    ProfileResp,
+    ReqOut,
+    SemiPDReallocateReq,
+    SemiPDResp,
+    SemiPDStatusReq,
+    ServerInfo,
+    ShutdownReq,
+    ShutdownResp,
+    encode,
+)
+from pdserve.net import ipc_addr
+from pdserve.semi_pd.actuator import SplitActuator
+from pdserve.semi_pd.allocation import SMAllocation
+from pdserve.semi_pd.cpu_share import CpuShareManager, share_plan
+from pdserve.semi_pd.metrics_collector import SemiPDMetricsCollector
+from pdserve.semi_pd.slo_algorithm import ControllerSettings, SLOAwareResourceController, SLOConstraints
+
+logger = logging.getLogger("pdserve.semi_pd")
+
+ROLES = ("prefill", "decode")
+NOT_UNDER_SEMI_PD = (
+    "{what} is not supported under --enable-semi-pd: the forwards run in the Semi-PD worker "
+    "processes, which do not take it yet (docs/semi_pd.md)"
+)
+WARMUP_RID = "__warmup__"
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+class WorkerLink:
+    """The resident's end of one worker: batches out, logits (and acks) back."""
+
+    def __init__(
+        self, role: str, args: ServerArgs, kv_shm: str, num_pages: int, threads: int, popen=subprocess.Popen
+    ) -> None:
+        ctx = zmq.Context.instance()
+        self.role = role
+        self.push = ctx.socket(zmq.PUSH)
+        addr = ipc_addr(f"semipd-{role}")
+        self.push.bind(addr)
+        self.pull = ctx.socket(zmq.PULL)
+        raddr = ipc_addr(f"semipd-{role}-reply")
+        self.pull.bind(raddr)
+        wargs = json.dumps({**asdict(args), "num_threads": threads})
+        self.proc = popen(
+            [sys.executable, "-m", "pdserve.semi_pd.worker", wargs, role, addr, raddr, kv_shm, str(num_pages)]
+        )
+        self.pid: int | None = None
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise WorkerDied(f"the Semi-PD {self.role} worker exited with status {self.proc.returncode}")
+
+    def wait(self, op: str, timeout: float = 300.0) -> tuple[dict, list]:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.pull.poll(200):
+                frames = self.pull.recv_multipart(copy=False)
+                head = json.loads(bytes(frames[0].buffer))
+                if head.get("op") == "error":
+                    raise WorkerDied(f"Semi-PD {self.role} worker: {head.get('message')}")
+                if head.get("op") == op:
+                    return head, frames[1:]
+                raise RuntimeError(f"Semi-PD {self.role} worker answered {head.get('op')!r}, expected {op!r}")
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Semi-PD {self.role} worker did not answer {op!r} in {timeout:.0f} s")
+
+    def send(self, frames: list) -> None:
+        while True:
+            try:
+                self.push.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                self.check_alive()
+                time.sleep(0.001)
+
+    def forward(self, fb) -> tuple[torch.Tensor, float]:
+        self.send(encode_batch(fb))
+        head, frames = self.wait("logits")
+        shape = head["shape"]
+        if 0 in shape:  # a prefill chunk that samples nothing (frombuffer refuses empty buffers)
+            return torch.empty(shape, dtype=torch.float32), float(head["seconds"])
+        buf = bytearray(frames[0].buffer)  # owned copy: the frame goes away
+        return torch.frombuffer(buf, dtype=torch.float32).view(*shape), float(head["seconds"])
+
+    def pin(self, body: dict) -> None:
+        self.send(encode_op("pin", **body))
+        self.wait("pinned", timeout=30)
+
+    def close(self) -> None:
+        try:
+            self.push.send_multipart(encode_op("stop"), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.push.close(linger=0)
+        self.pull.close(linger=0)
+
+
+class RemoteModel:
+    """What a ModelRunner calls its model: the real config and dtype; the forward runs in
+    the worker and the runner samples from the logits it returns."""
+
+    def __init__(self, config, dtype: torch.dtype, link: WorkerLink) -> None:
+        self.config, self.dtype, self.link = config, dtype, link
+        self.last_seconds = 0.0
+
+    def forward(self, fb, attn) -> torch.Tensor:
+        logits, self.last_seconds = self.link.forward(fb)
+        return logits
+
+
+class InPlaceSplit(SplitActuator):
+    """Changes the split in place: each worker re-pins its threads (cores, torch threads)
+    between two of its steps, and the resident rewrites its CFS quota."""
+
+    mechanism = "in_place"
+
+    def __init__(self, resident: "ResidentProcess", initial: SMAllocation) -> None:
+        self.resident = resident
+        self._current = initial
+        self.history: list[tuple[float, SMAllocation, float]] = []  # (time, split, seconds to take effect)
+
+    @property
+    def current(self) -> SMAllocation:
+        return self._current
+
+    def request_sm_reallocation(self, allocation: SMAllocation) -> bool:
+        t0 = time.perf_counter()
+        self.resident.pin_workers(allocation)
+        self._current = allocation
+        self.history.append((time.time(), allocation, time.perf_counter() - t0))
+        return True
+
+
+class RotationSplit(InPlaceSplit):
+    """Process rotation, the paper's mechanism (an MPS share cannot change in a live process):
+    standby workers start with the new shares on the same weights and pool; once both are
+    ready, each role's thread switches to its new worker between two steps and retires the
+    old one (delayed switching). One rotation at a time: a request during one is refused."""
+
+    mechanism = "rotation"
+
+    def __init__(self, resident: "ResidentProcess", initial: SMAllocation) -> None:
+        super().__init__(resident, initial)
+        self._busy = threading.Lock()
+        self.rotation_seconds: list[float] = []  # standby workers started until both switched
+
+    def request_sm_reallocation(self, allocation: SMAllocation) -> bool:
+        if not self._busy.acquire(blocking=False):
+            logger.warning("Semi-PD: split %s refused: a rotation is under way", allocation)
+            return False
+        threading.Thread(target=self._rotate, args=(allocation,), name="semi-pd-rotation", daemon=True).start()
+        return True
+
+    def _rotate(self, allocation: SMAllocation) -> None:
+        r = self.resident
+        t0 = time.perf_counter()
+        try:
+            plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, r.cores)
+            new = {role: r.start_worker(role, plan[role]) for role in ROLES}
+            for role in ROLES:
+                r.pending_link[role] = new[role]
+                r.wake[role].set()
+            while any(r.pending_link[role] is not None for role in ROLES) and r.running:
+                time.sleep(0.005)  # each role's thread takes its new worker after its current step
+            self._current = allocation
+            took = time.perf_counter() - t0
+            self.rotation_seconds.append(took)
+            self.history.append((time.time(), allocation, took))
+            logger.info(
+                "Semi-PD rotation to %s done in %.2f s (standby workers started and switched)", allocation, took
+            )
+        except Exception:
+            logger.exception("Semi-PD rotation to %s failed; the old workers keep serving", allocation)
+        finally:
+            self._busy.release()
+
+
+SPLIT_MECHANISMS = {"in_place": InPlaceSplit, "rotation": RotationSplit}
+
+
+class ResidentProcess(SchedulerProcess):
+    def _build(self, args: ServerArgs) -> None:
+        from pdserve.engine.grammar import GrammarBackend
+        from pdserve.engine.model_loading import resolve_dtype
+        from pdserve.model.llama import LlamaModel
+        from pdserve.model.loader import load_model_files
+        from pdserve.model.paths import resolve_model_path
+        from pdserve.model.tokenizer import load_tokenizer
+        from pdserve.semi_pd.shared_weights import export_weights
+
+        torch.set_num_threads(1)  # sampling only; the forwards run in the workers
+        self.lock = threading.Lock()  # the two schedulers share the page allocator
+        self.send_lock = threading.Lock()  # zmq sockets are not thread-safe
+        self.links: dict[str, WorkerLink] = {}
+        self.threads: list[threading.Thread] = []
+        self.kv_shm_name: str | None = None
+        self.weights_shm: str | None = None
+        self.quota = CpuShareManager(tag=str(id(self)))
+        # the fused weights only: no kernel shapes built here (load_model would), no forward runs here
+        cfg, state = load_model_files(resolve_model_path(args.model_path))
+        model = LlamaModel(cfg, resolve_dtype(args.dtype))
+        model.load_weights(state)
+        del state
+        dtype = model.dtype
+        # one copy of the weights in shared memory for both workers (each packs its own oneDNN copy)
+        self.weights_shm, weights_bytes, manifest = export_weights(model.named_weights())
+        self.weight_bytes = model.num_bytes()
+        del model
+        self.cfg, self.dtype = cfg, dtype
+        num_pages = num_kv_pages(args, cfg, dtype, self.weight_bytes * 3)  # shared copy + 2 packed copies
+        self.kv_shm_name = new_shm_name()
+        kv = allocate_kv_buffer(kv_pool_shape(cfg, num_pages, args.page_size), dtype, self.kv_shm_name)
+        self.cores = my_cores()
+        split = SMAllocation(args.initial_prefill_sm, args.initial_decode_sm)
+        plan = share_plan(split.prefill_percentage, split.decode_percentage, self.cores)
+        init = encode_op(
+            "init", weights_shm=self.weights_shm, weights_bytes=weights_bytes, manifest=manifest, config=asdict(cfg)
+        )
+        for role in ROLES:
+            self.links[role] = WorkerLink(role, args, self.kv_shm_name, num_pages, plan[role]["threads"])
+        for role in ROLES:  # both pack their weights at the same time
+            self.links[role].send(init)
+        self.worker_init, self.num_pages = init, num_pages  # for a worker restarted after a crash
+        self.restarts = {role: 0 for role in ROLES}
+        self.role_of: dict[str, str] = {}  # rid -> the role running it, until it finishes
+        tok = load_tokenizer(args.model_path, args.tokenizer_path)
+        self.context_length = min(args.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        eos = set(cfg.eos_token_ids)
+        if tok.eos_token_id is not None:
+            eos.add(tok.eos_token_id)
+        alloc = PageAllocator(num_pages, args.page_size)
+        self.scheds = {
+            role: Scheduler(
+                alloc,
+                max_running_requests=args.max_running_requests,
+                chunked_prefill_size=args.chunked_prefill_size,
+                context_length=self.context_length,
+                eos_ids=tuple(sorted(eos)),
+                disable_radix_cache=True,
+                detokenize=lambda ids: tok.decode(ids, skip_special_tokens=False),
+            )
+            for role in ROLES
+        }
+        self.scheds["prefill"].on_generation_end(self._handover)
+        self.scheduler = self.scheds["decode"]  # what the base class reports capacity from
+        self.runners = {
+            role: ModelRunner(
+                RemoteModel(cfg, dtype, self.links[role]),
+                num_pages,
+                args.page_size,
+                kv,
+                attention_backend=args.attention_backend,
+            )
+            for role in ROLES
+        }
+        self.runner = self.runners["prefill"]
+        self.grammar = GrammarBackend(tok, cfg.vocab_size, sorted(eos))
+        self.max_new_tokens: dict[str, int] = {}  # rid -> the client's, while prefill runs it with 1
+        self.handoffs: list[Req] = []  # held by prefill, to move to decode (under self.lock)
+        self.wake = {role: threading.Event() for role in ROLES}
+        self.pending_pin: dict[str, dict | None] = {role: None for role in ROLES}
+        self.pin_seconds: dict[str, list[float]] = {role: [] for role in ROLES}  # time each re-pin took
+        self.kv_bytes_per_page = kv.numel() * kv.element_size() // num_pages
+        self.dead: str | None = None
+        for role in ROLES:
+            head, _ = self.links[role].wait("ready")
+            self.links[role].pid = int(head["pid"])
+        self.metrics = SemiPDMetricsCollector(window_size_seconds=args.slo_window_size)
+        self.pending_link: dict[str, WorkerLink | None] = {role: None for role in ROLES}  # rotation
+        self.spawns: queue.Queue = queue.Queue()  # worker starts asked of the main thread
+        self.split = SPLIT_MECHANISMS[args.semi_pd_switch](self, split)
+        self.pin_workers(split)
+        self.split.history.append((time.time(), split, 0.0))
+        self.controller: SLOAwareResourceController | None = None
+        if args.enable_slo_aware or args.enable_semi_pd_coordinator:
+            self.controller = SLOAwareResourceController(
+                SLOConstraints(args.slo_ttft_target, args.slo_tpot_target),
+                self.metrics,
+                self.split,
+                settings=ControllerSettings(monitoring_interval_s=args.slo_monitoring_interval),
+            )
+        logger.info(
+            "Semi-PD: KV pool of %d pages in %s shared by the prefill and decode workers; split %s; %s",
+            num_pages,
+            self.kv_shm_name,
+            split,
+            self.quota.describe(),
+        )
+
+    def _weights_control(self) -> None:
+        return None  # weights calls are refused in handle(): the resident holds no model
+
+    # ---- the prefill -> decode handover -------------------------------------------------
+    def _handover(self, req: Req) -> None:
+        """Prefill's generation-end hook (inside its update): the request is held with its
+        pages; it moves to decode once prefill's outputs of this step are sent."""
+        self.handoffs.append(req)
+
+    def _complete_handoffs(self) -> None:
+        """Under self.lock, after prefill's outputs went out (so the first token reaches the
+        client before anything decode sends for the request)."""
+        prefill, decode = self.scheds["prefill"], self.scheds["decode"]
+        for req in self.handoffs:
+            req.sampling.max_new_tokens = self.max_new_tokens.pop(req.rid, req.sampling.max_new_tokens)
+            if req.finish_reason is not None and req.finish_reason.type == FinishReasonType.ABORT:
+                prefill.finish_held(req)  # e.g. a grammar rejected the first token
+                continue
+            prefill.detach_held(req)
+            self.role_of[req.rid] = "decode"
+            self.metrics.record_first_token(req.rid)
+            decode.add_prebuilt(req)  # same Req, same pages: the decode worker reads prefill's KV in place
+        if self.handoffs:
+            self.handoffs.clear()
+            self.wake["decode"].set()
+
+    # ---- stepping threads ---------------------------------------------------------------
+    def _stepper(self, role: str) -> None:
+        while self.running:
+            try:
+                self._step(role)
+            except WorkerDied as e:
+                try:
+                    self._recover(role, str(e))
+                except Exception as e2:
+                    logger.exception("Semi-PD: the %s worker could not be restarted", role)
+                    self.dead = f"{e}; restarting it failed: {type(e2).__name__}: {e2}"
+                    self.running = False
+            except Exception as e:
+                logger.exception("Semi-PD %s loop failed", role)
+                self.dead = f"{type(e).__name__}: {e}"
+                self.running = False
+
+    def pin_workers(self, allocation: SMAllocation) -> None:
+        """Both workers to the shares of `allocation`, in place: cores and threads before
+        their next step, CFS quota now."""
+        plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, self.cores)
+        for role in ROLES:
+            self.pending_pin[role] = plan[role]
+            self.wake[role].set()
+            link = self.links[role]
+            if link.pid:
+                self.quota.set_quota(role, link.pid, plan[role]["quota_cores"])
+        logger.info(
+            "Semi-PD split %s: prefill cores %s, decode cores %s (%s)",
+            allocation,
+            plan["prefill"]["cores"],
+            plan["decode"]["cores"],
+            self.quota.describe(),
+        )
+
+    def _popen(self, cmd: list[str]) -> subprocess.Popen:
+        """Start a worker from the main thread: a worker dies with the *thread* that started it
+        (PR_SET_PDEATHSIG follows the parent thread), so not from a rotation thread that ends."""
+        if threading.current_thread() is threading.main_thread():
+            return subprocess.Popen(cmd)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self.spawns.put((cmd, fut))
+        return fut.result(timeout=60)
+
+    def _serve_spawns(self) -> None:
+        while not self.spawns.empty():
+            cmd, fut = self.spawns.get_nowait()
+            try:
+                fut.set_result(subprocess.Popen(cmd))
+            except Exception as e:
+                fut.set_exception(e)
+
+    def start_worker(self, role: str, share: dict) -> WorkerLink:
+        """A new worker on the shared weights and pool, ready and held to `share`."""
+        link = WorkerLink(role, self.args, self.kv_shm_name, self.num_pages, share["threads"], popen=self._popen)
+        link.send(self.worker_init)
+        head, _ = link.wait("ready")
+        link.pid = int(head["pid"])
+        link.pin(share)
+        self.quota.set_quota(role, link.pid, share["quota_cores"])
+        return link
+
+    def _step(self, role: str) -> None:
+        new = self.pending_link[role]
+        if new is not None:  # rotation: switch between two steps, retire the old worker
+            old, self.links[role] = self.links[role], new
+            self.runners[role].model.link = new
+            self.pending_link[role] = None
+            threading.Thread(target=old.close, name=f"semi-pd-retire-{role}", daemon=True).start()
+        sched, runner, wake, link = self.scheds[role], self.runners[role], self.wake[role], self.links[role]
+        body = self.pending_pin[role]
+        if body is not None:  # between two steps: the new share applies from the next one
+            self.pending_pin[role] = None
+            t0 = time.perf_counter()
+            link.pin(body)
+            self.pin_seconds[role].append(time.perf_counter() - t0)
+        with self.lock:
+            plan = sched.schedule()
+            if plan is None:
+                self._emit(sched.take_outputs())
+                if role == "prefill":
+                    self._complete_handoffs()
+        if plan is None:
+            wake.wait(0.05)
+            wake.clear()
+            return
+        out = runner.run(plan)
+        with self.lock:  # outputs are sent in order: prefill's first token before decode's next
+            self._emit(sched.update(plan, out))
+            if role == "prefill":
+                self._complete_handoffs()
+        if role == "prefill":
+            self.metrics.record_prefill_batch(
+                plan.num_tokens, runner.model.last_seconds, self.split.current.prefill_percentage
+            )
+        else:
+            self.metrics.record_decode_step(
+                plan.num_decode or len(plan.items), runner.model.last_seconds, self.split.current.decode_percentage
+            )
+
+    def _recover(self, role: str, why: str) -> None:
+        """A worker died: end the requests it was running (their pages are freed), start a
+        new one on the same weights and pool, and carry on. Requests still waiting for it,
+        and everything the other worker runs, are not touched."""
+        message = f"the Semi-PD {role} worker died ({why}); this request was ended: retry it"
+        logger.error("Semi-PD: %s; restarting it", why)
+        reason = FinishReason(FinishReasonType.ABORT, message=message, status_code=503)
+        with self.lock:
+            sched = self.scheds[role]
+            for rid in [r for r, who in self.role_of.items() if who == role]:
+                req = sched.get(rid)
+                if req is not None and req.status == ReqStatus.RUNNING:
+                    sched.fail(req, reason)
+                    self.max_new_tokens.pop(rid, None)
+            self._emit(sched.take_outputs())
+        self.links[role].close()
+        plan = share_plan(self.split.current.prefill_percentage, self.split.current.decode_percentage, self.cores)
+        link = self.start_worker(role, plan[role])
+        self.links[role] = link
+        self.runners[role].model.link = link
+        self.restarts[role] += 1
+        logger.info("Semi-PD: %s worker restarted (pid %d)", role, link.pid)
+
+    def _emit(self, outs: list[ReqOut]) -> None:
+        """Send outputs to the front end (callers hold self.lock: one order for both roles)."""
+        for o in outs:
+            if o.finish is not None:
+                self.role_of.pop(o.rid, None)
+        outs = [o for o in outs if o.rid != WARMUP_RID]
+        for o in outs:
+            if o.finish is not None:
+                if o.finish.type == FinishReasonType.ABORT:
+                    self.metrics.record_request_abort(o.rid)
+                else:
+                    self.metrics.record_request_completion(o.rid, o.completion_tokens)
+        if outs:
+            with self.send_lock:
+                self.send.send(encode(BatchOut(outs)))
+
+    def warmup(self) -> None:
+        from pdserve.sampling_params import SamplingParams
+
+        for role in ROLES:
+            t = threading.Thread(target=self._stepper, args=(role,), name=f"semi-pd-{role}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        req = Req(WARMUP_RID, [1, 2, 3, 4], SamplingParams(max_new_tokens=2, temperature=0))
+        self._add(req)
+        deadline = time.monotonic() + 120
+        while not req.finished:
+            if self.dead or time.monotonic() > deadline:
+                raise RuntimeError(f"Semi-PD warm-up failed: {self.dead or 'timed out'}")
+            time.sleep(0.01)
+        with self.lock:
+            for s in self.scheds.values():
+                s.reset_stats()
+        if self.controller is not None:
+            self.controller.start_monitoring()
+
+    def _add(self, req: Req) -> None:
+        with self.lock:
+            if req.sampling.max_new_tokens > 1:
+                self.max_new_tokens[req.rid] = req.sampling.max_new_tokens
+                req.sampling.max_new_tokens = 1  # prefill stops at the first token; decode continues
+            self.role_of[req.rid] = "prefill"
+            self.scheds["prefill"].add_request(req)
+        self.wake["prefill"].set()
+
+    # ---- messages from the front end ----------------------------------------------------
+    def handle(self, msg) -> None:
+        if isinstance(msg, GenerateReq):
+            req = Req(msg.rid, msg.input_ids, msg.sampling, msg.return_logprob, msg.top_logprobs_num, msg.arrival_time)
+            g = msg.sampling.grammar
+            if g is not None:
+                try:
+                    req.grammar = self.grammar.new_state(*g)
+                except ValueError as e:
+                    with self.lock:
+                        self.scheds["prefill"].fail(
+                            req, FinishReason(FinishReasonType.ABORT, message=str(e), status_code=400)
+                        )
+                    self.wake["prefill"].set()
+                    return
+            self.metrics.record_request_arrival(msg.rid, len(msg.input_ids))
+            self._add(req)
+        elif isinstance(msg, AbortReq):
+            with self.lock:
+                for s in self.scheds.values():
+                    s.abort(msg.rid, msg.message)
+                self.max_new_tokens.pop(msg.rid, None)
+            for e in self.wake.values():
+                e.set()
+        elif isinstance(msg, GetLoadReq):
+            with self.send_lock:
+                self.send.send(encode(self.load(msg.call_id)))
+        elif isinstance(msg, FlushCacheReq):
+            with self.send_lock:
+                self.send.send(encode(FlushCacheResp(msg.call_id, True)))  # no prefix cache to flush
+        elif isinstance(msg, SemiPDStatusReq):
+            with self.send_lock:
+                self.send.send(encode(SemiPDResp(msg.call_id, True, self.get_status())))
+        elif isinstance(msg, SemiPDReallocateReq):
+            try:
+                alloc = SMAllocation(msg.prefill_percentage, msg.decode_percentage)
+                ok, error = self.split.request_sm_reallocation(alloc), None
+            except ValueError as e:
+                ok, error = False, str(e)
+            with self.send_lock:
+                self.send.send(encode(SemiPDResp(msg.call_id, ok, self.get_status(), error)))
+        elif isinstance(msg, WEIGHTS_CALLS):
+            # RL weight sync / memory release: the weights live in the workers (one shared
+            # copy plus each worker's packed copy), which take no updates yet (docs/semi_pd.md)
+            with self.send_lock:
+                self.send.send(
+                    encode(AdminResp(msg.call_id, False, NOT_UNDER_SEMI_PD.format(what=type(msg).__name__), 501))
+                )
+        elif isinstance(msg, ProfileReq):
+            with self.send_lock:
+                self.send.send(encode(ProfileResp(msg.call_id, False, NOT_UNDER_SEMI_PD.format(what="profiling"))))
+        elif isinstance(msg, ShutdownReq):
+            self.running = False
+            with self.send_lock:
+                self.send.send(encode(ShutdownResp(msg.call_id)))
+
+    def get_status(self) -> dict:
+        """The coordinator status of the seed (GET /semi_pd/status): JSON-like."""
+        with self.lock:
+            load = self.scheds["decode"].load()
+        total = load.num_total_pages
+        used = total - load.num_free_pages
+        split = self.split.current
+        attainment, completed = self.metrics.get_slo_attainment(self.args.slo_ttft_target, self.args.slo_tpot_target)
+        return {
+            "is_running": self.running and self.dead is None,
+            "components": {
+                "resident": True,
+                "prefill_worker": self.links["prefill"].proc.poll() is None,
+                "decode_worker": self.links["decode"].proc.poll() is None,
+                "unified_memory": True,
+                "slo_controller": self.controller is not None,
+            },
+            "workers": {
+                r: {"pid": self.links[r].pid, "alive": self.links[r].proc.poll() is None, "restarts": self.restarts[r]}
+                for r in ROLES
+            },
+            "current_split": split.as_dict(),
+            "process_rotation_status": {
+                "current_sm_allocation": str(split),
+                "mechanism": self.split.mechanism,
+                "rotation_seconds": getattr(self.split, "rotation_seconds", [])[-20:],
+                "cpu_share": self.quota.describe(),
+                "plan": share_plan(split.prefill_percentage, split.decode_percentage, self.cores),
+                "num_changes": len(self.split.history) - 1,  # the first entry is the start-up split
+                "changes": [{"time": t, "split": str(a)} for t, a, _ in self.split.history[-50:]],
+                "pin_seconds": {r: v[-20:] for r, v in self.pin_seconds.items()},
+            },
+            "unified_memory_status": {
+                "memory_usage": {
+                    "total_memory_bytes": total * self.kv_bytes_per_page,
+                    "allocated_memory_bytes": used * self.kv_bytes_per_page,
+                    "utilization_ratio": used / total if total else 0.0,
+                    "total_pages": total,
+                    "free_pages": load.num_free_pages,
+                    "page_size": self.args.page_size,
+                }
+            },
+            "slo_controller_status": self.controller.get_status() if self.controller is not None else None,
+            "metrics": self.metrics.get_real_time_metrics(),
+            "slo": {
+                "ttft_target_ms": self.args.slo_ttft_target,
+                "tpot_target_ms": self.args.slo_tpot_target,
+                "attainment": attainment,
+                "completed_in_window": completed,
+            },
+        }
+
+    def load(self, call_id: int) -> LoadResp:
+        with self.lock:
+            p, d = self.scheds["prefill"].load(), self.scheds["decode"].load()
+        merged = msgspec.structs.replace(
+            d,
+            num_running_reqs=p.num_running_reqs + d.num_running_reqs,
+            num_waiting_reqs=p.num_waiting_reqs + d.num_waiting_reqs,
+            num_tokens=p.num_tokens + d.num_tokens,
+            prompt_tokens=p.prompt_tokens + d.prompt_tokens,
+            generation_tokens=d.generation_tokens,  # prefill's first token is counted again by decode
+            num_retractions=p.num_retractions + d.num_retractions,
+        )
+        return LoadResp(call_id, merged, DisaggregationMode.NULL)
+
+    def info(self) -> ServerInfo:
+        cfg, args = self.cfg, self.args
+        return ServerInfo(
+            max_total_num_tokens=self.scheduler.capacity_tokens,
+            page_size=args.page_size,
+            context_length=self.context_length,
+            vocab_size=cfg.vocab_size,
+            dtype=str(self.dtype).replace("torch.", ""),
+            num_layers=cfg.num_layers,
+            arch=cfg.arch,
+            weight_bytes=self.weight_bytes,
+            load_seconds=self.load_seconds,
+            max_running_requests=args.max_running_requests,
+            chunked_prefill_size=args.chunked_prefill_size,
+            disable_radix_cache=True,
+            tp_size=1,
+        )
+
+    def event_loop(self) -> None:
+        while self.running:
+            self.recv_all(block=True)  # at most 100 ms
+            self._serve_spawns()
+        if self.dead:
+            logger.error("Semi-PD resident stopping: %s", self.dead)
+
+    def close(self) -> None:
+        self.running = False
+        if getattr(self, "controller", None) is not None:
+            self.controller.stop_monitoring()
+        for t in getattr(self, "threads", []):
+            t.join(timeout=10)
+        for link in [*getattr(self, "links", {}).values(), *getattr(self, "pending_link", {}).values()]:
+            if link is not None:
+                link.close()
+        if getattr(self, "quota", None) is not None:
+            self.quota.close()
+        for name in (getattr(self, "kv_shm_name", None), getattr(self, "weights_shm", None)):
+            if name:
+                free_kv_buffer(name)
+        super().close()
+
+
+def main() -> None:
+    """`python -m pdserve.semi_pd.resident_process ARGS_JSON RECV SEND` (from the front end)."""
+    raw = json.loads(sys.argv[1])
+    run_scheduler_process(ServerArgs(**raw), sys.argv[2], sys.argv[3], process_class=ResidentProcess)
+
+
+if __name__ == "__main__":
+    main()
