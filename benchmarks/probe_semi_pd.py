@@ -11,9 +11,9 @@ For each configuration: start it, warm up, then
     flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/probe_semi_pd.py \
         --configs colocated,semi:50/50,semi:70/30 --output bench_out/probe_semi_pd.json
 
-A configuration is `colocated` (mode null) or `semi:P/D[:flag=value,...]` (Semi-PD at split
-P/D, extra `pdserve serve` flags after the second colon, e.g.
-`semi:50/50:--semi-pd-threads=whole`).
+A configuration is `colocated` (mode null) or `semi:P/D[:item,...]`: Semi-PD at split P/D;
+an item `--flag=value` is an extra `pdserve serve` flag, `NAME=value` an environment variable
+of the server's processes (e.g. `semi:70/30:PDSERVE_SEMI_PD_CFS_PERIOD_US=10000`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ from _common import free_port, stop_server, stream_times, write_json  # noqa: E4
 from bench_pd import start, wait_quiet  # noqa: E402
 
 
-def server_cmd(config: str, port: int, max_total_tokens: int) -> list[str]:
+def server_cmd(config: str, port: int, max_total_tokens: int) -> tuple[list[str], dict[str, str]]:
+    """The command line and the extra environment of a configuration."""
     cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port), "--dtype", "float32"]
     cmd += ["--max-total-tokens", str(max_total_tokens)]
+    env: dict[str, str] = {}
     if config == "colocated":
-        return cmd
+        return cmd, env
     kind, _, rest = config.partition(":")
     if kind != "semi":
         raise SystemExit(f"unknown configuration {config!r}: colocated or semi:P/D[:flags]")
@@ -42,9 +44,12 @@ def server_cmd(config: str, port: int, max_total_tokens: int) -> list[str]:
     pre, dec = split.split("/")
     cmd += ["--enable-semi-pd", "--initial-prefill-sm", pre, "--initial-decode-sm", dec]
     for item in filter(None, extra.split(",")):
-        flag, eq, value = item.partition("=")
-        cmd += [flag, value] if eq else [flag]
-    return cmd
+        name, eq, value = item.partition("=")
+        if name.startswith("--"):
+            cmd += [name, value] if eq else [name]
+        else:
+            env[name] = value
+    return cmd, env
 
 
 def latency(url: str, prompt_len: int, reps: int) -> tuple[float, float]:
@@ -71,7 +76,17 @@ def main() -> int:
     for config in a.configs.split(","):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = start(server_cmd(config, port, a.max_total_tokens), url, "/health")
+        cmd, env = server_cmd(config, port, a.max_total_tokens)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the server's processes inherit it
+        try:
+            proc = start(cmd, url, "/health")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         try:
             stream_times(url, {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
             wait_quiet([proc])

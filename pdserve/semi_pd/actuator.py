@@ -1,9 +1,10 @@
 """Where a split chosen by the SLO-aware controller goes.
 
-`SplitActuator` is the interface the controller drives: the process rotation manager of the
-serving path (not built yet) will implement it by starting standby workers with the new
-shares. `InMemorySplit` records the split and applies nothing: for tests and for using the
-controller as a library (the caller reads `current` and applies it itself).
+`SplitActuator` is the interface the controller drives: the serving path implements it
+(semi_pd/resident_process.py: `InPlaceSplit` re-pins the workers, `RotationSplit` starts
+standby workers with the new shares). `InMemorySplit` records the split and applies nothing:
+for tests and for using the controller as a library (the caller reads `current` and applies
+it itself).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ class SplitActuator(abc.ABC):
     def request_sm_reallocation(self, allocation: SMAllocation) -> bool:
         """Move to `allocation`; True once it is in effect (or on its way, for a rotation
         that completes asynchronously), False when it was refused."""
+
+    def effective_shares(self, allocation: SMAllocation) -> tuple[float, float]:
+        """(prefill, decode) %: the compute each role can actually use at `allocation`. The
+        nominal shares here; a machine where a share buys whole cores (CPU) says less
+        (cpu_share.share_plan), and the controller plans with this."""
+        return float(allocation.prefill_percentage), float(allocation.decode_percentage)
 
 
 class InMemorySplit(SplitActuator):

@@ -1,15 +1,27 @@
 """What a compute percentage means on a CPU, and how a worker is held to it.
 
-A share of x % of a machine with n usable cores (this process's affinity) is:
+A share of x % of a machine with n usable cores (this process's affinity) is, by default
+(core policy `disjoint`):
 
-- cores: the worker may run on ceil(x/100 * n) cores — prefill takes them from the front of
-  the list, decode from the back, so 50/50 on 2 cores is one core each (a spatial split)
-  and 70/30 is prefill on both, decode on the second (they overlap on one core);
+- cores: round(x/100 * n) whole cores of its own, at least 1, and the two roles never share
+  a core (prefill takes them from the front of the list, decode from the back). On 2 cores
+  every split is one core each; on 8 cores 70/30 is 6 + 2;
 - threads: torch intra-op threads = its number of cores;
-- CPU bandwidth: a CFS quota of x/100 * n cores' worth of CPU time per 100 ms period
-  (cgroup v1 `cpu.cfs_quota_us`, or v2 `cpu.max`), which is what makes 70/30 differ from
-  100/100 where cores overlap. This is the nearest thing to an MPS SM share: time-sliced,
-  enforced by the kernel, and allowed to add up to more than the machine.
+- CPU bandwidth: a CFS quota of x/100 * n cores' worth of CPU time per period (cgroup v1
+  `cpu.cfs_quota_us`, or v2 `cpu.max`). It binds only where the share is less than the cores
+  the role owns (30 % of 2 cores: 0.6 of its one core), which is the nearest thing to an MPS
+  SM share: time-sliced, enforced by the kernel.
+
+So what a share buys (`effective_share`) is min(own cores, quota) / n: on 2 cores prefill at
+70 % runs exactly as at 50 %. The SLO controller plans with that, not with the nominal %.
+
+Why not let the roles overlap on a core (core policy `overlap`, the first version: ceil(x/100
+* n) cores, 70/30 on 2 cores = prefill on both, decode on the second): measured on 2 cores,
+prefill at 70/30 (2 threads, one of them sharing a core with decode) took 1064 ms for a
+768-token prompt against 670 ms at 50/50 on one core of its own (docs/semi_pd.md). A torch
+forward splits each op evenly over its threads and waits for the slowest, so a thread that
+gets half a core halves the whole team. `PDSERVE_SEMI_PD_CORES=overlap` restores it, for
+measurements.
 
 Where no cgroup cpu controller is writable (not root, no controller), only cores and
 threads apply, and `CpuShareManager.describe()` / the log say so.
@@ -23,23 +35,72 @@ import os
 
 logger = logging.getLogger(__name__)
 
-CFS_PERIOD_US = 100_000
+CFS_PERIOD_US = 100_000  # the kernel's default period
+PERIOD_ENV = "PDSERVE_SEMI_PD_CFS_PERIOD_US"  # another period, 1000..1000000 us (docs/semi_pd.md)
+
+
+def cfs_period_us(environ=None) -> int:
+    """The CFS period the quotas are written against: CFS_PERIOD_US, or $PDSERVE_SEMI_PD_CFS_PERIOD_US."""
+    raw = (os.environ if environ is None else environ).get(PERIOD_ENV)
+    if raw is None or raw == "":
+        return CFS_PERIOD_US
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError(f"{PERIOD_ENV}={raw!r}: must be an integer number of microseconds") from None
+    if not 1000 <= v <= 1_000_000:
+        raise ValueError(f"{PERIOD_ENV}={v}: must be in 1000..1000000 us (the kernel's bounds)")
+    return v
+
+
 _V1 = "/sys/fs/cgroup/cpu"
 _V2 = "/sys/fs/cgroup"
 
 
+CORES_ENV = "PDSERVE_SEMI_PD_CORES"  # core policy: disjoint (default) or overlap
+CORE_POLICIES = ("disjoint", "overlap")
+
+
+def core_policy(environ=None) -> str:
+    v = (os.environ if environ is None else environ).get(CORES_ENV) or "disjoint"
+    if v not in CORE_POLICIES:
+        raise ValueError(f"{CORES_ENV}={v!r}: must be one of {CORE_POLICIES}")
+    return v
+
+
 def cores_for(share: int, cores: list[int], front: bool) -> list[int]:
-    """The cores of a role with `share` %: from the front (prefill) or the back (decode)."""
+    """Policy `overlap`: the cores of a role with `share` %, ceil(share/100 * n), from the
+    front (prefill) or the back (decode)."""
     k = max(1, min(len(cores), math.ceil(share / 100 * len(cores) - 1e-9)))
     return cores[:k] if front else cores[-k:]
 
 
-def share_plan(prefill: int, decode: int, cores: list[int]) -> dict[str, dict]:
-    """{"prefill": {"cores", "threads", "quota_cores"}, "decode": {...}} for a split."""
+def disjoint_counts(prefill: int, decode: int, n: int) -> tuple[int, int]:
+    """Policy `disjoint`: whole cores per role, round(share/100 * n), at least 1 each, never
+    more than n together (on one core both roles share it)."""
+    if n < 2:
+        return 1, 1
+    kp = min(n - 1, max(1, round(prefill / 100 * n)))
+    kd = min(n - kp, max(1, round(decode / 100 * n)))
+    return kp, kd
+
+
+def share_plan(prefill: int, decode: int, cores: list[int], policy: str | None = None) -> dict[str, dict]:
+    """{"prefill": {"cores", "threads", "quota_cores", "effective_share"}, "decode": {...}}
+    for a split. `effective_share`: what the role can use, % of the machine."""
+    policy = policy or core_policy()
+    n = len(cores)
+    if policy == "disjoint":
+        kp, kd = disjoint_counts(prefill, decode, n)
+        own = {"prefill": cores[:kp], "decode": cores[-kd:]}
+    else:
+        own = {"prefill": cores_for(prefill, cores, True), "decode": cores_for(decode, cores, False)}
     out = {}
-    for role, share, front in (("prefill", prefill, True), ("decode", decode, False)):
-        cs = cores_for(share, cores, front)
-        out[role] = {"cores": cs, "threads": len(cs), "quota_cores": share / 100 * len(cores)}
+    for role, share in (("prefill", prefill), ("decode", decode)):
+        cs = own[role]
+        quota = share / 100 * n
+        effective = 100 * min(len(cs), quota) / n if policy == "disjoint" else float(share)
+        out[role] = {"cores": cs, "threads": len(cs), "quota_cores": quota, "effective_share": effective}
     return out
 
 
@@ -69,6 +130,7 @@ class CpuShareManager:
 
     def __init__(self, tag: str) -> None:
         self.tag = tag
+        self.period_us = cfs_period_us()
         self.kind = self._detect()
         self.groups: dict[str, str] = {}
         if self.kind == "none":
@@ -91,8 +153,8 @@ class CpuShareManager:
 
     def describe(self) -> str:
         return {
-            "v1": "cgroup v1 CFS quota + cores + threads",
-            "v2": "cgroup v2 cpu.max + cores + threads",
+            "v1": f"cgroup v1 CFS quota (period {self.period_us} us) + cores + threads",
+            "v2": f"cgroup v2 cpu.max (period {self.period_us} us) + cores + threads",
             "none": "cores + threads only (no writable cgroup cpu controller)",
         }[self.kind]
 
@@ -101,7 +163,7 @@ class CpuShareManager:
         where quotas are not available or writing failed (logged)."""
         if self.kind == "none":
             return False
-        quota = max(1000, int(quota_cores * CFS_PERIOD_US))
+        quota = max(1000, int(quota_cores * self.period_us))
         try:
             if role not in self.groups:
                 base = _V1 if self.kind == "v1" else _V2
@@ -111,12 +173,12 @@ class CpuShareManager:
             path = self.groups[role]
             if self.kind == "v1":
                 with open(os.path.join(path, "cpu.cfs_period_us"), "w") as f:
-                    f.write(str(CFS_PERIOD_US))
+                    f.write(str(self.period_us))
                 with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as f:
                     f.write(str(quota))
             else:
                 with open(os.path.join(path, "cpu.max"), "w") as f:
-                    f.write(f"{quota} {CFS_PERIOD_US}")
+                    f.write(f"{quota} {self.period_us}")
             with open(os.path.join(path, "cgroup.procs"), "w") as f:
                 f.write(str(pid))
             return True

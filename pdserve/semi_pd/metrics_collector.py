@@ -71,8 +71,10 @@ class SemiPDMetricsCollector:
         self._pending: dict[str, _Pending] = {}
         self._max_pending = max_pending
         self._arrivals: deque[tuple[float, int]] = deque()  # (time, input_length)
-        self._ttft: deque[tuple[float, float]] = deque()  # (first token time, seconds)
-        self._tpot: deque[tuple[float, float]] = deque()  # (completion time, seconds per token)
+        # (first token time, seconds, arrival time): measured from arrival to first token
+        self._ttft: deque[tuple[float, float, float]] = deque()
+        # (completion time, seconds per token, first token time): measured from first token to completion
+        self._tpot: deque[tuple[float, float, float]] = deque()
         self._done: deque[tuple[float, int]] = deque()  # (completion time, output_length)
         self._joint: deque[tuple[float, float, float | None]] = deque()  # (completion time, ttft, tpot)
         self._prefill_steps: deque[StepSample] = deque()
@@ -98,7 +100,7 @@ class SemiPDMetricsCollector:
             if p is None or p.first_token is not None:
                 return  # unknown (arrived before the collector) or already counted
             p.first_token = t
-            self._ttft.append((t, t - p.arrival))
+            self._ttft.append((t, t - p.arrival, p.arrival))
             self.totals["first_tokens"] += 1
 
     def record_request_completion(self, request_id: str, output_length: int, timestamp: float | None = None) -> None:
@@ -109,11 +111,11 @@ class SemiPDMetricsCollector:
                 return
             if p.first_token is None:  # finished at its first token (e.g. max_new_tokens 1)
                 p.first_token = t
-                self._ttft.append((t, t - p.arrival))
+                self._ttft.append((t, t - p.arrival, p.arrival))
                 self.totals["first_tokens"] += 1
             tpot = (t - p.first_token) / (output_length - 1) if output_length >= 2 else None
             if tpot is not None:
-                self._tpot.append((t, tpot))
+                self._tpot.append((t, tpot, p.first_token))
             self._done.append((t, int(output_length)))
             self._joint.append((t, p.first_token - p.arrival, tpot))
             self.totals["completed"] += 1
@@ -169,14 +171,17 @@ class SemiPDMetricsCollector:
             return ([s for s in self._prefill_steps if s.time >= lo], [s for s in self._decode_steps if s.time >= lo])
 
     def get_real_time_metrics(self, since: float | None = None) -> dict:
-        """Metrics over the window (only samples from `since` on, when given: e.g. since the
-        last split change). Latencies in ms, rates per second."""
+        """Metrics over the window. With `since` (e.g. the last split change) only what was
+        measured entirely from `since` on: a TTFT sample counts if its request *arrived* then
+        or later (not one that queued under the previous split and got its first token
+        after), a TPOT sample if its first token came then or later, completions, arrivals
+        and steps if they happened then or later. Latencies in ms, rates per second."""
         now = self.clock()
         with self._lock:
             self._prune(now)
             lo = -math.inf if since is None else since
-            ttft = [v for t, v in self._ttft if t >= lo]
-            tpot = [v for t, v in self._tpot if t >= lo]
+            ttft = [v for _, v, start in self._ttft if start >= lo]
+            tpot = [v for _, v, start in self._tpot if start >= lo]
             done = [n for t, n in self._done if t >= lo]
             arrivals = [n for t, n in self._arrivals if t >= lo]
             prefill_q = sum(1 for p in self._pending.values() if p.first_token is None)

@@ -23,6 +23,7 @@ page would have two owners).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import logging
@@ -194,6 +195,10 @@ class InPlaceSplit(SplitActuator):
     def current(self) -> SMAllocation:
         return self._current
 
+    def effective_shares(self, allocation: SMAllocation) -> tuple[float, float]:
+        plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, self.resident.cores)
+        return plan["prefill"]["effective_share"], plan["decode"]["effective_share"]
+
     def request_sm_reallocation(self, allocation: SMAllocation) -> bool:
         t0 = time.perf_counter()
         self.resident.pin_workers(allocation)
@@ -331,6 +336,8 @@ class ResidentProcess(SchedulerProcess):
         self.wake = {role: threading.Event() for role in ROLES}
         self.pending_pin: dict[str, dict | None] = {role: None for role in ROLES}
         self.pin_seconds: dict[str, list[float]] = {role: [] for role in ROLES}  # time each re-pin took
+        # (worker forward s, whole step s as the resident sees it) of the last steps, per role
+        self.step_times: dict[str, collections.deque] = {role: collections.deque(maxlen=512) for role in ROLES}
         self.kv_bytes_per_page = kv.numel() * kv.element_size() // num_pages
         self.dead: str | None = None
         for role in ROLES:
@@ -470,19 +477,19 @@ class ResidentProcess(SchedulerProcess):
             wake.wait(0.05)
             wake.clear()
             return
+        t0 = time.perf_counter()
         out = runner.run(plan)
+        self.step_times[role].append((runner.model.last_seconds, time.perf_counter() - t0))
         with self.lock:  # outputs are sent in order: prefill's first token before decode's next
             self._emit(sched.update(plan, out))
             if role == "prefill":
                 self._complete_handoffs()
+        # timed at the share the worker could use (on CPU: whole cores, then the quota)
+        eff_prefill, eff_decode = self.split.effective_shares(self.split.current)
         if role == "prefill":
-            self.metrics.record_prefill_batch(
-                plan.num_tokens, runner.model.last_seconds, self.split.current.prefill_percentage
-            )
+            self.metrics.record_prefill_batch(plan.num_tokens, runner.model.last_seconds, eff_prefill)
         else:
-            self.metrics.record_decode_step(
-                plan.num_decode or len(plan.items), runner.model.last_seconds, self.split.current.decode_percentage
-            )
+            self.metrics.record_decode_step(plan.num_decode or len(plan.items), runner.model.last_seconds, eff_decode)
 
     def _recover(self, role: str, why: str) -> None:
         """A worker died: end the requests it was running (their pages are freed), start a
@@ -608,6 +615,23 @@ class ResidentProcess(SchedulerProcess):
             with self.send_lock:
                 self.send.send(encode(ShutdownResp(msg.call_id)))
 
+    def _step_timing(self, role: str) -> dict:
+        """The last steps of a role: the worker's forward alone against the whole step as the
+        resident sees it (batch built and sent, forward, logits back, sampling), ms."""
+        samples = list(self.step_times[role])
+        if not samples:
+            return {"steps": 0, "forward_ms_p50": 0.0, "wall_ms_p50": 0.0, "overhead_ms_p50": 0.0}
+        fwd = sorted(f for f, _ in samples)
+        wall = sorted(w for _, w in samples)
+        over = sorted(w - f for f, w in samples)
+        mid = len(samples) // 2
+        return {
+            "steps": len(samples),
+            "forward_ms_p50": fwd[mid] * 1000,
+            "wall_ms_p50": wall[mid] * 1000,
+            "overhead_ms_p50": over[mid] * 1000,
+        }
+
     def get_status(self) -> dict:
         """The coordinator status of the seed (GET /semi_pd/status): JSON-like."""
         with self.lock:
@@ -652,6 +676,7 @@ class ResidentProcess(SchedulerProcess):
             },
             "slo_controller_status": self.controller.get_status() if self.controller is not None else None,
             "metrics": self.metrics.get_real_time_metrics(),
+            "step_timing": {role: self._step_timing(role) for role in ROLES},
             "slo": {
                 "ttft_target_ms": self.args.slo_ttft_target,
                 "tpot_target_ms": self.args.slo_tpot_target,

@@ -11,8 +11,10 @@ of the split it already left), and:
 - both miss: move only to a split the model predicts meets both; otherwise keep (the load
   is beyond what any split serves, and trading one miss for another only flaps).
 
-Hysteresis, so it does not flap: decisions use only samples after the last change, and at
-least `min_samples` of them; a move must keep the other SLO under `headroom` x its target
+Hysteresis, so it does not flap: decisions use only samples measured entirely after the
+last change (a TTFT of a request that arrived after it, a TPOT of one whose first token came
+after it: not the backlog the previous split left), and at least `min_samples` of them; one
+move goes at most `max_move` %; a move must keep the other SLO under `headroom` x its target
 (predicted); and moving back against the previous move needs the violation to persist
 `reverse_patience` evaluations in a row.
 
@@ -64,14 +66,24 @@ class ControllerSettings:
     headroom: float = 0.9  # a move keeps the other SLO predicted <= headroom x its target
     reverse_patience: int = 2  # evaluations in a row before moving against the last move
     fallback_step: int = 10  # % per move while the latency model has too few step timings
+    # the most one decision moves the split, %: the model extrapolates badly far from the
+    # split it was calibrated at (on CPU a share is not linear: docs/semi_pd.md)
+    max_move: int = 10
+    # a step further counts only if it is predicted to cut the missed latency below this
+    # fraction of what it was: no move for a share that buys nothing (CPU: whole cores)
+    min_gain: float = 0.97
 
     def __post_init__(self) -> None:
         if not self.monitoring_interval_s > 0:
             raise ValueError("monitoring_interval_s must be > 0")
         if not (1 <= self.step <= 50 and 1 <= self.fallback_step <= 50):
             raise ValueError("step and fallback_step must be in 1..50 (%)")
+        if not (self.step <= self.max_move <= 100):
+            raise ValueError("max_move must be in step..100 (%)")
         if not (1 <= self.min_share <= 49):
             raise ValueError("min_share must be in 1..49 (%)")
+        if not (0 < self.min_gain <= 1):
+            raise ValueError("min_gain must be in (0, 1]")
         if not (0 < self.headroom <= 1):
             raise ValueError("headroom must be in (0, 1]")
         if self.min_samples < 1 or self.reverse_patience < 1:
@@ -227,26 +239,27 @@ class SLOAwareResourceController:
 
     # ---- choosing a split -----------------------------------------------------------------
     def _predictors(self, cur: SMAllocation, m: dict):
-        """(ttft_ms(x), tpot_ms(y)): p95 predicted at prefill share x / decode share y."""
+        """(ttft_ms(x), tpot_ms(x)): p95 predicted at the split x / total - x, through the
+        shares each role can actually use there (`SplitActuator.effective_shares`: on CPU a
+        share buys whole cores, so e.g. prefill at 70 % of 2 cores is no faster than at 50 %)."""
         lam = m["arrival_rate"]
         lin = m["mean_input_length"] or 1.0
         batch = m["mean_decode_batch"]
+        total = cur.total
 
-        def calibrated(model_at: Callable[[float], float], here: float, observed_ms: float, n: int):
-            base = model_at(here)
+        def eff(x: float) -> tuple[float, float]:
+            return self.actuator.effective_shares(SMAllocation(int(x), total - int(x)))
+
+        def calibrated(model_at: Callable[[float], float], observed_ms: float, n: int):
+            base = model_at(cur.prefill_percentage)
             if n >= self.settings.min_samples and 0 < base < math.inf and observed_ms > 0:
-                return lambda share: observed_ms * model_at(share) / base
-            return lambda share: model_at(share) * 1000.0
+                return lambda x: observed_ms * model_at(x) / base
+            return lambda x: model_at(x) * 1000.0
 
         ttft = calibrated(
-            lambda x: self.model.predict_ttft(x, lam, lin),
-            cur.prefill_percentage,
-            m["ttft_p95_ms"],
-            m["num_ttft_samples"],
+            lambda x: self.model.predict_ttft(eff(x)[0], lam, lin), m["ttft_p95_ms"], m["num_ttft_samples"]
         )
-        tpot = calibrated(
-            lambda y: self.model.predict_tpot(y, batch), cur.decode_percentage, m["tpot_p95_ms"], m["num_tpot_samples"]
-        )
+        tpot = calibrated(lambda x: self.model.predict_tpot(eff(x)[1], batch), m["tpot_p95_ms"], m["num_tpot_samples"])
         return ttft, tpot
 
     def _one_violated(self, cur: SMAllocation, direction: int, m: dict) -> tuple[SMAllocation | None, str]:
@@ -256,6 +269,7 @@ class SLOAwareResourceController:
         x0 = cur.prefill_percentage
         if (direction > 0 and x0 >= hi) or (direction < 0 and x0 <= lo):
             return None, f"already at the limit ({s.min_share} % is the least either role gets)"
+        lo, hi = max(lo, x0 - s.max_move), min(hi, x0 + s.max_move)  # one move goes at most this far
         if not self.model.ready:
             x = min(hi, max(lo, x0 + direction * s.fallback_step))
             return SMAllocation(x, total - x), (
@@ -263,12 +277,14 @@ class SLOAwareResourceController:
                 f"step timings): a step of {s.fallback_step} %"
             )
         ttft_at, tpot_at = self._predictors(cur, m)
+        missed_at = ttft_at if direction > 0 else tpot_at  # the SLO to fix
+        here = missed_at(x0)
         best = None
         x = x0
         while True:
             x = min(hi, max(lo, x + direction * s.step))
             y = total - x
-            t_ttft, t_tpot = ttft_at(x), tpot_at(y)
+            t_ttft, t_tpot = ttft_at(x), tpot_at(x)
             if direction > 0:
                 fixed, other_ok = t_ttft <= slo.ttft_target_ms, t_tpot <= s.headroom * slo.tpot_target_ms
             else:
@@ -278,11 +294,19 @@ class SLOAwareResourceController:
                 if best is None:
                     return None, f"no move keeps the other SLO within {s.headroom:g} x its target ({pred})"
                 return SMAllocation(best[0], total - best[0]), f"as far as the other SLO allows ({best[1]})"
+            if not missed_at(x) < s.min_gain * here:  # this share buys that role nothing more here
+                if best is None:
+                    return None, (
+                        f"no split within one move is predicted to help: {pred} (the role gets no more compute "
+                        f"from a larger share here)"
+                    )
+                return SMAllocation(best[0], total - best[0]), f"as far as it helps ({best[1]})"
             best = (x, pred)
+            here = missed_at(x)
             if fixed:
                 return SMAllocation(x, y), pred
             if x in (lo, hi):
-                return SMAllocation(x, y), f"to the limit, target still missed ({pred})"
+                return SMAllocation(x, y), f"as far as one move goes ({s.max_move} %), target still missed ({pred})"
 
     def _both_violated(self, cur: SMAllocation, m: dict) -> tuple[SMAllocation | None, str]:
         s, slo = self.settings, self.slo
@@ -291,15 +315,19 @@ class SLOAwareResourceController:
         ttft_at, tpot_at = self._predictors(cur, m)
         total = cur.total
         best = None
-        for x in range(s.min_share, total - s.min_share + 1, s.step):
-            score = max(ttft_at(x) / slo.ttft_target_ms, tpot_at(total - x) / slo.tpot_target_ms)
+        x0 = cur.prefill_percentage
+        for x in range(max(s.min_share, x0 - s.max_move), min(total - s.min_share, x0 + s.max_move) + 1, s.step):
+            score = max(ttft_at(x) / slo.ttft_target_ms, tpot_at(x) / slo.tpot_target_ms)
             if best is None or score < best[0]:
                 best = (score, x)
         if best is None or best[0] > 1.0 or best[1] == cur.prefill_percentage:
-            return None, "no split is predicted to meet both (the load is beyond what any split serves): keep"
+            return None, (
+                f"no split within one move ({s.max_move} %) is predicted to meet both (the load is beyond "
+                f"what any split near this one serves): keep"
+            )
         x = best[1]
         return SMAllocation(x, total - x), (
-            f"{x}/{total - x} is predicted to meet both (TTFT {ttft_at(x):.1f} ms, TPOT {tpot_at(total - x):.1f} ms)"
+            f"{x}/{total - x} is predicted to meet both (TTFT {ttft_at(x):.1f} ms, TPOT {tpot_at(x):.1f} ms)"
         )
 
     # ---- monitoring thread --------------------------------------------------------------

@@ -116,6 +116,9 @@ def test_split_changes_under_streaming_load_lose_nothing(semi, reference):
     assert [c["split"] for c in status["process_rotation_status"]["changes"][-5:]] == [f"{a}/{b}" for a, b in splits]
     assert status["process_rotation_status"]["pin_seconds"]["decode"], status  # workers re-pinned in place
     assert status["metrics"]["num_ttft_samples"] >= 12
+    for role in ("prefill", "decode"):  # the worker's forward is a part of the resident's step
+        t = status["step_timing"][role]
+        assert t["steps"] > 0 and 0 < t["forward_ms_p50"] <= t["wall_ms_p50"], status["step_timing"]
     assert semi.wait_idle_and_free()["num_used_pages"] == 0
 
 

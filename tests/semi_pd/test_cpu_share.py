@@ -4,7 +4,14 @@ import os
 
 import pytest
 
-from pdserve.semi_pd.cpu_share import CpuShareManager, cores_for, share_plan
+from pdserve.semi_pd.cpu_share import (
+    CORES_ENV,
+    PERIOD_ENV,
+    CpuShareManager,
+    cfs_period_us,
+    cores_for,
+    share_plan,
+)
 
 
 def test_share_plan_on_two_cores():
@@ -12,9 +19,31 @@ def test_share_plan_on_two_cores():
     assert p["prefill"]["cores"] == [0] and p["decode"]["cores"] == [1]  # a spatial split
     assert p["prefill"]["quota_cores"] == 1.0 and p["decode"]["threads"] == 1
     p = share_plan(70, 30, [0, 1])
-    assert p["prefill"]["cores"] == [0, 1] and p["decode"]["cores"] == [1]  # overlap on core 1
+    assert p["prefill"]["cores"] == [0] and p["decode"]["cores"] == [1]  # never a shared core
     assert p["prefill"]["quota_cores"] == pytest.approx(1.4) and p["decode"]["quota_cores"] == pytest.approx(0.6)
-    assert p["prefill"]["threads"] == 2
+    assert p["prefill"]["threads"] == 1
+    # what the shares buy: prefill no more than its one core, decode 0.6 of its core
+    assert p["prefill"]["effective_share"] == 50 and p["decode"]["effective_share"] == pytest.approx(30)
+
+
+def test_share_plan_on_eight_cores_and_one():
+    p = share_plan(70, 30, list(range(8)))
+    assert p["prefill"]["cores"] == [0, 1, 2, 3, 4, 5] and p["decode"]["cores"] == [6, 7]
+    assert p["prefill"]["effective_share"] == pytest.approx(70) and p["decode"]["effective_share"] == 25
+    p = share_plan(95, 5, list(range(8)))
+    assert len(p["prefill"]["cores"]) == 7 and p["decode"]["cores"] == [7]  # at least one core each
+    p = share_plan(70, 30, [3])
+    assert p["prefill"]["cores"] == p["decode"]["cores"] == [3]  # one core: shared, by quota
+
+
+def test_overlap_policy_is_the_first_version(monkeypatch):
+    monkeypatch.setenv(CORES_ENV, "overlap")
+    p = share_plan(70, 30, [0, 1])
+    assert p["prefill"]["cores"] == [0, 1] and p["decode"]["cores"] == [1]  # overlap on core 1
+    assert p["prefill"]["threads"] == 2 and p["prefill"]["effective_share"] == 70
+    monkeypatch.setenv(CORES_ENV, "mps")
+    with pytest.raises(ValueError, match=CORES_ENV):
+        share_plan(50, 50, [0, 1])
 
 
 def test_cores_for_bounds():
@@ -24,7 +53,17 @@ def test_cores_for_bounds():
     assert cores_for(25, cores, front=False) == [6, 7]
 
 
-def test_quota_manager_detects_and_cleans_up():
+def test_cfs_period_from_the_environment():
+    assert cfs_period_us({}) == 100_000 and cfs_period_us({PERIOD_ENV: "10000"}) == 10_000
+    for bad, needle in (("500", "1000..1000000"), ("10ms", "integer number of microseconds")):
+        with pytest.raises(ValueError, match=needle):
+            cfs_period_us({PERIOD_ENV: bad})
+
+
+@pytest.mark.parametrize("period", [None, 10_000])
+def test_quota_manager_detects_and_cleans_up(period, monkeypatch):
+    if period is not None:
+        monkeypatch.setenv(PERIOD_ENV, str(period))
     m = CpuShareManager(tag=f"test{os.getpid()}")
     assert m.kind in ("v1", "v2", "none") and m.describe()
     if m.kind == "none":
@@ -41,7 +80,9 @@ def test_quota_manager_detects_and_cleans_up():
             assert str(child.pid) in f.read().split()
         if m.kind == "v1":
             with open(os.path.join(path, "cpu.cfs_quota_us")) as f:
-                assert int(f.read()) == 50000
+                assert int(f.read()) == (period or 100_000) // 2
+            with open(os.path.join(path, "cpu.cfs_period_us")) as f:
+                assert int(f.read()) == (period or 100_000)
     finally:
         m.close()
         child.kill()

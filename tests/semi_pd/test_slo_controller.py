@@ -188,6 +188,72 @@ def test_decisions_only_use_samples_after_the_change():
     assert act.current == SMAllocation(60, 40)
 
 
+def test_backlog_of_the_previous_split_does_not_count():
+    """Requests that queued under the split just left get their first tokens after the move:
+    their TTFT is the old split's (seen on the real server: it drove a second, bigger move)."""
+    clock, mc, act, ctl = make((50, 50))
+    for i in range(10):  # arrive before the move, still waiting when it happens
+        mc.record_request_arrival(f"old{i}", 100, timestamp=clock.t + 0.05 * i)
+    feed(clock, mc, 20, ttft_ms=300, tpot_ms=20)
+    assert ctl.evaluate().action == "move" and act.current == SMAllocation(60, 40)
+    for i in range(10):  # the backlog drains under the new split: TTFTs of seconds
+        mc.record_first_token(f"old{i}", timestamp=clock.t + 0.1 * i)
+        mc.record_request_completion(f"old{i}", 11, timestamp=clock.t + 0.1 * i + 0.2)
+    feed(clock, mc, 20, ttft_ms=60, tpot_ms=20)  # what arrived after the move meets both
+    m = mc.get_real_time_metrics(since=ctl._since)
+    assert m["num_ttft_samples"] == 20 and m["num_tpot_samples"] == 30  # the backlog's decode counts
+    d = ctl.evaluate()
+    assert d.action == "keep" and "SLOs met" in d.reason and act.current == SMAllocation(60, 40)
+
+
+@pytest.mark.parametrize("fitted", [False, True])
+def test_one_move_goes_at_most_max_move(fitted):
+    clock, mc, act, ctl = make((50, 50), max_move=10)
+    if fitted:  # prefill 10x too slow for the target: the model wants far more than 10 %
+        for i in range(10):
+            mc.record_prefill_batch(100, 0.05, 50, timestamp=clock.t + 0.1 * i)
+            mc.record_decode_step(4, 0.01, 50, timestamp=clock.t + 0.1 * i)
+    feed(clock, mc, 20, ttft_ms=1000, tpot_ms=10)
+    d = ctl.evaluate()
+    assert d.action == "move" and act.current == SMAllocation(60, 40), d.reason
+    if fitted:
+        assert "as far as one move goes (10 %)" in d.reason
+    with pytest.raises(ValueError, match="max_move"):
+        ControllerSettings(step=5, max_move=4)
+
+
+class TwoCoreSplit(InMemorySplit):
+    """Shares as on 2 cores (cpu_share.share_plan): each role owns one core, so a share over
+    50 % buys nothing and one under 50 % is that fraction of a core."""
+
+    def effective_shares(self, allocation):
+        return float(min(allocation.prefill_percentage, 50)), float(min(allocation.decode_percentage, 50))
+
+
+@pytest.mark.parametrize("actuator", [InMemorySplit, TwoCoreSplit])
+def test_a_share_that_buys_nothing_is_not_moved_to(actuator):
+    """On 2 cores prefill at 60 % runs as at 50 %: a TTFT miss must not move the split (the
+    first real run moved 60 -> 85, starving decode for nothing, then swung back)."""
+    clock = Clock()
+    mc = SemiPDMetricsCollector(window_size_seconds=30.0, clock=clock)
+    act = actuator(SMAllocation(50, 50))
+    ctl = SLOAwareResourceController(SLOConstraints(100.0, 50.0), mc, act, clock=clock)
+    for i in range(10):
+        mc.record_prefill_batch(100, 0.05, 50, timestamp=clock.t + 0.1 * i)
+        mc.record_decode_step(4, 0.01, 50, timestamp=clock.t + 0.1 * i)
+    feed(clock, mc, 20, ttft_ms=1000, tpot_ms=10)
+    d = ctl.evaluate()
+    if actuator is InMemorySplit:
+        assert d.action == "move" and act.current.prefill_percentage > 50
+    else:
+        assert d.action == "keep" and "no split within one move is predicted to help" in d.reason, d.reason
+        assert act.current == SMAllocation(50, 50)
+        clock.t += 31  # the TTFT misses leave the window
+        feed(clock, mc, 20, ttft_ms=30, tpot_ms=200)  # nor towards decode: 50 % is its whole core already
+        d = ctl.evaluate()
+        assert d.action == "keep" and "no split within one move is predicted to help" in d.reason, d.reason
+
+
 def test_moving_back_needs_a_persistent_violation():
     clock, mc, act, ctl = make((50, 50), reverse_patience=2)
     feed(clock, mc, 20, ttft_ms=300, tpot_ms=20)
