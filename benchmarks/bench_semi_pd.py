@@ -15,6 +15,8 @@ attainment stays >= 90 %; PSS of the deployment's processes; for Semi-PD the tim
 change took (re-pinning a worker between two of its steps).
 
     flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/bench_semi_pd.py --output bench_out/semi_pd.json
+    # the Semi-PD deployments only, against the SLOs of an earlier run:
+    ... bench_semi_pd.py --deployments semi_pd_fixed,semi_pd_slo --slo-ms 1196,310 --rates 1.5,3
 """
 
 from __future__ import annotations
@@ -167,6 +169,11 @@ def main() -> int:
     ap.add_argument("--slo-interval", type=float, default=5.0, help="SLO controller interval, s")
     ap.add_argument("--max-total-tokens", type=int, default=32768)
     ap.add_argument("--deployments", default=",".join(DEPLOYMENTS))
+    ap.add_argument(
+        "--slo-ms",
+        default="",
+        help="TTFT,TPOT targets in ms instead of --slo-factor x unloaded co-located (to compare with an earlier run)",
+    )
     a = ap.parse_args()
     rates = [float(r) for r in a.rates.split(",")]
     kinds = [k for k in a.deployments.split(",") if k]
@@ -178,17 +185,20 @@ def main() -> int:
         "cores": len(os.sched_getaffinity(0)),
         "deployments": {},
     }
-    # the SLOs: a multiple of one request alone on the co-located server
-    url, proc = deploy("colocated", a, (0, 0))
-    try:
-        stream_times(url, {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
-        wait_quiet([proc])
-        ttft0, tpot0 = unloaded_latency(url)
-    finally:
-        stop_server(proc)
-    slo = (a.slo_factor * ttft0, a.slo_factor * tpot0)
-    res.update(unloaded_ttft_ms=ttft0, unloaded_tpot_ms=tpot0, slo_ttft_ms=slo[0], slo_tpot_ms=slo[1])
-    print(f"unloaded: TTFT {ttft0:.1f} ms, TPOT {tpot0:.1f} ms -> SLO TTFT {slo[0]:.0f} ms, TPOT {slo[1]:.0f} ms")
+    if a.slo_ms:
+        slo = tuple(float(v) for v in a.slo_ms.split(","))
+        res.update(slo_ttft_ms=slo[0], slo_tpot_ms=slo[1])
+    else:  # the SLOs: a multiple of one request alone on the co-located server
+        url, proc = deploy("colocated", a, (0, 0))
+        try:
+            stream_times(url, {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
+            wait_quiet([proc])
+            ttft0, tpot0 = unloaded_latency(url)
+        finally:
+            stop_server(proc)
+        slo = (a.slo_factor * ttft0, a.slo_factor * tpot0)
+        res.update(unloaded_ttft_ms=ttft0, unloaded_tpot_ms=tpot0, slo_ttft_ms=slo[0], slo_tpot_ms=slo[1])
+        print(f"unloaded: TTFT {ttft0:.1f} ms, TPOT {tpot0:.1f} ms -> SLO TTFT {slo[0]:.0f} ms, TPOT {slo[1]:.0f} ms")
     for kind in kinds:
         url, proc = deploy(kind, a, slo)
         d: dict = {"rates": {}}
@@ -206,6 +216,8 @@ def main() -> int:
                 d["final_split"] = st["current_split"]
                 if st.get("slo_controller_status"):
                     d["controller"] = st["slo_controller_status"]["statistics"]
+                d["step_timing"] = st["step_timing"]
+                d["plan"] = st["process_rotation_status"]["plan"]
                 if kind == "semi_pd_fixed":  # time of a split change: re-pin between two steps
                     for pre, dec in ((70, 30), (30, 70), (50, 50), (60, 40), (40, 60)):
                         httpx.post(
