@@ -15,13 +15,14 @@ A share of x % of a machine with n usable cores (this process's affinity) is, by
 So what a share buys (`effective_share`) is min(own cores, quota) / n: on 2 cores prefill at
 70 % runs exactly as at 50 %. The SLO controller plans with that, not with the nominal %.
 
-Why not let the roles overlap on a core (core policy `overlap`, the first version: ceil(x/100
-* n) cores, 70/30 on 2 cores = prefill on both, decode on the second): measured on 2 cores,
-prefill at 70/30 (2 threads, one of them sharing a core with decode) took 1064 ms for a
-768-token prompt against 670 ms at 50/50 on one core of its own (docs/semi_pd.md). A torch
-forward splits each op evenly over its threads and waits for the slowest, so a thread that
-gets half a core halves the whole team. `PDSERVE_SEMI_PD_CORES=overlap` restores it, for
-measurements.
+Why the roles do not share a core by default (core policy `overlap`, the first version:
+ceil(x/100 * n) cores, 70/30 on 2 cores = prefill's 2 threads on both cores, decode on the
+second): what prefill gets then depends on whether decode is busy. Alone it has both cores
+(a 768-token prefill 554 ms against 623 ms on its own core: docs/semi_pd.md); with decode
+running, one of its threads gets part of a core and the forward, which waits for its slowest
+thread, runs at about one core. A share whose worth changes with the other role's load is
+what the controller's latency model cannot predict. `PDSERVE_SEMI_PD_CORES=overlap` selects
+it.
 
 Where no cgroup cpu controller is writable (not root, no controller), only cores and
 threads apply, and `CpuShareManager.describe()` / the log say so.
