@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -126,3 +127,31 @@ def batch_output_tok_s(url: str, n: int, in_len: int, out_len: int) -> tuple[flo
     ).json()
     dur = time.perf_counter() - t
     return sum(o["meta_info"]["completion_tokens"] for o in outs) / dur, dur
+
+
+def mixed_bench_cmd(
+    url: str,
+    *,
+    num_prompts: int,
+    output_len: int,
+    long_input_len: int,
+    rate: float,
+    out_file: str,
+    warmup: int,
+    slo_ms: tuple[float, float] | None = None,
+    input_len: int = 128,
+    long_fraction: float = 0.125,
+) -> list[str]:
+    """`pdserve bench` with the mixed dataset (short prompts, a fraction of long ones, Poisson
+    arrivals, seed 1): the command line the PD, Semi-PD and CPU-work benchmarks run."""
+    cmd = [
+        sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--backend", "pdserve",
+        "--dataset-name", "mixed", "--num-prompts", str(num_prompts),
+        "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--random-range-ratio", "1.0",
+        "--mixed-long-input-len", str(long_input_len), "--mixed-long-fraction", str(long_fraction),
+        "--request-rate", str(rate), "--seed", "1", "--warmup-requests", str(warmup),
+        "--output-file", out_file, "--no-plots", "--disable-tqdm",
+    ]  # fmt: skip
+    if slo_ms is not None:
+        cmd += ["--slo-ttft-ms", f"{slo_ms[0]:.1f}", "--slo-tpot-ms", f"{slo_ms[1]:.1f}"]
+    return cmd

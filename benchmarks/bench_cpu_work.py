@@ -29,6 +29,9 @@ import urllib.request
 
 import psutil
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import mixed_bench_cmd  # noqa: E402
+
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -83,14 +86,15 @@ def one_run(tree: str, args: argparse.Namespace, out_file: str) -> dict:
         root = psutil.Process(proc.pid)
         before = cpu_by_role(root)
         t0 = time.time()
-        client = [
-            sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--backend", "pdserve",
-            "--dataset-name", "mixed", "--num-prompts", str(args.num_prompts),
-            "--random-input-len", "128", "--random-output-len", "64", "--random-range-ratio", "1.0",
-            "--mixed-long-input-len", "1024", "--mixed-long-fraction", "0.125",
-            "--request-rate", str(args.rate), "--seed", "1", "--warmup-requests", "0",
-            "--output-file", out_file, "--no-plots", "--disable-tqdm",
-        ]  # fmt: skip
+        client = mixed_bench_cmd(
+            url,
+            num_prompts=args.num_prompts,
+            output_len=64,
+            long_input_len=1024,
+            rate=args.rate,
+            out_file=out_file,
+            warmup=0,
+        )
         subprocess.run(
             client, check=True, timeout=900, stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=HERE)
         )

@@ -24,7 +24,7 @@ import time
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import free_port, prompt_ids, stop_server, stream_times, write_json  # noqa: E402
+from _common import free_port, mixed_bench_cmd, prompt_ids, stop_server, stream_times, write_json  # noqa: E402
 
 from pdserve.launch.cli import wait_healthy  # noqa: E402
 
@@ -72,44 +72,16 @@ def wait_quiet(procs: list[subprocess.Popen], limit_s: float = 90.0) -> float:
 
 
 def mixed_load(url: str, out_file: str, a) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pdserve.cli",
-        "bench",
-        "--base-url",
+    cmd = mixed_bench_cmd(
         url,
-        "--backend",
-        "pdserve",
-        "--dataset-name",
-        "mixed",
-        "--num-prompts",
-        str(a.num_prompts),
-        "--random-input-len",
-        "128",
-        "--random-output-len",
-        "64",
-        "--random-range-ratio",
-        "1.0",
-        "--mixed-long-input-len",
-        "1024",
-        "--mixed-long-fraction",
-        "0.125",
-        "--request-rate",
-        str(a.rate),
-        "--seed",
-        "1",
-        "--warmup-requests",
-        "2",
-        "--slo-ttft-ms",
-        str(a.slo_ttft_ms),
-        "--slo-tpot-ms",
-        str(a.slo_tpot_ms),
-        "--output-file",
-        out_file,
-        "--no-plots",
-        "--disable-tqdm",
-    ]
+        num_prompts=a.num_prompts,
+        output_len=64,
+        long_input_len=1024,
+        rate=a.rate,
+        out_file=out_file,
+        warmup=2,
+        slo_ms=(a.slo_ttft_ms, a.slo_tpot_ms),
+    )
     subprocess.run(cmd, check=True, timeout=900, stdout=subprocess.DEVNULL)
     with open(out_file) as f:
         return json.load(f)

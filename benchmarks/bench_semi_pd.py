@@ -32,7 +32,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import free_port, stop_server, stream_times, write_json  # noqa: E402
+from _common import free_port, mixed_bench_cmd, stop_server, stream_times, write_json  # noqa: E402
 from bench_pd import _get, start, wait_quiet  # noqa: E402
 
 DEPLOYMENTS = ("colocated", "pd_disjoint", "semi_pd_fixed", "semi_pd_slo")
@@ -94,44 +94,16 @@ def pss_mib(proc: subprocess.Popen) -> float:
 
 
 def run_rate(url: str, rate: float, out_file: str, a, slo: tuple[float, float]) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pdserve.cli",
-        "bench",
-        "--base-url",
+    cmd = mixed_bench_cmd(
         url,
-        "--backend",
-        "pdserve",
-        "--dataset-name",
-        "mixed",
-        "--num-prompts",
-        str(a.num_prompts),
-        "--random-input-len",
-        "128",
-        "--random-output-len",
-        "48",
-        "--random-range-ratio",
-        "1.0",
-        "--mixed-long-input-len",
-        "768",
-        "--mixed-long-fraction",
-        "0.125",
-        "--request-rate",
-        str(rate),
-        "--seed",
-        "1",
-        "--warmup-requests",
-        "1",
-        "--slo-ttft-ms",
-        f"{slo[0]:.1f}",
-        "--slo-tpot-ms",
-        f"{slo[1]:.1f}",
-        "--output-file",
-        out_file,
-        "--no-plots",
-        "--disable-tqdm",
-    ]
+        num_prompts=a.num_prompts,
+        output_len=48,
+        long_input_len=768,
+        rate=rate,
+        out_file=out_file,
+        warmup=1,
+        slo_ms=slo,
+    )
     subprocess.run(cmd, check=True, timeout=1800, stdout=subprocess.DEVNULL)
     with open(out_file) as f:
         m = json.load(f)
