@@ -10,7 +10,7 @@ the other on the same cores (`--cpus`), each stopped before the next starts:
         --output bench_out/vllm_client.json
 
 Engines (comma list `--engines`): `pdserve` (default flags), `pdserve-int8`
-(`--quantization w8a8_int8`), `vllm` (bf16, the dtype vLLM's CPU build serves by default),
+(`--quantization w8a8_int8`), `pdserve-dense` (`--w4-decode-max-tokens 0`), `vllm` (bf16, the dtype vLLM's CPU build serves by default),
 `vllm-fp32`. vLLM comes from benchmarks/peers/install_vllm_cpu.sh; it reads the bf16 safetensors
 export of the default model (export_bf16_safetensors.py, made here if missing).
 """
@@ -33,14 +33,19 @@ sys.path.insert(0, HERE)
 from engines import Engine, pdserve_colocated, vllm_cpu  # noqa: E402
 
 SERVED_NAME = "SmolLM2-135M-Instruct"
+PDSERVE_VARIANTS = {
+    "pdserve-int8": ["--quantization", "w8a8_int8"],
+    # float32 decode from dense weights (before the grid linears, docs/architecture.md)
+    "pdserve-dense": ["--w4-decode-max-tokens", "0"],
+}
 
 
 def engine_for(name: str, args: argparse.Namespace) -> Engine:
     vllm_common = ["--served-model-name", SERVED_NAME, *shlex.split(args.vllm_args)]
     if name == "pdserve":
         return pdserve_colocated([])
-    if name == "pdserve-int8":
-        eng = pdserve_colocated(["--quantization", "w8a8_int8"])
+    if name in PDSERVE_VARIANTS:
+        eng = pdserve_colocated(PDSERVE_VARIANTS[name])
         eng.name = name
         return eng
     if name == "vllm":

@@ -200,6 +200,7 @@ class RankWeights:
         """oneDNN's prepacked copies (opaque tensors: nothing to spool), the int8 and 4-bit grids."""
         m = self.model
         m.lm_head_packed = None
+        m.lm_head_grid = None
         for layer in m.layers:
             layer.packed = {n: None for n in (layer.packed or {})}
             if layer.q4 is not None:
@@ -209,11 +210,9 @@ class RankWeights:
         gc.collect()
 
     def _rebuild_derived(self) -> None:
-        from pdserve.model.llama import pack_weight
         from pdserve.model.weight_update import refresh_layer
 
         m = self.model
         for i in range(len(m.layers)):
             refresh_layer(m, i)
-        if m.computes_logits:
-            m.lm_head_packed = pack_weight(m.lm_head)
+        m.derive_head()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from pdserve.model.attention import BaseAttentionBackend, ForwardBatch
 from pdserve.model.config import ModelConfig
+from pdserve.model.grid import Q4Grid, Q8Grid, grid_available, grid_linear, q4_grid, q8_grid
 
 
 def _rope_tables(cfg: ModelConfig, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +168,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, exact: int = EXACT_ROWS
 def linear(
     x: torch.Tensor,
     w: torch.Tensor,
-    q4: tuple | None,
+    q4: tuple | Q4Grid | None,
     small: bool,
     packed: torch.Tensor | None = None,
     q8: tuple | None = None,
@@ -177,6 +178,8 @@ def linear(
     if q8 is not None:
         return int8_linear(x, q8)
     if small and q4 is not None:
+        if isinstance(q4, Q4Grid):
+            return grid_linear(x, q4)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4[0], INT4_GROUP, q4[1])
     if packed is not None:
         return packed_linear(x, packed)
@@ -230,8 +233,13 @@ class LlamaModel:
         self.int8_linears = int8_linears
         # False on tensor-parallel ranks other than 0: they run the layers only (no lm_head)
         self.computes_logits = computes_logits
-        # token counts up to this use 4-bit weight-only matmuls (bf16 only; 0 = never)
-        self.q4_max_tokens = q4_max_tokens if dtype == torch.bfloat16 else 0
+        # steps of at most this many tokens multiply by 4-bit weights (0 = never). float32: the
+        # weights' own GGUF grid through pdserve's kernel, exact (pdserve/model/grid.py), where
+        # the kernel builds with AVX-512; bf16: torch's int4 matmul on a re-quantized copy.
+        # --quantization w8a8_int8 keeps its layers in int8 at every size (batch invariance).
+        self.grid = dtype == torch.float32 and q4_max_tokens > 0 and grid_available()
+        self.q4_max_tokens = q4_max_tokens if dtype == torch.bfloat16 or self.grid else 0
+        self.lm_head_grid: Q4Grid | Q8Grid | None = None
         self.layers: list[Layer] = []
         max_pos = config.max_position_embeddings
         cos, sin = _rope_tables(config, max_pos)
@@ -291,14 +299,28 @@ class LlamaModel:
                     setattr(layer, n, fused.get(f"layers.{i}.{n}"))
             self.layers.append(layer)
             self.derive_layer(i)
-        # lm_head stays bf16: in the default GGUF it is the Q8_0 embedding, not a 4-bit grid
+        self.derive_head()
+
+    def derive_head(self) -> None:
+        """(Re)build lm_head's derived copies: oneDNN's prepacked one, and in float32 its grid
+        (the default GGUF's lm_head is its Q8_0 embedding). bf16 has no 4-bit lm_head."""
         self.lm_head_packed = pack_weight(self.lm_head) if self.computes_logits else None
+        if self.grid and self.computes_logits:
+            self.lm_head_grid = q8_grid(self.lm_head) or q4_grid(self.lm_head)
+        else:
+            self.lm_head_grid = None
 
     def derive_layer(self, i: int) -> None:
         """(Re)build layer i's derived copies of its linear weights, the ones forward uses: int8
         (--quantization w8a8_int8) or oneDNN's prepacked ones, plus the 4-bit decode copies."""
         layer = self.layers[i]
-        layer.q4 = {n: quantize_int4(getattr(layer, n)) for n in LINEAR_NAMES} if self.q4_max_tokens else None
+        if self.int8_linears or not self.q4_max_tokens:
+            layer.q4 = None
+        elif self.grid:  # only the linears whose weights are exactly on a grid
+            grids = {n: q4_grid(getattr(layer, n)) for n in LINEAR_NAMES}
+            layer.q4 = {n: g for n, g in grids.items() if g is not None}
+        else:
+            layer.q4 = {n: quantize_int4(getattr(layer, n)) for n in LINEAR_NAMES}
         if self.int8_linears:
             layer.q8 = {n: quantize_int8(getattr(layer, n)) for n in LINEAR_NAMES}
             layer.packed = {n: None for n in LINEAR_NAMES}  # unused: no second copy of the weights
@@ -376,6 +398,8 @@ class LlamaModel:
         if h.shape[0] == 0:  # a mid-prompt chunk samples nothing
             return torch.empty(0, self.lm_head.shape[0], dtype=torch.float32)
         h = rms_norm(h, self.norm, eps)
+        if self.lm_head_grid is not None and h.shape[0] <= self.q4_max_tokens:
+            return grid_linear(h, self.lm_head_grid)
         if self.lm_head_packed is not None:
             return packed_linear(h, self.lm_head_packed, LOGIT_EXACT_ROWS, LOGIT_STEPS).float()
         return F.linear(h, self.lm_head).float()

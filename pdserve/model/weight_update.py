@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from pdserve.model.llama import LlamaModel, pack_weight
+from pdserve.model.llama import LlamaModel
 from pdserve.model.tp import full_shape
 
 FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,8 +95,8 @@ def apply_named_weights(model: LlamaModel, named: dict[str, torch.Tensor]) -> in
             head = True
     for i in sorted(touched):
         refresh_layer(model, i)
-    if head and model.lm_head_packed is not None:
-        model.lm_head_packed = pack_weight(model.lm_head)
+    if head:
+        model.derive_head()
     return len(touched)
 
 

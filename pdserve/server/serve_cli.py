@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--w4-decode-max-tokens",
         type=int,
         default=D.w4_decode_max_tokens,
-        help="steps of at most this many tokens use 4-bit weight-only matmuls (bf16 only; 0 = off)",
+        help="steps of at most this many tokens multiply by 4-bit weights: in float32 the GGUF's own grid, "
+        "exact (pdserve's kernel, AVX-512); in bf16 torch's int4 matmul on a re-quantized copy; 0 = off",
     )
     a(
         "--quantization",

@@ -1,0 +1,303 @@
+// Linear layers over weights kept in their GGUF grid, for small batches (issue #12).
+//
+// A GGUF Q4_1 tensor holds, per group of 32 weights along K, an fp16 scale d, an fp16 minimum m
+// and 4-bit codes q: w = d * q + m. Q8_0 holds d and int8 codes: w = d * q. Dequantized to
+// float32 once at load (pdserve/model/loader.py), those values are exact, and the float32 model
+// multiplies by them. These kernels multiply by the same values read from the codes instead:
+// 4.5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of 32, which is what a decode step of a few
+// rows is bound by. The arithmetic is float32 throughout; only the order of the sums differs
+// from a dense matmul, so the output is the float32 model's, not an approximation of it
+// (pdserve/model/grid.py re-derives the codes from the float32 weights and uses them only
+// where they reproduce every weight bit for bit).
+//
+//   y[r, n] = sum_g d[n, g] * (sum_j x[r, 32g + j] * q[n, g, j])  +  sum_g m[n, g] * xs[r, g]
+//
+// with xs[r, g] = sum_j x[r, 32g + j]. Each row's sums run in the same order whatever the other
+// rows are, so a request's logits do not depend on what it was batched with.
+//
+// Layouts (pdserve/model/grid.py): Q4: codes uint8 [N, K/2], per group of 32 the low nibbles are
+// elements 0..15 and the high nibbles 16..31 (GGUF's order); d, m float32 [N, K/32].
+// Q8: codes int8 [N, K]; d float32 [N, K/32]. x float32 [M, K], contiguous.
+//
+// Registered as torch.ops.pdserve_cpu.grid_linear_q4(x, codes, d, m) and
+// grid_linear_q8(x, codes, d); grid_simd() says whether the AVX-512 path was compiled in
+// (without it the scalar loop is correct but slower than a dense matmul, and pdserve does not
+// use these ops).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define PDSERVE_GRID_SIMD 1
+#else
+#define PDSERVE_GRID_SIMD 0
+#endif
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kRowTile = 4;
+
+void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "grid_linear: x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(x.size(1) == K, "grid_linear: x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK(K % kGroup == 0, "grid_linear: K must be a multiple of 32");
+}
+
+// xs[r, g]: the sum of each group of 32 of each row, in a fixed order.
+at::Tensor group_sums(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
+  at::Tensor xs = at::empty({M, G}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* sp = xs.data_ptr<float>();
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* v = xp + r * K + g * kGroup;
+#if PDSERVE_GRID_SIMD
+      sp[r * G + g] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(v), _mm512_loadu_ps(v + 16)));
+#else
+      float s = 0.f;
+      for (int64_t j = 0; j < kGroup; ++j) s += v[j];
+      sp[r * G + g] = s;
+#endif
+    }
+  }
+  return xs;
+}
+
+#if PDSERVE_GRID_SIMD
+// NB outputs x R rows per block, all accumulators in registers (compile-time counts): the
+// codes of a group are widened once per output and used by every row; x is loaded once per
+// group and used by every output; NB * R independent FMA chains hide the FMA latency.
+template <int NB, int R, bool Q4>
+inline void grid_block(const float* xp, const float* sp, int64_t K, int64_t G, const uint8_t* codes,
+                       int64_t code_stride, const float* dp, const float* mp, int64_t n, float* yp,
+                       int64_t N) {
+  __m512 acc[NB][R];
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
+  const __m128i low = _mm_set1_epi8(0x0F);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 x0[R], x1[R];
+    for (int r = 0; r < R; ++r) {
+      x0[r] = _mm512_loadu_ps(xp + r * K + g * kGroup);
+      x1[r] = _mm512_loadu_ps(xp + r * K + g * kGroup + 16);
+    }
+    for (int b = 0; b < NB; ++b) {
+      __m512 q0, q1;
+      if constexpr (Q4) {
+        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (n + b) * code_stride + g * 16));
+        q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(c, low)));
+        q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(c, 4), low)));
+      } else {
+        const int8_t* c = reinterpret_cast<const int8_t*>(codes) + (n + b) * code_stride + g * kGroup;
+        q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+        q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+      }
+      const __m512 dv = _mm512_set1_ps(dp[(n + b) * G + g]);
+      for (int r = 0; r < R; ++r) {
+        const __m512 t = _mm512_fmadd_ps(x1[r], q1, _mm512_mul_ps(x0[r], q0));
+        acc[b][r] = _mm512_fmadd_ps(t, dv, acc[b][r]);
+      }
+    }
+  }
+  if constexpr (Q4) {  // + sum_g m[n, g] * xs[r, g], 16 groups at a time
+    for (int b = 0; b < NB; ++b) {
+      const float* mn = mp + (n + b) * G;
+      for (int r = 0; r < R; ++r) {
+        const float* sr = sp + r * G;
+        __m512 am = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; g += 16) {
+          const __mmask16 k = G - g >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (G - g)) - 1);
+          am = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, mn + g), _mm512_maskz_loadu_ps(k, sr + g), am);
+        }
+        acc[b][r] = _mm512_add_ps(acc[b][r], am);
+      }
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < R; ++r) yp[r * N + n + b] = _mm512_reduce_add_ps(acc[b][r]);
+}
+
+template <int NB, bool Q4>
+inline void grid_rows(const float* xp, const float* sp, int64_t K, int64_t G, int64_t M, const uint8_t* codes,
+                      int64_t code_stride, const float* dp, const float* mp, int64_t n, float* yp, int64_t N) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4)
+    grid_block<NB, 4, Q4>(xp + r * K, sp + r * G, K, G, codes, code_stride, dp, mp, n, yp + r * N, N);
+  switch (M - r) {
+    case 3: grid_block<NB, 3, Q4>(xp + r * K, sp + r * G, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
+    case 2: grid_block<NB, 2, Q4>(xp + r * K, sp + r * G, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
+    case 1: grid_block<NB, 1, Q4>(xp + r * K, sp + r * G, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
+    default: break;
+  }
+}
+#endif
+
+// One scalar output (no AVX-512; same sums per row whatever M is).
+template <bool Q4>
+float grid_scalar(const float* xr, const float* sr, int64_t G, const uint8_t* cn, const float* dn, const float* mn) {
+  float acc = 0.f, s = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    float t = 0.f;
+    if constexpr (Q4) {
+      for (int64_t j = 0; j < 16; ++j) {
+        const uint8_t b = cn[g * 16 + j];
+        t += xr[g * kGroup + j] * static_cast<float>(b & 0x0F);
+        t += xr[g * kGroup + 16 + j] * static_cast<float>(b >> 4);
+      }
+      s += mn[g] * sr[g];
+    } else {
+      const int8_t* c = reinterpret_cast<const int8_t*>(cn);
+      for (int64_t j = 0; j < kGroup; ++j) t += xr[g * kGroup + j] * static_cast<float>(c[g * kGroup + j]);
+    }
+    acc += t * dn[g];
+  }
+  return acc + s;
+}
+
+template <bool Q4>
+at::Tensor grid_linear_impl(const at::Tensor& x, const uint8_t* cp, int64_t N, int64_t K, const float* dp,
+                            const float* mp) {
+  const int64_t M = x.size(0), G = K / kGroup;
+  const int64_t code_stride = Q4 ? K / 2 : K;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor xs = Q4 ? group_sums(x) : at::Tensor();
+  const float* xp = x.data_ptr<float>();
+  const float* sp = Q4 ? xs.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  constexpr int64_t NB = 4;
+  const int64_t blocks = (N + NB - 1) / NB;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * NB;
+#if PDSERVE_GRID_SIMD
+      if (n + NB <= N) {
+        grid_rows<NB, Q4>(xp, sp, K, G, M, cp, code_stride, dp, mp, n, yp, N);
+      } else {
+        for (int64_t j = n; j < N; ++j) grid_rows<1, Q4>(xp, sp, K, G, M, cp, code_stride, dp, mp, j, yp, N);
+      }
+#else
+      for (int64_t j = n; j < std::min(N, n + NB); ++j)
+        for (int64_t r = 0; r < M; ++r)
+          yp[r * N + j] = grid_scalar<Q4>(xp + r * K, Q4 ? sp + r * G : nullptr, G, cp + j * code_stride,
+                                          dp + j * G, Q4 ? mp + j * G : nullptr);
+#endif
+    }
+  });
+  return y;
+}
+
+at::Tensor grid_linear_q4(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d,
+                          const at::Tensor& m) {
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, G = K / kGroup;
+  check_x(x, K);
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
+              "grid_linear_q4: codes must be contiguous uint8 [N, K/2]");
+  TORCH_CHECK(d.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat && d.is_contiguous() &&
+                  m.is_contiguous() && d.numel() == N * G && m.numel() == N * G,
+              "grid_linear_q4: d and m must be contiguous float32 [N, K/32]");
+  return grid_linear_impl<true>(x, codes.data_ptr<uint8_t>(), N, K, d.data_ptr<float>(), m.data_ptr<float>());
+}
+
+at::Tensor grid_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d) {
+  const int64_t N = codes.size(0), K = codes.size(1), G = K / kGroup;
+  check_x(x, K);
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
+              "grid_linear_q8: codes must be contiguous int8 [N, K]");
+  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.numel() == N * G,
+              "grid_linear_q8: d must be a contiguous float32 [N, K/32]");
+  return grid_linear_impl<false>(x, reinterpret_cast<const uint8_t*>(codes.data_ptr<int8_t>()), N, K,
+                                 d.data_ptr<float>(), nullptr);
+}
+
+// The codes of a float32 weight, one pass, or ok = false unless they reproduce every weight bit
+// for bit (pdserve/model/grid.py: q4_grid / q8_grid hold the rule and its reasons).
+// Q4_1: m = group minimum, d = fp16(range / 15), q = round((w - m) / d), check d * q + m == w.
+// Q8_0: d = fp16(absmax / 127), q = round(w / d), check d * q == w.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> grid_derive(const at::Tensor& w, bool q4) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(),
+              "grid_derive: w must be a contiguous float32 [N, K] tensor");
+  const int64_t N = w.size(0), K = w.size(1), G = K / kGroup;
+  TORCH_CHECK(K % kGroup == 0, "grid_derive: K must be a multiple of 32");
+  at::Tensor codes = at::empty({N, q4 ? K / 2 : K}, w.options().dtype(q4 ? at::kByte : at::kChar));
+  at::Tensor d = at::empty({N, G}, w.options());
+  at::Tensor m = q4 ? at::empty({N, G}, w.options()) : at::empty({0}, w.options());
+  const float* wp = w.data_ptr<float>();
+  uint8_t* cp = static_cast<uint8_t*>(codes.data_ptr());
+  float* dp = d.data_ptr<float>();
+  float* mp = q4 ? m.data_ptr<float>() : nullptr;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1 && ok.load(std::memory_order_relaxed); ++n) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float* v = wp + n * K + g * kGroup;
+        float lo = v[0], hi = v[0], amax = std::fabs(v[0]);
+        for (int j = 1; j < kGroup; ++j) {
+          lo = std::min(lo, v[j]);
+          hi = std::max(hi, v[j]);
+          amax = std::max(amax, std::fabs(v[j]));
+        }
+        const float dd = static_cast<float>(c10::Half(q4 ? (hi - lo) / 15.0f : amax / 127.0f));
+        const float inv = dd > 0.f ? 1.f / dd : 1.f;  // the codes are integers: x * (1/d) rounds to them
+        dp[n * G + g] = dd;
+        if (q4) mp[n * G + g] = lo;
+        float q[kGroup];
+        bool bad = false;
+        for (int j = 0; j < kGroup; ++j) {
+          const float r = std::floor((q4 ? v[j] - lo : v[j]) * inv + 0.5f);
+          q[j] = q4 ? std::min(15.f, std::max(0.f, r)) : std::min(127.f, std::max(-128.f, r));
+          // two roundings (no fused multiply-add: fp-contract=off around grid_derive)
+          const float prod = dd * q[j];
+          bad |= (q4 ? prod + lo : prod) != v[j];
+        }
+        if (bad) {
+          ok.store(false, std::memory_order_relaxed);
+          break;
+        }
+        if (q4) {
+          uint8_t* c = cp + n * (K / 2) + g * 16;
+          for (int j = 0; j < 16; ++j)
+            c[j] = static_cast<uint8_t>(static_cast<uint8_t>(q[j]) | (static_cast<uint8_t>(q[j + 16]) << 4));
+        } else {
+          int8_t* c = reinterpret_cast<int8_t*>(cp) + n * K + g * kGroup;
+          for (int j = 0; j < kGroup; ++j) c[j] = static_cast<int8_t>(q[j]);
+        }
+      }
+    }
+  });
+  return {codes, d, m, ok.load()};
+}
+#pragma GCC pop_options
+
+bool grid_simd() { return PDSERVE_GRID_SIMD != 0; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
+  m.def("grid_linear_q4(Tensor x, Tensor codes, Tensor d, Tensor m) -> Tensor");
+  m.def("grid_linear_q8(Tensor x, Tensor codes, Tensor d) -> Tensor");
+  m.def("grid_simd() -> bool", &grid_simd);
+  m.def("grid_derive(Tensor w, bool q4) -> (Tensor, Tensor, Tensor, bool)");
+}
+
+TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
+  m.impl("grid_linear_q4", &grid_linear_q4);
+  m.impl("grid_linear_q8", &grid_linear_q8);
+  m.impl("grid_derive", &grid_derive);
+}

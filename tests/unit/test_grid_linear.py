@@ -1,0 +1,93 @@
+"""Grid linears (pdserve/model/grid.py, csrc/grid_linear.cpp): float32 weights that lie on a
+GGUF Q4_1 / Q8_0 grid, multiplied from their codes. The codes must reproduce the weights bit for
+bit, the product must be the dense float32 product up to the order of the sums, and a row's
+result must not depend on the other rows of the batch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdserve.model.grid import dense, grid_available, grid_linear, q4_grid, q8_grid
+
+pytestmark = pytest.mark.skipif(not grid_available(), reason="pdserve's CPU kernels or AVX-512 unavailable")
+
+
+def q4_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """GGUF Q4_1 values: fp16 scale and minimum per group of 32, codes 0..15 (0 and 15 present)."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-4).half().float()
+    m = (-torch.rand(n, k // 32, 1, generator=g) * 0.08).half().float()
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+    q[..., 3], q[..., 20] = 0, 15
+    return (d * q + m).reshape(n, k)
+
+
+def q8_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-4).half().float()
+    q = torch.randint(-127, 128, (n, k // 32, 32), generator=g).float()
+    q[..., 5] = 127
+    return (d * q).reshape(n, k)
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_codes_reproduce_the_weights_bit_for_bit(kind):
+    w = q4_weight(37, 96) if kind == "q4" else q8_weight(37, 96)
+    grid = q4_grid(w) if kind == "q4" else q8_grid(w)
+    assert grid is not None
+    assert torch.equal(dense(grid), w)
+    # a Q4 grid is ~6x smaller than the float32 weight, Q8 ~3.8x
+    assert grid.num_bytes() < w.numel() * 4 / (5 if kind == "q4" else 3.5)
+
+
+def test_weights_off_the_grid_have_none():
+    w = torch.randn(64, 64)
+    assert q4_grid(w) is None and q8_grid(w) is None
+    w = q4_weight(64, 64)
+    w[7, 9] = torch.nextafter(w[7, 9], torch.tensor(1.0))  # one weight one ulp off
+    assert q4_grid(w) is None
+    assert q4_grid(q4_weight(8, 64)[:, :40].contiguous()) is None  # K not a multiple of 32
+    assert q4_grid(q4_weight(8, 64).bfloat16()) is None  # float32 only
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("n", [1, 4, 37, 256])
+def test_product_equals_the_dense_one_and_rows_are_independent(kind, n):
+    k = 160
+    w = q4_weight(n, k, seed=n) if kind == "q4" else q8_weight(n, k, seed=n)
+    grid = q4_grid(w) if kind == "q4" else q8_grid(w)
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(1))
+    y = grid_linear(x, grid)
+    ref = F.linear(x.double(), w.double()).float()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for m in range(1, 10):  # 1..9 rows: every row tile (4, 3, 2, 1) and their mixes
+        assert torch.equal(grid_linear(x[:m].clone(), grid), y[:m])
+    assert torch.equal(grid_linear(x[5:6].clone(), grid), y[5:6])
+
+
+def test_bad_inputs_are_refused():
+    grid = q4_grid(q4_weight(8, 64))
+    with pytest.raises(RuntimeError, match="columns"):
+        grid_linear(torch.randn(2, 32), grid)
+    with pytest.raises(RuntimeError, match="float32"):
+        grid_linear(torch.randn(2, 64).bfloat16(), grid)
+    assert grid_linear(torch.randn(0, 64), grid).shape == (0, 8)
+
+
+def test_the_default_model_is_on_its_grid():
+    """The default GGUF: every layer linear is Q4_1, the tied embedding Q8_0; the model uses
+    them for steps of up to --w4-decode-max-tokens tokens, and the logits equal the dense ones."""
+    from pdserve.config import ServerArgs
+    from pdserve.engine.model_loading import load_model
+
+    model = load_model(ServerArgs(dtype="float32"))
+    assert model.grid and model.q4_max_tokens == 8
+    assert all(set(layer.q4) == {"qkv", "o", "gate_up", "down"} for layer in model.layers)
+    assert model.lm_head_grid is not None
+    h = torch.randn(3, model.lm_head.shape[1])
+    torch.testing.assert_close(grid_linear(h, model.lm_head_grid), F.linear(h, model.lm_head), rtol=1e-4, atol=1e-4)
+    # weights moved off the grid (an RL update) fall back to the dense path, layer by layer
+    layer = model.layers[0]
+    layer.o.add_(1e-3 * torch.randn_like(layer.o))
+    model.derive_layer(0)
+    assert "o" not in model.layers[0].q4 and "qkv" in model.layers[0].q4
