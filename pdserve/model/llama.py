@@ -54,6 +54,9 @@ LINEAR_NAMES = ("qkv", "o", "gate_up", "down")  # a layer's linear weights
 
 
 INT4_GROUP = 32
+# float32 grid linears (pdserve/model/grid.py) beat oneDNN's packed float32 layer linears up to
+# 4 rows and the lm_head up to 8 (benchmarks/bench_grid_linear.py); above, the dense path runs
+GRID_LAYER_MAX_ROWS = 4
 
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,7 +363,7 @@ class LlamaModel:
         sin = self.sin[batch.positions].unsqueeze(1)
         h = self.embed[batch.input_ids]  # [T, hidden]
         T = h.shape[0]
-        small = T <= self.q4_max_tokens
+        small = T <= (min(self.q4_max_tokens, GRID_LAYER_MAX_ROWS) if self.grid else self.q4_max_tokens)
         ar = self.all_reduce
         for i, layer in enumerate(self.layers):
             q4 = layer.q4 or {}
