@@ -59,6 +59,14 @@ def load_model(args: ServerArgs, tp_rank: int = 0) -> LlamaModel:
     model.full_config = config
     model.load_weights(shard_state(state, config, shard))
     del state
+    if model.grid:
+        on = sum(len(layer.q4 or {}) for layer in model.layers)
+        logger.info(
+            "grid linears (float32 from the GGUF codes, exact): %d of %d layer linears, lm_head %s",
+            on,
+            4 * len(model.layers),
+            type(model.lm_head_grid).__name__ if model.lm_head_grid is not None else "dense",
+        )
     return model
 
 
