@@ -202,8 +202,6 @@ class ServerArgs:
         err = url_error(self.kv_store)
         if err is not None:
             bad("kv_store", err)
-        if self.tp_size != 1:
-            bad("kv_store", "not supported with --tp-size > 1 yet (docs/kvstore.md)")
 
     def _validate_semi_pd(self, bad) -> None:
         for name in ("initial_prefill_sm", "initial_decode_sm"):

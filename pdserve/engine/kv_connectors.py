@@ -26,8 +26,10 @@ def store_layout(model_path: str, cfg: ModelConfig, page_size: int, dtype: torch
     )
 
 
-def create_kv_connector(url: str | None, layout: StoreLayout, pool: torch.Tensor, timeout_s: float) -> BaseKVConnector:
-    """`url` None: `NoKVConnector`. A store that cannot be opened (Mooncake's master down)
+def create_kv_connector(
+    url: str | None, layout: StoreLayout, pool: torch.Tensor | list[torch.Tensor], timeout_s: float
+) -> BaseKVConnector:
+    """`url` None: `NoKVConnector`. `pool`: the KV pool, or every tp rank's in rank order. A store that cannot be opened (Mooncake's master down)
     is logged and serving goes on without it: a store never stops a server."""
     if url is None:
         return NoKVConnector()

@@ -8,6 +8,12 @@ copies of whole pages) and reads finished lookups. A call that fails or a lookup
 past `timeout_s` is a miss, and the store is left alone for `BACKOFF_S` (lookups and
 writes are skipped), so a dead or hung store costs each request at most one timeout and
 then nothing.
+
+Tensor parallelism: each tp rank's pool holds its own KV heads ([num_pages, layers, 2,
+page_size, local_heads, head_dim], rank 0 maps every rank's pool: shared memory it
+allocated). A record is still the whole page with every head, the same bytes as a tp-1
+server's: a save concatenates the ranks' heads, a load splits them. So the keys do not
+depend on the tp size, and servers of any tp size share what they stored.
 """
 
 from __future__ import annotations
@@ -35,21 +41,33 @@ REMEMBERED_KEYS = 1 << 16  # keys known to be in the store (seen, loaded, writte
 
 
 class StoreConnector(BaseKVConnector):
-    def __init__(self, store: KVStore, name: str, layout: StoreLayout, pool: torch.Tensor, timeout_s: float) -> None:
-        """`pool`: the KV pool [num_pages, layers, 2, page_size, heads, head_dim]; one page of
-        it is one record's bytes."""
-        if not pool.is_contiguous() or pool.device.type != "cpu":
-            raise ValueError("the KV store needs a contiguous CPU KV pool")
+    def __init__(
+        self,
+        store: KVStore,
+        name: str,
+        layout: StoreLayout,
+        pool: torch.Tensor | list[torch.Tensor],
+        timeout_s: float,
+    ) -> None:
+        """`pool`: the KV pool [num_pages, layers, 2, page_size, heads, head_dim], or every tp
+        rank's pool in rank order (each with its own heads); one page of all of them is one
+        record's bytes."""
+        pools = [pool] if isinstance(pool, torch.Tensor) else list(pool)
+        for p in pools:
+            if not p.is_contiguous() or p.device.type != "cpu":
+                raise ValueError("the KV store needs contiguous CPU KV pools")
+        if len({(p.shape[0], *p.shape[1:4], p.shape[5], p.dtype) for p in pools}) != 1:
+            raise ValueError("the tp ranks' KV pools differ in more than their heads")
         self.store = SafeStore(store, name)
         self.name = name
         self.layout = layout
         self.timeout_s = timeout_s
-        self.page_nbytes = pool[0].numel() * pool.element_size()
+        self.page_nbytes = sum(p[0].numel() * p.element_size() for p in pools)
         if self.page_nbytes != layout.page_nbytes:
             raise ValueError(f"KV pool pages hold {self.page_nbytes} bytes, the store layout {layout.page_nbytes}")
-        # the pool's bytes, one row per page (a view: writes land in the pool)
-        self._rows = pool.view(torch.uint8).view(pool.shape[0], -1).numpy()
-        self._keep = pool
+        self._pools = pools
+        # one pool: its bytes, one row per page (a view: writes land in the pool)
+        self._rows = pools[0].view(torch.uint8).view(pools[0].shape[0], -1).numpy() if len(pools) == 1 else None
         self._fetcher = ThreadPoolExecutor(2, thread_name_prefix="pdserve-kvstore-fetch")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="pdserve-kvstore-write")
         self._lock = threading.Lock()
@@ -100,7 +118,7 @@ class StoreConnector(BaseKVConnector):
             self._remember(f.keys[:n])
             if min(n, f.max_pages) > f.first_page and not f.timed_out:
                 keys = f.keys[f.first_page : min(n, f.max_pages)]
-                for key, rec in zip(keys, self.store.get(keys)):
+                for key, rec in zip(keys, self.store.get(keys, record.HEADER_SIZE + self.page_nbytes)):
                     if rec is None:
                         break
                     try:
@@ -142,8 +160,21 @@ class StoreConnector(BaseKVConnector):
     def load(self, fetch: KVFetch, first_page: int, pool_pages: list[int]) -> None:
         i0 = first_page - fetch.first_page
         assert 0 <= i0 and i0 + len(pool_pages) <= len(fetch.pages)
-        for i, page in enumerate(pool_pages):
-            self._rows[page] = np.frombuffer(fetch.pages[i0 + i], dtype=np.uint8)
+        if self._rows is not None:
+            for i, page in enumerate(pool_pages):
+                self._rows[page] = np.frombuffer(fetch.pages[i0 + i], dtype=np.uint8)
+        elif pool_pages:  # tp: whole pages, then each rank's heads into its pool
+            p0 = self._pools[0]
+            full = torch.empty((len(pool_pages), *p0.shape[1:4], self.layout.kv_heads, p0.shape[5]), dtype=p0.dtype)
+            rows = full.view(torch.uint8).view(len(pool_pages), -1).numpy()
+            for i in range(len(pool_pages)):
+                rows[i] = np.frombuffer(fetch.pages[i0 + i], dtype=np.uint8)
+            idx = torch.tensor(pool_pages, dtype=torch.int64)
+            h0 = 0
+            for p in self._pools:
+                h1 = h0 + p.shape[4]
+                p.index_copy_(0, idx, full[:, :, :, :, h0:h1, :])
+                h0 = h1
         with self._lock:
             self._s.kv_store_hit_tokens += len(pool_pages) * self.layout.page_size
 
@@ -164,8 +195,16 @@ class StoreConnector(BaseKVConnector):
             self._s.kv_store_pending_write_bytes += nbytes
         self._remember([keys[i] for i in todo])
         # one copy of the pages now: the pool pages may be reused once the request ends
-        rows = self._rows[np.asarray([pool_pages[i] for i in todo])]
+        rows = self._copy_out([pool_pages[i] for i in todo])
         self._writer.submit(self._write, [keys[i] for i in todo], rows)
+
+    def _copy_out(self, pages: list[int]) -> np.ndarray:
+        """[len(pages), page_nbytes] bytes of these pool pages: every head, in the record's order."""
+        if self._rows is not None:
+            return self._rows[np.asarray(pages)]
+        idx = torch.tensor(pages, dtype=torch.int64)
+        full = torch.cat([p.index_select(0, idx) for p in self._pools], dim=4)  # heads in rank order
+        return full.view(torch.uint8).view(len(pages), -1).numpy()
 
     def _remember(self, keys: list[str]) -> None:
         with self._lock:

@@ -118,10 +118,11 @@ class SchedulerProcess:
             and args.disaggregation_transfer_backend == TransferBackend.SHM
         )
         # Pools in shared memory: decode + shm (prefill writes straight into them), and every
-        # rank's under tp in PD mode (rank 0's transfer managers move all ranks' heads)
+        # rank's under tp in PD mode (rank 0's transfer managers move all ranks' heads) or
+        # with a KV store (rank 0's connector saves and loads all ranks' heads)
         self.kv_shm: list[str | None] = [None] * tp
         self.kv_pools: list[torch.Tensor | None] = [None] * tp
-        if decode_shm or (pd and tp > 1):
+        if decode_shm or ((pd or args.kv_store is not None) and tp > 1):
             for r in range(tp):
                 self.kv_shm[r] = new_shm_name()
                 shape = kv_pool_shape(TPShard.of(full, r, tp).local_config(full), num_pages, args.page_size)
@@ -178,7 +179,9 @@ class SchedulerProcess:
         layout = store_layout(
             resolve_model_path(args.model_path), self.model.full_config, args.page_size, self.model.dtype
         )
-        return create_kv_connector(args.kv_store, layout, self.runner.kv_data, args.kv_store_timeout)
+        pools = [p for p in self.kv_pools if p is not None]
+        assert len(pools) == args.tp_size  # under tp, _build put every rank's pool in shared memory
+        return create_kv_connector(args.kv_store, layout, pools, args.kv_store_timeout)
 
     def _weights_control(self) -> WeightsControl | None:
         """RL weight sync and memory release on this process's model (None: the process has

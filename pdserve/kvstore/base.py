@@ -28,8 +28,10 @@ class KVStore(ABC):
         """How many of `keys`, from the first, the store holds (the longest stored prefix)."""
 
     @abstractmethod
-    def get(self, keys: list[str]) -> list[bytes | None]:
-        """The records of `keys` (None where missing)."""
+    def get(self, keys: list[str], record_nbytes: int | None = None) -> list[bytes | None]:
+        """The records of `keys` (None where missing). `record_nbytes`: the size the caller
+        expects each record to have (a hint: a backend that fetches into fixed slots sizes
+        them so; a record of another size must still be returned, for the caller to reject)."""
 
     @abstractmethod
     def put(self, items: list[tuple[str, bytes]]) -> None:
@@ -83,10 +85,10 @@ class SafeStore:
             self.stats.lookups += 1
         return max(0, min(int(n), len(keys)))
 
-    def get(self, keys: list[str]) -> list[bytes | None]:
+    def get(self, keys: list[str], record_nbytes: int | None = None) -> list[bytes | None]:
         if not keys:
             return []
-        recs = self._call("get", lambda: self.store.get(keys), [None] * len(keys))
+        recs = self._call("get", lambda: self.store.get(keys, record_nbytes), [None] * len(keys))
         if len(recs) != len(keys):
             recs = [None] * len(keys)
         with self._lock:

@@ -27,7 +27,7 @@ class HttpStore(KVStore):
     def exists(self, keys: list[str]) -> int:
         return _int_dec.decode(self._post("/exists", keys))
 
-    def get(self, keys: list[str]) -> list[bytes | None]:
+    def get(self, keys: list[str], record_nbytes: int | None = None) -> list[bytes | None]:
         return _recs_dec.decode(self._post("/get", keys))
 
     def put(self, items: list[tuple[str, bytes]]) -> None:

@@ -32,7 +32,7 @@ class MemoryStore(KVStore):
                 n += 1
             return n
 
-    def get(self, keys: list[str]) -> list[bytes | None]:
+    def get(self, keys: list[str], record_nbytes: int | None = None) -> list[bytes | None]:
         with self._lock:
             out = []
             for k in keys:

@@ -190,6 +190,13 @@ def check_flags(a: argparse.Namespace) -> list[str]:
     if unknown:
         raise ValueError(f"--server-args: `pdserve serve` has no flag {unknown[0]} (see `pdserve serve --help`)")
     args = args_from_namespace(ns)
+    from pdserve.enums import TransferBackend
+    from pdserve.setting_checks import missing_package
+
+    # the servers check it too, but each would print it: one line from launch, before any starts
+    missing = missing_package(TransferBackend(a.disaggregation_transfer_backend))
+    if missing:
+        raise ValueError(f"--transfer-backend {a.disaggregation_transfer_backend}: {missing}")
     check_model(args, tp_flags={"--prefill-tp-size": a.prefill_tp_size, "--decode-tp-size": a.decode_tp_size})
     from pdserve.server.serve_cli import check_port
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from pdserve.net import free_port
 
@@ -169,6 +170,23 @@ def test_unknown_tool_call_parser(port):
     one_line_error(run("serve", "--port", port, "--tool-call-parser", "foo"), "--tool-call-parser", "hermes")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="nccl is valid where CUDA is")
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", "nccl"],
+        ["serve", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", "nccl"],
+        ["launch", "--transfer-backend", "nccl"],
+    ],
+)
+def test_nccl_without_gpu(port, argv):
+    """nccl on a machine without a GPU: a start-up error naming the flag, before any model load."""
+    r = run(argv[0], "--port", port, *argv[1:])
+    one_line_error(r, "nccl backend needs CUDA GPUs", "gloo")
+    assert "--disaggregation-transfer-backend" in r.stderr or "--transfer-backend" in r.stderr, r.stderr
+    assert r.elapsed < 20
+
+
 def test_launch_child_failing_after_load_exits_2():
     """A flag only a server can judge once the weights are loaded: the server's one line,
     then launch's, status 2 and no traceback."""
@@ -185,7 +203,6 @@ def test_launch_child_failing_after_load_exits_2():
         (["--hicache-storage-backend", "redis://h:1"], ["--kv-store", "unknown scheme 'redis'", "http://"]),
         (["--kv-store", "http://127.0.0.1"], ["--kv-store", "host and a port"]),
         (["--kv-store", "memory://lots"], ["--kv-store", "byte count"]),
-        (["--kv-store", "memory://", "--tp-size", "2"], ["--kv-store", "--tp-size"]),
         (["--kv-store-timeout", "0"], ["--kv-store-timeout", "(0, 60]"]),
     ],
 )

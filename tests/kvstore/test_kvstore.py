@@ -135,8 +135,24 @@ def test_mooncake_store(backend):
     )
     try:
         time.sleep(1.0)
-        store = open_store(f"mooncake://127.0.0.1:{rpc}?segment_bytes={16 << 20}")
-        _round_trip(store)
+        rec_nbytes = record.HEADER_SIZE + LAYOUT.page_nbytes
+        # a batch buffer of 2 records: 5 pages go in 3 batch calls each way
+        store = open_store(f"mooncake://127.0.0.1:{rpc}?segment_bytes={16 << 20}&batch_bytes={2 * rec_nbytes}")
+        keys = _round_trip(store)
+        keys = page_keys(LAYOUT, list(range(4 * 9)))
+        pages = [bytes([i + 1]) * LAYOUT.page_nbytes for i in range(9)]
+        calls = store.batch_calls
+        store.put([(k, record.encode(k, p)) for k, p in zip(keys[4:9], pages[4:9])])
+        assert store.batch_calls - calls == 3  # batch_put_from, not one call per page
+        calls = store.batch_calls
+        got = store.get(keys[4:9], rec_nbytes)
+        assert store.batch_calls - calls == 3  # batch_get_into
+        assert [bytes(record.decode(k, r, LAYOUT.page_nbytes)) for k, r in zip(keys[4:9], got)] == pages[4:9]
+        # a missing key is None; a record larger than its slot still comes back, to be rejected
+        assert store.get([keys[3]], rec_nbytes)[0] is None
+        got = store.get([keys[0]], rec_nbytes - 8)[0]
+        with pytest.raises(record.RecordError, match="layout needs"):
+            record.decode(keys[0], got, LAYOUT.page_nbytes - 8)
         store.close()
     finally:
         master.terminate()

@@ -132,3 +132,43 @@ def test_hung_store_times_out_then_is_left_alone(ref):
     assert st.kv_store_timeouts == 1 and st.kv_store_hit_tokens == 0
     store.release.set()
     assert_all_free(b.sched)
+
+
+@pytest.mark.parametrize("split", [(1, 2), (2, 1), (1, 1, 1)])
+def test_tp_rank_pools_share_records_with_a_whole_pool(split):
+    """Under tp each rank's pool holds its own heads; the store's records are whole pages (all
+    heads, the same bytes as tp 1), so a tp server and a tp-1 server load each other's pages."""
+    heads, num_pages, n = 3, 16, 5
+    layout = StoreLayout("tiny:0", PS, 2, heads, 8, "float32")
+    shape = (num_pages, 2, 2, PS, heads, 8)
+    whole = torch.randn(shape)
+    ranks = [torch.zeros((num_pages, 2, 2, PS, h, 8)) for h in split]
+    store = MemoryStore()
+    tokens = list(range(3, 3 + n * PS + 2))
+    keys = page_keys(layout, tokens)
+    src = StoreConnector(store, "whole", layout, whole, 5.0)
+    dst = StoreConnector(store, "tp", layout, ranks, 5.0)
+    try:
+        src.save(tokens, list(range(n)), 0)  # pages 0..4 of the whole pool
+        src._writer.submit(lambda: None).result()  # the writer is done
+        f = dst.prefetch(tokens, 0, n)
+        f.done.wait(5)
+        assert f.stored_pages == n and dst.loadable(f, 0) == n
+        dst.load(f, 0, [9, 3, 12, 0, 7])
+        got = torch.cat(ranks, dim=4)
+        assert torch.equal(got[[9, 3, 12, 0, 7]], whole[:n])
+        # and back: the tp pools' pages saved under new keys load into a whole pool
+        tokens2 = [t + 1 for t in tokens]
+        dst.save(tokens2, [9, 3, 12, 0, 7], 0)
+        dst._writer.submit(lambda: None).result()
+        back = torch.zeros(shape)
+        f2 = StoreConnector(store, "whole2", layout, back, 5.0)
+        g = f2.prefetch(tokens2, 0, n)
+        g.done.wait(5)
+        f2.load(g, 0, list(range(n)))
+        assert torch.equal(back[:n], whole[:n])
+        assert keys != page_keys(layout, tokens2)
+        f2.close()
+    finally:
+        src.close()
+        dst.close()

@@ -13,8 +13,12 @@ Two-sided, so decode takes part: on the same data connection as the other backen
 
 Pages are batched into staging buffers of up to 64 MiB per message: each send/recv costs
 1-2.5 ms here, so page-by-page sends would crawl. A request is one piece (`max_pieces = 1`),
-so it is one message up to 64 MiB. Each connection keeps its staging buffer (a fresh one
-per write costs page faults on both sides).
+so it is one message up to 64 MiB. Each side keeps one staging buffer for all its
+connections (grown to the largest write, at most 64 MiB), used by one write at a time: the
+first write into fresh memory costs page faults (~2.8 s/GB on this VM: 80 ms for a fresh
+16 MB buffer against 8 ms once touched), and with one buffer per connection each of
+prefill's four workers paid them again. Whole pages are gathered and scattered with numpy
+on the transfer thread (heads.py).
 
 A connection's group is built on its first write (2-13 ms here) and kept for the
 connection's life. Decode's TCPStore address travels in its registration
@@ -27,6 +31,7 @@ import datetime
 import logging
 import random
 import socket
+import threading
 
 import numpy as np
 import torch
@@ -71,7 +76,7 @@ def _chunks(npages: int, slice_nbytes: int) -> list[tuple[int, int]]:
 
 
 def _staging(cache: dict, nbytes: int, kv: torch.Tensor) -> torch.Tensor:
-    """A staging buffer of at least `nbytes`, kept in `cache` (one per connection) for the next
+    """A staging buffer of at least `nbytes`, kept in `cache` (one per side) for the next
     write. At most MESSAGE_BYTES, as `_chunks` cuts messages."""
     buf = cache.get("staging")
     if buf is None or buf.numel() < nbytes:
@@ -80,12 +85,11 @@ def _staging(cache: dict, nbytes: int, kv: torch.Tensor) -> torch.Tensor:
 
 
 class _Link:
-    """Prefill's side of one data connection: its group and staging buffer."""
+    """Prefill's side of one data connection: its group."""
 
     def __init__(self, sock: socket.socket, pg) -> None:
         self.sock = sock
         self.pg = pg
-        self.cache: dict = {}
 
 
 class GlooPrefillMover(OneSidedPrefillMover):
@@ -95,6 +99,8 @@ class GlooPrefillMover(OneSidedPrefillMover):
     def __init__(self, args: KVArgs) -> None:
         super().__init__(args)
         self.head_page_nbytes = args.page_nbytes // args.num_kv_heads
+        self._stage_lock = threading.Lock()  # one write at a time uses the staging buffer
+        self._stage: dict = {}
 
     def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
         if body.engine_meta is None:
@@ -118,10 +124,11 @@ class GlooPrefillMover(OneSidedPrefillMover):
         slice_nbytes = (heads[1] - heads[0]) * self.head_page_nbytes
         kv = self.args.kv_data
         assert isinstance(link, _Link)
-        for lo, n in _chunks(len(job.src_pages), slice_nbytes):
-            buf = _staging(link.cache, n * slice_nbytes, kv)
-            gather_pages(kv, job.src_pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
-            link.pg.send([buf], DECODE, 0).wait()
+        with self._stage_lock:
+            for lo, n in _chunks(len(job.src_pages), slice_nbytes):
+                buf = _staging(self._stage, n * slice_nbytes, kv)
+                gather_pages(kv, job.src_pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
+                link.pg.send([buf], DECODE, 0).wait()
 
 
 class GlooDecodeMover(OneSidedDecodeMover):
@@ -133,6 +140,8 @@ class GlooDecodeMover(OneSidedDecodeMover):
 
         self.store = dist.TCPStore(args.host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT)
         self.address = f"{args.host}:{self.store.port}"
+        self._stage_lock = threading.Lock()  # one receive at a time uses the staging buffer
+        self._stage: dict = {}
 
     def register_extra(self) -> dict:
         return {"engine_meta": self.address.encode()}
@@ -155,10 +164,11 @@ class GlooDecodeMover(OneSidedDecodeMover):
         slice_nbytes = (h.head_end - h.head_start) * self.head_page_nbytes
         kv = self.args.kv_data
         try:
-            for lo, n in _chunks(len(pages), slice_nbytes):
-                buf = _staging(conn.scratch, n * slice_nbytes, kv)
-                pg.recv([buf], PREFILL, 0).wait()
-                scatter_pages(kv, pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
+            with self._stage_lock:
+                for lo, n in _chunks(len(pages), slice_nbytes):
+                    buf = _staging(self._stage, n * slice_nbytes, kv)
+                    pg.recv([buf], PREFILL, 0).wait()
+                    scatter_pages(kv, pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
         except RuntimeError as e:  # the peer died or timed out: the connection ends, the grant fails
             raise OSError(f"{self.kind} receive failed: {e}") from None
 
