@@ -286,6 +286,7 @@ def main() -> None:
 
     sizes = [int(s) for s in args.sizes_mb.split(",")]
     load_before = os.getloadavg()[0]
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     page = torch.empty(PAGE_SHAPE, dtype=DTYPE)
     page_nbytes = page.numel() * page.element_size()
     num_pages = max(-(-s * 2**20 // page_nbytes) for s in sizes) + 8
@@ -409,6 +410,7 @@ def main() -> None:
                     pages=args.pages,
                     repeats=args.repeats,
                     cpu_count=os.cpu_count(),
+                    started_utc=started,
                     loadavg_before_after=load,
                     torch_threads=torch.get_num_threads(),
                     python=sys.version.split()[0],
