@@ -13,13 +13,8 @@ Two-sided, so decode takes part: on the same data connection as the other backen
 
 Pages are batched into staging buffers of up to 64 MiB per message: each send/recv costs
 1-2.5 ms here, so page-by-page sends would crawl. A request is one piece (`max_pieces = 1`),
-so it is one message up to 64 MiB. Each side keeps its staging buffers in one pool for all
-its connections (`_StagingPool`: a write takes a free one, or a new one when all are in use,
-and gives it back; each at most 64 MiB): the first write into fresh memory costs page faults
-(~2.8 s/GB on this VM: 80 ms for a fresh 16 MB buffer against 8 ms once touched), and with
-one buffer per connection each of prefill's four workers paid them again. No write waits
-for a buffer: a lock held across the send on both sides deadlocked concurrent writes. Whole pages are gathered and scattered with numpy
-on the transfer thread (heads.py).
+so it is one message up to 64 MiB. Each connection keeps its staging buffer (a fresh one
+per write costs page faults on both sides).
 
 A connection's group is built on its first write (2-13 ms here) and kept for the
 connection's life. Decode's TCPStore address travels in its registration
@@ -32,7 +27,6 @@ import datetime
 import logging
 import random
 import socket
-import threading
 
 import numpy as np
 import torch
@@ -76,36 +70,22 @@ def _chunks(npages: int, slice_nbytes: int) -> list[tuple[int, int]]:
     return [(lo, min(per, npages - lo)) for lo in range(0, npages, per)]
 
 
-class _StagingPool:
-    """Staging buffers shared by all of one side's connections: `take` hands out a free one
-    (the largest, grown if too small) or a new one, never waits; `give` returns it. At most
-    as many buffers as writes ever ran at once, each at most MESSAGE_BYTES (`_chunks`)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._lock = threading.Lock()
-        self._free: list[torch.Tensor] = []
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        with self._lock:
-            buf = max(self._free, key=lambda b: b.numel(), default=None)
-            if buf is not None:
-                self._free.remove(buf)
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return buf
-
-    def give(self, buf: torch.Tensor) -> None:
-        with self._lock:
-            self._free.append(buf)
+def _staging(cache: dict, nbytes: int, kv: torch.Tensor) -> torch.Tensor:
+    """A staging buffer of at least `nbytes`, kept in `cache` (one per connection) for the next
+    write. At most MESSAGE_BYTES, as `_chunks` cuts messages."""
+    buf = cache.get("staging")
+    if buf is None or buf.numel() < nbytes:
+        buf = cache["staging"] = torch.empty(nbytes, dtype=torch.uint8, device=kv.device)
+    return buf[:nbytes]
 
 
 class _Link:
-    """Prefill's side of one data connection: its group."""
+    """Prefill's side of one data connection: its group and staging buffer."""
 
     def __init__(self, sock: socket.socket, pg) -> None:
         self.sock = sock
         self.pg = pg
+        self.cache: dict = {}
 
 
 class GlooPrefillMover(OneSidedPrefillMover):
@@ -115,7 +95,6 @@ class GlooPrefillMover(OneSidedPrefillMover):
     def __init__(self, args: KVArgs) -> None:
         super().__init__(args)
         self.head_page_nbytes = args.page_nbytes // args.num_kv_heads
-        self._staging = _StagingPool(args.kv_data.device)
 
     def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
         if body.engine_meta is None:
@@ -139,15 +118,10 @@ class GlooPrefillMover(OneSidedPrefillMover):
         slice_nbytes = (heads[1] - heads[0]) * self.head_page_nbytes
         kv = self.args.kv_data
         assert isinstance(link, _Link)
-        chunks = _chunks(len(job.src_pages), slice_nbytes)
-        stage = self._staging.take(max((n for _, n in chunks), default=0) * slice_nbytes)
-        try:
-            for lo, n in chunks:
-                buf = stage[: n * slice_nbytes]
-                gather_pages(kv, job.src_pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
-                link.pg.send([buf], DECODE, 0).wait()
-        finally:
-            self._staging.give(stage)
+        for lo, n in _chunks(len(job.src_pages), slice_nbytes):
+            buf = _staging(link.cache, n * slice_nbytes, kv)
+            gather_pages(kv, job.src_pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
+            link.pg.send([buf], DECODE, 0).wait()
 
 
 class GlooDecodeMover(OneSidedDecodeMover):
@@ -159,7 +133,6 @@ class GlooDecodeMover(OneSidedDecodeMover):
 
         self.store = dist.TCPStore(args.host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT)
         self.address = f"{args.host}:{self.store.port}"
-        self._staging = _StagingPool(args.kv_data.device)
 
     def register_extra(self) -> dict:
         return {"engine_meta": self.address.encode()}
@@ -181,17 +154,13 @@ class GlooDecodeMover(OneSidedDecodeMover):
         heads = (h.head_start, h.head_end)
         slice_nbytes = (h.head_end - h.head_start) * self.head_page_nbytes
         kv = self.args.kv_data
-        chunks = _chunks(len(pages), slice_nbytes)
-        stage = self._staging.take(max((n for _, n in chunks), default=0) * slice_nbytes)
         try:
-            for lo, n in chunks:
-                buf = stage[: n * slice_nbytes]
+            for lo, n in _chunks(len(pages), slice_nbytes):
+                buf = _staging(conn.scratch, n * slice_nbytes, kv)
                 pg.recv([buf], PREFILL, 0).wait()
                 scatter_pages(kv, pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
         except RuntimeError as e:  # the peer died or timed out: the connection ends, the grant fails
             raise OSError(f"{self.kind} receive failed: {e}") from None
-        finally:
-            self._staging.give(stage)
 
 
 class GlooKVManager(SocketKVManager):

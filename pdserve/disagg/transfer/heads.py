@@ -65,13 +65,7 @@ def staging_view(staging: torch.Tensor, kv: torch.Tensor, npages: int, heads: tu
 
 
 def gather_pages(kv: torch.Tensor, pages: np.ndarray, heads: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
-    """Copy heads [h0, h1) of `pages` into contiguous `out` [n, L, 2, ps, h, D] (one strided copy).
-    Whole CPU pages are copied with numpy on the calling thread (see `copy_pages`: torch's
-    multi-threaded copy stalls on a busy machine, and on a transfer thread it starts an
-    OpenMP team of its own)."""
-    if _whole_cpu_pages(kv, heads, out):
-        np.take(_page_bytes(kv), np.asarray(pages, dtype=np.int64), axis=0, out=_page_bytes(out))
-        return out
+    """Copy heads [h0, h1) of `pages` into contiguous `out` [n, L, 2, ps, h, D] (one strided copy)."""
     src = kv[:, :, :, :, heads[0] : heads[1], :]
     idx = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).to(kv.device)
     if out.device != kv.device:
@@ -82,25 +76,10 @@ def gather_pages(kv: torch.Tensor, pages: np.ndarray, heads: tuple[int, int], ou
 
 
 def scatter_pages(kv: torch.Tensor, pages: np.ndarray, heads: tuple[int, int], src: torch.Tensor) -> None:
-    """Write contiguous `src` [n, L, 2, ps, h, D] into heads [h0, h1) of `pages` of kv (whole
-    CPU pages: with numpy, as `gather_pages`)."""
-    if _whole_cpu_pages(kv, heads, src):
-        _page_bytes(kv)[np.asarray(pages, dtype=np.int64)] = _page_bytes(src)
-        return
+    """Write contiguous `src` [n, L, 2, ps, h, D] into heads [h0, h1) of `pages` of kv."""
     dst = kv[:, :, :, :, heads[0] : heads[1], :]
     idx = torch.from_numpy(np.ascontiguousarray(pages, dtype=np.int64)).to(kv.device)
     dst.index_copy_(0, idx, src.to(kv.device, non_blocking=False))
-
-
-def _whole_cpu_pages(kv: torch.Tensor, heads: tuple[int, int], other: torch.Tensor) -> bool:
-    return (
-        heads == (0, kv.shape[4])
-        and kv.device.type == "cpu"
-        and other.device.type == "cpu"
-        and other.dtype == kv.dtype
-        and other.is_contiguous()
-        and other[0].shape == kv[0].shape
-    )
 
 
 def _page_bytes(t: torch.Tensor) -> np.ndarray:
