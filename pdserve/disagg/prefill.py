@@ -2,8 +2,16 @@
 
 GenerateReq -> PrefillBootstrapQueue (admission check; sender bootstrapping: waits
 for decode's page indices) -> scheduler.add_request (normal chunked prefill, prefix
-cache, max_new_tokens forced to 1) -> on_generation_end: send the pages + metadata ->
-inflight queue (poll the sender) -> scheduler.finish_held: pages freed, finished.
+cache, max_new_tokens forced to 1) -> after each chunk's forward (on_prefill_chunk): send
+the pages that chunk completed, while the next chunk computes -> on_generation_end: send
+the remaining pages + metadata -> inflight queue (poll the sender) ->
+scheduler.finish_held: pages freed, finished.
+
+Why per chunk and not per layer: a transfer moves whole pages (every layer of a page is one
+contiguous block, transfer/base.py), through `send(page_indices)` calls in order, which
+every backend already takes; per-layer sends would need a per-layer hook in the model and a
+strided, per-layer transfer in each backend. See docs/architecture.md, "Overlapping the KV
+transfer with the prefill".
 """
 
 from __future__ import annotations
@@ -89,6 +97,7 @@ class PrefillDisagg(DisaggQueues):
         self.bootstrap_queue = PrefillBootstrapQueue(scheduler, kv_manager, backend, bootstrap_port)
         self.inflight: list[Req] = []
         scheduler.on_generation_end(self._on_prefill_done)
+        scheduler.on_prefill_chunk(self._on_chunk_done)
 
     def add(self, req: Req) -> None:
         self.bootstrap_queue.add(req)
@@ -96,8 +105,20 @@ class PrefillDisagg(DisaggQueues):
     def has_work(self) -> bool:
         return bool(self.bootstrap_queue.queue or self.inflight)
 
+    def _on_chunk_done(self, req: Req) -> None:
+        """A prompt chunk's forward ended and more chunks follow: ship the pages it filled
+        (wholly below `req.kv_len`; the partly filled last one waits for the next chunk)
+        now, so the transfer runs while the next chunk computes."""
+        sender = req.kv_sender
+        if sender is None:
+            return
+        if sender.poll() == KVPoll.Failed:  # decode gave up (abort, timeout): stop computing
+            fail(self.scheduler, req, failure_reason(sender))
+            return
+        self._send(req, req.kv_len // self.scheduler.page_size, None)
+
     def _on_prefill_done(self, req: Req) -> None:
-        """First token sampled: ship the prompt's pages and the metadata record."""
+        """First token sampled: ship the prompt's remaining pages and the metadata record."""
         n_pages = -(-len(req.origin_input_ids) // self.scheduler.page_size)
         lp = req.logprobs[0] if req.logprobs else math.nan
         meta = KVMetadata(
@@ -107,12 +128,27 @@ class PrefillDisagg(DisaggQueues):
             cached_tokens=req.cached_tokens,
             prompt_tokens=len(req.origin_input_ids),
         )
+        if self._send(req, n_pages, meta):
+            self.inflight.append(req)
+
+    def _send(self, req: Req, upto: int, meta: KVMetadata | None) -> bool:
+        """Hand pages [sent, upto) of the request to its sender (with `meta`: the last call);
+        False after failing the request."""
+        sent = req.kv_sent_pages
+        if meta is None and upto <= sent:
+            return True
+        req.kv_sent_pages = upto
+        if sent and req.num_retractions:
+            # never on a prefill server (retraction only makes room for a decoding request,
+            # and none decodes here); pages already handed over were freed and recomputed
+            fail(self.scheduler, req, "retracted after part of its KV was sent")
+            return False
         try:
-            req.kv_sender.send(req.pages[:n_pages], meta)
+            req.kv_sender.send(req.pages[sent:upto], meta)
         except Exception as e:
             fail(self.scheduler, req, f"KV send failed: {e}")
-            return
-        self.inflight.append(req)
+            return False
+        return True
 
     def step(self) -> None:
         for req in self.bootstrap_queue.pop_bootstrapped():

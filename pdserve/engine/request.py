@@ -82,6 +82,7 @@ class Req:
         self.bootstrap_room: int | None = None
         self.kv_sender = None
         self.kv_receiver = None
+        self.kv_sent_pages = 0  # prefill: pages already handed to kv_sender (a prefix, in order)
         self.bootstrap_start: float | None = None
 
     @property

@@ -89,7 +89,7 @@ class Scheduler:
                 a KV connector (`--kv-store`) looks each prompt up on arrival, loads what it
                 found on admission and saves the prompt's pages after its prefill
     ending      abort(rid), fail(req, reason), free_pages(req), finish_held(req),
-                detach_held(req), on_generation_end(hook)
+                detach_held(req), on_generation_end(hook), on_prefill_chunk(hook)
     stepping    step(run) -> outputs; or schedule() -> Plan, update(plan, out) -> outputs,
                 take_outputs() (the overlap loop runs the forward in between)
     state       has_work(), has_outputs(), get(rid), load(), table_sizes(), flush_cache(),
@@ -124,6 +124,7 @@ class Scheduler:
         self._outputs: list[ReqOut] = []  # produced between steps (aborts, rejects, PD)
         self._stats = SchedulerStats()
         self._on_generation_end: Callable[[Req], None] | None = None
+        self._on_prefill_chunk: Callable[[Req], None] | None = None
         self._kv: BaseKVConnector = kv_connector or NoKVConnector()
 
     @property
@@ -229,6 +230,13 @@ class Scheduler:
         """PD prefill: when a request's generation ends, hand it to `hook` in status
         SENDING_KV with its pages held; it ends later with `finish_held` or `fail`."""
         self._on_generation_end = hook
+
+    def on_prefill_chunk(self, hook: Callable[[Req], None]) -> None:
+        """PD prefill: after the forward of each prompt chunk that does not end the prompt,
+        `hook(req)` with `req.kv_len` covering the tokens whose KV is now written (pages
+        wholly below it are final: later chunks write only at and after `kv_len`). The
+        hook may `fail` the request. Runs inside `update`, before the next `schedule`."""
+        self._on_prefill_chunk = hook
 
     def detach_held(self, req: Req) -> None:
         """A held request leaves this scheduler with its pages, unreleased and unfinished
@@ -409,6 +417,8 @@ class Scheduler:
             if item.start == req.prefill_start and req.num_retractions == 0 and not req.output_ids:
                 self._stats.prompt_tokens += len(req.origin_input_ids)
             if not item.sample:
+                if self._on_prefill_chunk is not None:
+                    self._on_prefill_chunk(req)  # PD prefill: ship the chunk's full pages
                 continue
             if idx >= plan.num_decode and not req.output_ids and req.num_retractions == 0:
                 # the prompt's prefill ended: its full pages the store lacks are written

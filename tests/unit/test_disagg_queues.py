@@ -20,9 +20,9 @@ class FakeRunner:
         return RunOutput([7 for it in plan.items if it.sample])
 
 
-def setup(mode, num_pages=32, ps=4):
+def setup(mode, num_pages=32, ps=4, chunk=64):
     s = Scheduler(
-        PageAllocator(num_pages, ps), max_running_requests=8, chunked_prefill_size=64, context_length=512, eos_ids=(2,)
+        PageAllocator(num_pages, ps), max_running_requests=8, chunked_prefill_size=chunk, context_length=512, eos_ids=(2,)
     )
     kv = torch.zeros(num_pages, 1, 2, ps, 1, 4)
     mgr = FakeKVManager(KVArgs(0, kv), mode)
@@ -61,6 +61,90 @@ def test_prefill_flow_forces_one_token_and_frees_after_send():
     assert r.kv_sender.poll() == KVPoll.Success and r.kv_sender.metadata.output_token_id == 7
     assert r.kv_sender.metadata.room == 42 and r.kv_sender.sent_pages == 3
     assert not d.has_work() and used_pages(s) == 0 and r.status == ReqStatus.FINISHED_LENGTH
+
+
+def spy_sends(r):
+    """Record each send() of the request's sender: (pages, carries metadata, first token out yet)."""
+    calls, real = [], r.kv_sender.send
+
+    def send(pages, meta=None):
+        calls.append((list(pages), meta is not None, bool(r.output_ids)))
+        real(pages, meta)
+
+    r.kv_sender.send = send
+    return calls
+
+
+def test_prefill_sends_each_chunks_pages_before_the_prompt_ends():
+    # 30 tokens, chunks of 8, pages of 4: after chunks ending at 8, 16, 24 their full pages
+    # go out at once (2 each), the last 2 pages (24..30) with the metadata
+    s, d = setup(DisaggregationMode.PREFILL, chunk=8)
+    r = req("a", n=30)
+    d.add(r)
+    calls = spy_sends(r)
+    pages, outs = None, {}
+    for _ in range(8):
+        step(s, d, outs)
+        pages = pages or (r.pages[:8] if len(r.pages) >= 8 else None)
+    assert [len(p) for p, _, _ in calls] == [2, 2, 2, 2]
+    assert [m for _, m, _ in calls] == [False, False, False, True]
+    assert [first for _, _, first in calls] == [False, False, False, True]  # before the first token
+    assert sum((p for p, _, _ in calls), []) == pages  # every page once, in request order
+    assert r.kv_sender.sent_pages == 8 and r.kv_sender.poll() == KVPoll.Success
+    assert outs["a"][-1].finish.type == "length" and used_pages(s) == 0 and not d.has_work()
+
+
+def test_prefill_chunk_sends_start_after_a_cached_prefix():
+    # b shares a's first 28 tokens (7 pages, cached): b's first chunk (tokens 28..36) makes
+    # pages 0..8 full, prefix included; then 9..10; the last 2 with the metadata
+    s, d = setup(DisaggregationMode.PREFILL, num_pages=64, chunk=8)
+    a = req("a", n=30, room=1)
+    d.add(a)
+    outs = {}
+    for _ in range(8):
+        step(s, d, outs)
+    assert outs["a"][-1].finish is not None
+    b = Req("b", list(range(3, 33)) + list(range(100, 120)), SamplingParams(max_new_tokens=3, temperature=0))
+    b.bootstrap_host, b.bootstrap_port, b.bootstrap_room = "127.0.0.1", 8998, 2
+    d.add(b)
+    calls = spy_sends(b)
+    for _ in range(8):
+        step(s, d, outs)
+    assert b.cached_tokens == 28
+    assert [len(p) for p, _, _ in calls] == [9, 2, 2] and [m for _, m, _ in calls] == [False, False, True]
+    assert outs["b"][-1].finish.type == "length" and used_pages(s) == 0
+
+
+def test_abort_between_chunks_frees_pages_and_fails_the_sender():
+    s, d = setup(DisaggregationMode.PREFILL, chunk=8)
+    r = req("a", n=30)
+    d.add(r)
+    calls = spy_sends(r)
+    outs = {}
+    while not calls:
+        step(s, d, outs)
+    assert r.kv_sent_pages == 2 and not r.finished
+    if not d.abort("a"):  # inside its prefill: the scheduler frees, decode hears at once
+        s.abort("a")
+    step(s, d, outs)
+    assert r.kv_sender.poll() == KVPoll.Failed and outs["a"][-1].finish.type == "abort"
+    assert len(calls) == 1 and used_pages(s) == 0 and not d.has_work() and not s.has_work()
+
+
+def test_decode_failure_between_chunks_stops_the_prefill():
+    s, d = setup(DisaggregationMode.PREFILL, chunk=8)
+    r = req("a", n=30)
+    d.add(r)
+    calls = spy_sends(r)
+    outs = {}
+    while not calls:
+        step(s, d, outs)
+    r.kv_sender.abort()  # what a decode abort or timeout does to the sender
+    computed = s.load().prefill_computed_tokens
+    step(s, d, outs)  # the next chunk's forward ends, then the request fails
+    assert s.load().prefill_computed_tokens == computed + 8  # not the remaining 14 after it
+    assert outs["a"][-1].finish.type == "abort" and "KV transfer" in outs["a"][-1].finish.message
+    assert len(calls) == 1 and used_pages(s) == 0 and not s.has_work()
 
 
 def test_capacity_check_aborts_with_400_in_both_modes():
