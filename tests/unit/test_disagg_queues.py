@@ -22,7 +22,11 @@ class FakeRunner:
 
 def setup(mode, num_pages=32, ps=4, chunk=64):
     s = Scheduler(
-        PageAllocator(num_pages, ps), max_running_requests=8, chunked_prefill_size=chunk, context_length=512, eos_ids=(2,)
+        PageAllocator(num_pages, ps),
+        max_running_requests=8,
+        chunked_prefill_size=chunk,
+        context_length=512,
+        eos_ids=(2,),
     )
     kv = torch.zeros(num_pages, 1, 2, ps, 1, 4)
     mgr = FakeKVManager(KVArgs(0, kv), mode)
