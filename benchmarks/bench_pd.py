@@ -10,6 +10,14 @@
    through `pdserve bench`: TTFT / TPOT p50 / p99 and goodput at the stated SLO.
 
     .venv/bin/python benchmarks/bench_pd.py --output bench_out/pd.json
+
+Issue #12 (KV sent per prefill chunk, overlapping the next chunk's forward): long prompts
+(`--prompt-len 4096`: 8 chunks of 512), only the TTFT part (`--skip-mixed`), and the 1P1D
+deployments of another checkout (`--baseline-tree /tmp/y`, e.g. a clone of main) run
+beside this one's and take turns with them, so before and after are measured in one run:
+
+    flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/bench_pd.py --skip-mixed \
+        --prompt-len 4096 --splits shared --baseline-tree /tmp/y --output bench_out/pd12_4096.json
 """
 
 from __future__ import annotations
@@ -29,8 +37,15 @@ from _common import free_port, mixed_bench_cmd, prompt_ids, stop_server, stream_
 from pdserve.launch.cli import wait_healthy  # noqa: E402
 
 
-def start(cmd: list[str], url: str, ready_path: str, timeout: float = 300) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(cmd: list[str], url: str, ready_path: str, timeout: float = 300, tree: str | None = None) -> subprocess.Popen:
+    """Start a server and wait until it is healthy. `tree`: run the pdserve of that checkout
+    (its directory first on the module path) instead of this one's."""
+    env = None
+    if tree is not None:
+        env = {**os.environ, "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree, env=env
+    )
     try:
         wait_healthy(url, proc, time.time() + timeout, ready_path)
     except RuntimeError:
@@ -91,29 +106,51 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--output", default="bench_out/pd.json")
     ap.add_argument("--ttft-samples", type=int, default=7)
+    ap.add_argument("--prompt-len", type=int, default=256, help="tokens of each TTFT prompt")
+    ap.add_argument("--splits", default="disjoint,shared", help="1P1D --cpu-split values to deploy")
+    ap.add_argument(
+        "--baseline-tree",
+        default=None,
+        help="also deploy the 1P1D deployments from this checkout (e.g. a clone of main), interleaved",
+    )
+    ap.add_argument("--skip-mixed", action="store_true", help="only the low-load TTFT part")
+    ap.add_argument("--max-total-tokens", type=int, default=65536)
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--rate", type=float, default=1.0, help="Poisson request rate of the mixed load")
     ap.add_argument("--slo-ttft-ms", type=float, default=2000)
     ap.add_argument("--slo-tpot-ms", type=float, default=100)
     ap.add_argument("--backend", default="tcp", choices=("tcp", "shm"))
     a = ap.parse_args()
+    splits = [x for x in a.splits.split(",") if x]
+    if not set(splits) <= {"disjoint", "shared"}:
+        ap.error(f"--splits takes disjoint and/or shared, got {a.splits!r}")
+    if a.baseline_tree is not None and not os.path.isdir(os.path.join(a.baseline_tree, "pdserve")):
+        ap.error(f"--baseline-tree {a.baseline_tree!r} holds no pdserve package")
     os.makedirs(os.path.dirname(a.output) or ".", exist_ok=True)
     res: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "loadavg_start": os.getloadavg(),
+        "prompt_len": a.prompt_len,
         "slo_ttft_ms": a.slo_ttft_ms,
         "slo_tpot_ms": a.slo_tpot_ms,
         "rate": a.rate,
         "num_prompts": a.num_prompts,
         "transfer_backend": a.backend,
+        "baseline_tree": a.baseline_tree,
     }
     py = [sys.executable, "-m", "pdserve.cli"]
-    bar = tqdm(total=1 + a.ttft_samples + 3, desc="bench_pd")
+    # (name, --cpu-split or "colocated", checkout or None for this one)
+    deps = [("colocated", "colocated", None)] + [(k, k, None) for k in splits]
+    if a.baseline_tree is not None:
+        deps += [(f"{k}@baseline", k, a.baseline_tree) for k in splits]
+    bar = tqdm(total=1 + a.ttft_samples + (0 if a.skip_mixed else 1 + len(splits)), desc="bench_pd")
 
-    def deploy(kind: str) -> tuple[str, subprocess.Popen]:
+    def deploy(kind: str, tree: str | None = None) -> tuple[str, subprocess.Popen]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
+        mtt = ["--max-total-tokens", str(a.max_total_tokens)]
         if kind == "colocated":  # one server on both cores
-            return url, start(py + ["serve", "--port", str(port), "--max-total-tokens", "65536"], url, "/health")
+            return url, start(py + ["serve", "--port", str(port), *mtt], url, "/health", tree=tree)
         # 1P1D, router in front: cores split (one each) or shared (both may use both)
         return url, start(
             py
@@ -121,8 +158,7 @@ def main() -> int:
                 "launch",
                 "--port",
                 str(port),
-                "--max-total-tokens",
-                "65536",
+                *mtt,
                 "--transfer-backend",
                 a.backend,
                 "--bootstrap-port-base",
@@ -132,38 +168,78 @@ def main() -> int:
             ],
             url,
             "/readiness",
+            tree=tree,
         )
 
-    kinds = ("colocated", "disjoint", "shared")
-    # 1. TTFT: all three deployments up at once (idle ones cost ~nothing), requests
-    # interleaved colocated, disjoint, shared, colocated, ... so that the VM's drifting speed
-    # (2x between runs minutes apart) hits all three alike; distinct prompts, no cache hits
+    # 1. TTFT: all deployments up at once (idle ones cost ~nothing), requests interleaved
+    # colocated, disjoint, shared, [baselines], colocated, ... so that the VM's drifting speed
+    # (2x between runs minutes apart) hits all alike; distinct prompts, no cache hits
+    names = [n for n, _, _ in deps]
+    samples: dict[str, list[float]] = {n: [] for n in names}
     procs: list[subprocess.Popen] = []
     try:
         urls = {}
-        for k in kinds:
-            urls[k], proc = deploy(k)
+        for name, kind, tree in deps:
+            urls[name], proc = deploy(kind, tree)
             procs.append(proc)
-            stream_times(urls[k], {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
+            stream_times(urls[name], {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
+            # a first long prompt too: the first forward of a new length pays one-off costs
+            warm = {
+                "input_ids": prompt_ids(10_000 + len(procs), a.prompt_len),
+                "sampling_params": {"max_new_tokens": 1},
+            }
+            stream_times(urls[name], warm)
         res["quiet_wait_s"] = wait_quiet(procs)
+        res["loadavg_measure_start"] = os.getloadavg()
         bar.update()
-        samples: dict[str, list[float]] = {k: [] for k in kinds}
         for i in range(a.ttft_samples):
-            for j, k in enumerate(kinds):
-                ids = prompt_ids(i * 3 + j)
-                samples[k].append(
-                    stream_times(urls[k], {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})[0]
+            for j, name in enumerate(names):
+                ids = prompt_ids(i * len(names) + j, a.prompt_len)
+                samples[name].append(
+                    stream_times(urls[name], {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})[0]
                 )
             bar.update()
+        res["loadavg_measure_end"] = os.getloadavg()
     finally:
         for proc in procs:
             stop_server(proc)
-    res["ttft_256_samples_ms"] = {k: [v * 1000 for v in samples[k]] for k in kinds}
-    res["colocated_ttft_256_ms"] = sorted(samples["colocated"])[a.ttft_samples // 2] * 1000
-    for split in ("disjoint", "shared"):
-        res[f"pd_{split}_ttft_256_ms"] = sorted(samples[split])[a.ttft_samples // 2] * 1000
+    med = {n: sorted(samples[n])[a.ttft_samples // 2] * 1000 for n in names}
+    res["ttft_samples_ms"] = {n: [v * 1000 for v in samples[n]] for n in names}
+    res["ttft_median_ms"] = med
+    res["ttft_overhead_pct"], res["ttft_paired_overhead_pct"] = {}, {}
+    for name in names[1:]:
+        res["ttft_overhead_pct"][name] = 100 * (med[name] / med["colocated"] - 1)
+        # each PD sample against the co-located one taken just before it (same VM speed)
+        ratios = sorted(p / c for p, c in zip(samples[name], samples["colocated"]))
+        res["ttft_paired_overhead_pct"][name] = 100 * (ratios[len(ratios) // 2] - 1)
+    if a.prompt_len == 256:  # the keys of the earlier runs
+        res["colocated_ttft_256_ms"] = med["colocated"]
+        for k in splits:
+            res[f"pd_{k}_ttft_256_ms"] = med[k]
+            res[f"pd_{k}_ttft_overhead_pct"] = res["ttft_overhead_pct"][k]
+            res[f"pd_{k}_ttft_paired_overhead_pct"] = res["ttft_paired_overhead_pct"][k]
+    print(
+        "\nTTFT of a %d-token prompt, low load (median of %d): co-located %.1f ms"
+        % (a.prompt_len, a.ttft_samples, med["colocated"])
+    )
+    for name in names[1:]:
+        o, po = res["ttft_overhead_pct"][name], res["ttft_paired_overhead_pct"][name]
+        verdict = "met" if max(o, po) <= 10 else "MISSED"
+        print(
+            f"  1P1D --cpu-split {name:<18}: {med[name]:.1f} ms, PD overhead {o:+.1f} % of medians, "
+            f"{po:+.1f} % median of paired ratios (target <= 10 %: {verdict})"
+        )
+    print(
+        "load average: start %s, measuring %s -> %s"
+        % (res["loadavg_start"], res["loadavg_measure_start"], res["loadavg_measure_end"])
+    )
+    if a.skip_mixed:
+        bar.close()
+        write_json(a.output, res)
+        return 0
     # 2. mixed load, one deployment at a time
-    for k in kinds:
+    mixed = ["colocated", *splits]
+    for k in mixed:
         url, proc = deploy(k)
         try:
             stream_times(url, {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
@@ -174,27 +250,13 @@ def main() -> int:
             stop_server(proc)
         bar.update()
     bar.close()
-    print(
-        "\nTTFT of a 256-token prompt, low load (median of %d): co-located %.1f ms"
-        % (a.ttft_samples, res["colocated_ttft_256_ms"])
-    )
-    for split in ("disjoint", "shared"):
-        res[f"pd_{split}_ttft_overhead_pct"] = 100 * (res[f"pd_{split}_ttft_256_ms"] / res["colocated_ttft_256_ms"] - 1)
-        # each PD sample against the co-located one taken just before it (same VM speed)
-        ratios = sorted(p / c for p, c in zip(samples[split], samples["colocated"]))
-        res[f"pd_{split}_ttft_paired_overhead_pct"] = 100 * (ratios[len(ratios) // 2] - 1)
-        print(
-            f"  1P1D --cpu-split {split:<8}: {res[f'pd_{split}_ttft_256_ms']:.1f} ms, "
-            f"PD overhead {res[f'pd_{split}_ttft_overhead_pct']:+.1f} % of medians, "
-            f"{res[f'pd_{split}_ttft_paired_overhead_pct']:+.1f} % median of paired ratios (target <= 10 %)"
-        )
     keys = [("ttft_ms", "median"), ("ttft_ms", "p99"), ("tpot_ms", "median"), ("tpot_ms", "p99")]
     print(
         f"\nmixed load, Poisson {a.rate}/s, {a.num_prompts} requests, SLO TTFT<={a.slo_ttft_ms} ms, "
         f"TPOT<={a.slo_tpot_ms} ms"
     )
     print(f"{'':<12}" + "".join(f"{k}.{s:<8}" for k, s in keys) + "goodput  attainment  failed")
-    for name in ("colocated", "pd_disjoint", "pd_shared"):
+    for name in ["colocated", *(f"pd_{k}" for k in splits)]:
         m = res[f"{name}_mixed"]
         row = f"{name:<12}"
         for k, s in keys:

@@ -27,6 +27,9 @@ PROMPTS = [
     "Summarize the plot of Romeo and Juliet in two sentences. " * 4,
 ]
 SP = {"max_new_tokens": 24, "temperature": 0}
+# ~1,100 tokens: three chunks of the default 512, so prefill sends the KV of the first two
+# while the next one computes (#12)
+LONG_PROMPT = " ".join(f"The quick brown fox jumps over the lazy dog number {i}." for i in range(80))
 
 
 class Launch:
@@ -131,6 +134,19 @@ def test_concurrent_equals_mode_null(pd, reference):
         outs = list(ex.map(one, PROMPTS))
     assert [o["output_ids"] for o in outs] == [r["output_ids"] for r in reference]
     pools_free(pd)
+
+
+def long_prompt_equals_mode_null(pd, server) -> None:
+    body = {"text": LONG_PROMPT, "sampling_params": {**SP, "max_new_tokens": 8}}
+    ref = httpx.post(server.url + "/generate", json=body, timeout=300).json()
+    out = httpx.post(pd.url + "/generate", json=body, timeout=300).json()
+    assert out["meta_info"]["prompt_tokens"] > 2 * 512
+    assert out["output_ids"] == ref["output_ids"] and out["text"] == ref["text"]
+    pools_free(pd)
+
+
+def test_long_prompt_sent_per_chunk_equals_mode_null(pd, server):
+    long_prompt_equals_mode_null(pd, server)
 
 
 def test_openai_client_through_router(pd, server):

@@ -1,6 +1,6 @@
 """Tensor parallelism (--tp-size) on the default model: a tp-2 server equals tp 1 token for
 token (fp32); PD with different tp sizes on the two sides (prefill 1 -> decode 2 over tcp,
-prefill 2 -> decode 1 over shm) equals mode null; the extra rank dies with its server; a tp
+prefill 2 -> decode 1 over shm) equals mode null, a prompt of several chunks included; the extra rank dies with its server; a tp
 size the model cannot take is a clear startup error."""
 
 import concurrent.futures as cf
@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from tests.conftest import ServerProc, free_port
-from tests.e2e.test_pd import PROMPTS, SP, Launch, pools_free
+from tests.e2e.test_pd import PROMPTS, SP, Launch, long_prompt_equals_mode_null
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +53,7 @@ def test_tp2_server_equals_tp1(reference):
 @pytest.mark.parametrize(
     "backend,split,p_tp,d_tp", [("tcp", "disjoint", 1, 2), ("shm", "shared", 2, 1)], ids=["tcp-p1-d2", "shm-p2-d1"]
 )
-def test_pd_with_different_tp_sizes(reference, backend, split, p_tp, d_tp):
+def test_pd_with_different_tp_sizes(reference, server, backend, split, p_tp, d_tp):
     pd = Launch(backend, split, "--prefill-tp-size", str(p_tp), "--decode-tp-size", str(d_tp))
     try:
         for url, tp in ((pd.prefill, p_tp), (pd.decode, d_tp)):
@@ -65,9 +65,9 @@ def test_pd_with_different_tp_sizes(reference, backend, split, p_tp, d_tp):
         with cf.ThreadPoolExecutor(3) as ex:
             outs = list(ex.map(lambda p: _gen(pd.url, p), PROMPTS[:3]))
         assert [o["output_ids"] for o in outs] == [r["output_ids"] for r in reference[:3]]
-        pools_free(pd)
+        long_prompt_equals_mode_null(pd, server)  # its KV sent chunk by chunk, per rank
         ld = httpx.get(pd.decode + "/get_load", timeout=10).json()
-        assert ld["kv_transfers_completed"] >= len(PROMPTS) + 3 and ld["kv_transfers_failed"] == 0
+        assert ld["kv_transfers_completed"] >= len(PROMPTS) + 4 and ld["kv_transfers_failed"] == 0
     finally:
         pd.stop()
 
