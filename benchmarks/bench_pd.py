@@ -12,12 +12,12 @@
     .venv/bin/python benchmarks/bench_pd.py --output bench_out/pd.json
 
 Issue #12 (KV sent per prefill chunk, overlapping the next chunk's forward): long prompts
-(`--prompt-len 4096`: 8 chunks of 512), only the TTFT part (`--skip-mixed`), and the 1P1D
+(`--prompt-lens 256,2048,4096`: 1, 4 and 8 chunks of 512), only the TTFT part (`--skip-mixed`), and the 1P1D
 deployments of another checkout (`--baseline-tree /tmp/y`, e.g. a clone of main) run
 beside this one's and take turns with them, so before and after are measured in one run:
 
     flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/bench_pd.py --skip-mixed \
-        --prompt-len 4096 --splits shared --baseline-tree /tmp/y --output bench_out/pd12_4096.json
+        --prompt-lens 256,2048,4096 --splits shared --baseline-tree /tmp/y --output bench_out/pd12.json
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -106,7 +107,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--output", default="bench_out/pd.json")
     ap.add_argument("--ttft-samples", type=int, default=7)
-    ap.add_argument("--prompt-len", type=int, default=256, help="tokens of each TTFT prompt")
+    ap.add_argument(
+        "--prompt-lens",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[256],
+        help="tokens of the TTFT prompts, comma-separated (each length measured in every round)",
+    )
     ap.add_argument("--splits", default="disjoint,shared", help="1P1D --cpu-split values to deploy")
     ap.add_argument(
         "--baseline-tree",
@@ -130,7 +136,7 @@ def main() -> int:
     res: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "loadavg_start": os.getloadavg(),
-        "prompt_len": a.prompt_len,
+        "prompt_lens": a.prompt_lens,
         "slo_ttft_ms": a.slo_ttft_ms,
         "slo_tpot_ms": a.slo_tpot_ms,
         "rate": a.rate,
@@ -173,62 +179,67 @@ def main() -> int:
 
     # 1. TTFT: all deployments up at once (idle ones cost ~nothing), requests interleaved
     # colocated, disjoint, shared, [baselines], colocated, ... so that the VM's drifting speed
-    # (2x between runs minutes apart) hits all alike; distinct prompts, no cache hits
+    # (2x between runs minutes apart) hits all alike; the PD deployments' order flips every
+    # round (no one always runs right after co-located); distinct prompts, no cache hits
     names = [n for n, _, _ in deps]
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    lens = a.prompt_lens
+    samples: dict[int, dict[str, list[float]]] = {n_tok: {n: [] for n in names} for n_tok in lens}
     procs: list[subprocess.Popen] = []
+    k = 0
     try:
         urls = {}
         for name, kind, tree in deps:
             urls[name], proc = deploy(kind, tree)
             procs.append(proc)
             stream_times(urls[name], {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
-            # a first long prompt too: the first forward of a new length pays one-off costs
-            warm = {
-                "input_ids": prompt_ids(10_000 + len(procs), a.prompt_len),
-                "sampling_params": {"max_new_tokens": 1},
-            }
-            stream_times(urls[name], warm)
+            for n_tok in lens:  # the first forward of a new length pays one-off costs
+                warm = {"input_ids": prompt_ids(10_000 + k, n_tok), "sampling_params": {"max_new_tokens": 1}}
+                k += 1
+                stream_times(urls[name], warm)
         res["quiet_wait_s"] = wait_quiet(procs)
         res["loadavg_measure_start"] = os.getloadavg()
         bar.update()
         for i in range(a.ttft_samples):
-            for j, name in enumerate(names):
-                ids = prompt_ids(i * len(names) + j, a.prompt_len)
-                samples[name].append(
-                    stream_times(urls[name], {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}})[0]
-                )
+            order = [names[0], *(names[1:] if i % 2 == 0 else reversed(names[1:]))]
+            for n_tok in lens:
+                for name in order:
+                    body = {"input_ids": prompt_ids(k, n_tok), "sampling_params": {"max_new_tokens": 1}}
+                    k += 1
+                    samples[n_tok][name].append(stream_times(urls[name], body)[0] * 1000)
             bar.update()
         res["loadavg_measure_end"] = os.getloadavg()
     finally:
         for proc in procs:
             stop_server(proc)
-    med = {n: sorted(samples[n])[a.ttft_samples // 2] * 1000 for n in names}
-    res["ttft_samples_ms"] = {n: [v * 1000 for v in samples[n]] for n in names}
-    res["ttft_median_ms"] = med
-    res["ttft_overhead_pct"], res["ttft_paired_overhead_pct"] = {}, {}
-    for name in names[1:]:
-        res["ttft_overhead_pct"][name] = 100 * (med[name] / med["colocated"] - 1)
-        # each PD sample against the co-located one taken just before it (same VM speed)
-        ratios = sorted(p / c for p, c in zip(samples[name], samples["colocated"]))
-        res["ttft_paired_overhead_pct"][name] = 100 * (ratios[len(ratios) // 2] - 1)
-    if a.prompt_len == 256:  # the keys of the earlier runs
-        res["colocated_ttft_256_ms"] = med["colocated"]
-        for k in splits:
-            res[f"pd_{k}_ttft_256_ms"] = med[k]
-            res[f"pd_{k}_ttft_overhead_pct"] = res["ttft_overhead_pct"][k]
-            res[f"pd_{k}_ttft_paired_overhead_pct"] = res["ttft_paired_overhead_pct"][k]
-    print(
-        "\nTTFT of a %d-token prompt, low load (median of %d): co-located %.1f ms"
-        % (a.prompt_len, a.ttft_samples, med["colocated"])
-    )
-    for name in names[1:]:
-        o, po = res["ttft_overhead_pct"][name], res["ttft_paired_overhead_pct"][name]
-        verdict = "met" if max(o, po) <= 10 else "MISSED"
+    res["ttft"] = {}
+    for n_tok in lens:
+        sm = samples[n_tok]
+        med = {n: statistics.median(sm[n]) for n in names}
+        r: dict = {"samples_ms": sm, "median_ms": med, "overhead_pct": {}, "paired_overhead_pct": {}}
+        for name in names[1:]:
+            r["overhead_pct"][name] = 100 * (med[name] / med["colocated"] - 1)
+            # each PD sample against the co-located one of the same round (same VM speed)
+            r["paired_overhead_pct"][name] = 100 * (
+                statistics.median(p / c for p, c in zip(sm[name], sm["colocated"])) - 1
+            )
+        res["ttft"][str(n_tok)] = r
+        if n_tok == 256:  # the keys of the earlier runs
+            res["colocated_ttft_256_ms"] = med["colocated"]
+            for sp in splits:
+                res[f"pd_{sp}_ttft_256_ms"] = med[sp]
+                res[f"pd_{sp}_ttft_overhead_pct"] = r["overhead_pct"][sp]
+                res[f"pd_{sp}_ttft_paired_overhead_pct"] = r["paired_overhead_pct"][sp]
         print(
-            f"  1P1D --cpu-split {name:<18}: {med[name]:.1f} ms, PD overhead {o:+.1f} % of medians, "
-            f"{po:+.1f} % median of paired ratios (target <= 10 %: {verdict})"
+            "\nTTFT of a %d-token prompt, low load (median of %d): co-located %.1f ms"
+            % (n_tok, a.ttft_samples, med["colocated"])
         )
+        for name in names[1:]:
+            o, po = r["overhead_pct"][name], r["paired_overhead_pct"][name]
+            verdict = "met" if max(o, po) <= 10 else "MISSED"
+            print(
+                f"  1P1D --cpu-split {name:<18}: {med[name]:.1f} ms, PD overhead {o:+.1f} % of medians, "
+                f"{po:+.1f} % median of paired ratios (target <= 10 %: {verdict})"
+            )
     print(
         "load average: start %s, measuring %s -> %s"
         % (res["loadavg_start"], res["loadavg_measure_start"], res["loadavg_measure_end"])
