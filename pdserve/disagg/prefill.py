@@ -91,13 +91,17 @@ class PrefillDisagg(DisaggQueues):
         backend: TransferBackend,
         bootstrap_port: int,
         bootstrap_server: BaseKVBootstrapServer | None = None,
+        send_per_chunk: bool = True,
     ) -> None:
+        """`send_per_chunk=False`: send all the KV after the prompt's last chunk, as before
+        #12 (benchmarks/bench_pd_overlap.py compares the two)."""
         super().__init__(kv_manager, bootstrap_server)
         self.scheduler = scheduler
         self.bootstrap_queue = PrefillBootstrapQueue(scheduler, kv_manager, backend, bootstrap_port)
         self.inflight: list[Req] = []
         scheduler.on_generation_end(self._on_prefill_done)
-        scheduler.on_prefill_chunk(self._on_chunk_done)
+        if send_per_chunk:
+            scheduler.on_prefill_chunk(self._on_chunk_done)
 
     def add(self, req: Req) -> None:
         self.bootstrap_queue.add(req)
