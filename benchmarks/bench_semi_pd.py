@@ -6,26 +6,47 @@ Deployments (each alone on the machine, one after the other):
   semi_pd_fixed    `pdserve serve --enable-semi-pd` at --split (default 50/50)
   semi_pd_slo      `pdserve serve --enable-semi-pd --enable-slo-aware` from --split, the
                    controller's targets = the benchmark's SLOs, its interval --slo-interval s
+A Semi-PD name may carry its own split and core policy: `semi_pd_fixed@70/30`,
+`semi_pd_slo+overlap` (PDSERVE_SEMI_PD_CORES=overlap, docs/semi_pd.md).
 
-Workload: `pdserve bench --dataset-name mixed` (short prompts, 1 in 8 long), Poisson arrivals,
-for each rate of --rates. SLOs: --slo-factor x the TTFT / TPOT of one request alone on the
-co-located server (measured first; the Semi-PD paper used 7.5x and 10x). Reported per
-deployment and rate: TTFT and TPOT p50 / p99, SLO attainment; the highest rate at which
-attainment stays >= 90 %; PSS of the deployment's processes; for Semi-PD the time each split
-change took (re-pinning a worker between two of its steps).
+Workloads (--workload):
+  poisson     `pdserve bench --dataset-name mixed` (128-token prompts, 1 in 8 of 768 tokens,
+              48 output tokens), Poisson arrivals, for each rate of --rates.
+  mix_shift   Poisson arrivals at each rate of --rates; the first half of the requests have
+              short prompts and long outputs (--shift-a, default 64 in / 128 out), the second
+              half long prompts and short outputs (--shift-b, default 512 in / 8 out). For
+              Semi-PD the split is sampled every second (the split-over-time plot).
 
-    flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/bench_semi_pd.py --output bench_out/semi_pd.json
-    # the Semi-PD deployments only, against the SLOs of an earlier run:
-    ... bench_semi_pd.py --deployments semi_pd_fixed,semi_pd_slo --slo-ms 1196,310 --rates 1.5,3
+SLOs: --slo-factor x the TTFT / TPOT of one 128-token request alone on the co-located server
+(measured first, or given with --slo-ms; the Semi-PD paper used 7.5x and 10x). A request meets
+its SLO if its TTFT and its TPOT both do. Reported per deployment and rate: TTFT and TPOT
+p50 / p99, SLO attainment; the highest rate at which attainment stays >= 90 %; RSS and PSS of
+the deployment's process tree (RSS counts shared memory once per process, PSS splits it);
+the load average at each rate. --measure-switch: the time of a split change, in place (re-pin
+between two steps) and by process rotation (standby workers), each under one streaming
+request, with the longest gap between its tokens.
+
+Each invocation should stay under ~8 min (it holds the exclusive benchmark lock), so run one
+workload and one or two deployments per invocation and merge them with --plot:
+
+    flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/bench_semi_pd.py --workload poisson \
+        --deployments colocated,pd_disjoint --output bench_out/sp_poisson_a.json
+    flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/bench_semi_pd.py --workload poisson \
+        --deployments semi_pd_fixed,semi_pd_slo --slo-ms 1196,310 --output bench_out/sp_poisson_b.json
+    .venv/bin/python benchmarks/bench_semi_pd.py --plot docs/img bench_out/sp_*.json
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import glob
 import json
 import os
+import random
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -36,14 +57,30 @@ from _common import free_port, mixed_bench_cmd, stop_server, stream_times, write
 from bench_pd import _get, start, wait_quiet  # noqa: E402
 
 DEPLOYMENTS = ("colocated", "pd_disjoint", "semi_pd_fixed", "semi_pd_slo")
+LABELS = {
+    "colocated": "co-located (mode null)",
+    "pd_disjoint": "1P1D, disjoint cores",
+    "semi_pd_fixed": "Semi-PD fixed",
+    "semi_pd_slo": "Semi-PD SLO-aware",
+}
 
 
-def deploy(kind: str, a, slo: tuple[float, float]) -> tuple[str, subprocess.Popen]:
+def parse_deployment(name: str, default_split: str) -> tuple[str, str, str | None]:
+    """`kind[@P/D][+policy]` -> (kind, split, core policy or None)."""
+    base, _, policy = name.partition("+")
+    kind, _, split = base.partition("@")
+    if kind not in DEPLOYMENTS:
+        raise SystemExit(f"unknown deployment {name!r}: one of {DEPLOYMENTS}, e.g. semi_pd_fixed@70/30+overlap")
+    return kind, split or default_split, policy or None
+
+
+def deploy(name: str, a, slo: tuple[float, float], extra: list[str] = ()) -> tuple[str, subprocess.Popen]:
+    kind, split, policy = parse_deployment(name, a.split)
     py = [sys.executable, "-m", "pdserve.cli"]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     common = ["--port", str(port), "--dtype", "float32", "--max-total-tokens", str(a.max_total_tokens)]
-    pre, dec = (int(x) for x in a.split.split("/"))
+    pre, dec = (int(x) for x in split.split("/"))
     if kind == "colocated":
         return url, start(py + ["serve", *common], url, "/health")
     if kind == "pd_disjoint":
@@ -62,7 +99,7 @@ def deploy(kind: str, a, slo: tuple[float, float]) -> tuple[str, subprocess.Pope
             url,
             "/readiness",
         )
-    semi = ["--enable-semi-pd", "--initial-prefill-sm", str(pre), "--initial-decode-sm", str(dec)]
+    semi = ["--enable-semi-pd", "--initial-prefill-sm", str(pre), "--initial-decode-sm", str(dec), *extra]
     if kind == "semi_pd_slo":
         semi += [
             "--enable-slo-aware",
@@ -75,25 +112,44 @@ def deploy(kind: str, a, slo: tuple[float, float]) -> tuple[str, subprocess.Pope
             "--slo-window-size",
             str(3 * a.slo_interval),
         ]
-    return url, start(py + ["serve", *common, *semi], url, "/health")
+    saved = os.environ.get("PDSERVE_SEMI_PD_CORES")
+    if policy:
+        os.environ["PDSERVE_SEMI_PD_CORES"] = policy  # the server's processes inherit it
+    try:
+        return url, start(py + ["serve", *common, *semi], url, "/health")
+    finally:
+        if saved is None:
+            os.environ.pop("PDSERVE_SEMI_PD_CORES", None)
+        else:
+            os.environ["PDSERVE_SEMI_PD_CORES"] = saved
 
 
-def pss_mib(proc: subprocess.Popen) -> float:
-    """Proportional set size of the deployment's process tree (shared memory counted once)."""
-    total = 0
+def memory_mib(proc: subprocess.Popen) -> dict:
+    """RSS and PSS of the deployment's process tree, MiB. RSS counts a shared page in every
+    process that maps it (the Semi-PD weights and KV pool once per worker), PSS splits it."""
+    rss = pss = 0
+    n = 0
     try:
         root = psutil.Process(proc.pid)
         for p in [root, *root.children(recursive=True)]:
             try:
-                total += p.memory_full_info().pss
+                m = p.memory_full_info()
+                rss, pss, n = rss + m.rss, pss + m.pss, n + 1
             except psutil.Error:
                 pass
     except psutil.Error:
         pass
-    return total / 2**20
+    return {"rss_mib": rss / 2**20, "pss_mib": pss / 2**20, "processes": n}
 
 
-def run_rate(url: str, rate: float, out_file: str, a, slo: tuple[float, float]) -> dict:
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def run_poisson(url: str, rate: float, out_file: str, a, slo: tuple[float, float]) -> dict:
     cmd = mixed_bench_cmd(
         url,
         num_prompts=a.num_prompts,
@@ -118,6 +174,105 @@ def run_rate(url: str, rate: float, out_file: str, a, slo: tuple[float, float]) 
     }
 
 
+def shift_requests(a, rate: float) -> list[tuple[float, str, list[int], int]]:
+    """(arrival s, phase, prompt ids, output tokens): Poisson arrivals (seed 1), the first half
+    of phase A's shape, the second half of phase B's, distinct prompts (no prefix hits)."""
+    rng = random.Random(1)
+    (ia, oa), (ib, ob) = (tuple(int(x) for x in v.split("/")) for v in (a.shift_a, a.shift_b))
+    t, out = 0.0, []
+    for k in range(a.num_prompts):
+        phase, n_in, n_out = ("A", ia, oa) if k < a.num_prompts // 2 else ("B", ib, ob)
+        ids = [(k * 7919 + j * 31 + int(rate * 1000)) % 40000 + 100 for j in range(n_in)]
+        out.append((t, phase, ids, n_out))
+        t += rng.expovariate(rate)
+    return out
+
+
+async def _one(client: httpx.AsyncClient, url: str, t0: float, req, rec: list) -> None:
+    at, phase, ids, n_out = req
+    await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+    sent = time.perf_counter()
+    times: list[float] = []
+    n_prev, err = 0, None
+    body = {"input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": n_out, "ignore_eos": True}}
+    body["sampling_params"]["temperature"] = 0
+    try:
+        async with client.stream("POST", url + "/generate", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                n = json.loads(line[6:])["meta_info"]["completion_tokens"]
+                now = time.perf_counter()
+                times.extend([now] * (n - n_prev))
+                n_prev = n
+    except Exception as e:  # noqa: BLE001 (a failed request is counted, not raised)
+        err = repr(e)
+    ttft = (times[0] - sent) * 1000 if times else float("nan")
+    tpot = (times[-1] - times[0]) / (len(times) - 1) * 1000 if len(times) > 1 else 0.0
+    rec.append(
+        {"arrival_s": sent - t0, "phase": phase, "ttft_ms": ttft, "tpot_ms": tpot, "tokens": len(times), "error": err}
+    )
+
+
+async def _sample_split(url: str, t0: float, samples: list, stop: asyncio.Event) -> None:
+    async with httpx.AsyncClient(timeout=10) as c:
+        while not stop.is_set():
+            try:
+                st = (await c.get(url + "/semi_pd/status")).json()
+                sp = st["current_split"]
+                samples.append((time.perf_counter() - t0, sp["prefill_percentage"], sp["decode_percentage"]))
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+
+def summarize(recs: list[dict], slo: tuple[float, float]) -> dict:
+    ok = [r for r in recs if r["error"] is None]
+    good = [r for r in ok if r["ttft_ms"] <= slo[0] and r["tpot_ms"] <= slo[1]]
+    ttft = [r["ttft_ms"] for r in ok]
+    tpot = [r["tpot_ms"] for r in ok if r["tokens"] > 1]
+    return {
+        "ttft_p50_ms": _pct(ttft, 0.5),
+        "ttft_p99_ms": _pct(ttft, 0.99),
+        "tpot_p50_ms": _pct(tpot, 0.5),
+        "tpot_p99_ms": _pct(tpot, 0.99),
+        "attainment": len(good) / len(recs) if recs else float("nan"),
+        "failed": len(recs) - len(ok),
+    }
+
+
+def run_mix_shift(url: str, rate: float, a, slo: tuple[float, float], semi: bool) -> dict:
+    reqs = shift_requests(a, rate)
+
+    async def go() -> tuple[list, list]:
+        rec: list = []
+        samples: list = []
+        stop = asyncio.Event()
+        t0 = time.perf_counter()
+        limits = httpx.Limits(max_connections=a.num_prompts + 4)
+        async with httpx.AsyncClient(timeout=900, limits=limits) as c:
+            sampler = asyncio.create_task(_sample_split(url, t0, samples, stop)) if semi else None
+            await asyncio.gather(*(_one(c, url, t0, r, rec) for r in reqs))
+            stop.set()
+            if sampler is not None:
+                await sampler
+        return rec, samples
+
+    rec, samples = asyncio.run(go())
+    rec.sort(key=lambda r: r["arrival_s"])
+    out = summarize(rec, slo)
+    for ph in ("A", "B"):
+        out[f"phase_{ph}"] = summarize([r for r in rec if r["phase"] == ph], slo)
+    out["shift_at_s"] = next((r["arrival_s"] for r in rec if r["phase"] == "B"), None)
+    out["split_samples"] = samples
+    out["requests"] = rec
+    return out
+
+
 def unloaded_latency(url: str, n: int = 3) -> tuple[float, float]:
     """Median TTFT and TPOT (ms) of one 128-token prompt / 48-token output, alone."""
     ttfts, tpots = [], []
@@ -131,32 +286,165 @@ def unloaded_latency(url: str, n: int = 3) -> tuple[float, float]:
     return sorted(ttfts)[n // 2], sorted(tpots)[n // 2]
 
 
+SWITCH_SPLITS = ((70, 30), (30, 70), (50, 50), (60, 40), (40, 60))
+
+
+def measure_switch(a, mechanism: str) -> dict:
+    """Split changes on an otherwise idle Semi-PD server while one request streams 256
+    tokens: the time each change took to take effect, and the stream's longest token gap."""
+    url, proc = deploy("semi_pd_fixed", a, (0, 0), ["--semi-pd-switch", mechanism])
+    try:
+        stream_times(url, {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
+        wait_quiet([proc])
+        box: dict = {}
+
+        def streamer() -> None:
+            body = {
+                "input_ids": list(range(1000, 1128)),
+                "sampling_params": {"max_new_tokens": 256, "ignore_eos": True, "temperature": 0},
+            }
+            box["ttft"], box["times"] = stream_times(url, body)
+
+        th = threading.Thread(target=streamer)
+        th.start()
+        time.sleep(1.0)
+        splits = SWITCH_SPLITS[:3] if mechanism == "rotation" else SWITCH_SPLITS
+        with httpx.Client(timeout=120) as c:
+            for pre, dec in splits:
+                n0 = c.get(url + "/semi_pd/status").json()["process_rotation_status"]["num_changes"]
+                c.post(url + "/semi_pd/reallocate", json={"prefill_percentage": pre, "decode_percentage": dec})
+                deadline = time.time() + 120
+                while time.time() < deadline:  # a rotation completes in the background
+                    st = c.get(url + "/semi_pd/status").json()["process_rotation_status"]
+                    if st["num_changes"] > n0:
+                        break
+                    time.sleep(0.05)
+                time.sleep(0.3)
+            st = c.get(url + "/semi_pd/status").json()["process_rotation_status"]
+        th.join()
+        times = box.get("times", [])
+        gaps = [(y - x) * 1000 for x, y in zip(times, times[1:])]
+        return {
+            "mechanism": mechanism,
+            "splits": [f"{p}/{d}" for p, d in splits],
+            "rotation_seconds": st["rotation_seconds"],
+            "pin_seconds": st["pin_seconds"],
+            "stream_tokens": len(times),
+            "stream_gap_p50_ms": _pct(gaps, 0.5),
+            "stream_gap_max_ms": max(gaps) if gaps else float("nan"),
+        }
+    finally:
+        stop_server(proc)
+
+
+def plot(out_dir: str, files: list[str]) -> None:
+    """attainment vs rate per workload (all deployments of the given JSON files), and the
+    split over time of the mix-shift runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for pat in files:
+        for fn in sorted(glob.glob(pat)):
+            with open(fn) as f:
+                runs.append(json.load(f))
+    os.makedirs(out_dir, exist_ok=True)
+    for wl in ("poisson", "mix_shift"):
+        mine = [r for r in runs if r.get("workload", "poisson") == wl]
+        if not mine:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in mine:
+            for name, d in r["deployments"].items():
+                xs = sorted(float(x) for x in d["rates"])
+                ax.plot(xs, [d["rates"][_key(d, x)]["attainment"] for x in xs], marker="o", label=name)
+        ax.axhline(0.9, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel("SLO attainment")
+        slo = mine[0]
+        ax.set_title(f"{wl}: TTFT<={slo['slo_ttft_ms']:.0f} ms, TPOT<={slo['slo_tpot_ms']:.0f} ms (2 cores)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fn = os.path.join(out_dir, f"semi_pd_attainment_{wl}.png")
+        fig.savefig(fn, dpi=110)
+        plt.close(fig)
+        print("wrote", fn)
+    shift = [r for r in runs if r.get("workload") == "mix_shift"]
+    series = [
+        (name, rate, m)
+        for r in shift
+        for name, d in r["deployments"].items()
+        if name.startswith("semi_pd")
+        for rate, m in d["rates"].items()
+        if m.get("split_samples")
+    ]
+    if series:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, rate, m in series:
+            xs = [s[0] for s in m["split_samples"]]
+            ax.step(xs, [s[1] for s in m["split_samples"]], where="post", label=f"{name} @ {rate}/s prefill %")
+            if m.get("shift_at_s") is not None:
+                ax.axvline(m["shift_at_s"], color="grey", ls=":", lw=0.8)
+        ax.set_xlabel("time since the first request (s); dotted: first long-prompt request")
+        ax.set_ylabel("prefill share (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title("mix-shift: Semi-PD split over time")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fn = os.path.join(out_dir, "semi_pd_split_mix_shift.png")
+        fig.savefig(fn, dpi=110)
+        plt.close(fig)
+        print("wrote", fn)
+
+
+def _key(d: dict, x: float) -> str:
+    return next(k for k in d["rates"] if float(k) == x)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--output", default="bench_out/semi_pd.json")
-    ap.add_argument("--rates", default="0.25,0.5,1.0,1.5", help="Poisson request rates, comma-separated")
-    ap.add_argument("--num-prompts", type=int, default=24)
+    ap.add_argument("--workload", choices=("poisson", "mix_shift"), default="poisson")
+    ap.add_argument("--rates", default="0.5,1,2,3,4.5", help="Poisson request rates, comma-separated")
+    ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--slo-factor", type=float, default=7.5)
     ap.add_argument("--split", default="50/50", help="Semi-PD's (initial) split, prefill/decode %%")
     ap.add_argument("--slo-interval", type=float, default=5.0, help="SLO controller interval, s")
     ap.add_argument("--max-total-tokens", type=int, default=32768)
     ap.add_argument("--deployments", default=",".join(DEPLOYMENTS))
+    ap.add_argument("--shift-a", default="64/128", help="mix_shift first half: prompt/output tokens")
+    ap.add_argument("--shift-b", default="512/8", help="mix_shift second half: prompt/output tokens")
+    ap.add_argument("--measure-switch", action="store_true", help="time in-place and rotation split changes")
+    ap.add_argument("--plot", metavar="DIR", help="only plot the given JSON files (globs) into DIR")
+    ap.add_argument("files", nargs="*")
     ap.add_argument(
         "--slo-ms",
         default="",
         help="TTFT,TPOT targets in ms instead of --slo-factor x unloaded co-located (to compare with an earlier run)",
     )
     a = ap.parse_args()
+    if a.plot:
+        plot(a.plot, a.files)
+        return 0
     rates = [float(r) for r in a.rates.split(",")]
     kinds = [k for k in a.deployments.split(",") if k]
+    for k in kinds:
+        parse_deployment(k, a.split)
     res: dict = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "workload": a.workload,
         "rates": rates,
         "num_prompts": a.num_prompts,
         "split": a.split,
         "cores": len(os.sched_getaffinity(0)),
+        "loadavg_start": os.getloadavg(),
         "deployments": {},
     }
+    if a.workload == "mix_shift":
+        res.update(shift_a=a.shift_a, shift_b=a.shift_b)
     if a.slo_ms:
         slo = tuple(float(v) for v in a.slo_ms.split(","))
         res.update(slo_ttft_ms=slo[0], slo_tpot_ms=slo[1])
@@ -171,18 +459,31 @@ def main() -> int:
         slo = (a.slo_factor * ttft0, a.slo_factor * tpot0)
         res.update(unloaded_ttft_ms=ttft0, unloaded_tpot_ms=tpot0, slo_ttft_ms=slo[0], slo_tpot_ms=slo[1])
         print(f"unloaded: TTFT {ttft0:.1f} ms, TPOT {tpot0:.1f} ms -> SLO TTFT {slo[0]:.0f} ms, TPOT {slo[1]:.0f} ms")
-    for kind in kinds:
-        url, proc = deploy(kind, a, slo)
+    res["slo_factor"] = a.slo_factor
+    for name in kinds:
+        url, proc = deploy(name, a, slo)
+        semi = name.startswith("semi_pd")
         d: dict = {"rates": {}}
         try:
             stream_times(url, {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
             wait_quiet([proc])
-            d["pss_mib_idle"] = pss_mib(proc)
+            d["memory_idle"] = memory_mib(proc)
             for rate in rates:
-                d["rates"][str(rate)] = run_rate(url, rate, f"{a.output}.{kind}.{rate}.json", a, slo)
-                print(kind, rate, d["rates"][str(rate)], flush=True)
-            d["pss_mib_after"] = pss_mib(proc)
-            if kind.startswith("semi_pd"):
+                t = time.time()
+                if a.workload == "poisson":
+                    m = run_poisson(url, rate, f"{a.output}.{name.replace('/', '-')}.{rate}.json", a, slo)
+                else:
+                    m = run_mix_shift(url, rate, a, slo, semi)
+                m["loadavg"] = os.getloadavg()
+                m["seconds"] = time.time() - t
+                d["rates"][str(rate)] = m
+                brief = {k: v for k, v in m.items() if k not in ("requests", "split_samples")}
+                print(name, rate, brief, flush=True)
+                mem = memory_mib(proc)  # after the rate's requests, pool pages touched
+                if mem["pss_mib"] > d.get("memory_loaded", {}).get("pss_mib", 0):
+                    d["memory_loaded"] = mem
+            d["memory_after"] = memory_mib(proc)
+            if semi:
                 st = httpx.get(url + "/semi_pd/status", timeout=30).json()
                 d["split_history"] = st["process_rotation_status"]["changes"]
                 d["final_split"] = st["current_split"]
@@ -190,35 +491,44 @@ def main() -> int:
                     d["controller"] = st["slo_controller_status"]["statistics"]
                 d["step_timing"] = st["step_timing"]
                 d["plan"] = st["process_rotation_status"]["plan"]
-                if kind == "semi_pd_fixed":  # time of a split change: re-pin between two steps
-                    for pre, dec in ((70, 30), (30, 70), (50, 50), (60, 40), (40, 60)):
-                        httpx.post(
-                            url + "/semi_pd/reallocate",
-                            json={"prefill_percentage": pre, "decode_percentage": dec},
-                            timeout=30,
-                        )
-                        time.sleep(0.3)
-                    st = httpx.get(url + "/semi_pd/status", timeout=30).json()
-                    d["pin_seconds"] = st["process_rotation_status"]["pin_seconds"]
+                d["cpu_share"] = st["process_rotation_status"]["cpu_share"]
         finally:
             stop_server(proc)
         ok = [r for r in rates if d["rates"].get(str(r), {}).get("attainment", 0) >= 0.9]
         d["max_rate_90pct"] = max(ok) if ok else 0.0
-        res["deployments"][kind] = d
+        res["deployments"][name] = d
+    if a.measure_switch:
+        res["switch"] = {m: measure_switch(a, m) for m in ("in_place", "rotation")}
+    res["loadavg_end"] = os.getloadavg()
     print(
-        f"\nmixed load, {a.num_prompts} requests per rate; SLO TTFT <= {slo[0]:.0f} ms, TPOT <= {slo[1]:.0f} ms "
-        f"({a.slo_factor}x unloaded)"
+        f"\n{a.workload}, {a.num_prompts} requests per rate; SLO TTFT <= {slo[0]:.0f} ms, TPOT <= {slo[1]:.0f} ms "
+        f"({a.slo_factor}x unloaded co-located); load average at start {res['loadavg_start'][0]:.1f}"
     )
-    print(f"{'deployment':<15}{'rate':>6}{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>8}{'attain':>8}")
-    for kind, d in res["deployments"].items():
+    print(f"{'deployment':<28}{'rate':>6}{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>8}{'attain':>8}{'load':>6}")
+    for name, d in res["deployments"].items():
         for r, m in d["rates"].items():
             print(
-                f"{kind:<15}{float(r):>6.2f}{m['ttft_p50_ms']:>10.0f}{m['ttft_p99_ms']:>9.0f}"
-                f"{m['tpot_p50_ms']:>10.0f}{m['tpot_p99_ms']:>8.0f}{m['attainment']:>8.2f}"
+                f"{name:<28}{float(r):>6.2f}{m['ttft_p50_ms']:>10.0f}{m['ttft_p99_ms']:>9.0f}"
+                f"{m['tpot_p50_ms']:>10.0f}{m['tpot_p99_ms']:>8.0f}{m['attainment']:>8.2f}{m['loadavg'][0]:>6.1f}"
             )
+            for ph in ("A", "B"):
+                if f"phase_{ph}" in m:
+                    p = m[f"phase_{ph}"]
+                    print(
+                        f"{'  phase ' + ph:<28}{'':>6}{p['ttft_p50_ms']:>10.0f}{p['ttft_p99_ms']:>9.0f}"
+                        f"{p['tpot_p50_ms']:>10.0f}{p['tpot_p99_ms']:>8.0f}{p['attainment']:>8.2f}"
+                    )
+        mem = d.get("memory_idle", {})
         print(
-            f"{kind:<15} highest rate with >= 90 % attainment: {d['max_rate_90pct']}; "
-            f"PSS {d.get('pss_mib_idle', 0):.0f} MiB idle"
+            f"{name:<28} highest rate with >= 90 % attainment: {d['max_rate_90pct']}; "
+            f"idle RSS {mem.get('rss_mib', 0):.0f} MiB, PSS {mem.get('pss_mib', 0):.0f} MiB"
+        )
+        if "split_history" in d:
+            print(f"{'':<28} split changes: {[c['split'] for c in d['split_history']]}")
+    for m, sw in res.get("switch", {}).items():
+        print(
+            f"switch {m}: rotation s {sw['rotation_seconds']}, pin s {sw['pin_seconds']}, "
+            f"stream gap p50 {sw['stream_gap_p50_ms']:.0f} ms, max {sw['stream_gap_max_ms']:.0f} ms"
         )
     write_json(a.output, res)
     return 0

@@ -52,9 +52,10 @@ def server_cmd(config: str, port: int, max_total_tokens: int) -> tuple[list[str]
     return cmd, env
 
 
-def latency(url: str, prompt_len: int, reps: int) -> tuple[float, float]:
-    """Median TTFT and TPOT (ms) of one request alone."""
-    ttfts, tpots = [], []
+def latency(url: str, prompt_len: int, reps: int) -> tuple[float, float, float]:
+    """Median TTFT and TPOT (ms) of one request alone, and the p99 of its inter-token gaps
+    over all reps (where a CFS quota's throttling shows: a step stalled until the next period)."""
+    ttfts, tpots, gaps = [], [], []
     for i in range(reps):
         ids = [(i * 7919 + j * 31) % 40000 + 100 for j in range(prompt_len)]
         ttft, times = stream_times(
@@ -62,7 +63,10 @@ def latency(url: str, prompt_len: int, reps: int) -> tuple[float, float]:
         )
         ttfts.append(ttft * 1000)
         tpots.append((times[-1] - times[0]) / max(1, len(times) - 1) * 1000)
-    return sorted(ttfts)[reps // 2], sorted(tpots)[reps // 2]
+        gaps += [(b - a) * 1000 for a, b in zip(times, times[1:])]
+    gaps.sort()
+    p99 = gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else float("nan")
+    return sorted(ttfts)[reps // 2], sorted(tpots)[reps // 2], p99
 
 
 def main() -> int:
@@ -91,8 +95,8 @@ def main() -> int:
             stream_times(url, {"text": "warm up", "sampling_params": {"max_new_tokens": 4}})
             wait_quiet([proc])
             r: dict = {}
-            r["ttft_128_ms"], r["tpot_128_ms"] = latency(url, 128, a.reps)
-            r["ttft_768_ms"], r["tpot_768_ms"] = latency(url, 768, a.reps)
+            r["ttft_128_ms"], r["tpot_128_ms"], r["itl_p99_128_ms"] = latency(url, 128, a.reps)
+            r["ttft_768_ms"], r["tpot_768_ms"], r["itl_p99_768_ms"] = latency(url, 768, a.reps)
             if config != "colocated":
                 st = httpx.get(url + "/semi_pd/status", timeout=30).json()
                 r["step_timing"] = st["step_timing"]
@@ -102,14 +106,16 @@ def main() -> int:
             stop_server(proc)
         res["configs"][config] = r
         print(config, {k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-    print(f"\n{'config':<40}{'TTFT128':>9}{'TPOT128':>9}{'TTFT768':>9}{'TPOT768':>9}  step fwd/wall ms (p50)")
+    print(
+        f"\n{'config':<40}{'TTFT128':>9}{'TPOT128':>9}{'TTFT768':>9}{'TPOT768':>9}{'ITLp99':>8}  step fwd/wall ms (p50)"
+    )
     for config, r in res["configs"].items():
         steps = " ".join(
             f"{role} {t['forward_ms_p50']:.1f}/{t['wall_ms_p50']:.1f}" for role, t in r.get("step_timing", {}).items()
         )
         print(
             f"{config:<40}{r['ttft_128_ms']:>9.1f}{r['tpot_128_ms']:>9.1f}{r['ttft_768_ms']:>9.1f}"
-            f"{r['tpot_768_ms']:>9.1f}  {steps}"
+            f"{r['tpot_768_ms']:>9.1f}{r['itl_p99_128_ms']:>8.1f}  {steps}"
         )
     write_json(a.output, res)
     return 0

@@ -41,6 +41,7 @@ import zmq
 from pdserve.config import ServerArgs
 from pdserve.cpus import my_cores
 from pdserve.engine.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name
+from pdserve.engine.kv_connector import NoKVConnector
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.model_loading import num_kv_pages
 from pdserve.engine.request import Req, ReqStatus
@@ -305,6 +306,7 @@ class ResidentProcess(SchedulerProcess):
         if tok.eos_token_id is not None:
             eos.add(tok.eos_token_id)
         alloc = PageAllocator(num_pages, args.page_size)
+        self.kv_connector = self._store_connector(args, cfg, dtype, kv)
         self.scheds = {
             role: Scheduler(
                 alloc,
@@ -314,6 +316,10 @@ class ResidentProcess(SchedulerProcess):
                 eos_ids=tuple(sorted(eos)),
                 disable_radix_cache=True,
                 detokenize=lambda ids: tok.decode(ids, skip_special_tokens=False),
+                # --kv-store: prefill looks prompts up, loads pages into the unified pool and
+                # writes them back; decode continues on those pages (a retraction's re-prefill
+                # on the decode worker computes, as a PD decode server does)
+                kv_connector=self.kv_connector if role == "prefill" else None,
             )
             for role in ROLES
         }
@@ -364,6 +370,17 @@ class ResidentProcess(SchedulerProcess):
             split,
             self.quota.describe(),
         )
+
+    def _store_connector(self, args: ServerArgs, cfg, dtype: torch.dtype, kv: torch.Tensor):
+        """`--kv-store` on the unified pool: the connector copies pages between the store and
+        the shared pool in this process; the workers see them through the shared memory."""
+        if args.kv_store is None:
+            return NoKVConnector()
+        from pdserve.engine.kv_connectors import create_kv_connector, store_layout
+        from pdserve.model.paths import resolve_model_path
+
+        layout = store_layout(resolve_model_path(args.model_path), cfg, args.page_size, dtype)
+        return create_kv_connector(args.kv_store, layout, kv, args.kv_store_timeout)
 
     def _weights_control(self) -> None:
         return None  # weights calls are refused in handle(): the resident holds no model
@@ -695,9 +712,10 @@ class ResidentProcess(SchedulerProcess):
             num_tokens=p.num_tokens + d.num_tokens,
             prompt_tokens=p.prompt_tokens + d.prompt_tokens,
             generation_tokens=d.generation_tokens,  # prefill's first token is counted again by decode
+            prefill_computed_tokens=p.prefill_computed_tokens + d.prefill_computed_tokens,
             num_retractions=p.num_retractions + d.num_retractions,
         )
-        return LoadResp(call_id, merged, DisaggregationMode.NULL)
+        return LoadResp(call_id, merged, DisaggregationMode.NULL, kv_store=self.kv_connector.stats())
 
     def info(self) -> ServerInfo:
         cfg, args = self.cfg, self.args
@@ -735,6 +753,8 @@ class ResidentProcess(SchedulerProcess):
                 link.close()
         if getattr(self, "quota", None) is not None:
             self.quota.close()
+        self.kv_connector.close()  # its writer copies out of the pool: before the pool goes
+        self.kv_connector = NoKVConnector()
         for name in (getattr(self, "kv_shm_name", None), getattr(self, "weights_shm", None)):
             if name:
                 free_kv_buffer(name)

@@ -140,11 +140,6 @@ def check_semi_pd(args: ServerArgs) -> None:
                 f"and --page-size (the block geometry flags apply to pdserve.semi_pd's "
                 f"UnifiedMemoryManager only; docs/semi_pd.md)"
             )
-    if args.semi_pd_enabled and args.kv_store is not None:
-        raise ValueError(
-            "--kv-store: not yet supported with --enable-semi-pd (the resident's schedulers have no "
-            "KV connector and would ignore it; docs/semi_pd.md)"
-        )
     if not args.semi_pd_enabled:
         for n in ("initial_prefill_sm", "initial_decode_sm", "semi_pd_switch", *SLO_SETTINGS):
             if changed(n):

@@ -20,7 +20,7 @@ from tests.cli.test_cli_errors import one_line_error, run
         (["--enable-semi-pd", "--semi-pd-switch", "mps"], ["--semi-pd-switch", "invalid choice"]),
         (["--enable-semi-pd", "--slo-tpot-target", "40"], ["--slo-tpot-target", "--enable-slo-aware"]),
         (["--enable-semi-pd", "--slo-ttft-target", "-1"], ["--slo-ttft-target", "positive"]),
-        (["--enable-semi-pd", "--kv-store", "memory://"], ["--kv-store", "--enable-semi-pd"]),
+        (["--enable-semi-pd", "--kv-store", "memory://lots"], ["--kv-store", "byte count"]),  # checked as in mode null
         (
             ["--enable-semi-pd", "--disaggregation-mode", "prefill"],
             ["--enable-semi-pd", "--disaggregation-mode prefill"],
