@@ -1,7 +1,7 @@
 """Where a split chosen by the SLO-aware controller goes.
 
 `SplitActuator` is the interface the controller drives: the serving path implements it
-(semi_pd/resident_process.py: `InPlaceSplit` re-pins the workers, `RotationSplit` starts
+(semi_pd/split_mechanisms.py: `InPlaceSplit` re-pins the workers, `RotationSplit` starts
 standby workers with the new shares). `InMemorySplit` records the split and applies nothing:
 for tests and for using the controller as a library (the caller reads `current` and applies
 it itself).

@@ -15,6 +15,9 @@ Both schedulers step at the same time, each in its own thread; the policy parts 
 one lock (they share the page allocator), the forwards do not. Each worker holds its compute
 share (semi_pd/cpu_share.py); a new split takes effect between two of its steps, in place
 (`InPlaceSplit`: re-pin) or by process rotation (`RotationSplit`: standby workers, --semi-pd-switch).
+Modules: this one (the message loop, the two schedulers, handover, recovery, status),
+semi_pd/worker_link.py (the resident's end of a worker), semi_pd/split_mechanisms.py (split
+changes: re-pin or rotation).
 
 The weights are one copy in shared memory too (semi_pd/shared_weights.py); each worker
 packs its own oneDNN copy of them. v0 limits (docs/semi_pd.md): no prefix cache (a cached
@@ -36,7 +39,6 @@ from dataclasses import asdict
 
 import msgspec
 import torch
-import zmq
 
 from pdserve.config import ServerArgs
 from pdserve.cpus import my_cores
@@ -48,7 +50,7 @@ from pdserve.engine.request import Req, ReqStatus
 from pdserve.engine.runner import ModelRunner, kv_pool_shape
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.scheduler_process import WEIGHTS_CALLS, SchedulerProcess, run_scheduler_process
-from pdserve.engine.tp import encode_batch, encode_op
+from pdserve.engine.tp import encode_op
 from pdserve.enums import DisaggregationMode
 from pdserve.messages import (
     AbortReq,
@@ -72,187 +74,20 @@ from pdserve.messages import (
     ShutdownResp,
     encode,
 )
-from pdserve.net import ipc_addr
-from pdserve.semi_pd.actuator import SplitActuator
 from pdserve.semi_pd.allocation import SMAllocation
 from pdserve.semi_pd.cpu_share import CpuShareManager, share_plan
 from pdserve.semi_pd.metrics_collector import SemiPDMetricsCollector
 from pdserve.semi_pd.slo_algorithm import ControllerSettings, SLOAwareResourceController, SLOConstraints
+from pdserve.semi_pd.split_mechanisms import SPLIT_MECHANISMS, InPlaceSplit, RotationSplit  # noqa: F401 (re-exported)
+from pdserve.semi_pd.worker_link import ROLES, RemoteModel, WorkerDied, WorkerLink
 
 logger = logging.getLogger("pdserve.semi_pd")
 
-ROLES = ("prefill", "decode")
 NOT_UNDER_SEMI_PD = (
     "{what} is not supported under --enable-semi-pd: the forwards run in the Semi-PD worker "
     "processes, which do not take it yet (docs/semi_pd.md)"
 )
 WARMUP_RID = "__warmup__"
-
-
-class WorkerDied(RuntimeError):
-    pass
-
-
-class WorkerLink:
-    """The resident's end of one worker: batches out, logits (and acks) back."""
-
-    def __init__(
-        self, role: str, args: ServerArgs, kv_shm: str, num_pages: int, threads: int, popen=subprocess.Popen
-    ) -> None:
-        ctx = zmq.Context.instance()
-        self.role = role
-        self.push = ctx.socket(zmq.PUSH)
-        addr = ipc_addr(f"semipd-{role}")
-        self.push.bind(addr)
-        self.pull = ctx.socket(zmq.PULL)
-        raddr = ipc_addr(f"semipd-{role}-reply")
-        self.pull.bind(raddr)
-        wargs = json.dumps({**asdict(args), "num_threads": threads})
-        self.proc = popen(
-            [sys.executable, "-m", "pdserve.semi_pd.worker", wargs, role, addr, raddr, kv_shm, str(num_pages)]
-        )
-        self.pid: int | None = None
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise WorkerDied(f"the Semi-PD {self.role} worker exited with status {self.proc.returncode}")
-
-    def wait(self, op: str, timeout: float = 300.0) -> tuple[dict, list]:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.pull.poll(200):
-                frames = self.pull.recv_multipart(copy=False)
-                head = json.loads(bytes(frames[0].buffer))
-                if head.get("op") == "error":
-                    raise WorkerDied(f"Semi-PD {self.role} worker: {head.get('message')}")
-                if head.get("op") == op:
-                    return head, frames[1:]
-                raise RuntimeError(f"Semi-PD {self.role} worker answered {head.get('op')!r}, expected {op!r}")
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the Semi-PD {self.role} worker did not answer {op!r} in {timeout:.0f} s")
-
-    def send(self, frames: list) -> None:
-        while True:
-            try:
-                self.push.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                self.check_alive()
-                time.sleep(0.001)
-
-    def forward(self, fb) -> tuple[torch.Tensor, float]:
-        self.send(encode_batch(fb))
-        head, frames = self.wait("logits")
-        shape = head["shape"]
-        if 0 in shape:  # a prefill chunk that samples nothing (frombuffer refuses empty buffers)
-            return torch.empty(shape, dtype=torch.float32), float(head["seconds"])
-        buf = bytearray(frames[0].buffer)  # owned copy: the frame goes away
-        return torch.frombuffer(buf, dtype=torch.float32).view(*shape), float(head["seconds"])
-
-    def pin(self, body: dict) -> None:
-        self.send(encode_op("pin", **body))
-        self.wait("pinned", timeout=30)
-
-    def close(self) -> None:
-        try:
-            self.push.send_multipart(encode_op("stop"), flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.push.close(linger=0)
-        self.pull.close(linger=0)
-
-
-class RemoteModel:
-    """What a ModelRunner calls its model: the real config and dtype; the forward runs in
-    the worker and the runner samples from the logits it returns."""
-
-    def __init__(self, config, dtype: torch.dtype, link: WorkerLink) -> None:
-        self.config, self.dtype, self.link = config, dtype, link
-        self.last_seconds = 0.0
-
-    def forward(self, fb, attn) -> torch.Tensor:
-        logits, self.last_seconds = self.link.forward(fb)
-        return logits
-
-
-class InPlaceSplit(SplitActuator):
-    """Changes the split in place: each worker re-pins its threads (cores, torch threads)
-    between two of its steps, and the resident rewrites its CFS quota."""
-
-    mechanism = "in_place"
-
-    def __init__(self, resident: "ResidentProcess", initial: SMAllocation) -> None:
-        self.resident = resident
-        self._current = initial
-        self.history: list[tuple[float, SMAllocation, float]] = []  # (time, split, seconds to take effect)
-
-    @property
-    def current(self) -> SMAllocation:
-        return self._current
-
-    def effective_shares(self, allocation: SMAllocation) -> tuple[float, float]:
-        plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, self.resident.cores)
-        return plan["prefill"]["effective_share"], plan["decode"]["effective_share"]
-
-    def request_sm_reallocation(self, allocation: SMAllocation) -> bool:
-        t0 = time.perf_counter()
-        self.resident.pin_workers(allocation)
-        self._current = allocation
-        self.history.append((time.time(), allocation, time.perf_counter() - t0))
-        return True
-
-
-class RotationSplit(InPlaceSplit):
-    """Process rotation, the paper's mechanism (an MPS share cannot change in a live process):
-    standby workers start with the new shares on the same weights and pool; once both are
-    ready, each role's thread switches to its new worker between two steps and retires the
-    old one (delayed switching). One rotation at a time: a request during one is refused."""
-
-    mechanism = "rotation"
-
-    def __init__(self, resident: "ResidentProcess", initial: SMAllocation) -> None:
-        super().__init__(resident, initial)
-        self._busy = threading.Lock()
-        self.rotation_seconds: list[float] = []  # standby workers started until both switched
-
-    def request_sm_reallocation(self, allocation: SMAllocation) -> bool:
-        if not self._busy.acquire(blocking=False):
-            logger.warning("Semi-PD: split %s refused: a rotation is under way", allocation)
-            return False
-        threading.Thread(target=self._rotate, args=(allocation,), name="semi-pd-rotation", daemon=True).start()
-        return True
-
-    def _rotate(self, allocation: SMAllocation) -> None:
-        r = self.resident
-        t0 = time.perf_counter()
-        try:
-            plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, r.cores)
-            new = {role: r.start_worker(role, plan[role]) for role in ROLES}
-            for role in ROLES:
-                r.pending_link[role] = new[role]
-                r.wake[role].set()
-            while any(r.pending_link[role] is not None for role in ROLES) and r.running:
-                time.sleep(0.005)  # each role's thread takes its new worker after its current step
-            self._current = allocation
-            took = time.perf_counter() - t0
-            self.rotation_seconds.append(took)
-            self.history.append((time.time(), allocation, took))
-            logger.info(
-                "Semi-PD rotation to %s done in %.2f s (standby workers started and switched)", allocation, took
-            )
-        except Exception:
-            logger.exception("Semi-PD rotation to %s failed; the old workers keep serving", allocation)
-        finally:
-            self._busy.release()
-
-
-SPLIT_MECHANISMS = {"in_place": InPlaceSplit, "rotation": RotationSplit}
 
 
 class ResidentProcess(SchedulerProcess):

@@ -1,0 +1,97 @@
+"""How the resident changes the compute split (the `SplitActuator`s of
+`--semi-pd-switch`): `InPlaceSplit` re-pins each worker between two of its steps,
+`RotationSplit` starts standby workers with the new shares and switches to them (the
+paper's mechanism). Both record when each change took effect and how long it took."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from pdserve.semi_pd.actuator import SplitActuator
+from pdserve.semi_pd.allocation import SMAllocation
+from pdserve.semi_pd.cpu_share import share_plan
+from pdserve.semi_pd.worker_link import ROLES
+
+# The resident (semi_pd/resident_process.py: ResidentProcess) as the mechanisms use it:
+# `cores`, `pin_workers(allocation)`, `start_worker(role, share)`, `pending_link`, `wake`,
+# `running`. Typed loosely: resident_process imports this module, not the other way round.
+Resident = Any
+
+logger = logging.getLogger("pdserve.semi_pd")
+
+
+class InPlaceSplit(SplitActuator):
+    """Changes the split in place: each worker re-pins its threads (cores, torch threads)
+    between two of its steps, and the resident rewrites its CFS quota."""
+
+    mechanism = "in_place"
+
+    def __init__(self, resident: Resident, initial: SMAllocation) -> None:
+        self.resident = resident
+        self._current = initial
+        self.history: list[tuple[float, SMAllocation, float]] = []  # (time, split, seconds to take effect)
+
+    @property
+    def current(self) -> SMAllocation:
+        return self._current
+
+    def effective_shares(self, allocation: SMAllocation) -> tuple[float, float]:
+        plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, self.resident.cores)
+        return plan["prefill"]["effective_share"], plan["decode"]["effective_share"]
+
+    def request_sm_reallocation(self, allocation: SMAllocation) -> bool:
+        t0 = time.perf_counter()
+        self.resident.pin_workers(allocation)
+        self._current = allocation
+        self.history.append((time.time(), allocation, time.perf_counter() - t0))
+        return True
+
+
+class RotationSplit(InPlaceSplit):
+    """Process rotation, the paper's mechanism (an MPS share cannot change in a live process):
+    standby workers start with the new shares on the same weights and pool; once both are
+    ready, each role's thread switches to its new worker between two steps and retires the
+    old one (delayed switching). One rotation at a time: a request during one is refused."""
+
+    mechanism = "rotation"
+
+    def __init__(self, resident: Resident, initial: SMAllocation) -> None:
+        super().__init__(resident, initial)
+        self._busy = threading.Lock()
+        self.rotation_seconds: list[float] = []  # standby workers started until both switched
+
+    def request_sm_reallocation(self, allocation: SMAllocation) -> bool:
+        if not self._busy.acquire(blocking=False):
+            logger.warning("Semi-PD: split %s refused: a rotation is under way", allocation)
+            return False
+        threading.Thread(target=self._rotate, args=(allocation,), name="semi-pd-rotation", daemon=True).start()
+        return True
+
+    def _rotate(self, allocation: SMAllocation) -> None:
+        r = self.resident
+        t0 = time.perf_counter()
+        try:
+            plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, r.cores)
+            new = {role: r.start_worker(role, plan[role]) for role in ROLES}
+            for role in ROLES:
+                r.pending_link[role] = new[role]
+                r.wake[role].set()
+            while any(r.pending_link[role] is not None for role in ROLES) and r.running:
+                time.sleep(0.005)  # each role's thread takes its new worker after its current step
+            self._current = allocation
+            took = time.perf_counter() - t0
+            self.rotation_seconds.append(took)
+            self.history.append((time.time(), allocation, took))
+            logger.info(
+                "Semi-PD rotation to %s done in %.2f s (standby workers started and switched)", allocation, took
+            )
+        except Exception:
+            logger.exception("Semi-PD rotation to %s failed; the old workers keep serving", allocation)
+        finally:
+            self._busy.release()
+
+
+SPLIT_MECHANISMS = {"in_place": InPlaceSplit, "rotation": RotationSplit}
