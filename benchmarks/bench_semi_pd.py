@@ -400,6 +400,53 @@ def plot(out_dir: str, files: list[str]) -> None:
         print("wrote", fn)
 
 
+def markdown(files: list[str]) -> str:
+    """The docs/benchmarks.md tables of the given JSON files: one row per deployment and rate."""
+    out = []
+    for pat in files:
+        for fn in sorted(glob.glob(pat)):
+            with open(fn) as f:
+                r = json.load(f)
+            if not r["deployments"]:
+                continue
+            out.append(
+                f"\n{fn}: {r.get('workload', 'poisson')}, {r['num_prompts']} requests per rate, {r['date']}, "
+                f"load average {r['loadavg_start'][0]:.1f} at the start\n"
+            )
+            out.append("| deployment | rate/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | attainment | load |")
+            out.append("|---|---|---|---|---|---|")
+            for name, d in r["deployments"].items():
+                for rate, m in d["rates"].items():
+                    row = (
+                        f"| {name} | {float(rate):g} | {m['ttft_p50_ms']:.0f} / {m['ttft_p99_ms']:.0f} | "
+                        f"{m['tpot_p50_ms']:.0f} / {m['tpot_p99_ms']:.0f} | {m['attainment']:.2f} | "
+                        f"{m['loadavg'][0]:.1f} |"
+                    )
+                    out.append(row)
+                    for ph in ("A", "B"):
+                        p = m.get(f"phase_{ph}")
+                        if p:
+                            out.append(
+                                f"| &nbsp;&nbsp;phase {ph} | | {p['ttft_p50_ms']:.0f} / {p['ttft_p99_ms']:.0f} | "
+                                f"{p['tpot_p50_ms']:.0f} / {p['tpot_p99_ms']:.0f} | {p['attainment']:.2f} | |"
+                            )
+            out.append("")
+            for name, d in r["deployments"].items():
+                mi, ml = d.get("memory_idle", {}), d.get("memory_loaded", {})
+                extra = ""
+                if "split_history" in d:
+                    extra = f"; splits {' -> '.join(c['split'] for c in d['split_history'])}"
+                    if d.get("controller"):
+                        extra += f"; controller {json.dumps(d['controller'])}"
+                out.append(
+                    f"- {name}: highest rate with >= 90 %: {d['max_rate_90pct']}; RSS / PSS idle "
+                    f"{mi.get('rss_mib', 0):.0f} / {mi.get('pss_mib', 0):.0f} MiB, loaded "
+                    f"{ml.get('rss_mib', 0):.0f} / {ml.get('pss_mib', 0):.0f} MiB ({mi.get('processes', 0)} processes)"
+                    f"{extra}"
+                )
+    return "\n".join(out)
+
+
 def _key(d: dict, x: float) -> str:
     return next(k for k in d["rates"] if float(k) == x)
 
@@ -418,7 +465,9 @@ def main() -> int:
     ap.add_argument("--shift-a", default="64/128", help="mix_shift first half: prompt/output tokens")
     ap.add_argument("--shift-b", default="512/8", help="mix_shift second half: prompt/output tokens")
     ap.add_argument("--measure-switch", action="store_true", help="time in-place and rotation split changes")
-    ap.add_argument("--plot", metavar="DIR", help="only plot the given JSON files (globs) into DIR")
+    ap.add_argument(
+        "--plot", metavar="DIR", help="only plot the given JSON files (globs) into DIR and print their tables"
+    )
     ap.add_argument("files", nargs="*")
     ap.add_argument(
         "--slo-ms",
@@ -427,6 +476,7 @@ def main() -> int:
     )
     a = ap.parse_args()
     if a.plot:
+        print(markdown(a.files))
         plot(a.plot, a.files)
         return 0
     rates = [float(r) for r in a.rates.split(",")]
