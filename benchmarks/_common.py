@@ -141,15 +141,16 @@ def mixed_bench_cmd(
     slo_ms: tuple[float, float] | None = None,
     input_len: int = 128,
     long_fraction: float = 0.125,
+    seed: int = 1,
 ) -> list[str]:
     """`pdserve bench` with the mixed dataset (short prompts, a fraction of long ones, Poisson
-    arrivals, seed 1): the command line the PD, Semi-PD and CPU-work benchmarks run."""
+    arrivals, seed 1 unless given): the command line the PD, Semi-PD and CPU-work benchmarks run."""
     cmd = [
         sys.executable, "-m", "pdserve.cli", "bench", "--base-url", url, "--backend", "pdserve",
         "--dataset-name", "mixed", "--num-prompts", str(num_prompts),
         "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--random-range-ratio", "1.0",
         "--mixed-long-input-len", str(long_input_len), "--mixed-long-fraction", str(long_fraction),
-        "--request-rate", str(rate), "--seed", "1", "--warmup-requests", str(warmup),
+        "--request-rate", str(rate), "--seed", str(seed), "--warmup-requests", str(warmup),
         "--output-file", out_file, "--no-plots", "--disable-tqdm",
     ]  # fmt: skip
     if slo_ms is not None:

@@ -80,9 +80,10 @@ def deploy(name: str, a, slo: tuple[float, float], extra: list[str] = ()) -> tup
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     common = ["--port", str(port), "--dtype", "float32", "--max-total-tokens", str(a.max_total_tokens)]
+    no_cache = a.no_prefix_cache and not kind.startswith("semi_pd")
     pre, dec = (int(x) for x in split.split("/"))
     if kind == "colocated":
-        return url, start(py + ["serve", *common], url, "/health")
+        return url, start(py + ["serve", *common, *(["--disable-radix-cache"] if no_cache else [])], url, "/health")
     if kind == "pd_disjoint":
         return url, start(
             py
@@ -95,6 +96,7 @@ def deploy(name: str, a, slo: tuple[float, float], extra: list[str] = ()) -> tup
                 str(free_port()),
                 "--cpu-split",
                 "disjoint",
+                *(["--server-args=--disable-radix-cache"] if no_cache else []),
             ],
             url,
             "/readiness",
@@ -149,7 +151,7 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def run_poisson(url: str, rate: float, out_file: str, a, slo: tuple[float, float]) -> dict:
+def run_poisson(url: str, rate: float, out_file: str, a, slo: tuple[float, float], seed: int = 1) -> dict:
     cmd = mixed_bench_cmd(
         url,
         num_prompts=a.num_prompts,
@@ -159,6 +161,7 @@ def run_poisson(url: str, rate: float, out_file: str, a, slo: tuple[float, float
         out_file=out_file,
         warmup=1,
         slo_ms=slo,
+        seed=seed,
     )
     subprocess.run(cmd, check=True, timeout=1800, stdout=subprocess.DEVNULL)
     with open(out_file) as f:
@@ -464,6 +467,18 @@ def main() -> int:
     ap.add_argument("--deployments", default=",".join(DEPLOYMENTS))
     ap.add_argument("--shift-a", default="64/128", help="mix_shift first half: prompt/output tokens")
     ap.add_argument("--shift-b", default="512/8", help="mix_shift second half: prompt/output tokens")
+    ap.add_argument(
+        "--same-prompts",
+        dest="fresh_prompts",
+        action="store_false",
+        help="poisson: the same prompts (seed 1) at every rate, as before session 4; a deployment with a "
+        "prefix cache then computes only the first rate's prompts (Semi-PD has none)",
+    )
+    ap.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="co-located and 1P1D with --disable-radix-cache (Semi-PD has no prefix cache)",
+    )
     ap.add_argument("--measure-switch", action="store_true", help="time in-place and rotation split changes")
     ap.add_argument(
         "--plot", metavar="DIR", help="only plot the given JSON files (globs) into DIR and print their tables"
@@ -489,6 +504,8 @@ def main() -> int:
         "rates": rates,
         "num_prompts": a.num_prompts,
         "split": a.split,
+        "fresh_prompts": a.fresh_prompts,
+        "no_prefix_cache": a.no_prefix_cache,
         "cores": len(os.sched_getaffinity(0)),
         "loadavg_start": os.getloadavg(),
         "deployments": {},
@@ -521,7 +538,8 @@ def main() -> int:
             for rate in rates:
                 t = time.time()
                 if a.workload == "poisson":
-                    m = run_poisson(url, rate, f"{a.output}.{name.replace('/', '-')}.{rate}.json", a, slo)
+                    seed = 1 + rates.index(rate) if a.fresh_prompts else 1
+                    m = run_poisson(url, rate, f"{a.output}.{name.replace('/', '-')}.{rate}.json", a, slo, seed)
                 else:
                     m = run_mix_shift(url, rate, a, slo, semi)
                 m["loadavg"] = os.getloadavg()
