@@ -11,7 +11,10 @@ A Semi-PD name may carry its own split and core policy: `semi_pd_fixed@70/30`,
 
 Workloads (--workload):
   poisson     `pdserve bench --dataset-name mixed` (128-token prompts, 1 in 8 of 768 tokens,
-              48 output tokens), Poisson arrivals, for each rate of --rates.
+              48 output tokens), Poisson arrivals, for each rate of --rates, with its own
+              seed per rate (before session 4 every rate sent the same prompts, which
+              co-located and 1P1D then found in their prefix cache; --same-prompts).
+              --no-prefix-cache: co-located and 1P1D with --disable-radix-cache, as Semi-PD.
   mix_shift   Poisson arrivals at each rate of --rates; the first half of the requests have
               short prompts and long outputs (--shift-a, default 64 in / 128 out), the second
               half long prompts and short outputs (--shift-b, default 512 in / 8 out). For
