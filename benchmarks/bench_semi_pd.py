@@ -365,7 +365,10 @@ def plot(out_dir: str, files: list[str]) -> None:
         for r in mine:
             for name, d in r["deployments"].items():
                 xs = sorted(float(x) for x in d["rates"])
-                ax.plot(xs, [d["rates"][_key(d, x)]["attainment"] for x in xs], marker="o", label=name)
+                label = name
+                if wl == "poisson" and not r.get("fresh_prompts", False) and not name.startswith("semi_pd"):
+                    label += " (same prompts each rate: prefix-cache hits)"
+                ax.plot(xs, [d["rates"][_key(d, x)]["attainment"] for x in xs], marker="o", label=label)
         ax.axhline(0.9, color="grey", ls="--", lw=0.8)
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("SLO attainment")
