@@ -15,7 +15,7 @@ from pdserve.engine.grammar import apply_grammar_masks
 from pdserve.engine.scheduler import Plan, RunOutput
 from pdserve.enums import AttentionBackend
 from pdserve.model.attention import ExtendSeq, ForwardBatch
-from pdserve.model.attention_backends import create_attention_backend
+from pdserve.model.attention_backends import create_attention_backend, fused_elementwise
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
 from pdserve.model.sampler import apply_logit_bias, apply_penalties, gather_logprobs, sample
@@ -104,6 +104,8 @@ class ModelRunner:
             raise ValueError(f"kv_data must be {shape} {model.dtype}, got {tuple(kv_data.shape)} {kv_data.dtype}")
         self.kv_data = kv_data
         self.attn = create_attention_backend(attention_backend, kv_data)
+        if kv_data.device.type == "cpu":
+            model.use_fused_ops(fused_elementwise(attention_backend))
         self.tp = tp  # pdserve.engine.tp.TPDriver: the other ranks get every batch
 
     def build_batch(self, plan: Plan) -> ForwardBatch:

@@ -90,6 +90,15 @@ def resolve_attention_backend(name: AttentionBackend | str, kv_data: torch.Tenso
     return AttentionBackend.CPU_PAGED
 
 
+def fused_elementwise(name: AttentionBackend | str) -> bool:
+    """Whether a model served with attention backend `name` runs its element-wise work through
+    the fused CPU kernels (pdserve/model/fused_ops.py; where they exist for its dtype): yes for
+    `auto` and `cpu_paged`, which choose pdserve's kernels; `torch_native` (and `fake`) keep
+    the whole forward in torch's ops, the portable reference. bfloat16 under `auto` gets them
+    too: unlike decode attention, they round exactly as the torch form does."""
+    return AttentionBackend(name) in (AttentionBackend.AUTO, AttentionBackend.CPU_PAGED)
+
+
 def create_attention_backend(name: AttentionBackend | str, kv_data: torch.Tensor) -> BaseAttentionBackend:
     """The backend `name` over the KV pool `kv_data`; ValueError for an unknown name."""
     return _BACKENDS[resolve_attention_backend(name, kv_data)](kv_data)

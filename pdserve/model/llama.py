@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from pdserve.model.attention import BaseAttentionBackend, ForwardBatch
 from pdserve.model.config import ModelConfig
+from pdserve.model.fused_ops import CpuFusedOps, fused_ops_for
 from pdserve.model.grid import Q4Grid, Q8Grid, grid_available, grid_linear, q4_grid, q8_grid
 
 
@@ -255,6 +256,9 @@ class LlamaModel:
         # over the ranks of o_proj's and down_proj's partial outputs; None on a single rank
         self.full_config = config
         self.all_reduce = None
+        # fused CPU element-wise kernels (pdserve/model/fused_ops.py), set by use_fused_ops();
+        # None: the torch form below, the portable reference
+        self.fused_ops: CpuFusedOps | None = None
 
     # ---- weights -------------------------------------------------------------------------
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
@@ -350,6 +354,14 @@ class LlamaModel:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.named_weights().values())
 
+    def use_fused_ops(self, enabled: bool) -> bool:
+        """Run the element-wise work (residual add + RMSNorm, RoPE, SiLU * up) through the fused
+        CPU kernels where they exist for this model's dtype (fused_ops_for); False: torch's ops.
+        Returns whether the kernels are in use."""
+        # CPU ops; forward checks each batch's device (GPU tensors keep the torch form)
+        self.fused_ops = fused_ops_for(torch.device("cpu"), self.dtype) if enabled else None
+        return self.fused_ops is not None
+
     # ---- forward -------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, attn: BaseAttentionBackend) -> torch.Tensor | None:
@@ -359,17 +371,26 @@ class LlamaModel:
         eps = cfg.rms_norm_eps
         hd, nq, nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
         qs, ks = cfg.q_size, cfg.kv_size
-        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[batch.positions].unsqueeze(1)
         h = self.embed[batch.input_ids]  # [T, hidden]
+        fo = self.fused_ops if h.device.type == "cpu" else None
+        if fo is None or cfg.qk_norm:
+            cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]
+            sin = self.sin[batch.positions].unsqueeze(1)
         T = h.shape[0]
         small = T <= (min(self.q4_max_tokens, GRID_LAYER_MAX_ROWS) if self.grid else self.q4_max_tokens)
         ar = self.all_reduce
+        inter = cfg.intermediate_size
+        a = None  # the last down_proj output, not yet added into h (fused into the next norm)
         for i, layer in enumerate(self.layers):
             q4 = layer.q4 or {}
             q8 = layer.q8 or {}
             pk = layer.packed
-            x = rms_norm(h, layer.in_norm, eps)
+            if fo is None:
+                x = rms_norm(h, layer.in_norm, eps)
+            elif a is None:
+                x = fo.rms_norm(h, layer.in_norm, eps)
+            else:
+                x = fo.add_rms_norm(h, a, layer.in_norm, eps)
             qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"], q8.get("qkv"))
             if layer.qkv_b is not None:
                 qkv = qkv + layer.qkv_b
@@ -377,6 +398,9 @@ class LlamaModel:
             if layer.q_norm is not None:
                 q = apply_rope(rms_norm(qkv[:, :qs].view(T, nq, hd), layer.q_norm, eps), cos, sin)
                 k = apply_rope(rms_norm(qkv[:, qs : qs + ks].view(T, nkv, hd), layer.k_norm, eps), cos, sin)
+            elif fo is not None:  # q and k rotated in place in qkv, one pass
+                fo.rope_qk_(qkv, batch.positions, self.cos, self.sin, nq + nkv)
+                q, k = qkv[:, :qs].view(T, nq, hd), qkv[:, qs : qs + ks].view(T, nkv, hd)
             else:  # q and k side by side in qkv: one pass over both
                 qk = apply_rope(qkv[:, : qs + ks].view(T, nq + nkv, hd), cos, sin)
                 q, k = qk[:, :nq], qk[:, nq:]
@@ -384,23 +408,37 @@ class LlamaModel:
             a = linear(o, layer.o, q4.get("o"), small, pk["o"], q8.get("o"))
             if ar is not None:
                 ar(a)
-            h += a  # h is this forward's own tensor (the embedding rows were gathered into it)
-            x = rms_norm(h, layer.post_norm, eps)
+            if fo is None:
+                h += a  # h is this forward's own tensor (the embedding rows were gathered into it)
+                x = rms_norm(h, layer.post_norm, eps)
+            else:
+                x = fo.add_rms_norm(h, a, layer.post_norm, eps)
             gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"], q8.get("gate_up"))
-            inter = cfg.intermediate_size
-            act = F.silu(gu[:, :inter])
-            act *= gu[:, inter:]
+            if fo is None:
+                act = F.silu(gu[:, :inter])
+                act *= gu[:, inter:]
+            else:
+                act = fo.silu_mul(gu)
             a = linear(act, layer.down, q4.get("down"), small, pk["down"], q8.get("down"))
             if ar is not None:
                 ar(a)
-            h += a
+            if fo is None:
+                h += a
+                a = None
         if not self.computes_logits:
             return None
         if batch.logits_indices is not None:
             h = h[batch.logits_indices]
+            if a is not None:
+                a = a[batch.logits_indices]
         if h.shape[0] == 0:  # a mid-prompt chunk samples nothing
             return torch.empty(0, self.lm_head.shape[0], dtype=torch.float32)
-        h = rms_norm(h, self.norm, eps)
+        if fo is None:
+            h = rms_norm(h, self.norm, eps)
+        elif a is None:
+            h = fo.rms_norm(h, self.norm, eps)
+        else:
+            h = fo.add_rms_norm(h.contiguous(), a.contiguous(), self.norm, eps)
         if self.lm_head_grid is not None and h.shape[0] <= self.q4_max_tokens:
             return grid_linear(h, self.lm_head_grid)
         if self.lm_head_packed is not None:

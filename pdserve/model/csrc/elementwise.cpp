@@ -1,0 +1,313 @@
+// Fused element-wise ops of the Llama forward (issue #12): residual add + RMSNorm, SiLU(gate) * up,
+// and RoPE on q and k in place. One pass over each row instead of torch's 5-8 separate
+// kernels (each a read and a write of the whole activation), rows in parallel over torch's
+// intra-op threads. Every op rounds where pdserve/model/llama.py's torch form rounds, so:
+//
+//   * rms_norm: the sum of squares is added in exactly the order of torch's CPU sum
+//     (aten/src/ATen/native/cpu/SumKernel.cpp: `lanes`-wide vector accumulators, 4-way ILP,
+//     cascaded levels, scalar tail first, then the lanes), then / n, + eps, 1 / sqrt: the
+//     output is bitwise F.rms_norm's (fp32) and transformers' (bf16: normalized in fp32,
+//     rounded to bf16, times the weight in bf16), for `lanes` = the width torch's kernels use
+//     on this CPU (16 with AVX-512, 8 with AVX2).
+//   * silu_mul: x / (1 + exp(-x)) with the same exp torch's vectorized SiLU uses (SLEEF's
+//     expf16_u10, exported by libtorch_cpu) where AVX-512 is compiled in; bf16 rounds the SiLU
+//     to bf16 before the product, as `F.silu(g) * u` does.
+//   * rope_qk: apply_rope's two products and one add per element, each rounded (fp-contract
+//     is off below, so no fused multiply-add changes a bit).
+//
+// Registered in torch.ops.pdserve_cpu next to paged_decode (paged_attention.cpp).
+
+#pragma GCC optimize("fp-contract=off")
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define PDSERVE_AVX512 1
+#include <immintrin.h>
+extern "C" __m512 Sleef_expf16_u10(__m512);
+#endif
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+inline float to_f(float x) { return x; }
+inline float to_f(bf16 x) { return static_cast<float>(x); }
+template <typename T>
+inline T from_f(float x);
+template <>
+inline float from_f<float>(float x) { return x; }
+template <>
+inline bf16 from_f<bf16>(float x) { return bf16(x); }  // round to nearest even, as torch
+
+inline int64_t ceil_log2(int64_t x) {  // at::native::utils::CeilLog2
+  if (x <= 2) return 1;
+  return 64 - __builtin_clzll(static_cast<uint64_t>(x - 1));
+}
+
+// sum(x[0:n]) added in the order of torch's vectorized inner sum for W-lane vectors.
+template <int W>
+float torch_order_sum(const float* x, int64_t n) {
+  const int64_t nv = n / W;    // whole vectors
+  const int64_t rows = nv / 4;  // groups of 4 vectors (4 independent partial sums)
+  float acc[4][4][W];           // [level][partial][lane]
+  std::memset(acc, 0, sizeof(acc));
+  const int64_t lp = std::max<int64_t>(4, ceil_log2(rows) / 4);
+  const int64_t step = int64_t(1) << lp, mask = step - 1;
+  auto add_group = [&](int64_t r) {
+    const float* p = x + r * 4 * W;
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < W; ++l) acc[0][k][l] += p[k * W + l];
+  };
+  int64_t i = 0;
+  while (i + step <= rows) {
+    for (int64_t j = 0; j < step; ++j, ++i) add_group(i);
+    for (int j = 1; j < 4; ++j) {
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < W; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.f;
+        }
+      if ((i & (mask << (j * lp))) != 0) break;
+    }
+  }
+  for (; i < rows; ++i) add_group(i);
+  for (int j = 1; j < 4; ++j)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < W; ++l) acc[0][k][l] += acc[j][k][l];
+  for (int64_t v = rows * 4; v < nv; ++v)
+    for (int l = 0; l < W; ++l) acc[0][0][l] += x[v * W + l];
+  for (int k = 1; k < 4; ++k)
+    for (int l = 0; l < W; ++l) acc[0][0][l] += acc[0][k][l];
+  float total = 0.f;
+  for (int64_t e = nv * W; e < n; ++e) total += x[e];
+  for (int l = 0; l < W; ++l) total += acc[0][0][l];
+  return total;
+}
+
+float ordered_sum(const float* x, int64_t n, int64_t lanes) {
+  switch (lanes) {
+    case 16: return torch_order_sum<16>(x, n);
+    case 8: return torch_order_sum<8>(x, n);
+    case 4: return torch_order_sum<4>(x, n);
+    default: return torch_order_sum<1>(x, n);
+  }
+}
+
+// ---- residual add + RMSNorm --------------------------------------------------------------
+
+template <typename T>
+void rms_norm_impl(at::Tensor& h, const c10::optional<at::Tensor>& res, const at::Tensor& w, double eps,
+                   int64_t lanes, at::Tensor& out) {
+  const int64_t R = h.size(0), n = h.size(1);
+  T* hp = h.data_ptr<T>();
+  const T* ap = res.has_value() ? res->data_ptr<T>() : nullptr;
+  const T* wp = w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t hs = h.stride(0), as = res.has_value() ? res->stride(0) : 0, os = out.stride(0);
+  const float epsf = static_cast<float>(eps), nf = static_cast<float>(n);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(n), sq(n);
+    for (int64_t r = begin; r < end; ++r) {
+      T* hr = hp + r * hs;
+      if (ap != nullptr) {  // h += residual, rounded to T, kept in h
+        const T* ar = ap + r * as;
+        for (int64_t e = 0; e < n; ++e) {
+          const T v = from_f<T>(to_f(hr[e]) + to_f(ar[e]));
+          hr[e] = v;
+          xf[e] = to_f(v);
+        }
+      } else {
+        for (int64_t e = 0; e < n; ++e) xf[e] = to_f(hr[e]);
+      }
+      for (int64_t e = 0; e < n; ++e) sq[e] = xf[e] * xf[e];
+      const float var = ordered_sum(sq.data(), n, lanes) / nf;
+      const float inv = 1.f / std::sqrt(var + epsf);
+      T* orow = op + r * os;
+      if constexpr (std::is_same_v<T, float>) {
+        for (int64_t e = 0; e < n; ++e) orow[e] = (xf[e] * inv) * wp[e];
+      } else {  // normalized, rounded to bf16, then times the weight in bf16
+        for (int64_t e = 0; e < n; ++e) orow[e] = from_f<T>(to_f(from_f<T>(xf[e] * inv)) * to_f(wp[e]));
+      }
+    }
+  });
+}
+
+void rms_norm(at::Tensor h, const c10::optional<at::Tensor>& residual, const at::Tensor& w, double eps,
+              int64_t lanes, at::Tensor out) {
+  TORCH_CHECK(h.dim() == 2 && out.dim() == 2 && w.dim() == 1, "rms_norm: h and out [rows, n], w [n]");
+  TORCH_CHECK(h.stride(1) == 1 && out.stride(1) == 1 && w.is_contiguous(), "rms_norm: rows must be contiguous");
+  TORCH_CHECK(out.sizes() == h.sizes() && w.size(0) == h.size(1), "rms_norm: shapes differ");
+  TORCH_CHECK(h.scalar_type() == w.scalar_type() && out.scalar_type() == h.scalar_type(),
+              "rms_norm: h, w and out must share a dtype");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == h.sizes() && residual->stride(1) == 1 &&
+                    residual->scalar_type() == h.scalar_type(),
+                "rms_norm: residual must be shaped and typed like h");
+  }
+  if (h.scalar_type() == at::kFloat) {
+    rms_norm_impl<float>(h, residual, w, eps, lanes, out);
+  } else if (h.scalar_type() == at::kBFloat16) {
+    rms_norm_impl<bf16>(h, residual, w, eps, lanes, out);
+  } else {
+    TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only");
+  }
+}
+
+// ---- SiLU(gate) * up ---------------------------------------------------------------------
+
+#ifdef PDSERVE_AVX512
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  const __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline __m256i to_bf16_bits(__m512 v) {  // round to nearest even; NaN -> 0x7fc0, as c10::BFloat16
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 ord = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+  r = _mm512_mask_blend_epi32(ord, _mm512_set1_epi32(0x7fc0), r);
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store16(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16_bits(v)); }
+inline __m512 round_like(__m512 v, float) { return v; }
+inline __m512 round_like(__m512 v, bf16) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
+}
+#endif
+
+template <typename T>
+void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
+  const int64_t R = out.size(0), I = out.size(1);
+  const T* gp = gu.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t gs = gu.stride(0), os = out.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gp + r * gs;
+      const T* u = g + I;
+      T* o = op + r * os;
+#ifdef PDSERVE_AVX512
+      const __m512 one = _mm512_set1_ps(1.f), sign = _mm512_set1_ps(-0.f);
+      for (int64_t j = 0; j < I; j += 16) {
+        const __mmask16 m = I - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (I - j)) - 1);
+        const __m512 x = load16(g + j, m);
+        const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(sign, x));
+        const __m512 s = round_like(_mm512_div_ps(x, _mm512_add_ps(one, e)), T());
+        store16(o + j, _mm512_mul_ps(s, load16(u + j, m)), m);
+      }
+#else
+      for (int64_t j = 0; j < I; ++j) {
+        const float x = to_f(g[j]);
+        const float s = to_f(from_f<T>(x / (1.f + std::exp(-x))));
+        o[j] = from_f<T>(s * to_f(u[j]));
+      }
+#endif
+    }
+  });
+}
+
+void silu_mul(const at::Tensor& gu, at::Tensor out) {
+  TORCH_CHECK(gu.dim() == 2 && out.dim() == 2, "silu_mul: gu [rows, 2I], out [rows, I]");
+  TORCH_CHECK(gu.size(0) == out.size(0) && gu.size(1) == 2 * out.size(1), "silu_mul: shapes differ");
+  TORCH_CHECK(gu.stride(1) == 1 && out.stride(1) == 1, "silu_mul: rows must be contiguous");
+  TORCH_CHECK(gu.scalar_type() == out.scalar_type(), "silu_mul: gu and out must share a dtype");
+  if (gu.scalar_type() == at::kFloat) {
+    silu_mul_impl<float>(gu, out);
+  } else if (gu.scalar_type() == at::kBFloat16) {
+    silu_mul_impl<bf16>(gu, out);
+  } else {
+    TORCH_CHECK(false, "silu_mul: float32 or bfloat16 only");
+  }
+}
+
+// ---- RoPE on q and k, in place -----------------------------------------------------------
+
+template <typename T>
+void rope_impl(at::Tensor& x, const at::Tensor& pos, const at::Tensor& cos, const at::Tensor& sin,
+               int64_t heads, int64_t D) {
+  const int64_t R = x.size(0), half = D / 2;
+  T* xp = x.data_ptr<T>();
+  const int64_t xs = x.stride(0);
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  const int64_t cs = cos.stride(0), ss = sin.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(heads * D, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> c1(half), c2(half), s1(half), s2(half);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* cr = cp + pp[r] * cs;
+      const T* sr = sp + pp[r] * ss;
+      for (int64_t d = 0; d < half; ++d) {
+        c1[d] = to_f(cr[d]);
+        c2[d] = to_f(cr[half + d]);
+        s1[d] = to_f(sr[d]);
+        s2[d] = to_f(sr[half + d]);
+      }
+      for (int64_t hh = 0; hh < heads; ++hh) {
+        T* a = xp + r * xs + hh * D;
+        T* b = a + half;
+        for (int64_t d = 0; d < half; ++d) {
+          const float x1 = to_f(a[d]), x2 = to_f(b[d]);
+          // apply_rope: out = x * cos; out[:half] -= x2 * sin[:half]; out[half:] += x1 * sin[half:]
+          const float p1 = to_f(from_f<T>(x1 * c1[d])), q1 = to_f(from_f<T>(x2 * s1[d]));
+          const float p2 = to_f(from_f<T>(x2 * c2[d])), q2 = to_f(from_f<T>(x1 * s2[d]));
+          a[d] = from_f<T>(p1 - q1);
+          b[d] = from_f<T>(p2 + q2);
+        }
+      }
+    }
+  });
+}
+
+void rope_qk(at::Tensor x, const at::Tensor& pos, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rope_qk: x [rows, >= heads * head_dim], rows contiguous");
+  TORCH_CHECK(cos.dim() == 2 && sin.dim() == 2 && cos.stride(1) == 1 && sin.stride(1) == 1 &&
+                  cos.sizes() == sin.sizes(),
+              "rope_qk: cos and sin [positions, head_dim]");
+  const int64_t D = cos.size(1);
+  TORCH_CHECK(D % 2 == 0 && heads >= 0 && heads * D <= x.size(1), "rope_qk: heads * head_dim exceeds a row");
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == x.size(0) && pos.scalar_type() == at::kLong && pos.is_contiguous(),
+              "rope_qk: one int64 position per row");
+  TORCH_CHECK(x.scalar_type() == cos.scalar_type() && sin.scalar_type() == cos.scalar_type(),
+              "rope_qk: x, cos and sin must share a dtype");
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t r = 0; r < pos.size(0); ++r)
+    TORCH_CHECK(pp[r] >= 0 && pp[r] < cos.size(0), "rope_qk: position out of the table's range");
+  if (x.scalar_type() == at::kFloat) {
+    rope_impl<float>(x, pos, cos, sin, heads, D);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    rope_impl<bf16>(x, pos, cos, sin, heads, D);
+  } else {
+    TORCH_CHECK(false, "rope_qk: float32 or bfloat16 only");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
+  m.def("rms_norm(Tensor(a!) h, Tensor? residual, Tensor w, float eps, int lanes, Tensor(b!) out) -> ()");
+  m.def("silu_mul(Tensor gu, Tensor(a!) out) -> ()");
+  m.def("rope_qk(Tensor(a!) x, Tensor pos, Tensor cos, Tensor sin, int heads) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope_qk", &rope_qk);
+}

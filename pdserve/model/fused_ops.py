@@ -1,0 +1,99 @@
+"""Fused element-wise ops of the Llama forward on the CPU (pdserve/model/csrc/elementwise.cpp).
+
+`LlamaModel.forward` runs these where `fused_ops_for()` hands it an instance (CPU tensors, float32
+or bfloat16, the kernels built); everywhere else (GPUs, other dtypes, `--attention-backend
+torch_native`) it keeps its torch form, the portable reference. Each op rounds where that torch
+form rounds (docs/architecture.md, "CPU kernels"), so the outputs are the same bits:
+
+- `add_rms_norm` / `rms_norm`: bitwise `h += a; rms_norm(h, w, eps)` in float32 and bfloat16.
+  The sum of squares follows torch's CPU sum order, whose vector width is measured once here
+  (`_sum_lanes`): torch runs its reductions 8 lanes wide on AVX-512 machines too.
+- `rope_qk_`: bitwise `apply_rope` on q and k, in place in the qkv output, one pass.
+- `silu_mul`: bitwise `F.silu(g) * u` where the gate width is a multiple of 32 (torch's vector
+  loop; SLEEF's exp on both sides); at most 1 ulp of the float32 SiLU off in a ragged tail,
+  where torch's scalar loop uses libm's exp. bfloat16 rounds the SiLU before the product.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.model import cpu_kernels
+
+logger = logging.getLogger("pdserve.fused_ops")
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _sum_lanes(ops) -> int:
+    """The vector width of torch's float32 CPU sum on this machine/build: the one for which the
+    kernel's RMSNorm equals F.rms_norm bitwise (8 with AVX2 or AVX-512 today)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1000, generator=g) * 3
+    w = torch.ones(1000)
+    ref = F.rms_norm(x, (1000,), w, 1e-5)
+    for lanes in (8, 16, 4, 1):
+        out = torch.empty_like(x)
+        ops.rms_norm(x, None, w, 1e-5, lanes, out)
+        if torch.equal(out, ref):
+            return lanes
+    logger.warning("fused RMSNorm: no vector width reproduces torch's sum here; outputs may differ by 1 ulp")
+    return 8
+
+
+class CpuFusedOps:
+    """The fused ops, bound to torch.ops.pdserve_cpu (builds/loads the kernels; RuntimeError
+    when they cannot be built)."""
+
+    def __init__(self) -> None:
+        cpu_kernels.load()
+        self._ops = torch.ops.pdserve_cpu
+        self.lanes = _sum_lanes(self._ops)
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """rms_norm(x, w, eps) of llama.py, as a new tensor."""
+        out = torch.empty_like(x)
+        self._ops.rms_norm(x, None, w, eps, self.lanes, out)
+        return out
+
+    def add_rms_norm(self, h: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """`h += a` (in place, rounded to h's dtype), then rms_norm(h, w, eps): one pass."""
+        out = torch.empty_like(h)
+        self._ops.rms_norm(h, a, w, eps, self.lanes, out)
+        return out
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """silu(gu[:, :I]) * gu[:, I:] for gu [T, 2I]."""
+        out = gu.new_empty(gu.shape[0], gu.shape[1] // 2)
+        self._ops.silu_mul(gu, out)
+        return out
+
+    def rope_qk_(
+        self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
+    ) -> None:
+        """apply_rope on the first `heads` heads of each row of qkv [T, >= heads * D] (q's then
+        k's heads), in place; cos/sin [max_pos, D] are the model's tables."""
+        self._ops.rope_qk(qkv, positions, cos, sin, heads)
+
+
+_instance: CpuFusedOps | None = None
+_failed: str | None = None
+
+
+def fused_ops_for(device: torch.device, dtype: torch.dtype) -> CpuFusedOps | None:
+    """The fused ops for tensors of this device and dtype, or None where the torch form runs:
+    not the CPU, not float32/bfloat16, or the kernels do not build (logged once)."""
+    global _instance, _failed
+    if device.type != "cpu" or dtype not in DTYPES or _failed is not None:
+        return None
+    if _instance is None:
+        try:
+            _instance = CpuFusedOps()
+        except RuntimeError as e:
+            _failed = str(e)
+            logger.warning("fused CPU element-wise ops unavailable (%s); using torch's", e)
+            return None
+    return _instance

@@ -1,0 +1,144 @@
+"""The fused CPU element-wise kernels (pdserve/model/csrc/elementwise.cpp, fused_ops.py) against
+the torch forms they replace in LlamaModel.forward: bitwise where the rounding order allows (the
+greedy output is compared token for token with transformers, and PD with mode null), within one
+float32 ulp of the SiLU otherwise; and the whole forward with and without them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.kv_pool import PageAllocator
+from pdserve.engine.request import Req
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.scheduler import Scheduler
+from pdserve.enums import AttentionBackend
+from pdserve.model.attention_backends import fused_elementwise
+from pdserve.model.config import ModelConfig
+from pdserve.model.fused_ops import fused_ops_for
+from pdserve.model.llama import LlamaModel, apply_rope, rms_norm
+from pdserve.sampling_params import SamplingParams
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def fo():
+    ops = fused_ops_for(torch.device("cpu"), torch.float32)
+    if ops is None:
+        pytest.skip("pdserve's CPU kernels do not build here")
+    return ops
+
+
+def rnd(*shape, dtype, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 576), (7, 577), (256, 576), (3, 5), (33, 33), (5, 2048), (64, 1000), (2, 4096)])
+def test_add_rms_norm_is_bitwise_the_torch_form(fo, dtype, rows, n):
+    h, a = rnd(rows, n, dtype=dtype, scale=3, seed=1), rnd(rows, n, dtype=dtype, seed=2)
+    w = 1 + rnd(n, dtype=dtype, scale=0.1, seed=3)
+    ref_h = h + a
+    ref = rms_norm(ref_h, w, 1e-5)
+    got = fo.add_rms_norm(h, a, w, 1e-5)
+    assert torch.equal(h, ref_h)  # the residual stream is updated in place, rounded as `h += a`
+    assert torch.equal(got, ref)
+    assert torch.equal(fo.rms_norm(ref_h, w, 1e-6), rms_norm(ref_h, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_on_strided_rows(fo, dtype):
+    big = rnd(9, 700, dtype=dtype, scale=2, seed=4)
+    x = big[:, 50:626]  # row stride 700
+    w = 1 + rnd(576, dtype=dtype, scale=0.1, seed=5)
+    assert torch.equal(fo.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (9, 1536), (256, 64), (4, 1537), (3, 7), (17, 100)])
+def test_silu_mul(fo, dtype, rows, inter):
+    gu = rnd(rows, 2 * inter, dtype=dtype, scale=4, seed=6)
+    ref = F.silu(gu[:, :inter])
+    ref *= gu[:, inter:]
+    got = fo.silu_mul(gu)
+    assert got.shape == ref.shape and got.dtype == dtype
+    if inter % 32 == 0 or dtype == torch.bfloat16:
+        assert torch.equal(got, ref)
+    else:  # torch's scalar tail uses libm's exp, its vector loop SLEEF's: 1 ulp of the SiLU at most
+        torch.testing.assert_close(got, ref, rtol=3e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,d,rows", [(9, 3, 64, 37), (4, 2, 16, 1), (3, 1, 6, 5)])
+def test_rope_qk_in_place_is_bitwise_apply_rope(fo, dtype, heads, kv_heads, d, rows):
+    width = (heads + 2 * kv_heads) * d
+    qkv = rnd(rows, width, dtype=dtype, scale=3, seed=7)
+    pos = torch.randint(0, 500, (rows,), generator=torch.Generator().manual_seed(8))
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.arange(512).float()[:, None] * inv[None]
+    emb = torch.cat((ang, ang), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    n = heads + kv_heads
+    ref = apply_rope(qkv[:, : n * d].view(rows, n, d), cos[pos][:, None], sin[pos][:, None])
+    x = qkv.clone()
+    fo.rope_qk_(x, pos, cos, sin, n)
+    assert torch.equal(x[:, : n * d].view(rows, n, d), ref)
+    assert torch.equal(x[:, n * d :], qkv[:, n * d :])  # v is left alone
+
+
+def test_bad_inputs_are_refused(fo):
+    ops = torch.ops.pdserve_cpu
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        ops.rms_norm(x, None, torch.ones(7), 1e-5, 8, torch.empty(4, 8))
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        ops.rms_norm(x, None, torch.ones(8, dtype=torch.float64), 1e-5, 8, torch.empty(4, 8))
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        ops.silu_mul(torch.randn(4, 9), torch.empty(4, 4))
+    cos = torch.ones(10, 4)
+    with pytest.raises(RuntimeError, match="out of the table"):
+        ops.rope_qk(torch.randn(2, 8), torch.tensor([0, 10]), cos, cos, 2)
+    with pytest.raises(RuntimeError, match="exceeds a row"):
+        ops.rope_qk(torch.randn(2, 8), torch.tensor([0, 1]), cos, cos, 3)
+
+
+def test_only_cpu_float32_and_bfloat16_get_fused_ops():
+    assert fused_ops_for(torch.device("meta"), torch.float32) is None
+    assert fused_ops_for(torch.device("cpu"), torch.float16) is None
+    assert fused_elementwise("auto") and fused_elementwise(AttentionBackend.CPU_PAGED)
+    assert not fused_elementwise("torch_native") and not fused_elementwise("fake")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_forward_with_fused_ops_is_bitwise_the_torch_forward(fo, dtype, arch, int8):
+    """Every step of a real schedule (chunked prefills next to decodes): the same logits and the
+    same K/V written, with the fused ops and with torch's."""
+    cfg = ModelConfig.tiny(hidden_size=64, intermediate_size=96, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3")
+    m = LlamaModel(cfg, dtype, int8_linears=int8)
+    m.init_random(seed=3)
+    s = Scheduler(PageAllocator(64, 4), max_running_requests=4, chunked_prefill_size=8, context_length=256, eos_ids=())
+    runner = ModelRunner(m, 64, 4, attention_backend="auto")
+    assert m.fused_ops is not None
+    g = torch.Generator().manual_seed(4)
+    for i, n in enumerate((11, 5, 19)):
+        prompt = torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()
+        s.add_request(Req(f"r{i}", prompt, SamplingParams(max_new_tokens=6, temperature=0)))
+    steps = mixed = 0
+    while s.has_work():
+        plan = s.schedule()
+        mixed += 0 < plan.num_decode < len(plan.items)
+        kv_before = runner.kv_data.clone()
+        m.use_fused_ops(False)
+        ref_kv = kv_before.clone()
+        ref = m.forward(runner.build_batch(plan), type(runner.attn)(ref_kv))
+        m.use_fused_ops(True)
+        got = m.forward(runner.build_batch(plan), runner.attn)
+        assert torch.equal(got, ref), f"step {steps}"
+        assert torch.equal(runner.kv_data, ref_kv), f"step {steps}"
+        runner.kv_data.copy_(kv_before)
+        s.update(plan, runner.run(plan))
+        steps += 1
+    assert steps > 6 and mixed > 0
