@@ -9,6 +9,8 @@ form rounds (docs/architecture.md, "CPU kernels"), so the outputs are the same b
   The sum of squares follows torch's CPU sum order, whose vector width is measured once here
   (`_sum_lanes`): torch runs its reductions 8 lanes wide on AVX-512 machines too.
 - `rope_qk_`: bitwise `apply_rope` on q and k, in place in the qkv output, one pass.
+- with `quant=True` (--quantization w8a8_int8) `add_rms_norm`, `rms_norm` and `silu_mul` also
+  return their output's int8 rows and scales, bitwise what `int8_linear` would compute.
 - `silu_mul`: bitwise `F.silu(g) * u` where the gate width is a multiple of 32 (torch's vector
   loop; SLEEF's exp on both sides); at most 1 ulp of the float32 SiLU off in a ragged tail,
   where torch's scalar loop uses libm's exp. bfloat16 rounds the SiLU before the product.
@@ -44,6 +46,10 @@ def _sum_lanes(ops) -> int:
     return 8
 
 
+def _q8_outputs(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty(out.shape, dtype=torch.int8), torch.empty(out.shape[0], 1, dtype=torch.float32)
+
+
 class CpuFusedOps:
     """The fused ops, bound to torch.ops.pdserve_cpu (builds/loads the kernels; RuntimeError
     when they cannot be built)."""
@@ -53,23 +59,26 @@ class CpuFusedOps:
         self._ops = torch.ops.pdserve_cpu
         self.lanes = _sum_lanes(self._ops)
 
-    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        """rms_norm(x, w, eps) of llama.py, as a new tensor."""
-        out = torch.empty_like(x)
-        self._ops.rms_norm(x, None, w, eps, self.lanes, out)
-        return out
+    # With quant=True the ops below return (out, (q, scale)): out's rows quantized to int8 as
+    # llama.int8_linear quantizes its input (--quantization w8a8_int8), in the same pass.
 
-    def add_rms_norm(self, h: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float, quant: bool = False):
+        """rms_norm(x, w, eps) of llama.py, as a new tensor."""
+        return self.add_rms_norm(x, None, w, eps, quant)
+
+    def add_rms_norm(self, h: torch.Tensor, a: torch.Tensor | None, w: torch.Tensor, eps: float, quant: bool = False):
         """`h += a` (in place, rounded to h's dtype), then rms_norm(h, w, eps): one pass."""
         out = torch.empty_like(h)
-        self._ops.rms_norm(h, a, w, eps, self.lanes, out)
-        return out
+        q = _q8_outputs(out) if quant else (None, None)
+        self._ops.rms_norm(h, a, w, eps, self.lanes, out, *q)
+        return (out, q) if quant else out
 
-    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+    def silu_mul(self, gu: torch.Tensor, quant: bool = False):
         """silu(gu[:, :I]) * gu[:, I:] for gu [T, 2I]."""
         out = gu.new_empty(gu.shape[0], gu.shape[1] // 2)
-        self._ops.silu_mul(gu, out)
-        return out
+        q = _q8_outputs(out) if quant else (None, None)
+        self._ops.silu_mul(gu, out, *q)
+        return (out, q) if quant else out
 
     def rope_qk_(
         self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int

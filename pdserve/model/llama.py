@@ -103,17 +103,23 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.t().contiguous(), scale
 
 
-def int8_linear(x: torch.Tensor, q8: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, q8: tuple[torch.Tensor, torch.Tensor], pre: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """x [M, K] @ an int8 weight (quantize_int8): each row of x is quantized to int8 with its own
     scale, multiplied in int8 with int32 sums (oneDNN, VNNI where the CPU has it), then scaled
     back. Rows never share a scale and integer sums are exact, so a row's result does not depend
     on the other rows of the batch (PD equals mode null; a request's output does not depend on
-    what it was batched with). The row count is padded as for packed_linear (bounded shapes)."""
+    what it was batched with). The row count is padded as for packed_linear (bounded shapes).
+    `pre`: x's int8 rows and scales, already computed by a fused kernel (fused_ops, quant=True)."""
     wq, w_scale = q8
-    xf = x.float()
-    m = xf.shape[0]
-    x_scale = (xf.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
-    xq = torch.round(xf / x_scale).to(torch.int8)
+    m = x.shape[0]
+    if pre is not None:
+        xq, x_scale = pre
+    else:
+        xf = x.float()
+        x_scale = (xf.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+        xq = torch.round(xf / x_scale).to(torch.int8)
     mp = padded_rows(m)
     if mp != m:
         xq = _pad_rows(xq, mp)
@@ -176,11 +182,12 @@ def linear(
     small: bool,
     packed: torch.Tensor | None = None,
     q8: tuple | None = None,
+    pre: tuple | None = None,
 ) -> torch.Tensor:
     # Small batches are memory-bound: 4-bit weights read 4x fewer bytes per token
     # (benchmarks/bench_engine.py); large batches are compute-bound and stay on bf16/AMX.
     if q8 is not None:
-        return int8_linear(x, q8)
+        return int8_linear(x, q8, pre)
     if small and q4 is not None:
         if isinstance(q4, Q4Grid):
             return grid_linear(x, q4)
@@ -380,18 +387,20 @@ class LlamaModel:
         small = T <= (min(self.q4_max_tokens, GRID_LAYER_MAX_ROWS) if self.grid else self.q4_max_tokens)
         ar = self.all_reduce
         inter = cfg.intermediate_size
+        quant = fo is not None and self.int8_linears  # the fused ops also quantize the linears' inputs
         a = None  # the last down_proj output, not yet added into h (fused into the next norm)
         for i, layer in enumerate(self.layers):
             q4 = layer.q4 or {}
             q8 = layer.q8 or {}
             pk = layer.packed
+            pre = None  # int8 rows + scales of x, when the fused norm made them (w8a8_int8)
             if fo is None:
                 x = rms_norm(h, layer.in_norm, eps)
-            elif a is None:
-                x = fo.rms_norm(h, layer.in_norm, eps)
+            elif quant:
+                x, pre = fo.add_rms_norm(h, a, layer.in_norm, eps, quant=True)
             else:
                 x = fo.add_rms_norm(h, a, layer.in_norm, eps)
-            qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"], q8.get("qkv"))
+            qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"], q8.get("qkv"), pre)
             if layer.qkv_b is not None:
                 qkv = qkv + layer.qkv_b
             v = qkv[:, qs + ks :].view(T, nkv, hd)
@@ -411,15 +420,19 @@ class LlamaModel:
             if fo is None:
                 h += a  # h is this forward's own tensor (the embedding rows were gathered into it)
                 x = rms_norm(h, layer.post_norm, eps)
+            elif quant:
+                x, pre = fo.add_rms_norm(h, a, layer.post_norm, eps, quant=True)
             else:
                 x = fo.add_rms_norm(h, a, layer.post_norm, eps)
-            gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"], q8.get("gate_up"))
+            gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"], q8.get("gate_up"), pre)
             if fo is None:
                 act = F.silu(gu[:, :inter])
                 act *= gu[:, inter:]
+            elif quant:
+                act, pre = fo.silu_mul(gu, quant=True)
             else:
                 act = fo.silu_mul(gu)
-            a = linear(act, layer.down, q4.get("down"), small, pk["down"], q8.get("down"))
+            a = linear(act, layer.down, q4.get("down"), small, pk["down"], q8.get("down"), pre)
             if ar is not None:
                 ar(a)
             if fo is None:

@@ -87,6 +87,28 @@ def test_rope_qk_in_place_is_bitwise_apply_rope(fo, dtype, heads, kv_heads, d, r
     assert torch.equal(x[:, n * d :], qkv[:, n * d :])  # v is left alone
 
 
+def int8_rows(x):  # llama.int8_linear's per-row quantization of its input
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
+    return torch.round(xf / scale).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 576), (37, 577), (5, 33)])
+def test_fused_int8_quantization_is_bitwise_int8_linears(fo, dtype, rows, n):
+    h, a = rnd(rows, n, dtype=dtype, scale=3, seed=10), rnd(rows, n, dtype=dtype, seed=11)
+    w = 1 + rnd(n, dtype=dtype, scale=0.1, seed=12)
+    h[0] = 0  # an all-zero row: the 1e-12 scale floor
+    a[0] = 0
+    x, (q, scale) = fo.add_rms_norm(h, a, w, 1e-5, quant=True)
+    ref_q, ref_scale = int8_rows(x)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+    gu = rnd(rows, 2 * n, dtype=dtype, scale=4, seed=13)
+    act, (q, scale) = fo.silu_mul(gu, quant=True)
+    ref_q, ref_scale = int8_rows(act)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+
+
 def test_bad_inputs_are_refused(fo):
     ops = torch.ops.pdserve_cpu
     x = torch.randn(4, 8)
@@ -96,6 +118,19 @@ def test_bad_inputs_are_refused(fo):
         ops.rms_norm(x, None, torch.ones(8, dtype=torch.float64), 1e-5, 8, torch.empty(4, 8))
     with pytest.raises(RuntimeError, match="shapes differ"):
         ops.silu_mul(torch.randn(4, 9), torch.empty(4, 4))
+    with pytest.raises(RuntimeError, match="go together"):
+        ops.silu_mul(torch.randn(4, 8), torch.empty(4, 4), torch.empty(4, 4, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.rms_norm(
+            x,
+            None,
+            torch.ones(8),
+            1e-5,
+            8,
+            torch.empty(4, 8),
+            torch.empty(4, 8, dtype=torch.int8),
+            torch.empty(4, 1, dtype=torch.float64),
+        )
     cos = torch.ones(10, 4)
     with pytest.raises(RuntimeError, match="out of the table"):
         ops.rope_qk(torch.randn(2, 8), torch.tensor([0, 10]), cos, cos, 2)

@@ -12,6 +12,8 @@
 //   * silu_mul: x / (1 + exp(-x)) with the same exp torch's vectorized SiLU uses (SLEEF's
 //     expf16_u10, exported by libtorch_cpu) where AVX-512 is compiled in; bf16 rounds the SiLU
 //     to bf16 before the product, as `F.silu(g) * u` does.
+//   * with --quantization w8a8_int8, rms_norm and silu_mul also write their output's int8 rows
+//     and scales (llama.int8_linear's per-row quantization) while the row is in cache.
 //   * rope_qk: apply_rope's two products and one add per element, each rounded (fp-contract
 //     is off below, so no fused multiply-add changes a bit).
 //
@@ -104,11 +106,45 @@ float ordered_sum(const float* x, int64_t n, int64_t lanes) {
   }
 }
 
+// --quantization w8a8_int8: the row's int8 activations and scale, as llama.int8_linear computes
+// them from the op's output (scale = max(amax|x| / 127, 1e-12), q = round-half-even(x / scale)).
+template <typename T>
+void quant_row(const T* x, int64_t n, int8_t* q, float* scale) {
+  float amax = 0.f;
+  for (int64_t e = 0; e < n; ++e) amax = std::max(amax, std::fabs(to_f(x[e])));
+  const float sc = std::max(amax / 127.f, 1e-12f);
+  for (int64_t e = 0; e < n; ++e) q[e] = static_cast<int8_t>(std::nearbyint(to_f(x[e]) / sc));
+  *scale = sc;
+}
+
+struct Quant {  // optional int8 outputs of an op: q [rows, n] int8, scale [rows, 1] float32
+  int8_t* q = nullptr;
+  float* scale = nullptr;
+  int64_t qs = 0, ss = 0;
+};
+
+Quant quant_outputs(const c10::optional<at::Tensor>& q, const c10::optional<at::Tensor>& scale,
+                    const at::Tensor& like, const char* op) {
+  Quant r;
+  TORCH_CHECK(q.has_value() == scale.has_value(), op, ": q and scale go together");
+  if (!q.has_value()) return r;
+  TORCH_CHECK(q->scalar_type() == at::kChar && q->sizes() == like.sizes() && q->stride(1) == 1, op,
+              ": q must be int8 shaped like the output, rows contiguous");
+  TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->dim() == 2 && scale->size(0) == like.size(0) &&
+                  scale->size(1) == 1,
+              op, ": scale must be float32 [rows, 1]");
+  r.q = q->data_ptr<int8_t>();
+  r.scale = scale->data_ptr<float>();
+  r.qs = q->stride(0);
+  r.ss = scale->stride(0);
+  return r;
+}
+
 // ---- residual add + RMSNorm --------------------------------------------------------------
 
 template <typename T>
 void rms_norm_impl(at::Tensor& h, const c10::optional<at::Tensor>& res, const at::Tensor& w, double eps,
-                   int64_t lanes, at::Tensor& out) {
+                   int64_t lanes, at::Tensor& out, const Quant& qo) {
   const int64_t R = h.size(0), n = h.size(1);
   T* hp = h.data_ptr<T>();
   const T* ap = res.has_value() ? res->data_ptr<T>() : nullptr;
@@ -140,12 +176,14 @@ void rms_norm_impl(at::Tensor& h, const c10::optional<at::Tensor>& res, const at
       } else {  // normalized, rounded to bf16, then times the weight in bf16
         for (int64_t e = 0; e < n; ++e) orow[e] = from_f<T>(to_f(from_f<T>(xf[e] * inv)) * to_f(wp[e]));
       }
+      if (qo.q != nullptr) quant_row(orow, n, qo.q + r * qo.qs, qo.scale + r * qo.ss);
     }
   });
 }
 
 void rms_norm(at::Tensor h, const c10::optional<at::Tensor>& residual, const at::Tensor& w, double eps,
-              int64_t lanes, at::Tensor out) {
+              int64_t lanes, at::Tensor out, const c10::optional<at::Tensor>& q,
+              const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(h.dim() == 2 && out.dim() == 2 && w.dim() == 1, "rms_norm: h and out [rows, n], w [n]");
   TORCH_CHECK(h.stride(1) == 1 && out.stride(1) == 1 && w.is_contiguous(), "rms_norm: rows must be contiguous");
   TORCH_CHECK(out.sizes() == h.sizes() && w.size(0) == h.size(1), "rms_norm: shapes differ");
@@ -156,10 +194,11 @@ void rms_norm(at::Tensor h, const c10::optional<at::Tensor>& residual, const at:
                     residual->scalar_type() == h.scalar_type(),
                 "rms_norm: residual must be shaped and typed like h");
   }
+  const Quant qo = quant_outputs(q, scale, out, "rms_norm");
   if (h.scalar_type() == at::kFloat) {
-    rms_norm_impl<float>(h, residual, w, eps, lanes, out);
+    rms_norm_impl<float>(h, residual, w, eps, lanes, out, qo);
   } else if (h.scalar_type() == at::kBFloat16) {
-    rms_norm_impl<bf16>(h, residual, w, eps, lanes, out);
+    rms_norm_impl<bf16>(h, residual, w, eps, lanes, out, qo);
   } else {
     TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only");
   }
@@ -190,7 +229,7 @@ inline __m512 round_like(__m512 v, bf16) {
 #endif
 
 template <typename T>
-void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
+void silu_mul_impl(const at::Tensor& gu, at::Tensor& out, const Quant& qo) {
   const int64_t R = out.size(0), I = out.size(1);
   const T* gp = gu.data_ptr<T>();
   T* op = out.data_ptr<T>();
@@ -217,19 +256,22 @@ void silu_mul_impl(const at::Tensor& gu, at::Tensor& out) {
         o[j] = from_f<T>(s * to_f(u[j]));
       }
 #endif
+      if (qo.q != nullptr) quant_row(o, I, qo.q + r * qo.qs, qo.scale + r * qo.ss);
     }
   });
 }
 
-void silu_mul(const at::Tensor& gu, at::Tensor out) {
+void silu_mul(const at::Tensor& gu, at::Tensor out, const c10::optional<at::Tensor>& q,
+              const c10::optional<at::Tensor>& scale) {
   TORCH_CHECK(gu.dim() == 2 && out.dim() == 2, "silu_mul: gu [rows, 2I], out [rows, I]");
   TORCH_CHECK(gu.size(0) == out.size(0) && gu.size(1) == 2 * out.size(1), "silu_mul: shapes differ");
   TORCH_CHECK(gu.stride(1) == 1 && out.stride(1) == 1, "silu_mul: rows must be contiguous");
   TORCH_CHECK(gu.scalar_type() == out.scalar_type(), "silu_mul: gu and out must share a dtype");
+  const Quant qo = quant_outputs(q, scale, out, "silu_mul");
   if (gu.scalar_type() == at::kFloat) {
-    silu_mul_impl<float>(gu, out);
+    silu_mul_impl<float>(gu, out, qo);
   } else if (gu.scalar_type() == at::kBFloat16) {
-    silu_mul_impl<bf16>(gu, out);
+    silu_mul_impl<bf16>(gu, out, qo);
   } else {
     TORCH_CHECK(false, "silu_mul: float32 or bfloat16 only");
   }
@@ -301,8 +343,10 @@ void rope_qk(at::Tensor x, const at::Tensor& pos, const at::Tensor& cos, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
-  m.def("rms_norm(Tensor(a!) h, Tensor? residual, Tensor w, float eps, int lanes, Tensor(b!) out) -> ()");
-  m.def("silu_mul(Tensor gu, Tensor(a!) out) -> ()");
+  m.def(
+      "rms_norm(Tensor(a!) h, Tensor? residual, Tensor w, float eps, int lanes, Tensor(b!) out, "
+      "Tensor(c!)? q=None, Tensor(d!)? scale=None) -> ()");
+  m.def("silu_mul(Tensor gu, Tensor(a!) out, Tensor(b!)? q=None, Tensor(c!)? scale=None) -> ()");
   m.def("rope_qk(Tensor(a!) x, Tensor pos, Tensor cos, Tensor sin, int heads) -> ()");
 }
 
