@@ -106,15 +106,53 @@ float ordered_sum(const float* x, int64_t n, int64_t lanes) {
   }
 }
 
+#ifdef PDSERVE_AVX512
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  const __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline __m256i to_bf16_bits(__m512 v) {  // round to nearest even; NaN -> 0x7fc0, as c10::BFloat16
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 ord = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+  r = _mm512_mask_blend_epi32(ord, _mm512_set1_epi32(0x7fc0), r);
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store16(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16_bits(v)); }
+inline __m512 round_like(__m512 v, float) { return v; }
+inline __m512 round_like(__m512 v, bf16) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
+}
+#endif
+
 // --quantization w8a8_int8: the row's int8 activations and scale, as llama.int8_linear computes
 // them from the op's output (scale = max(amax|x| / 127, 1e-12), q = round-half-even(x / scale)).
 template <typename T>
 void quant_row(const T* x, int64_t n, int8_t* q, float* scale) {
+#ifdef PDSERVE_AVX512
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t e = 0; e < n; e += 16) {
+    const __mmask16 m = n - e >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - e)) - 1);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(x + e, m)));  // masked-off lanes load 0
+  }
+  const float sc = std::max(_mm512_reduce_max_ps(vmax) / 127.f, 1e-12f);
+  const __m512 vsc = _mm512_set1_ps(sc);
+  for (int64_t e = 0; e < n; e += 16) {
+    const __mmask16 m = n - e >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - e)) - 1);
+    const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(load16(x + e, m), vsc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_mask_storeu_epi8(q + e, m, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+  }
+  *scale = sc;
+#else
   float amax = 0.f;
   for (int64_t e = 0; e < n; ++e) amax = std::max(amax, std::fabs(to_f(x[e])));
   const float sc = std::max(amax / 127.f, 1e-12f);
   for (int64_t e = 0; e < n; ++e) q[e] = static_cast<int8_t>(std::nearbyint(to_f(x[e]) / sc));
   *scale = sc;
+#endif
 }
 
 struct Quant {  // optional int8 outputs of an op: q [rows, n] int8, scale [rows, 1] float32
@@ -206,27 +244,6 @@ void rms_norm(at::Tensor h, const c10::optional<at::Tensor>& residual, const at:
 
 // ---- SiLU(gate) * up ---------------------------------------------------------------------
 
-#ifdef PDSERVE_AVX512
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const bf16* p, __mmask16 m) {
-  const __m256i v = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline __m256i to_bf16_bits(__m512 v) {  // round to nearest even; NaN -> 0x7fc0, as c10::BFloat16
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  const __mmask16 ord = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
-  r = _mm512_mask_blend_epi32(ord, _mm512_set1_epi32(0x7fc0), r);
-  return _mm512_cvtepi32_epi16(r);
-}
-inline void store16(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16_bits(v)); }
-inline __m512 round_like(__m512 v, float) { return v; }
-inline __m512 round_like(__m512 v, bf16) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(v)), 16));
-}
-#endif
 
 template <typename T>
 void silu_mul_impl(const at::Tensor& gu, at::Tensor& out, const Quant& qo) {
