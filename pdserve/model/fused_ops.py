@@ -11,6 +11,7 @@ form rounds (docs/architecture.md, "CPU kernels"), so the outputs are the same b
 - `rope_qk_`: bitwise `apply_rope` on q and k, in place in the qkv output, one pass.
 - with `quant=True` (--quantization w8a8_int8) `add_rms_norm`, `rms_norm` and `silu_mul` also
   return their output's int8 rows and scales, bitwise what `int8_linear` would compute.
+- `int8_dequant`: bitwise int8_linear's `(acc.float() * x_scale * w_scale).to(dtype)`.
 - `silu_mul`: bitwise `F.silu(g) * u` where the gate width is a multiple of 32 (torch's vector
   loop; SLEEF's exp on both sides); at most 1 ulp of the float32 SiLU off in a ragged tail,
   where torch's scalar loop uses libm's exp. bfloat16 rounds the SiLU before the product.
@@ -79,6 +80,12 @@ class CpuFusedOps:
         q = _q8_outputs(out) if quant else (None, None)
         self._ops.silu_mul(gu, out, *q)
         return (out, q) if quant else out
+
+    def int8_dequant(self, acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, rows: int, dtype):
+        """(acc[:rows].float() * x_scale * w_scale).to(dtype), int8_linear's last step, one pass."""
+        out = torch.empty(rows, acc.shape[1], dtype=dtype)
+        self._ops.int8_dequant(acc, x_scale, w_scale, out)
+        return out
 
     def rope_qk_(
         self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int

@@ -104,14 +104,18 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_linear(
-    x: torch.Tensor, q8: tuple[torch.Tensor, torch.Tensor], pre: tuple[torch.Tensor, torch.Tensor] | None = None
+    x: torch.Tensor,
+    q8: tuple[torch.Tensor, torch.Tensor],
+    pre: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fo: CpuFusedOps | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ an int8 weight (quantize_int8): each row of x is quantized to int8 with its own
     scale, multiplied in int8 with int32 sums (oneDNN, VNNI where the CPU has it), then scaled
     back. Rows never share a scale and integer sums are exact, so a row's result does not depend
     on the other rows of the batch (PD equals mode null; a request's output does not depend on
     what it was batched with). The row count is padded as for packed_linear (bounded shapes).
-    `pre`: x's int8 rows and scales, already computed by a fused kernel (fused_ops, quant=True)."""
+    `pre`: x's int8 rows and scales, already computed by a fused kernel (fused_ops, quant=True);
+    `fo`: the fused ops, which also scale the int32 sums back (same bits, one pass)."""
     wq, w_scale = q8
     m = x.shape[0]
     if pre is not None:
@@ -124,6 +128,8 @@ def int8_linear(
     if mp != m:
         xq = _pad_rows(xq, mp)
     acc = torch._int_mm(xq, wq)
+    if fo is not None:
+        return fo.int8_dequant(acc, x_scale, w_scale, m, x.dtype)
     if mp != m:
         acc = acc[:m]
     return (acc.float() * x_scale * w_scale).to(x.dtype)
@@ -183,11 +189,12 @@ def linear(
     packed: torch.Tensor | None = None,
     q8: tuple | None = None,
     pre: tuple | None = None,
+    fo: CpuFusedOps | None = None,
 ) -> torch.Tensor:
     # Small batches are memory-bound: 4-bit weights read 4x fewer bytes per token
     # (benchmarks/bench_engine.py); large batches are compute-bound and stay on bf16/AMX.
     if q8 is not None:
-        return int8_linear(x, q8, pre)
+        return int8_linear(x, q8, pre, fo)
     if small and q4 is not None:
         if isinstance(q4, Q4Grid):
             return grid_linear(x, q4)
@@ -400,7 +407,7 @@ class LlamaModel:
                 x, pre = fo.add_rms_norm(h, a, layer.in_norm, eps, quant=True)
             else:
                 x = fo.add_rms_norm(h, a, layer.in_norm, eps)
-            qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"], q8.get("qkv"), pre)
+            qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"], q8.get("qkv"), pre, fo)
             if layer.qkv_b is not None:
                 qkv = qkv + layer.qkv_b
             v = qkv[:, qs + ks :].view(T, nkv, hd)
@@ -414,7 +421,7 @@ class LlamaModel:
                 qk = apply_rope(qkv[:, : qs + ks].view(T, nq + nkv, hd), cos, sin)
                 q, k = qk[:, :nq], qk[:, nq:]
             o = attn(i, q, k, v, batch).view(T, qs)
-            a = linear(o, layer.o, q4.get("o"), small, pk["o"], q8.get("o"))
+            a = linear(o, layer.o, q4.get("o"), small, pk["o"], q8.get("o"), None, fo)
             if ar is not None:
                 ar(a)
             if fo is None:
@@ -424,7 +431,7 @@ class LlamaModel:
                 x, pre = fo.add_rms_norm(h, a, layer.post_norm, eps, quant=True)
             else:
                 x = fo.add_rms_norm(h, a, layer.post_norm, eps)
-            gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"], q8.get("gate_up"), pre)
+            gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"], q8.get("gate_up"), pre, fo)
             if fo is None:
                 act = F.silu(gu[:, :inter])
                 act *= gu[:, inter:]
@@ -432,7 +439,7 @@ class LlamaModel:
                 act, pre = fo.silu_mul(gu, quant=True)
             else:
                 act = fo.silu_mul(gu)
-            a = linear(act, layer.down, q4.get("down"), small, pk["down"], q8.get("down"), pre)
+            a = linear(act, layer.down, q4.get("down"), small, pk["down"], q8.get("down"), pre, fo)
             if ar is not None:
                 ar(a)
             if fo is None:

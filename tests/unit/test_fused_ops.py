@@ -109,6 +109,16 @@ def test_fused_int8_quantization_is_bitwise_int8_linears(fo, dtype, rows, n):
     assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_dequant_is_bitwise_int8_linears(fo, dtype):
+    g = torch.Generator().manual_seed(14)
+    acc = torch.randint(-(2**30), 2**30, (40, 99), generator=g, dtype=torch.int32)  # 40 rows, 37 used
+    x_scale = torch.rand(37, 1, generator=g) / 50
+    w_scale = torch.rand(99, generator=g) / 50
+    ref = (acc[:37].float() * x_scale * w_scale).to(dtype)
+    assert torch.equal(fo.int8_dequant(acc, x_scale, w_scale, 37, dtype), ref)
+
+
 def test_bad_inputs_are_refused(fo):
     ops = torch.ops.pdserve_cpu
     x = torch.randn(4, 8)

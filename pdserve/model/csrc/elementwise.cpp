@@ -14,6 +14,7 @@
 //     to bf16 before the product, as `F.silu(g) * u` does.
 //   * with --quantization w8a8_int8, rms_norm and silu_mul also write their output's int8 rows
 //     and scales (llama.int8_linear's per-row quantization) while the row is in cache.
+//   * int8_dequant: int8_linear's `(acc.float() * x_scale * w_scale).to(dtype)`, same order.
 //   * rope_qk: apply_rope's two products and one add per element, each rounded (fp-contract
 //     is off below, so no fused multiply-add changes a bit).
 //
@@ -357,6 +358,48 @@ void rope_qk(at::Tensor x, const at::Tensor& pos, const at::Tensor& cos, const a
   }
 }
 
+// ---- int8 linear: int32 sums back to the model dtype ---------------------------------------
+
+template <typename T>
+void int8_dequant_impl(const at::Tensor& acc, const at::Tensor& xs, const at::Tensor& ws, at::Tensor& out) {
+  const int64_t R = out.size(0), N = out.size(1);
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* xp = xs.data_ptr<float>();
+  const float* wp = ws.data_ptr<float>();
+  T* op = out.data_ptr<T>();
+  const int64_t as = acc.stride(0), xss = xs.stride(0), os = out.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int32_t* a = ap + r * as;
+      const float x = xp[r * xss];
+      T* o = op + r * os;
+      for (int64_t j = 0; j < N; ++j) o[j] = from_f<T>((static_cast<float>(a[j]) * x) * wp[j]);
+    }
+  });
+}
+
+// out[:rows] = ((float(acc[:rows]) * x_scale) * w_scale) in out's dtype: llama.int8_linear's
+// `(acc.float() * x_scale * w_scale).to(dtype)` in one pass (acc may have padding rows).
+void int8_dequant(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale, at::Tensor out) {
+  TORCH_CHECK(acc.dim() == 2 && out.dim() == 2 && acc.scalar_type() == at::kInt && acc.stride(1) == 1,
+              "int8_dequant: acc int32 [>= rows, N], rows contiguous");
+  TORCH_CHECK(out.stride(1) == 1 && acc.size(0) >= out.size(0) && acc.size(1) == out.size(1),
+              "int8_dequant: out [rows, N] must fit acc");
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.dim() == 2 && x_scale.size(0) == out.size(0) &&
+                  x_scale.size(1) == 1,
+              "int8_dequant: x_scale float32 [rows, 1]");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == out.size(1),
+              "int8_dequant: w_scale float32 [N]");
+  if (out.scalar_type() == at::kFloat) {
+    int8_dequant_impl<float>(acc, x_scale, w_scale, out);
+  } else if (out.scalar_type() == at::kBFloat16) {
+    int8_dequant_impl<bf16>(acc, x_scale, w_scale, out);
+  } else {
+    TORCH_CHECK(false, "int8_dequant: float32 or bfloat16 output only");
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
@@ -365,10 +408,12 @@ TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
       "Tensor(c!)? q=None, Tensor(d!)? scale=None) -> ()");
   m.def("silu_mul(Tensor gu, Tensor(a!) out, Tensor(b!)? q=None, Tensor(c!)? scale=None) -> ()");
   m.def("rope_qk(Tensor(a!) x, Tensor pos, Tensor cos, Tensor sin, int heads) -> ()");
+  m.def("int8_dequant(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("rope_qk", &rope_qk);
+  m.impl("int8_dequant", &int8_dequant);
 }
