@@ -59,14 +59,6 @@ def load_model(args: ServerArgs, tp_rank: int = 0) -> LlamaModel:
     model.full_config = config
     model.load_weights(shard_state(state, config, shard))
     del state
-    if model.grid:
-        on = sum(len(layer.q4 or {}) for layer in model.layers)
-        logger.info(
-            "grid linears (float32 from the GGUF codes, exact): %d of %d layer linears, lm_head %s",
-            on,
-            4 * len(model.layers),
-            type(model.lm_head_grid).__name__ if model.lm_head_grid is not None else "dense",
-        )
     return model
 
 
@@ -74,6 +66,13 @@ def prebuild_shapes(model: LlamaModel, args: ServerArgs) -> None:
     """Build oneDNN's kernels for every linear row count a step can have, before serving
     (LlamaModel.prebuild_linear_shapes: RSS stays flat while serving). After the KV pool is
     sized, so a server that cannot start says so without waiting for this."""
+    if model.grid:  # logged here, after the KV pool is sized: a server that cannot start says only why
+        logger.info(
+            "grid linears (float32 from the GGUF codes, exact): %d of %d layer linears, lm_head %s",
+            sum(len(layer.q4 or {}) for layer in model.layers),
+            4 * len(model.layers),
+            type(model.lm_head_grid).__name__ if model.lm_head_grid is not None else "dense",
+        )
     t0 = time.perf_counter()
     # a step holds up to max_running decodes plus one prefill chunk (engine/scheduler.py)
     built = model.prebuild_linear_shapes(

@@ -107,6 +107,10 @@ class RemoteModel:
         self.config, self.dtype, self.link = config, dtype, link
         self.last_seconds = 0.0
 
+    def use_fused_ops(self, enabled: bool) -> bool:
+        """The worker's own ModelRunner turns the fused kernels on for the real model."""
+        return False
+
     def forward(self, fb, attn) -> torch.Tensor:
         logits, self.last_seconds = self.link.forward(fb)
         return logits
