@@ -58,18 +58,37 @@ def engine_for(name: str, args: argparse.Namespace) -> Engine:
     raise SystemExit(f"--engines: unknown engine {name!r}")
 
 
-def vllm_bench(url: str, args: argparse.Namespace, num_prompts: int, concurrency: int | None, out_dir: str) -> dict:
-    """One `vllm bench serve` run; returns its result JSON."""
+def vllm_bench(
+    url: str,
+    args: argparse.Namespace,
+    num_prompts: int,
+    concurrency: int | None,
+    out_dir: str,
+    rate: float | None = None,
+    seed: int = 0,
+) -> dict:
+    """One `vllm bench serve` run; returns its result JSON.
+
+    `rate` None: all at once, fixed lengths. A rate: Poisson arrivals at that rate, lengths
+    drawn by vLLM's client in [len * (1 - r), len * (1 + r)] (r = --sweep-range-ratio), and
+    goodput counted against --slo-ttft-ms / --slo-tpot-ms.
+    """
     fname = f"r{time.monotonic_ns()}.json"
     cmd = [
         os.path.join(args.vllm_venv, "bin", "vllm"), "bench", "serve",
         "--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions",
         "--model", SERVED_NAME, "--tokenizer", args.model_dir,
-        "--dataset-name", "random", "--random-input-len", str(args.input_len),
-        "--random-output-len", str(args.output_len), "--num-prompts", str(num_prompts),
-        "--request-rate", "inf", "--ignore-eos", "--seed", "0",
+        "--dataset-name", "random", "--num-prompts", str(num_prompts),
+        "--ignore-eos", "--seed", str(seed),
         "--save-result", "--result-dir", out_dir, "--result-filename", fname,
     ]  # fmt: skip
+    if rate is None:
+        cmd += ["--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len)]
+        cmd += ["--request-rate", "inf"]
+    else:
+        cmd += ["--random-input-len", str(args.sweep_input_len), "--random-output-len", str(args.sweep_output_len)]
+        cmd += ["--random-range-ratio", str(args.sweep_range_ratio), "--request-rate", f"{rate:g}"]
+        cmd += ["--goodput", f"ttft:{args.slo_ttft_ms:g}", f"tpot:{args.slo_tpot_ms:g}"]
     if concurrency is not None:
         cmd += ["--max-concurrency", str(concurrency)]
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
@@ -91,7 +110,18 @@ def main() -> int:
     ap.add_argument("--vllm-args", default="")
     ap.add_argument("--cpus", default=None, help="CPU ids every engine is pinned to (default: all)")
     ap.add_argument("--output", default="bench_out/vllm_client.json")
+    ap.add_argument("--runs", default="burst,single", help="comma list of burst, single, sweep")
+    ap.add_argument("--sweep-rates", default="0.5,1,1.5,2,3", help="Poisson request rates of the sweep (req/s)")
+    ap.add_argument("--sweep-prompts", type=int, default=24, help="requests per sweep rate")
+    ap.add_argument("--sweep-input-len", type=int, default=256)
+    ap.add_argument("--sweep-output-len", type=int, default=64)
+    ap.add_argument("--sweep-range-ratio", type=float, default=0.75, help="lengths in [len*(1-r), len*(1+r)]")
+    ap.add_argument("--slo-ttft-ms", type=float, default=800.0, help="sweep SLO: 5x vLLM fp32's unloaded TTFT")
+    ap.add_argument("--slo-tpot-ms", type=float, default=200.0, help="sweep SLO: 5x vLLM fp32's unloaded TPOT")
     args = ap.parse_args()
+    runs = set(args.runs.split(","))
+    if not runs <= {"burst", "single", "sweep"}:
+        raise SystemExit(f"--runs: unknown run(s) {sorted(runs - {'burst', 'single', 'sweep'})}")
     if not os.path.exists(os.path.join(args.model_dir, "config.json")):
         subprocess.run([sys.executable, os.path.join(HERE, "export_bf16_safetensors.py"), args.model_dir], check=True)
     cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else set(os.sched_getaffinity(0))
@@ -105,23 +135,33 @@ def main() -> int:
             print(f"{name}: could not start: {e}", flush=True)
             results["engines"][name] = {"error": str(e)}
             continue
+        row: dict = {"startup_s": eng.startup_s}
         try:
             vllm_bench(eng.url, args, 4, None, log_dir)  # warm-up
-            burst = vllm_bench(eng.url, args, args.num_prompts, None, log_dir)
-            single = vllm_bench(eng.url, args, args.single_prompts, 1, log_dir)
+            if "burst" in runs:
+                burst = vllm_bench(eng.url, args, args.num_prompts, None, log_dir)
+                row["burst_output_tok_s"] = burst["output_throughput"]
+                row["burst_ttft_p50_ms"] = burst["median_ttft_ms"]
+                row["burst_tpot_p50_ms"] = burst["median_tpot_ms"]
+                row["completed"] = burst["completed"]
+            if "single" in runs:
+                single = vllm_bench(eng.url, args, args.single_prompts, 1, log_dir)
+                row["single_ttft_p50_ms"] = single["median_ttft_ms"]
+                row["single_tpot_p50_ms"] = single["median_tpot_ms"]
+            if "sweep" in runs:
+                row["sweep"] = [
+                    sweep_point(vllm_bench(eng.url, args, args.sweep_prompts, None, log_dir, rate, seed), rate, args)
+                    for seed, rate in enumerate((float(r) for r in args.sweep_rates.split(",")), start=100)
+                ]
         finally:
             eng.stop()
-        results["engines"][name] = {
-            "startup_s": eng.startup_s,
-            "burst_output_tok_s": burst["output_throughput"],
-            "burst_ttft_p50_ms": burst["median_ttft_ms"],
-            "burst_tpot_p50_ms": burst["median_tpot_ms"],
-            "single_ttft_p50_ms": single["median_ttft_ms"],
-            "single_tpot_p50_ms": single["median_tpot_ms"],
-            "completed": burst["completed"],
-        }
-        print(name, json.dumps(results["engines"][name]), flush=True)
+        results["engines"][name] = row
+        print(name, json.dumps(row), flush=True)
     ok = {n: r for n, r in results["engines"].items() if "error" not in r}
+    if "sweep" in runs:
+        print_sweep(ok, args)
+    if not runs & {"burst", "single"}:
+        return write_results(results, args.output, log_dir)
     base_name = next((n for n in ("vllm", "vllm-fp32") if n in ok), None)
     base = ok.get(base_name) if base_name else None
     print(
@@ -133,18 +173,76 @@ def main() -> int:
         "| TPOT p50 single (ms) | ratio |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for n, r in ok.items():
-        tput = r["burst_output_tok_s"] / base["burst_output_tok_s"] if base else float("nan")
-        ttft = r["single_ttft_p50_ms"] / base["single_ttft_p50_ms"] if base else float("nan")
-        tpot = r["single_tpot_p50_ms"] / base["single_tpot_p50_ms"] if base else float("nan")
+        b = base or {}
+
+        def cell(key: str, fmt: str, r: dict = r, b: dict = b) -> str:
+            v = r.get(key)
+            return "-" if v is None else format(v, fmt)
+
+        def ratio(key: str, r: dict = r, b: dict = b) -> str:
+            return f"{r[key] / b[key]:.2f}x" if key in r and key in b else f"{nan}"
+
         print(
-            f"| {n} | {r['burst_output_tok_s']:.1f} | {tput:.2f}x | {r['burst_ttft_p50_ms']:.0f} | "
-            f"{r['single_ttft_p50_ms']:.1f} | {ttft:.2f}x | {r['single_tpot_p50_ms']:.1f} | {tpot:.2f}x |"
+            f"| {n} | {cell('burst_output_tok_s', '.1f')} | {ratio('burst_output_tok_s')} | "
+            f"{cell('burst_ttft_p50_ms', '.0f')} | {cell('single_ttft_p50_ms', '.1f')} | {ratio('single_ttft_p50_ms')} | "
+            f"{cell('single_tpot_p50_ms', '.1f')} | {ratio('single_tpot_p50_ms')} |"
         )
-    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-    with open(args.output, "w") as f:
+    return write_results(results, args.output, log_dir)
+
+
+def sweep_point(res: dict, rate: float, args: argparse.Namespace) -> dict:
+    """One sweep rate from vLLM's result: attainment = requests meeting both SLOs / requests sent."""
+    good = (res.get("request_goodput") or 0.0) * res["duration"]
+    return {
+        "rate": rate,
+        "attainment": round(good / args.sweep_prompts, 4),
+        "completed": res["completed"],
+        "ttft_p50_ms": res["median_ttft_ms"],
+        "ttft_p99_ms": res["p99_ttft_ms"],
+        "tpot_p50_ms": res["median_tpot_ms"],
+        "tpot_p99_ms": res["p99_tpot_ms"],
+        "output_tok_s": res["output_throughput"],
+    }
+
+
+def highest_rate(points: list[dict], floor: float = 0.9) -> float:
+    """The highest rate whose attainment (and every lower rate's) is at least `floor`; 0 if none."""
+    best = 0.0
+    for p in sorted(points, key=lambda p: p["rate"]):
+        if p["attainment"] < floor:
+            break
+        best = p["rate"]
+    return best
+
+
+def print_sweep(ok: dict, args: argparse.Namespace) -> None:
+    rates = [float(r) for r in args.sweep_rates.split(",")]
+    print(
+        f"\n`vllm bench serve`, Poisson, {args.sweep_prompts} requests per rate, {args.sweep_input_len} in / "
+        f"{args.sweep_output_len} out (range ratio {args.sweep_range_ratio:g}); SLO TTFT <= {args.slo_ttft_ms:g} ms, "
+        f"TPOT <= {args.slo_tpot_ms:g} ms; attainment (TTFT p99 ms / TPOT p99 ms)\n"
+    )
+    print("| engine | " + " | ".join(f"{r:g} req/s" for r in rates) + " | highest rate >= 90 % |")
+    print("|---|" + "---|" * (len(rates) + 1))
+    for n, r in ok.items():
+        pts = {p["rate"]: p for p in r.get("sweep", [])}
+        cells = [
+            f"{pts[x]['attainment']:.2f} ({pts[x]['ttft_p99_ms']:.0f} / {pts[x]['tpot_p99_ms']:.0f})"
+            if x in pts
+            else "-"
+            for x in rates
+        ]
+        r["sweep_highest_90"] = highest_rate(list(pts.values()))
+        print(f"| {n} | " + " | ".join(cells) + f" | {r['sweep_highest_90']:g} |")
+
+
+def write_results(results: dict, output: str, log_dir: str) -> int:
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nwrote {args.output}; server logs in {log_dir}")
+    print(f"\nwrote {output}; server logs in {log_dir}")
     return 0
 
 

@@ -465,6 +465,9 @@ def run_scheduler_process(
     except Exception as e:
         # the front end reports the error in one line; the traceback shows at --log-level debug
         logger.debug("scheduler failed to start", exc_info=True)
+        # from here on a SIGTERM (the parent stopping after our error) just ends us: on_term's
+        # sys.exit could land in an interpreter-exit finalizer and print a traceback
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sock = zmq.Context.instance().socket(zmq.PUSH)
         sock.connect(send_addr)
         sock.send(encode(StartupError(f"{type(e).__name__}: {e}")))
