@@ -7,7 +7,8 @@ Deployments (each alone on the machine, one after the other):
   semi_pd_slo      `pdserve serve --enable-semi-pd --enable-slo-aware` from --split, the
                    controller's targets = the benchmark's SLOs, its interval --slo-interval s
 A Semi-PD name may carry its own split and core policy: `semi_pd_fixed@70/30`,
-`semi_pd_slo+overlap` (PDSERVE_SEMI_PD_CORES=overlap, docs/semi_pd.md).
+`semi_pd_slo+overlap`, `semi_pd_fixed@70/30+weighted` (PDSERVE_SEMI_PD_CORES=<policy>,
+docs/semi_pd.md "What a percentage means on CPU").
 
 Workloads (--workload):
   poisson     `pdserve bench --dataset-name mixed` (128-token prompts, 1 in 8 of 768 tokens,

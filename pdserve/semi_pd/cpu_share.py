@@ -58,8 +58,9 @@ _V1 = "/sys/fs/cgroup/cpu"
 _V2 = "/sys/fs/cgroup"
 
 
-CORES_ENV = "PDSERVE_SEMI_PD_CORES"  # core policy: disjoint (default) or overlap
-CORE_POLICIES = ("disjoint", "overlap")
+CORES_ENV = "PDSERVE_SEMI_PD_CORES"  # core policy: timeshare (default), disjoint, overlap, weighted
+CORE_POLICIES = ("timeshare", "disjoint", "overlap", "weighted")
+CPU_SHARES_PER_CORE = 1024  # cgroup v1 cpu.shares of one nice-0 task (v2 cpu.weight: 100)
 
 
 def core_policy(environ=None) -> str:
@@ -87,22 +88,53 @@ def disjoint_counts(prefill: int, decode: int, n: int) -> tuple[int, int]:
 
 
 def share_plan(prefill: int, decode: int, cores: list[int], policy: str | None = None) -> dict[str, dict]:
-    """{"prefill": {"cores", "threads", "quota_cores", "effective_share"}, "decode": {...}}
-    for a split. `effective_share`: what the role can use, % of the machine."""
+    """{"prefill": {...}, "decode": {...}} for a split. Per role: "cores" (affinity),
+    "threads" (torch intra-op), "quota_cores" (CFS bandwidth limit in cores, None: none),
+    "weight" (cgroup v1 cpu.shares, None: the default 1024), "effective_share" (% of the
+    machine the role can use while the other role is busy: what the latency model plans
+    with) and "alone_share" (% it can use while the other role is idle)."""
     policy = policy or core_policy()
     n = len(cores)
+    out = {}
+    if policy in ("weighted", "timeshare"):  # work conserving: all cores and threads each
+        for role, share in (("prefill", prefill), ("decode", decode)):
+            out[role] = {
+                "cores": list(cores),
+                "threads": n,
+                "quota_cores": None,
+                # weighted: the kernel divides the cores by cgroup weight; timeshare: the
+                # resident's step gate divides the time (semi_pd/step_gate.py), no weight
+                "weight": max(2, round(share / 100 * CPU_SHARES_PER_CORE * n)) if policy == "weighted" else None,
+                "effective_share": float(share),
+                "alone_share": 100.0,
+            }
+        return out
     if policy == "disjoint":
         kp, kd = disjoint_counts(prefill, decode, n)
         own = {"prefill": cores[:kp], "decode": cores[-kd:]}
     else:
         own = {"prefill": cores_for(prefill, cores, True), "decode": cores_for(decode, cores, False)}
-    out = {}
     for role, share in (("prefill", prefill), ("decode", decode)):
         cs = own[role]
         quota = share / 100 * n
         effective = 100 * min(len(cs), quota) / n if policy == "disjoint" else float(share)
-        out[role] = {"cores": cs, "threads": len(cs), "quota_cores": quota, "effective_share": effective}
+        alone = effective if policy == "disjoint" else 100 * min(len(cs), quota) / n
+        out[role] = {
+            "cores": cs,
+            "threads": len(cs),
+            "quota_cores": quota,
+            "weight": None,
+            "effective_share": effective,
+            "alone_share": alone,
+        }
     return out
+
+
+def step_share(body: dict, other_busy_fraction: float) -> float:
+    """The share a role's step actually had, % of the machine, when the other role was busy
+    for `other_busy_fraction` (0..1) of it: the latency model normalises timings by this."""
+    f = min(1.0, max(0.0, other_busy_fraction))
+    return f * body["effective_share"] + (1.0 - f) * body["alone_share"]
 
 
 def _all_threads(pid: int) -> list[int]:
@@ -159,12 +191,14 @@ class CpuShareManager:
             "none": "cores + threads only (no writable cgroup cpu controller)",
         }[self.kind]
 
-    def set_quota(self, role: str, pid: int, quota_cores: float) -> bool:
-        """Hold process `pid` (all its threads) to `quota_cores` cores of CPU time; False
-        where quotas are not available or writing failed (logged)."""
+    def set_quota(self, role: str, pid: int, quota_cores: float | None, weight: int | None = None) -> bool:
+        """Hold process `pid` (all its threads) to `quota_cores` cores of CPU time (None: no
+        limit) and give it the CPU weight `weight` (cgroup v1 cpu.shares; None: the default
+        1024); False where cgroups are not available or writing failed (logged)."""
         if self.kind == "none":
             return False
-        quota = max(1000, int(quota_cores * self.period_us))
+        quota = -1 if quota_cores is None else max(1000, int(quota_cores * self.period_us))
+        shares = CPU_SHARES_PER_CORE if weight is None else max(2, int(weight))
         try:
             if role not in self.groups:
                 base = _V1 if self.kind == "v1" else _V2
@@ -177,15 +211,19 @@ class CpuShareManager:
                     f.write(str(self.period_us))
                 with open(os.path.join(path, "cpu.cfs_quota_us"), "w") as f:
                     f.write(str(quota))
+                with open(os.path.join(path, "cpu.shares"), "w") as f:
+                    f.write(str(shares))
             else:
                 with open(os.path.join(path, "cpu.max"), "w") as f:
-                    f.write(f"{quota} {self.period_us}")
+                    f.write(f"{'max' if quota < 0 else quota} {self.period_us}")
+                with open(os.path.join(path, "cpu.weight"), "w") as f:  # v2: 1..10000, 100 a task
+                    f.write(str(min(10000, max(1, round(shares * 100 / CPU_SHARES_PER_CORE)))))
             with open(os.path.join(path, "cgroup.procs"), "w") as f:
                 f.write(str(pid))
             return True
         except OSError as e:
             logger.warning(
-                "Semi-PD: could not set the CPU quota of the %s worker (%s): cores and threads only", role, e
+                "Semi-PD: could not set the CPU quota/weight of the %s worker (%s): cores and threads only", role, e
             )
             return False
 

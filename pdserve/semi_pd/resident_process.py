@@ -75,7 +75,8 @@ from pdserve.messages import (
     encode,
 )
 from pdserve.semi_pd.allocation import SMAllocation
-from pdserve.semi_pd.cpu_share import CpuShareManager, share_plan
+from pdserve.semi_pd.cpu_share import CpuShareManager, core_policy, share_plan, step_share
+from pdserve.semi_pd.step_gate import StepGate
 from pdserve.semi_pd.metrics_collector import SemiPDMetricsCollector
 from pdserve.semi_pd.slo_algorithm import ControllerSettings, SLOAwareResourceController, SLOConstraints
 from pdserve.semi_pd.split_mechanisms import SPLIT_MECHANISMS, InPlaceSplit, RotationSplit  # noqa: F401 (re-exported)
@@ -179,6 +180,16 @@ class ResidentProcess(SchedulerProcess):
         self.pin_seconds: dict[str, list[float]] = {role: [] for role in ROLES}  # time each re-pin took
         # (worker forward s, whole step s as the resident sees it) of the last steps, per role
         self.step_times: dict[str, collections.deque] = {role: collections.deque(maxlen=512) for role in ROLES}
+        # seconds each role has spent in steps, and when its current step began (None: idle):
+        # what share a step really had depends on whether the other role was busy meanwhile
+        self.busy_total: dict[str, float] = {role: 0.0 for role in ROLES}
+        self.busy_since: dict[str, float | None] = {role: None for role in ROLES}
+        # core policy `timeshare`: one forward at a time, time divided by the split
+        self.gate = (
+            StepGate(lambda: (self.split.current.prefill_percentage, self.split.current.decode_percentage))
+            if core_policy() == "timeshare"
+            else None
+        )
         self.kv_bytes_per_page = kv.numel() * kv.element_size() // num_pages
         self.dead: str | None = None
         for role in ROLES:
@@ -269,7 +280,7 @@ class ResidentProcess(SchedulerProcess):
             self.wake[role].set()
             link = self.links[role]
             if link.pid:
-                self.quota.set_quota(role, link.pid, plan[role]["quota_cores"])
+                self.quota.set_quota(role, link.pid, plan[role]["quota_cores"], plan[role]["weight"])
         logger.info(
             "Semi-PD split %s: prefill cores %s, decode cores %s (%s)",
             allocation,
@@ -302,7 +313,7 @@ class ResidentProcess(SchedulerProcess):
         head, _ = link.wait("ready")
         link.pid = int(head["pid"])
         link.pin(share)
-        self.quota.set_quota(role, link.pid, share["quota_cores"])
+        self.quota.set_quota(role, link.pid, share["quota_cores"], share.get("weight"))
         return link
 
     def _step(self, role: str) -> None:
@@ -329,19 +340,40 @@ class ResidentProcess(SchedulerProcess):
             wake.wait(0.05)
             wake.clear()
             return
-        t0 = time.perf_counter()
-        out = runner.run(plan)
-        self.step_times[role].append((runner.model.last_seconds, time.perf_counter() - t0))
+        other = "decode" if role == "prefill" else "prefill"
+        if self.gate is not None:
+            self.gate.acquire(role)
+        ts = time.perf_counter()  # the step proper, after any wait for the gate
+        other_busy0 = self._busy_seconds(other, ts)
+        self.busy_since[role] = ts
+        try:
+            out = runner.run(plan)
+        finally:
+            t1 = time.perf_counter()
+            self.busy_total[role] += t1 - ts
+            self.busy_since[role] = None
+            if self.gate is not None:
+                self.gate.release(role)
+        other_busy = (self._busy_seconds(other, t1) - other_busy0) / max(t1 - ts, 1e-9)
+        self.step_times[role].append((runner.model.last_seconds, t1 - ts))
         with self.lock:  # outputs are sent in order: prefill's first token before decode's next
             self._emit(sched.update(plan, out))
             if role == "prefill":
                 self._complete_handoffs()
-        # timed at the share the worker could use (on CPU: whole cores, then the quota)
-        eff_prefill, eff_decode = self.split.effective_shares(self.split.current)
+        # timed at the share the worker could use: on CPU whole cores and the quota, and under
+        # the `weighted` policy its weight while the other role was busy, all cores while idle
+        cur = self.split.current
+        share = step_share(share_plan(cur.prefill_percentage, cur.decode_percentage, self.cores)[role], other_busy)
         if role == "prefill":
-            self.metrics.record_prefill_batch(plan.num_tokens, runner.model.last_seconds, eff_prefill)
+            self.metrics.record_prefill_batch(plan.num_tokens, runner.model.last_seconds, share)
         else:
-            self.metrics.record_decode_step(plan.num_decode or len(plan.items), runner.model.last_seconds, eff_decode)
+            self.metrics.record_decode_step(plan.num_decode or len(plan.items), runner.model.last_seconds, share)
+
+    def _busy_seconds(self, role: str, now: float) -> float:
+        """Seconds `role` has spent in steps up to `now` (read without a lock: a float and a
+        start time, each written by that role's thread alone)."""
+        since = self.busy_since[role]
+        return self.busy_total[role] + (max(0.0, now - since) if since is not None else 0.0)
 
     def _recover(self, role: str, why: str) -> None:
         """A worker died: end the requests it was running (their pages are freed), start a
@@ -511,6 +543,8 @@ class ResidentProcess(SchedulerProcess):
                 "mechanism": self.split.mechanism,
                 "rotation_seconds": getattr(self.split, "rotation_seconds", [])[-20:],
                 "cpu_share": self.quota.describe(),
+                "core_policy": core_policy(),
+                "step_gate": self.gate.status() if self.gate is not None else None,
                 "plan": share_plan(split.prefill_percentage, split.decode_percentage, self.cores),
                 "num_changes": len(self.split.history) - 1,  # the first entry is the start-up split
                 "changes": [{"time": t, "split": str(a)} for t, a, _ in self.split.history[-50:]],

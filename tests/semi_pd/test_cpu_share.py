@@ -11,6 +11,7 @@ from pdserve.semi_pd.cpu_share import (
     cfs_period_us,
     cores_for,
     share_plan,
+    step_share,
 )
 
 
@@ -44,6 +45,29 @@ def test_overlap_policy_is_the_first_version(monkeypatch):
     monkeypatch.setenv(CORES_ENV, "mps")
     with pytest.raises(ValueError, match=CORES_ENV):
         share_plan(50, 50, [0, 1])
+
+
+def test_weighted_policy_is_work_conserving():
+    """Both roles on all cores with all threads; the split is a CPU weight (no quota), so a
+    share buys its % while the other role is busy and the whole machine while it is idle."""
+    p = share_plan(70, 30, [0, 1], policy="weighted")
+    for role in ("prefill", "decode"):
+        assert p[role]["cores"] == [0, 1] and p[role]["threads"] == 2 and p[role]["quota_cores"] is None
+        assert p[role]["alone_share"] == 100.0
+    assert p["prefill"]["weight"] == round(0.7 * 2048) and p["decode"]["weight"] == round(0.3 * 2048)
+    assert p["prefill"]["effective_share"] == 70 and p["decode"]["effective_share"] == 30
+    # 60 % and 70 % differ (under disjoint on 2 cores they do not): the controller has a lever
+    assert share_plan(60, 40, [0, 1], "weighted")["prefill"]["effective_share"] == 60
+    assert share_plan(60, 40, [0, 1], "disjoint")["prefill"]["effective_share"] == 50
+    assert share_plan(1, 99, [0], "weighted")["prefill"]["weight"] >= 2  # the kernel's minimum
+
+
+def test_step_share_follows_the_other_roles_activity():
+    w = share_plan(70, 30, [0, 1], policy="weighted")["prefill"]
+    assert step_share(w, 1.0) == 70 and step_share(w, 0.0) == 100
+    assert step_share(w, 0.5) == pytest.approx(85) and step_share(w, 7.0) == 70  # clamped
+    d = share_plan(70, 30, [0, 1], policy="disjoint")["prefill"]
+    assert step_share(d, 0.0) == step_share(d, 1.0) == 50  # its own core, busy neighbour or not
 
 
 def test_cores_for_bounds():
@@ -83,6 +107,11 @@ def test_quota_manager_detects_and_cleans_up(period, monkeypatch):
                 assert int(f.read()) == (period or 100_000) // 2
             with open(os.path.join(path, "cpu.cfs_period_us")) as f:
                 assert int(f.read()) == (period or 100_000)
+            assert m.set_quota("decode", child.pid, None, weight=614)  # weighted: no quota, a weight
+            with open(os.path.join(path, "cpu.cfs_quota_us")) as f:
+                assert int(f.read()) == -1
+            with open(os.path.join(path, "cpu.shares")) as f:
+                assert int(f.read()) == 614
     finally:
         m.close()
         child.kill()

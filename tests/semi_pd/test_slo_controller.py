@@ -13,6 +13,7 @@ import pytest
 from pdserve.config import ServerArgs
 from pdserve.semi_pd.actuator import InMemorySplit, create_actuator
 from pdserve.semi_pd.allocation import SMAllocation
+from pdserve.semi_pd.cpu_share import share_plan
 from pdserve.semi_pd.latency_model import LatencyModel
 from pdserve.semi_pd.metrics_collector import SemiPDMetricsCollector, percentile
 from pdserve.semi_pd.slo_algorithm import ControllerSettings, SLOAwareResourceController, SLOConstraints
@@ -252,6 +253,37 @@ def test_a_share_that_buys_nothing_is_not_moved_to(actuator):
         feed(clock, mc, 20, ttft_ms=30, tpot_ms=200)  # nor towards decode: 50 % is its whole core already
         d = ctl.evaluate()
         assert d.action == "keep" and "no split within one move is predicted to help" in d.reason, d.reason
+
+
+class TwoCoreWeightedSplit(InMemorySplit):
+    """Shares as on 2 cores under the `weighted` policy (cpu_share.share_plan): what the
+    controller plans with is the nominal share, every 5 % step is worth something."""
+
+    def effective_shares(self, allocation):
+        plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, [0, 1], "weighted")
+        return plan["prefill"]["effective_share"], plan["decode"]["effective_share"]
+
+
+def test_weighted_two_core_ttft_miss_moves_towards_prefill():
+    """The session-4 run: TTFT missed at 50/50 on 2 cores and the controller made no move
+    (disjoint: nothing to buy). Under `weighted` the same miss moves the split."""
+    clock = Clock()
+    mc = SemiPDMetricsCollector(window_size_seconds=30.0, clock=clock)
+    act = TwoCoreWeightedSplit(SMAllocation(50, 50))
+    ctl = SLOAwareResourceController(SLOConstraints(1452.0, 346.0), mc, act, clock=clock)
+    for i in range(10):  # steps timed at the share they had (cpu_share.step_share)
+        mc.record_prefill_batch(100, 0.02, 50, timestamp=clock.t + 0.1 * i)
+        mc.record_decode_step(4, 0.06, 50, timestamp=clock.t + 0.1 * i)
+    feed(clock, mc, 20, ttft_ms=2000, tpot_ms=120)
+    d = ctl.evaluate()
+    assert d.action == "move" and act.current.prefill_percentage > 50, d.reason
+    assert act.current.prefill_percentage <= 60  # max_move
+    clock.t += 31
+    feed(clock, mc, 20, ttft_ms=300, tpot_ms=600)  # now TPOT misses: back, after patience
+    assert ctl.evaluate().action == "keep"
+    feed(clock, mc, 20, ttft_ms=300, tpot_ms=600)
+    d = ctl.evaluate()
+    assert d.action == "move" and act.current.decode_percentage > 40, d.reason
 
 
 def test_moving_back_needs_a_persistent_violation():
