@@ -4,8 +4,8 @@ between them while both have work: a weighted fair queue over the two roles.
 
 Each role accrues virtual time: the seconds of its steps divided by its share. When both
 wait for the gate, the one with less virtual time goes; a role alone takes it at once (work
-conserving: a share is a floor under contention, not a cap). A role that was idle catches up
-to the other's virtual time before it competes, so idleness banks no credit. With 70/30 and
+conserving: a share is a floor under contention, not a cap). A role back from idle comes
+back at most one of its steps behind the other's virtual time, so idleness banks no credit. With 70/30 and
 both backlogged, prefill gets 70 % of the wall time at full speed (all cores), decode 30 %.
 
 This is the CPU analogue of a time-sliced device share: what the Semi-PD paper gets from MPS
@@ -36,6 +36,9 @@ class StepGate:
         self._t0 = 0.0
         self.wait_seconds = {r: 0.0 for r in ROLES}  # time spent waiting for the other role
         self.held_seconds = {r: 0.0 for r in ROLES}
+        self.last_held = {r: 0.0 for r in ROLES}  # the length of each role's last step
+        self.releases = {r: 0 for r in ROLES}  # steps finished
+        self.seen = {r: 0 for r in ROLES}  # the other role's steps finished at this role's last release
 
     @staticmethod
     def _other(role: str) -> str:
@@ -45,11 +48,13 @@ class StepGate:
         other = self._other(role)
         t0 = self.clock()
         with self._cond:
-            if self.holder != other and other not in self.waiting:
-                # the other role is idle: go now (work conserving), level with it first
-                self.vtime[role] = max(self.vtime[role], self.vtime[other])
-            else:
-                self.vtime[role] = max(self.vtime[role], min(self.vtime.values()))
+            if self.releases[other] > self.seen[role]:
+                # the other role finished a step since this role's last one: this role was
+                # idle (in steady contention it asks again before the other's step ends). It
+                # comes back at most one of its own steps behind the other, so idle time is
+                # no credit to starve the other with
+                share = self.shares()[0 if role == "prefill" else 1]
+                self.vtime[role] = max(self.vtime[role], self.vtime[other] - self.last_held[role] / max(share, 1.0))
             self.waiting.add(role)
             while self.holder is not None or (other in self.waiting and self.vtime[other] < self.vtime[role]):
                 self._cond.wait()
@@ -62,6 +67,9 @@ class StepGate:
         with self._cond:
             held = self.clock() - self._t0
             self.held_seconds[role] += held
+            self.last_held[role] = held
+            self.releases[role] += 1
+            self.seen[role] = self.releases[self._other(role)]
             share = self.shares()[0 if role == "prefill" else 1]
             self.vtime[role] += held / max(share, 1.0)
             self.holder = None

@@ -71,10 +71,40 @@ def test_an_idle_role_costs_nothing_and_banks_no_credit():
         clock.t += 1.0
         gate.release("prefill")
     assert gate.wait_seconds["prefill"] == 0.0 and gate.held_seconds["prefill"] == 10.0
-    # decode was idle all along: it joins level with prefill, not 10 s of credit ahead
+    # decode was idle all along: it goes at once, and prefill, back from idle later, is not
+    # 10 s of credit ahead of decode
     gate.acquire("decode")
-    assert gate.vtime["decode"] == gate.vtime["prefill"]
+    assert gate.wait_seconds["decode"] == 0.0
+    clock.t += 0.05
     gate.release("decode")
+
+
+def test_a_role_back_from_idle_does_not_starve_the_busy_one():
+    """Decode ran alone for 100 s; prefill's work arrives while decode is busy. Prefill must
+    not get the gate for the next 100 s x 70/30 on stale virtual time (the first version did:
+    TPOT 450-500 ms at 0.5 req/s): it comes back at most one of its steps behind."""
+    clock = FakeClock()
+    gate = StepGate(lambda: (70, 30), clock=clock)
+    gate.acquire("prefill")
+    clock.t += 0.5
+    gate.release("prefill")
+    for _ in range(2000):
+        gate.acquire("decode")
+        clock.t += 0.05
+        gate.release("decode")
+    gate.acquire("decode")  # decode holds the gate when prefill's next request comes
+    got = []
+    th = threading.Thread(
+        target=lambda: (gate.acquire("prefill"), got.append(dict(gate.vtime)), gate.release("prefill"))
+    )
+    th.start()
+    time.sleep(0.05)
+    clock.t += 0.05
+    gate.release("decode")
+    th.join(timeout=5)
+    assert got, "prefill never got the gate"
+    # one prefill step behind at most (plus the decode step that was running when it asked)
+    assert got[0]["decode"] - got[0]["prefill"] <= 0.5 / 70 + 0.05 / 30 + 1e-9
 
 
 def test_timeshare_plan_gives_every_role_all_cores():
