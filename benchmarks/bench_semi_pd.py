@@ -344,7 +344,7 @@ def measure_switch(a, mechanism: str) -> dict:
         stop_server(proc)
 
 
-def plot(out_dir: str, files: list[str]) -> None:
+def plot(out_dir: str, files: list[str], suffix: str = "") -> None:
     """attainment vs rate per workload (all deployments of the given JSON files), and the
     split over time of the mix-shift runs."""
     import matplotlib
@@ -378,7 +378,7 @@ def plot(out_dir: str, files: list[str]) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fn = os.path.join(out_dir, f"semi_pd_attainment_{wl}.png")
+        fn = os.path.join(out_dir, f"semi_pd_attainment_{wl}{suffix}.png")
         fig.savefig(fn, dpi=110)
         plt.close(fig)
         print("wrote", fn)
@@ -404,7 +404,7 @@ def plot(out_dir: str, files: list[str]) -> None:
         ax.set_title("mix-shift: Semi-PD split over time")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fn = os.path.join(out_dir, "semi_pd_split_mix_shift.png")
+        fn = os.path.join(out_dir, f"semi_pd_split_mix_shift{suffix}.png")
         fig.savefig(fn, dpi=110)
         plt.close(fig)
         print("wrote", fn)
@@ -491,6 +491,7 @@ def main() -> int:
         "--plot", metavar="DIR", help="only plot the given JSON files (globs) into DIR and print their tables"
     )
     ap.add_argument("files", nargs="*")
+    ap.add_argument("--plot-suffix", default="", help="appended to the PNG names (e.g. _s5: keep earlier figures)")
     ap.add_argument(
         "--slo-ms",
         default="",
@@ -499,7 +500,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.plot:
         print(markdown(a.files))
-        plot(a.plot, a.files)
+        plot(a.plot, a.files, a.plot_suffix)
         return 0
     rates = [float(r) for r in a.rates.split(",")]
     kinds = [k for k in a.deployments.split(",") if k]

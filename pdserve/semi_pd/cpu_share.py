@@ -1,31 +1,28 @@
 """What a compute percentage means on a CPU, and how a worker is held to it.
 
-A share of x % of a machine with n usable cores (this process's affinity) is, by default
-(core policy `disjoint`):
+The core policy ($PDSERVE_SEMI_PD_CORES, docs/semi_pd.md "What a percentage means on CPU")
+decides. For a share of x % of n usable cores (this process's affinity):
 
-- cores: round(x/100 * n) whole cores of its own, at least 1, and the two roles never share
-  a core (prefill takes them from the front of the list, decode from the back). On 2 cores
-  every split is one core each; on 8 cores 70/30 is 6 + 2;
-- threads: torch intra-op threads = its number of cores;
-- CPU bandwidth: a CFS quota of x/100 * n cores' worth of CPU time per period (cgroup v1
-  `cpu.cfs_quota_us`, or v2 `cpu.max`). It binds only where the share is less than the cores
-  the role owns (30 % of 2 cores: 0.6 of its one core), which is the nearest thing to an MPS
-  SM share: time-sliced, enforced by the kernel.
+- `disjoint` (the default until session 5): round(x/100 * n) whole cores of its own, at least 1, the two roles
+  never sharing a core (prefill from the front of the list, decode from the back); torch
+  threads = its cores; a CFS quota of x/100 * n cores (cgroup v1 `cpu.cfs_quota_us`, v2
+  `cpu.max`), which binds only below the cores the role owns. On 2 cores every split is one
+  core each, so prefill at 70 % runs as at 50 %;
+- `overlap` (the first version): ceil(x/100 * n) cores, which may overlap the other role's;
+  what prefill gets then depends on whether decode is busy;
+- `weighted`: all cores and threads for both; the split is a cgroup CPU weight (v1
+  `cpu.shares`, v2 `cpu.weight`), no quota: work conserving, x % under contention;
+- `timeshare` (default; chosen by measurement, docs/benchmarks.md "Semi-PD, session 5"):
+  all cores and threads for both; the resident's step gate
+  (semi_pd/step_gate.py) runs one forward at a time and, while both roles have work, gives
+  each x % of the time: work conserving, and no two forwards fight for cores.
 
-So what a share buys (`effective_share`) is min(own cores, quota) / n: on 2 cores prefill at
-70 % runs exactly as at 50 %. The SLO controller plans with that, not with the nominal %.
+What a share buys (`effective_share`, % of the machine while the other role is busy; and
+`alone_share`, while it is idle) is what the SLO controller plans with and what step timings
+are normalised by (`step_share`).
 
-Why the roles do not share a core by default (core policy `overlap`, the first version:
-ceil(x/100 * n) cores, 70/30 on 2 cores = prefill's 2 threads on both cores, decode on the
-second): what prefill gets then depends on whether decode is busy. Alone it has both cores
-(a 768-token prefill 554 ms against 623 ms on its own core: docs/semi_pd.md); with decode
-running, one of its threads gets part of a core and the forward, which waits for its slowest
-thread, runs at about one core. A share whose worth changes with the other role's load is
-what the controller's latency model cannot predict. `PDSERVE_SEMI_PD_CORES=overlap` selects
-it.
-
-Where no cgroup cpu controller is writable (not root, no controller), only cores and
-threads apply, and `CpuShareManager.describe()` / the log say so.
+Where no cgroup cpu controller is writable (not root, no controller), quotas and weights do
+not apply, and `CpuShareManager.describe()` / the log say so.
 """
 
 from __future__ import annotations
@@ -64,7 +61,7 @@ CPU_SHARES_PER_CORE = 1024  # cgroup v1 cpu.shares of one nice-0 task (v2 cpu.we
 
 
 def core_policy(environ=None) -> str:
-    v = (os.environ if environ is None else environ).get(CORES_ENV) or "disjoint"
+    v = (os.environ if environ is None else environ).get(CORES_ENV) or "timeshare"
     if v not in CORE_POLICIES:
         raise ValueError(f"{CORES_ENV}={v!r}: must be one of {CORE_POLICIES}")
     return v

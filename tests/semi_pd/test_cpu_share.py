@@ -16,10 +16,10 @@ from pdserve.semi_pd.cpu_share import (
 
 
 def test_share_plan_on_two_cores():
-    p = share_plan(50, 50, [0, 1])
+    p = share_plan(50, 50, [0, 1], policy="disjoint")
     assert p["prefill"]["cores"] == [0] and p["decode"]["cores"] == [1]  # a spatial split
     assert p["prefill"]["quota_cores"] == 1.0 and p["decode"]["threads"] == 1
-    p = share_plan(70, 30, [0, 1])
+    p = share_plan(70, 30, [0, 1], policy="disjoint")
     assert p["prefill"]["cores"] == [0] and p["decode"]["cores"] == [1]  # never a shared core
     assert p["prefill"]["quota_cores"] == pytest.approx(1.4) and p["decode"]["quota_cores"] == pytest.approx(0.6)
     assert p["prefill"]["threads"] == 1
@@ -28,12 +28,12 @@ def test_share_plan_on_two_cores():
 
 
 def test_share_plan_on_eight_cores_and_one():
-    p = share_plan(70, 30, list(range(8)))
+    p = share_plan(70, 30, list(range(8)), policy="disjoint")
     assert p["prefill"]["cores"] == [0, 1, 2, 3, 4, 5] and p["decode"]["cores"] == [6, 7]
     assert p["prefill"]["effective_share"] == pytest.approx(70) and p["decode"]["effective_share"] == 25
-    p = share_plan(95, 5, list(range(8)))
+    p = share_plan(95, 5, list(range(8)), policy="disjoint")
     assert len(p["prefill"]["cores"]) == 7 and p["decode"]["cores"] == [7]  # at least one core each
-    p = share_plan(70, 30, [3])
+    p = share_plan(70, 30, [3], policy="disjoint")
     assert p["prefill"]["cores"] == p["decode"]["cores"] == [3]  # one core: shared, by quota
 
 
@@ -45,6 +45,9 @@ def test_overlap_policy_is_the_first_version(monkeypatch):
     monkeypatch.setenv(CORES_ENV, "mps")
     with pytest.raises(ValueError, match=CORES_ENV):
         share_plan(50, 50, [0, 1])
+    monkeypatch.delenv(CORES_ENV)  # the default since session 5: timeshare (measured best)
+    p = share_plan(70, 30, [0, 1])
+    assert p["prefill"]["cores"] == p["decode"]["cores"] == [0, 1] and p["prefill"]["effective_share"] == 70
 
 
 def test_weighted_policy_is_work_conserving():
