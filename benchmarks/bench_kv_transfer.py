@@ -340,7 +340,8 @@ def main() -> None:
                 return rawp.send(rng.permutation(num_pages)[:npages], rng.permutation(num_pages)[:npages])
             return rawp.send(np.arange(npages), np.arange(npages))
 
-        one(4)  # warm-up: connections, segment mapping, remote agent
+        for _ in range(8):  # warm-up: requests go to queue room % QUEUE_SIZE, so every worker
+            one(4)  # opens its connection (as in a running server), maps the segment, adds the agent
         rawp = RawPrefill(backend, src_kv, pm, parent, d_host, d_extra) if backend in RAW_ENGINES else None
         raw(4)
         load_backend = os.getloadavg()

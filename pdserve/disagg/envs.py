@@ -59,6 +59,27 @@ def env_float(name: str, default: float, environ: Mapping[str, str] | None = Non
     return value
 
 
+def tcp_piece_bytes(environ: Mapping[str, str] | None = None) -> int:
+    """tcp backend: the smallest piece a transfer to one decode rank is cut into, so a
+    transfer of B bytes goes over min(QUEUE_SIZE, B / this) connections at once
+    (``PDSERVE_DISAGGREGATION_TCP_PIECE_KB``, pdserve's own knob; SGLang has none)."""
+    env = os.environ if environ is None else environ
+    var = "PDSERVE_DISAGGREGATION_TCP_PIECE_KB"
+    raw = env.get(var, "").strip()
+    if not raw:
+        return TCP_PIECE_KB_DEFAULT << 10
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r}: expected an integer number of KiB >= 64") from None
+    if value < 64:
+        raise ValueError(f"{var}={raw!r}: must be >= 64 (KiB)")
+    return value << 10
+
+
+TCP_PIECE_KB_DEFAULT = 1024  # chosen by measurement: docs/benchmarks.md, "Transfer engines"
+
+
 @dataclass(frozen=True)
 class DisaggEnvs:
     thread_pool_size: int  # transfer worker threads per rank (prefill)

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from pdserve.disagg.transfer.heads import (
+    HUGE_PAGE,
     copy_pages,
     gather_pages,
     head_range,
+    host_buffer,
     paired_runs,
     peer_ranks,
     scatter_pages,
@@ -96,3 +98,14 @@ def test_copy_pages_whole_pages_bytes_path():
     assert torch.equal(dst[dp], src[sp])
     rest = np.setdiff1d(np.arange(20), dp)
     assert dst[rest].abs().sum() == 0
+
+
+def test_host_buffer_rounds_to_huge_pages_and_outlives_its_mapping():
+    import gc
+
+    buf = host_buffer(HUGE_PAGE + 1)
+    assert buf.dtype == torch.uint8 and buf.numel() == 2 * HUGE_PAGE
+    gc.collect()  # the tensor holds the mapping: still writable and readable
+    buf.fill_(7)
+    assert int(buf[-1]) == 7 and int(buf.sum()) == 7 * 2 * HUGE_PAGE
+    assert host_buffer(1).numel() == HUGE_PAGE

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from pdserve.disagg.envs import DisaggEnvs, default_thread_pool_size
+from pdserve.disagg.envs import TCP_PIECE_KB_DEFAULT, DisaggEnvs, default_thread_pool_size, tcp_piece_bytes
 from pdserve.disagg.metadata import KVMetadata, MetadataError
 
 
@@ -71,3 +71,11 @@ def test_env_overrides_and_precedence():
 def test_env_bad_values_name_the_variable(var, value):
     with pytest.raises(ValueError, match=var):
         DisaggEnvs.from_env({var: value})
+
+
+def test_tcp_piece_size_knob():
+    assert tcp_piece_bytes({}) == TCP_PIECE_KB_DEFAULT << 10
+    assert tcp_piece_bytes({"PDSERVE_DISAGGREGATION_TCP_PIECE_KB": " 2048 "}) == 2 << 20
+    for bad in ("big", "63", "-1"):
+        with pytest.raises(ValueError, match="PDSERVE_DISAGGREGATION_TCP_PIECE_KB"):
+            tcp_piece_bytes({"PDSERVE_DISAGGREGATION_TCP_PIECE_KB": bad})

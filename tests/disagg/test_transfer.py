@@ -114,6 +114,44 @@ def test_many_concurrent_rooms_and_chunks(pair, monkeypatch):
     assert wait_for(lambda: pair.decode.table_sizes()["decode_receivers"] == 0, 5), pair.decode.table_sizes()
 
 
+def test_metadata_alone_in_the_last_chunk(pair):
+    """All pages in a first chunk, the record alone in an empty last one: META cannot ride
+    with a piece, it goes on its own (the path most transfers no longer take)."""
+    src, dst = [3, 4, 9], [7, 8, 20]
+    r, s = pair.receiver(41), pair.sender(41)
+    r.init(dst)
+    assert poll_until(s, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+    s.init(3)
+    s.send(src)
+    s.send([], KVMetadata(41, 77))
+    assert poll_until(r, DONE) == KVPoll.Success, r.failure_reason
+    assert poll_until(s, DONE) == KVPoll.Success
+    assert r.get_metadata().output_token_id == 77
+    assert torch.equal(pair.dkv[dst], pair.pkv[src])
+
+
+def test_tcp_streams_per_transfer(monkeypatch):
+    """A tcp transfer of several pieces' worth goes over QUEUE_SIZE connections at once (one
+    per worker); the piece size is PDSERVE_DISAGGREGATION_TCP_PIECE_KB."""
+    monkeypatch.setenv("PDSERVE_DISAGGREGATION_TCP_PIECE_KB", "128")
+    p = Pair("tcp", queue_size=3, thread_pool_size=3)
+    try:
+        mover = p.prefill.prefill.mover
+        assert mover.min_piece_bytes == 128 << 10
+        mover.min_piece_bytes = 4 * p.prefill.args.page_nbytes  # tiny test pages: 4 per piece
+        src, dst = list(range(40, 80)), list(range(100, 60, -1))  # 40 pages: 3 pieces
+        r, s = p.receiver(5), p.sender(5)
+        r.init(dst)
+        assert poll_until(s, {KVPoll.WaitingForInput}) == KVPoll.WaitingForInput
+        s.init(len(src))
+        s.send(src, KVMetadata(5, 9))
+        assert poll_until(r, DONE) == KVPoll.Success, r.failure_reason
+        assert torch.equal(p.dkv[dst], p.pkv[src]) and _untouched(p.dkv, dst)
+        assert p.decode.table_sizes()["decode_conns"] == 3  # three streams
+    finally:
+        p.close()
+
+
 def test_send_contract_errors(pair):
     r, s = pair.receiver(7), pair.sender(7)
     with pytest.raises(RuntimeError, match="WaitingForInput"):

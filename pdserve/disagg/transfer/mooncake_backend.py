@@ -54,6 +54,10 @@ def _engine(args: KVArgs):
 
 
 class MooncakePrefillMover(OneSidedPrefillMover):
+    # one batch call per transfer, as Mooncake's own API is used: the engine spreads a batch
+    # over its own threads; several calls at once from our workers measured slower
+    max_pieces = 1
+
     def __init__(self, args: KVArgs) -> None:
         super().__init__(args)
         self.engine = _engine(args)

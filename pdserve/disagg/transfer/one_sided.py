@@ -51,7 +51,7 @@ class OneSidedPrefillMover(ABC):
         """Per-connection set-up before the first write (gloo: its process group); None here."""
         return None
 
-    def send_piece(self, sock: socket.socket, job: Job, scratch: dict) -> int:
+    def send_piece(self, sock: socket.socket, job: Job, scratch: dict, trailer: bytes = b"") -> int:
         dest, a = job.dest, self.args
         link = self.connect(sock, job, scratch)
         n = len(job.src_pages)
@@ -70,7 +70,7 @@ class OneSidedPrefillMover(ABC):
             raise RuntimeError(f"decode refused the write: {ack.error}")
         self.write(job, dest.pages[job.offset : job.offset + n], link)
         h.type = FrameType.WRITE_DONE
-        wire.send_frame(sock, h)
+        wire.send_views(sock, [h.pack(), trailer])  # the META frame, when it is the last piece
         return n * (dest.src_heads[1] - dest.src_heads[0]) * (a.page_nbytes // a.num_kv_heads)
 
 

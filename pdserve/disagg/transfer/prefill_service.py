@@ -67,6 +67,9 @@ class Job:
     offset: int = 0  # position of src_pages[0] in the request's page list
     src_pages: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     reason: str = ""
+    # piece: None until a worker takes it; then True when it is dest's last piece and its
+    # META frame rides in the same system call as the piece's last frame (no separate send)
+    with_meta: bool | None = None
 
 
 class PrefillMover(Protocol):
@@ -75,8 +78,9 @@ class PrefillMover(Protocol):
     def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
         """An error message to refuse decode's registration, or None."""
 
-    def send_piece(self, sock: socket.socket, job: Job, scratch: dict) -> int:
-        """Move the piece's pages to decode; return the KV bytes moved. `scratch` is per worker."""
+    def send_piece(self, sock: socket.socket, job: Job, scratch: dict, trailer: bytes = b"") -> int:
+        """Move the piece's pages to decode; return the KV bytes moved. `scratch` is per worker.
+        `trailer` (a whole frame, or empty) goes out with the piece's last frame, in one call."""
 
     def close(self) -> None:
         """Release backend resources, after the service stopped."""
@@ -106,6 +110,8 @@ class Sender(Protocol):
     def update_locked(self, entry: RoomEntry) -> None: ...
 
     def piece_done(self, dest: Destination, nbytes: int) -> bool: ...
+
+    def claim_meta(self, dest: Destination) -> bool: ...
 
     def meta_sent(self, dest: Destination) -> None: ...
 
@@ -346,7 +352,8 @@ class PrefillTransferService:
     def split_pieces(self, sender: "Sender", dest: Destination, pages: np.ndarray, offset: int) -> list[Job]:
         if len(pages) == 0:
             return []
-        pages_per_piece = max(1, MIN_PIECE_BYTES // max(1, sender.slice_nbytes(dest)))
+        min_piece = getattr(self.mover, "min_piece_bytes", MIN_PIECE_BYTES)
+        pages_per_piece = max(1, min(MIN_PIECE_BYTES, min_piece) // max(1, sender.slice_nbytes(dest)))
         max_pieces = min(len(self._queues), getattr(self.mover, "max_pieces", len(self._queues)))
         npieces = max(1, min(max_pieces, -(-len(pages) // pages_per_piece)))
         bounds = np.linspace(0, len(pages), npieces + 1).astype(int)
@@ -404,16 +411,27 @@ class PrefillTransferService:
             wire.send_frame(sock, FrameHeader(FrameType.ABORT, sender.room, src_rank=self.args.engine_rank), body)
             return
         if job.kind == "piece":
-            nbytes = self.mover.send_piece(sock, job, scratch)
+            if job.with_meta is None:
+                job.with_meta = sender.claim_meta(dest)
+            trailer = self._meta_frame(sender) if job.with_meta else b""
+            nbytes = self.mover.send_piece(sock, job, scratch, trailer)
+            if job.with_meta:
+                sender.piece_done(dest, nbytes)
+                sender.meta_sent(dest)
+                return
             if not sender.piece_done(dest, nbytes):
                 return
             job.kind = "meta"  # a retry after this point resends only the metadata
+        wire.send_views(sock, [self._meta_frame(sender)])
+        sender.meta_sent(dest)
+
+    def _meta_frame(self, sender: "Sender") -> bytes:
+        """The META frame (header + record) of a sender whose last chunk was queued."""
         meta = sender.metadata
         assert meta is not None
-        wire.send_frame(
-            sock, FrameHeader(FrameType.META, sender.room, src_rank=self.args.engine_rank), payload=[meta.pack()]
-        )
-        sender.meta_sent(dest)
+        record = meta.pack()
+        h = FrameHeader(FrameType.META, sender.room, src_rank=self.args.engine_rank, payload_len=len(record))
+        return h.pack() + record
 
     def close(self) -> None:
         if self._closed.is_set():

@@ -133,6 +133,16 @@ class SocketKVSender(BaseKVSender):
                 return True
             return False
 
+    def claim_meta(self, dest: Destination) -> bool:
+        """A worker is about to send a piece: True when it is dest's last outstanding piece of
+        the final chunk, so its META goes out with it (the worker then calls piece_done and
+        meta_sent; no META job is queued for dest)."""
+        with self.svc.lock:
+            if self._final and dest.outstanding == 1 and not dest.meta_queued:
+                dest.meta_queued = True
+                return True
+            return False
+
     def meta_sent(self, dest: Destination) -> None:
         with self.svc.lock:
             self._meta_pending -= 1

@@ -16,11 +16,12 @@ import socket
 import numpy as np
 import torch
 
+from pdserve.disagg.envs import tcp_piece_bytes
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import KVArgs
 from pdserve.disagg.transfer.decode_service import DataConn, DecodeTransferService
 from pdserve.disagg.transfer.decode_side import SocketKVReceiver
-from pdserve.disagg.transfer.heads import gather_pages, page_runs, scatter_pages, staging_view
+from pdserve.disagg.transfer.heads import gather_pages, host_buffer, page_runs, scatter_pages, staging_view
 from pdserve.disagg.transfer.prefill_service import Job
 from pdserve.disagg.transfer.prefill_side import SocketKVSender
 from pdserve.disagg.transfer.socket_manager import SocketKVManager
@@ -40,12 +41,16 @@ def byte_view(kv: torch.Tensor) -> memoryview | None:
 
 
 def new_staging(nbytes: int, kv: torch.Tensor) -> torch.Tensor:
-    pin = kv.device.type == "cuda"
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    if kv.device.type == "cuda":
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    return host_buffer(nbytes)
 
 
 class TcpPrefillMover:
     def __init__(self, args: KVArgs) -> None:
+        # a transfer is cut into pieces of at least this many bytes, each on its own worker and
+        # connection (up to QUEUE_SIZE at once): several TCP streams move more than one here
+        self.min_piece_bytes = tcp_piece_bytes()
         self.args = args
         self.kv = args.kv_data
         self.kv_bytes = byte_view(self.kv)
@@ -58,7 +63,7 @@ class TcpPrefillMover:
     def close(self) -> None:
         pass
 
-    def send_piece(self, sock: socket.socket, job: Job, scratch: dict) -> int:
+    def send_piece(self, sock: socket.socket, job: Job, scratch: dict, trailer: bytes = b"") -> int:
         dest = job.dest
         src_pages = job.src_pages
         h0, h1 = dest.src_heads
@@ -90,7 +95,8 @@ class TcpPrefillMover:
                 out = staging_view(staging, self.kv, len(chunk), (h0, h1))
                 gather_pages(self.kv, chunk, (h0, h1), out)
                 views = [memoryview(staging[: header.payload_len].numpy())]
-            wire.send_views(sock, [header.pack(), *views])
+            last = lo + per_frame >= len(src_pages)
+            wire.send_views(sock, [header.pack(), *views, trailer if last else b""])
         return len(src_pages) * slice_nbytes
 
 
