@@ -6,6 +6,7 @@ import torch
 
 from pdserve.disagg.transfer.heads import (
     HUGE_PAGE,
+    StagingPool,
     copy_pages,
     gather_pages,
     head_range,
@@ -109,3 +110,21 @@ def test_host_buffer_rounds_to_huge_pages_and_outlives_its_mapping():
     buf.fill_(7)
     assert int(buf[-1]) == 7 and int(buf.sum()) == 7 * 2 * HUGE_PAGE
     assert host_buffer(1).numel() == HUGE_PAGE
+
+
+def test_staging_pool_reuses_buffers_and_never_waits():
+    pool = StagingPool(torch.device("cpu"), 4 * HUGE_PAGE)
+    with pool.take(100) as a:
+        assert a.numel() == 100
+        with pool.take(HUGE_PAGE) as b:  # taken while `a` is out: a second buffer, no wait
+            assert b.numel() == HUGE_PAGE and b.data_ptr() != a.data_ptr()
+        first = a.data_ptr()
+    for _ in range(3):  # one after another: a buffer already made, no new one
+        with pool.take(3 * HUGE_PAGE) as c:
+            c.fill_(1)
+    assert pool.made == 2
+    with pool.take(10) as d:
+        assert d.data_ptr() in (first, b.data_ptr())
+    with pytest.raises(ValueError):
+        with pool.take(4 * HUGE_PAGE + 1):
+            pass

@@ -11,6 +11,9 @@ receiver). With equal tp sizes the slice is the whole page and no staging is nee
 from __future__ import annotations
 
 import mmap
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -36,6 +39,44 @@ def host_buffer(nbytes: int) -> torch.Tensor:
         except OSError:
             pass  # no THP in this kernel: plain pages
     return torch.frombuffer(mem, dtype=torch.uint8)
+
+
+class StagingPool:
+    """Staging buffers shared by one side's transfer threads, never waited for: a thread takes
+    a free buffer or makes a new one, and gives it back when its write is done. Transfers one
+    after another reuse one buffer whose pages are already faulted in (a buffer per
+    connection, grown per request, paid the faults once per connection and size); at most as
+    many buffers exist as writes ran at once. No thread ever blocks on another's buffer, so
+    two sides' threads cannot wait on each other through it.
+
+    CPU buffers are `capacity` bytes of virtual memory (host_buffer: huge pages where the
+    kernel offers them), touched only as far as writes reach."""
+
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        self.device = device
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._free: list[torch.Tensor] = []
+        self.made = 0  # buffers allocated so far (tests, debugging)
+
+    @contextmanager
+    def take(self, nbytes: int) -> Iterator[torch.Tensor]:
+        if not (0 < nbytes <= self.capacity):
+            raise ValueError(f"staging request of {nbytes} bytes outside (0, {self.capacity}]")
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+            if buf is None:
+                self.made += 1
+        if buf is None:
+            if self.device.type == "cpu":
+                buf = host_buffer(self.capacity)
+            else:
+                buf = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+        try:
+            yield buf[:nbytes]
+        finally:
+            with self._lock:
+                self._free.append(buf)
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
