@@ -11,6 +11,7 @@ so page p is the contiguous byte block ``kv_data[p]`` of `page_nbytes` bytes.
 from __future__ import annotations
 
 import ipaddress
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, Sequence
@@ -136,7 +137,7 @@ class KVArgs:
 
     @property
     def page_nbytes(self) -> int:
-        return self.kv_data[0].numel() * self.kv_data.element_size()
+        return math.prod(self.kv_data.shape[1:]) * self.kv_data.element_size()
 
     @property
     def head_range(self) -> tuple[int, int]:
@@ -160,8 +161,11 @@ def as_page_array(page_indices: PageIndices, num_pages: int) -> np.ndarray:
         arr = page_indices.detach().to("cpu", torch.int64).numpy().reshape(-1)
     else:
         arr = np.asarray(page_indices, dtype=np.int64).reshape(-1)
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= num_pages):
-        raise ValueError(f"page indices must lie in [0, {num_pages}), got [{int(arr.min())}, {int(arr.max())}]")
+    if arr.size:
+        # a few pages: Python's min/max over a list beat numpy's two reductions' set-up
+        lo, hi = (min(v := arr.tolist()), max(v)) if arr.size <= 64 else (int(arr.min()), int(arr.max()))
+        if lo < 0 or hi >= num_pages:
+            raise ValueError(f"page indices must lie in [0, {num_pages}), got [{lo}, {hi}]")
     return np.ascontiguousarray(arr)
 
 

@@ -22,6 +22,7 @@ from pdserve.model.tp import head_range  # noqa: F401 (the transfer layer's name
 
 
 HUGE_PAGE = 2 << 20
+SMALL_LIST = 64  # page lists up to this long are walked in Python (faster than numpy's set-up)
 
 
 def host_buffer(nbytes: int) -> torch.Tensor:
@@ -107,6 +108,14 @@ def paired_runs(src_pages: np.ndarray, dst_pages: np.ndarray) -> list[tuple[int,
     n = len(src_pages)
     if n == 0:
         return []
+    if n <= SMALL_LIST:  # a plain loop: numpy's fixed costs dominate a few pages
+        src, dst = np.asarray(src_pages).tolist(), np.asarray(dst_pages).tolist()
+        runs, start = [], 0
+        for i in range(1, n + 1):
+            if i == n or src[i] != src[i - 1] + 1 or dst[i] != dst[i - 1] + 1:
+                runs.append((int(src[start]), int(dst[start]), i - start))
+                start = i
+        return runs
     brk = np.flatnonzero((np.diff(src_pages) != 1) | (np.diff(dst_pages) != 1)) + 1
     starts = np.concatenate(([0], brk))
     ends = np.concatenate((brk, [n]))

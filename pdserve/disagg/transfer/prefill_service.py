@@ -356,12 +356,8 @@ class PrefillTransferService:
         pages_per_piece = max(1, min(MIN_PIECE_BYTES, min_piece) // max(1, sender.slice_nbytes(dest)))
         max_pieces = min(len(self._queues), getattr(self.mover, "max_pieces", len(self._queues)))
         npieces = max(1, min(max_pieces, -(-len(pages) // pages_per_piece)))
-        bounds = np.linspace(0, len(pages), npieces + 1).astype(int)
-        return [
-            Job("piece", sender, dest, offset + int(lo), pages[lo:hi])
-            for lo, hi in zip(bounds[:-1], bounds[1:])
-            if hi > lo
-        ]
+        bounds = [len(pages) * i // npieces for i in range(npieces + 1)]  # as even as they go
+        return [Job("piece", sender, dest, offset + lo, pages[lo:hi]) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
     # -- workers ---------------------------------------------------------------------------
     def _connect(self, ep: tuple[str, int]) -> socket.socket:

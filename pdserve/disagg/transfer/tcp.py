@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 64 << 20  # pages per DATA frame are capped so one frame stays bounded
 STAGING_BYTES = 16 << 20  # per worker / per connection, for head slices and GPU buffers
+RECV_LOWAT = 1 << 20  # wake decode's receiving thread per MiB of payload, not per segment
 
 
 def byte_view(kv: torch.Tensor) -> memoryview | None:
@@ -144,7 +145,7 @@ class TcpDecodeMover:
         heads = (h.head_start, h.head_end)
         if self.kv_bytes is not None and heads == (0, self.args.num_kv_heads):
             pn, mv = self.page_nbytes, self.kv_bytes
-            wire.recv_into_views(conn.sock, [mv[s * pn : (s + n) * pn] for s, n in page_runs(pages)])
+            wire.recv_into_views(conn.sock, [mv[s * pn : (s + n) * pn] for s, n in page_runs(pages)], RECV_LOWAT)
             return
         staging = conn.scratch.get("staging")
         if staging is None:
