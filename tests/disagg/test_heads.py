@@ -128,3 +128,10 @@ def test_staging_pool_reuses_buffers_and_never_waits():
     with pytest.raises(ValueError):
         with pool.take(4 * HUGE_PAGE + 1):
             pass
+    made = pool.made
+    with pytest.raises(RuntimeError):  # a failed write: its buffer is not handed out again
+        with pool.take(10):
+            raise RuntimeError("recv timed out")
+    with pool.take(10), pool.take(10):
+        pass
+    assert pool.made == made + 1  # one of the two free buffers was dropped, so one new one

@@ -48,7 +48,8 @@ class StagingPool:
     after another reuse one buffer whose pages are already faulted in (a buffer per
     connection, grown per request, paid the faults once per connection and size); at most as
     many buffers exist as writes ran at once. No thread ever blocks on another's buffer, so
-    two sides' threads cannot wait on each other through it.
+    two sides' threads cannot wait on each other through it. A write that raised does not
+    give its buffer back (an engine call may still be using it).
 
     CPU buffers are `capacity` bytes of virtual memory (host_buffer: huge pages where the
     kernel offers them), touched only as far as writes reach."""
@@ -73,11 +74,11 @@ class StagingPool:
                 buf = host_buffer(self.capacity)
             else:
                 buf = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
-        try:
-            yield buf[:nbytes]
-        finally:
-            with self._lock:
-                self._free.append(buf)
+        yield buf[:nbytes]
+        # only after a write that ended normally: after an error an engine call may still be
+        # filling or reading the buffer (a gloo recv whose wait timed out), so it is dropped
+        with self._lock:
+            self._free.append(buf)
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
