@@ -27,22 +27,12 @@ import time
 
 import numpy as np
 
+from pdserve.disagg.transfer.wire import _advance  # the same buffer walk as the wire code
+
 PAGE = 368640  # one KV page of the default model (bench_kv_transfer.py)
 POOL_PAGES = 800
 MODES = ("timeout", "lowat", "waitall")
 LOWAT = 1 << 20
-
-
-def _advance(views: list, i: int, k: int) -> int:
-    while k:
-        v = views[i]
-        if k >= len(v):
-            k -= len(v)
-            i += 1
-        else:
-            views[i] = v[k:]
-            k = 0
-    return i
 
 
 def recv_views(s: socket.socket, views: list, mode: str) -> None:
