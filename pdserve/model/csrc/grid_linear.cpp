@@ -3,17 +3,19 @@
 // A GGUF Q4_1 tensor holds, per group of 32 weights along K, an fp16 scale d, an fp16 minimum m
 // and 4-bit codes q: w = d * q + m. Q8_0 holds d and int8 codes: w = d * q. Dequantized to
 // float32 once at load (pdserve/model/loader.py), those values are exact, and the float32 model
-// multiplies by them. These kernels multiply by the same values read from the codes instead:
-// 4.5 (Q4_1) or 8.5 (Q8_0) bits per weight instead of 32, which is what a decode step of a few
-// rows is bound by. The arithmetic is float32 throughout; only the order of the sums differs
-// from a dense matmul, so the output is the float32 model's, not an approximation of it
-// (pdserve/model/grid.py re-derives the codes from the float32 weights and uses them only
-// where they reproduce every weight bit for bit).
+// multiplies by them. These kernels multiply by the same values rebuilt from the codes instead:
+// 4.5 (Q4_1) or 8.5 (Q8_0) bits per weight are read instead of 32, which is what a decode step
+// of a few rows is bound by. Per group, the 32 weights are rebuilt in registers exactly as the
+// dequantization rounds them (Q4_1: a 16-entry table d * k + m looked up by the nibbles; Q8_0:
+// d * q), and then
 //
-//   y[r, n] = sum_g d[n, g] * (sum_j x[r, 32g + j] * q[n, g, j])  +  sum_g m[n, g] * xs[r, g]
+//   y[r, n] = sum_j x[r, j] * w[n, j]
 //
-// with xs[r, g] = sum_j x[r, 32g + j]. Each row's sums run in the same order whatever the other
-// rows are, so a request's logits do not depend on what it was batched with.
+// in float32, two FMAs per row and group of 32, as a dense product does. Only the order of the
+// sums differs from a dense matmul, so the output is the float32 model's, not an approximation
+// of it (pdserve/model/grid.py re-derives the codes from the float32 weights and uses them only
+// where they reproduce every weight bit for bit). Each row's sums run in the same order
+// whatever the other rows are, so a request's logits do not depend on what it was batched with.
 //
 // Layouts (pdserve/model/grid.py): Q4: codes uint8 [N, K/2], per group of 32 the low nibbles are
 // elements 0..15 and the high nibbles 16..31 (GGUF's order); d, m float32 [N, K/32].
@@ -23,6 +25,10 @@
 // grid_linear_q8(x, codes, d); grid_simd() says whether the AVX-512 path was compiled in
 // (without it the scalar loop is correct but slower than a dense matmul, and pdserve does not
 // use these ops).
+
+// No multiply-add contraction anywhere in this file: the weights are rebuilt from the codes
+// with the dequantization's two roundings (d * q, then + m), and grid_derive checks them so.
+#pragma GCC optimize("fp-contract=off")
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -47,7 +53,6 @@
 namespace {
 
 constexpr int64_t kGroup = 32;
-constexpr int64_t kRowTile = 4;
 
 void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -56,39 +61,42 @@ void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(K % kGroup == 0, "grid_linear: K must be a multiple of 32");
 }
 
-// xs[r, g]: the sum of each group of 32 of each row, in a fixed order.
-at::Tensor group_sums(const at::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
-  at::Tensor xs = at::empty({M, G}, x.options());
-  const float* xp = x.data_ptr<float>();
-  float* sp = xs.data_ptr<float>();
-  for (int64_t r = 0; r < M; ++r) {
-    for (int64_t g = 0; g < G; ++g) {
-      const float* v = xp + r * K + g * kGroup;
 #if PDSERVE_GRID_SIMD
-      sp[r * G + g] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(v), _mm512_loadu_ps(v + 16)));
-#else
-      float s = 0.f;
-      for (int64_t j = 0; j < kGroup; ++j) s += v[j];
-      sp[r * G + g] = s;
-#endif
-    }
+// The group's 32 weights as two vectors of 16 floats, exactly the float32 values the codes stand
+// for. Q4_1: a 16-entry table t[k] = d * k + m (two roundings, as the dequantization and
+// grid_derive's check round: fp-contract is off around these kernels), looked up by the nibbles
+// (vpermps reads the low 4 bits of each lane's index, so the low nibble needs no mask). Q8_0:
+// d * q, one rounding, as dequantized. Either way the kernel then multiplies x by the weights
+// themselves: two FMAs per row and group, as a dense product does.
+template <bool Q4>
+inline void group_weights(const uint8_t* codes, int64_t code_stride, const float* dp, const float* mp, int64_t n,
+                          int64_t g, int64_t G, __m512& w0, __m512& w1) {
+  const __m512 dv = _mm512_set1_ps(dp[n * G + g]);
+  if constexpr (Q4) {
+    const __m512 iota = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f,
+                                       14.f, 15.f);
+    const __m512 table = _mm512_add_ps(_mm512_mul_ps(dv, iota), _mm512_set1_ps(mp[n * G + g]));
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + n * code_stride + g * 16)));
+    w0 = _mm512_permutexvar_ps(c, table);
+    w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
+  } else {
+    const int8_t* c = reinterpret_cast<const int8_t*>(codes) + n * code_stride + g * kGroup;
+    w0 = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)))));
+    w1 = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))));
   }
-  return xs;
 }
 
-#if PDSERVE_GRID_SIMD
-// NB outputs x R rows per block, all accumulators in registers (compile-time counts): the
-// codes of a group are widened once per output and used by every row; x is loaded once per
-// group and used by every output; NB * R independent FMA chains hide the FMA latency.
+// NB outputs x R rows per block, all accumulators in registers (compile-time counts): a group's
+// weights are decoded once per output and used by every row; x is loaded once per group and
+// used by every output; NB * R independent FMA chains hide the FMA latency. Each (output, row)
+// accumulator sees the same sequence of FMAs whatever NB and R are, so a row's result does not
+// depend on the other rows of the batch.
 template <int NB, int R, bool Q4>
-inline void grid_block(const float* xp, const float* sp, int64_t K, int64_t G, const uint8_t* codes,
-                       int64_t code_stride, const float* dp, const float* mp, int64_t n, float* yp,
-                       int64_t N) {
+inline void grid_block(const float* xp, int64_t K, int64_t G, const uint8_t* codes, int64_t code_stride,
+                       const float* dp, const float* mp, int64_t n, float* yp, int64_t N) {
   __m512 acc[NB][R];
   for (int b = 0; b < NB; ++b)
     for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
-  const __m128i low = _mm_set1_epi8(0x0F);
   for (int64_t g = 0; g < G; ++g) {
     __m512 x0[R], x1[R];
     for (int r = 0; r < R; ++r) {
@@ -96,34 +104,11 @@ inline void grid_block(const float* xp, const float* sp, int64_t K, int64_t G, c
       x1[r] = _mm512_loadu_ps(xp + r * K + g * kGroup + 16);
     }
     for (int b = 0; b < NB; ++b) {
-      __m512 q0, q1;
-      if constexpr (Q4) {
-        const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (n + b) * code_stride + g * 16));
-        q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(c, low)));
-        q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(c, 4), low)));
-      } else {
-        const int8_t* c = reinterpret_cast<const int8_t*>(codes) + (n + b) * code_stride + g * kGroup;
-        q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
-        q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
-      }
-      const __m512 dv = _mm512_set1_ps(dp[(n + b) * G + g]);
+      __m512 w0, w1;
+      group_weights<Q4>(codes, code_stride, dp, mp, n + b, g, G, w0, w1);
       for (int r = 0; r < R; ++r) {
-        const __m512 t = _mm512_fmadd_ps(x1[r], q1, _mm512_mul_ps(x0[r], q0));
-        acc[b][r] = _mm512_fmadd_ps(t, dv, acc[b][r]);
-      }
-    }
-  }
-  if constexpr (Q4) {  // + sum_g m[n, g] * xs[r, g], 16 groups at a time
-    for (int b = 0; b < NB; ++b) {
-      const float* mn = mp + (n + b) * G;
-      for (int r = 0; r < R; ++r) {
-        const float* sr = sp + r * G;
-        __m512 am = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; g += 16) {
-          const __mmask16 k = G - g >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (G - g)) - 1);
-          am = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, mn + g), _mm512_maskz_loadu_ps(k, sr + g), am);
-        }
-        acc[b][r] = _mm512_add_ps(acc[b][r], am);
+        acc[b][r] = _mm512_fmadd_ps(x0[r], w0, acc[b][r]);
+        acc[b][r] = _mm512_fmadd_ps(x1[r], w1, acc[b][r]);
       }
     }
   }
@@ -132,40 +117,39 @@ inline void grid_block(const float* xp, const float* sp, int64_t K, int64_t G, c
 }
 
 template <int NB, bool Q4>
-inline void grid_rows(const float* xp, const float* sp, int64_t K, int64_t G, int64_t M, const uint8_t* codes,
-                      int64_t code_stride, const float* dp, const float* mp, int64_t n, float* yp, int64_t N) {
+inline void grid_rows(const float* xp, int64_t K, int64_t G, int64_t M, const uint8_t* codes, int64_t code_stride,
+                      const float* dp, const float* mp, int64_t n, float* yp, int64_t N) {
   int64_t r = 0;
-  for (; r + 4 <= M; r += 4)
-    grid_block<NB, 4, Q4>(xp + r * K, sp + r * G, K, G, codes, code_stride, dp, mp, n, yp + r * N, N);
+  for (; r + 4 <= M; r += 4) grid_block<NB, 4, Q4>(xp + r * K, K, G, codes, code_stride, dp, mp, n, yp + r * N, N);
   switch (M - r) {
-    case 3: grid_block<NB, 3, Q4>(xp + r * K, sp + r * G, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
-    case 2: grid_block<NB, 2, Q4>(xp + r * K, sp + r * G, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
-    case 1: grid_block<NB, 1, Q4>(xp + r * K, sp + r * G, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
+    case 3: grid_block<NB, 3, Q4>(xp + r * K, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
+    case 2: grid_block<NB, 2, Q4>(xp + r * K, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
+    case 1: grid_block<NB, 1, Q4>(xp + r * K, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
     default: break;
   }
 }
 #endif
 
-// One scalar output (no AVX-512; same sums per row whatever M is).
+// One scalar output (no AVX-512; same sums per row whatever M is): x times the dequantized
+// weights, rounded as the dequantization rounds.
 template <bool Q4>
-float grid_scalar(const float* xr, const float* sr, int64_t G, const uint8_t* cn, const float* dn, const float* mn) {
-  float acc = 0.f, s = 0.f;
+float grid_scalar(const float* xr, int64_t G, const uint8_t* cn, const float* dn, const float* mn) {
+  float acc = 0.f;
   for (int64_t g = 0; g < G; ++g) {
-    float t = 0.f;
     if constexpr (Q4) {
       for (int64_t j = 0; j < 16; ++j) {
         const uint8_t b = cn[g * 16 + j];
-        t += xr[g * kGroup + j] * static_cast<float>(b & 0x0F);
-        t += xr[g * kGroup + 16 + j] * static_cast<float>(b >> 4);
+        const float lo = dn[g] * static_cast<float>(b & 0x0F);
+        const float hi = dn[g] * static_cast<float>(b >> 4);
+        acc += xr[g * kGroup + j] * (lo + mn[g]);
+        acc += xr[g * kGroup + 16 + j] * (hi + mn[g]);
       }
-      s += mn[g] * sr[g];
     } else {
       const int8_t* c = reinterpret_cast<const int8_t*>(cn);
-      for (int64_t j = 0; j < kGroup; ++j) t += xr[g * kGroup + j] * static_cast<float>(c[g * kGroup + j]);
+      for (int64_t j = 0; j < kGroup; ++j) acc += xr[g * kGroup + j] * (dn[g] * static_cast<float>(c[g * kGroup + j]));
     }
-    acc += t * dn[g];
   }
-  return acc + s;
+  return acc;
 }
 
 template <bool Q4>
@@ -175,9 +159,7 @@ at::Tensor grid_linear_impl(const at::Tensor& x, const uint8_t* cp, int64_t N, i
   const int64_t code_stride = Q4 ? K / 2 : K;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  at::Tensor xs = Q4 ? group_sums(x) : at::Tensor();
   const float* xp = x.data_ptr<float>();
-  const float* sp = Q4 ? xs.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   constexpr int64_t NB = 4;
   const int64_t blocks = (N + NB - 1) / NB;
@@ -186,14 +168,14 @@ at::Tensor grid_linear_impl(const at::Tensor& x, const uint8_t* cp, int64_t N, i
       const int64_t n = b * NB;
 #if PDSERVE_GRID_SIMD
       if (n + NB <= N) {
-        grid_rows<NB, Q4>(xp, sp, K, G, M, cp, code_stride, dp, mp, n, yp, N);
+        grid_rows<NB, Q4>(xp, K, G, M, cp, code_stride, dp, mp, n, yp, N);
       } else {
-        for (int64_t j = n; j < N; ++j) grid_rows<1, Q4>(xp, sp, K, G, M, cp, code_stride, dp, mp, j, yp, N);
+        for (int64_t j = n; j < N; ++j) grid_rows<1, Q4>(xp, K, G, M, cp, code_stride, dp, mp, j, yp, N);
       }
 #else
       for (int64_t j = n; j < std::min(N, n + NB); ++j)
         for (int64_t r = 0; r < M; ++r)
-          yp[r * N + j] = grid_scalar<Q4>(xp + r * K, Q4 ? sp + r * G : nullptr, G, cp + j * code_stride,
+          yp[r * N + j] = grid_scalar<Q4>(xp + r * K, G, cp + j * code_stride,
                                           dp + j * G, Q4 ? mp + j * G : nullptr);
 #endif
     }
@@ -228,8 +210,6 @@ at::Tensor grid_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at
 // for bit (pdserve/model/grid.py: q4_grid / q8_grid hold the rule and its reasons).
 // Q4_1: m = group minimum, d = fp16(range / 15), q = round((w - m) / d), check d * q + m == w.
 // Q8_0: d = fp16(absmax / 127), q = round(w / d), check d * q == w.
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> grid_derive(const at::Tensor& w, bool q4) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(),
               "grid_derive: w must be a contiguous float32 [N, K] tensor");
@@ -262,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> grid_derive(const at::Tenso
         for (int j = 0; j < kGroup; ++j) {
           const float r = std::floor((q4 ? v[j] - lo : v[j]) * inv + 0.5f);
           q[j] = q4 ? std::min(15.f, std::max(0.f, r)) : std::min(127.f, std::max(-128.f, r));
-          // two roundings (no fused multiply-add: fp-contract=off around grid_derive)
+          // two roundings (no fused multiply-add: fp-contract=off in this file)
           const float prod = dd * q[j];
           bad |= (q4 ? prod + lo : prod) != v[j];
         }
@@ -283,7 +263,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> grid_derive(const at::Tenso
   });
   return {codes, d, m, ok.load()};
 }
-#pragma GCC pop_options
 
 bool grid_simd() { return PDSERVE_GRID_SIMD != 0; }
 

@@ -18,6 +18,16 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define PDSERVE_ATTN_SIMD 1
+// SLEEF's 16-lane exp (1.0 ulp), exported by libtorch_cpu: the one torch's vectorized exp and
+// softmax use on AVX-512 (elementwise.cpp declares the same symbol).
+extern "C" __m512 Sleef_expf16_u10(__m512);
+#else
+#define PDSERVE_ATTN_SIMD 0
+#endif
+
 namespace {
 
 template <typename T>
@@ -114,6 +124,113 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tens
   });
 }
 
+#if PDSERVE_ATTN_SIMD
+// float32, head_dim a multiple of 16 up to 256: the same one pass with AVX-512 (issue #12: the
+// scalar loops above cost ~100 us per layer for one short sequence). Work items are (request,
+// KV head, query heads g0..g1 of its group); the heads of one item share each K/V row load. A
+// query head's arithmetic is the same whichever item it falls in (every head runs its own
+// FMA chains, in the same order), so its output does not depend on how the work was split or
+// on the other requests of the batch. Per page, 16 tokens at a time: scores (one dot product
+// of D/16 vectors per token), online softmax over the 16 lanes with SLEEF's exp, then
+// acc += p[t] * V[t].
+template <int DV>
+void decode_item_f32(const float* qp, int64_t qs1, const float* kvp, const int64_t* tab, int64_t len, int64_t ps,
+                     int64_t page_stride, int64_t layer_off, int64_t kv_half, int64_t tok_stride, int64_t h,
+                     int64_t D, int64_t hq0, int64_t ng, float sc, float* op, int64_t os1) {
+  constexpr int kMaxG = 8;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t g0 = 0; g0 < ng; g0 += kMaxG) {
+    const int64_t G = std::min<int64_t>(kMaxG, ng - g0);
+    __m512 qv[kMaxG][DV], acc[kMaxG][DV];
+    float m[kMaxG], l[kMaxG];
+    alignas(64) float p[kMaxG][16];
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qrow = qp + (hq0 + g0 + g) * qs1;
+      for (int v = 0; v < DV; ++v) {
+        qv[g][v] = _mm512_mul_ps(_mm512_loadu_ps(qrow + 16 * v), _mm512_set1_ps(sc));
+        acc[g][v] = _mm512_setzero_ps();
+      }
+      m[g] = neg_inf;
+      l[g] = 0.f;
+    }
+    for (int64_t start = 0; start < len; start += 16) {
+      // 16 tokens (or fewer at the end); pages are ps tokens, so a chunk may span pages
+      const int64_t n = std::min<int64_t>(16, len - start);
+      const float* krow[16];
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos = start + t;
+        krow[t] = kvp + tab[pos / ps] * page_stride + layer_off + (pos % ps) * tok_stride + h * D;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        alignas(64) float s[16];
+        for (int64_t t = 0; t < n; ++t) {
+          __m512 d0 = _mm512_mul_ps(qv[g][0], _mm512_loadu_ps(krow[t]));
+          for (int v = 1; v < DV; ++v) d0 = _mm512_fmadd_ps(qv[g][v], _mm512_loadu_ps(krow[t] + 16 * v), d0);
+          s[t] = _mm512_reduce_add_ps(d0);
+        }
+        const __mmask16 k = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+        const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(neg_inf), k, s);
+        const float mx = std::max(m[g], _mm512_reduce_max_ps(sv));
+        const __m512 pv = _mm512_maskz_mov_ps(k, Sleef_expf16_u10(_mm512_sub_ps(sv, _mm512_set1_ps(mx))));
+        _mm512_store_ps(p[g], pv);
+        const float sum = _mm512_reduce_add_ps(pv);
+        if (m[g] != mx) {
+          const float corr = m[g] == neg_inf ? 0.f : std::exp(m[g] - mx);
+          const __m512 cv = _mm512_set1_ps(corr);
+          for (int v = 0; v < DV; ++v) acc[g][v] = _mm512_mul_ps(acc[g][v], cv);
+          l[g] *= corr;
+          m[g] = mx;
+        }
+        l[g] += sum;
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const float* vrow = krow[t] + kv_half;
+        __m512 vv[DV];
+        for (int v = 0; v < DV; ++v) vv[v] = _mm512_loadu_ps(vrow + 16 * v);
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 pt = _mm512_set1_ps(p[g][t]);
+          for (int v = 0; v < DV; ++v) acc[g][v] = _mm512_fmadd_ps(pt, vv[v], acc[g][v]);
+        }
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 inv = _mm512_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
+      float* orow = op + (hq0 + g0 + g) * os1;
+      for (int v = 0; v < DV; ++v) _mm512_storeu_ps(orow + 16 * v, _mm512_mul_ps(acc[g][v], inv));
+    }
+  }
+}
+
+template <int DV>
+void paged_decode_f32(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table, const at::Tensor& lens,
+                      int64_t layer, double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t L = kv.size(1), ps = kv.size(3), Hkv = kv.size(4);
+  const int64_t G = Hq / Hkv;
+  const int64_t npg = table.size(1);
+  const float* kvp = kv.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const int64_t os0 = out.stride(0), os1 = out.stride(1);
+  const int64_t tok_stride = Hkv * D, kv_half = ps * Hkv * D;
+  const int64_t page_stride = L * 2 * kv_half, layer_off = layer * 2 * kv_half;
+  // few (request, KV head) pairs for the threads (single-stream decode): one item per query
+  // head instead, so the threads share the work evenly
+  const int64_t split = B * Hkv < 2 * at::get_num_threads() ? G : 1;
+  const int64_t per = G / split;
+  at::parallel_for(0, B * Hkv * split, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / (Hkv * split), h = (w / split) % Hkv, part = w % split;
+      decode_item_f32<DV>(qp + b * qs0, qs1, kvp, tp + b * npg, lp[b], ps, page_stride, layer_off, kv_half,
+                          tok_stride, h, D, h * G + part * per, per, static_cast<float>(scale), op + b * os0, os1);
+    }
+  });
+}
+#endif
+
 void paged_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table, const at::Tensor& lens,
                   int64_t layer, double scale, at::Tensor out) {
   TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && kv.dim() == 6, "paged_decode: q/out [B, Hq, D], kv 6-d");
@@ -127,6 +244,18 @@ void paged_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& t
   TORCH_CHECK(q.size(2) == kv.size(5) && q.size(1) % kv.size(4) == 0, "paged_decode: head shapes differ");
   TORCH_CHECK(table.size(0) == q.size(0) && lens.size(0) == q.size(0), "paged_decode: one table row per query");
   TORCH_CHECK(layer >= 0 && layer < kv.size(1), "paged_decode: layer out of range");
+#if PDSERVE_ATTN_SIMD
+  if (kv.scalar_type() == at::kFloat) {
+    switch (q.size(2)) {
+      case 16: return paged_decode_f32<1>(q, kv, table, lens, layer, scale, out);
+      case 32: return paged_decode_f32<2>(q, kv, table, lens, layer, scale, out);
+      case 64: return paged_decode_f32<4>(q, kv, table, lens, layer, scale, out);
+      case 128: return paged_decode_f32<8>(q, kv, table, lens, layer, scale, out);
+      case 256: return paged_decode_f32<16>(q, kv, table, lens, layer, scale, out);
+      default: break;
+    }
+  }
+#endif
   if (kv.scalar_type() == at::kFloat) {
     paged_decode_impl<float>(q, kv, table, lens, layer, scale, out);
   } else if (kv.scalar_type() == at::kBFloat16) {
