@@ -9,7 +9,8 @@ float32, so the result is the float32 model's up to the order of its sums.
 
 The codes are re-derived here from the float32 weights (not taken from the GGUF file), so any
 source of weights works: per group of 32 along K, `m` is the group's minimum and `d` the fp16
-rounding of (max - min) / 15 (Q8_0: of absmax / 127). They are used only where `d * q + m`
+rounding of (max - min) / 15 (Q8_0: of absmax / 127), both kept in float16 as GGUF keeps them.
+They are used only where `d * q + m`
 in float32 reproduces every weight bit for bit; a tensor with any other value (a safetensors
 checkpoint, weights after an RL update, a tensor-parallel shard whose K is not a multiple of
 32) has no grid and keeps the dense path. Nothing is approximated.
@@ -47,7 +48,7 @@ def grid_available() -> bool:
 @dataclass(frozen=True)
 class Q4Grid:
     """Q4_1 codes: uint8 [N, K/2] (per group, low nibbles = elements 0..15, high = 16..31),
-    scale d and minimum m, float32 [N, K/32]."""
+    scale d and minimum m, float16 [N, K/32] (as GGUF stores them)."""
 
     codes: torch.Tensor
     d: torch.Tensor
@@ -59,7 +60,7 @@ class Q4Grid:
 
 @dataclass(frozen=True)
 class Q8Grid:
-    """Q8_0 codes: int8 [N, K]; scale d float32 [N, K/32]."""
+    """Q8_0 codes: int8 [N, K]; scale d float16 [N, K/32]."""
 
     codes: torch.Tensor
     d: torch.Tensor
@@ -73,7 +74,8 @@ def _derive(w: torch.Tensor, q4: bool) -> tuple[torch.Tensor, ...] | None:
     CPU, K not a multiple of 32, or a weight the codes do not reproduce bit for bit. Q4_1: m is
     the group's minimum, d the fp16 rounding of (max - min) / 15, q = round((w - m) / d), and
     d * q + m must equal w with both operations rounded to float32 (numpy's dequantize in
-    gguf.quants). Q8_0: d = fp16(absmax / 127), q = round(w / d), d * q == w."""
+    gguf.quants); m must be a float16 value, as GGUF stores it (d and m are kept in float16).
+    Q8_0: d = fp16(absmax / 127), q = round(w / d), d * q == w."""
     if w.dtype != torch.float32 or w.dim() != 2 or w.device.type != "cpu" or w.shape[1] % GROUP:
         return None
     codes, d, m, ok = torch.ops.pdserve_cpu.grid_derive(w.contiguous(), q4)
@@ -105,6 +107,6 @@ def dense(grid: Q4Grid | Q8Grid) -> torch.Tensor:
     if isinstance(grid, Q4Grid):
         c = grid.codes.reshape(grid.d.shape[0], grid.d.shape[1], 16)
         q = torch.cat([c & 0x0F, c >> 4], dim=2).float()
-        return (grid.d[..., None] * q + grid.m[..., None]).reshape(grid.d.shape[0], -1)
+        return (grid.d.float()[..., None] * q + grid.m.float()[..., None]).reshape(grid.d.shape[0], -1)
     q = grid.codes.reshape(grid.d.shape[0], grid.d.shape[1], GROUP).float()
-    return (grid.d[..., None] * q).reshape(grid.codes.shape)
+    return (grid.d.float()[..., None] * q).reshape(grid.codes.shape)

@@ -18,8 +18,9 @@
 // whatever the other rows are, so a request's logits do not depend on what it was batched with.
 //
 // Layouts (pdserve/model/grid.py): Q4: codes uint8 [N, K/2], per group of 32 the low nibbles are
-// elements 0..15 and the high nibbles 16..31 (GGUF's order); d, m float32 [N, K/32].
-// Q8: codes int8 [N, K]; d float32 [N, K/32]. x float32 [M, K], contiguous.
+// elements 0..15 and the high nibbles 16..31 (GGUF's order); d, m float16 [N, K/32] (GGUF's own
+// precision: 20 bytes per group read instead of 24 with float32 scales). Q8: codes int8 [N, K];
+// d float16 [N, K/32]. x float32 [M, K], contiguous.
 //
 // Registered as torch.ops.pdserve_cpu.grid_linear_q4(x, codes, d, m) and
 // grid_linear_q8(x, codes, d); grid_simd() says whether the AVX-512 path was compiled in
@@ -43,8 +44,10 @@
 #include <cstdint>
 #include <tuple>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__F16C__) || (defined(__AVX512F__) && defined(__AVX512BW__))
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 #define PDSERVE_GRID_SIMD 1
 #else
 #define PDSERVE_GRID_SIMD 0
@@ -53,6 +56,16 @@
 namespace {
 
 constexpr int64_t kGroup = 32;
+
+using half_t = c10::Half;
+
+inline float h2f(half_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.x);  // one vcvtph2ps
+#else
+  return static_cast<float>(h);
+#endif
+}
 
 void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
@@ -69,13 +82,13 @@ void check_x(const at::Tensor& x, int64_t K) {
 // d * q, one rounding, as dequantized. Either way the kernel then multiplies x by the weights
 // themselves: two FMAs per row and group, as a dense product does.
 template <bool Q4>
-inline void group_weights(const uint8_t* codes, int64_t code_stride, const float* dp, const float* mp, int64_t n,
-                          int64_t g, int64_t G, __m512& w0, __m512& w1) {
-  const __m512 dv = _mm512_set1_ps(dp[n * G + g]);
+inline void group_weights(const uint8_t* codes, int64_t code_stride, float d, float m, int64_t n, int64_t g,
+                          __m512& w0, __m512& w1) {
+  const __m512 dv = _mm512_set1_ps(d);
   if constexpr (Q4) {
     const __m512 iota = _mm512_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f,
                                        14.f, 15.f);
-    const __m512 table = _mm512_add_ps(_mm512_mul_ps(dv, iota), _mm512_set1_ps(mp[n * G + g]));
+    const __m512 table = _mm512_add_ps(_mm512_mul_ps(dv, iota), _mm512_set1_ps(m));
     const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + n * code_stride + g * 16)));
     w0 = _mm512_permutexvar_ps(c, table);
     w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(c, 4), table);
@@ -86,6 +99,14 @@ inline void group_weights(const uint8_t* codes, int64_t code_stride, const float
   }
 }
 
+// n float16 values -> float (n <= 32), 16 at a time with vcvtph2ps
+inline void widen(const half_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_store_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < n; ++i) dst[i] = h2f(src[i]);
+}
+
 // NB outputs x R rows per block, all accumulators in registers (compile-time counts): a group's
 // weights are decoded once per output and used by every row; x is loaded once per group and
 // used by every output; NB * R independent FMA chains hide the FMA latency. Each (output, row)
@@ -93,22 +114,32 @@ inline void group_weights(const uint8_t* codes, int64_t code_stride, const float
 // depend on the other rows of the batch.
 template <int NB, int R, bool Q4>
 inline void grid_block(const float* xp, int64_t K, int64_t G, const uint8_t* codes, int64_t code_stride,
-                       const float* dp, const float* mp, int64_t n, float* yp, int64_t N) {
+                       const half_t* dp, const half_t* mp, int64_t n, float* yp, int64_t N) {
   __m512 acc[NB][R];
   for (int b = 0; b < NB; ++b)
     for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 x0[R], x1[R];
-    for (int r = 0; r < R; ++r) {
-      x0[r] = _mm512_loadu_ps(xp + r * K + g * kGroup);
-      x1[r] = _mm512_loadu_ps(xp + r * K + g * kGroup + 16);
-    }
+  constexpr int64_t kChunk = 32;  // groups whose float16 d and m are widened at once
+  alignas(64) float dbuf[NB][kChunk], mbuf[NB][kChunk];
+  for (int64_t g0 = 0; g0 < G; g0 += kChunk) {
+    const int64_t gn = std::min(kChunk, G - g0);
     for (int b = 0; b < NB; ++b) {
-      __m512 w0, w1;
-      group_weights<Q4>(codes, code_stride, dp, mp, n + b, g, G, w0, w1);
+      widen(dp + (n + b) * G + g0, gn, dbuf[b]);
+      if constexpr (Q4) widen(mp + (n + b) * G + g0, gn, mbuf[b]);
+    }
+    for (int64_t j = 0; j < gn; ++j) {
+      const int64_t g = g0 + j;
+      __m512 x0[R], x1[R];
       for (int r = 0; r < R; ++r) {
-        acc[b][r] = _mm512_fmadd_ps(x0[r], w0, acc[b][r]);
-        acc[b][r] = _mm512_fmadd_ps(x1[r], w1, acc[b][r]);
+        x0[r] = _mm512_loadu_ps(xp + r * K + g * kGroup);
+        x1[r] = _mm512_loadu_ps(xp + r * K + g * kGroup + 16);
+      }
+      for (int b = 0; b < NB; ++b) {
+        __m512 w0, w1;
+        group_weights<Q4>(codes, code_stride, dbuf[b][j], Q4 ? mbuf[b][j] : 0.f, n + b, g, w0, w1);
+        for (int r = 0; r < R; ++r) {
+          acc[b][r] = _mm512_fmadd_ps(x0[r], w0, acc[b][r]);
+          acc[b][r] = _mm512_fmadd_ps(x1[r], w1, acc[b][r]);
+        }
       }
     }
   }
@@ -118,7 +149,7 @@ inline void grid_block(const float* xp, int64_t K, int64_t G, const uint8_t* cod
 
 template <int NB, bool Q4>
 inline void grid_rows(const float* xp, int64_t K, int64_t G, int64_t M, const uint8_t* codes, int64_t code_stride,
-                      const float* dp, const float* mp, int64_t n, float* yp, int64_t N) {
+                      const half_t* dp, const half_t* mp, int64_t n, float* yp, int64_t N) {
   int64_t r = 0;
   for (; r + 4 <= M; r += 4) grid_block<NB, 4, Q4>(xp + r * K, K, G, codes, code_stride, dp, mp, n, yp + r * N, N);
   switch (M - r) {
@@ -133,28 +164,28 @@ inline void grid_rows(const float* xp, int64_t K, int64_t G, int64_t M, const ui
 // One scalar output (no AVX-512; same sums per row whatever M is): x times the dequantized
 // weights, rounded as the dequantization rounds.
 template <bool Q4>
-float grid_scalar(const float* xr, int64_t G, const uint8_t* cn, const float* dn, const float* mn) {
+float grid_scalar(const float* xr, int64_t G, const uint8_t* cn, const half_t* dn, const half_t* mn) {
   float acc = 0.f;
   for (int64_t g = 0; g < G; ++g) {
     if constexpr (Q4) {
       for (int64_t j = 0; j < 16; ++j) {
         const uint8_t b = cn[g * 16 + j];
-        const float lo = dn[g] * static_cast<float>(b & 0x0F);
-        const float hi = dn[g] * static_cast<float>(b >> 4);
-        acc += xr[g * kGroup + j] * (lo + mn[g]);
-        acc += xr[g * kGroup + 16 + j] * (hi + mn[g]);
+        const float lo = h2f(dn[g]) * static_cast<float>(b & 0x0F);
+        const float hi = h2f(dn[g]) * static_cast<float>(b >> 4);
+        acc += xr[g * kGroup + j] * (lo + h2f(mn[g]));
+        acc += xr[g * kGroup + 16 + j] * (hi + h2f(mn[g]));
       }
     } else {
       const int8_t* c = reinterpret_cast<const int8_t*>(cn);
-      for (int64_t j = 0; j < kGroup; ++j) acc += xr[g * kGroup + j] * (dn[g] * static_cast<float>(c[g * kGroup + j]));
+      for (int64_t j = 0; j < kGroup; ++j) acc += xr[g * kGroup + j] * (h2f(dn[g]) * static_cast<float>(c[g * kGroup + j]));
     }
   }
   return acc;
 }
 
 template <bool Q4>
-at::Tensor grid_linear_impl(const at::Tensor& x, const uint8_t* cp, int64_t N, int64_t K, const float* dp,
-                            const float* mp) {
+at::Tensor grid_linear_impl(const at::Tensor& x, const uint8_t* cp, int64_t N, int64_t K, const half_t* dp,
+                            const half_t* mp) {
   const int64_t M = x.size(0), G = K / kGroup;
   const int64_t code_stride = Q4 ? K / 2 : K;
   at::Tensor y = at::empty({M, N}, x.options());
@@ -189,10 +220,10 @@ at::Tensor grid_linear_q4(const at::Tensor& x, const at::Tensor& codes, const at
   check_x(x, K);
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(),
               "grid_linear_q4: codes must be contiguous uint8 [N, K/2]");
-  TORCH_CHECK(d.scalar_type() == at::kFloat && m.scalar_type() == at::kFloat && d.is_contiguous() &&
+  TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.is_contiguous() &&
                   m.is_contiguous() && d.numel() == N * G && m.numel() == N * G,
-              "grid_linear_q4: d and m must be contiguous float32 [N, K/32]");
-  return grid_linear_impl<true>(x, codes.data_ptr<uint8_t>(), N, K, d.data_ptr<float>(), m.data_ptr<float>());
+              "grid_linear_q4: d and m must be contiguous float16 [N, K/32]");
+  return grid_linear_impl<true>(x, codes.data_ptr<uint8_t>(), N, K, d.data_ptr<half_t>(), m.data_ptr<half_t>());
 }
 
 at::Tensor grid_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& d) {
@@ -200,63 +231,105 @@ at::Tensor grid_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at
   check_x(x, K);
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(),
               "grid_linear_q8: codes must be contiguous int8 [N, K]");
-  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.numel() == N * G,
-              "grid_linear_q8: d must be a contiguous float32 [N, K/32]");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && d.is_contiguous() && d.numel() == N * G,
+              "grid_linear_q8: d must be a contiguous float16 [N, K/32]");
   return grid_linear_impl<false>(x, reinterpret_cast<const uint8_t*>(codes.data_ptr<int8_t>()), N, K,
-                                 d.data_ptr<float>(), nullptr);
+                                 d.data_ptr<half_t>(), nullptr);
 }
 
 // The codes of a float32 weight, one pass, or ok = false unless they reproduce every weight bit
 // for bit (pdserve/model/grid.py: q4_grid / q8_grid hold the rule and its reasons).
-// Q4_1: m = group minimum, d = fp16(range / 15), q = round((w - m) / d), check d * q + m == w.
-// Q8_0: d = fp16(absmax / 127), q = round(w / d), check d * q == w.
+// Q4_1: m = group minimum (must be a float16 value, as GGUF stores it), d = fp16(range / 15),
+// q = round((w - m) / d), check d * q + m == w. Q8_0: d = fp16(absmax / 127), q = round(w / d),
+// check d * q == w. Each float operation is rounded on its own (no contraction in this file),
+// the same in the AVX-512 loop and the scalar one.
+template <bool Q4>
+bool derive_group(const float* v, uint8_t* c, half_t* dout, half_t* mout) {
+#if PDSERVE_GRID_SIMD
+  const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+  const float lo = _mm512_reduce_min_ps(_mm512_min_ps(v0, v1));
+  const float hi = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1));
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+#else
+  float lo = v[0], hi = v[0], amax = std::fabs(v[0]);
+  for (int j = 1; j < kGroup; ++j) {
+    lo = std::min(lo, v[j]);
+    hi = std::max(hi, v[j]);
+    amax = std::max(amax, std::fabs(v[j]));
+  }
+#endif
+  const half_t dh(Q4 ? (hi - lo) / 15.0f : amax / 127.0f);
+  const float dd = h2f(dh);
+  const float inv = dd > 0.f ? 1.f / dd : 1.f;  // the codes are integers: x * (1/d) rounds to them
+  *dout = dh;
+  if constexpr (Q4) {
+    const half_t mh(lo);
+    if (h2f(mh) != lo) return false;  // a minimum GGUF could not have stored
+    *mout = mh;
+  }
+#if PDSERVE_GRID_SIMD
+  const __m512 vi = _mm512_set1_ps(inv), vd = _mm512_set1_ps(dd), vl = _mm512_set1_ps(Q4 ? lo : 0.f);
+  const __m512 half = _mm512_set1_ps(0.5f);
+  const __m512 qlo = _mm512_set1_ps(Q4 ? 0.f : -128.f), qhi = _mm512_set1_ps(Q4 ? 15.f : 127.f);
+  __m512i q[2];
+  const __m512 vs[2] = {v0, v1};
+  for (int i = 0; i < 2; ++i) {
+    const __m512 t = Q4 ? _mm512_sub_ps(vs[i], vl) : vs[i];
+    __m512 r = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(t, vi), half), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(qhi, _mm512_max_ps(qlo, r));
+    const __m512 prod = _mm512_mul_ps(vd, r);
+    const __m512 back = Q4 ? _mm512_add_ps(prod, vl) : prod;
+    if (_mm512_cmp_ps_mask(back, vs[i], _CMP_NEQ_UQ) != 0) return false;
+    q[i] = _mm512_cvtps_epi32(r);
+  }
+  if constexpr (Q4) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(c), _mm512_cvtepi32_epi8(_mm512_or_si512(q[0], _mm512_slli_epi32(q[1], 4))));
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(c), _mm512_cvtepi32_epi8(q[0]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 16), _mm512_cvtepi32_epi8(q[1]));
+  }
+#else
+  float q[kGroup];
+  for (int j = 0; j < kGroup; ++j) {
+    const float r = std::floor((Q4 ? v[j] - lo : v[j]) * inv + 0.5f);
+    q[j] = Q4 ? std::min(15.f, std::max(0.f, r)) : std::min(127.f, std::max(-128.f, r));
+    const float prod = dd * q[j];
+    if ((Q4 ? prod + lo : prod) != v[j]) return false;
+  }
+  if constexpr (Q4) {
+    for (int j = 0; j < 16; ++j)
+      c[j] = static_cast<uint8_t>(static_cast<uint8_t>(q[j]) | (static_cast<uint8_t>(q[j + 16]) << 4));
+  } else {
+    for (int j = 0; j < kGroup; ++j) reinterpret_cast<int8_t*>(c)[j] = static_cast<int8_t>(q[j]);
+  }
+#endif
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> grid_derive(const at::Tensor& w, bool q4) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat && w.is_contiguous(),
               "grid_derive: w must be a contiguous float32 [N, K] tensor");
   const int64_t N = w.size(0), K = w.size(1), G = K / kGroup;
   TORCH_CHECK(K % kGroup == 0, "grid_derive: K must be a multiple of 32");
   at::Tensor codes = at::empty({N, q4 ? K / 2 : K}, w.options().dtype(q4 ? at::kByte : at::kChar));
-  at::Tensor d = at::empty({N, G}, w.options());
-  at::Tensor m = q4 ? at::empty({N, G}, w.options()) : at::empty({0}, w.options());
+  at::Tensor d = at::empty({N, G}, w.options().dtype(at::kHalf));
+  at::Tensor m = at::empty({q4 ? N : 0, q4 ? G : 0}, w.options().dtype(at::kHalf));
   const float* wp = w.data_ptr<float>();
   uint8_t* cp = static_cast<uint8_t*>(codes.data_ptr());
-  float* dp = d.data_ptr<float>();
-  float* mp = q4 ? m.data_ptr<float>() : nullptr;
+  half_t* dp = d.data_ptr<half_t>();
+  half_t* mp = q4 ? m.data_ptr<half_t>() : nullptr;
+  const int64_t cs = q4 ? K / 2 : K, cg = q4 ? 16 : kGroup;
   std::atomic<bool> ok{true};
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1 && ok.load(std::memory_order_relaxed); ++n) {
       for (int64_t g = 0; g < G; ++g) {
-        const float* v = wp + n * K + g * kGroup;
-        float lo = v[0], hi = v[0], amax = std::fabs(v[0]);
-        for (int j = 1; j < kGroup; ++j) {
-          lo = std::min(lo, v[j]);
-          hi = std::max(hi, v[j]);
-          amax = std::max(amax, std::fabs(v[j]));
-        }
-        const float dd = static_cast<float>(c10::Half(q4 ? (hi - lo) / 15.0f : amax / 127.0f));
-        const float inv = dd > 0.f ? 1.f / dd : 1.f;  // the codes are integers: x * (1/d) rounds to them
-        dp[n * G + g] = dd;
-        if (q4) mp[n * G + g] = lo;
-        float q[kGroup];
-        bool bad = false;
-        for (int j = 0; j < kGroup; ++j) {
-          const float r = std::floor((q4 ? v[j] - lo : v[j]) * inv + 0.5f);
-          q[j] = q4 ? std::min(15.f, std::max(0.f, r)) : std::min(127.f, std::max(-128.f, r));
-          // two roundings (no fused multiply-add: fp-contract=off in this file)
-          const float prod = dd * q[j];
-          bad |= (q4 ? prod + lo : prod) != v[j];
-        }
-        if (bad) {
+        const bool good = q4 ? derive_group<true>(wp + n * K + g * kGroup, cp + n * cs + g * cg, dp + n * G + g,
+                                                  mp + n * G + g)
+                             : derive_group<false>(wp + n * K + g * kGroup, cp + n * cs + g * cg, dp + n * G + g,
+                                                   nullptr);
+        if (!good) {
           ok.store(false, std::memory_order_relaxed);
           break;
-        }
-        if (q4) {
-          uint8_t* c = cp + n * (K / 2) + g * 16;
-          for (int j = 0; j < 16; ++j)
-            c[j] = static_cast<uint8_t>(static_cast<uint8_t>(q[j]) | (static_cast<uint8_t>(q[j + 16]) << 4));
-        } else {
-          int8_t* c = reinterpret_cast<int8_t*>(cp) + n * K + g * kGroup;
-          for (int j = 0; j < kGroup; ++j) c[j] = static_cast<int8_t>(q[j]);
         }
       }
     }
