@@ -30,6 +30,21 @@ class CpuPagedAttention(TorchNativeAttention):
             raise ValueError("the cpu_paged attention backend needs a float32 or bfloat16 KV pool on the CPU")
         cpu_kernels.load()
         self._op = torch.ops.pdserve_cpu.paged_decode
+        self._step = torch.ops.pdserve_cpu.paged_decode_step
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        if batch.extends or batch.num_decode != q.shape[0]:  # prefill chunks: TorchNativeAttention's path
+            return super().__call__(layer, q, k, v, batch)
+        # decode only: the K/V write and the attention of the whole batch in one kernel call
+        if batch.write_rows is None:
+            batch.write_rows = self.base_rows(batch.write_pages, batch.write_offs)
+        if batch.dec_lens is None:
+            batch.dec_lens = batch.positions + 1
+        return self._step(
+            q, k, v, self.kv_data, batch.write_rows, batch.dec_table, batch.dec_lens, layer, q.shape[-1] ** -0.5
+        )
 
     def _decode(self, q: torch.Tensor, layer: int, batch: ForwardBatch, out: torch.Tensor) -> None:
         # one call per layer for the whole decode batch; the kernel reads the pages where they are

@@ -11,10 +11,12 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -265,12 +267,51 @@ void paged_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& t
   }
 }
 
+// A decode-only step in one call: write each request's new K and V row of this layer into the
+// pool (rows[write_rows[b] + layer * 2 * page_size] and + page_size, the row view of
+// TorchNativeAttention), then paged_decode. Saves the two index_copy_ calls, their index
+// arithmetic and the output allocation of every layer (issue #12: per-layer overhead).
+at::Tensor paged_decode_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor kv,
+                             const at::Tensor& write_rows, const at::Tensor& table, const at::Tensor& lens,
+                             int64_t layer, double scale) {
+  TORCH_CHECK(kv.dim() == 6 && kv.is_contiguous(), "paged_decode_step: the KV pool must be contiguous and 6-d");
+  const int64_t B = q.size(0), ps = kv.size(3), Hkv = kv.size(4), D = kv.size(5);
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(0) == B && v.size(0) == B && k.size(1) == Hkv &&
+                  v.size(1) == Hkv && k.size(2) == D && v.size(2) == D && k.stride(2) == 1 && v.stride(2) == 1 &&
+                  k.stride(1) == D && v.stride(1) == D,
+              "paged_decode_step: k and v must be [B, Hkv, D] with contiguous rows");
+  TORCH_CHECK(k.scalar_type() == kv.scalar_type() && v.scalar_type() == kv.scalar_type(),
+              "paged_decode_step: k, v and the pool must share a dtype");
+  TORCH_CHECK(write_rows.scalar_type() == at::kLong && write_rows.is_contiguous() && write_rows.numel() == B,
+              "paged_decode_step: write_rows must be contiguous int64 [B]");
+  TORCH_CHECK(layer >= 0 && layer < kv.size(1), "paged_decode_step: layer out of range");
+  const int64_t row = Hkv * D, rows_total = kv.numel() / row, lrow = layer * 2 * ps;
+  const int64_t* wr = write_rows.data_ptr<int64_t>();
+  const int64_t es = kv.element_size();
+  char* base = static_cast<char*>(kv.data_ptr());
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t r = wr[b] + lrow;
+    TORCH_CHECK(r >= 0 && r + ps < rows_total, "paged_decode_step: write row out of range");
+    std::memcpy(base + r * row * es, kp + b * k.stride(0) * es, row * es);
+    std::memcpy(base + (r + ps) * row * es, vp + b * v.stride(0) * es, row * es);
+  }
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  paged_decode(q, kv, table, lens, layer, scale, out);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pdserve_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor kv, Tensor table, Tensor lens, int layer, float scale, Tensor(a!) out) -> ()");
+  m.def(
+      "paged_decode_step(Tensor q, Tensor k, Tensor v, Tensor(a!) kv, Tensor write_rows, Tensor table, Tensor lens, "
+      "int layer, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
   m.impl("paged_decode", &paged_decode);
+  m.impl("paged_decode_step", &paged_decode_step);
 }
