@@ -148,3 +148,27 @@ def test_auto_picks_the_kernel_for_float32_only():
         type(create_attention_backend("cpu_paged", torch.zeros(4, 1, 2, 4, 1, 8, dtype=torch.bfloat16)))
         is CpuPagedAttention
     )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_request_attends_the_same_alone_or_in_a_batch(threads):
+    """The float32 kernel splits the work differently for one request (per query head) and for
+    many (per KV head): a request's output must be the same bits either way."""
+    gen = torch.Generator().manual_seed(5)
+    ps, hkv, g, d, pages = 16, 3, 3, 64, 100
+    pool = torch.randn(pages, LAYERS, 2, ps, hkv, d, generator=gen)
+    op = create_attention_backend("cpu_paged", pool)._op
+    lens = torch.tensor([37, 100, 16, 64, 1, 150, 90, 33])
+    table = (torch.randperm(pages - 1, generator=gen)[: 8 * 10] + 1).view(8, 10)
+    q = torch.randn(8, hkv * g, d, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.empty_like(q)
+        op(q, pool, table, lens, 1, d**-0.5, out)
+        for b in range(8):
+            one = torch.empty_like(q[b : b + 1])
+            op(q[b : b + 1].clone(), pool, table[b : b + 1].clone(), lens[b : b + 1].clone(), 1, d**-0.5, one)
+            assert torch.equal(one, out[b : b + 1]), b
+    finally:
+        torch.set_num_threads(before)

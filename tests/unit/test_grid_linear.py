@@ -48,6 +48,19 @@ def test_weights_off_the_grid_have_none():
     assert q4_grid(w) is None
     assert q4_grid(q4_weight(8, 64)[:, :40].contiguous()) is None  # K not a multiple of 32
     assert q4_grid(q4_weight(8, 64).bfloat16()) is None  # float32 only
+    # a group whose minimum is no float16 value (GGUF stores m in float16; so does the grid)
+    w = q4_weight(8, 64)
+    w[2, 32:64] += 2.0**-30
+    assert q4_grid(w) is None
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_scales_are_float16_as_gguf_stores_them(kind):
+    w = q4_weight(16, 128) if kind == "q4" else q8_weight(16, 128)
+    grid = q4_grid(w) if kind == "q4" else q8_grid(w)
+    assert grid.d.dtype == torch.float16 and grid.d.shape == (16, 4)
+    if kind == "q4":
+        assert grid.m.dtype == torch.float16 and grid.m.shape == (16, 4)
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8"])

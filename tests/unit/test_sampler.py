@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pdserve.sampling_params import SamplingParams
-from pdserve.model.sampler import apply_penalties, gather_logprobs, sample
+from pdserve.model.sampler import apply_penalties, draw, gather_logprobs, sample
 
 
 def logits_row(values):
@@ -41,6 +41,20 @@ def test_seed_reproducible():
     lg = torch.randn(1, 100)
     sp = SamplingParams(temperature=1.0, seed=42)
     a = [sample(lg, [sp], [torch.Generator().manual_seed(42)])[0] for _ in range(5)]
+    assert len(set(a)) == 1
+
+
+def test_draw_follows_the_distribution_and_never_picks_a_zero():
+    """draw (inverse CDF, float64) replaced torch.multinomial: same distribution, zeros never drawn."""
+    p = torch.tensor([0.5, 0.0, 0.3, 0.0, 0.2, 0.0])
+    g = torch.Generator().manual_seed(3)
+    n = 20000
+    counts = torch.bincount(torch.tensor([draw(p, g) for _ in range(n)]), minlength=6).double() / n
+    assert counts[1] == counts[3] == counts[5] == 0
+    torch.testing.assert_close(counts, p.double(), atol=0.015, rtol=0)
+    assert draw(torch.tensor([0.0, 0.0, 2.0]), g) == 2  # unnormalized, one index with mass
+    # the same seed draws the same tokens
+    a = [draw(p, torch.Generator().manual_seed(7)) for _ in range(3)]
     assert len(set(a)) == 1
 
 
