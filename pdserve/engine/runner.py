@@ -155,7 +155,8 @@ class ModelRunner:
             write_offs=torch.tensor(write_offs, dtype=torch.long),
             num_decode=num_decode,
             extends=extends,
-            logits_indices=torch.tensor(logits_idx, dtype=torch.long),
+            # every row sampled, in order (a decode-only step): no index op on the hidden states
+            logits_indices=None if logits_idx == list(range(q)) else torch.tensor(logits_idx, dtype=torch.long),
         )
         if num_decode:
             lens = [item.start + 1 for item in dec_items]
@@ -166,7 +167,8 @@ class ModelRunner:
                 pg = item.req.pages[: -(-lens[i] // page_size)]
                 table[i, : len(pg)] = torch.tensor(pg, dtype=torch.long)
             batch.dec_table = table
-            if min(lens) != npg * page_size:
+            # the padding mask of torch_native's gathered decode (cpu_paged reads each request's length)
+            if min(lens) != npg * page_size and self.attn.uses_dec_mask:
                 pad = torch.arange(npg * page_size).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)
                 batch.dec_mask = torch.zeros(num_decode, 1, npg * page_size).masked_fill_(
                     pad.view(num_decode, 1, npg * page_size), float("-inf")

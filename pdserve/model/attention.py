@@ -49,6 +49,9 @@ class BaseAttentionBackend(abc.ABC):
     """An attention backend (`--attention-backend`, pdserve/model/attention_backends.py):
     owns the paged KV pool's view, writes each layer's new K/V into it, then attends."""
 
+    # whether decode attention reads ForwardBatch.dec_mask (the runner builds it only then)
+    uses_dec_mask = True
+
     def __init__(self, kv_data: torch.Tensor) -> None:
         self.kv_data = kv_data  # [num_pages, num_layers, 2, page_size, num_kv_heads, head_dim]
 

@@ -24,6 +24,8 @@ class CpuPagedAttention(TorchNativeAttention):
     pass over the context with an online softmax. Prefill (extend) chunks run as in
     TorchNativeAttention (SDPA's flash kernel). Float32 and bfloat16 pools on CPU."""
 
+    uses_dec_mask = False  # the kernel reads each request's length
+
     def __init__(self, kv_data: torch.Tensor) -> None:
         super().__init__(kv_data)
         if kv_data.device.type != "cpu" or kv_data.dtype not in (torch.float32, torch.bfloat16):
