@@ -56,8 +56,9 @@ LINEAR_NAMES = ("qkv", "o", "gate_up", "down")  # a layer's linear weights
 
 INT4_GROUP = 32
 # float32 grid linears (pdserve/model/grid.py) beat oneDNN's packed float32 layer linears up to
-# 4 rows and the lm_head up to 8 (benchmarks/bench_grid_linear.py); above, the dense path runs
-GRID_LAYER_MAX_ROWS = 4
+# 8 rows, as they do the lm_head (benchmarks/bench_grid_linear.py, 2026-12-01 23:54 UTC: a layer's
+# four linears 1.14x at 8 rows, 0.75x at 16); above, the dense path runs
+GRID_LAYER_MAX_ROWS = 8
 
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
