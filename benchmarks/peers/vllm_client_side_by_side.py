@@ -91,7 +91,7 @@ def vllm_bench(
     else:
         cmd += ["--random-input-len", str(args.sweep_input_len), "--random-output-len", str(args.sweep_output_len)]
         cmd += ["--random-range-ratio", str(args.sweep_range_ratio), "--request-rate", f"{rate:g}"]
-        cmd += ["--goodput", f"ttft:{args.slo_ttft_ms:g}", f"tpot:{args.slo_tpot_ms:g}"]
+        cmd += ["--goodput", f"ttft:{args.slo_ttft_ms:g}", f"tpot:{args.slo_tpot_ms:g}", "--save-detailed"]
     if concurrency is not None:
         cmd += ["--max-concurrency", str(concurrency)]
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
