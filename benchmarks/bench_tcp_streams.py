@@ -17,17 +17,20 @@ Time: from the sender's start to the receiver's end (CLOCK_MONOTONIC), threads i
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import socket
 import statistics
+import sys
 import threading
 import time
 
 import numpy as np
 
 from pdserve.disagg.transfer.wire import _advance  # the same buffer walk as the wire code
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import write_json  # noqa: E402
 
 PAGE = 368640  # one KV page of the default model (bench_kv_transfer.py)
 POOL_PAGES = 800
@@ -146,21 +149,17 @@ def main() -> None:
     load = (load0, os.getloadavg()[0])
     print(f"load average (1 min) before/after: {load[0]:.2f}/{load[1]:.2f}")
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(
-                dict(
-                    started_utc=started,
-                    loadavg_before_after=load,
-                    page_bytes=PAGE,
-                    repeats=args.repeats,
-                    lowat=LOWAT,
-                    results=results,
-                ),
-                f,
-                indent=2,
-            )
-        print(f"wrote {args.output}")
+        write_json(
+            args.output,
+            dict(
+                started_utc=started,
+                loadavg_before_after=load,
+                page_bytes=PAGE,
+                repeats=args.repeats,
+                lowat=LOWAT,
+                results=results,
+            ),
+        )
 
 
 if __name__ == "__main__":

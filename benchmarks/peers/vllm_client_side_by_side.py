@@ -29,7 +29,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: _common
 
+from _common import write_json  # noqa: E402
 from engines import Engine, pdserve_colocated, vllm_cpu  # noqa: E402
 
 SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -244,10 +246,8 @@ def print_sweep(ok: dict, args: argparse.Namespace) -> None:
 
 
 def write_results(results: dict, output: str, log_dir: str) -> int:
-    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nwrote {output}; server logs in {log_dir}")
+    write_json(output, results)
+    print(f"server logs in {log_dir}")
     return 0
 
 
