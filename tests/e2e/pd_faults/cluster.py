@@ -40,7 +40,12 @@ ENV = {
 
 PROMPTS = ["The capital of France is", "def add(a, b):"]
 SP = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}  # always 12 tokens to compare
-LONG_IDS = [100 + (i * 7919) % 40000 for i in range(1500)]  # prefill takes seconds (3 chunks) on CPU
+# Prefill runs chunks of PREFILL_CHUNK tokens and answers /get_load between them, so a prompt of
+# five chunks is seen mid-prefill and can be aborted before its last chunk; the whole prefill
+# stays well inside decode's WAITING_TIMEOUT even on a busy 2-core box (1500 tokens in chunks of
+# 512 took 3-4 s idle and more than WAITING_TIMEOUT under load: CI 2026-12-02)
+PREFILL_CHUNK = 128
+LONG_IDS = [100 + (i * 7919) % 40000 for i in range(5 * PREFILL_CHUNK - 1)]
 LONG_SP = {"max_new_tokens": 2000, "temperature": 0, "ignore_eos": True}
 
 # wire format of the tcp backend (pdserve/disagg/transfer/wire.py)
@@ -142,6 +147,8 @@ class Prefill(Server):
             "tcp",
             "--disaggregation-bootstrap-port",
             str(self.bootstrap_port),
+            "--chunked-prefill-size",
+            str(PREFILL_CHUNK),
             env=ENV,
         )
 

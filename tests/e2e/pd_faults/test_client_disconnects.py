@@ -77,22 +77,32 @@ def test_client_disconnect_while_waiting_for_kv(pair, reference):
     assert_pair_healthy(pair, reference)
 
 
+def _holds(p) -> bool:
+    """Prefill has the request past its bootstrap: queued for or in its forward passes."""
+    ld = p.load()
+    return ld["num_running_reqs"] + ld["num_waiting_reqs"] == 1
+
+
 def test_prefill_client_disconnect_during_prefill_tells_decode(pair, reference):
     """Prefill's client goes away while prefill computes a long prompt: prefill aborts the
     request and tells decode, which answers its client at once (not after WAITING_TIMEOUT)."""
     p, d = pair
+    room = new_room()
     b = {
-        "input_ids": LONG_IDS,
+        # a first token of its own: a rerun or another test's prompt never hits prefill's radix
+        # cache (a cached prompt is "prefilled" in one step, before the client can go away)
+        "input_ids": [100 + room % 40000] + LONG_IDS,
         "sampling_params": SP,
         "bootstrap_host": "127.0.0.1",
         "bootstrap_port": p.bootstrap_port,
-        "bootstrap_room": new_room(),
+        "bootstrap_room": room,
     }
     dec = Background(d.url, b)
     wait_for(lambda: d.load()["transfer_queue_len"] == 1, 10, "decode to wait for the KV")
     sock = open_stream(p, b)
     try:
-        wait_for(lambda: p.load()["num_running_reqs"] == 1, 10, "prefill to start on the prompt", 0.02)
+        # /get_load is answered between chunks; on a busy box a chunk takes seconds
+        wait_for(lambda: _holds(p), 30, "prefill to take the prompt", 0.02)
     finally:
         sock.close()
     t0 = time.time()
