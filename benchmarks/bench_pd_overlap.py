@@ -37,7 +37,8 @@ from pdserve.disagg.transfer.bootstrap import KVBootstrapServer  # noqa: E402
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend, get_kv_class  # noqa: E402
 from pdserve.engine.kv_pool import PageAllocator  # noqa: E402
 from pdserve.engine.request import Req  # noqa: E402
-from pdserve.engine.scheduler import RunOutput, Scheduler  # noqa: E402
+from pdserve.engine.plan import RunOutput  # noqa: E402
+from pdserve.engine.scheduler import Scheduler  # noqa: E402
 from pdserve.engine.shm_segment import allocate_kv_buffer, free_kv_buffer, new_shm_name  # noqa: E402
 from pdserve.sampling_params import SamplingParams  # noqa: E402
 

@@ -18,7 +18,8 @@ from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import BaseKVManager
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
 from pdserve.engine.request import Req, ReqStatus
-from pdserve.engine.scheduler import Prealloc, Scheduler
+from pdserve.engine.plan import Prealloc
+from pdserve.engine.scheduler import Scheduler
 from pdserve.messages import DecodeQueueStats, FinishReason, FinishReasonType
 
 logger = logging.getLogger(__name__)

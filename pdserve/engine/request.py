@@ -8,7 +8,7 @@ import time
 import torch
 
 from pdserve.sampling_params import SamplingParams
-from pdserve.messages import FinishReason, FinishReasonType
+from pdserve.messages import FinishReason, FinishReasonType, ReqOut
 
 
 class ReqStatus(enum.IntEnum):
@@ -118,6 +118,35 @@ class Req:
     def finish(self) -> FinishReason | None:
         """The reason, once the request is finished (what the client is told)."""
         return self.finish_reason if self.status.is_finished else None
+
+    def take_out(self) -> ReqOut:
+        """What the client has not been sent yet: new tokens (and logprobs), and once finished,
+        the finish reason and the time spent queued, in prefill, in the KV transfer and decoding."""
+        new = self.output_ids[self.sent_len :]
+        lps = self.logprobs[self.sent_len :] if self.return_logprob else None
+        tops = self.top_logprobs[self.sent_len :] if self.return_logprob and self.top_logprobs_num else None
+        self.sent_len = len(self.output_ids)
+        out = ReqOut(
+            self.rid, new, lps, tops, self.finish, len(self.origin_input_ids), self.cached_tokens, len(self.output_ids)
+        )
+        if (
+            self.return_logprob
+            and not self.input_logprobs_sent
+            and len(self.input_logprobs) >= len(self.origin_input_ids) - 1
+        ):
+            out.input_logprobs = [None] + self.input_logprobs[: len(self.origin_input_ids) - 1]
+            self.input_logprobs_sent = True
+        if self.finished:
+            start = self.admit_time or self.finish_time
+            first = self.first_token_time or self.finish_time
+            out.queue_time = start - self.arrival_time
+            # the part of the transfer before the first token (PD decode) is not prefill
+            xfer = self.transfer_time
+            inside = 0.0 if xfer is None else max(0.0, min(first, self.transfer_end) - max(start, self.transfer_start))
+            out.prefill_time = first - start - inside
+            out.transfer_time = xfer
+            out.decode_time = self.finish_time - first
+        return out
 
     def __repr__(self) -> str:
         return f"Req({self.rid}, in={len(self.origin_input_ids)}, out={len(self.output_ids)}, kv={self.kv_len})"

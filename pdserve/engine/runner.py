@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pdserve.engine.grammar import apply_grammar_masks
-from pdserve.engine.scheduler import Plan, RunOutput
+from pdserve.engine.plan import Plan, RunOutput
 from pdserve.enums import AttentionBackend
 from pdserve.model.attention import ExtendSeq, ForwardBatch
 from pdserve.model.attention_backends import create_attention_backend, fused_elementwise

@@ -13,72 +13,23 @@ retracted (their KV goes to the prefix cache) and resumed later: never failed.
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 from pdserve.engine.admission import kv_pool_fit_error
 from pdserve.engine.kv_connector import BaseKVConnector, NoKVConnector
 from pdserve.engine.kv_pool import PageAllocator
+from pdserve.engine.plan import Plan, Prealloc, RunOutput, ScheduledItem, SchedulerStats
 from pdserve.engine.prefix_cache import BasePrefixCache
 from pdserve.engine.prefix_caches import create_prefix_cache
 from pdserve.engine.request import Req, ReqStatus
+from pdserve.engine.stop_rules import StopRules
 from pdserve.enums import PrefixCacheKind
 from pdserve.messages import FinishReason, FinishReasonType, ReqOut, SchedulerLoad
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ScheduledItem:
-    req: Req
-    start: int  # position (in fill_ids) of the first token computed
-    n: int  # tokens computed
-    sample: bool  # the chunk reaches the end of fill_ids: sample the next token
-    # prompt positions start.. of this chunk whose next-token logprob the request wants
-    # (return_logprob, first pass over the prompt): logits rows after the sampled ones
-    num_input_logprobs: int = 0
-
-
-@dataclass
-class Plan:
-    items: list[ScheduledItem]  # decode items first (num_decode of them), then extends
-    num_decode: int
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(i.n for i in self.items)
-
-
-@dataclass
-class RunOutput:
-    next_ids: list[int]  # one per sampled item, in plan order
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    # plan item index -> logprob of each next *input* token of that chunk (return_logprob)
-    input_logprobs: dict[int, list[float]] | None = None
-
-
-@dataclass
-class SchedulerStats:
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    num_retractions: int = 0
-    finished: int = 0
-    aborted: int = 0
-    steps: int = 0
-    prefill_computed_tokens: int = 0  # prompt tokens run through the model
-
-
-class Prealloc(enum.Enum):
-    """Answer of `Scheduler.preallocate` (PD decode, pages for a KV transfer)."""
-
-    OK = "ok"  # pages reserved in req.pages
-    RESUME_FIRST = "resume_first"  # retracted requests wait in the scheduler: they go first
-    NO_BUDGET = "no_budget"  # not enough pages now (requests queued behind wait too: FIFO)
 
 
 class Scheduler:
@@ -117,7 +68,7 @@ class Scheduler:
         self._chunk_size = chunked_prefill_size
         self._context_length = context_length
         self._eos_ids = set(eos_ids)
-        self._detokenize = detokenize
+        self._stop = StopRules(self._eos_ids, context_length, detokenize)
         self._waiting: deque[Req] = deque()
         self._running: list[Req] = []  # admission order
         self._reqs: dict[str, Req] = {}  # waiting and running requests by rid
@@ -184,7 +135,7 @@ class Scheduler:
         first token (sampled by prefill) is `req.output_ids[0]` joins the running batch;
         its first output goes out with the next step's."""
         req.status = ReqStatus.RUNNING
-        reason = self._check_finish(req, req.output_ids[0])
+        reason = self._stop.check(req, req.output_ids[0])
         self._stats.generation_tokens += 1
         if reason is not None:
             self._release(req)
@@ -192,7 +143,7 @@ class Scheduler:
             return
         self._reqs[req.rid] = req
         self._running.append(req)
-        self._outputs.append(self._make_out(req))
+        self._outputs.append(req.take_out())
 
     # ---- ending -------------------------------------------------------------------------
     def abort(self, rid: str, message: str = "aborted by the client") -> None:
@@ -435,7 +386,7 @@ class Scheduler:
             if req.sampling.has_penalty:
                 req.token_counts[tok] = req.token_counts.get(tok, 0) + 1
             touched.append(req)
-            reason = self._check_finish(req, tok)
+            reason = self._stop.check(req, tok)
             if reason is not None:
                 self._running.remove(req)
                 if self._on_generation_end is not None:
@@ -445,34 +396,7 @@ class Scheduler:
                 self._release(req)
                 self._finish(req, reason, emit=False)
         # outputs produced between steps (PD first tokens, aborts) go first: they are older
-        return self.take_outputs() + [self._make_out(r) for r in touched]
-
-    def _check_finish(self, req: Req, tok: int) -> FinishReason | None:
-        sp = req.sampling
-        if req.grammar is not None:  # advance the matcher over the new output token(s)
-            if not req.grammar.sync(req.output_ids):
-                return FinishReason(
-                    FinishReasonType.ABORT,
-                    status_code=500,
-                    message=f"token {tok} is not allowed by the request's grammar",
-                )
-            if req.grammar.terminated:
-                return FinishReason(FinishReasonType.STOP, matched=tok if tok in self._eos_ids else None)
-        if not sp.ignore_eos and tok in self._eos_ids:
-            return FinishReason(FinishReasonType.STOP, matched=tok)
-        if tok in sp.stop_token_ids:
-            return FinishReason(FinishReasonType.STOP, matched=tok)
-        if len(req.output_ids) >= sp.max_new_tokens:
-            return FinishReason(FinishReasonType.LENGTH, matched=None)
-        if req.fill_len >= self._context_length:
-            return FinishReason(FinishReasonType.LENGTH, message="context length reached")
-        if sp.stop and self._detokenize is not None:
-            longest = max(len(stop) for stop in sp.stop)
-            tail = self._detokenize(req.output_ids[-(longest + 8) :])
-            for stop in sp.stop:
-                if stop in tail:
-                    return FinishReason(FinishReasonType.STOP, matched=stop)
-        return None
+        return self.take_outputs() + [r.take_out() for r in touched]
 
     # ---- release and output -------------------------------------------------------------
     def _release(self, req: Req, cache_it: bool = True) -> None:
@@ -503,34 +427,7 @@ class Scheduler:
         else:
             self._stats.finished += 1
         if emit:
-            self._outputs.append(self._make_out(req))
-
-    def _make_out(self, req: Req) -> ReqOut:
-        new = req.output_ids[req.sent_len :]
-        lps = req.logprobs[req.sent_len :] if req.return_logprob else None
-        tops = req.top_logprobs[req.sent_len :] if req.return_logprob and req.top_logprobs_num else None
-        req.sent_len = len(req.output_ids)
-        out = ReqOut(
-            req.rid, new, lps, tops, req.finish, len(req.origin_input_ids), req.cached_tokens, len(req.output_ids)
-        )
-        if (
-            req.return_logprob
-            and not req.input_logprobs_sent
-            and len(req.input_logprobs) >= len(req.origin_input_ids) - 1
-        ):
-            out.input_logprobs = [None] + req.input_logprobs[: len(req.origin_input_ids) - 1]
-            req.input_logprobs_sent = True
-        if req.finished:
-            start = req.admit_time or req.finish_time
-            first = req.first_token_time or req.finish_time
-            out.queue_time = start - req.arrival_time
-            # the part of the transfer before the first token (PD decode) is not prefill
-            xfer = req.transfer_time
-            inside = 0.0 if xfer is None else max(0.0, min(first, req.transfer_end) - max(start, req.transfer_start))
-            out.prefill_time = first - start - inside
-            out.transfer_time = xfer
-            out.decode_time = req.finish_time - first
-        return out
+            self._outputs.append(req.take_out())
 
     # ---- state --------------------------------------------------------------------------
     def has_work(self) -> bool:

@@ -397,17 +397,23 @@ class LlamaModel:
         inter = cfg.intermediate_size
         quant = fo is not None and self.int8_linears  # the fused ops also quantize the linears' inputs
         a = None  # the last down_proj output, not yet added into h (fused into the next norm)
+
+        def add_norm(a: torch.Tensor | None, w: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+            """h += a (when a is given), then RMSNorm(h) * w; in int8 mode also the result's int8
+            rows and scales for the next linear (one fused pass on CPU)."""
+            if fo is None:
+                if a is not None:
+                    h.add_(a)  # h is this forward's own tensor (the embedding rows were gathered into it)
+                return rms_norm(h, w, eps), None
+            if quant:
+                return fo.add_rms_norm(h, a, w, eps, quant=True)
+            return fo.add_rms_norm(h, a, w, eps), None
+
         for i, layer in enumerate(self.layers):
             q4 = layer.q4 or {}
             q8 = layer.q8 or {}
             pk = layer.packed
-            pre = None  # int8 rows + scales of x, when the fused norm made them (w8a8_int8)
-            if fo is None:
-                x = rms_norm(h, layer.in_norm, eps)
-            elif quant:
-                x, pre = fo.add_rms_norm(h, a, layer.in_norm, eps, quant=True)
-            else:
-                x = fo.add_rms_norm(h, a, layer.in_norm, eps)
+            x, pre = add_norm(a, layer.in_norm)  # pre: x's int8 rows + scales (w8a8_int8) or None
             qkv = linear(x, layer.qkv, q4.get("qkv"), small, pk["qkv"], q8.get("qkv"), pre, fo)
             if layer.qkv_b is not None:
                 qkv = qkv + layer.qkv_b
@@ -425,13 +431,7 @@ class LlamaModel:
             a = linear(o, layer.o, q4.get("o"), small, pk["o"], q8.get("o"), None, fo)
             if ar is not None:
                 ar(a)
-            if fo is None:
-                h += a  # h is this forward's own tensor (the embedding rows were gathered into it)
-                x = rms_norm(h, layer.post_norm, eps)
-            elif quant:
-                x, pre = fo.add_rms_norm(h, a, layer.post_norm, eps, quant=True)
-            else:
-                x = fo.add_rms_norm(h, a, layer.post_norm, eps)
+            x, pre = add_norm(a, layer.post_norm)
             gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"], q8.get("gate_up"), pre, fo)
             if fo is None:
                 act = F.silu(gu[:, :inter])

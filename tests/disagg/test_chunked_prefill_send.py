@@ -15,7 +15,8 @@ from pdserve.disagg.prefill import PrefillDisagg
 from pdserve.disagg.transfer.registry import TransferBackend
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.request import Req
-from pdserve.engine.scheduler import RunOutput, Scheduler
+from pdserve.engine.plan import RunOutput
+from pdserve.engine.scheduler import Scheduler
 from pdserve.sampling_params import SamplingParams
 from tests.disagg.helpers import ENGINE_BACKENDS, SHAPE, Pair, wait_for
 

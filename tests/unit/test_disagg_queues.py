@@ -12,7 +12,8 @@ from pdserve.disagg.transfer.registry import TransferBackend
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.request import Req, ReqStatus
 from pdserve.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Prealloc, RunOutput, Scheduler
+from pdserve.engine.plan import Prealloc, RunOutput
+from pdserve.engine.scheduler import Scheduler
 
 
 class FakeRunner:

@@ -10,7 +10,8 @@ from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.request import Req
 from pdserve.engine.runner import ModelRunner
 from pdserve.sampling_params import SamplingParams
-from pdserve.engine.scheduler import RunOutput, Scheduler
+from pdserve.engine.plan import RunOutput
+from pdserve.engine.scheduler import Scheduler
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
 

@@ -37,24 +37,35 @@ inline float to_f(T x) {
   return static_cast<float>(x);
 }
 
+// Sizes and strides of one paged_decode call: the query/output rows, the pool's page layout and
+// where `layer`'s K block starts in a page. Both kernels below read them from here.
+struct PagedGeometry {
+  int64_t B, Hq, D, Hkv, G, ps, npg;  // requests, query heads, head dim, KV heads, Hq / Hkv, page size, table width
+  int64_t qs0, qs1, os0, os1;         // q / out strides (request, head)
+  int64_t tok_stride;                 // next token in a page
+  int64_t kv_half;                    // K block of a page -> its V block
+  int64_t page_stride, layer_off;     // next page; `layer`'s K block within a page
+  PagedGeometry(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table, const at::Tensor& out,
+                int64_t layer)
+      : B(q.size(0)), Hq(q.size(1)), D(q.size(2)), Hkv(kv.size(4)), G(Hq / Hkv), ps(kv.size(3)),
+        npg(table.size(1)), qs0(q.stride(0)), qs1(q.stride(1)), os0(out.stride(0)), os1(out.stride(1)),
+        tok_stride(Hkv * D), kv_half(ps * Hkv * D), page_stride(kv.size(1) * 2 * kv_half),
+        layer_off(layer * 2 * kv_half) {}
+};
+
 template <typename T>
 void paged_decode_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table,
                        const at::Tensor& lens, int64_t layer, double scale, at::Tensor& out) {
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t L = kv.size(1), ps = kv.size(3), Hkv = kv.size(4);
-  const int64_t G = Hq / Hkv;
-  const int64_t npg = table.size(1);
+  const PagedGeometry geo(q, kv, table, out, layer);
+  const int64_t B = geo.B, D = geo.D, Hkv = geo.Hkv, G = geo.G, ps = geo.ps, npg = geo.npg;
+  const int64_t qs0 = geo.qs0, qs1 = geo.qs1, os0 = geo.os0, os1 = geo.os1;
+  const int64_t tok_stride = geo.tok_stride, kv_half = geo.kv_half;
+  const int64_t page_stride = geo.page_stride, layer_off = geo.layer_off;
   const T* kvp = kv.data_ptr<T>();
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const int64_t* tp = table.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-  const int64_t os0 = out.stride(0), os1 = out.stride(1);
-  const int64_t tok_stride = Hkv * D;        // next token in a page
-  const int64_t kv_half = ps * Hkv * D;      // K block of a page -> its V block
-  const int64_t page_stride = L * 2 * kv_half;
-  const int64_t layer_off = layer * 2 * kv_half;
   const float sc = static_cast<float>(scale);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
@@ -206,28 +217,22 @@ void decode_item_f32(const float* qp, int64_t qs1, const float* kvp, const int64
 template <int DV>
 void paged_decode_f32(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table, const at::Tensor& lens,
                       int64_t layer, double scale, at::Tensor& out) {
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t L = kv.size(1), ps = kv.size(3), Hkv = kv.size(4);
-  const int64_t G = Hq / Hkv;
-  const int64_t npg = table.size(1);
+  const PagedGeometry g(q, kv, table, out, layer);
   const float* kvp = kv.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t* tp = table.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-  const int64_t os0 = out.stride(0), os1 = out.stride(1);
-  const int64_t tok_stride = Hkv * D, kv_half = ps * Hkv * D;
-  const int64_t page_stride = L * 2 * kv_half, layer_off = layer * 2 * kv_half;
   // few (request, KV head) pairs for the threads (single-stream decode): one item per query
   // head instead, so the threads share the work evenly
-  const int64_t split = B * Hkv < 2 * at::get_num_threads() ? G : 1;
-  const int64_t per = G / split;
-  at::parallel_for(0, B * Hkv * split, 1, [&](int64_t begin, int64_t end) {
+  const int64_t split = g.B * g.Hkv < 2 * at::get_num_threads() ? g.G : 1;
+  const int64_t per = g.G / split;
+  at::parallel_for(0, g.B * g.Hkv * split, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / (Hkv * split), h = (w / split) % Hkv, part = w % split;
-      decode_item_f32<DV>(qp + b * qs0, qs1, kvp, tp + b * npg, lp[b], ps, page_stride, layer_off, kv_half,
-                          tok_stride, h, D, h * G + part * per, per, static_cast<float>(scale), op + b * os0, os1);
+      const int64_t b = w / (g.Hkv * split), h = (w / split) % g.Hkv, part = w % split;
+      decode_item_f32<DV>(qp + b * g.qs0, g.qs1, kvp, tp + b * g.npg, lp[b], g.ps, g.page_stride, g.layer_off,
+                          g.kv_half, g.tok_stride, h, g.D, h * g.G + part * per, per, static_cast<float>(scale),
+                          op + b * g.os0, g.os1);
     }
   });
 }
