@@ -4,7 +4,10 @@ prefill (this process) and decode (a spawned one) as in bench_kv_transfer.py, wa
 send() returning, a worker picking the job up, decode's first byte (tcp) or write grant
 (one-sided engines), decode's Success. Times from prefill's send() call, CLOCK_MONOTONIC.
 
-    python benchmarks/profile_kv_transfer_phases.py tcp,nixl,mooncake 12
+    python benchmarks/profile_kv_transfer_phases.py tcp,nixl,mooncake 12 [sizes in MB, default 1,4]
+
+gloo also reports its own steps per transfer (ms, medians): prefill's gather into staging and
+the gloo send, decode's gloo receive (waiting for prefill's gather included) and its scatter.
 """
 
 import multiprocessing as mp
@@ -27,6 +30,29 @@ from pdserve.disagg.transfer.registry import KVClassType, get_kv_class
 from pdserve.disagg.transfer import prefill_service as PS
 
 T = {}
+STEPS: dict[str, float] = {}  # gloo: seconds per step of the current transfer (this process)
+
+
+def _timed(obj, name: str, key: str) -> None:
+    orig = getattr(obj, name)
+
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return orig(*a, **kw)
+        finally:
+            STEPS[key] = STEPS.get(key, 0.0) + time.perf_counter() - t
+
+    setattr(obj, name, wrapper)
+
+
+def patch_gloo() -> None:
+    from pdserve.disagg.transfer import gloo_backend as G
+
+    _timed(G, "gather_pages", "gather")
+    _timed(G, "scatter_pages", "scatter")
+    _timed(G.GlooPrefillMover, "write", "write")
+    _timed(G.GlooDecodeMover, "receive", "receive")
 
 
 def patch():
@@ -37,11 +63,13 @@ def patch():
         return orig_run(self, sock, job, scratch)
 
     PS.PrefillTransferService._run_job = run_job
+    patch_gloo()
 
 
 def decode_main(backend, num_pages, conn):
     from pdserve.engine.shm_segment import allocate_kv_buffer
 
+    patch_gloo()
     kv = allocate_kv_buffer((num_pages, *B.PAGE_SHAPE), B.DTYPE, None)
     kv.fill_(0)
     mgr = get_kv_class(backend, KVClassType.MANAGER)(KVArgs(0, kv), DisaggregationMode.DECODE)
@@ -57,9 +85,10 @@ def decode_main(backend, num_pages, conn):
         r.init(pages)
         while not r.registered.is_set():
             time.sleep(0.001)
+        STEPS.clear()
         conn.send("inited")
         B._wait(r, {KVPoll.Success, KVPoll.Failed}, step=0.002)
-        conn.send((r._t_first_byte, r.completed_at))
+        conn.send((r._t_first_byte, r.completed_at, dict(STEPS)))
     mgr.shutdown()
 
 
@@ -80,7 +109,7 @@ def main(backend, size_mb, reps):
     p.start()
     assert a.recv() == "ready"
     rng = np.random.default_rng(0)
-    rows = []
+    rows, steps = [], []
     for i in range(reps + 8):
         room = 100 + i
         n = npages if i >= 8 else 4
@@ -92,12 +121,14 @@ def main(backend, size_mb, reps):
         B._wait(s, {KVPoll.WaitingForInput})
         s.init(n)
         T.clear()
+        STEPS.clear()
         t0 = time.monotonic()
         s.send(src, KVMetadata(room, 1))
         t_sent = time.monotonic()
-        tfb, tdone = a.recv()
+        tfb, tdone, dsteps = a.recv()
         if i >= 8:
             rows.append(((T["pickup"] - t0) * 1e3, (tfb - t0) * 1e3, (tdone - t0) * 1e3, (t_sent - t0) * 1e3))
+            steps.append({**STEPS, **{f"decode {k}": v for k, v in dsteps.items()}})
     a.send(None)
     p.join(10)
     pm.shutdown()
@@ -106,9 +137,16 @@ def main(backend, size_mb, reps):
     print(
         f"{backend} {size_mb}MB: send() {med[3]:.3f} ms, worker pickup {med[0]:.3f}, decode first byte {med[1]:.3f}, done {med[2]:.3f} ms -> {npages * page_nbytes / med[2] / 1e6:.2f} GB/s"
     )
+    if steps and steps[0]:
+        keys = sorted({k for st in steps for k in st})
+        print(
+            "   steps (ms): "
+            + ", ".join(f"{k} {statistics.median(st.get(k, 0) for st in steps) * 1e3:.2f}" for k in keys)
+        )
 
 
 if __name__ == "__main__":
+    sizes = [int(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "1,4").split(",")]
     for be in sys.argv[1].split(","):
-        for s in (1, 4):
+        for s in sizes:
             main(be, s, int(sys.argv[2]))

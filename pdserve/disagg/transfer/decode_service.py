@@ -40,7 +40,8 @@ class DataConn:
     sock: socket.socket
     peer: object
     scratch: dict = field(default_factory=dict)
-    grant: tuple | None = None  # shm: (receiver, header) of the write prefill may be doing now
+    # one-sided: (receiver, frame key, standing) of the write prefill may be doing now
+    grant: tuple | None = None
 
 
 class DecodeMover(Protocol):
@@ -137,6 +138,14 @@ class Receiver(Protocol):
 
     def end_write(self, nbytes: int, complete: bool) -> None: ...
 
+    def take_standing(self, src: int) -> bool: ...
+
+    def release_standing(self, src: int | None = None, why: str = "") -> None: ...
+
+    def begin_granted(self, h: FrameHeader) -> np.ndarray | None: ...
+
+    def granted_done(self, src: int, nbytes: int) -> None: ...
+
 
 class DecodeTransferService:
     def __init__(self, mgr: ServiceSettings, mover: DecodeMover) -> None:
@@ -147,6 +156,9 @@ class DecodeTransferService:
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)  # writers finishing
         self._receivers: dict[int, Receiver] = {}
+        # receivers holding standing write grants, failed ones included (those leave
+        # _receivers at once but keep their pages until every grant is released)
+        self._granted: dict[int, Receiver] = {}
         self._routes: dict[str, Future[Route]] = {}
         self._ctrl: dict[tuple[str, int], _ControlConn] = {}
         self._heartbeats: dict[str, HeartbeatMonitor] = {}
@@ -184,10 +196,18 @@ class DecodeTransferService:
                     self._on_meta(sock, h)
                 elif h.type == FrameType.ABORT:
                     reason = wire.read_abort_reason(sock, h)
-                    r = self.lookup(h.room)
+                    r = self.lookup(h.room) or self.granted(h.room)
                     if r is not None:
                         r.fail(f"prefill aborted the transfer: {reason or 'no reason given'}", notify=False)
-                elif h.type in (FrameType.DATA, FrameType.WRITE_BEGIN, FrameType.WRITE_DONE, FrameType.GROUP_JOIN):
+                        # prefill sends it only once none of its writes is under way or can start
+                        r.release_standing(h.src_rank)
+                elif h.type in (
+                    FrameType.DATA,
+                    FrameType.WRITE_BEGIN,
+                    FrameType.WRITE_GRANTED,
+                    FrameType.WRITE_DONE,
+                    FrameType.GROUP_JOIN,
+                ):
                     self.mover.handle_frame(conn, h)
                 else:
                     raise ProtocolError(f"unexpected {h.type.name} frame on a data connection")
@@ -235,7 +255,7 @@ class DecodeTransferService:
             r.fail("KV manager shut down", notify=False, remove=False)
             return
         with self.lock:
-            if r.room in self._receivers:
+            if r.room in self._receivers or r.room in self._granted:  # (a failed one may hold pages)
                 collision = True
             else:
                 collision = False
@@ -258,6 +278,19 @@ class DecodeTransferService:
             )
             return
         fut.add_done_callback(lambda f: self._on_route(r, f))
+
+    def granted(self, room: int) -> "Receiver | None":
+        with self.lock:
+            return self._granted.get(room)
+
+    def hold_granted(self, r: "Receiver") -> None:
+        with self.lock:
+            self._granted[r.room] = r
+
+    def drop_granted(self, r: "Receiver") -> None:
+        with self.lock:
+            if self._granted.get(r.room) is r:
+                del self._granted[r.room]
 
     def remove(self, r: "Receiver") -> None:
         with self.lock:
@@ -297,6 +330,9 @@ class DecodeTransferService:
     def _register(self, r: "Receiver") -> None:
         a, lay = self.args, self.layout
         assert r.route is not None and r.pages is not None
+        extra = self.mover.register_extra()
+        if getattr(self.mover, "standing_grant", False):
+            extra["granted"] = True
         body = wire.encode_body(
             wire.RegisterBody(
                 decode_rank=a.engine_rank,
@@ -310,14 +346,18 @@ class DecodeTransferService:
                 head_dim=lay.head_dim,
                 dtype=lay.dtype,
                 decode_num_pages=a.num_pages,
-                **self.mover.register_extra(),
+                **extra,
             )
         )
         payload = r.pages.astype("<u4").tobytes()
+        standing = bool(getattr(self.mover, "standing_grant", False))
         for src in r.sources:
             if r.done:
                 return
             info = r.route.ranks[src]
+            # the grant goes with the REGISTER: it holds from before prefill can see it
+            if standing and not r.take_standing(src):
+                return
             try:
                 ack = self._control(info).call(
                     FrameHeader(FrameType.REGISTER, r.room, src_rank=a.engine_rank, npages=len(r.pages)),
@@ -327,9 +367,14 @@ class DecodeTransferService:
             except (OSError, ProtocolError) as e:
                 self._forget_route(r.bootstrap_addr)
                 r.fail(f"could not reach prefill rank {src} at {info.rank_ip}:{info.rank_port}: {e!r}")
+                if isinstance(e, ConnectionRefusedError):  # nothing reached prefill: it cannot write
+                    r.release_standing(src)
+                # otherwise prefill may hold the registration: the ABORT just sent (or the
+                # heartbeats, or the I/O timeout) releases the grant
                 return
             if ack is None or not ack.ok:
                 r.fail(f"prefill rank {src} refused the request: {ack.error if ack else 'no reply'}", notify=False)
+                r.release_standing(src)  # refused: it will not write
                 return
         r.registered.set()
 
@@ -378,9 +423,11 @@ class DecodeTransferService:
         held by a registration waiting on the dead prefill's ACK: the receivers failed only
         when the prefill came back or after the I/O timeout, #10.)"""
         with self.lock:
-            victims = [r for r in self._receivers.values() if r.bootstrap_addr == addr]
-        for r in victims:
+            victims = {id(r): r for r in self._receivers.values() if r.bootstrap_addr == addr}
+            victims.update((id(r), r) for r in self._granted.values() if r.bootstrap_addr == addr)
+        for r in victims.values():
             r.fail(message, notify=False)
+            r.release_standing()  # that prefill is gone: nothing of it writes any more
         self._forget_route(addr)
 
     def close(self) -> None:
@@ -389,7 +436,7 @@ class DecodeTransferService:
         self.listener.close()
         with self.lock:
             hbs = list(self._heartbeats.values())
-            receivers = list(self._receivers.values())
+            receivers = list({id(r): r for r in [*self._receivers.values(), *self._granted.values()]}.values())
             ctrls = list(self._ctrl.values())
         for hb in hbs:
             hb.stop()
@@ -399,3 +446,4 @@ class DecodeTransferService:
                 c.close_locked()
         for r in receivers:
             r.fail("KV manager shut down", notify=False)
+            r.release_standing()

@@ -66,6 +66,11 @@ class SocketKVReceiver(BaseKVReceiver):
         self._expected_bytes = 0
         self._meta_from: set[int] = set()
         self._metadata: KVMetadata | None = None
+        # standing grants (one-sided backends): source prefill ranks that may write our pages
+        # without asking first; each counts as one writer until released (see take_standing)
+        self._standing: set[int] = set()
+        self._src_bytes: dict[int, int] = {}
+        self._failed_at: float | None = None
         self.svc.add_receiver(self)
 
     @property
@@ -127,38 +132,127 @@ class SocketKVReceiver(BaseKVReceiver):
         longer accepts data (failed/aborted: drain it). ProtocolError when the frame does not
         fit this request (the receiver fails)."""
         with self.svc.lock:
-            if not self._accepting or self._state.done:
+            pages = self._check_frame_locked(h)
+            if pages is None:
                 return None
-            err = None
-            if self.pages is None:
-                err = "data before init()"
-            elif h.offset + h.npages > len(self.pages):
-                err = f"pages [{h.offset}, {h.offset + h.npages}) outside the request's {len(self.pages)} pages"
-            elif self._dst_heads.get(h.src_rank) != (h.head_start, h.head_end):
-                err = f"prefill rank {h.src_rank} may not write heads [{h.head_start}, {h.head_end})"
-            if err is not None:
-                self.fail(f"malformed {h.type.name} frame: {err}")
-                raise ProtocolError(f"room {self.room}: {err}")
             self._writers += 1
             if self._t_first_byte is None:
                 self._t_first_byte = time.monotonic()
-            assert self.pages is not None
-            pages = self.pages[h.offset : h.offset + h.npages]
         self._state.advance(KVPoll.Transferring)
         return pages
 
+    def _check_frame_locked(self, h: FrameHeader) -> np.ndarray | None:
+        """The decode pages a DATA / WRITE frame covers; None when the receiver no longer
+        accepts data; ProtocolError (and the receiver fails) when it does not fit."""
+        if not self._accepting or self._state.done:
+            return None
+        err = None
+        if self.pages is None:
+            err = "data before init()"
+        elif h.offset + h.npages > len(self.pages):
+            err = f"pages [{h.offset}, {h.offset + h.npages}) outside the request's {len(self.pages)} pages"
+        elif self._dst_heads.get(h.src_rank) != (h.head_start, h.head_end):
+            err = f"prefill rank {h.src_rank} may not write heads [{h.head_start}, {h.head_end})"
+        if err is not None:
+            self.fail(f"malformed {h.type.name} frame: {err}")
+            raise ProtocolError(f"room {self.room}: {err}")
+        assert self.pages is not None
+        return self.pages[h.offset : h.offset + h.npages]
+
+    # -- standing grants (one-sided backends: shm, nixl, mooncake) ------------------------------
+    # Decode grants a source prefill rank the write of all the request's pages with its
+    # REGISTER, so prefill writes at once (WRITE_GRANTED, the write, WRITE_DONE) instead of
+    # asking first (WRITE_BEGIN -> ACK, one round trip per piece). The grant counts as a writer
+    # from before the REGISTER leaves until it is released, and a failed receiver reports Failed
+    # only once no writer is left, so the pages are never freed under a write. Released when:
+    # all of that source's bytes and its META arrived (Success); prefill's ABORT (it sends one
+    # only once none of its writes into the room is under way and none will start); prefill
+    # refused the registration or could not be reached at all; its heartbeats failed (the
+    # process is gone); shutdown; or, for a live prefill that never answers an abort, after
+    # the I/O timeout (the same bound a granted write had before: its socket's timeout).
+
+    def take_standing(self, src: int) -> bool:
+        """Grant `src` the write of all our pages; False when the receiver is done."""
+        with self.svc.lock:
+            if not self._accepting or self._state.done:
+                return False
+            self._standing.add(src)
+            self._writers += 1
+            self.svc.hold_granted(self)
+            return True
+
+    def release_standing(self, src: int | None = None, why: str = "") -> None:
+        """End `src`'s standing grant (all of them when None)."""
+        with self.svc.lock:
+            srcs = list(self._standing) if src is None else [src] if src in self._standing else []
+            if not srcs:
+                return
+            self._standing.difference_update(srcs)
+            if why:
+                logger.warning("room %d: standing write grant of prefill rank(s) %s released: %s", self.room, srcs, why)
+            if not self._standing:
+                self.svc.drop_granted(self)
+            self.end_write_locked(0, False, len(srcs))
+
+    def begin_granted(self, h: FrameHeader) -> np.ndarray | None:
+        """A WRITE_GRANTED frame: the decode pages it covers, checked like a WRITE_BEGIN; None
+        when the receiver no longer accepts data (the write still lands in pages that the grant
+        keeps from being freed). ProtocolError when the frame does not fit the request or the
+        source holds no standing grant."""
+        with self.svc.lock:
+            if h.src_rank not in self._standing:
+                raise ProtocolError(f"room {self.room}: prefill rank {h.src_rank} holds no standing write grant")
+            pages = self._check_frame_locked(h)
+            if pages is None:
+                return None
+            if self._t_first_byte is None:
+                self._t_first_byte = time.monotonic()
+        self._state.advance(KVPoll.Transferring)
+        return pages
+
+    def granted_done(self, src: int, nbytes: int) -> None:
+        """The WRITE_DONE of a write under a standing grant."""
+        with self.svc.lock:
+            if not self._accepting or self._state.done:
+                return
+            self._bytes += nbytes
+            self._src_bytes[src] = self._src_bytes.get(src, 0) + nbytes
+            if self._bytes > self._expected_bytes:
+                self.fail(f"received {self._bytes} KV bytes, expected {self._expected_bytes}")
+                return
+            self._release_if_complete_locked(src)
+            self._maybe_succeed_locked()
+
+    def _release_if_complete_locked(self, src: int) -> None:
+        """`src` sent all its bytes and its META: it writes nothing more, its grant ends."""
+        if src not in self._standing or src not in self._meta_from or self.pages is None:
+            return
+        d0, d1 = self._dst_heads[src]
+        if self._src_bytes.get(src, 0) == len(self.pages) * (d1 - d0) * self.svc.head_page_nbytes:
+            self.release_standing(src)
+
+    def _check_stale_grants(self) -> None:
+        """A failed receiver whose standing grants a live prefill never released: give up
+        waiting after the I/O timeout (the bound a granted write's socket had)."""
+        t = self._failed_at
+        if t is not None and self._standing and time.monotonic() - t > self.mgr.io_timeout:
+            self.release_standing(None, f"no release from prefill within {self.mgr.io_timeout:g}s of the failure")
+
     def end_write(self, nbytes: int, complete: bool) -> None:
         with self.svc.lock:
-            self._writers -= 1
-            if complete:
-                self._bytes += nbytes
-                if self._bytes > self._expected_bytes:
-                    self.fail(f"received {self._bytes} KV bytes, expected {self._expected_bytes}")
-            if self._writers == 0:
-                if self._pending_fail is not None:
-                    self._finish_fail_locked()
-                self.svc.cond.notify_all()
-            self._maybe_succeed_locked()
+            self.end_write_locked(nbytes, complete)
+
+    def end_write_locked(self, nbytes: int, complete: bool, writers: int = 1) -> None:
+        self._writers -= writers
+        if complete:
+            self._bytes += nbytes
+            if self._bytes > self._expected_bytes:
+                self.fail(f"received {self._bytes} KV bytes, expected {self._expected_bytes}")
+        if self._writers == 0:
+            if self._pending_fail is not None:
+                self._finish_fail_locked()
+            self.svc.cond.notify_all()
+        self._maybe_succeed_locked()
 
     def on_meta(self, src_rank: int, meta: KVMetadata) -> None:
         with self.svc.lock:
@@ -168,6 +262,7 @@ class SocketKVReceiver(BaseKVReceiver):
             self._meta_from.add(src_rank)
             if self._metadata is None:
                 self._metadata = meta
+            self._release_if_complete_locked(src_rank)
             self._maybe_succeed_locked()
 
     @property
@@ -203,6 +298,7 @@ class SocketKVReceiver(BaseKVReceiver):
                 return
             self._accepting = False
             self._pending_fail = reason
+            self._failed_at = time.monotonic()
             if self._writers == 0:
                 self._finish_fail_locked()
             if remove:
@@ -218,6 +314,8 @@ class SocketKVReceiver(BaseKVReceiver):
 
     # -- scheduler API ---------------------------------------------------------------------
     def poll(self) -> KVPoll:
+        if self._standing and self._failed_at is not None:
+            self._check_stale_grants()
         if (
             self._t_init is not None
             and not self._state.done
@@ -242,7 +340,10 @@ class SocketKVReceiver(BaseKVReceiver):
     @property
     def busy(self) -> bool:
         """A connection thread is still writing into this request's pages: they may not be
-        reused yet. After a failure or abort, poll() turns Failed once it is not."""
+        reused yet. After a failure or abort, poll() turns Failed once it is not. (A standing
+        write grant counts: prefill may be writing without having said so yet.)"""
+        if self._standing and self._failed_at is not None:
+            self._check_stale_grants()
         return self._writers > 0
 
     def abort(self) -> None:

@@ -81,6 +81,7 @@ class _Link:
 
 
 class GlooPrefillMover(OneSidedPrefillMover):
+    standing_grant = False  # asks before each write (WRITE_BEGIN): decode must receive it
     kind = "gloo"
     max_pieces = 1  # one message per transfer (each send/recv has a fixed cost)
 
@@ -121,6 +122,9 @@ class GlooPrefillMover(OneSidedPrefillMover):
 
 class GlooDecodeMover(OneSidedDecodeMover):
     kind = "gloo"
+    # two-sided: decode receives each write, so it grants each one (WRITE_BEGIN -> ACK) and
+    # a refused write is never sent
+    standing_grant = False
 
     def __init__(self, args: KVArgs, svc_getter) -> None:
         super().__init__(args, svc_getter)

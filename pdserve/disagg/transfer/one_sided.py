@@ -1,17 +1,25 @@
 """Backends where prefill writes pages straight into decode's KV pool (shm, nixl,
 mooncake): the control protocol they share, and the byte ranges a write covers.
 
-Control goes over decode's data endpoint, so decode keeps ownership of its pages:
+Control goes over decode's data endpoint, so decode keeps ownership of its pages. Decode
+grants the write of all of a request's pages with its REGISTER (a standing grant,
+RegisterBody.granted), so prefill writes without asking first:
 
     prefill                                   decode
+    (REGISTER carried the grant)                  the grant counts as a writer of the pages
+    WRITE_GRANTED(room, offset, npages, heads) -> checks the frame fits the request (no reply)
+    the backend writes the pages (memcpy into a mapped segment, a NIXL WRITE, a Mooncake write)
+    WRITE_DONE(same fields) [+ META]          ->  counts the bytes; once all of this rank's
+                                                  bytes and its META are in, the grant ends
+    or, when prefill gives up: ABORT          ->  sent only once none of prefill's writes into
+                                                  the room is under way or can start: grant ends
+
+A receiver that fails or is aborted reports Failed only after its grants ended (decode_side.py
+lists when), so freed pages are never written. gloo, two-sided, asks per write instead:
+
     WRITE_BEGIN(room, offset, npages, heads) ->   checks the receiver still wants them,
                                              <-   ACK ok (a write slot is held)
-    the backend writes the pages (memcpy into a mapped segment, a NIXL WRITE, a Mooncake write)
-    WRITE_DONE(same fields)                  ->   releases the slot, counts the bytes
-    META(record)                             ->   Success once all bytes + metadata are in
-
-A receiver that fails or is aborted refuses new WRITE_BEGINs and reports Failed only after
-the granted write finished (or its connection dropped), so freed pages are never written.
+    the pages move; WRITE_DONE               ->   releases the slot, counts the bytes
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 
 class OneSidedPrefillMover(ABC):
+    # write under decode's standing grant when its REGISTER carries one (see above)
+    standing_grant = True
+
     def __init__(self, args: KVArgs) -> None:
         self.args = args
 
@@ -56,7 +67,7 @@ class OneSidedPrefillMover(ABC):
         link = self.connect(sock, job, scratch)
         n = len(job.src_pages)
         h = FrameHeader(
-            FrameType.WRITE_BEGIN,
+            FrameType.WRITE_GRANTED if dest.granted else FrameType.WRITE_BEGIN,
             job.sender.room,
             src_rank=a.engine_rank,
             offset=job.offset,
@@ -65,16 +76,22 @@ class OneSidedPrefillMover(ABC):
             head_end=dest.dst_heads[1],
         )
         wire.send_frame(sock, h)
-        ack = wire.read_ack(sock, job.sender.room)
-        if not ack.ok:
-            raise RuntimeError(f"decode refused the write: {ack.error}")
+        if not dest.granted:
+            ack = wire.read_ack(sock, job.sender.room)
+            if not ack.ok:
+                raise RuntimeError(f"decode refused the write: {ack.error}")
         self.write(job, dest.pages[job.offset : job.offset + n], link)
+        if job.sender.done:  # failed during the write (its pages may be reused): no META
+            trailer = b""
         h.type = FrameType.WRITE_DONE
         wire.send_views(sock, [h.pack(), trailer])  # the META frame, when it is the last piece
         return n * (dest.src_heads[1] - dest.src_heads[0]) * (a.page_nbytes // a.num_kv_heads)
 
 
 class OneSidedDecodeMover(ABC):
+    # grant prefill the write of all of a request's pages with the REGISTER (see above)
+    standing_grant = True
+
     def __init__(self, args: KVArgs, svc_getter) -> None:
         self.args = args
         self.head_page_nbytes = args.page_nbytes // args.num_kv_heads
@@ -90,9 +107,10 @@ class OneSidedDecodeMover(ABC):
     def join(self, conn: DataConn, h: FrameHeader) -> None:
         raise ProtocolError(f"{h.type.name} frames belong to the gloo backend")
 
-    def receive(self, conn: DataConn, h: FrameHeader, pages: np.ndarray) -> None:
-        """After granting a write: take part in it where the backend is two-sided (gloo);
-        one-sided engines write without decode's help."""
+    def receive(self, conn: DataConn, h: FrameHeader, pages: np.ndarray | None) -> None:
+        """After granting a write: take part in it where the backend is two-sided (gloo; the
+        decode pages); one-sided engines write without decode's help (nixl progresses
+        its agent until the write's notification; pages may be None)."""
 
     def _reply(self, conn: DataConn, room: int, error: str | None) -> None:
         body = wire.encode_body(wire.AckBody(ok=error is None, error=error or ""))
@@ -109,6 +127,19 @@ class OneSidedDecodeMover(ABC):
         if h.payload_len:
             raise ProtocolError(f"{h.type.name} carries no payload")
         key = (h.room, h.src_rank, h.offset, h.npages, h.head_start, h.head_end)
+        if h.type == FrameType.WRITE_GRANTED:
+            if conn.grant is not None:
+                raise ProtocolError("WRITE_GRANTED while a granted write is still open")
+            if not self.standing_grant:
+                raise ProtocolError("this backend grants each write (WRITE_BEGIN)")
+            r = svc.granted(h.room)
+            if r is None:  # its grant ended (an abort that timed out): nothing to protect any more
+                logger.warning("write into room %d, which holds no standing grant, ignored", h.room)
+            else:
+                r.begin_granted(h)  # ProtocolError -> connection closed
+            conn.grant = (r, key, True)
+            self.receive(conn, h, None)
+            return
         if h.type == FrameType.WRITE_BEGIN:
             if conn.grant is not None:
                 raise ProtocolError("WRITE_BEGIN while a granted write is still open")
@@ -117,22 +148,30 @@ class OneSidedDecodeMover(ABC):
             if pages is None:
                 self._reply(conn, h.room, f"room {h.room} is unknown or no longer accepts KV")
                 return
-            conn.grant = (r, key)
+            conn.grant = (r, key, False)
             self._reply(conn, h.room, None)
             self.receive(conn, h, pages)
         else:  # WRITE_DONE
             if conn.grant is None or conn.grant[1] != key:
                 raise ProtocolError("WRITE_DONE without a matching WRITE_BEGIN")
-            r, _ = conn.grant
+            r, _, standing = conn.grant
             conn.grant = None
-            r.end_write(h.npages * (h.head_end - h.head_start) * self.head_page_nbytes, True)
+            nbytes = h.npages * (h.head_end - h.head_start) * self.head_page_nbytes
+            if standing:
+                if r is not None:
+                    r.granted_done(h.src_rank, nbytes)
+            else:
+                r.end_write(nbytes, True)
 
     def on_disconnect(self, conn: DataConn) -> None:
         if conn.grant is not None:
-            r, _ = conn.grant
+            r, key, standing = conn.grant
             conn.grant = None
-            logger.warning("prefill disconnected during a granted write to room %d", r.room)
-            r.end_write(0, False)  # pages may be half written: the bytes do not count
+            logger.warning("prefill disconnected during a granted write to room %d", key[0])
+            if not standing:
+                r.end_write(0, False)  # pages may be half written: the bytes do not count
+            # a standing grant outlives the connection: prefill's other writes (or its
+            # retry) may be under way; its ABORT or the other release rules end it
 
 
 def host_port_error(meta: bytes | None, what: str) -> str | None:

@@ -53,6 +53,12 @@ class Destination:
     kv_ptr: int | None = None  # nixl / mooncake: address of decode's pool
     outstanding: int = 0  # queued pieces not yet written (guarded by the service lock)
     meta_queued: bool = False
+    # one-sided: decode granted the write of all its pages with the REGISTER (standing grant);
+    # writes under way into them (guarded by the service lock), and whether the ABORT that
+    # releases the grant was queued (once the sender failed and no write is under way)
+    granted: bool = False
+    writing: int = 0
+    released: bool = False
 
     @property
     def endpoint(self) -> tuple[str, int]:
@@ -73,7 +79,8 @@ class Job:
 
 
 class PrefillMover(Protocol):
-    """What a backend does on the prefill side."""
+    """What a backend does on the prefill side. A mover with `standing_grant = True` writes
+    under decode's standing grant when the registration carries one (one_sided.py)."""
 
     def check_registration(self, body: wire.RegisterBody, pages: np.ndarray) -> str | None:
         """An error message to refuse decode's registration, or None."""
@@ -84,6 +91,15 @@ class PrefillMover(Protocol):
 
     def close(self) -> None:
         """Release backend resources, after the service stopped."""
+
+
+@dataclass(frozen=True)
+class RoomRef:
+    """Stands for a sender in an ABORT job of a room whose sender never came (only .room
+    is read)."""
+
+    room: int
+    done: bool = True
 
 
 @dataclass(eq=False)
@@ -116,6 +132,10 @@ class Sender(Protocol):
     def meta_sent(self, dest: Destination) -> None: ...
 
     def fail(self, reason: str, notify_decode: bool = True, detach: bool = True) -> None: ...
+
+    def begin_granted_write(self, dest: Destination) -> bool: ...
+
+    def end_granted_write(self, dest: Destination) -> None: ...
 
 
 class PrefillTransferService:
@@ -237,6 +257,8 @@ class PrefillTransferService:
             return f"KV layout mismatch between prefill and decode ({diff})"
         if body.decode_rank >= body.decode_tp_size:
             return f"decode rank {body.decode_rank} >= its tp size {body.decode_tp_size}"
+        if body.granted and not getattr(self.mover, "standing_grant", False):
+            return f"decode granted standing writes, which the {self.mgr.backend} backend does not use"
         if body.total_kv_heads < body.decode_tp_size:
             return f"{body.total_kv_heads} KV heads do not split over decode tp size {body.decode_tp_size}"
         if int(pages.max()) >= body.decode_num_pages:
@@ -274,6 +296,7 @@ class PrefillTransferService:
             body.shm_name,
             body.engine_meta,
             body.kv_ptr,
+            granted=body.granted,
         )
         required = len(peer_ranks(a.engine_rank, a.tp_size, body.decode_tp_size, self.layout.total_kv_heads))
         with self.lock:
@@ -285,6 +308,8 @@ class PrefillTransferService:
                 entry = self._rooms[room] = RoomEntry()
             if body.decode_rank in entry.dests:
                 return f"room already registered by decode rank {body.decode_rank}"
+            if entry.aborted is not None:
+                return f"decode aborted the room: {entry.aborted}"
             if entry.required is not None and entry.required != required:
                 return "decode ranks of one room disagree on the decode tp size"
             entry.required = required
@@ -300,8 +325,14 @@ class PrefillTransferService:
                 return
             if entry.sender is None:
                 entry.aborted = reason or "decode aborted"
-                return
+                # no sender, so no write: release decode's standing grants now
+                jobs = release_jobs_locked(RoomRef(room), entry.dests.values(), entry.aborted)
+            else:
+                jobs = []
             sender = entry.sender
+        if sender is None:
+            self.submit(jobs)
+            return
         sender.fail(f"decode aborted the request: {reason or 'no reason given'}", notify_decode=False)
 
     def _sweep_locked(self) -> None:
@@ -311,8 +342,10 @@ class PrefillTransferService:
             return
         self._last_sweep = now
         stale = [r for r, e in self._rooms.items() if e.sender is None and now - e.created > self.mgr.bootstrap_timeout]
+        jobs = []
         for r in stale:
-            del self._rooms[r]
+            jobs += release_jobs_locked(RoomRef(r), self._rooms.pop(r).dests.values(), "no prefill request claimed it")
+        self.submit(jobs)
         if stale:
             logger.warning("dropped %d decode registrations that no prefill request claimed", len(stale))
 
@@ -407,10 +440,16 @@ class PrefillTransferService:
             wire.send_frame(sock, FrameHeader(FrameType.ABORT, sender.room, src_rank=self.args.engine_rank), body)
             return
         if job.kind == "piece":
-            if job.with_meta is None:
-                job.with_meta = sender.claim_meta(dest)
-            trailer = self._meta_frame(sender) if job.with_meta else b""
-            nbytes = self.mover.send_piece(sock, job, scratch, trailer)
+            if dest.granted and not sender.begin_granted_write(dest):
+                return  # the sender failed: nothing more may be written under the grant
+            try:
+                if job.with_meta is None:
+                    job.with_meta = sender.claim_meta(dest)
+                trailer = self._meta_frame(sender) if job.with_meta else b""
+                nbytes = self.mover.send_piece(sock, job, scratch, trailer)
+            finally:
+                if dest.granted:
+                    sender.end_granted_write(dest)
             if job.with_meta:
                 sender.piece_done(dest, nbytes)
                 sender.meta_sent(dest)
@@ -442,3 +481,15 @@ class PrefillTransferService:
             senders = [e.sender for e in self._rooms.values() if e.sender is not None]
         for sender in senders:
             sender.fail("KV manager shut down", notify_decode=False)
+
+
+def release_jobs_locked(sender: "Sender | RoomRef", dests, reason: str) -> list[Job]:
+    """ABORT jobs that release decode's standing grants of `dests` (service lock held): for
+    each granted destination with no write under way and no release queued yet. A write
+    under way queues its own when it ends (Sender.end_granted_write)."""
+    jobs = []
+    for d in dests:
+        if d.granted and not d.released and d.writing == 0:
+            d.released = True
+            jobs.append(Job("abort", sender, d, reason=reason))  # type: ignore[arg-type]
+    return jobs

@@ -14,7 +14,13 @@ from pdserve.disagg.mode import DisaggregationMode
 from pdserve.disagg.poll import KVPoll, PollState
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import BaseKVSender, KVTransferError, PageIndices, as_page_array, check_room
-from pdserve.disagg.transfer.prefill_service import Destination, Job, PrefillTransferService, RoomEntry
+from pdserve.disagg.transfer.prefill_service import (
+    Destination,
+    Job,
+    PrefillTransferService,
+    RoomEntry,
+    release_jobs_locked,
+)
 
 if TYPE_CHECKING:
     from pdserve.disagg.transfer.socket_manager import SocketKVManager
@@ -152,17 +158,42 @@ class SocketKVSender(BaseKVSender):
             self.mgr._stats.record_success(self._bytes, time.monotonic() - t0)
             self.svc.detach(self)
 
+    def begin_granted_write(self, dest: Destination) -> bool:
+        """A worker is about to write into dest's pages under decode's standing grant: False
+        when the sender already failed (then nothing more may be written)."""
+        with self.svc.lock:
+            if self._state.state == KVPoll.Failed:
+                return False
+            dest.writing += 1
+            return True
+
+    def end_granted_write(self, dest: Destination) -> None:
+        with self.svc.lock:
+            dest.writing -= 1
+            jobs = (
+                release_jobs_locked(self, [dest], self._state.reason or "failed")
+                if self._state.state == KVPoll.Failed
+                else []
+            )
+        self.svc.submit(jobs)
+
     def fail(self, reason: str, notify_decode: bool = True, detach: bool = True) -> None:
         if not self._state.fail(reason):
             return
         logger.warning("KV sender room %d failed: %s", self.room, reason)
         self.mgr._stats.record_failure()
+        with self.svc.lock:
+            entry = self.svc._rooms.get(self.room)
+            # every decode rank registered so far (not only once all did): each may hold a grant
+            dests = list(entry.dests.values()) if entry is not None and entry.sender is self else list(self._dests)
+            # decode's standing grants end with an ABORT, sent once no write is under way
+            # (a write under way sends it when it ends), whether or not decode is told otherwise
+            jobs = release_jobs_locked(self, dests, reason)
+            if notify_decode:
+                jobs += [Job("abort", self, d, reason=reason) for d in dests if not d.granted]
         if detach:
             self.svc.detach(self)
-        if notify_decode:
-            with self.svc.lock:
-                dests = list(self._dests)
-            self.svc.submit([Job("abort", self, d, reason=reason) for d in dests])
+        self.svc.submit(jobs)
 
     def poll(self) -> KVPoll:
         state = self._state.state

@@ -96,7 +96,7 @@ class TcpPrefillMover:
                 out = staging_view(staging, self.kv, len(chunk), (h0, h1))
                 gather_pages(self.kv, chunk, (h0, h1), out)
                 views = [memoryview(staging[: header.payload_len].numpy())]
-            last = lo + per_frame >= len(src_pages)
+            last = lo + per_frame >= len(src_pages) and not job.sender.done  # no META once failed
             wire.send_views(sock, [header.pack(), *views, trailer if last else b""])
         return len(src_pages) * slice_nbytes
 

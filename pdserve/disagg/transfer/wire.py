@@ -41,11 +41,16 @@ class FrameType(IntEnum):
     REGISTER = 1  # decode -> prefill control: body RegisterBody, payload npages x u32 decode page ids
     DATA = 2  # prefill -> decode (tcp): payload = npages pages (heads [head_start, head_end))
     META = 3  # prefill -> decode: payload = one KVMetadata record (32 bytes)
-    ABORT = 4  # decode -> prefill control: decode gave up on `room`
+    # decode -> prefill control: decode gave up on `room`; prefill -> decode data: prefill gave
+    # up, and (standing grants) none of its writes into the room's pages is under way or will start
+    ABORT = 4
     ACK = 5  # reply to REGISTER / WRITE_BEGIN: body AckBody
     WRITE_BEGIN = 6  # prefill -> decode (shm): may I write these pages now?
     WRITE_DONE = 7  # prefill -> decode (shm): the granted pages are written
     GROUP_JOIN = 8  # prefill -> decode (gloo): build the 2-rank process group of this connection (room = group id)
+    # prefill -> decode (shm, nixl, mooncake): writing these pages now under the standing grant
+    # decode gave with its REGISTER (RegisterBody.granted); no reply, WRITE_DONE follows
+    WRITE_GRANTED = 9
 
 
 class ProtocolError(Exception):
@@ -120,6 +125,9 @@ class RegisterBody(msgspec.Struct, forbid_unknown_fields=True):
     # nixl: decode's agent metadata; mooncake: its session "host:rpc_port" (as bytes)
     engine_meta: Annotated[bytes, msgspec.Meta(max_length=1 << 20)] | None = None
     kv_ptr: Annotated[int, msgspec.Meta(ge=0)] | None = None  # decode's pool address (uint64)
+    # one-sided backends: decode grants the write of all these pages now (a standing grant),
+    # so prefill writes without a WRITE_BEGIN -> ACK round trip and sends ABORT to release it
+    granted: bool = False
 
 
 class AckBody(msgspec.Struct, forbid_unknown_fields=True):
