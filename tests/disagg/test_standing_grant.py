@@ -186,3 +186,27 @@ def test_gloo_still_grants_each_write():
         assert poll_until(r, DONE) == KVPoll.Success
     finally:
         pair.close()
+
+
+def test_a_grant_ends_when_its_source_finished_even_after_the_receiver_failed(held_write, monkeypatch):
+    """decode gave up while prefill's last write was under way, and prefill (done by then)
+    never answers the abort: the write's WRITE_DONE and META end the grant, not the I/O
+    timeout."""
+    started, go = held_write
+    monkeypatch.setattr(prefill_service.PrefillTransferService, "_on_decode_abort", lambda self, room, reason: None)
+    pair = Pair("shm", io_timeout=30.0)
+    try:
+        r, s = _registered(pair, 13, [4, 5])
+        s.init(2)
+        s.send([1, 2], KVMetadata(13, 1))
+        assert started.wait(5)
+        r.abort()
+        time.sleep(0.2)
+        assert r.busy
+        t0 = time.monotonic()
+        go.set()
+        assert poll_until(r, DONE) == KVPoll.Failed and not r.busy
+        assert time.monotonic() - t0 < 5 and "aborted by the decode" in r.failure_reason
+        assert poll_until(s, DONE) == KVPoll.Success  # prefill did its part
+    finally:
+        pair.close()

@@ -234,7 +234,7 @@ class DecodeTransferService:
         if h.payload_len != KVMetadata.SIZE or h.body_len:
             raise ProtocolError(f"META payload {h.payload_len} bytes, expected {KVMetadata.SIZE}")
         data = bytes(wire.recv_exact(sock, KVMetadata.SIZE))
-        r = self.lookup(h.room)
+        r = self.lookup(h.room) or self.granted(h.room)  # a failed one may wait for it to end a grant
         if r is None:
             logger.warning("metadata for unknown or finished room %d ignored", h.room)
             return

@@ -211,15 +211,15 @@ class SocketKVReceiver(BaseKVReceiver):
         return pages
 
     def granted_done(self, src: int, nbytes: int) -> None:
-        """The WRITE_DONE of a write under a standing grant."""
+        """The WRITE_DONE of a write under a standing grant. Counted per source even after a
+        failure: a source whose bytes and META all came writes nothing more, so its grant
+        ends without waiting for its answer to our ABORT (it may have finished already)."""
         with self.svc.lock:
-            if not self._accepting or self._state.done:
-                return
-            self._bytes += nbytes
             self._src_bytes[src] = self._src_bytes.get(src, 0) + nbytes
-            if self._bytes > self._expected_bytes:
-                self.fail(f"received {self._bytes} KV bytes, expected {self._expected_bytes}")
-                return
+            if self._accepting and not self._state.done:
+                self._bytes += nbytes
+                if self._bytes > self._expected_bytes:
+                    self.fail(f"received {self._bytes} KV bytes, expected {self._expected_bytes}")
             self._release_if_complete_locked(src)
             self._maybe_succeed_locked()
 
