@@ -67,12 +67,13 @@ def patch():
 
 
 def decode_main(backend, num_pages, conn):
-    from pdserve.engine.shm_segment import allocate_kv_buffer
+    from pdserve.engine.shm_segment import allocate_kv_buffer, new_shm_name
 
     patch_gloo()
-    kv = allocate_kv_buffer((num_pages, *B.PAGE_SHAPE), B.DTYPE, None)
+    shm_name = new_shm_name() if backend == "shm" else None  # shm: decode's pool is a segment
+    kv = allocate_kv_buffer((num_pages, *B.PAGE_SHAPE), B.DTYPE, shm_name)
     kv.fill_(0)
-    mgr = get_kv_class(backend, KVClassType.MANAGER)(KVArgs(0, kv), DisaggregationMode.DECODE)
+    mgr = get_kv_class(backend, KVClassType.MANAGER)(KVArgs(0, kv, shm_name=shm_name), DisaggregationMode.DECODE)
     rc = get_kv_class(backend, KVClassType.RECEIVER)
     conn.send("ready")
     while True:
@@ -90,6 +91,10 @@ def decode_main(backend, num_pages, conn):
         B._wait(r, {KVPoll.Success, KVPoll.Failed}, step=0.002)
         conn.send((r._t_first_byte, r.completed_at, dict(STEPS)))
     mgr.shutdown()
+    if shm_name:
+        from pdserve.engine.shm_segment import free_kv_buffer
+
+        free_kv_buffer(shm_name)
 
 
 def main(backend, size_mb, reps):
