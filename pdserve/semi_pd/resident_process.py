@@ -124,8 +124,9 @@ class ResidentProcess(SchedulerProcess):
         self.kv_shm_name = new_shm_name()
         kv = allocate_kv_buffer(kv_pool_shape(cfg, num_pages, args.page_size), dtype, self.kv_shm_name)
         self.cores = my_cores()
+        self.policy = core_policy()  # $PDSERVE_SEMI_PD_CORES, read once: it holds for the server's life
         split = SMAllocation(args.initial_prefill_sm, args.initial_decode_sm)
-        plan = share_plan(split.prefill_percentage, split.decode_percentage, self.cores)
+        plan = self.plan_for(split)
         init = encode_op(
             "init", weights_shm=self.weights_shm, weights_bytes=weights_bytes, manifest=manifest, config=asdict(cfg)
         )
@@ -187,7 +188,7 @@ class ResidentProcess(SchedulerProcess):
         # core policy `timeshare`: one forward at a time, time divided by the split
         self.gate = (
             StepGate(lambda: (self.split.current.prefill_percentage, self.split.current.decode_percentage))
-            if core_policy() == "timeshare"
+            if self.policy == "timeshare"
             else None
         )
         self.kv_bytes_per_page = kv.numel() * kv.element_size() // num_pages
@@ -199,7 +200,7 @@ class ResidentProcess(SchedulerProcess):
         self.pending_link: dict[str, WorkerLink | None] = {role: None for role in ROLES}  # rotation
         self.spawns: queue.Queue = queue.Queue()  # worker starts asked of the main thread
         self.split = SPLIT_MECHANISMS[args.semi_pd_switch](self, split)
-        self.pin_workers(split)
+        self.pin_workers(split, self.split.plan)
         self.split.history.append((time.time(), split, 0.0))
         self.controller: SLOAwareResourceController | None = None
         if args.enable_slo_aware or args.enable_semi_pd_coordinator:
@@ -271,10 +272,15 @@ class ResidentProcess(SchedulerProcess):
                 self.dead = f"{type(e).__name__}: {e}"
                 self.running = False
 
-    def pin_workers(self, allocation: SMAllocation) -> None:
-        """Both workers to the shares of `allocation`, in place: cores and threads before
-        their next step, CFS quota now."""
-        plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, self.cores)
+    def plan_for(self, allocation: SMAllocation) -> dict:
+        """The share plan (cpu_share.share_plan) of `allocation` on this resident's cores
+        under its core policy."""
+        return share_plan(allocation.prefill_percentage, allocation.decode_percentage, self.cores, self.policy)
+
+    def pin_workers(self, allocation: SMAllocation, plan: dict | None = None) -> None:
+        """Both workers to the shares of `allocation` (whose plan is `plan`, computed if not
+        given), in place: cores and threads before their next step, CFS quota now."""
+        plan = plan or self.plan_for(allocation)
         for role in ROLES:
             self.pending_pin[role] = plan[role]
             self.wake[role].set()
@@ -362,8 +368,7 @@ class ResidentProcess(SchedulerProcess):
                 self._complete_handoffs()
         # timed at the share the worker could use: on CPU whole cores and the quota, and under
         # the `weighted` policy its weight while the other role was busy, all cores while idle
-        cur = self.split.current
-        share = step_share(share_plan(cur.prefill_percentage, cur.decode_percentage, self.cores)[role], other_busy)
+        share = step_share(self.split.plan[role], other_busy)  # the plan applied with the split
         if role == "prefill":
             self.metrics.record_prefill_batch(plan.num_tokens, runner.model.last_seconds, share)
         else:
@@ -391,8 +396,7 @@ class ResidentProcess(SchedulerProcess):
                     self.max_new_tokens.pop(rid, None)
             self._emit(sched.take_outputs())
         self.links[role].close()
-        plan = share_plan(self.split.current.prefill_percentage, self.split.current.decode_percentage, self.cores)
-        link = self.start_worker(role, plan[role])
+        link = self.start_worker(role, self.split.plan[role])
         self.links[role] = link
         self.runners[role].model.link = link
         self.restarts[role] += 1
@@ -543,9 +547,9 @@ class ResidentProcess(SchedulerProcess):
                 "mechanism": self.split.mechanism,
                 "rotation_seconds": getattr(self.split, "rotation_seconds", [])[-20:],
                 "cpu_share": self.quota.describe(),
-                "core_policy": core_policy(),
+                "core_policy": self.policy,
                 "step_gate": self.gate.status() if self.gate is not None else None,
-                "plan": share_plan(split.prefill_percentage, split.decode_percentage, self.cores),
+                "plan": self.split.plan,
                 "num_changes": len(self.split.history) - 1,  # the first entry is the start-up split
                 "changes": [{"time": t, "split": str(a)} for t, a, _ in self.split.history[-50:]],
                 "pin_seconds": {r: v[-20:] for r, v in self.pin_seconds.items()},

@@ -12,11 +12,11 @@ from typing import Any
 
 from pdserve.semi_pd.actuator import SplitActuator
 from pdserve.semi_pd.allocation import SMAllocation
-from pdserve.semi_pd.cpu_share import share_plan
 from pdserve.semi_pd.worker_link import ROLES
 
 # The resident (semi_pd/resident_process.py: ResidentProcess) as the mechanisms use it:
-# `cores`, `pin_workers(allocation)`, `start_worker(role, share)`, `pending_link`, `wake`,
+# `plan_for(allocation)` (cpu_share.share_plan on its cores and core policy),
+# `pin_workers(allocation, plan)`, `start_worker(role, share)`, `pending_link`, `wake`,
 # `running`. Typed loosely: resident_process imports this module, not the other way round.
 Resident = Any
 
@@ -31,21 +31,30 @@ class InPlaceSplit(SplitActuator):
 
     def __init__(self, resident: Resident, initial: SMAllocation) -> None:
         self.resident = resident
-        self._current = initial
+        # the split in effect and its share plan, one tuple so a reader never pairs one
+        # split with another's plan; replaced (never mutated) when the split changes
+        self._state: tuple[SMAllocation, dict] = (initial, resident.plan_for(initial))
         self.history: list[tuple[float, SMAllocation, float]] = []  # (time, split, seconds to take effect)
 
     @property
     def current(self) -> SMAllocation:
-        return self._current
+        return self._state[0]
+
+    @property
+    def plan(self) -> dict:
+        """The share plan (cpu_share.share_plan) of the split in effect, computed once when
+        the split was applied: what each step reads its role's share from."""
+        return self._state[1]
 
     def effective_shares(self, allocation: SMAllocation) -> tuple[float, float]:
-        plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, self.resident.cores)
+        plan = self.resident.plan_for(allocation)
         return plan["prefill"]["effective_share"], plan["decode"]["effective_share"]
 
     def request_sm_reallocation(self, allocation: SMAllocation) -> bool:
         t0 = time.perf_counter()
-        self.resident.pin_workers(allocation)
-        self._current = allocation
+        plan = self.resident.plan_for(allocation)
+        self.resident.pin_workers(allocation, plan)
+        self._state = (allocation, plan)
         self.history.append((time.time(), allocation, time.perf_counter() - t0))
         return True
 
@@ -74,14 +83,14 @@ class RotationSplit(InPlaceSplit):
         r = self.resident
         t0 = time.perf_counter()
         try:
-            plan = share_plan(allocation.prefill_percentage, allocation.decode_percentage, r.cores)
+            plan = r.plan_for(allocation)
             new = {role: r.start_worker(role, plan[role]) for role in ROLES}
             for role in ROLES:
                 r.pending_link[role] = new[role]
                 r.wake[role].set()
             while any(r.pending_link[role] is not None for role in ROLES) and r.running:
                 time.sleep(0.005)  # each role's thread takes its new worker after its current step
-            self._current = allocation
+            self._state = (allocation, plan)
             took = time.perf_counter() - t0
             self.rotation_seconds.append(took)
             self.history.append((time.time(), allocation, took))

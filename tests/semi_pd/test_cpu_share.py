@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from pdserve.semi_pd.allocation import SMAllocation
 from pdserve.semi_pd.cpu_share import (
     CORES_ENV,
     PERIOD_ENV,
@@ -13,6 +14,7 @@ from pdserve.semi_pd.cpu_share import (
     share_plan,
     step_share,
 )
+from pdserve.semi_pd.split_mechanisms import InPlaceSplit
 
 
 def test_share_plan_on_two_cores():
@@ -120,3 +122,36 @@ def test_quota_manager_detects_and_cleans_up(period, monkeypatch):
         child.kill()
         child.wait()
     assert not os.path.exists(path)
+
+
+class _Resident:
+    """The resident as the split mechanisms use it (semi_pd/split_mechanisms.py), recording
+    each re-pin and how many plans were computed."""
+
+    def __init__(self, policy: str) -> None:
+        self.cores, self.policy, self.pins, self.plans = [0, 1], policy, [], 0
+
+    def plan_for(self, a):
+        self.plans += 1
+        return share_plan(a.prefill_percentage, a.decode_percentage, self.cores, self.policy)
+
+    def pin_workers(self, a, plan) -> None:
+        self.pins.append((a, plan))
+
+
+def test_in_place_split_keeps_the_plan_it_applied(monkeypatch):
+    """The plan a step reads its share from is the one computed when the split was applied,
+    under the policy the resident started with: reading it computes nothing and a later change
+    of $PDSERVE_SEMI_PD_CORES does not reach a running server."""
+    r = _Resident("timeshare")
+    s = InPlaceSplit(r, SMAllocation(70, 30))
+    assert s.plan == share_plan(70, 30, [0, 1], "timeshare")
+    monkeypatch.setenv(CORES_ENV, "disjoint")
+    n = r.plans
+    for _ in range(100):
+        assert s.plan["prefill"]["effective_share"] == 70.0
+    assert r.plans == n  # read, not rebuilt
+    assert s.request_sm_reallocation(SMAllocation(40, 60))
+    assert s.current == SMAllocation(40, 60)
+    assert s.plan == share_plan(40, 60, [0, 1], "timeshare") == r.pins[-1][1]
+    assert s.plan["decode"]["effective_share"] == 60.0 and s.plan["decode"]["threads"] == 2
