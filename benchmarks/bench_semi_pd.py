@@ -368,7 +368,9 @@ def plot(out_dir: str, files: list[str], suffix: str = "") -> None:
     for pat in files:
         for fn in sorted(glob.glob(pat)):
             with open(fn) as f:
-                runs.append(json.load(f))
+                r = json.load(f)
+            if "deployments" in r:  # not a per-rate `pdserve bench` file the glob also matched
+                runs.append(r)
     os.makedirs(out_dir, exist_ok=True)
     for wl in ("poisson", "mix_shift"):
         mine = [r for r in runs if r.get("workload", "poisson") == wl]
@@ -429,7 +431,7 @@ def markdown(files: list[str]) -> str:
         for fn in sorted(glob.glob(pat)):
             with open(fn) as f:
                 r = json.load(f)
-            if not r["deployments"]:
+            if not r.get("deployments"):
                 continue
             out.append(
                 f"\n{fn}: {r.get('workload', 'poisson')}, {r['num_prompts']} requests per rate, {r['date']}, "
@@ -512,6 +514,8 @@ def issue_measure(files: list[str], slos: list[tuple[float, float]]) -> str:
         for fn in sorted(glob.glob(pat)):
             with open(fn) as f:
                 r = json.load(f)
+            if "deployments" not in r:  # a per-rate `pdserve bench` file the glob also matched
+                continue
             for name, d in r["deployments"].items():
                 for rate, m in d["rates"].items():
                     lat = _request_latencies(fn, name, rate, m)
