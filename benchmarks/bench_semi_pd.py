@@ -42,11 +42,14 @@ request, with the longest gap between its tokens.
 Each invocation should stay under ~8 min (it holds the exclusive benchmark lock), so run one
 workload and one or two deployments per invocation and merge them with --plot:
 
-    flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/bench_semi_pd.py --workload poisson \
-        --deployments colocated,pd_disjoint --output bench_out/sp_poisson_a.json
-    flock /tmp/pdserve-bench.lock .venv/bin/python benchmarks/bench_semi_pd.py --workload poisson \
-        --deployments semi_pd_fixed,semi_pd_slo --slo-ms 1196,310 --output bench_out/sp_poisson_b.json
-    .venv/bin/python benchmarks/bench_semi_pd.py --plot docs/img bench_out/sp_*.json
+    benchlock.sh x .venv/bin/python benchmarks/bench_semi_pd.py --measure-slo-only --output bench_out/sp_slo.json
+    benchlock.sh x .venv/bin/python benchmarks/bench_semi_pd.py --workload poisson --no-prefix-cache \
+        --deployments colocated --slo-ms 3053,56 --output bench_out/sp_poisson_a.json
+    benchlock.sh x .venv/bin/python benchmarks/bench_semi_pd.py --workload poisson \
+        --deployments semi_pd_slo --slo-ms 3053,56 --output bench_out/sp_poisson_b.json
+    .venv/bin/python benchmarks/bench_semi_pd.py --plot docs/img --rescore-slo-ms 7631,140 'bench_out/sp_poisson_*.json'
+
+(--slo-ms: the SLOs the first command printed, so every invocation scores against the same.)
 """
 
 from __future__ import annotations
