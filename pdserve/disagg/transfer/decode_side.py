@@ -217,9 +217,7 @@ class SocketKVReceiver(BaseKVReceiver):
         with self.svc.lock:
             self._src_bytes[src] = self._src_bytes.get(src, 0) + nbytes
             if self._accepting and not self._state.done:
-                self._bytes += nbytes
-                if self._bytes > self._expected_bytes:
-                    self.fail(f"received {self._bytes} KV bytes, expected {self._expected_bytes}")
+                self._add_bytes_locked(nbytes)
             self._release_if_complete_locked(src)
             self._maybe_succeed_locked()
 
@@ -238,6 +236,12 @@ class SocketKVReceiver(BaseKVReceiver):
         if t is not None and self._standing and time.monotonic() - t > self.mgr.io_timeout:
             self.release_standing(None, f"no release from prefill within {self.mgr.io_timeout:g}s of the failure")
 
+    def _add_bytes_locked(self, nbytes: int) -> None:
+        """Count bytes that landed in our pages; more than the request's pages hold fails it."""
+        self._bytes += nbytes
+        if self._bytes > self._expected_bytes:
+            self.fail(f"received {self._bytes} KV bytes, expected {self._expected_bytes}")
+
     def end_write(self, nbytes: int, complete: bool) -> None:
         with self.svc.lock:
             self.end_write_locked(nbytes, complete)
@@ -245,9 +249,7 @@ class SocketKVReceiver(BaseKVReceiver):
     def end_write_locked(self, nbytes: int, complete: bool, writers: int = 1) -> None:
         self._writers -= writers
         if complete:
-            self._bytes += nbytes
-            if self._bytes > self._expected_bytes:
-                self.fail(f"received {self._bytes} KV bytes, expected {self._expected_bytes}")
+            self._add_bytes_locked(nbytes)
         if self._writers == 0:
             if self._pending_fail is not None:
                 self._finish_fail_locked()
