@@ -43,6 +43,9 @@ class ForwardBatch:
     write_rows: torch.Tensor | None = None  # derived by the backend, cached across layers
     dec_chunks: torch.Tensor | None = None
     dec_lens: torch.Tensor | None = None  # [B] context length of each decode request (derived)
+    # (tables [S, pages], meta [S, 3]) of the paged extend kernel, or False where the chunks'
+    # pages are not laid out as it reads them (derived by cpu_paged, cached across layers)
+    ext_args: tuple[torch.Tensor, torch.Tensor] | bool | None = None
 
 
 class BaseAttentionBackend(abc.ABC):
@@ -148,6 +151,17 @@ class TorchNativeAttention(BaseAttentionBackend):
             if batch.dec_chunks is None:
                 batch.dec_chunks = (batch.dec_table * (self.num_layers * 2)).view(-1)
             self._decode(q[:num_decode], layer, batch, out[:num_decode])
+        if batch.extends:
+            self._extend(q, k, v, layer, batch, out)
+        return out
+
+    def _extend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch, out: torch.Tensor
+    ) -> None:
+        """Every prefill chunk of the batch (its K/V already in the pool), written into out's rows:
+        SDPA's flash kernel per chunk, over the chunk's own K/V or, after a prefix, over the
+        context gathered from the pool."""
+        rows, layer_row = self.rows, layer * 2 * self.page_size
         for e in batch.extends:
             start, n = e.q_start, e.q_len
             qe = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
@@ -165,4 +179,3 @@ class TorchNativeAttention(BaseAttentionBackend):
                 mask = torch.arange(ctx).unsqueeze(0) <= qpos  # [n, ctx]
                 o = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask, enable_gqa=True)
             out[start : start + n] = o.squeeze(0).transpose(0, 1)
-        return out

@@ -21,8 +21,11 @@ logger = logging.getLogger("pdserve.attention")
 class CpuPagedAttention(TorchNativeAttention):
     """Decode attention by pdserve's C++ kernel (pdserve/model/csrc/paged_attention.cpp),
     which reads each request's pages of the pool in place: no per-step gather of K/V, one
-    pass over the context with an online softmax. Prefill (extend) chunks run as in
-    TorchNativeAttention (SDPA's flash kernel). Float32 and bfloat16 pools on CPU."""
+    pass over the context with an online softmax. Prefill (extend) chunks: float32 pools run
+    every chunk of a step through one call of the causal extend kernel
+    (pdserve/model/csrc/extend_attention.cpp), also in place; bfloat16 pools (and head sizes
+    the kernel lacks) run them as TorchNativeAttention does (SDPA's flash kernel). Float32 and
+    bfloat16 pools on CPU."""
 
     uses_dec_mask = False  # the kernel reads each request's length
 
@@ -33,6 +36,10 @@ class CpuPagedAttention(TorchNativeAttention):
         cpu_kernels.load()
         self._op = torch.ops.pdserve_cpu.paged_decode
         self._step = torch.ops.pdserve_cpu.paged_decode_step
+        self._ext = torch.ops.pdserve_cpu.paged_extend
+        self._extend_ok = kv_data.dtype == torch.float32 and bool(
+            torch.ops.pdserve_cpu.paged_extend_supported(kv_data.shape[-1])
+        )
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
@@ -47,6 +54,45 @@ class CpuPagedAttention(TorchNativeAttention):
         return self._step(
             q, k, v, self.kv_data, batch.write_rows, batch.dec_table, batch.dec_lens, layer, q.shape[-1] ** -0.5
         )
+
+    def _extend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch, out: torch.Tensor
+    ) -> None:
+        # every prefill chunk of the step in one kernel call that reads the pool in place
+        # (pdserve/model/csrc/extend_attention.cpp); SDPA where the kernel does not apply
+        if batch.ext_args is None:
+            batch.ext_args = self._extend_args(batch) if self._extend_ok and q.dtype == torch.float32 else False
+        if batch.ext_args is False:
+            return super()._extend(q, k, v, layer, batch, out)
+        tables, meta = batch.ext_args
+        self._ext(q, self.kv_data, tables, meta, layer, q.shape[-1] ** -0.5, out)
+
+    def _extend_args(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor] | bool:
+        """The kernel's page tables and (q_start, q_len, prefix_len) rows for the batch's chunks,
+        or False unless each chunk's context token i lies at offset i % page_size of its table's
+        page i // page_size (how the runner lays requests out; tests may build other batches)."""
+        ps = self.page_size
+        tables = []
+        for e in batch.extends:
+            ctx = e.prefix_len + e.q_len
+            if e.prefix_len == 0:
+                pages = batch.write_pages[e.q_start : e.q_start + e.q_len]
+                offs = batch.write_offs[e.q_start : e.q_start + e.q_len]
+            else:
+                pages, offs = e.ctx_pages, e.ctx_offs
+            if pages is None or pages.numel() != ctx:
+                return False
+            idx = torch.arange(ctx)
+            table = pages[::ps]
+            if not (torch.equal(offs, idx % ps) and torch.equal(pages, table[idx // ps])):
+                return False
+            tables.append(table)
+        width = max(t.numel() for t in tables)
+        padded = torch.zeros(len(tables), width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            padded[i, : t.numel()] = t
+        meta = torch.tensor([(e.q_start, e.q_len, e.prefix_len) for e in batch.extends], dtype=torch.long)
+        return padded, meta
 
     def _decode(self, q: torch.Tensor, layer: int, batch: ForwardBatch, out: torch.Tensor) -> None:
         # one call per layer for the whole decode batch; the kernel reads the pages where they are

@@ -20,7 +20,7 @@ import torch
 
 logger = logging.getLogger("pdserve.cpu_kernels")
 
-_SOURCES = ("paged_attention.cpp", "grid_linear.cpp", "elementwise.cpp")
+_SOURCES = ("paged_attention.cpp", "extend_attention.cpp", "grid_linear.cpp", "elementwise.cpp")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
 _lock = threading.Lock()
 _loaded: str | None = None

@@ -172,3 +172,83 @@ def test_a_request_attends_the_same_alone_or_in_a_batch(threads):
             assert torch.equal(one, out[b : b + 1]), b
     finally:
         torch.set_num_threads(before)
+
+
+def _extend_out(attn, q, k, v, fb, layer=1):
+    out = attn(layer, q, k, v, fb)
+    assert fb.ext_args not in (None, False), "the extend kernel did not run"
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_extend_kernel_gives_a_chunk_the_same_bits_alone_or_batched(threads):
+    """Prefill chunks run through one extend-kernel call per layer (float32): a chunk's rows
+    must not depend on the other chunks and decode rows of the step, on the thread count, or
+    on how its prompt was split into chunks (PD's prefill server chunks differently from
+    mode null)."""
+    gen = torch.Generator().manual_seed(11)
+    ps, hkv, g, d, pages = 16, 3, 3, 64, 120
+    pool = torch.randn(pages, LAYERS, 2, ps, hkv, d, generator=gen)
+    attn = create_attention_backend("cpu_paged", pool)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fb, q, k, v = _step(ps, hkv, g, d, [9, 40], [(0, 37), (50, 70), (16, 1)], pages, gen, torch.float32)
+        together = _extend_out(attn, q, k, v, _copy(fb))
+        for e in fb.extends:  # each chunk alone, with its own rows only
+            rows = slice(e.q_start, e.q_start + e.q_len)
+            one = ForwardBatch(
+                fb.input_ids[rows],
+                fb.positions[rows],
+                fb.write_pages[rows],
+                fb.write_offs[rows],
+                extends=[ExtendSeq(0, e.q_len, e.prefix_len, e.ctx_pages, e.ctx_offs)],
+            )
+            alone = _extend_out(attn, q[rows].clone(), k[rows].clone(), v[rows].clone(), one)
+            assert torch.equal(alone, together[rows])
+        # the 70-token chunk after its 50-token prefix, split into chunks of 20, 33 and 17
+        e = fb.extends[1]
+        for lo, hi in ((0, 20), (20, 53), (53, 70)):
+            rows = slice(e.q_start + lo, e.q_start + hi)
+            ctx = torch.arange(e.prefix_len + hi)
+            part = ForwardBatch(
+                fb.input_ids[rows],
+                fb.positions[rows],
+                fb.write_pages[rows],
+                fb.write_offs[rows],
+                extends=[ExtendSeq(0, hi - lo, e.prefix_len + lo, e.ctx_pages[ctx], e.ctx_offs[ctx])],
+            )
+            assert torch.equal(_extend_out(attn, q[rows].clone(), k[rows].clone(), v[rows].clone(), part), together[rows])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_extend_kernel_long_context_and_fallback():
+    """A long prefix (many key blocks) equals torch_native; a batch whose pages are not laid out
+    as the runner lays them (token i at offset i % page_size of page i // page_size) runs SDPA
+    instead, still correctly; a page index outside the pool is refused."""
+    gen = torch.Generator().manual_seed(12)
+    ps, hkv, g, d, pages = 16, 3, 3, 64, 60
+    pool = torch.randn(pages, LAYERS, 2, ps, hkv, d, generator=gen)
+    pools = {name: pool.clone() for name in ("torch_native", "cpu_paged")}
+    be = {name: create_attention_backend(name, p) for name, p in pools.items()}
+    fb, q, k, v = _step(ps, hkv, g, d, [3], [(600, 100), (0, 130)], pages, gen, torch.float32)
+    ref = be["torch_native"](2, q, k, v, _copy(fb))
+    torch.testing.assert_close(_extend_out(be["cpu_paged"], q, k, v, _copy(fb), layer=2), ref, atol=2e-5, rtol=2e-5)
+    # the same context, with its first two tokens swapped between two slots of page 0
+    e = fb.extends[0]
+    odd = _copy(fb)
+    offs = e.ctx_offs.clone()
+    offs[[0, 1]] = offs[[1, 0]]
+    odd.extends[0] = ExtendSeq(e.q_start, e.q_len, e.prefix_len, e.ctx_pages, offs)
+    for p in pools.values():
+        p[e.ctx_pages[0], 2, :, [0, 1]] = p[e.ctx_pages[0], 2, :, [1, 0]]
+    got = be["cpu_paged"](2, q, k, v, odd)
+    assert odd.ext_args is False
+    torch.testing.assert_close(got, be["torch_native"](2, q, k, v, odd), atol=2e-5, rtol=2e-5)
+    op = be["cpu_paged"]._ext
+    meta = torch.tensor([[0, 4, 0]])
+    with pytest.raises(RuntimeError, match="page index out of range"):
+        op(q[:4], pools["cpu_paged"], torch.tensor([[pages]]), meta, 0, 0.125, torch.empty_like(q[:4]))
+    with pytest.raises(RuntimeError, match="more pages than its table row has"):
+        op(q[:40], pools["cpu_paged"], torch.tensor([[1, 2]]), torch.tensor([[0, 40, 0]]), 0, 0.125, torch.empty_like(q[:40]))
