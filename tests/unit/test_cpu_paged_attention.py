@@ -218,7 +218,9 @@ def test_extend_kernel_gives_a_chunk_the_same_bits_alone_or_batched(threads):
                 fb.write_offs[rows],
                 extends=[ExtendSeq(0, hi - lo, e.prefix_len + lo, e.ctx_pages[ctx], e.ctx_offs[ctx])],
             )
-            assert torch.equal(_extend_out(attn, q[rows].clone(), k[rows].clone(), v[rows].clone(), part), together[rows])
+            assert torch.equal(
+                _extend_out(attn, q[rows].clone(), k[rows].clone(), v[rows].clone(), part), together[rows]
+            )
     finally:
         torch.set_num_threads(before)
 
@@ -251,4 +253,12 @@ def test_extend_kernel_long_context_and_fallback():
     with pytest.raises(RuntimeError, match="page index out of range"):
         op(q[:4], pools["cpu_paged"], torch.tensor([[pages]]), meta, 0, 0.125, torch.empty_like(q[:4]))
     with pytest.raises(RuntimeError, match="more pages than its table row has"):
-        op(q[:40], pools["cpu_paged"], torch.tensor([[1, 2]]), torch.tensor([[0, 40, 0]]), 0, 0.125, torch.empty_like(q[:40]))
+        op(
+            q[:40],
+            pools["cpu_paged"],
+            torch.tensor([[1, 2]]),
+            torch.tensor([[0, 40, 0]]),
+            0,
+            0.125,
+            torch.empty_like(q[:40]),
+        )
