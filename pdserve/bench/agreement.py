@@ -46,10 +46,7 @@ def chat_prompts(tokenizer, questions: Sequence[str] = CHAT_QUESTIONS) -> list[l
     return out
 
 
-def transformers_greedy(
-    prompts: Sequence[list[int]], dtype: str, max_new_tokens: int, model_path: str | None = None
-) -> list[list[int]]:
-    """Greedy continuations from `transformers` on the same weights (GGUF or HF directory)."""
+def _transformers_model(dtype: str, model_path: str | None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,7 +58,30 @@ def transformers_greedy(
         hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), **kw)
     else:
         hf = AutoModelForCausalLM.from_pretrained(path, **kw)
-    hf.eval()
+    return hf.eval()
+
+
+def transformers_first_token_logprobs(
+    prompt: list[int], dtype: str, k: int, model_path: str | None = None
+) -> list[tuple[int, float]]:
+    """The k most likely first tokens after `prompt` by `transformers` on the same weights, with
+    their log-probabilities, most likely first: how near a tie the greedy first token is."""
+    import torch
+
+    hf = _transformers_model(dtype, model_path)
+    with torch.inference_mode():
+        logits = hf(torch.tensor([prompt])).logits[0, -1].float()
+    top = torch.log_softmax(logits, dim=-1).topk(k)
+    return list(zip(top.indices.tolist(), top.values.tolist()))
+
+
+def transformers_greedy(
+    prompts: Sequence[list[int]], dtype: str, max_new_tokens: int, model_path: str | None = None
+) -> list[list[int]]:
+    """Greedy continuations from `transformers` on the same weights (GGUF or HF directory)."""
+    import torch
+
+    hf = _transformers_model(dtype, model_path)
     eos = hf.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     refs = []

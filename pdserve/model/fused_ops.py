@@ -11,7 +11,10 @@ form rounds (docs/architecture.md, "CPU kernels"), so the outputs are the same b
 - `rope_qk_`: bitwise `apply_rope` on q and k, in place in the qkv output, one pass.
 - with `quant=True` (--quantization w8a8_int8) `add_rms_norm`, `rms_norm` and `silu_mul` also
   return their output's int8 rows and scales, bitwise what `int8_linear` would compute.
-- `int8_dequant`: bitwise int8_linear's `(acc.float() * x_scale * w_scale).to(dtype)`.
+- `int8_dequant`: bitwise int8_linear's `(acc.float() * x_scale * w_scale).to(dtype)`; where the
+  next op is a fused one, it takes the int32 sums (`Int8Sums`) instead and dequantizes on the
+  fly with the same rounding (`add_rms_norm_i32`, `silu_mul_i32`), so the linear's output is
+  never written out and read back; `int8_quant` quantizes the attention output for o_proj.
 - `silu_mul`: bitwise `F.silu(g) * u` where the gate width is a multiple of 32 (torch's vector
   loop; SLEEF's exp on both sides); at most 1 ulp of the float32 SiLU off in a ragged tail,
   where torch's scalar loop uses libm's exp. bfloat16 rounds the SiLU before the product.
@@ -20,6 +23,7 @@ form rounds (docs/architecture.md, "CPU kernels"), so the outputs are the same b
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +55,26 @@ def _q8_outputs(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty(out.shape, dtype=torch.int8), torch.empty(out.shape[0], 1, dtype=torch.float32)
 
 
+@dataclass
+class Int8Sums:
+    """An int8 linear's output before it is scaled back (--quantization w8a8_int8): the int32
+    sums `acc` [>= rows, N] (padding rows below `rows`), each row's activation scale and each
+    column's weight scale. The fused ops that consume it dequantize on the fly."""
+
+    acc: torch.Tensor
+    x_scale: torch.Tensor
+    w_scale: torch.Tensor
+    rows: int
+
+    def select(self, idx: torch.Tensor) -> Int8Sums:
+        """The rows `idx` (e.g. the sampled ones)."""
+        return Int8Sums(self.acc[idx], self.x_scale[idx], self.w_scale, int(idx.numel()))
+
+    def dequant(self, dtype: torch.dtype) -> torch.Tensor:
+        """`(acc.float() * x_scale * w_scale).to(dtype)`, int8_linear's torch form."""
+        return (self.acc[: self.rows].float() * self.x_scale * self.w_scale).to(dtype)
+
+
 class CpuFusedOps:
     """The fused ops, bound to torch.ops.pdserve_cpu (builds/loads the kernels; RuntimeError
     when they cannot be built)."""
@@ -80,6 +104,27 @@ class CpuFusedOps:
         q = _q8_outputs(out) if quant else (None, None)
         self._ops.silu_mul(gu, out, *q)
         return (out, q) if quant else out
+
+    def add_rms_norm_i32(self, h: torch.Tensor, sums: Int8Sums, w: torch.Tensor, eps: float, quant: bool = False):
+        """add_rms_norm(h, sums.dequant(), w, eps) without writing the dequantized residual: an
+        int8 linear's int32 sums are scaled back on the fly, rounded as int8_dequant rounds."""
+        out = torch.empty_like(h)
+        q = _q8_outputs(out) if quant else (None, None)
+        self._ops.rms_norm_i32(h, sums.acc, sums.x_scale, sums.w_scale, w, eps, self.lanes, out, *q)
+        return (out, q) if quant else out
+
+    def silu_mul_i32(self, sums: Int8Sums, dtype: torch.dtype, quant: bool = False):
+        """silu_mul(sums.dequant()) for an int8 gate_up linear, without writing its output."""
+        out = torch.empty(sums.rows, sums.acc.shape[1] // 2, dtype=dtype)
+        q = _q8_outputs(out) if quant else (None, None)
+        self._ops.silu_mul_i32(sums.acc, sums.x_scale, sums.w_scale, out, *q)
+        return (out, q) if quant else out
+
+    def int8_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x's int8 rows and scales, as llama.int8_linear quantizes its input, one pass."""
+        q = _q8_outputs(x)
+        self._ops.int8_quant(x, *q)
+        return q
 
     def int8_dequant(self, acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, rows: int, dtype):
         """(acc[:rows].float() * x_scale * w_scale).to(dtype), int8_linear's last step, one pass."""

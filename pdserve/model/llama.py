@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from pdserve.model.attention import BaseAttentionBackend, ForwardBatch
 from pdserve.model.config import ModelConfig
-from pdserve.model.fused_ops import CpuFusedOps, fused_ops_for
+from pdserve.model.fused_ops import CpuFusedOps, Int8Sums, fused_ops_for
 from pdserve.model.grid import Q4Grid, Q8Grid, grid_available, grid_linear, q4_grid, q8_grid
 
 
@@ -109,14 +109,16 @@ def int8_linear(
     q8: tuple[torch.Tensor, torch.Tensor],
     pre: tuple[torch.Tensor, torch.Tensor] | None = None,
     fo: CpuFusedOps | None = None,
-) -> torch.Tensor:
+    raw: bool = False,
+) -> torch.Tensor | Int8Sums:
     """x [M, K] @ an int8 weight (quantize_int8): each row of x is quantized to int8 with its own
     scale, multiplied in int8 with int32 sums (oneDNN, VNNI where the CPU has it), then scaled
     back. Rows never share a scale and integer sums are exact, so a row's result does not depend
     on the other rows of the batch (PD equals mode null; a request's output does not depend on
     what it was batched with). The row count is padded as for packed_linear (bounded shapes).
     `pre`: x's int8 rows and scales, already computed by a fused kernel (fused_ops, quant=True);
-    `fo`: the fused ops, which also scale the int32 sums back (same bits, one pass)."""
+    `fo`: the fused ops, which also scale the int32 sums back (same bits, one pass).
+    `raw`: return the int32 sums and scales (Int8Sums) for a fused op that dequantizes them."""
     wq, w_scale = q8
     m = x.shape[0]
     if pre is not None:
@@ -129,6 +131,8 @@ def int8_linear(
     if mp != m:
         xq = _pad_rows(xq, mp)
     acc = torch._int_mm(xq, wq)
+    if raw:
+        return Int8Sums(acc, x_scale, w_scale, m)
     if fo is not None:
         return fo.int8_dequant(acc, x_scale, w_scale, m, x.dtype)
     if mp != m:
@@ -191,11 +195,12 @@ def linear(
     q8: tuple | None = None,
     pre: tuple | None = None,
     fo: CpuFusedOps | None = None,
-) -> torch.Tensor:
+    raw: bool = False,
+) -> torch.Tensor | Int8Sums:
     # Small batches are memory-bound: 4-bit weights read 4x fewer bytes per token
     # (benchmarks/bench_engine.py); large batches are compute-bound and stay on bf16/AMX.
     if q8 is not None:
-        return int8_linear(x, q8, pre, fo)
+        return int8_linear(x, q8, pre, fo, raw)
     if small and q4 is not None:
         if isinstance(q4, Q4Grid):
             return grid_linear(x, q4)
@@ -396,15 +401,20 @@ class LlamaModel:
         ar = self.all_reduce
         inter = cfg.intermediate_size
         quant = fo is not None and self.int8_linears  # the fused ops also quantize the linears' inputs
+        # int8 mode without tensor parallelism: o_proj, gate_up and down_proj hand their int32
+        # sums (Int8Sums) to the fused op that follows, which scales them back on the fly
+        raw = quant and ar is None
         a = None  # the last down_proj output, not yet added into h (fused into the next norm)
 
-        def add_norm(a: torch.Tensor | None, w: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        def add_norm(a: torch.Tensor | Int8Sums | None, w: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
             """h += a (when a is given), then RMSNorm(h) * w; in int8 mode also the result's int8
             rows and scales for the next linear (one fused pass on CPU)."""
             if fo is None:
                 if a is not None:
                     h.add_(a)  # h is this forward's own tensor (the embedding rows were gathered into it)
                 return rms_norm(h, w, eps), None
+            if isinstance(a, Int8Sums):
+                return fo.add_rms_norm_i32(h, a, w, eps, quant=True)
             if quant:
                 return fo.add_rms_norm(h, a, w, eps, quant=True)
             return fo.add_rms_norm(h, a, w, eps), None
@@ -428,19 +438,22 @@ class LlamaModel:
                 qk = apply_rope(qkv[:, : qs + ks].view(T, nq + nkv, hd), cos, sin)
                 q, k = qk[:, :nq], qk[:, nq:]
             o = attn(i, q, k, v, batch).view(T, qs)
-            a = linear(o, layer.o, q4.get("o"), small, pk["o"], q8.get("o"), None, fo)
+            pre = fo.int8_quant(o) if quant else None
+            a = linear(o, layer.o, q4.get("o"), small, pk["o"], q8.get("o"), pre, fo, raw)
             if ar is not None:
                 ar(a)
             x, pre = add_norm(a, layer.post_norm)
-            gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"], q8.get("gate_up"), pre, fo)
+            gu = linear(x, layer.gate_up, q4.get("gate_up"), small, pk["gate_up"], q8.get("gate_up"), pre, fo, raw)
             if fo is None:
                 act = F.silu(gu[:, :inter])
                 act *= gu[:, inter:]
+            elif isinstance(gu, Int8Sums):
+                act, pre = fo.silu_mul_i32(gu, h.dtype, quant=True)
             elif quant:
                 act, pre = fo.silu_mul(gu, quant=True)
             else:
                 act = fo.silu_mul(gu)
-            a = linear(act, layer.down, q4.get("down"), small, pk["down"], q8.get("down"), pre, fo)
+            a = linear(act, layer.down, q4.get("down"), small, pk["down"], q8.get("down"), pre, fo, raw)
             if ar is not None:
                 ar(a)
             if fo is None:
@@ -450,7 +463,9 @@ class LlamaModel:
             return None
         if batch.logits_indices is not None:
             h = h[batch.logits_indices]
-            if a is not None:
+            if isinstance(a, Int8Sums):
+                a = a.select(batch.logits_indices)
+            elif a is not None:
                 a = a[batch.logits_indices]
         if h.shape[0] == 0:  # a mid-prompt chunk samples nothing
             return torch.empty(0, self.lm_head.shape[0], dtype=torch.float32)
@@ -458,6 +473,8 @@ class LlamaModel:
             h = rms_norm(h, self.norm, eps)
         elif a is None:
             h = fo.rms_norm(h, self.norm, eps)
+        elif isinstance(a, Int8Sums):
+            h = fo.add_rms_norm_i32(h.contiguous(), a, self.norm, eps)
         else:
             h = fo.add_rms_norm(h.contiguous(), a.contiguous(), self.norm, eps)
         if self.lm_head_grid is not None and h.shape[0] <= self.q4_max_tokens:

@@ -122,9 +122,28 @@ def test_w8a8_int8_agrees_with_transformers_and_ignores_batching(prompts):
     assert ag.num_full >= 2
 
 
-def test_readme_example_answers_paris_with_int8_linears():
+def test_readme_example_with_int8_linears_takes_one_of_float32s_near_tie(prompts):
+    """For the README's question, float32's two most likely first tokens ('The' -> "The capital
+    of France is Paris", 'L' -> "L'Étoile ...") are less than 0.1 nats apart, and int8's rounding
+    is larger than that: which one `--quantization w8a8_int8` takes flips with any change in
+    summation order (the prefill attention kernel's turned it from 'The' to 'L';
+    docs/benchmarks.md, "int8 linears"). What holds: through `pdserve serve` the int8 server
+    answers, and its first token is one of float32's (transformers) two most likely, whose
+    margin is the near tie."""
+    from pdserve.bench.agreement import transformers_first_token_logprobs
+    from pdserve.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    ids = chat_prompts(tok, [README_CHAT["messages"][0]["content"]])[0]
+    top2 = transformers_first_token_logprobs(ids, "float32", 2)
+    assert top2[0][1] - top2[1][1] < 0.1, top2  # the near tie this test is about
     s = ServerProc("--quantization", "w8a8_int8")
     try:
-        assert "Paris" in _readme_chat(s.url)
+        r = httpx.post(s.url + "/v1/chat/completions", json={**README_CHAT, "logprobs": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["message"]["content"]
+        first = choice["logprobs"]["content"][0]["token"]
+        assert first in [tok.decode([t]) for t, _ in top2], (first, top2)
     finally:
         s.stop()

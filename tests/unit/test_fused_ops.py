@@ -119,6 +119,42 @@ def test_int8_dequant_is_bitwise_int8_linears(fo, dtype):
     assert torch.equal(fo.int8_dequant(acc, x_scale, w_scale, 37, dtype), ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 576), (37, 576), (5, 33)])
+def test_int32_sums_consumed_on_the_fly_are_bitwise_dequant_then_op(fo, dtype, rows, n):
+    """--quantization w8a8_int8 hands o_proj's, gate_up's and down_proj's int32 sums to the next
+    fused op (Int8Sums): the results equal int8_dequant followed by the op, bit for bit, padding
+    rows of the sums ignored; int8_quant equals int8_linear's quantization of its input."""
+    from pdserve.model.fused_ops import Int8Sums
+
+    g = torch.Generator().manual_seed(15)
+
+    def sums(cols):
+        acc = torch.randint(-(2**20), 2**20, (rows + 3, cols), generator=g, dtype=torch.int32)
+        return Int8Sums(acc, torch.rand(rows, 1, generator=g) / 3000, torch.rand(cols, generator=g) / 3000, rows)
+
+    h = rnd(rows, n, dtype=dtype, scale=3, seed=16)
+    w = 1 + rnd(n, dtype=dtype, scale=0.1, seed=17)
+    s = sums(n)
+    h_ref = h.clone()
+    ref = fo.add_rms_norm(h_ref, fo.int8_dequant(s.acc, s.x_scale, s.w_scale, rows, dtype), w, 1e-5, quant=True)
+    got = fo.add_rms_norm_i32(h, s, w, 1e-5, quant=True)
+    assert torch.equal(h, h_ref) and torch.equal(got[0], ref[0])
+    assert torch.equal(got[1][0], ref[1][0]) and torch.equal(got[1][1], ref[1][1])
+    assert torch.equal(s.dequant(dtype), fo.int8_dequant(s.acc, s.x_scale, s.w_scale, rows, dtype))
+    s = sums(2 * n)
+    act, (q, scale) = fo.silu_mul_i32(s, dtype, quant=True)
+    ref_act, (ref_q, ref_scale) = fo.silu_mul(s.dequant(dtype), quant=True)
+    assert torch.equal(act, ref_act) and torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+    one = s.select(torch.tensor([rows - 1]))
+    assert torch.equal(fo.silu_mul_i32(one, dtype), ref_act[rows - 1 :])
+    x = rnd(rows, n, dtype=dtype, scale=2, seed=18)
+    x[0] = 0
+    q, scale = fo.int8_quant(x)
+    ref_q, ref_scale = int8_rows(x)
+    assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale)
+
+
 def test_bad_inputs_are_refused(fo):
     ops = torch.ops.pdserve_cpu
     x = torch.randn(4, 8)
@@ -141,6 +177,15 @@ def test_bad_inputs_are_refused(fo):
             torch.empty(4, 8, dtype=torch.int8),
             torch.empty(4, 1, dtype=torch.float64),
         )
+    acc = torch.zeros(4, 8, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="acc int32"):
+        ops.rms_norm_i32(x, acc.float(), torch.ones(4, 1), torch.ones(8), torch.ones(8), 1e-5, 8, torch.empty(4, 8))
+    with pytest.raises(RuntimeError, match="x_scale float32"):
+        ops.silu_mul_i32(acc, torch.ones(3, 1), torch.ones(8), torch.empty(4, 4))
+    with pytest.raises(RuntimeError, match="w_scale float32"):
+        ops.silu_mul_i32(acc, torch.ones(4, 1), torch.ones(7), torch.empty(4, 4))
+    with pytest.raises(RuntimeError, match="int8 shaped like"):
+        ops.int8_quant(x, torch.empty(4, 7, dtype=torch.int8), torch.empty(4, 1))
     cos = torch.ones(10, 4)
     with pytest.raises(RuntimeError, match="out of the table"):
         ops.rope_qk(torch.randn(2, 8), torch.tensor([0, 10]), cos, cos, 2)

@@ -181,25 +181,44 @@ Quant quant_outputs(const c10::optional<at::Tensor>& q, const c10::optional<at::
 
 // ---- residual add + RMSNorm --------------------------------------------------------------
 
+// The residual of rms_norm: rows of the model dtype, or (--quantization w8a8_int8) an int8
+// linear's int32 sums and scales, dequantized on the fly exactly as int8_dequant rounds them,
+// so the linear's output is never written out and read back.
 template <typename T>
-void rms_norm_impl(at::Tensor& h, const c10::optional<at::Tensor>& res, const at::Tensor& w, double eps,
-                   int64_t lanes, at::Tensor& out, const Quant& qo) {
+struct DenseRows {
+  const T* p;
+  int64_t stride;
+  float at(int64_t r, int64_t e) const { return to_f(p[r * stride + e]); }
+};
+template <typename T>
+struct Int32Rows {
+  const int32_t* p;
+  int64_t stride;
+  const float* xs;
+  int64_t xss;
+  const float* ws;
+  float at(int64_t r, int64_t e) const {
+    return to_f(from_f<T>((static_cast<float>(p[r * stride + e]) * xs[r * xss]) * ws[e]));
+  }
+};
+
+template <typename T, typename Res>
+void rms_norm_impl(at::Tensor& h, const Res* res, const at::Tensor& w, double eps, int64_t lanes, at::Tensor& out,
+                   const Quant& qo) {
   const int64_t R = h.size(0), n = h.size(1);
   T* hp = h.data_ptr<T>();
-  const T* ap = res.has_value() ? res->data_ptr<T>() : nullptr;
   const T* wp = w.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  const int64_t hs = h.stride(0), as = res.has_value() ? res->stride(0) : 0, os = out.stride(0);
+  const int64_t hs = h.stride(0), os = out.stride(0);
   const float epsf = static_cast<float>(eps), nf = static_cast<float>(n);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> xf(n), sq(n);
     for (int64_t r = begin; r < end; ++r) {
       T* hr = hp + r * hs;
-      if (ap != nullptr) {  // h += residual, rounded to T, kept in h
-        const T* ar = ap + r * as;
+      if (res != nullptr) {  // h += residual, rounded to T, kept in h
         for (int64_t e = 0; e < n; ++e) {
-          const T v = from_f<T>(to_f(hr[e]) + to_f(ar[e]));
+          const T v = from_f<T>(to_f(hr[e]) + res->at(r, e));
           hr[e] = v;
           xf[e] = to_f(v);
         }
@@ -235,43 +254,132 @@ void rms_norm(at::Tensor h, const c10::optional<at::Tensor>& residual, const at:
   }
   const Quant qo = quant_outputs(q, scale, out, "rms_norm");
   if (h.scalar_type() == at::kFloat) {
-    rms_norm_impl<float>(h, residual, w, eps, lanes, out, qo);
+    const DenseRows<float> r{residual.has_value() ? residual->data_ptr<float>() : nullptr,
+                             residual.has_value() ? residual->stride(0) : 0};
+    rms_norm_impl<float>(h, residual.has_value() ? &r : nullptr, w, eps, lanes, out, qo);
   } else if (h.scalar_type() == at::kBFloat16) {
-    rms_norm_impl<bf16>(h, residual, w, eps, lanes, out, qo);
+    const DenseRows<bf16> r{residual.has_value() ? residual->data_ptr<bf16>() : nullptr,
+                            residual.has_value() ? residual->stride(0) : 0};
+    rms_norm_impl<bf16>(h, residual.has_value() ? &r : nullptr, w, eps, lanes, out, qo);
   } else {
     TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only");
+  }
+}
+
+void check_int8_sums(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale, int64_t rows,
+                     int64_t n, const char* op) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt && acc.stride(1) == 1 && acc.size(0) >= rows &&
+                  acc.size(1) == n,
+              op, ": acc int32 [>= rows, N], rows contiguous");
+  TORCH_CHECK(x_scale.scalar_type() == at::kFloat && x_scale.dim() == 2 && x_scale.size(0) == rows &&
+                  x_scale.size(1) == 1,
+              op, ": x_scale float32 [rows, 1]");
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == n, op,
+              ": w_scale float32 [N]");
+}
+
+// rms_norm with the residual given as an int8 linear's int32 sums (acc [>= rows, n]) and its
+// row and column scales: `h += (acc.float() * x_scale * w_scale).to(dtype)`, then RMSNorm.
+void rms_norm_i32(at::Tensor h, const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale,
+                  const at::Tensor& w, double eps, int64_t lanes, at::Tensor out, const c10::optional<at::Tensor>& q,
+                  const c10::optional<at::Tensor>& scale) {
+  TORCH_CHECK(h.dim() == 2 && out.dim() == 2 && w.dim() == 1, "rms_norm_i32: h and out [rows, n], w [n]");
+  TORCH_CHECK(h.stride(1) == 1 && out.stride(1) == 1 && w.is_contiguous(), "rms_norm_i32: rows must be contiguous");
+  TORCH_CHECK(out.sizes() == h.sizes() && w.size(0) == h.size(1), "rms_norm_i32: shapes differ");
+  TORCH_CHECK(h.scalar_type() == w.scalar_type() && out.scalar_type() == h.scalar_type(),
+              "rms_norm_i32: h, w and out must share a dtype");
+  check_int8_sums(acc, x_scale, w_scale, h.size(0), h.size(1), "rms_norm_i32");
+  const Quant qo = quant_outputs(q, scale, out, "rms_norm_i32");
+  if (h.scalar_type() == at::kFloat) {
+    const Int32Rows<float> r{acc.data_ptr<int32_t>(), acc.stride(0), x_scale.data_ptr<float>(), x_scale.stride(0),
+                             w_scale.data_ptr<float>()};
+    rms_norm_impl<float>(h, &r, w, eps, lanes, out, qo);
+  } else if (h.scalar_type() == at::kBFloat16) {
+    const Int32Rows<bf16> r{acc.data_ptr<int32_t>(), acc.stride(0), x_scale.data_ptr<float>(), x_scale.stride(0),
+                            w_scale.data_ptr<float>()};
+    rms_norm_impl<bf16>(h, &r, w, eps, lanes, out, qo);
+  } else {
+    TORCH_CHECK(false, "rms_norm_i32: float32 or bfloat16 only");
+  }
+}
+
+// int8 rows and scales of x (llama.int8_linear's quantization of its input), for inputs no other
+// fused op produces (the attention output before o_proj).
+void int8_quant(const at::Tensor& x, at::Tensor q, at::Tensor scale) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "int8_quant: x [rows, n], rows contiguous");
+  const Quant qo = quant_outputs(q, scale, x, "int8_quant");
+  const int64_t R = x.size(0), n = x.size(1), xs = x.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+  auto run = [&](auto* xp) {
+    at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) quant_row(xp + r * xs, n, qo.q + r * qo.qs, qo.scale + r * qo.ss);
+    });
+  };
+  if (x.scalar_type() == at::kFloat) {
+    run(x.data_ptr<float>());
+  } else if (x.scalar_type() == at::kBFloat16) {
+    run(x.data_ptr<bf16>());
+  } else {
+    TORCH_CHECK(false, "int8_quant: float32 or bfloat16 only");
   }
 }
 
 // ---- SiLU(gate) * up ---------------------------------------------------------------------
 
 
+// silu_mul's input row r, element e of [gate | up]: the model dtype's rows, or an int8 linear's
+// int32 sums dequantized as int8_dequant rounds them (its output never written out).
 template <typename T>
-void silu_mul_impl(const at::Tensor& gu, at::Tensor& out, const Quant& qo) {
+struct DenseGU {
+  const T* p;
+  int64_t stride;
+  float at(int64_t r, int64_t e) const { return to_f(p[r * stride + e]); }
+#ifdef PDSERVE_AVX512
+  __m512 load(int64_t r, int64_t e, __mmask16 m) const { return load16(p + r * stride + e, m); }
+#endif
+};
+template <typename T>
+struct Int32GU {
+  const int32_t* p;
+  int64_t stride;
+  const float* xs;
+  int64_t xss;
+  const float* ws;
+  float at(int64_t r, int64_t e) const {
+    return to_f(from_f<T>((static_cast<float>(p[r * stride + e]) * xs[r * xss]) * ws[e]));
+  }
+#ifdef PDSERVE_AVX512
+  __m512 load(int64_t r, int64_t e, __mmask16 m) const {
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, p + r * stride + e));
+    return round_like(_mm512_mul_ps(_mm512_mul_ps(a, _mm512_set1_ps(xs[r * xss])), _mm512_maskz_loadu_ps(m, ws + e)),
+                      T());
+  }
+#endif
+};
+
+template <typename T, typename Src>
+void silu_mul_impl(const Src& src, at::Tensor& out, const Quant& qo) {
   const int64_t R = out.size(0), I = out.size(1);
-  const T* gp = gu.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  const int64_t gs = gu.stride(0), os = out.stride(0);
+  const int64_t os = out.stride(0);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1));
   at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const T* g = gp + r * gs;
-      const T* u = g + I;
       T* o = op + r * os;
 #ifdef PDSERVE_AVX512
       const __m512 one = _mm512_set1_ps(1.f), sign = _mm512_set1_ps(-0.f);
       for (int64_t j = 0; j < I; j += 16) {
         const __mmask16 m = I - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (I - j)) - 1);
-        const __m512 x = load16(g + j, m);
+        const __m512 x = src.load(r, j, m);
         const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(sign, x));
         const __m512 s = round_like(_mm512_div_ps(x, _mm512_add_ps(one, e)), T());
-        store16(o + j, _mm512_mul_ps(s, load16(u + j, m)), m);
+        store16(o + j, _mm512_mul_ps(s, src.load(r, I + j, m)), m);
       }
 #else
       for (int64_t j = 0; j < I; ++j) {
-        const float x = to_f(g[j]);
+        const float x = src.at(r, j);
         const float s = to_f(from_f<T>(x / (1.f + std::exp(-x))));
-        o[j] = from_f<T>(s * to_f(u[j]));
+        o[j] = from_f<T>(s * src.at(r, I + j));
       }
 #endif
       if (qo.q != nullptr) quant_row(o, I, qo.q + r * qo.qs, qo.scale + r * qo.ss);
@@ -287,11 +395,31 @@ void silu_mul(const at::Tensor& gu, at::Tensor out, const c10::optional<at::Tens
   TORCH_CHECK(gu.scalar_type() == out.scalar_type(), "silu_mul: gu and out must share a dtype");
   const Quant qo = quant_outputs(q, scale, out, "silu_mul");
   if (gu.scalar_type() == at::kFloat) {
-    silu_mul_impl<float>(gu, out, qo);
+    silu_mul_impl<float>(DenseGU<float>{gu.data_ptr<float>(), gu.stride(0)}, out, qo);
   } else if (gu.scalar_type() == at::kBFloat16) {
-    silu_mul_impl<bf16>(gu, out, qo);
+    silu_mul_impl<bf16>(DenseGU<bf16>{gu.data_ptr<bf16>(), gu.stride(0)}, out, qo);
   } else {
     TORCH_CHECK(false, "silu_mul: float32 or bfloat16 only");
+  }
+}
+
+// silu_mul of an int8 gate_up linear's int32 sums (acc [>= rows, 2I]) and scales, dequantized on
+// the fly: bitwise silu_mul(int8_dequant(acc, x_scale, w_scale)).
+void silu_mul_i32(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale, at::Tensor out,
+                  const c10::optional<at::Tensor>& q, const c10::optional<at::Tensor>& scale) {
+  TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1, "silu_mul_i32: out [rows, I], rows contiguous");
+  check_int8_sums(acc, x_scale, w_scale, out.size(0), 2 * out.size(1), "silu_mul_i32");
+  const Quant qo = quant_outputs(q, scale, out, "silu_mul_i32");
+  if (out.scalar_type() == at::kFloat) {
+    silu_mul_impl<float>(Int32GU<float>{acc.data_ptr<int32_t>(), acc.stride(0), x_scale.data_ptr<float>(),
+                                        x_scale.stride(0), w_scale.data_ptr<float>()},
+                         out, qo);
+  } else if (out.scalar_type() == at::kBFloat16) {
+    silu_mul_impl<bf16>(Int32GU<bf16>{acc.data_ptr<int32_t>(), acc.stride(0), x_scale.data_ptr<float>(),
+                                      x_scale.stride(0), w_scale.data_ptr<float>()},
+                        out, qo);
+  } else {
+    TORCH_CHECK(false, "silu_mul_i32: float32 or bfloat16 output only");
   }
 }
 
@@ -409,6 +537,13 @@ TORCH_LIBRARY_FRAGMENT(pdserve_cpu, m) {
   m.def("silu_mul(Tensor gu, Tensor(a!) out, Tensor(b!)? q=None, Tensor(c!)? scale=None) -> ()");
   m.def("rope_qk(Tensor(a!) x, Tensor pos, Tensor cos, Tensor sin, int heads) -> ()");
   m.def("int8_dequant(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor(a!) out) -> ()");
+  m.def(
+      "rms_norm_i32(Tensor(a!) h, Tensor acc, Tensor x_scale, Tensor w_scale, Tensor w, float eps, int lanes, "
+      "Tensor(b!) out, Tensor(c!)? q=None, Tensor(d!)? scale=None) -> ()");
+  m.def(
+      "silu_mul_i32(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor(a!) out, Tensor(b!)? q=None, "
+      "Tensor(c!)? scale=None) -> ()");
+  m.def("int8_quant(Tensor x, Tensor(a!) q, Tensor(b!) scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
@@ -416,4 +551,7 @@ TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
   m.impl("silu_mul", &silu_mul);
   m.impl("rope_qk", &rope_qk);
   m.impl("int8_dequant", &int8_dequant);
+  m.impl("rms_norm_i32", &rms_norm_i32);
+  m.impl("silu_mul_i32", &silu_mul_i32);
+  m.impl("int8_quant", &int8_quant);
 }
