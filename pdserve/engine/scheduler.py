@@ -217,7 +217,10 @@ class Scheduler:
         outs, self._outputs = self._outputs, []
         return outs
 
-    def schedule(self) -> Plan | None:
+    def schedule(self, token_budget: int | None = None) -> Plan | None:
+        """The next step's plan. `token_budget` (>= 1) caps this step's prefill tokens below
+        `chunked_prefill_size` (Semi-PD bounds how long a prefill forward may hold decode
+        back); None: the chunked-prefill size."""
         decode: list[ScheduledItem] = []
         for req in list(self._running):
             if not req.is_decoding or req not in self._running:
@@ -226,7 +229,7 @@ class Scheduler:
                 decode.append(ScheduledItem(req, req.kv_len, 1, True))
         decode = [d for d in decode if d.req in self._running]
         extend: list[ScheduledItem] = []
-        budget = self._chunk_size
+        budget = self._chunk_size if token_budget is None else max(1, min(self._chunk_size, token_budget))
         # chunked prefills already running come first, then new requests (FIFO)
         for req in self._running:
             if budget <= 0:

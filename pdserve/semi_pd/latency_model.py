@@ -10,6 +10,19 @@ compute-bound prefill and only roughly for bandwidth-bound decode, see docs/semi
 a_p, b_p, a_d, b_d are least-squares fits on the most recent step timings, each normalised
 to a 100 % share first, so timings taken at any split all inform one fit.
 
+Behind a gate that runs one forward at a time (the `timeshare` core policy), the share is
+not a speed but a turn: every forward runs on the whole machine, and a decode step that
+comes while a prefill forward runs waits for all of it. There (`predict_tpot_gated`):
+
+    prefill's fraction of the time   u = min(x / 100, lambda * S(cap))
+    TPOT                             = decode(B) / (1 - u) + prefill(cap) / (mean output - 1)
+
+S(cap) is a mean prompt's prefill at 100 % in forwards of at most `cap` tokens (each forward
+pays the fixed b_p); the first term is decode slowed by the prefill time the gate hands out
+in between (work conserving: prefill takes only the time it needs, at most its share), the
+second one whole capped prefill forward landing inside a request's decode, spread over its
+tokens: the tail the split alone cannot cut (docs/semi_pd.md "The prefill cap").
+
 Queueing on top:
   TTFT (prefill as an M/M/1 queue): service S = prefill(mean prompt, x), arrival rate
     lambda; TTFT = S / (1 - lambda * S), infinite when lambda * S >= 1.
@@ -95,10 +108,34 @@ class LatencyModel:
     def decode_step_time(self, batch: float, share: float) -> float:
         return self.decode(batch) * 100.0 / share
 
-    def predict_ttft(self, share: float, arrival_rate: float, mean_input_tokens: float) -> float:
-        s = self.prefill_time(mean_input_tokens, share)
+    def prefill_service(self, tokens: float, cap: int | None = None) -> float:
+        """Seconds at 100 % to prefill `tokens` in forwards of at most `cap` tokens (None: one)."""
+        forwards = 1 if cap is None else max(1, math.ceil(tokens / max(cap, 1)))
+        return self.prefill.a * tokens + self.prefill.b * forwards
+
+    def predict_ttft(
+        self, share: float, arrival_rate: float, mean_input_tokens: float, cap: int | None = None
+    ) -> float:
+        s = self.prefill_service(mean_input_tokens, cap) * 100.0 / share
         rho = arrival_rate * s
         return math.inf if rho >= 1.0 else s / (1.0 - rho)
+
+    def predict_tpot_gated(
+        self,
+        prefill_share: float,
+        batch: float,
+        cap: int,
+        arrival_rate: float,
+        mean_input_tokens: float,
+        mean_output_tokens: float,
+    ) -> float:
+        """Seconds per output token behind a one-forward-at-a-time gate (module docstring):
+        prefill forwards of at most `cap` tokens, prefill's share `prefill_share` %."""
+        u = min(prefill_share / 100.0, arrival_rate * self.prefill_service(mean_input_tokens, cap))
+        if u >= 1.0:
+            return math.inf
+        step = self.decode(max(batch, 1.0)) / (1.0 - u)
+        return step + self.prefill(cap) / max(mean_output_tokens - 1.0, 1.0)
 
     def predict_tpot(self, share: float, batch: float) -> float:
         """Seconds per output token at decode share `share` with `batch` requests decoding."""

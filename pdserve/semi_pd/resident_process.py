@@ -337,7 +337,7 @@ class ResidentProcess(SchedulerProcess):
             link.pin(body)
             self.pin_seconds[role].append(time.perf_counter() - t0)
         with self.lock:
-            plan = sched.schedule()
+            plan = sched.schedule(self._token_budget(role))
             if plan is None:
                 self._emit(sched.take_outputs())
                 if role == "prefill":
@@ -373,6 +373,14 @@ class ResidentProcess(SchedulerProcess):
             self.metrics.record_prefill_batch(plan.num_tokens, runner.model.last_seconds, share)
         else:
             self.metrics.record_decode_step(plan.num_decode or len(plan.items), runner.model.last_seconds, share)
+
+    def _token_budget(self, role: str) -> int | None:
+        """This step's prefill token budget (under self.lock): under the step gate, while decode
+        has requests, the controller's prefill cap (a decode step then waits for at most one
+        capped forward); otherwise None, whole chunks."""
+        if role != "prefill" or self.gate is None or self.split.prefill_cap is None:
+            return None
+        return self.split.prefill_cap if self.scheds["decode"].has_work() else None
 
     def _busy_seconds(self, role: str, now: float) -> float:
         """Seconds `role` has spent in steps up to `now` (read without a lock: a float and a
@@ -553,6 +561,10 @@ class ResidentProcess(SchedulerProcess):
                 "num_changes": len(self.split.history) - 1,  # the first entry is the start-up split
                 "changes": [{"time": t, "split": str(a)} for t, a, _ in self.split.history[-50:]],
                 "pin_seconds": {r: v[-20:] for r, v in self.pin_seconds.items()},
+                "prefill_cap_tokens": self.split.prefill_cap,
+                "prefill_cap_changes": [
+                    {"time": t, "tokens": c} for t, c in getattr(self.split, "cap_history", [])[-50:]
+                ],
             },
             "unified_memory_status": {
                 "memory_usage": {

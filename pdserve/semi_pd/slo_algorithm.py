@@ -72,6 +72,10 @@ class ControllerSettings:
     # a step further counts only if it is predicted to cut the missed latency below this
     # fraction of what it was: no move for a share that buys nothing (CPU: whole cores)
     min_gain: float = 0.97
+    # behind a gate (timeshare): the shortest prefill forward the cap goes down to, tokens,
+    # and the most one decision changes the cap by (a factor)
+    min_prefill_cap: int = 32
+    max_cap_factor: int = 4
 
     def __post_init__(self) -> None:
         if not self.monitoring_interval_s > 0:
@@ -86,6 +90,8 @@ class ControllerSettings:
             raise ValueError("min_gain must be in (0, 1]")
         if not (0 < self.headroom <= 1):
             raise ValueError("headroom must be in (0, 1]")
+        if self.min_prefill_cap < 1 or self.max_cap_factor < 2:
+            raise ValueError("min_prefill_cap must be >= 1 and max_cap_factor >= 2")
         if self.min_samples < 1 or self.reverse_patience < 1:
             raise ValueError("min_samples and reverse_patience must be >= 1")
 
@@ -101,6 +107,8 @@ class Decision:
     tpot_p95_ms: float
     ttft_violated: bool
     tpot_violated: bool
+    old_cap: int | None = None  # the prefill cap (tokens per prefill forward while decode runs)
+    new_cap: int | None = None
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -186,8 +194,23 @@ class SLOAwareResourceController:
                 m["decode_queue_length"],
             )
 
-        def done(action: str, new: SMAllocation, reason: str) -> Decision:
-            d = Decision(now, action, cur, new, reason, m["ttft_p95_ms"], m["tpot_p95_ms"], ttft_v, tpot_v)
+        cap0 = self._cap_now()
+
+        def done(action: str, new: SMAllocation, reason: str, new_cap: int | None = None) -> Decision:
+            new_cap = cap0 if new_cap is None else new_cap
+            d = Decision(
+                now,
+                action,
+                cur,
+                new,
+                reason,
+                m["ttft_p95_ms"],
+                m["tpot_p95_ms"],
+                ttft_v,
+                tpot_v,
+                cap0 if self.actuator.gated else None,
+                new_cap if self.actuator.gated else None,
+            )
             self.stats.recent.append(d)
             if action == "move":
                 self.stats.moves += 1
@@ -195,7 +218,10 @@ class SLOAwareResourceController:
                 self.stats.refused += 1
             else:
                 self.stats.keeps += 1
-            logger.info("Semi-PD split decision: %s %s%s: %s", action, cur, f" -> {new}" if new != cur else "", reason)
+            change = f" -> {new}" if new != cur else ""
+            if new_cap != cap0:
+                change += f", prefill cap {cap0} -> {new_cap} tokens"
+            logger.info("Semi-PD split decision: %s %s%s: %s", action, cur, change, reason)
             return d
 
         figures = (
@@ -210,10 +236,10 @@ class SLOAwareResourceController:
         if not ttft_v and not tpot_v:
             return done("keep", cur, f"SLOs met ({figures})")
         if ttft_v and tpot_v:
-            new, why = self._both_violated(cur, m)
+            new, cap, why = self._both_violated(cur, m)
             if new is None:
                 return done("keep", cur, f"both SLOs missed ({figures}); {why}")
-            return self._apply(done, cur, new, 0, f"both SLOs missed ({figures}); {why}")
+            return self._apply(done, cur, new, cap, 0, f"both SLOs missed ({figures}); {why}")
         if self._last_direction == -want and self._streak[want] < s.reverse_patience:
             return done(
                 "keep",
@@ -222,45 +248,134 @@ class SLOAwareResourceController:
                 f"the last move waits for {s.reverse_patience} evaluations in a row "
                 f"({self._streak[want]} so far)",
             )
-        new, why = self._one_violated(cur, want, m)
-        if new is None or new == cur:
+        new, cap, why = self._choose(cur, want, m)
+        if new is None or (new == cur and cap == cap0):
             return done("keep", cur, f"{'TTFT' if want > 0 else 'TPOT'} missed ({figures}); {why}")
-        return self._apply(done, cur, new, want, f"{'TTFT' if want > 0 else 'TPOT'} missed ({figures}); {why}")
+        return self._apply(done, cur, new, cap, want, f"{'TTFT' if want > 0 else 'TPOT'} missed ({figures}); {why}")
 
-    def _apply(self, done, cur: SMAllocation, new: SMAllocation, direction: int, reason: str) -> Decision:
-        if not self.actuator.request_sm_reallocation(new):
+    def _cap_now(self) -> int:
+        """The prefill cap in effect, tokens (the chunk size when there is none)."""
+        cap = self.actuator.prefill_cap
+        return self.actuator.chunk_tokens if cap is None else cap
+
+    def _apply(self, done, cur: SMAllocation, new: SMAllocation, cap: int, direction: int, reason: str) -> Decision:
+        if new != cur and not self.actuator.request_sm_reallocation(new):
             return done("refused", cur, f"{reason}; the actuator refused {new}")
+        if cap != self._cap_now():
+            self.actuator.set_prefill_cap(cap)
         if direction and self._last_direction == -direction:
             self.stats.direction_reversals += 1
         self._last_direction = direction or self._last_direction
         self._since = self.clock()
         self._streak = {+1: 0, -1: 0}
-        return done("move", new, reason)
+        return done("move", new, reason, cap)
 
     # ---- choosing a split -----------------------------------------------------------------
     def _predictors(self, cur: SMAllocation, m: dict):
-        """(ttft_ms(x), tpot_ms(x)): p95 predicted at the split x / total - x, through the
-        shares each role can actually use there (`SplitActuator.effective_shares`: on CPU a
-        share buys whole cores, so e.g. prefill at 70 % of 2 cores is no faster than at 50 %)."""
+        """(ttft_ms(x, cap), tpot_ms(x, cap)): p95 predicted at the split x / total - x with
+        prefill forwards of at most `cap` tokens while decode runs (default: the cap in
+        effect), through the shares each role can actually use there
+        (`SplitActuator.effective_shares`: on CPU a share may buy whole cores, so e.g. prefill
+        at 70 % of 2 cores is no faster than at 50 % under `disjoint`). Behind a gate
+        (`timeshare`) TPOT is the gated model (latency_model.py): decode slowed by the
+        prefill time in between plus one capped prefill forward per request; without one,
+        a decode step at the decode share."""
         lam = m["arrival_rate"]
         lin = m["mean_input_length"] or 1.0
+        lout = m["mean_output_length"] or 2.0
         batch = m["mean_decode_batch"]
         total = cur.total
+        gated = self.actuator.gated
+        cap0 = self._cap_now()
 
         def eff(x: float) -> tuple[float, float]:
             return self.actuator.effective_shares(SMAllocation(int(x), total - int(x)))
 
-        def calibrated(model_at: Callable[[float], float], observed_ms: float, n: int):
-            base = model_at(cur.prefill_percentage)
-            if n >= self.settings.min_samples and 0 < base < math.inf and observed_ms > 0:
-                return lambda x: observed_ms * model_at(x) / base
-            return lambda x: model_at(x) * 1000.0
+        def ttft_model(x: float, cap: int) -> float:
+            return self.model.predict_ttft(eff(x)[0], lam, lin, cap if gated else None)
 
-        ttft = calibrated(
-            lambda x: self.model.predict_ttft(eff(x)[0], lam, lin), m["ttft_p95_ms"], m["num_ttft_samples"]
+        def tpot_model(x: float, cap: int) -> float:
+            if gated:
+                return self.model.predict_tpot_gated(eff(x)[0], batch, cap, lam, lin, lout)
+            return self.model.predict_tpot(eff(x)[1], batch)
+
+        def calibrated(model_at: Callable[[float, int], float], observed_ms: float, n: int):
+            base = model_at(cur.prefill_percentage, cap0)
+            if n >= self.settings.min_samples and 0 < base < math.inf and observed_ms > 0:
+                return lambda x, cap=cap0: observed_ms * model_at(x, cap) / base
+            return lambda x, cap=cap0: model_at(x, cap) * 1000.0
+
+        return (
+            calibrated(ttft_model, m["ttft_p95_ms"], m["num_ttft_samples"]),
+            calibrated(tpot_model, m["tpot_p95_ms"], m["num_tpot_samples"]),
         )
-        tpot = calibrated(lambda x: self.model.predict_tpot(eff(x)[1], batch), m["tpot_p95_ms"], m["num_tpot_samples"])
-        return ttft, tpot
+
+    def _choose(self, cur: SMAllocation, direction: int, m: dict) -> tuple[SMAllocation | None, int, str]:
+        """One SLO missed: (split, cap, why). Without a gate only the split moves. Behind one
+        (`timeshare`) TPOT is set by how long a prefill forward holds decode back and how much
+        of the time prefill takes: a TPOT miss first shortens prefill forwards (the cap), and
+        gives decode more share only once a shorter forward is predicted to help no more; a
+        TTFT miss first gives prefill more share, then lets its forwards grow again."""
+        cap0 = self._cap_now()
+        if not self.actuator.gated:
+            new, why = self._one_violated(cur, direction, m)
+            return new, cap0, why
+        if direction < 0:
+            cap, why = self._cap_move(cur, -1, m)
+            if cap is not None:
+                return cur, cap, why
+            new, why2 = self._one_violated(cur, -1, m)
+            return new, cap0, f"{why}; {why2}"
+        new, why = self._one_violated(cur, +1, m)
+        if new is not None and new != cur:
+            return new, cap0, why
+        cap, why2 = self._cap_move(cur, +1, m)
+        if cap is not None:
+            return cur, cap, f"{why}; {why2}"
+        return None, cap0, f"{why}; {why2}"
+
+    def _cap_move(self, cur: SMAllocation, direction: int, m: dict) -> tuple[int | None, str]:
+        """Behind a gate: a shorter (direction -1, for TPOT) or longer (+1, for TTFT) prefill
+        forward cap, in halvings / doublings, at most `max_cap_factor` per decision; (None,
+        why) when none is predicted to help while keeping the other SLO within headroom."""
+        s, slo = self.settings, self.slo
+        chunk = self.actuator.chunk_tokens
+        c0 = self._cap_now()
+        floor = min(s.min_prefill_cap, chunk)
+        lo, hi = max(floor, c0 // s.max_cap_factor), min(chunk, c0 * s.max_cap_factor)
+        if direction < 0 and c0 <= floor:
+            return None, f"prefill forwards are already at the shortest cap ({c0} tokens)"
+        if direction > 0 and c0 >= chunk:
+            return None, f"prefill forwards are not capped (whole chunks of {chunk} tokens)"
+        if not self.model.ready:
+            if direction < 0:
+                return max(lo, c0 // 2), (
+                    f"latency model not fitted yet: prefill forwards capped at half ({max(lo, c0 // 2)} tokens)"
+                )
+            return None, "latency model not fitted yet: the prefill cap stays"
+        ttft_at, tpot_at = self._predictors(cur, m)
+        x0 = cur.prefill_percentage
+        missed_at = (lambda c: tpot_at(x0, c)) if direction < 0 else (lambda c: ttft_at(x0, c))
+        here = missed_at(c0)
+        best = None
+        c = c0
+        while True:
+            c = max(lo, c // 2) if direction < 0 else min(hi, c * 2)
+            t_ttft, t_tpot = ttft_at(x0, c), tpot_at(x0, c)
+            if direction < 0:
+                fixed, other_ok = t_tpot <= slo.tpot_target_ms, t_ttft <= s.headroom * slo.ttft_target_ms
+            else:
+                fixed, other_ok = t_ttft <= slo.ttft_target_ms, t_tpot <= s.headroom * slo.tpot_target_ms
+            pred = f"predicted TTFT {t_ttft:.1f} ms, TPOT {t_tpot:.1f} ms with prefill forwards of <= {c} tokens"
+            if not other_ok or not missed_at(c) < s.min_gain * here:
+                if best is None:
+                    why = "keeps the other SLO within headroom" if not other_ok else "is predicted to help"
+                    return None, f"no prefill cap within one move {why} ({pred})"
+                return best
+            best = (c, pred)
+            here = missed_at(c)
+            if fixed or c in (lo, hi):
+                return best
 
     def _one_violated(self, cur: SMAllocation, direction: int, m: dict) -> tuple[SMAllocation | None, str]:
         s, slo = self.settings, self.slo
@@ -308,27 +423,46 @@ class SLOAwareResourceController:
             if x in (lo, hi):
                 return SMAllocation(x, y), f"as far as one move goes ({s.max_move} %), target still missed ({pred})"
 
-    def _both_violated(self, cur: SMAllocation, m: dict) -> tuple[SMAllocation | None, str]:
+    def _both_violated(self, cur: SMAllocation, m: dict) -> tuple[SMAllocation | None, int, str]:
+        """Both missed: a split (and, behind a gate, a prefill cap) within one move predicted
+        to meet both, else (None, cap, why)."""
         s, slo = self.settings, self.slo
+        c0 = self._cap_now()
         if not self.model.ready:
-            return None, "no fitted latency model to find a split that meets both: keep"
+            return None, c0, "no fitted latency model to find a split that meets both: keep"
         ttft_at, tpot_at = self._predictors(cur, m)
         total = cur.total
+        caps = [c0]
+        if self.actuator.gated:
+            chunk, floor = self.actuator.chunk_tokens, min(s.min_prefill_cap, self.actuator.chunk_tokens)
+            c, f = c0, 1
+            while f < s.max_cap_factor:
+                f *= 2
+                caps += [max(floor, c0 // f), min(chunk, c * f)]
+            caps = sorted(set(caps), reverse=True)
         best = None
         x0 = cur.prefill_percentage
         for x in range(max(s.min_share, x0 - s.max_move), min(total - s.min_share, x0 + s.max_move) + 1, s.step):
-            score = max(ttft_at(x) / slo.ttft_target_ms, tpot_at(x) / slo.tpot_target_ms)
-            if best is None or score < best[0]:
-                best = (score, x)
-        if best is None or best[0] > 1.0 or best[1] == cur.prefill_percentage:
-            return None, (
+            for c in caps:
+                score = max(ttft_at(x, c) / slo.ttft_target_ms, tpot_at(x, c) / slo.tpot_target_ms)
+                if best is None or score < best[0]:
+                    best = (score, x, c)
+        # behind a gate the two knobs act mostly on one SLO each (the share on TTFT, the cap on
+        # TPOT): a move that is predicted to cut the worse of the two misses is taken even if
+        # it does not meet both yet
+        here = max(ttft_at(x0, c0) / slo.ttft_target_ms, tpot_at(x0, c0) / slo.tpot_target_ms)
+        good = best is not None and (best[0] <= 1.0 or (self.actuator.gated and best[0] < s.min_gain * here))
+        if not good or (best[1] == x0 and best[2] == c0):
+            why = (
                 f"no split within one move ({s.max_move} %) is predicted to meet both (the load is beyond "
                 f"what any split near this one serves): keep"
             )
-        x = best[1]
-        return SMAllocation(x, total - x), (
-            f"{x}/{total - x} is predicted to meet both (TTFT {ttft_at(x):.1f} ms, TPOT {tpot_at(x):.1f} ms)"
-        )
+            return None, c0, why
+        _, x, c = best
+        cap = f", prefill forwards <= {c} tokens" if self.actuator.gated else ""
+        what = "meet both" if best[0] <= 1.0 else "cut the worse miss most"
+        why = f"{x}/{total - x}{cap} is predicted to {what} (TTFT {ttft_at(x, c):.1f} ms, TPOT {tpot_at(x, c):.1f} ms)"
+        return SMAllocation(x, total - x), c, why
 
     # ---- monitoring thread --------------------------------------------------------------
     def start_monitoring(self) -> None:
@@ -382,6 +516,8 @@ class SLOAwareResourceController:
                 )
             },
             "last_decision": last,
+            "gated": self.actuator.gated,
+            "prefill_cap_tokens": self.actuator.prefill_cap,
             "latency_model": {
                 "ready": self.model.ready,
                 "prefill_s_per_token": self.model.prefill.a,

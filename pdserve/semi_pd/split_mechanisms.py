@@ -16,7 +16,8 @@ from pdserve.semi_pd.worker_link import ROLES
 
 # The resident (semi_pd/resident_process.py: ResidentProcess) as the mechanisms use it:
 # `plan_for(allocation)` (cpu_share.share_plan on its cores and core policy),
-# `pin_workers(allocation, plan)`, `start_worker(role, share)`, `pending_link`, `wake`,
+# `pin_workers(allocation, plan)`, `gate` (timeshare's step gate or None), `args`,
+# `start_worker(role, share)`, `pending_link`, `wake`,
 # `running`. Typed loosely: resident_process imports this module, not the other way round.
 Resident = Any
 
@@ -45,6 +46,15 @@ class InPlaceSplit(SplitActuator):
         """The share plan (cpu_share.share_plan) of the split in effect, computed once when
         the split was applied: what each step reads its role's share from."""
         return self._state[1]
+
+    @property
+    def gated(self) -> bool:
+        """The `timeshare` policy's step gate: one forward at a time."""
+        return getattr(self.resident, "gate", None) is not None
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.resident.args.chunked_prefill_size
 
     def effective_shares(self, allocation: SMAllocation) -> tuple[float, float]:
         plan = self.resident.plan_for(allocation)

@@ -79,6 +79,25 @@ def test_chunked_prefill_respects_budget():
     assert_all_free(s)
 
 
+def test_token_budget_caps_one_step_below_the_chunk_size():
+    """Semi-PD caps a prefill forward while decode runs: `schedule(token_budget)` for one
+    step, the chunked-prefill size again without it; never above the chunk size."""
+    s = make(chunk=16)
+    s.add_request(req("a", 40))
+    plan = s.schedule(token_budget=5)
+    assert plan.num_tokens == 5
+    s.update(plan, FakeRunner().run(plan))
+    plan = s.schedule(token_budget=100)  # no more than the chunk size
+    assert plan.items[0].start == 5 and plan.num_tokens == 16
+    s.update(plan, FakeRunner().run(plan))
+    plan = s.schedule()
+    assert plan.items[0].start == 21 and plan.num_tokens == 16
+    s.update(plan, FakeRunner().run(plan))
+    out = drain(s, FakeRunner())
+    assert len(out["a"]) == 5
+    assert_all_free(s)
+
+
 def test_max_running_requests_caps_batch():
     s = make(max_running=2, chunk=100)
     for i in range(5):
