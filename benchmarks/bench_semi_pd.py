@@ -9,7 +9,8 @@ Deployments (each alone on the machine, one after the other):
                    its window --slo-window s
 A Semi-PD name may carry its own split and core policy: `semi_pd_fixed@70/30`,
 `semi_pd_slo+overlap`, `semi_pd_fixed@70/30+weighted` (PDSERVE_SEMI_PD_CORES=<policy>,
-docs/semi_pd.md "What a percentage means on CPU").
+docs/semi_pd.md "What a percentage means on CPU"), and a starting prefill cap in tokens:
+`semi_pd_fixed@80/20~128` (PDSERVE_SEMI_PD_PREFILL_CAP, docs/semi_pd.md "The prefill cap").
 
 Workloads (--workload):
   poisson     `pdserve bench --dataset-name mixed` (128-token prompts, 1 in 8 of 768 tokens,
@@ -83,7 +84,9 @@ LABELS = {
 
 
 def parse_deployment(name: str, default_split: str) -> tuple[str, str, str | None]:
-    """`kind[@P/D][+policy]` -> (kind, split, core policy or None)."""
+    """`kind[@P/D][+policy][~cap]` -> (kind, split, core policy or None); a `~cap` (a starting
+    prefill cap in tokens, $PDSERVE_SEMI_PD_PREFILL_CAP) is read by `deploy`."""
+    name = name.partition("~")[0]
     base, _, policy = name.partition("+")
     kind, _, split = base.partition("@")
     if kind not in DEPLOYMENTS:
@@ -131,16 +134,20 @@ def deploy(name: str, a, slo: tuple[float, float], extra: list[str] = ()) -> tup
             "--slo-window-size",
             str(max(a.slo_window, a.slo_interval)),
         ]
-    saved = os.environ.get("PDSERVE_SEMI_PD_CORES")
-    if policy:
-        os.environ["PDSERVE_SEMI_PD_CORES"] = policy  # the server's processes inherit it
+    cap = name.partition("~")[2]
+    env = {"PDSERVE_SEMI_PD_CORES": policy, "PDSERVE_SEMI_PD_PREFILL_CAP": cap or None}
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        if v:
+            os.environ[k] = v  # the server's processes inherit it
     try:
         return url, start(py + ["serve", *common, *semi], url, "/health")
     finally:
-        if saved is None:
-            os.environ.pop("PDSERVE_SEMI_PD_CORES", None)
-        else:
-            os.environ["PDSERVE_SEMI_PD_CORES"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def memory_mib(proc: subprocess.Popen) -> dict:
@@ -697,6 +704,10 @@ def main() -> int:
                     m = run_mix_shift(url, rate, a, slo, semi)
                 m["loadavg"] = os.getloadavg()
                 m["seconds"] = time.time() - t
+                if semi:  # where the split and the prefill cap stood at the end of the rate
+                    prs = httpx.get(url + "/semi_pd/status", timeout=30).json()["process_rotation_status"]
+                    m["split_end"] = prs["current_sm_allocation"]
+                    m["prefill_cap_end"] = prs.get("prefill_cap_tokens")
                 d["rates"][str(rate)] = m
                 brief = {k: v for k, v in m.items() if k not in ("requests", "split_samples")}
                 print(name, rate, brief, flush=True)
@@ -707,6 +718,7 @@ def main() -> int:
             if semi:
                 st = httpx.get(url + "/semi_pd/status", timeout=30).json()
                 d["split_history"] = st["process_rotation_status"]["changes"]
+                d["prefill_cap_history"] = st["process_rotation_status"].get("prefill_cap_changes", [])
                 d["final_split"] = st["current_split"]
                 if st.get("slo_controller_status"):
                     d["controller"] = st["slo_controller_status"]["statistics"]
@@ -746,6 +758,8 @@ def main() -> int:
         )
         if "split_history" in d:
             print(f"{'':<28} split changes: {[c['split'] for c in d['split_history']]}")
+            caps = [c["tokens"] for c in d.get("prefill_cap_history", [])]
+            print(f"{'':<28} prefill cap changes (tokens, None: whole chunks): {caps}")
     for m, sw in res.get("switch", {}).items():
         print(
             f"switch {m}: rotation s {sw['rotation_seconds']}, pin s {sw['pin_seconds']}, "

@@ -76,7 +76,7 @@ from pdserve.messages import (
 )
 from pdserve.semi_pd.allocation import SMAllocation
 from pdserve.semi_pd.cpu_share import CpuShareManager, core_policy, share_plan, step_share
-from pdserve.semi_pd.step_gate import StepGate
+from pdserve.semi_pd.step_gate import StepGate, initial_prefill_cap
 from pdserve.semi_pd.metrics_collector import SemiPDMetricsCollector
 from pdserve.semi_pd.slo_algorithm import ControllerSettings, SLOAwareResourceController, SLOConstraints
 from pdserve.semi_pd.split_mechanisms import SPLIT_MECHANISMS, InPlaceSplit, RotationSplit  # noqa: F401 (re-exported)
@@ -200,6 +200,8 @@ class ResidentProcess(SchedulerProcess):
         self.pending_link: dict[str, WorkerLink | None] = {role: None for role in ROLES}  # rotation
         self.spawns: queue.Queue = queue.Queue()  # worker starts asked of the main thread
         self.split = SPLIT_MECHANISMS[args.semi_pd_switch](self, split)
+        if self.gate is not None:  # a starting prefill cap; only a gate makes a forward stall decode
+            self.split.set_prefill_cap(initial_prefill_cap())
         self.pin_workers(split, self.split.plan)
         self.split.history.append((time.time(), split, 0.0))
         self.controller: SLOAwareResourceController | None = None

@@ -15,11 +15,28 @@ OpenMP threads share cores; docs/semi_pd.md "What a percentage means on CPU").""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Callable
 
 ROLES = ("prefill", "decode")
+CAP_ENV = "PDSERVE_SEMI_PD_PREFILL_CAP"  # a starting prefill cap, tokens (docs/semi_pd.md "The prefill cap")
+
+
+def initial_prefill_cap(environ=None) -> int | None:
+    """$PDSERVE_SEMI_PD_PREFILL_CAP: prefill forwards of at most this many tokens while decode
+    runs, from start-up (the SLO-aware controller moves it from there); unset: no cap."""
+    raw = (os.environ if environ is None else environ).get(CAP_ENV) or ""
+    if not raw:
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        raise ValueError(f"{CAP_ENV}={raw!r}: must be a whole number of tokens") from None
+    if v < 1:
+        raise ValueError(f"{CAP_ENV}={v}: must be >= 1 token")
+    return v
 
 
 class StepGate:

@@ -4,11 +4,13 @@ mode null and the same greedy tokens, while the compute split moves under load; 
 
 import concurrent.futures as cf
 import json
+import os
 import time
 
 import httpx
 import pytest
 
+from pdserve.semi_pd.step_gate import CAP_ENV
 from tests.conftest import ServerProc
 
 pytestmark = pytest.mark.e2e
@@ -44,16 +46,26 @@ def semi():
 
 @pytest.fixture(scope="module")
 def semi_rotation():
-    s = ServerProc(
-        "--dtype",
-        "float32",
-        "--max-total-tokens",
-        "8192",
-        "--enable-semi-pd",
-        "--semi-pd-switch",
-        "rotation",
-        timeout=300,
-    )
+    """Also with a prefill cap of 16 tokens (docs/semi_pd.md "The prefill cap"): while decode
+    runs, every prompt here is prefilled in several forwards."""
+    saved = os.environ.get(CAP_ENV)
+    os.environ[CAP_ENV] = "16"
+    try:
+        s = ServerProc(
+            "--dtype",
+            "float32",
+            "--max-total-tokens",
+            "8192",
+            "--enable-semi-pd",
+            "--semi-pd-switch",
+            "rotation",
+            timeout=300,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(CAP_ENV)
+        else:
+            os.environ[CAP_ENV] = saved
     yield s
     s.stop()
 
@@ -123,11 +135,19 @@ def test_split_changes_under_streaming_load_lose_nothing(semi, reference):
 
 
 def test_rotation_under_streaming_load_loses_nothing(semi_rotation, reference):
-    """Process rotation: standby workers with the new shares, switched to between steps."""
+    """Process rotation: standby workers with the new shares, switched to between steps; the
+    prompts prefilled in forwards of at most 16 tokens while decode runs (the prefill cap)."""
     url = semi_rotation.url
-    before = httpx.get(url + "/semi_pd/status", timeout=30).json()["workers"]
+    before = httpx.get(url + "/semi_pd/status", timeout=30).json()
+    assert before["process_rotation_status"]["prefill_cap_tokens"] == 16
+    steps0 = before["step_timing"]["prefill"]["steps"]
+    before = before["workers"]
     splits = [(40, 60), (80, 20)]
-    with cf.ThreadPoolExecutor(len(PROMPTS) * 2) as ex:
+    with cf.ThreadPoolExecutor(len(PROMPTS) * 2 + 1) as ex:
+        # a long decode first, so that the prompts below come while decode runs: capped
+        long = ex.submit(generate, url, "Count slowly from one to a thousand.", True, max_new_tokens=160)
+        while httpx.get(url + "/get_load", timeout=30).json()["generation_tokens"] < 2:
+            time.sleep(0.05)
         futs = [ex.submit(generate, url, p, True) for p in PROMPTS * 2]
         for pre, dec in splits:
             body = {"prefill_percentage": pre, "decode_percentage": dec}
@@ -139,10 +159,14 @@ def test_rotation_under_streaming_load_loses_nothing(semi_rotation, reference):
                 assert time.time() < deadline, "rotation did not finish"
                 time.sleep(0.2)
         outs = [f.result() for f in futs]
+        assert len(long.result()["output_ids"]) == 160
     assert [o["output_ids"] for o in outs] == [r["output_ids"] for r in reference] * 2
     st = httpx.get(url + "/semi_pd/status", timeout=30).json()
     rot = st["process_rotation_status"]
     assert rot["mechanism"] == "rotation" and len(rot["rotation_seconds"]) == 2
+    assert rot["prefill_cap_tokens"] == 16  # the cap outlives the rotation
+    # 12 prompts of 2-50 tokens, ~170 in all, came while decode ran: in forwards of <= 16 tokens
+    assert st["step_timing"]["prefill"]["steps"] - steps0 >= 10, st["step_timing"]
     assert all(st["workers"][r]["pid"] != before[r]["pid"] and st["workers"][r]["alive"] for r in before)
     assert semi_rotation.wait_idle_and_free()["num_used_pages"] == 0
 

@@ -18,6 +18,7 @@ from pdserve.semi_pd.allocation import SMAllocation
 from pdserve.semi_pd.latency_model import LatencyModel
 from pdserve.semi_pd.metrics_collector import SemiPDMetricsCollector
 from pdserve.semi_pd.slo_algorithm import ControllerSettings, SLOAwareResourceController, SLOConstraints
+from pdserve.semi_pd.step_gate import CAP_ENV, initial_prefill_cap
 from tests.semi_pd.test_slo_controller import Clock
 
 # the box's figures, roughly (docs/benchmarks.md "Semi-PD, session 6"): a prefill forward
@@ -231,3 +232,12 @@ def test_gated_closed_loop_meets_tpot_by_capping_and_settles(start):
     ttft, tpot = sim.latencies(x, cap or 512)
     assert cap is not None and tpot * 1000 <= 45 and ttft * 1000 <= 1500, (history, ttft, tpot)
     assert x >= start[0] - 10, history  # it did not buy TPOT by starving prefill
+
+
+def test_a_starting_cap_from_the_environment():
+    assert initial_prefill_cap({}) is None and initial_prefill_cap({CAP_ENV: ""}) is None
+    assert initial_prefill_cap({CAP_ENV: "128"}) == 128
+    with pytest.raises(ValueError, match="PDSERVE_SEMI_PD_PREFILL_CAP='lots': must be a whole number"):
+        initial_prefill_cap({CAP_ENV: "lots"})
+    with pytest.raises(ValueError, match=">= 1 token"):
+        initial_prefill_cap({CAP_ENV: "0"})
