@@ -15,8 +15,9 @@ Both schedulers step at the same time, each in its own thread; the policy parts 
 one lock (they share the page allocator), the forwards do not. Each worker holds its compute
 share (semi_pd/cpu_share.py); a new split takes effect between two of its steps, in place
 (`InPlaceSplit`: re-pin) or by process rotation (`RotationSplit`: standby workers, --semi-pd-switch).
-Modules: this one (the message loop, the two schedulers, handover, recovery, status),
-semi_pd/worker_link.py (the resident's end of a worker), semi_pd/split_mechanisms.py (split
+Modules: this one (the message loop, the two schedulers, handover), semi_pd/resident_workers.py
+(starting a worker, recovery when one dies), semi_pd/resident_status.py (status, load and
+info), semi_pd/worker_link.py (the resident's end of a worker), semi_pd/split_mechanisms.py (split
 changes: re-pin or rotation).
 
 The weights are one copy in shared memory too (semi_pd/shared_weights.py); each worker
@@ -27,17 +28,15 @@ page would have two owners).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import json
 import logging
+import os
 import queue
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict
 
-import msgspec
 import torch
 
 from pdserve.config import ServerArgs
@@ -46,12 +45,11 @@ from pdserve.engine.shm_segment import allocate_kv_buffer, free_kv_buffer, new_s
 from pdserve.engine.kv_connector import NoKVConnector
 from pdserve.engine.kv_pool import PageAllocator
 from pdserve.engine.model_loading import num_kv_pages
-from pdserve.engine.request import Req, ReqStatus
+from pdserve.engine.request import Req
 from pdserve.engine.runner import ModelRunner, kv_pool_shape
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.scheduler_process import WEIGHTS_CALLS, SchedulerProcess, run_scheduler_process
 from pdserve.engine.tp import encode_op
-from pdserve.enums import DisaggregationMode
 from pdserve.messages import (
     AbortReq,
     AdminResp,
@@ -62,20 +60,20 @@ from pdserve.messages import (
     FlushCacheResp,
     GenerateReq,
     GetLoadReq,
-    LoadResp,
     ProfileReq,
     ProfileResp,
     ReqOut,
     SemiPDReallocateReq,
     SemiPDResp,
     SemiPDStatusReq,
-    ServerInfo,
     ShutdownReq,
     ShutdownResp,
     encode,
 )
 from pdserve.semi_pd.allocation import SMAllocation
 from pdserve.semi_pd.cpu_share import CpuShareManager, core_policy, share_plan, step_share
+from pdserve.semi_pd.resident_status import ResidentStatus
+from pdserve.semi_pd.resident_workers import ResidentWorkers
 from pdserve.semi_pd.step_gate import StepGate, initial_prefill_cap
 from pdserve.semi_pd.metrics_collector import SemiPDMetricsCollector
 from pdserve.semi_pd.slo_algorithm import ControllerSettings, SLOAwareResourceController, SLOConstraints
@@ -91,7 +89,7 @@ NOT_UNDER_SEMI_PD = (
 WARMUP_RID = "__warmup__"
 
 
-class ResidentProcess(SchedulerProcess):
+class ResidentProcess(ResidentStatus, ResidentWorkers, SchedulerProcess):
     def _build(self, args: ServerArgs) -> None:
         from pdserve.engine.grammar import GrammarBackend
         from pdserve.engine.model_loading import resolve_dtype
@@ -125,6 +123,10 @@ class ResidentProcess(SchedulerProcess):
         kv = allocate_kv_buffer(kv_pool_shape(cfg, num_pages, args.page_size), dtype, self.kv_shm_name)
         self.cores = my_cores()
         self.policy = core_policy()  # $PDSERVE_SEMI_PD_CORES, read once: it holds for the server's life
+        if self.policy != "disjoint":
+            # the workers share cores: one's OpenMP threads must not spin-wait after its forward
+            # on the cores the other's forward needs (session 7: forwards up to 2x slower)
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # inherited by the workers
         split = SMAllocation(args.initial_prefill_sm, args.initial_decode_sm)
         plan = self.plan_for(split)
         init = encode_op(
@@ -297,33 +299,6 @@ class ResidentProcess(SchedulerProcess):
             self.quota.describe(),
         )
 
-    def _popen(self, cmd: list[str]) -> subprocess.Popen:
-        """Start a worker from the main thread: a worker dies with the *thread* that started it
-        (PR_SET_PDEATHSIG follows the parent thread), so not from a rotation thread that ends."""
-        if threading.current_thread() is threading.main_thread():
-            return subprocess.Popen(cmd)
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self.spawns.put((cmd, fut))
-        return fut.result(timeout=60)
-
-    def _serve_spawns(self) -> None:
-        while not self.spawns.empty():
-            cmd, fut = self.spawns.get_nowait()
-            try:
-                fut.set_result(subprocess.Popen(cmd))
-            except Exception as e:
-                fut.set_exception(e)
-
-    def start_worker(self, role: str, share: dict) -> WorkerLink:
-        """A new worker on the shared weights and pool, ready and held to `share`."""
-        link = WorkerLink(role, self.args, self.kv_shm_name, self.num_pages, share["threads"], popen=self._popen)
-        link.send(self.worker_init)
-        head, _ = link.wait("ready")
-        link.pid = int(head["pid"])
-        link.pin(share)
-        self.quota.set_quota(role, link.pid, share["quota_cores"], share.get("weight"))
-        return link
-
     def _step(self, role: str) -> None:
         new = self.pending_link[role]
         if new is not None:  # rotation: switch between two steps, retire the old worker
@@ -389,28 +364,6 @@ class ResidentProcess(SchedulerProcess):
         start time, each written by that role's thread alone)."""
         since = self.busy_since[role]
         return self.busy_total[role] + (max(0.0, now - since) if since is not None else 0.0)
-
-    def _recover(self, role: str, why: str) -> None:
-        """A worker died: end the requests it was running (their pages are freed), start a
-        new one on the same weights and pool, and carry on. Requests still waiting for it,
-        and everything the other worker runs, are not touched."""
-        message = f"the Semi-PD {role} worker died ({why}); this request was ended: retry it"
-        logger.error("Semi-PD: %s; restarting it", why)
-        reason = FinishReason(FinishReasonType.ABORT, message=message, status_code=503)
-        with self.lock:
-            sched = self.scheds[role]
-            for rid in [r for r, who in self.role_of.items() if who == role]:
-                req = sched.get(rid)
-                if req is not None and req.status == ReqStatus.RUNNING:
-                    sched.fail(req, reason)
-                    self.max_new_tokens.pop(rid, None)
-            self._emit(sched.take_outputs())
-        self.links[role].close()
-        link = self.start_worker(role, self.split.plan[role])
-        self.links[role] = link
-        self.runners[role].model.link = link
-        self.restarts[role] += 1
-        logger.info("Semi-PD: %s worker restarted (pid %d)", role, link.pid)
 
     def _emit(self, outs: list[ReqOut]) -> None:
         """Send outputs to the front end (callers hold self.lock: one order for both roles)."""
@@ -512,115 +465,6 @@ class ResidentProcess(SchedulerProcess):
             self.running = False
             with self.send_lock:
                 self.send.send(encode(ShutdownResp(msg.call_id)))
-
-    def _step_timing(self, role: str) -> dict:
-        """The last steps of a role: the worker's forward alone against the whole step as the
-        resident sees it (batch built and sent, forward, logits back, sampling), ms."""
-        samples = list(self.step_times[role])
-        if not samples:
-            return {"steps": 0, "forward_ms_p50": 0.0, "wall_ms_p50": 0.0, "overhead_ms_p50": 0.0}
-        fwd = sorted(f for f, _ in samples)
-        wall = sorted(w for _, w in samples)
-        over = sorted(w - f for f, w in samples)
-        mid = len(samples) // 2
-        return {
-            "steps": len(samples),
-            "forward_ms_p50": fwd[mid] * 1000,
-            "wall_ms_p50": wall[mid] * 1000,
-            "overhead_ms_p50": over[mid] * 1000,
-        }
-
-    def get_status(self) -> dict:
-        """The coordinator status of the seed (GET /semi_pd/status): JSON-like."""
-        with self.lock:
-            load = self.scheds["decode"].load()
-        total = load.num_total_pages
-        used = total - load.num_free_pages
-        split = self.split.current
-        attainment, completed = self.metrics.get_slo_attainment(self.args.slo_ttft_target, self.args.slo_tpot_target)
-        return {
-            "is_running": self.running and self.dead is None,
-            "components": {
-                "resident": True,
-                "prefill_worker": self.links["prefill"].proc.poll() is None,
-                "decode_worker": self.links["decode"].proc.poll() is None,
-                "unified_memory": True,
-                "slo_controller": self.controller is not None,
-            },
-            "workers": {
-                r: {"pid": self.links[r].pid, "alive": self.links[r].proc.poll() is None, "restarts": self.restarts[r]}
-                for r in ROLES
-            },
-            "current_split": split.as_dict(),
-            "process_rotation_status": {
-                "current_sm_allocation": str(split),
-                "mechanism": self.split.mechanism,
-                "rotation_seconds": getattr(self.split, "rotation_seconds", [])[-20:],
-                "cpu_share": self.quota.describe(),
-                "core_policy": self.policy,
-                "step_gate": self.gate.status() if self.gate is not None else None,
-                "plan": self.split.plan,
-                "num_changes": len(self.split.history) - 1,  # the first entry is the start-up split
-                "changes": [{"time": t, "split": str(a)} for t, a, _ in self.split.history[-50:]],
-                "pin_seconds": {r: v[-20:] for r, v in self.pin_seconds.items()},
-                "prefill_cap_tokens": self.split.prefill_cap,
-                "prefill_cap_changes": [
-                    {"time": t, "tokens": c} for t, c in getattr(self.split, "cap_history", [])[-50:]
-                ],
-            },
-            "unified_memory_status": {
-                "memory_usage": {
-                    "total_memory_bytes": total * self.kv_bytes_per_page,
-                    "allocated_memory_bytes": used * self.kv_bytes_per_page,
-                    "utilization_ratio": used / total if total else 0.0,
-                    "total_pages": total,
-                    "free_pages": load.num_free_pages,
-                    "page_size": self.args.page_size,
-                }
-            },
-            "slo_controller_status": self.controller.get_status() if self.controller is not None else None,
-            "metrics": self.metrics.get_real_time_metrics(),
-            "step_timing": {role: self._step_timing(role) for role in ROLES},
-            "slo": {
-                "ttft_target_ms": self.args.slo_ttft_target,
-                "tpot_target_ms": self.args.slo_tpot_target,
-                "attainment": attainment,
-                "completed_in_window": completed,
-            },
-        }
-
-    def load(self, call_id: int) -> LoadResp:
-        with self.lock:
-            p, d = self.scheds["prefill"].load(), self.scheds["decode"].load()
-        merged = msgspec.structs.replace(
-            d,
-            num_running_reqs=p.num_running_reqs + d.num_running_reqs,
-            num_waiting_reqs=p.num_waiting_reqs + d.num_waiting_reqs,
-            num_tokens=p.num_tokens + d.num_tokens,
-            prompt_tokens=p.prompt_tokens + d.prompt_tokens,
-            generation_tokens=d.generation_tokens,  # prefill's first token is counted again by decode
-            prefill_computed_tokens=p.prefill_computed_tokens + d.prefill_computed_tokens,
-            num_retractions=p.num_retractions + d.num_retractions,
-        )
-        return LoadResp(call_id, merged, DisaggregationMode.NULL, kv_store=self.kv_connector.stats())
-
-    def info(self) -> ServerInfo:
-        cfg, args = self.cfg, self.args
-        return ServerInfo(
-            max_total_num_tokens=self.scheduler.capacity_tokens,
-            page_size=args.page_size,
-            context_length=self.context_length,
-            vocab_size=cfg.vocab_size,
-            dtype=str(self.dtype).replace("torch.", ""),
-            num_layers=cfg.num_layers,
-            arch=cfg.arch,
-            weight_bytes=self.weight_bytes,
-            load_seconds=self.load_seconds,
-            max_running_requests=args.max_running_requests,
-            chunked_prefill_size=args.chunked_prefill_size,
-            disable_radix_cache=True,
-            tp_size=1,
-        )
 
     def event_loop(self) -> None:
         while self.running:
