@@ -281,24 +281,6 @@ class ResidentProcess(ResidentStatus, ResidentWorkers, SchedulerProcess):
         under its core policy."""
         return share_plan(allocation.prefill_percentage, allocation.decode_percentage, self.cores, self.policy)
 
-    def pin_workers(self, allocation: SMAllocation, plan: dict | None = None) -> None:
-        """Both workers to the shares of `allocation` (whose plan is `plan`, computed if not
-        given), in place: cores and threads before their next step, CFS quota now."""
-        plan = plan or self.plan_for(allocation)
-        for role in ROLES:
-            self.pending_pin[role] = plan[role]
-            self.wake[role].set()
-            link = self.links[role]
-            if link.pid:
-                self.quota.set_quota(role, link.pid, plan[role]["quota_cores"], plan[role]["weight"])
-        logger.info(
-            "Semi-PD split %s: prefill cores %s, decode cores %s (%s)",
-            allocation,
-            plan["prefill"]["cores"],
-            plan["decode"]["cores"],
-            self.quota.describe(),
-        )
-
     def _step(self, role: str) -> None:
         new = self.pending_link[role]
         if new is not None:  # rotation: switch between two steps, retire the old worker

@@ -1,7 +1,7 @@
-"""Starting and restarting the Semi-PD workers (issue #13): a new worker on the shared
-weights and KV pool, started from the resident's main thread, and the recovery when one
-dies. A mixin of `ResidentProcess` (semi_pd/resident_process.py), which holds the state it
-uses: the worker links, the schedulers, the split and the lock."""
+"""The Semi-PD workers' lifecycle (issue #13): a new worker on the shared weights and KV
+pool, started from the resident's main thread; the recovery when one dies; re-pinning both
+to a new split. A mixin of `ResidentProcess` (semi_pd/resident_process.py), which holds the
+state it uses: the worker links, the schedulers, the split and the lock."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import threading
 
 from pdserve.engine.request import ReqStatus
 from pdserve.messages import FinishReason, FinishReasonType
-from pdserve.semi_pd.worker_link import WorkerLink
+from pdserve.semi_pd.allocation import SMAllocation
+from pdserve.semi_pd.worker_link import ROLES, WorkerLink
 
 logger = logging.getLogger("pdserve.semi_pd")
 
@@ -68,3 +69,21 @@ class ResidentWorkers:
         self.runners[role].model.link = link
         self.restarts[role] += 1
         logger.info("Semi-PD: %s worker restarted (pid %d)", role, link.pid)
+
+    def pin_workers(self, allocation: SMAllocation, plan: dict | None = None) -> None:
+        """Both workers to the shares of `allocation` (whose plan is `plan`, computed if not
+        given), in place: cores and threads before their next step, CFS quota now."""
+        plan = plan or self.plan_for(allocation)
+        for role in ROLES:
+            self.pending_pin[role] = plan[role]
+            self.wake[role].set()
+            link = self.links[role]
+            if link.pid:
+                self.quota.set_quota(role, link.pid, plan[role]["quota_cores"], plan[role]["weight"])
+        logger.info(
+            "Semi-PD split %s: prefill cores %s, decode cores %s (%s)",
+            allocation,
+            plan["prefill"]["cores"],
+            plan["decode"]["cores"],
+            self.quota.describe(),
+        )
