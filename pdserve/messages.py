@@ -139,6 +139,7 @@ class FlushCacheResp(msgspec.Struct, tag=True):
 class PrefillQueueStats(msgspec.Struct):
     bootstrap_queue_len: int
     inflight_queue_len: int
+    parked_reqs: int = 0  # ended, pages freed once a KV write reading them ends
 
 
 class KVStoreStats(msgspec.Struct):

@@ -27,7 +27,7 @@ from pdserve.disagg.transfer.base import BaseKVBootstrapServer, BaseKVManager
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler
-from pdserve.messages import PrefillQueueStats
+from pdserve.messages import FinishReason, FinishReasonType, PrefillQueueStats
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ class PrefillDisagg(DisaggQueues):
         self.scheduler = scheduler
         self.bootstrap_queue = PrefillBootstrapQueue(scheduler, kv_manager, backend, bootstrap_port)
         self.inflight: list[Req] = []
+        # ended requests whose pages a transfer worker still reads (a write under way when the
+        # sender failed or was aborted): freed once it stops, without holding up the scheduler
+        self.parked: list[Req] = []
         scheduler.on_generation_end(self._on_prefill_done)
         if send_per_chunk:
             scheduler.on_prefill_chunk(self._on_chunk_done)
@@ -107,7 +110,30 @@ class PrefillDisagg(DisaggQueues):
         self.bootstrap_queue.add(req)
 
     def has_work(self) -> bool:
-        return bool(self.bootstrap_queue.queue or self.inflight)
+        return bool(self.bootstrap_queue.queue or self.inflight or self.parked)
+
+    def _fail(self, req: Req, message: str, status: int = 500) -> None:
+        """End the request with an error now; free its pages now, or once no transfer worker
+        reads them any more (the sender is `busy`: freed pages could be reallocated and
+        overwritten while a write still sends them)."""
+        sender = req.kv_sender
+        if sender is None or not sender.busy:
+            fail(self.scheduler, req, message, status)
+            return
+        logger.error("request %s failed: %s (pages freed once the KV write under way ends)", req.rid, message)
+        self.scheduler.fail(
+            req, FinishReason(FinishReasonType.ABORT, message=message, status_code=status), keep_pages=True
+        )
+        self.parked.append(req)
+
+    def _release_parked(self) -> None:
+        keep = []
+        for req in self.parked:
+            if req.kv_sender.busy:
+                keep.append(req)
+            else:
+                self.scheduler.free_pages(req)
+        self.parked = keep
 
     def _on_chunk_done(self, req: Req) -> None:
         """A prompt chunk's forward ended and more chunks follow: ship the pages it filled
@@ -117,7 +143,7 @@ class PrefillDisagg(DisaggQueues):
         if sender is None:
             return
         if sender.poll() == KVPoll.Failed:  # decode gave up (abort, timeout): stop computing
-            fail(self.scheduler, req, failure_reason(sender))
+            self._fail(req, failure_reason(sender))
             return
         self._send(req, req.kv_len // self.scheduler.page_size, None)
 
@@ -145,16 +171,18 @@ class PrefillDisagg(DisaggQueues):
         if sent and req.num_retractions:
             # never on a prefill server (retraction only makes room for a decoding request,
             # and none decodes here); pages already handed over were freed and recomputed
-            fail(self.scheduler, req, "retracted after part of its KV was sent")
+            self._fail(req, "retracted after part of its KV was sent")
             return False
         try:
             req.kv_sender.send(req.pages[sent:upto], meta)
         except Exception as e:
-            fail(self.scheduler, req, f"KV send failed: {e}")
+            self._fail(req, f"KV send failed: {e}")
             return False
         return True
 
     def step(self) -> None:
+        if self.parked:
+            self._release_parked()
         for req in self.bootstrap_queue.pop_bootstrapped():
             self.scheduler.add_request(req)
         keep = []
@@ -165,22 +193,34 @@ class PrefillDisagg(DisaggQueues):
                 req.transfer_start = req.first_token_time or req.transfer_end
                 self.scheduler.finish_held(req)
             elif state == KVPoll.Failed:
-                fail(self.scheduler, req, failure_reason(req.kv_sender))
+                self._fail(req, failure_reason(req.kv_sender))
             else:
                 keep.append(req)
         self.inflight = keep
 
     def abort(self, rid: str) -> bool:
-        if self.bootstrap_queue.abort(rid) or abort_queued(self.scheduler, self.inflight, rid, "kv_sender"):
+        if self.bootstrap_queue.abort(rid):  # nothing sent yet
             return True
-        # waiting for or inside its prefill forward: the scheduler frees the pages (return
-        # False), but decode must hear now, not after its waiting timeout
+        for req in self.inflight:
+            if req.rid == rid:
+                self.inflight.remove(req)
+                req.kv_sender.abort()
+                self._fail(req, "aborted by the client", 499)  # parks the pages a write reads
+                return True
+        # waiting for or inside its prefill forward: decode must hear now, not after its
+        # waiting timeout; the scheduler frees (and caches) the pages (return False), unless
+        # a chunk already handed over is still being written from them
         req = self.scheduler.get(rid)
         if req is not None and not req.finished and req.kv_sender is not None:
             req.kv_sender.abort()
+            if req.kv_sender.busy:
+                self._fail(req, "aborted by the client", 499)
+                return True
         return False
 
     def stats(self) -> PrefillQueueStats:
         return PrefillQueueStats(
-            bootstrap_queue_len=len(self.bootstrap_queue.queue), inflight_queue_len=len(self.inflight)
+            bootstrap_queue_len=len(self.bootstrap_queue.queue),
+            inflight_queue_len=len(self.inflight),
+            parked_reqs=len(self.parked),
         )

@@ -4,6 +4,7 @@ and a runner that writes each computed token's KV slots into the prefill pool, a
 does. A prompt over several chunks arrives complete and equal; an abort between chunks, on
 either side, leaves both pools free."""
 
+import threading
 import time
 
 import pytest
@@ -166,6 +167,61 @@ def test_abort_between_chunks_frees_both_pools(dep, side):
     assert dep.outs["prefill"]["a"][-1].finish.type == "abort"
     # both sides work on afterwards
     p2, d2 = dep.submit("b", 20, 10)
+    assert dep.run_until(dep.idle)
+    assert d2.kv_receiver.poll() == KVPoll.Success and dep.outs["decode"]["b"][-1].finish.type == "length"
+    assert dep.pools_free()
+
+
+@pytest.fixture
+def held_send(dep):
+    """Prefill's first piece write waits for `go` once it started (`started` is set): a write
+    under way, reading prefill's pages, while the request is aborted."""
+    started, go = threading.Event(), threading.Event()
+    mover = dep.pair.prefill.prefill.mover
+    real, calls = mover.send_piece, []
+
+    def send_piece(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            started.set()
+            assert go.wait(10)
+        return real(*a, **kw)
+
+    mover.send_piece = send_piece
+    yield started, go
+    go.set()
+
+
+@pytest.mark.parametrize("case", ["prefill aborts between chunks", "decode aborts after the last chunk"])
+def test_prefill_pages_stay_allocated_while_a_write_reads_them(dep, held_send, case):
+    """An aborted or failed prefill request ends at once, but its pages are not freed (and so
+    cannot be reallocated and overwritten) while a transfer worker still sends them; they
+    are freed once that write ends (#14)."""
+    started, go = held_send
+    between = case.startswith("prefill")
+    p, d = dep.submit("a", 60 if between else 6, 12)
+    assert dep.run_until(started.is_set), "no write started"
+    used = dep.ps.load().num_used_pages
+    assert used > 0
+    if between:
+        assert not p.finished and p.kv_sent_pages < 15
+        if not dep.pq.abort("a"):
+            dep.ps.abort("a")
+    else:
+        assert dep.run_until(lambda: p in dep.pq.inflight)
+        assert dep.dq.abort("a")
+    assert dep.run_until(lambda: p.finished and p.kv_sender.poll() == KVPoll.Failed), p.status
+    for _ in range(20):  # the write is still under way: the pages stay allocated
+        dep.step()
+    assert dep.ps.load().num_used_pages == used, "prefill freed pages a write still reads"
+    assert p.kv_sender.busy and p in dep.pq.parked
+    assert dep.pq.stats().parked_reqs == 1
+    go.set()
+    assert dep.run_until(lambda: dep.idle() and dep.pools_free()), (dep.ps.load(), dep.ds.load())
+    assert not p.kv_sender.busy and dep.pq.parked == []
+    assert dep.outs["prefill"]["a"][-1].finish.type == "abort"
+    # both sides work on afterwards
+    p2, d2 = dep.submit("b", 20, 13)
     assert dep.run_until(dep.idle)
     assert d2.kv_receiver.poll() == KVPoll.Success and dep.outs["decode"]["b"][-1].finish.type == "length"
     assert dep.pools_free()

@@ -239,6 +239,13 @@ class BaseKVSender(ABC):
     def abort(self) -> None:
         """Give up on the request: state Failed, nothing more is sent for it."""
 
+    @property
+    def busy(self) -> bool:
+        """A write under way still reads the request's prefill pages (the sender failed or was
+        aborted meanwhile): they may not be freed or reused yet (backends that read nothing
+        after failing: never)."""
+        return False
+
 
 class BaseKVReceiver(ABC):
     """Decode side, one per request. Call order: poll() until WaitingForInput (prefill found),

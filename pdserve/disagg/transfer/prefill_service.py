@@ -54,8 +54,9 @@ class Destination:
     outstanding: int = 0  # queued pieces not yet written (guarded by the service lock)
     meta_queued: bool = False
     # one-sided: decode granted the write of all its pages with the REGISTER (standing grant);
-    # writes under way into them (guarded by the service lock), and whether the ABORT that
-    # releases the grant was queued (once the sender failed and no write is under way)
+    # whether the ABORT that releases the grant was queued (once the sender failed and no
+    # write is under way). `writing`: pieces being written to this destination now, on every
+    # backend (guarded by the service lock; they read prefill's pages, see Sender.begin_write)
     granted: bool = False
     writing: int = 0
     released: bool = False
@@ -133,9 +134,9 @@ class Sender(Protocol):
 
     def fail(self, reason: str, notify_decode: bool = True, detach: bool = True) -> None: ...
 
-    def begin_granted_write(self, dest: Destination) -> bool: ...
+    def begin_write(self, dest: Destination) -> bool: ...
 
-    def end_granted_write(self, dest: Destination) -> None: ...
+    def end_write(self, dest: Destination) -> None: ...
 
 
 class PrefillTransferService:
@@ -440,16 +441,15 @@ class PrefillTransferService:
             wire.send_frame(sock, FrameHeader(FrameType.ABORT, sender.room, src_rank=self.args.engine_rank), body)
             return
         if job.kind == "piece":
-            if dest.granted and not sender.begin_granted_write(dest):
-                return  # the sender failed: nothing more may be written under the grant
+            if not sender.begin_write(dest):
+                return  # the sender failed: its pages may be freed, nothing more is written
             try:
                 if job.with_meta is None:
                     job.with_meta = sender.claim_meta(dest)
                 trailer = self._meta_frame(sender) if job.with_meta else b""
                 nbytes = self.mover.send_piece(sock, job, scratch, trailer)
             finally:
-                if dest.granted:
-                    sender.end_granted_write(dest)
+                sender.end_write(dest)
             if job.with_meta:
                 sender.piece_done(dest, nbytes)
                 sender.meta_sent(dest)
@@ -486,7 +486,7 @@ class PrefillTransferService:
 def release_jobs_locked(sender: "Sender | RoomRef", dests, reason: str) -> list[Job]:
     """ABORT jobs that release decode's standing grants of `dests` (service lock held): for
     each granted destination with no write under way and no release queued yet. A write
-    under way queues its own when it ends (Sender.end_granted_write)."""
+    under way queues its own when it ends (Sender.end_write)."""
     jobs = []
     for d in dests:
         if d.granted and not d.released and d.writing == 0:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from pdserve.disagg.metadata import KVMetadata
 from pdserve.disagg.mode import DisaggregationMode
-from pdserve.disagg.poll import KVPoll, PollState
+from pdserve.disagg.poll import WAKER, KVPoll, PollState
 from pdserve.disagg.transfer import wire
 from pdserve.disagg.transfer.base import BaseKVSender, KVTransferError, PageIndices, as_page_array, check_room
 from pdserve.disagg.transfer.prefill_service import (
@@ -55,6 +55,7 @@ class SocketKVSender(BaseKVSender):
         self._final = False
         self._meta_pending = 0
         self._bytes = 0
+        self._writing = 0  # pieces being written now (their workers read this request's pages)
         self._t_first_send: float | None = None
         self.svc.attach(self)
 
@@ -158,24 +159,33 @@ class SocketKVSender(BaseKVSender):
             self.mgr._stats.record_success(self._bytes, time.monotonic() - t0)
             self.svc.detach(self)
 
-    def begin_granted_write(self, dest: Destination) -> bool:
-        """A worker is about to write into dest's pages under decode's standing grant: False
-        when the sender already failed (then nothing more may be written)."""
+    def begin_write(self, dest: Destination) -> bool:
+        """A worker is about to write a piece, reading this request's prefill pages: False
+        when the sender already failed (its pages may be freed: nothing more is written)."""
         with self.svc.lock:
             if self._state.state == KVPoll.Failed:
                 return False
             dest.writing += 1
+            self._writing += 1
             return True
 
-    def end_granted_write(self, dest: Destination) -> None:
+    def end_write(self, dest: Destination) -> None:
+        """The piece's write ended (done or not): it reads the prefill pages no more."""
         with self.svc.lock:
             dest.writing -= 1
-            jobs = (
-                release_jobs_locked(self, [dest], self._state.reason or "failed")
-                if self._state.state == KVPoll.Failed
-                else []
-            )
+            self._writing -= 1
+            failed = self._state.state == KVPoll.Failed
+            jobs = release_jobs_locked(self, [dest], self._state.reason or "failed") if failed else []
         self.svc.submit(jobs)
+        if failed and self._writing == 0:
+            WAKER.wake()  # the scheduler may free the pages it parked (`busy` turned False)
+
+    @property
+    def busy(self) -> bool:
+        """A worker still reads this request's prefill pages (a write under way when the sender
+        failed or was aborted): they may not be freed or reused yet. It turns False once the
+        write ends; no write starts after the sender failed, so it never turns True again."""
+        return self._writing > 0
 
     def fail(self, reason: str, notify_decode: bool = True, detach: bool = True) -> None:
         if not self._state.fail(reason):
