@@ -1,4 +1,4 @@
-"""One-sided engines (shm, nixl, mooncake): decode grants the write of a request's pages with
+"""Standing write grants (shm, nixl, mooncake, and gloo since session 7): decode grants the write of a request's pages with
 its REGISTER, so prefill writes without a WRITE_BEGIN -> ACK round trip per piece (#14). The
 pages stay decode's: a failed or aborted receiver reports Failed (and is no longer `busy`) only
 once prefill said that none of its writes is under way or can start, or its heartbeats failed,
@@ -173,17 +173,37 @@ def test_write_granted_frames_are_checked(caplog):
         pair.close()
 
 
-def test_gloo_still_grants_each_write():
+def test_gloo_writes_under_the_standing_grant_and_drops_unwanted_bytes(monkeypatch):
+    """gloo (two-sided) writes under the standing grant too, without a round trip; a write
+    into a receiver that failed meanwhile is still received (prefill's send completes, the
+    connection's group stays in step) but not scattered into its pages."""
+    replies = []
+    real_reply = one_sided.OneSidedDecodeMover._reply
+    monkeypatch.setattr(
+        one_sided.OneSidedDecodeMover, "_reply", lambda self, *a: (replies.append(a), real_reply(self, *a))[1]
+    )
     pair = Pair("gloo")
     try:
         r, s = _registered(pair, 12, [4])
-        assert not r.busy  # no standing grant
-        c = socket.create_connection(("127.0.0.1", pair.decode.port), timeout=3)
-        wire.send_frame(c, FrameHeader(FrameType.WRITE_GRANTED, 12, npages=1, head_end=SHAPE[4]))
-        assert _closed_by_peer(c)
+        assert r.busy  # the standing grant
         s.init(1)
         s.send([3], KVMetadata(12, 1))
-        assert poll_until(r, DONE) == KVPoll.Success
+        assert poll_until(r, DONE) == KVPoll.Success and replies == []
+        assert torch.equal(pair.dkv[4], pair.pkv[3])
+        # a receiver that failed before the write: the bytes are received and dropped
+        before = pair.dkv.clone()
+        r2, s2 = _registered(pair, 14, [6, 7])
+        with pair.decode.decode.lock:
+            r2.fail("gave up", notify=False)  # prefill does not hear of it
+        s2.init(2)
+        s2.send([8, 9], KVMetadata(14, 1))
+        assert poll_until(s2, DONE) == KVPoll.Success  # its send completed
+        assert poll_until(r2, DONE) == KVPoll.Failed and not r2.busy  # its source finished
+        assert torch.equal(pair.dkv, before)  # nothing landed
+        r3, s3 = _registered(pair, 15, [9])  # the connection and its group work on
+        s3.init(1)
+        s3.send([5], KVMetadata(15, 1))
+        assert poll_until(r3, DONE) == KVPoll.Success and torch.equal(pair.dkv[9], pair.pkv[5])
     finally:
         pair.close()
 

@@ -142,7 +142,7 @@ class Receiver(Protocol):
 
     def release_standing(self, src: int | None = None, why: str = "") -> None: ...
 
-    def begin_granted(self, h: FrameHeader) -> np.ndarray | None: ...
+    def begin_granted(self, h: FrameHeader, hold: bool = False) -> np.ndarray | None: ...
 
     def granted_done(self, src: int, nbytes: int) -> None: ...
 
@@ -238,12 +238,17 @@ class DecodeTransferService:
         if r is None:
             logger.warning("metadata for unknown or finished room %d ignored", h.room)
             return
+        self.deliver_meta(r, h.src_rank, h.room, data)
+
+    def deliver_meta(self, r: "Receiver", src_rank: int, room: int, data: bytes) -> None:
+        """A META record from prefill rank `src_rank` for `r` (a META frame's payload, or the
+        one a nixl write's notification carried)."""
         try:
-            meta = KVMetadata.unpack(data, expected_room=h.room)
+            meta = KVMetadata.unpack(data, expected_room=room)
         except MetadataError as e:
             r.fail(f"bad metadata record: {e}")
             return
-        r.on_meta(h.src_rank, meta)
+        r.on_meta(src_rank, meta)
 
     # -- receivers -------------------------------------------------------------------------
     def lookup(self, room: int) -> "Receiver | None":

@@ -194,17 +194,21 @@ class SocketKVReceiver(BaseKVReceiver):
                 self.svc.drop_granted(self)
             self.end_write_locked(0, False, len(srcs))
 
-    def begin_granted(self, h: FrameHeader) -> np.ndarray | None:
+    def begin_granted(self, h: FrameHeader, hold: bool = False) -> np.ndarray | None:
         """A WRITE_GRANTED frame: the decode pages it covers, checked like a WRITE_BEGIN; None
         when the receiver no longer accepts data (the write still lands in pages that the grant
         keeps from being freed). ProtocolError when the frame does not fit the request or the
-        source holds no standing grant."""
+        source holds no standing grant. `hold`: decode writes the pages itself (gloo's
+        scatter), holding a writer slot until `end_write`: prefill's write may end, and its
+        grant with it, before decode's copy does."""
         with self.svc.lock:
             if h.src_rank not in self._standing:
                 raise ProtocolError(f"room {self.room}: prefill rank {h.src_rank} holds no standing write grant")
             pages = self._check_frame_locked(h)
             if pages is None:
                 return None
+            if hold:
+                self._writers += 1
             if self._t_first_byte is None:
                 self._t_first_byte = time.monotonic()
         self._state.advance(KVPoll.Transferring)

@@ -1,15 +1,25 @@
 """The gloo and nccl backends: KV pages move as torch.distributed send/recv between the two
 ranks of a 2-process group built per data connection (gloo on CPU, nccl with CUDA pools).
 
-Two-sided, so decode takes part: on the same data connection as the other backends,
+Two-sided, so decode takes part: on the same data connection as the other backends, under
+the standing grant of one_sided.py (decode granted the write of all of a request's pages
+with its REGISTER, so prefill does not wait for an ACK before each write),
 
     prefill                                   decode
     GROUP_JOIN(group id)                     ->   both build ProcessGroupGloo(rank 0 = prefill,
                                                   rank 1 = decode) over decode's TCPStore
-    WRITE_BEGIN(room, offset, npages, heads) ->   checks the receiver still wants them,
-                                             <-   ACK ok, then posts recv
+    WRITE_GRANTED(room, offset, npages, heads) -> checks the frame, holds a writer slot if the
+                                                  receiver still wants the pages, posts recv
     gather pages into staging, send          ->   recv into staging, scatter into its pages
-    WRITE_DONE(same fields)                  ->   releases the write slot, counts the bytes
+                                                  (or drop the bytes: the receiver failed),
+                                                  release the slot
+    WRITE_DONE(same fields) [+ META]         ->   counts the bytes
+
+Decode receives every write it granted, wanted or not, so prefill's send never waits on a
+receive that does not come; the slot it holds while it scatters keeps the pages from being
+freed after prefill's write (and its grant) ended but before decode's copy did. Until
+session 7 each write asked first (WRITE_BEGIN -> ACK): one round trip per transfer, most of
+gloo's fixed cost at 1 MB. A decode that does not grant is still served that way.
 
 Pages are batched into staging buffers of up to 64 MiB per message: each send/recv costs
 1-2.5 ms here, so page-by-page sends would crawl. A request is one piece (`max_pieces = 1`),
@@ -81,7 +91,6 @@ class _Link:
 
 
 class GlooPrefillMover(OneSidedPrefillMover):
-    standing_grant = False  # asks before each write (WRITE_BEGIN): decode must receive it
     kind = "gloo"
     max_pieces = 1  # one message per transfer (each send/recv has a fixed cost)
 
@@ -122,9 +131,9 @@ class GlooPrefillMover(OneSidedPrefillMover):
 
 class GlooDecodeMover(OneSidedDecodeMover):
     kind = "gloo"
-    # two-sided: decode receives each write, so it grants each one (WRITE_BEGIN -> ACK) and
-    # a refused write is never sent
-    standing_grant = False
+    # two-sided: decode receives every write it granted (into staging) and scatters it into
+    # its pages while the receiver still wants them; otherwise it drops the bytes
+    two_sided = True
 
     def __init__(self, args: KVArgs, svc_getter) -> None:
         super().__init__(args, svc_getter)
@@ -147,20 +156,24 @@ class GlooDecodeMover(OneSidedDecodeMover):
         except RuntimeError as e:
             raise OSError(f"{self.kind} group with prefill failed: {e}") from None
 
-    def receive(self, conn: DataConn, h: FrameHeader, pages: np.ndarray) -> None:
+    def receive(self, conn: DataConn, h: FrameHeader, pages: np.ndarray | None) -> None:
+        """Receive the write's messages; scatter them into `pages` (None: the receiver no
+        longer wants them or holds no grant: the bytes are received and dropped, so prefill's
+        send completes and the connection's group stays in step)."""
         pg = conn.scratch.get("group")
         if pg is None:
-            raise ProtocolError("WRITE_BEGIN before GROUP_JOIN")
+            raise ProtocolError(f"{h.type.name} before GROUP_JOIN")
         heads = (h.head_start, h.head_end)
         slice_nbytes = (h.head_end - h.head_start) * self.head_page_nbytes
         kv = self.args.kv_data
-        chunks = _chunks(len(pages), slice_nbytes)
+        chunks = _chunks(h.npages, slice_nbytes)
         try:
             with self.staging.take(max(n for _, n in chunks) * slice_nbytes) as whole:
                 for lo, n in chunks:
                     buf = whole[: n * slice_nbytes]
                     pg.recv([buf], PREFILL, 0).wait()
-                    scatter_pages(kv, pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
+                    if pages is not None:
+                        scatter_pages(kv, pages[lo : lo + n], heads, staging_view(buf, kv, n, heads))
         except RuntimeError as e:  # the peer died or timed out: the connection ends, the grant fails
             raise OSError(f"{self.kind} receive failed: {e}") from None
 

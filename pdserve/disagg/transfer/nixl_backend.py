@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -48,7 +49,24 @@ def _nixl():
     return nixl_agent, nixl_agent_config
 
 
+def _skip_unused_ib_modules(args: KVArgs) -> None:
+    """On a host without RDMA devices, keep UCX from loading its InfiniBand modules: they are
+    of no use there, and the libnl-route they pull in crashes the process at exit (SIGSEGV in
+    its destructor, rtnl_tc_unregister, inside _dl_fini, after everything else ran: every
+    process that made a NIXL agent died so, found in session 7). A UCX_MODULES the user set,
+    RDMA devices present, or `--disaggregation-ib-device` leave UCX as it is."""
+    if "UCX_MODULES" in os.environ or args.ib_device:
+        return
+    try:
+        has_rdma = bool(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        has_rdma = False
+    if not has_rdma:
+        os.environ["UCX_MODULES"] = "^ib*"
+
+
 def _agent(role: str, args: KVArgs):
+    _skip_unused_ib_modules(args)
     nixl_agent, nixl_agent_config = _nixl()
     name = f"pdserve-{role}-r{args.engine_rank}-{uuid.uuid4().hex[:12]}"
     agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, enable_listen_thread=False, backends=["UCX"]))
@@ -58,6 +76,10 @@ def _agent(role: str, args: KVArgs):
 
 
 class NixlPrefillMover(OneSidedPrefillMover):
+    # the write's notification tells decode it landed and carries the last piece's META:
+    # decode succeeds without waiting for prefill to see DONE and send WRITE_DONE
+    meta_with_write = True
+
     def __init__(self, args: KVArgs) -> None:
         super().__init__(args)
         self.agent, self._reg = _agent("prefill", args)
@@ -91,7 +113,7 @@ class NixlPrefillMover(OneSidedPrefillMover):
             self._peers[key] = (digest, name, int(body.kv_ptr))
         return None
 
-    def write(self, job: Job, dst_pages: np.ndarray, link: object) -> None:
+    def write(self, job: Job, dst_pages: np.ndarray, link: object, meta: bytes = b"") -> None:
         dest = job.dest
         with self._lock:
             peer = self._peers.get((dest.host, dest.port, dest.decode_rank))
@@ -103,6 +125,8 @@ class NixlPrefillMover(OneSidedPrefillMover):
         )
         dev = self.dev
         tag = write_tag(job.sender.room, job.offset, len(job.src_pages), dest.dst_heads)
+        if meta:
+            tag += META_SEP + meta
         with self._agent_lock:  # every agent call serialized: workers share the agent
             if self._closed:
                 raise RuntimeError("the NIXL agent is shut down")
@@ -146,8 +170,12 @@ class NixlPrefillMover(OneSidedPrefillMover):
 
 def write_tag(room: int, offset: int, npages: int, heads: tuple[int, int]) -> bytes:
     """The notification a write carries: which grant it completes (prefill ranks of another
-    tp size write the same pages' different heads, so the heads are part of it)."""
+    tp size write the same pages' different heads, so the heads are part of it). The last
+    piece's adds META_SEP and the 32-byte META record."""
     return f"{room}:{offset}:{npages}:{heads[0]}:{heads[1]}".encode()
+
+
+META_SEP = b"#"  # never in a tag (digits and colons)
 
 
 class NixlDecodeMover(OneSidedDecodeMover):
@@ -156,13 +184,15 @@ class NixlDecodeMover(OneSidedDecodeMover):
         self.agent, self._reg = _agent("decode", args)
         self._meta = self.agent.get_agent_metadata()
         self._notif_lock = threading.Lock()
-        # notifications read but not yet waited for -> when they arrived (a write whose grant
-        # was given up on leaves one behind: pruned after WRITE_TIMEOUT_S)
-        self._arrived: dict[bytes, float] = {}
+        # notifications read but not yet waited for -> (when they arrived, the META record
+        # they carried) (a write whose grant was given up on leaves one behind: pruned after
+        # WRITE_TIMEOUT_S)
+        self._arrived: dict[bytes, tuple[float, bytes]] = {}
         self._closed = False
 
-    def receive(self, conn: DataConn, h: FrameHeader, pages: np.ndarray) -> None:
-        """After the grant: progress the agent until this write's notification arrives."""
+    def receive(self, conn: DataConn, h: FrameHeader, pages: np.ndarray) -> bytes:
+        """After the grant: progress the agent until this write's notification arrives; return
+        the META record it carried (b"" for a piece that is not the last)."""
         tag = write_tag(h.room, h.offset, h.npages, (h.head_start, h.head_end))
         deadline = time.monotonic() + WRITE_TIMEOUT_S
         svc = self._svc_getter()
@@ -172,11 +202,14 @@ class NixlDecodeMover(OneSidedDecodeMover):
                     raise OSError("the KV manager is shutting down")
                 now = time.monotonic()
                 for msgs in self.agent.get_new_notifs().values():  # also drives UCX progress
-                    self._arrived.update((m, now) for m in msgs)
-                if self._arrived.pop(tag, None) is not None:
+                    for m in msgs:
+                        key, _, meta = bytes(m).partition(META_SEP)
+                        self._arrived[key] = (now, meta)
+                got = self._arrived.pop(tag, None)
+                if got is not None:
                     if len(self._arrived) > 1024:
-                        self._arrived = {m: t for m, t in self._arrived.items() if now - t < WRITE_TIMEOUT_S}
-                    return
+                        self._arrived = {m: v for m, v in self._arrived.items() if now - v[0] < WRITE_TIMEOUT_S}
+                    return got[1]
             if time.monotonic() > deadline:
                 raise OSError(f"NIXL write for room {h.room} did not land in {WRITE_TIMEOUT_S:.0f} s")
             time.sleep(0.0002)

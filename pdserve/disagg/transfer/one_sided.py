@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 class OneSidedPrefillMover(ABC):
     # write under decode's standing grant when its REGISTER carries one (see above)
     standing_grant = True
+    # the engine tells decode itself when a granted write landed, carrying the META record
+    # of the last piece (nixl: the write's notification): decode counts the write then, and
+    # WRITE_DONE, sent once prefill saw the write complete, only closes it (no META frame)
+    meta_with_write = False
 
     def __init__(self, args: KVArgs) -> None:
         self.args = args
@@ -80,8 +84,13 @@ class OneSidedPrefillMover(ABC):
             ack = wire.read_ack(sock, job.sender.room)
             if not ack.ok:
                 raise RuntimeError(f"decode refused the write: {ack.error}")
-        self.write(job, dest.pages[job.offset : job.offset + n], link)
-        if job.sender.done:  # failed during the write (its pages may be reused): no META
+        dst_pages = dest.pages[job.offset : job.offset + n]
+        if self.meta_with_write and dest.granted:
+            self.write(job, dst_pages, link, meta=trailer[wire.HEADER_SIZE :])
+            trailer = b""  # it went with the write
+        else:
+            self.write(job, dst_pages, link)
+        if job.sender.done:  # failed during the write: no META (decode must not succeed)
             trailer = b""
         h.type = FrameType.WRITE_DONE
         wire.send_views(sock, [h.pack(), trailer])  # the META frame, when it is the last piece
@@ -91,6 +100,8 @@ class OneSidedPrefillMover(ABC):
 class OneSidedDecodeMover(ABC):
     # grant prefill the write of all of a request's pages with the REGISTER (see above)
     standing_grant = True
+    # decode takes part in each write (gloo: receives, then scatters into its pages)
+    two_sided = False
 
     def __init__(self, args: KVArgs, svc_getter) -> None:
         self.args = args
@@ -107,10 +118,13 @@ class OneSidedDecodeMover(ABC):
     def join(self, conn: DataConn, h: FrameHeader) -> None:
         raise ProtocolError(f"{h.type.name} frames belong to the gloo backend")
 
-    def receive(self, conn: DataConn, h: FrameHeader, pages: np.ndarray | None) -> None:
+    def receive(self, conn: DataConn, h: FrameHeader, pages: np.ndarray | None) -> bytes | None:
         """After granting a write: take part in it where the backend is two-sided (gloo; the
         decode pages); one-sided engines write without decode's help (nixl progresses
-        its agent until the write's notification; pages may be None)."""
+        its agent until the write's notification; pages may be None). A mover whose engine
+        says when a granted write landed (nixl) returns once it did, with the META record
+        that came with it (b"" when none); others return None."""
+        return None
 
     def _reply(self, conn: DataConn, room: int, error: str | None) -> None:
         body = wire.encode_body(wire.AckBody(ok=error is None, error=error or ""))
@@ -133,12 +147,23 @@ class OneSidedDecodeMover(ABC):
             if not self.standing_grant:
                 raise ProtocolError("this backend grants each write (WRITE_BEGIN)")
             r = svc.granted(h.room)
+            pages = None
             if r is None:  # its grant ended (an abort that timed out): nothing to protect any more
                 logger.warning("write into room %d, which holds no standing grant, ignored", h.room)
             else:
-                r.begin_granted(h)  # ProtocolError -> connection closed
+                # ProtocolError -> connection closed. Two-sided (gloo): decode writes the pages
+                # itself, holding a writer slot until it is done (None: receive, drop the bytes)
+                pages = r.begin_granted(h, hold=self.two_sided)
             conn.grant = (r, key, True)
-            self.receive(conn, h, None)
+            try:
+                meta = self.receive(conn, h, pages)
+            finally:
+                if self.two_sided and pages is not None:
+                    r.end_write(0, False)  # counted at WRITE_DONE, as for the one-sided engines
+            if meta is not None:  # the write landed: count it now, WRITE_DONE only closes it
+                conn.grant = (r, key, "counted")
+                if r is not None:
+                    self._landed(svc, r, h, meta)
             return
         if h.type == FrameType.WRITE_BEGIN:
             if conn.grant is not None:
@@ -157,11 +182,20 @@ class OneSidedDecodeMover(ABC):
             r, _, standing = conn.grant
             conn.grant = None
             nbytes = h.npages * (h.head_end - h.head_start) * self.head_page_nbytes
-            if standing:
+            if standing == "counted":
+                pass  # counted when it landed (receive)
+            elif standing:
                 if r is not None:
                     r.granted_done(h.src_rank, nbytes)
             else:
                 r.end_write(nbytes, True)
+
+    def _landed(self, svc: DecodeTransferService, r, h: FrameHeader, meta: bytes) -> None:
+        """A granted write landed (the engine said so): count its bytes, and take the META
+        record that came with it (the last piece's), as a META frame would be taken."""
+        r.granted_done(h.src_rank, h.npages * (h.head_end - h.head_start) * self.head_page_nbytes)
+        if meta:
+            svc.deliver_meta(r, h.src_rank, h.room, meta)
 
     def on_disconnect(self, conn: DataConn) -> None:
         if conn.grant is not None:

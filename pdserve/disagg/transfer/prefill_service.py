@@ -386,10 +386,12 @@ class PrefillTransferService:
     def split_pieces(self, sender: "Sender", dest: Destination, pages: np.ndarray, offset: int) -> list[Job]:
         if len(pages) == 0:
             return []
-        min_piece = getattr(self.mover, "min_piece_bytes", MIN_PIECE_BYTES)
-        pages_per_piece = max(1, min(MIN_PIECE_BYTES, min_piece) // max(1, sender.slice_nbytes(dest)))
+        min_piece = min(MIN_PIECE_BYTES, getattr(self.mover, "min_piece_bytes", MIN_PIECE_BYTES))
         max_pieces = min(len(self._queues), getattr(self.mover, "max_pieces", len(self._queues)))
-        npieces = max(1, min(max_pieces, -(-len(pages) // pages_per_piece)))
+        # as many pieces as fit whole: none smaller than min_piece (a 1 MB transfer is one
+        # piece on one worker: a second stream's hand-offs cost more than its copy saves)
+        nbytes = len(pages) * sender.slice_nbytes(dest)
+        npieces = max(1, min(max_pieces, len(pages), nbytes // max(1, min_piece)))
         bounds = [len(pages) * i // npieces for i in range(npieces + 1)]  # as even as they go
         return [Job("piece", sender, dest, offset + lo, pages[lo:hi]) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
