@@ -181,14 +181,18 @@ Quant quant_outputs(const c10::optional<at::Tensor>& q, const c10::optional<at::
 
 // ---- residual add + RMSNorm --------------------------------------------------------------
 
-// The residual of rms_norm: rows of the model dtype, or (--quantization w8a8_int8) an int8
-// linear's int32 sums and scales, dequantized on the fly exactly as int8_dequant rounds them,
-// so the linear's output is never written out and read back.
+// An op's input rows (rms_norm's residual, silu_mul's [gate | up]): rows of the model dtype, or
+// (--quantization w8a8_int8) an int8 linear's int32 sums and scales, dequantized on the fly
+// exactly as int8_dequant rounds them, so the linear's output is never written out and read back.
+// `at` reads one element as float, `load` 16 of them (masked).
 template <typename T>
 struct DenseRows {
   const T* p;
   int64_t stride;
   float at(int64_t r, int64_t e) const { return to_f(p[r * stride + e]); }
+#ifdef PDSERVE_AVX512
+  __m512 load(int64_t r, int64_t e, __mmask16 m) const { return load16(p + r * stride + e, m); }
+#endif
 };
 template <typename T>
 struct Int32Rows {
@@ -200,6 +204,13 @@ struct Int32Rows {
   float at(int64_t r, int64_t e) const {
     return to_f(from_f<T>((static_cast<float>(p[r * stride + e]) * xs[r * xss]) * ws[e]));
   }
+#ifdef PDSERVE_AVX512
+  __m512 load(int64_t r, int64_t e, __mmask16 m) const {
+    const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, p + r * stride + e));
+    return round_like(_mm512_mul_ps(_mm512_mul_ps(a, _mm512_set1_ps(xs[r * xss])), _mm512_maskz_loadu_ps(m, ws + e)),
+                      T());
+  }
+#endif
 };
 
 template <typename T, typename Res>
@@ -327,36 +338,6 @@ void int8_quant(const at::Tensor& x, at::Tensor q, at::Tensor scale) {
 // ---- SiLU(gate) * up ---------------------------------------------------------------------
 
 
-// silu_mul's input row r, element e of [gate | up]: the model dtype's rows, or an int8 linear's
-// int32 sums dequantized as int8_dequant rounds them (its output never written out).
-template <typename T>
-struct DenseGU {
-  const T* p;
-  int64_t stride;
-  float at(int64_t r, int64_t e) const { return to_f(p[r * stride + e]); }
-#ifdef PDSERVE_AVX512
-  __m512 load(int64_t r, int64_t e, __mmask16 m) const { return load16(p + r * stride + e, m); }
-#endif
-};
-template <typename T>
-struct Int32GU {
-  const int32_t* p;
-  int64_t stride;
-  const float* xs;
-  int64_t xss;
-  const float* ws;
-  float at(int64_t r, int64_t e) const {
-    return to_f(from_f<T>((static_cast<float>(p[r * stride + e]) * xs[r * xss]) * ws[e]));
-  }
-#ifdef PDSERVE_AVX512
-  __m512 load(int64_t r, int64_t e, __mmask16 m) const {
-    const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, p + r * stride + e));
-    return round_like(_mm512_mul_ps(_mm512_mul_ps(a, _mm512_set1_ps(xs[r * xss])), _mm512_maskz_loadu_ps(m, ws + e)),
-                      T());
-  }
-#endif
-};
-
 template <typename T, typename Src>
 void silu_mul_impl(const Src& src, at::Tensor& out, const Quant& qo) {
   const int64_t R = out.size(0), I = out.size(1);
@@ -395,9 +376,9 @@ void silu_mul(const at::Tensor& gu, at::Tensor out, const c10::optional<at::Tens
   TORCH_CHECK(gu.scalar_type() == out.scalar_type(), "silu_mul: gu and out must share a dtype");
   const Quant qo = quant_outputs(q, scale, out, "silu_mul");
   if (gu.scalar_type() == at::kFloat) {
-    silu_mul_impl<float>(DenseGU<float>{gu.data_ptr<float>(), gu.stride(0)}, out, qo);
+    silu_mul_impl<float>(DenseRows<float>{gu.data_ptr<float>(), gu.stride(0)}, out, qo);
   } else if (gu.scalar_type() == at::kBFloat16) {
-    silu_mul_impl<bf16>(DenseGU<bf16>{gu.data_ptr<bf16>(), gu.stride(0)}, out, qo);
+    silu_mul_impl<bf16>(DenseRows<bf16>{gu.data_ptr<bf16>(), gu.stride(0)}, out, qo);
   } else {
     TORCH_CHECK(false, "silu_mul: float32 or bfloat16 only");
   }
@@ -411,11 +392,11 @@ void silu_mul_i32(const at::Tensor& acc, const at::Tensor& x_scale, const at::Te
   check_int8_sums(acc, x_scale, w_scale, out.size(0), 2 * out.size(1), "silu_mul_i32");
   const Quant qo = quant_outputs(q, scale, out, "silu_mul_i32");
   if (out.scalar_type() == at::kFloat) {
-    silu_mul_impl<float>(Int32GU<float>{acc.data_ptr<int32_t>(), acc.stride(0), x_scale.data_ptr<float>(),
+    silu_mul_impl<float>(Int32Rows<float>{acc.data_ptr<int32_t>(), acc.stride(0), x_scale.data_ptr<float>(),
                                         x_scale.stride(0), w_scale.data_ptr<float>()},
                          out, qo);
   } else if (out.scalar_type() == at::kBFloat16) {
-    silu_mul_impl<bf16>(Int32GU<bf16>{acc.data_ptr<int32_t>(), acc.stride(0), x_scale.data_ptr<float>(),
+    silu_mul_impl<bf16>(Int32Rows<bf16>{acc.data_ptr<int32_t>(), acc.stride(0), x_scale.data_ptr<float>(),
                                       x_scale.stride(0), w_scale.data_ptr<float>()},
                         out, qo);
   } else {
