@@ -13,14 +13,14 @@ import logging
 import time
 from collections import deque
 
-from pdserve.disagg.endpoints import DisaggQueues, EndpointFactory, fail, failure_reason
+from pdserve.disagg.endpoints import DisaggQueues, EndpointFactory, ParkedPages, fail, failure_reason
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import BaseKVManager
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
 from pdserve.engine.request import Req, ReqStatus
 from pdserve.engine.plan import Prealloc
 from pdserve.engine.scheduler import Scheduler
-from pdserve.messages import DecodeQueueStats, FinishReason, FinishReasonType
+from pdserve.messages import DecodeQueueStats
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class DecodeDisagg(DisaggQueues):
         self.prealloc_queue.fail = self.transfer_queue.fail = self._fail
         # ended requests whose pages a connection thread still writes into (a prefill paused
         # or slow mid-frame): freed once it stops, without holding up the scheduler
-        self.parked: list[Req] = []
+        self.parked = ParkedPages(scheduler, lambda req: req.kv_receiver)
 
     def add(self, req: Req) -> None:
         self.prealloc_queue.add(req)
@@ -140,29 +140,11 @@ class DecodeDisagg(DisaggQueues):
         return bool(self.prealloc_queue.queue or self.transfer_queue.queue or self.parked)
 
     def _fail(self, req: Req, message: str, status: int = 500) -> None:
-        """End the request with an error now; free its pages now, or once no KV write into
-        them is under way (the receiver is `busy`)."""
-        if not req.kv_receiver.busy:
-            fail(self.scheduler, req, message, status)
-            return
-        logger.error("request %s failed: %s (pages freed once the KV write under way ends)", req.rid, message)
-        self.scheduler.fail(
-            req, FinishReason(FinishReasonType.ABORT, message=message, status_code=status), keep_pages=True
-        )
-        self.parked.append(req)
-
-    def _release_parked(self) -> None:
-        keep = []
-        for req in self.parked:
-            if req.kv_receiver.busy:
-                keep.append(req)
-            else:
-                self.scheduler.free_pages(req)
-        self.parked = keep
+        self.parked.fail(req, message, status)
 
     def step(self) -> None:
         if self.parked:
-            self._release_parked()
+            self.parked.release()
         self.transfer_queue.extend(self.prealloc_queue.pop_preallocated())
         for req in self.transfer_queue.pop_ready():
             # prebuilt: join the running batch, decoding from prefill's first token

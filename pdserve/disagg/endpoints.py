@@ -32,6 +32,47 @@ def fail(scheduler: Scheduler, req: Req, message: str, status: int = 500) -> Non
     scheduler.fail(req, FinishReason(FinishReasonType.ABORT, message=message, status_code=status))
 
 
+class ParkedPages:
+    """Requests ended with an error whose KV pages a transfer still touches (a write under way
+    when the endpoint failed or was aborted: its sender reads them on prefill, its receiver
+    fills them on decode). The request ends now; its pages are freed once the endpoint that
+    `endpoint_of(req)` returns is no longer `busy` (freed pages could be reallocated while the
+    write still touches them). Both PD sides keep one."""
+
+    def __init__(self, scheduler: Scheduler, endpoint_of) -> None:
+        self.scheduler = scheduler
+        self.endpoint_of = endpoint_of
+        self.reqs: list[Req] = []
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def __contains__(self, req: Req) -> bool:
+        return req in self.reqs
+
+    def fail(self, req: Req, message: str, status: int = 500) -> None:
+        """End the request with an error; free its pages now, or park them while a write runs."""
+        endpoint = self.endpoint_of(req)
+        if endpoint is None or not endpoint.busy:
+            fail(self.scheduler, req, message, status)
+            return
+        logger.error("request %s failed: %s (pages freed once the KV write under way ends)", req.rid, message)
+        self.scheduler.fail(
+            req, FinishReason(FinishReasonType.ABORT, message=message, status_code=status), keep_pages=True
+        )
+        self.reqs.append(req)
+
+    def release(self) -> None:
+        """Free the pages of every parked request whose write has ended."""
+        keep = []
+        for req in self.reqs:
+            if self.endpoint_of(req).busy:
+                keep.append(req)
+            else:
+                self.scheduler.free_pages(req)
+        self.reqs = keep
+
+
 def failure_reason(endpoint) -> str:
     try:
         endpoint.failure_exception()

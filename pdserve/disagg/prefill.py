@@ -21,13 +21,13 @@ import math
 import time
 
 from pdserve.disagg.metadata import KVMetadata
-from pdserve.disagg.endpoints import DisaggQueues, EndpointFactory, abort_queued, fail, failure_reason
+from pdserve.disagg.endpoints import DisaggQueues, EndpointFactory, ParkedPages, abort_queued, fail, failure_reason
 from pdserve.disagg.poll import KVPoll
 from pdserve.disagg.transfer.base import BaseKVBootstrapServer, BaseKVManager
 from pdserve.disagg.transfer.registry import KVClassType, TransferBackend
 from pdserve.engine.request import Req
 from pdserve.engine.scheduler import Scheduler
-from pdserve.messages import FinishReason, FinishReasonType, PrefillQueueStats
+from pdserve.messages import PrefillQueueStats
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class PrefillDisagg(DisaggQueues):
         self.inflight: list[Req] = []
         # ended requests whose pages a transfer worker still reads (a write under way when the
         # sender failed or was aborted): freed once it stops, without holding up the scheduler
-        self.parked: list[Req] = []
+        self.parked = ParkedPages(scheduler, lambda req: req.kv_sender)
         scheduler.on_generation_end(self._on_prefill_done)
         if send_per_chunk:
             scheduler.on_prefill_chunk(self._on_chunk_done)
@@ -113,27 +113,7 @@ class PrefillDisagg(DisaggQueues):
         return bool(self.bootstrap_queue.queue or self.inflight or self.parked)
 
     def _fail(self, req: Req, message: str, status: int = 500) -> None:
-        """End the request with an error now; free its pages now, or once no transfer worker
-        reads them any more (the sender is `busy`: freed pages could be reallocated and
-        overwritten while a write still sends them)."""
-        sender = req.kv_sender
-        if sender is None or not sender.busy:
-            fail(self.scheduler, req, message, status)
-            return
-        logger.error("request %s failed: %s (pages freed once the KV write under way ends)", req.rid, message)
-        self.scheduler.fail(
-            req, FinishReason(FinishReasonType.ABORT, message=message, status_code=status), keep_pages=True
-        )
-        self.parked.append(req)
-
-    def _release_parked(self) -> None:
-        keep = []
-        for req in self.parked:
-            if req.kv_sender.busy:
-                keep.append(req)
-            else:
-                self.scheduler.free_pages(req)
-        self.parked = keep
+        self.parked.fail(req, message, status)
 
     def _on_chunk_done(self, req: Req) -> None:
         """A prompt chunk's forward ended and more chunks follow: ship the pages it filled
@@ -182,7 +162,7 @@ class PrefillDisagg(DisaggQueues):
 
     def step(self) -> None:
         if self.parked:
-            self._release_parked()
+            self.parked.release()
         for req in self.bootstrap_queue.pop_bootstrapped():
             self.scheduler.add_request(req)
         keep = []

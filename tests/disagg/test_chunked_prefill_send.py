@@ -218,7 +218,7 @@ def test_prefill_pages_stay_allocated_while_a_write_reads_them(dep, held_send, c
     assert dep.pq.stats().parked_reqs == 1
     go.set()
     assert dep.run_until(lambda: dep.idle() and dep.pools_free()), (dep.ps.load(), dep.ds.load())
-    assert not p.kv_sender.busy and dep.pq.parked == []
+    assert not p.kv_sender.busy and dep.pq.parked.reqs == []
     assert dep.outs["prefill"]["a"][-1].finish.type == "abort"
     # both sides work on afterwards
     p2, d2 = dep.submit("b", 20, 13)
