@@ -75,6 +75,16 @@ def _tune(s: socket.socket, big: bool) -> None:
     s.settimeout(60)
 
 
+def run_split(fn, socks: list, views: list, n: int, *args) -> None:
+    """fn(socks[k], the k-th of n equal runs of `views`, *args) on n threads at once, joined."""
+    per = -(-len(views) // n)
+    threads = [threading.Thread(target=fn, args=(socks[k], views[k * per : (k + 1) * per], *args)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def receiver(conn) -> None:
     buf = np.ones(POOL_PAGES * PAGE, np.uint8)  # touched: no page faults in the timed reads
     mv = memoryview(buf)
@@ -96,16 +106,8 @@ def receiver(conn) -> None:
         n = STREAMS if mode == "tcp-x4" else 1
         ss = socks["big" if mode == "tcp-32m" else "plain"]
         views = [mv[p * PAGE : (p + 1) * PAGE] for p in pages]
-        per = -(-len(views) // n)
         c0 = time.process_time()
-        threads = [
-            threading.Thread(target=recv_into_views, args=(ss[k], views[k * per : (k + 1) * per], LOWAT))
-            for k in range(n)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_split(recv_into_views, ss, views, n, LOWAT)
         conn.send(time.process_time() - c0)
 
 
@@ -186,19 +188,11 @@ def main() -> None:
                     n = STREAMS if mode == "tcp-x4" else 1
                     ss = socks["big" if mode == "tcp-32m" else "plain"]
                     views = [src[p * PAGE : (p + 1) * PAGE] for p in sp]
-                    per = -(-len(views) // n)
                     zc = mode == "tcp-zerocopy"
                     if n == 1:
                         calls = _send(ss[0], views, zc)
                     else:
-                        threads = [
-                            threading.Thread(target=_send, args=(ss[k], views[k * per : (k + 1) * per], False))
-                            for k in range(n)
-                        ]
-                        for t in threads:
-                            t.start()
-                        for t in threads:
-                            t.join()
+                        run_split(_send, ss, views, n, False)
                     if zc:
                         _reap(ss[0], calls)
                 rcpu = parent.recv()  # the receiver is done (tcp) / nothing to wait for
