@@ -22,7 +22,7 @@ from _common import write_json  # noqa: E402
 from pdserve.config import ServerArgs  # noqa: E402
 from pdserve.engine.model_loading import load_model  # noqa: E402
 from pdserve.model.grid import grid_linear  # noqa: E402
-from pdserve.model.llama import LOGIT_EXACT_ROWS, LOGIT_STEPS, packed_linear  # noqa: E402
+from pdserve.model.linears import LOGIT_EXACT_ROWS, LOGIT_STEPS, packed_linear  # noqa: E402
 
 
 def cpu_us(fn, reps: int) -> float:

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import write_json  # noqa: E402
 
-from pdserve.model.llama import int8_linear, pack_weight, packed_linear, quantize_int8  # noqa: E402
+from pdserve.model.linears import int8_linear, pack_weight, packed_linear, quantize_int8  # noqa: E402
 
 # SmolLM2-135M: hidden 576, intermediate 1536; qkv 576 -> 960, o 576 -> 576, gate_up 576 -> 3072, down 1536 -> 576
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}

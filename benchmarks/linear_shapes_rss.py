@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pdserve.engine.memdebug import mallinfo, rss_bytes  # noqa: E402
-from pdserve.model.llama import pack_weight, packed_linear  # noqa: E402
+from pdserve.model.linears import pack_weight, packed_linear  # noqa: E402
 
 SHAPES = [(1728, 576), (576, 576), (3072, 576), (576, 1536)]  # SmolLM2-135M: qkv, o, gate_up, down
 

@@ -69,7 +69,7 @@ class Quantization(StrEnum):
 
     NONE = "none"  # the model dtype
     # int8 weights (symmetric, per output channel) and int8 activations quantized per row at
-    # run time; int32 accumulation (pdserve/model/llama.py: int8_linear)
+    # run time; int32 accumulation (pdserve/model/linears.py: int8_linear)
     W8A8_INT8 = "w8a8_int8"
 
 

@@ -85,7 +85,7 @@ class CpuFusedOps:
         self.lanes = _sum_lanes(self._ops)
 
     # With quant=True the ops below return (out, (q, scale)): out's rows quantized to int8 as
-    # llama.int8_linear quantizes its input (--quantization w8a8_int8), in the same pass.
+    # linears.int8_linear quantizes its input (--quantization w8a8_int8), in the same pass.
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float, quant: bool = False):
         """rms_norm(x, w, eps) of llama.py, as a new tensor."""
@@ -121,7 +121,7 @@ class CpuFusedOps:
         return (out, q) if quant else out
 
     def int8_quant(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x's int8 rows and scales, as llama.int8_linear quantizes its input, one pass."""
+        """x's int8 rows and scales, as linears.int8_linear quantizes its input, one pass."""
         q = _q8_outputs(x)
         self._ops.int8_quant(x, *q)
         return q

@@ -87,7 +87,7 @@ def test_rope_qk_in_place_is_bitwise_apply_rope(fo, dtype, heads, kv_heads, d, r
     assert torch.equal(x[:, n * d :], qkv[:, n * d :])  # v is left alone
 
 
-def int8_rows(x):  # llama.int8_linear's per-row quantization of its input
+def int8_rows(x):  # linears.int8_linear's per-row quantization of its input
     xf = x.float()
     scale = (xf.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
     return torch.round(xf / scale).to(torch.int8), scale

@@ -10,7 +10,8 @@ import torch
 
 from pdserve.config import ServerArgs
 from pdserve.model.config import ModelConfig
-from pdserve.model.llama import LlamaModel, int8_linear, quantize_int8, random_state
+from pdserve.model.linears import int8_linear, quantize_int8
+from pdserve.model.llama import LlamaModel, random_state
 from pdserve.model.weight_update import apply_named_weights
 
 

@@ -14,9 +14,10 @@ from pdserve.engine.request import Req
 from pdserve.engine.runner import ModelRunner
 from pdserve.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
-from pdserve.model import llama
+from pdserve.model import linears
 from pdserve.model.config import ModelConfig
-from pdserve.model.llama import LlamaModel, pack_weight, packed_linear, padded_rows, random_state
+from pdserve.model.linears import pack_weight, packed_linear, padded_rows
+from pdserve.model.llama import LlamaModel, random_state
 
 needs_mkldnn = pytest.mark.skipif(pack_weight(torch.zeros(8, 8)) is None, reason="no oneDNN prepacked linear")
 
@@ -24,9 +25,9 @@ needs_mkldnn = pytest.mark.skipif(pack_weight(torch.zeros(8, 8)) is None, reason
 def test_padded_rows_is_bounded_and_tight():
     rows = [padded_rows(m) for m in range(1, 4097)]
     assert all(p >= m for m, p in zip(range(1, 4097), rows))
-    assert all(padded_rows(m) == m for m in range(1, llama.EXACT_ROWS + 1))  # decode batches as they are
+    assert all(padded_rows(m) == m for m in range(1, linears.EXACT_ROWS + 1))  # decode batches as they are
     assert max(p / m for m, p in zip(range(1, 4097), rows)) <= 1.125  # at most 12.5 % padding
-    assert len(set(rows)) == llama.EXACT_ROWS + 8 * 7  # 8 buckets per doubling from 32 to 4096
+    assert len(set(rows)) == linears.EXACT_ROWS + 8 * 7  # 8 buckets per doubling from 32 to 4096
     assert all(padded_rows(p) == p for p in set(rows))  # a bucket is its own bucket
 
 
@@ -75,7 +76,7 @@ def test_prefills_of_every_length_reach_onednn_at_few_row_counts(monkeypatch):
             s.update(plan, runner.run(plan))
     assert seen, "the prepacked path did not run"
     assert seen <= {padded_rows(m) for m in range(1, 201)}
-    assert len(seen) <= llama.EXACT_ROWS + 8 * 3  # up to 200 rows: 32 exact + 8 per doubling
+    assert len(seen) <= linears.EXACT_ROWS + 8 * 3  # up to 200 rows: 32 exact + 8 per doubling
 
 
 @needs_mkldnn

@@ -13,7 +13,7 @@
 //     expf16_u10, exported by libtorch_cpu) where AVX-512 is compiled in; bf16 rounds the SiLU
 //     to bf16 before the product, as `F.silu(g) * u` does.
 //   * with --quantization w8a8_int8, rms_norm and silu_mul also write their output's int8 rows
-//     and scales (llama.int8_linear's per-row quantization) while the row is in cache.
+//     and scales (linears.int8_linear's per-row quantization) while the row is in cache.
 //   * int8_dequant: int8_linear's `(acc.float() * x_scale * w_scale).to(dtype)`, same order.
 //   * rope_qk: apply_rope's two products and one add per element, each rounded (fp-contract
 //     is off below, so no fused multiply-add changes a bit).
@@ -129,7 +129,7 @@ inline __m512 round_like(__m512 v, bf16) {
 }
 #endif
 
-// --quantization w8a8_int8: the row's int8 activations and scale, as llama.int8_linear computes
+// --quantization w8a8_int8: the row's int8 activations and scale, as linears.int8_linear computes
 // them from the op's output (scale = max(amax|x| / 127, 1e-12), q = round-half-even(x / scale)).
 template <typename T>
 void quant_row(const T* x, int64_t n, int8_t* q, float* scale) {
@@ -314,7 +314,7 @@ void rms_norm_i32(at::Tensor h, const at::Tensor& acc, const at::Tensor& x_scale
   }
 }
 
-// int8 rows and scales of x (llama.int8_linear's quantization of its input), for inputs no other
+// int8 rows and scales of x (linears.int8_linear's quantization of its input), for inputs no other
 // fused op produces (the attention output before o_proj).
 void int8_quant(const at::Tensor& x, at::Tensor q, at::Tensor scale) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "int8_quant: x [rows, n], rows contiguous");
@@ -488,7 +488,7 @@ void int8_dequant_impl(const at::Tensor& acc, const at::Tensor& xs, const at::Te
   });
 }
 
-// out[:rows] = ((float(acc[:rows]) * x_scale) * w_scale) in out's dtype: llama.int8_linear's
+// out[:rows] = ((float(acc[:rows]) * x_scale) * w_scale) in out's dtype: linears.int8_linear's
 // `(acc.float() * x_scale * w_scale).to(dtype)` in one pass (acc may have padding rows).
 void int8_dequant(const at::Tensor& acc, const at::Tensor& x_scale, const at::Tensor& w_scale, at::Tensor out) {
   TORCH_CHECK(acc.dim() == 2 && out.dim() == 2 && acc.scalar_type() == at::kInt && acc.stride(1) == 1,
