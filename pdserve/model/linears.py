@@ -45,9 +45,14 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor | None:
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH)
-        x = torch.zeros(1, w.shape[1], dtype=w.dtype)
-        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        x = torch.ones(1, w.shape[1], dtype=w.dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+    # On CPUs without native bf16 (AVX2-only, e.g. AMD Zen 3) torch 2.13 reorders a bf16 weight
+    # without error but the product comes back [1, 0]: use the plain product there.
+    wf = w.float()
+    if y.shape != (1, w.shape[0]) or ((y[0].float() - wf.sum(1)).abs() > 2e-2 * wf.abs().sum(1) + 1e-3).any():
         return None
     return packed
 
@@ -156,12 +161,14 @@ def linear(
 ) -> torch.Tensor | Int8Sums:
     # Small batches are memory-bound: 4-bit weights read 4x fewer bytes per token
     # (benchmarks/bench_engine.py); large batches are compute-bound and stay on bf16/AMX.
-    if q8 is not None:
-        return int8_linear(x, q8, pre, fo, raw)
+    # --quantization w8a8_int8 with 4-bit copies: small steps take the 4-bit copies (fewer bytes
+    # than int8, and no activation quantization), the rest int8.
     if small and q4 is not None:
         if isinstance(q4, Q4Grid):
             return grid_linear(x, q4)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4[0], INT4_GROUP, q4[1])
+    if q8 is not None:
+        return int8_linear(x, q8, pre, fo, raw)
     if packed is not None:
         return packed_linear(x, packed)
     return F.linear(x, w)

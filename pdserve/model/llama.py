@@ -116,7 +116,8 @@ class LlamaModel:
         # steps of at most this many tokens multiply by 4-bit weights (0 = never). float32: the
         # weights' own GGUF grid through pdserve's kernel, exact (pdserve/model/grid.py), where
         # the kernel builds with AVX-512; bf16: torch's int4 matmul on a re-quantized copy.
-        # --quantization w8a8_int8 keeps its layers in int8 at every size (batch invariance).
+        # With --quantization w8a8_int8 too, such steps take the 4-bit copies and larger ones
+        # int8 (--w4-decode-max-tokens 0 keeps every step in int8, batch-invariant).
         self.grid = dtype == torch.float32 and q4_max_tokens > 0 and grid_available()
         self.q4_max_tokens = q4_max_tokens if dtype == torch.bfloat16 or self.grid else 0
         self.lm_head_grid: Q4Grid | Q8Grid | None = None
@@ -197,7 +198,7 @@ class LlamaModel:
         """(Re)build layer i's derived copies of its linear weights, the ones forward uses: int8
         (--quantization w8a8_int8) or oneDNN's prepacked ones, plus the 4-bit decode copies."""
         layer = self.layers[i]
-        if self.int8_linears or not self.q4_max_tokens:
+        if not self.q4_max_tokens:
             layer.q4 = None
         elif self.grid:  # only the linears whose weights are exactly on a grid
             grids = {n: q4_grid(getattr(layer, n)) for n in LINEAR_NAMES}
@@ -256,7 +257,9 @@ class LlamaModel:
         small = T <= (min(self.q4_max_tokens, GRID_LAYER_MAX_ROWS) if self.grid else self.q4_max_tokens)
         ar = self.all_reduce
         inter = cfg.intermediate_size
-        quant = fo is not None and self.int8_linears  # the fused ops also quantize the linears' inputs
+        # int8 mode: the fused ops also quantize the linears' inputs, except in steps that
+        # multiply by the 4-bit copies (small ones, --w4-decode-max-tokens)
+        quant = fo is not None and self.int8_linears and not (small and self.q4_max_tokens > 0)
         # int8 mode without tensor parallelism: o_proj, gate_up and down_proj hand their int32
         # sums (Int8Sums) to the fused op that follows, which scales them back on the fly
         raw = quant and ar is None

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pdserve.launch.cli import wait_healthy
-from pdserve.net import free_port
+from pdserve.net import free_port, free_port_run
 
 
 def children_of() -> dict[int, list[int]]:
@@ -46,9 +46,7 @@ def alive(pid: int) -> bool:
 
 
 def start_launch() -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    while any(not free_port_ok(port + i) for i in (1, 2)):
-        port = free_port()
+    port = free_port_run(3)
     boot = free_port()
     proc = subprocess.Popen(
         [
@@ -74,17 +72,6 @@ def start_launch() -> tuple[subprocess.Popen, int]:
         start_new_session=True,
     )
     return proc, port
-
-
-def free_port_ok(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def wait_for_tree(proc: subprocess.Popen, n: int, timeout: float = 120) -> set[int]:

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from pdserve.net import free_port_run
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +35,7 @@ LONG_PROMPT = " ".join(f"The quick brown fox jumps over the lazy dog number {i}.
 
 class Launch:
     def __init__(self, backend: str, cpu_split: str = "disjoint", *extra: str) -> None:
-        self.port = free_port()
+        self.port = free_port_run(3)  # the router's port and the two servers' after it
         self.url = f"http://127.0.0.1:{self.port}"
         boot = free_port()
         self.proc = subprocess.Popen(

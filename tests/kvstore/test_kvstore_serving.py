@@ -19,7 +19,7 @@ from pdserve.kvstore import record
 from pdserve.kvstore.keys import StoreLayout, model_identity, page_keys
 from pdserve.launch.children import wait_healthy
 from pdserve.model.paths import default_model_path
-from pdserve.net import free_port
+from pdserve.net import free_port, free_port_run
 from tests.conftest import stop_group
 
 pytestmark = pytest.mark.e2e
@@ -89,7 +89,7 @@ class Deployment:
             port = free_port()
             self.null = f"http://127.0.0.1:{port}"
             server = start("serve", "--port", str(port), *COMMON, *kv)
-            port = free_port()
+            port = free_port_run(3)
             self.router = f"http://127.0.0.1:{port}"
             # ports follow the router's: prefill +1, decode +2 (the decode server ignores --kv-store)
             self.prefill, self.decode = f"http://127.0.0.1:{port + 1}", f"http://127.0.0.1:{port + 2}"

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from pdserve.net import free_port
+from pdserve.net import free_port, free_port_run
 from tests.weights_reference import MAX_NEW, PROMPTS, hf_generate, load_hf
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +34,7 @@ def cluster():
 
 
 def test_launch_on_two_ray_nodes(cluster):
-    port = free_port()
+    port = free_port_run(3)
     cmd = [
         sys.executable,
         "-m",

@@ -37,9 +37,14 @@ def test_packed_linear_equals_the_plain_product(dtype):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 48, generator=g).to(dtype)
     packed = pack_weight(w)
+    # None only for bf16 on CPUs without native bf16 (AVX2-only), whose oneDNN bf16 product came
+    # back empty: the model then multiplies by the plain weight, which must be right too
+    assert packed is not None or (
+        dtype == torch.bfloat16 and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    )
     for m in (1, 7, 32, 33, 57, 100, 129):
         x = torch.randn(m, 48, generator=g).to(dtype)
-        y = packed_linear(x, packed)
+        y = packed_linear(x, packed) if packed is not None else linears.linear(x, w, None, False, None)
         assert y.shape == (m, 96) and y.is_contiguous()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(y.float(), (x.float() @ w.float().T), rtol=tol, atol=tol)

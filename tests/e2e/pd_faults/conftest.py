@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.pd_faults.cluster import PROMPTS, SP, Decode, Prefill, pd_generate
+from tests.e2e.pd_faults.cluster import Server, PROMPTS, SP, Decode, Prefill, pd_generate
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report carries the tail of every shared server's log: what the servers
+    saw tells a CI flake from a bug (the servers outlive the test; their logs go at exit)."""
+    rep = yield
+    servers = item.funcargs.get("cluster") if rep.when == "call" and rep.failed else None
+    for i, s in enumerate(servers or []):
+        assert isinstance(s, Server)
+        tail = "\n".join(s.log_text().splitlines()[-40:])
+        rep.sections.append((f"{type(s).__name__} #{i} ({s.url}), last 40 log lines", tail))
+    return rep
 
 
 @pytest.fixture(scope="package")
