@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, fields
 
 from pdserve.enums import AttentionBackend, DisaggregationMode, DType, Quantization, TransferBackend
-from pdserve.setting_checks import TOOL_CALL_PARSERS, hub_name_hint, missing_package
+from pdserve.setting_checks import TOOL_CALL_PARSERS, hub_name_hint, int8_matmul_missing, missing_package
 
 DTYPES = tuple(d.value for d in DType)
 ATTENTION_BACKENDS = tuple(b.value for b in AttentionBackend)
@@ -133,6 +133,8 @@ class ServerArgs:
             f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
         )
         to_enum("quantization", Quantization, f"must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization == Quantization.W8A8_INT8 and (why := int8_matmul_missing()):
+            bad("quantization", why)
         if not (0 < self.port < 65536):
             bad("port", f"must be in 1..65535, got {self.port}")
         if not (0 < self.disaggregation_bootstrap_port < 65536):

@@ -53,3 +53,19 @@ def missing_package(backend: TransferBackend) -> str | None:
         if not torch.cuda.is_available():
             return "the nccl backend needs CUDA GPUs (torch.cuda.is_available() is False here); use gloo on CPU"
     return None
+
+
+def int8_matmul_missing() -> str | None:
+    """Why `--quantization w8a8_int8` would be slow on this CPU, or None. Its linears run
+    torch._int_mm, which reaches oneDNN's int8 kernels only with AVX-512 (VNNI where present);
+    on AVX2-only CPUs (AMD Zen 3, measured) it falls back to a loop 30-50x slower than the
+    float32 product (benchmarks/bench_int8_linear.py; docs/benchmarks.md, "Session 8")."""
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap.startswith("AVX512"):
+        return None
+    return (
+        f"int8 linears need an AVX-512 CPU (this one: {cap}); here torch's int8 matmul is 30-50x slower "
+        "than the float32 product, so pdserve refuses it: leave --quantization unset"
+    )

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pdserve.bench.agreement import CHAT_QUESTIONS, agreement, chat_prompts, transformers_greedy
+from pdserve.setting_checks import int8_matmul_missing
 from tests.conftest import ServerProc
 from tests.e2e.test_pd import Launch
 
@@ -106,6 +107,10 @@ def test_readme_example_answers_paris_through_launch_bf16():
         pd.stop()
 
 
+needs_int8 = pytest.mark.skipif(bool(int8_matmul_missing()), reason=str(int8_matmul_missing()))
+
+
+@needs_int8
 def test_w8a8_int8_agrees_with_transformers_and_ignores_batching(prompts):
     """`--quantization w8a8_int8` (opt-in) against transformers in float32 on the same weights,
     over the first 10 questions: int8 rounding moves near-ties, so most first tokens and fewer
@@ -137,6 +142,7 @@ def test_w8a8_int8_agrees_with_transformers_and_ignores_batching(prompts):
     assert ag.num_full >= 2
 
 
+@needs_int8
 def test_readme_example_with_int8_linears_takes_one_of_float32s_near_tie(prompts):
     """For the README's question, float32's two most likely first tokens ('The' -> "The capital
     of France is Paris", 'L' -> "L'Étoile ...") are less than 0.1 nats apart, and int8's rounding

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pdserve.config import ServerArgs
+from pdserve.setting_checks import int8_matmul_missing
 from pdserve.model.config import ModelConfig
 from pdserve.model.linears import int8_linear, quantize_int8
 from pdserve.model.llama import LlamaModel, random_state
@@ -73,4 +74,14 @@ def test_a_weight_update_rebuilds_the_int8_copies():
 def test_bad_quantization_names_the_flag():
     with pytest.raises(ValueError, match="--quantization: must be one of"):
         ServerArgs(quantization="fp3")
-    assert ServerArgs(quantization="w8a8_int8").quantization == "w8a8_int8"
+
+
+def test_int8_is_accepted_only_where_its_matmul_is_fast():
+    """On AVX-512 CPUs w8a8_int8 is a setting like any other; on AVX2-only CPUs torch's int8
+    matmul is a slow loop, and the flag is refused with the reason instead of serving 30x slower."""
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        assert int8_matmul_missing() is None
+        assert ServerArgs(quantization="w8a8_int8").quantization == "w8a8_int8"
+    else:
+        with pytest.raises(ValueError, match="--quantization: int8 linears need an AVX-512 CPU"):
+            ServerArgs(quantization="w8a8_int8")
