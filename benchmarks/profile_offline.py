@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--w4-decode-max-tokens", type=int, default=8)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--quantization", default="none")
+    ap.add_argument("--no-fused-ops", action="store_true", help="torch's element-wise ops (cpu_paged attention kept)")
     ap.add_argument("--prof", action="store_true")
     ap.add_argument("--prof-only", choices=["mixed", "decode"], help="profile only steps of this kind")
     ap.add_argument("--prof-steps", type=int, default=8, help="with --prof-only: how many of them")
@@ -62,6 +63,8 @@ def main() -> None:
     model = load_model(args)
     ps, pages = 16, 65536 // 16
     runner = ModelRunner(model, pages, ps, attention_backend=args.attention_backend)
+    if a.no_fused_ops:
+        model.use_fused_ops(False)
     s = Scheduler(
         PageAllocator(pages, ps),
         max_running_requests=64,

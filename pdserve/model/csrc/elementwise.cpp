@@ -38,6 +38,12 @@
 #define PDSERVE_AVX512 1
 #include <immintrin.h>
 extern "C" __m512 Sleef_expf16_u10(__m512);
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 machines (e.g. AMD Zen 3): SLEEF's 8-lane exp, the one torch's AVX2 Vectorized<float>::exp
+// calls (exported by libtorch_cpu), so silu_mul rounds exactly as F.silu does there.
+#define PDSERVE_AVX2 1
+#include <immintrin.h>
+extern "C" __m256 Sleef_expf8_u10(__m256);
 #endif
 
 namespace {
@@ -129,6 +135,30 @@ inline __m512 round_like(__m512 v, bf16) {
 }
 #endif
 
+#ifdef PDSERVE_AVX2
+// 8 lanes of float32 or bfloat16 (widened to float32) at p; stores round to the element type.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline __m128i to_bf16_bits8(__m256 v) {  // round to nearest even; NaN -> 0x7fc0, as c10::BFloat16
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i ord = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q));
+  r = _mm256_blendv_epi8(_mm256_set1_epi32(0x7fc0), r, ord);
+  // pack the 8 32-bit values (each < 2^16) to 16 bits: packus works per 128-bit half
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(bf16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_bits8(v)); }
+inline __m256 round_like8(__m256 v, float) { return v; }
+inline __m256 round_like8(__m256 v, bf16) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(to_bf16_bits8(v)), 16));
+}
+#endif
+
 // --quantization w8a8_int8: the row's int8 activations and scale, as linears.int8_linear computes
 // them from the op's output (scale = max(amax|x| / 127, 1e-12), q = round-half-even(x / scale)).
 template <typename T>
@@ -193,6 +223,9 @@ struct DenseRows {
 #ifdef PDSERVE_AVX512
   __m512 load(int64_t r, int64_t e, __mmask16 m) const { return load16(p + r * stride + e, m); }
 #endif
+#ifdef PDSERVE_AVX2
+  __m256 load8(int64_t r, int64_t e) const { return ::load8(p + r * stride + e); }
+#endif
 };
 template <typename T>
 struct Int32Rows {
@@ -209,6 +242,12 @@ struct Int32Rows {
     const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, p + r * stride + e));
     return round_like(_mm512_mul_ps(_mm512_mul_ps(a, _mm512_set1_ps(xs[r * xss])), _mm512_maskz_loadu_ps(m, ws + e)),
                       T());
+  }
+#endif
+#ifdef PDSERVE_AVX2
+  __m256 load8(int64_t r, int64_t e) const {
+    const __m256 a = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + r * stride + e)));
+    return round_like8(_mm256_mul_ps(_mm256_mul_ps(a, _mm256_set1_ps(xs[r * xss])), _mm256_loadu_ps(ws + e)), T());
   }
 #endif
 };
@@ -357,7 +396,19 @@ void silu_mul_impl(const Src& src, at::Tensor& out, const Quant& qo) {
         store16(o + j, _mm512_mul_ps(s, src.load(r, I + j, m)), m);
       }
 #else
-      for (int64_t j = 0; j < I; ++j) {
+      int64_t j = 0;
+#ifdef PDSERVE_AVX2
+      // torch's AVX2 SiLU runs its vector loop (SLEEF's exp) over whole 16-element steps and
+      // its scalar loop (libm's exp) over the rest: the same split here gives the same bits
+      const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+      for (const int64_t jv = I / 16 * 16; j < jv; j += 8) {
+        const __m256 x = src.load8(r, j);
+        const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(sign, x));
+        const __m256 s = round_like8(_mm256_div_ps(x, _mm256_add_ps(one, e)), T());
+        store8(o + j, _mm256_mul_ps(s, src.load8(r, I + j)));
+      }
+#endif
+      for (; j < I; ++j) {
         const float x = src.at(r, j);
         const float s = to_f(from_f<T>(x / (1.f + std::exp(-x))));
         o[j] = from_f<T>(s * src.at(r, I + j));

@@ -37,6 +37,11 @@
 #include <immintrin.h>
 extern "C" __m512 Sleef_expf16_u10(__m512);
 #define PDSERVE_EXTEND_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+// SLEEF's 8-lane exp, exported by libtorch_cpu (torch's AVX2 Vectorized<float>::exp)
+extern "C" __m256 Sleef_expf8_u10(__m256);
+#define PDSERVE_EXTEND_SIMD 2
 #else
 #define PDSERVE_EXTEND_SIMD 0
 #endif
@@ -47,7 +52,12 @@ namespace {
 
 constexpr int64_t QB = 16;  // query tokens per work item
 constexpr int KB = 16;      // keys per block
+#if PDSERVE_EXTEND_SIMD == 1
+constexpr int kLanes = 16;  // floats per vector
 constexpr int NK = 8;       // keys per score micro-kernel call
+#else
+constexpr int kLanes = 8;
+#endif
 
 struct ExtendGeometry {
   int64_t Hq, D, Hkv, G, ps, npg;
@@ -64,6 +74,7 @@ struct Item {
   int64_t s, h, t0, t1, keys;  // chunk, KV head, query tokens [t0, t1) of the chunk, context keys it reads
 };
 
+#if PDSERVE_EXTEND_SIMD == 1
 // ST[t][rows rb0*16 ..] for NK keys (rows of K given by krow) and NR blocks of 16 rows.
 template <int NR>
 inline void score_keys(const float* Qt, int64_t Mp, int64_t D, const float* const* krow, int64_t rb0, float* st) {
@@ -189,6 +200,140 @@ void extend_item(const ExtendGeometry& g, const Item& it, const float* qp, const
   }
 }
 
+#endif  // PDSERVE_EXTEND_SIMD == 1
+
+#if PDSERVE_EXTEND_SIMD == 2
+// The same work items, row layout and online softmax on AVX2 + FMA (no AVX-512, e.g. AMD Zen 3),
+// with 8-row vectors: without it such a machine ran prefill through SDPA over a gathered copy
+// of the context (docs/benchmarks.md, session 8). Register blocking is sized for 16 vector
+// registers: 4 keys x 3 row blocks of scores, 4 rows x 16 columns of output per call.
+
+constexpr int NK = 4;  // keys per score micro-kernel call
+
+// ST[t][rows rb0*8 ..] for NK keys (rows of K given by krow) and NR blocks of 8 rows.
+template <int NR>
+inline void score_keys(const float* Qt, int64_t Mp, int64_t D, const float* const* krow, int64_t rb0, float* st) {
+  __m256 acc[NK][NR];
+  for (int j = 0; j < NK; ++j)
+    for (int r = 0; r < NR; ++r) acc[j][r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m256 qv[NR];
+    for (int r = 0; r < NR; ++r) qv[r] = _mm256_loadu_ps(Qt + d * Mp + (rb0 + r) * 8);
+    for (int j = 0; j < NK; ++j) {
+      const __m256 kb = _mm256_broadcast_ss(krow[j] + d);
+      for (int r = 0; r < NR; ++r) acc[j][r] = _mm256_fmadd_ps(qv[r], kb, acc[j][r]);
+    }
+  }
+  for (int j = 0; j < NK; ++j)
+    for (int r = 0; r < NR; ++r) _mm256_storeu_ps(st + j * Mp + (rb0 + r) * 8, acc[j][r]);
+}
+
+// acc[r][c0 .. c0+16) = acc[r][..] * corr[r] + sum_t P[t][r] * V[t][c0 .. c0+16) for rows r0..r0+3.
+inline void accumulate_rows(float* acc, int64_t D, const float* corr, const float* st, int64_t Mp,
+                            const float* const* vrow, int64_t n, int64_t r0, int64_t c0) {
+  __m256 o[4][2];
+  for (int i = 0; i < 4; ++i) {
+    const __m256 c = _mm256_set1_ps(corr[r0 + i]);
+    for (int v = 0; v < 2; ++v) o[i][v] = _mm256_mul_ps(_mm256_loadu_ps(acc + (r0 + i) * D + c0 + 8 * v), c);
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const __m256 v0 = _mm256_loadu_ps(vrow[t] + c0), v1 = _mm256_loadu_ps(vrow[t] + c0 + 8);
+    for (int i = 0; i < 4; ++i) {
+      const __m256 p = _mm256_broadcast_ss(st + t * Mp + r0 + i);
+      o[i][0] = _mm256_fmadd_ps(p, v0, o[i][0]);
+      o[i][1] = _mm256_fmadd_ps(p, v1, o[i][1]);
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int v = 0; v < 2; ++v) _mm256_storeu_ps(acc + (r0 + i) * D + c0 + 8 * v, o[i][v]);
+}
+
+template <int DV>
+void extend_item(const ExtendGeometry& g, const Item& it, const float* qp, const float* kvp, const int64_t* tab,
+                 int64_t q_start, int64_t prefix, float sc, float* op, std::vector<float>& buf) {
+  constexpr int64_t D = DV * 8;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t G = g.G, ntok = it.t1 - it.t0, M = ntok * G, Mp = (M + 7) / 8 * 8, nrb = Mp / 8;
+  buf.resize(static_cast<size_t>(D * Mp + KB * Mp + Mp * D + 4 * Mp + D));
+  float* Qt = buf.data();         // [D][Mp], scaled
+  float* st = Qt + D * Mp;        // [KB][Mp]: scores, then probabilities
+  float* acc = st + KB * Mp;      // [Mp][D]
+  float* mrow = acc + Mp * D;     // running max per row
+  float* lrow = mrow + Mp;        // running sum
+  float* corr = lrow + Mp;        // this block's rescale factor
+  int32_t* pos = reinterpret_cast<int32_t*>(corr + Mp);  // each row's position (padding: never masked)
+  float* zero = corr + 2 * Mp;    // a zero K row for keys past the end of a score block
+  std::fill(zero, zero + D, 0.f);
+  for (int64_t r = 0; r < Mp; ++r) {
+    const bool real = r < M;
+    const int64_t t = it.t0 + r / G, hq = it.h * G + r % G;
+    const float* qrow = qp + (q_start + t) * g.qs0 + hq * g.qs1;
+    for (int64_t d = 0; d < D; ++d) Qt[d * Mp + r] = real ? qrow[d] * sc : 0.f;
+    pos[r] = real ? static_cast<int32_t>(prefix + t) : std::numeric_limits<int32_t>::max();
+    mrow[r] = neg_inf;
+    lrow[r] = 0.f;
+  }
+  std::fill(acc, acc + Mp * D, 0.f);
+  const int64_t first_masked = prefix + it.t0 + 1;  // keys from here on are masked for some row
+  const float* krow[KB];
+  const float* vrow[KB];
+  for (int64_t k0 = 0; k0 < it.keys; k0 += KB) {
+    const int64_t n = std::min<int64_t>(KB, it.keys - k0);
+    for (int64_t t = 0; t < KB; ++t) {
+      const int64_t p = k0 + std::min(t, n - 1);
+      krow[t] = kvp + tab[p / g.ps] * g.page_stride + g.layer_off + (p % g.ps) * g.tok_stride + it.h * D;
+      vrow[t] = krow[t] + g.kv_half;
+      if (t >= n) krow[t] = zero;
+    }
+    for (int64_t j = 0; j < KB; j += NK) {
+      int64_t rb = 0;
+      for (; rb + 3 <= nrb; rb += 3) score_keys<3>(Qt, Mp, D, krow + j, rb, st + j * Mp);
+      if (rb + 2 <= nrb) {
+        score_keys<2>(Qt, Mp, D, krow + j, rb, st + j * Mp);
+        rb += 2;
+      }
+      if (rb < nrb) score_keys<1>(Qt, Mp, D, krow + j, rb, st + j * Mp);
+    }
+    const bool masked = k0 + KB > first_masked;
+    for (int64_t rb = 0; rb < nrb; ++rb) {
+      const __m256i pv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + rb * 8));
+      __m256 sv[KB];
+      __m256 mx = _mm256_loadu_ps(mrow + rb * 8);
+      const __m256 m_old = mx;
+      for (int64_t t = 0; t < KB; ++t) {
+        sv[t] = _mm256_loadu_ps(st + t * Mp + rb * 8);
+        if (t >= n) {
+          sv[t] = _mm256_set1_ps(neg_inf);
+        } else if (masked) {  // rows whose position is before the key
+          const __m256i late = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(k0 + t)), pv);
+          sv[t] = _mm256_blendv_ps(sv[t], _mm256_set1_ps(neg_inf), _mm256_castsi256_ps(late));
+        }
+        mx = _mm256_max_ps(mx, sv[t]);
+      }
+      // every row sees key 0 in the first block, so mx is finite from then on
+      const __m256 c = Sleef_expf8_u10(_mm256_sub_ps(m_old, mx));
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const __m256 p = Sleef_expf8_u10(_mm256_sub_ps(sv[t], mx));
+        sum = _mm256_add_ps(sum, p);
+        _mm256_storeu_ps(st + t * Mp + rb * 8, p);
+      }
+      _mm256_storeu_ps(lrow + rb * 8, _mm256_fmadd_ps(_mm256_loadu_ps(lrow + rb * 8), c, sum));
+      _mm256_storeu_ps(mrow + rb * 8, mx);
+      _mm256_storeu_ps(corr + rb * 8, c);
+    }
+    for (int64_t r0 = 0; r0 < Mp; r0 += 4)
+      for (int64_t c0 = 0; c0 < D; c0 += 16) accumulate_rows(acc, D, corr, st, Mp, vrow, n, r0, c0);
+  }
+  for (int64_t r = 0; r < M; ++r) {
+    const int64_t t = it.t0 + r / G, hq = it.h * G + r % G;
+    float* orow = op + (q_start + t) * g.os0 + hq * g.os1;
+    const __m256 inv = _mm256_set1_ps(1.f / lrow[r]);
+    for (int v = 0; v < DV; ++v) _mm256_storeu_ps(orow + 8 * v, _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + 8 * v), inv));
+  }
+}
+#endif  // PDSERVE_EXTEND_SIMD == 2
+
 template <int DV>
 void paged_extend_f32(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& meta,
                       int64_t layer, double scale, at::Tensor& out) {
@@ -248,7 +393,7 @@ void paged_extend(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& t
                   tables.size(0) == meta.size(0),
               "paged_extend: tables [S, pages] and meta [S, 3] must be contiguous int64");
   TORCH_CHECK(layer >= 0 && layer < kv.size(1), "paged_extend: layer out of range");
-  TORCH_CHECK(paged_extend_supported(q.size(2)), "paged_extend: head_dim 16, 32, 64 or 128 with AVX-512 only");
+  TORCH_CHECK(paged_extend_supported(q.size(2)), "paged_extend: head_dim 16, 32, 64 or 128 with AVX-512 or AVX2 only");
   const int64_t* mp = meta.data_ptr<int64_t>();
   const int64_t ps = kv.size(3), pages = kv.size(0), npg = tables.size(1);
   const int64_t* tp = tables.data_ptr<int64_t>();
@@ -262,11 +407,11 @@ void paged_extend(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& t
       TORCH_CHECK(tp[s * npg + i] >= 0 && tp[s * npg + i] < pages, "paged_extend: page index out of range");
   }
 #if PDSERVE_EXTEND_SIMD
-  switch (q.size(2)) {
-    case 16: return paged_extend_f32<1>(q, kv, tables, meta, layer, scale, out);
-    case 32: return paged_extend_f32<2>(q, kv, tables, meta, layer, scale, out);
-    case 64: return paged_extend_f32<4>(q, kv, tables, meta, layer, scale, out);
-    case 128: return paged_extend_f32<8>(q, kv, tables, meta, layer, scale, out);
+  switch (q.size(2)) {  // template argument: vectors per head row
+    case 16: return paged_extend_f32<16 / kLanes>(q, kv, tables, meta, layer, scale, out);
+    case 32: return paged_extend_f32<32 / kLanes>(q, kv, tables, meta, layer, scale, out);
+    case 64: return paged_extend_f32<64 / kLanes>(q, kv, tables, meta, layer, scale, out);
+    case 128: return paged_extend_f32<128 / kLanes>(q, kv, tables, meta, layer, scale, out);
     default: break;
   }
 #endif

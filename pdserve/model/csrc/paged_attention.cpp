@@ -26,6 +26,12 @@
 // SLEEF's 16-lane exp (1.0 ulp), exported by libtorch_cpu: the one torch's vectorized exp and
 // softmax use on AVX-512 (elementwise.cpp declares the same symbol).
 extern "C" __m512 Sleef_expf16_u10(__m512);
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PDSERVE_ATTN_SIMD 2
+// SLEEF's 8-lane exp (1.0 ulp), exported by libtorch_cpu: the one torch's AVX2 Vectorized<float>
+// uses (extend_attention.cpp and elementwise.cpp declare the same symbol).
+extern "C" __m256 Sleef_expf8_u10(__m256);
 #else
 #define PDSERVE_ATTN_SIMD 0
 #endif
@@ -137,7 +143,7 @@ void paged_decode_impl(const at::Tensor& q, const at::Tensor& kv, const at::Tens
   });
 }
 
-#if PDSERVE_ATTN_SIMD
+#if PDSERVE_ATTN_SIMD == 1
 // float32, head_dim a multiple of 16 up to 256: the same one pass with AVX-512 (issue #12: the
 // scalar loops above cost ~100 us per layer for one short sequence). Work items are (request,
 // KV head, query heads g0..g1 of its group); the heads of one item share each K/V row load. A
@@ -238,6 +244,121 @@ void paged_decode_f32(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
 }
 #endif
 
+#if PDSERVE_ATTN_SIMD == 2
+// float32 on AVX2 + FMA machines (no AVX-512, e.g. AMD Zen 3), head_dim a multiple of 8 up to
+// 256: decode_item_f32's pass with 8-lane vectors. The scalar loops above cost 2-3x this on such
+// a machine (libm's exp per score, a reduction per dot product; docs/benchmarks.md, session 8).
+// Work items and per-head arithmetic as in the AVX-512 kernel: a query head's output does not
+// depend on the split or the batch. Per chunk of 8 tokens: scores, online softmax over the 8
+// lanes with SLEEF's exp, then acc += p[t] * V[t].
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int DV>
+void decode_item_f32_avx2(const float* qp, int64_t qs1, const float* kvp, const int64_t* tab, int64_t len,
+                          int64_t ps, int64_t page_stride, int64_t layer_off, int64_t kv_half, int64_t tok_stride,
+                          int64_t h, int64_t D, int64_t hq0, int64_t ng, float sc, float* op, int64_t os1) {
+  constexpr int kMaxG = 4;  // fewer heads per pass than AVX-512: 16 vector registers, not 32
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t g0 = 0; g0 < ng; g0 += kMaxG) {
+    const int64_t G = std::min<int64_t>(kMaxG, ng - g0);
+    __m256 qv[kMaxG][DV], acc[kMaxG][DV];
+    float m[kMaxG], l[kMaxG];
+    alignas(32) float p[kMaxG][8];
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qrow = qp + (hq0 + g0 + g) * qs1;
+      for (int v = 0; v < DV; ++v) {
+        qv[g][v] = _mm256_mul_ps(_mm256_loadu_ps(qrow + 8 * v), _mm256_set1_ps(sc));
+        acc[g][v] = _mm256_setzero_ps();
+      }
+      m[g] = neg_inf;
+      l[g] = 0.f;
+    }
+    for (int64_t start = 0; start < len; start += 8) {
+      // 8 tokens (or fewer at the end); a chunk may span pages
+      const int64_t n = std::min<int64_t>(8, len - start);
+      const __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane));
+      const float* krow[8];
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos = start + t;
+        krow[t] = kvp + tab[pos / ps] * page_stride + layer_off + (pos % ps) * tok_stride + h * D;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        alignas(32) float s[8];
+        for (int64_t t = 0; t < n; ++t) {
+          // two chains over the head's vectors (D/8 dependent FMAs would stall on latency)
+          __m256 d0 = _mm256_mul_ps(qv[g][0], _mm256_loadu_ps(krow[t]));
+          __m256 d1 = DV > 1 ? _mm256_mul_ps(qv[g][1], _mm256_loadu_ps(krow[t] + 8)) : _mm256_setzero_ps();
+          for (int v = 2; v + 1 < DV; v += 2) {
+            d0 = _mm256_fmadd_ps(qv[g][v], _mm256_loadu_ps(krow[t] + 8 * v), d0);
+            d1 = _mm256_fmadd_ps(qv[g][v + 1], _mm256_loadu_ps(krow[t] + 8 * v + 8), d1);
+          }
+          if (DV > 1 && DV % 2 == 1) d0 = _mm256_fmadd_ps(qv[g][DV - 1], _mm256_loadu_ps(krow[t] + 8 * (DV - 1)), d0);
+          s[t] = hsum8(_mm256_add_ps(d0, d1));
+        }
+        for (int64_t t = n; t < 8; ++t) s[t] = neg_inf;
+        const __m256 sv = _mm256_load_ps(s);
+        const float mx = std::max(m[g], hmax8(sv));
+        const __m256 pv = _mm256_and_ps(valid, Sleef_expf8_u10(_mm256_sub_ps(sv, _mm256_set1_ps(mx))));
+        _mm256_store_ps(p[g], pv);
+        const float sum = hsum8(pv);
+        if (m[g] != mx) {
+          const float corr = m[g] == neg_inf ? 0.f : std::exp(m[g] - mx);
+          const __m256 cv = _mm256_set1_ps(corr);
+          for (int v = 0; v < DV; ++v) acc[g][v] = _mm256_mul_ps(acc[g][v], cv);
+          l[g] *= corr;
+          m[g] = mx;
+        }
+        l[g] += sum;
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        const float* vrow = krow[t] + kv_half;
+        for (int64_t g = 0; g < G; ++g) {
+          const __m256 pt = _mm256_set1_ps(p[g][t]);
+          for (int v = 0; v < DV; ++v) acc[g][v] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vrow + 8 * v), acc[g][v]);
+        }
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 inv = _mm256_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
+      float* orow = op + (hq0 + g0 + g) * os1;
+      for (int v = 0; v < DV; ++v) _mm256_storeu_ps(orow + 8 * v, _mm256_mul_ps(acc[g][v], inv));
+    }
+  }
+}
+
+template <int DV>
+void paged_decode_f32(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table, const at::Tensor& lens,
+                      int64_t layer, double scale, at::Tensor& out) {
+  const PagedGeometry g(q, kv, table, out, layer);
+  const float* kvp = kv.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t* tp = table.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  // few (request, KV head) pairs for the threads (single-stream decode): one item per query head
+  const int64_t split = g.B * g.Hkv < 2 * at::get_num_threads() ? g.G : 1;
+  const int64_t per = g.G / split;
+  at::parallel_for(0, g.B * g.Hkv * split, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / (g.Hkv * split), h = (w / split) % g.Hkv, part = w % split;
+      decode_item_f32_avx2<DV>(qp + b * g.qs0, g.qs1, kvp, tp + b * g.npg, lp[b], g.ps, g.page_stride,
+                               g.layer_off, g.kv_half, g.tok_stride, h, g.D, h * g.G + part * per, per,
+                               static_cast<float>(scale), op + b * g.os0, g.os1);
+    }
+  });
+}
+#endif
+
 void paged_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table, const at::Tensor& lens,
                   int64_t layer, double scale, at::Tensor out) {
   TORCH_CHECK(q.dim() == 3 && out.dim() == 3 && kv.dim() == 6, "paged_decode: q/out [B, Hq, D], kv 6-d");
@@ -251,7 +372,7 @@ void paged_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& t
   TORCH_CHECK(q.size(2) == kv.size(5) && q.size(1) % kv.size(4) == 0, "paged_decode: head shapes differ");
   TORCH_CHECK(table.size(0) == q.size(0) && lens.size(0) == q.size(0), "paged_decode: one table row per query");
   TORCH_CHECK(layer >= 0 && layer < kv.size(1), "paged_decode: layer out of range");
-#if PDSERVE_ATTN_SIMD
+#if PDSERVE_ATTN_SIMD == 1
   if (kv.scalar_type() == at::kFloat) {
     switch (q.size(2)) {
       case 16: return paged_decode_f32<1>(q, kv, table, lens, layer, scale, out);
@@ -259,6 +380,17 @@ void paged_decode(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& t
       case 64: return paged_decode_f32<4>(q, kv, table, lens, layer, scale, out);
       case 128: return paged_decode_f32<8>(q, kv, table, lens, layer, scale, out);
       case 256: return paged_decode_f32<16>(q, kv, table, lens, layer, scale, out);
+      default: break;
+    }
+  }
+#elif PDSERVE_ATTN_SIMD == 2
+  if (kv.scalar_type() == at::kFloat) {
+    switch (q.size(2)) {
+      case 16: return paged_decode_f32<2>(q, kv, table, lens, layer, scale, out);
+      case 32: return paged_decode_f32<4>(q, kv, table, lens, layer, scale, out);
+      case 64: return paged_decode_f32<8>(q, kv, table, lens, layer, scale, out);
+      case 128: return paged_decode_f32<16>(q, kv, table, lens, layer, scale, out);
+      case 256: return paged_decode_f32<32>(q, kv, table, lens, layer, scale, out);
       default: break;
     }
   }
