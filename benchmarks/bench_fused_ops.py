@@ -111,7 +111,12 @@ def main() -> None:
             print(f"{name:<14} {rows:5d} {t_torch:9.1f} {t_fused:9.1f} {t_torch / t_fused:7.2f}x")
     write_json(
         a.output,
-        {"machine": platform.processor() or platform.machine(), "threads": a.threads, "dtype": a.dtype, "results": results},
+        {
+            "machine": platform.processor() or platform.machine(),
+            "threads": a.threads,
+            "dtype": a.dtype,
+            "results": results,
+        },
     )
 
 

@@ -262,3 +262,40 @@ def test_extend_kernel_long_context_and_fallback():
             0.125,
             torch.empty_like(q[:40]),
         )
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_extend_kernel_is_built_for_avx2_and_avx512_machines():
+    """The extend kernel has an AVX-512 and an AVX2+FMA form (session 8: AMD Zen 3 has no
+    AVX-512, and prefill there ran SDPA over a gathered copy of the context); on x86 CPUs with
+    either, the float32 head sizes the runner meets go through it."""
+    flags = _cpu_flags()
+    if not ({"avx512f"} <= flags or {"avx2", "fma"} <= flags):
+        pytest.skip("neither AVX-512 nor AVX2+FMA on this CPU")
+    attn = create_attention_backend("cpu_paged", torch.zeros(4, 1, 2, 4, 1, 64))
+    assert attn._extend_ok
+    for d in (16, 32, 64, 128):
+        assert torch.ops.pdserve_cpu.paged_extend_supported(d)
+    assert not torch.ops.pdserve_cpu.paged_extend_supported(48)
+
+
+@pytest.mark.parametrize("g,d", [(3, 128), (7, 16)])
+def test_extend_kernel_other_head_shapes(g, d):
+    """head_dim 128 (8 rows x 16 columns per output block) and a group of 7 query heads (a
+    16-token item's 112 rows in blocks of 8 or 16, the last score block partial) equal
+    torch_native."""
+    gen = torch.Generator().manual_seed(13)
+    ps, hkv, pages = 16, 2, 40
+    pool = torch.randn(pages, LAYERS, 2, ps, hkv, d, generator=gen)
+    pools = {name: pool.clone() for name in ("torch_native", "cpu_paged")}
+    be = {name: create_attention_backend(name, p) for name, p in pools.items()}
+    fb, q, k, v = _step(ps, hkv, g, d, [20], [(0, 29), (35, 18)], pages, gen, torch.float32)
+    ref = be["torch_native"](1, q, k, v, _copy(fb))
+    torch.testing.assert_close(_extend_out(be["cpu_paged"], q, k, v, _copy(fb)), ref, atol=2e-5, rtol=2e-5)

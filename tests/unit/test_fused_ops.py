@@ -69,6 +69,27 @@ def test_silu_mul(fo, dtype, rows, inter):
         torch.testing.assert_close(got, ref, rtol=3e-7, atol=1e-7)
 
 
+def _avx2_without_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return False
+    return {"avx2", "fma"} <= flags and "avx512f" not in flags
+
+
+@pytest.mark.parametrize("inter", [1536, 100, 7, 17, 40])
+def test_silu_mul_float32_is_bitwise_for_any_width_on_avx2(fo, inter):
+    """AVX2-only CPUs (session 8, AMD Zen 3): the kernel splits each row as torch's AVX2 SiLU
+    does (SLEEF over whole 16-element steps, libm's exp over the rest), so no tail differs."""
+    if not _avx2_without_avx512():
+        pytest.skip("for AVX2 CPUs without AVX-512")
+    gu = rnd(5, 2 * inter, dtype=torch.float32, scale=4, seed=7)
+    ref = F.silu(gu[:, :inter])
+    ref *= gu[:, inter:]
+    assert torch.equal(fo.silu_mul(gu), ref)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,d,rows", [(9, 3, 64, 37), (4, 2, 16, 1), (3, 1, 6, 5)])
 def test_rope_qk_in_place_is_bitwise_apply_rope(fo, dtype, heads, kv_heads, d, rows):

@@ -10,8 +10,10 @@
 //     rounded to bf16, times the weight in bf16), for `lanes` = the width torch's kernels use
 //     on this CPU (16 with AVX-512, 8 with AVX2).
 //   * silu_mul: x / (1 + exp(-x)) with the same exp torch's vectorized SiLU uses (SLEEF's
-//     expf16_u10, exported by libtorch_cpu) where AVX-512 is compiled in; bf16 rounds the SiLU
-//     to bf16 before the product, as `F.silu(g) * u` does.
+//     expf16_u10, exported by libtorch_cpu) where AVX-512 is compiled in; with AVX2 + FMA only
+//     (e.g. AMD Zen 3), SLEEF's expf8_u10 over whole 16-element steps and libm's exp over the
+//     rest, torch's own split there, so float32 is bitwise F.silu(g) * u for every width; bf16
+//     rounds the SiLU to bf16 before the product, as `F.silu(g) * u` does.
 //   * with --quantization w8a8_int8, rms_norm and silu_mul also write their output's int8 rows
 //     and scales (linears.int8_linear's per-row quantization) while the row is in cache.
 //   * int8_dequant: int8_linear's `(acc.float() * x_scale * w_scale).to(dtype)`, same order.

@@ -9,19 +9,20 @@
 // Work item: (chunk, KV head h, block of QB query tokens). Its rows are the QB tokens times the
 // G = Hq / Hkv query heads of the group (row r = token (r / G), head h * G + r % G), so every K
 // and V row load serves all of them. The queries are held transposed (Qt[d][r]), so scores come
-// out transposed as well, ST[key][r]: a key's scores for 16 rows are one AVX-512 vector, built by
-// broadcasting K[key][d] against Qt[d][16 rows]. The online softmax (running max, sum, rescale)
+// out transposed as well, ST[key][r]: a key's scores for 16 rows are one AVX-512 vector (8 rows
+// one AVX2 vector), built by broadcasting K[key][d] against Qt[d][16 rows]. The online softmax (running max, sum, rescale)
 // is then lane-wise over rows, without horizontal reductions; masking (causal and the block's
 // tail) is a compare of each row's position with the key's. Output rows accumulate
-// P[key][r] * V[key] with 4 rows x D/16 vectors in registers.
+// P[key][r] * V[key] with 4 rows x D/16 vectors in registers (AVX2: 4 rows x 16 columns).
 //
 // A row's arithmetic (the order of its sums) depends only on its own position and the keys, not
 // on which chunks or decode requests share the step. Items are taken by the threads from one
 // counter, longest first (causal items differ in length by up to the chunk's size).
 //
 // Registered as torch.ops.pdserve_cpu.paged_extend(q, kv, tables, meta, layer, scale, out);
-// meta [S, 3] int64 = (q_start, q_len, prefix_len). float32 with AVX-512 and head_dim 16..128 in
-// steps of 16; pdserve/model/attention_backends.py runs SDPA elsewhere.
+// meta [S, 3] int64 = (q_start, q_len, prefix_len). float32, head_dim 16, 32, 64 or 128, with
+// AVX-512 or (session 8, e.g. AMD Zen 3) AVX2 + FMA; pdserve/model/attention_backends.py runs
+// SDPA elsewhere (paged_extend_supported says which).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>

@@ -6,6 +6,9 @@
 // and the softmax is computed online (running max and sum, rescaled once per page), so
 // nothing is gathered or materialised: each K/V byte of the context is read once.
 //
+// float32 runs vector kernels: AVX-512 (16 lanes) where compiled in, else AVX2 + FMA (8 lanes,
+// e.g. AMD Zen 3; session 8); bfloat16 and other CPUs run the portable loops below.
+//
 // Registered as torch.ops.pdserve_cpu.paged_decode(q, kv, table, lens, layer, scale, out).
 // Built by pdserve/model/cpu_kernels.py with torch.utils.cpp_extension (-O3 -march=native).
 
