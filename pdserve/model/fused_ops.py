@@ -16,8 +16,9 @@ form rounds (docs/architecture.md, "CPU kernels"), so the outputs are the same b
   fly with the same rounding (`add_rms_norm_i32`, `silu_mul_i32`), so the linear's output is
   never written out and read back; `int8_quant` quantizes the attention output for o_proj.
 - `silu_mul`: bitwise `F.silu(g) * u` where the gate width is a multiple of 32 (torch's vector
-  loop; SLEEF's exp on both sides); at most 1 ulp of the float32 SiLU off in a ragged tail,
-  where torch's scalar loop uses libm's exp. bfloat16 rounds the SiLU before the product.
+  loop; SLEEF's exp on both sides); at most 1 ulp of the float32 SiLU off in a ragged tail on
+  AVX-512, where torch's scalar loop uses libm's exp (on AVX2-only CPUs the kernel splits rows
+  as torch does there: bitwise at every width). bfloat16 rounds the SiLU before the product.
 """
 
 from __future__ import annotations
