@@ -50,7 +50,7 @@ def main() -> int:
     torch.set_num_threads(1)
     model = load_model(ServerArgs(dtype="float32", num_threads=1))
     if not model.grid:
-        raise SystemExit("grid linears are off here (no AVX-512 or the kernels did not build)")
+        raise SystemExit("grid linears are off here (neither AVX-512 nor AVX2+FMA+F16C, or the kernels did not build)")
     layer = model.layers[0]
     cases = [(n, getattr(layer, n), layer.packed[n], layer.q4[n], {}) for n in ("qkv", "o", "gate_up", "down")]
     cases.append(

@@ -33,8 +33,9 @@ GROUP = 32
 
 @functools.cache
 def grid_available() -> bool:
-    """True where pdserve's CPU kernels build and carry the AVX-512 grid path (without it the
-    kernel's scalar loop is slower than a dense matmul, so nothing uses it)."""
+    """True where pdserve's CPU kernels build and carry a SIMD grid path: AVX-512, or AVX2 + FMA
+    + F16C (session 8; AMD EPYC and other CPUs without AVX-512). Without either, the kernel's
+    scalar loop is slower than a dense matmul, so nothing uses it."""
     from pdserve.model import cpu_kernels
 
     try:
@@ -42,7 +43,10 @@ def grid_available() -> bool:
     except RuntimeError as e:
         logger.warning("float32 grid linears off: %s", e)
         return False
-    return bool(torch.ops.pdserve_cpu.grid_simd())
+    if not torch.ops.pdserve_cpu.grid_simd():
+        logger.info("float32 grid linears off: the CPU has neither AVX-512 nor AVX2 + FMA + F16C")
+        return False
+    return True
 
 
 @dataclass(frozen=True)

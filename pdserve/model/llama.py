@@ -115,9 +115,9 @@ class LlamaModel:
         self.computes_logits = computes_logits
         # steps of at most this many tokens multiply by 4-bit weights (0 = never). float32: the
         # weights' own GGUF grid through pdserve's kernel, exact (pdserve/model/grid.py), where
-        # the kernel builds with AVX-512; bf16: torch's int4 matmul on a re-quantized copy.
-        # With --quantization w8a8_int8 too, such steps take the 4-bit copies and larger ones
-        # int8 (--w4-decode-max-tokens 0 keeps every step in int8, batch-invariant).
+        # the kernel builds with AVX-512 or AVX2 + FMA + F16C; bf16: torch's int4 matmul on a
+        # re-quantized copy. With --quantization w8a8_int8 too, such steps take the 4-bit copies
+        # and larger ones int8 (--w4-decode-max-tokens 0 keeps every step in int8, batch-invariant).
         self.grid = dtype == torch.float32 and q4_max_tokens > 0 and grid_available()
         self.q4_max_tokens = q4_max_tokens if dtype == torch.bfloat16 or self.grid else 0
         self.lm_head_grid: Q4Grid | Q8Grid | None = None

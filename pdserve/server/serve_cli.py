@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=D.w4_decode_max_tokens,
         help="steps of at most this many tokens multiply by 4-bit weights: in float32 the GGUF's own grid, "
-        "exact (pdserve's kernel); in bf16 torch's int4 matmul on a re-quantized copy; with --quantization "
-        "w8a8_int8 such steps take the 4-bit copies and larger ones int8; 0 = off",
+        "exact (pdserve's kernel, AVX-512 or AVX2+FMA+F16C); in bf16 torch's int4 matmul on a re-quantized "
+        "copy; with --quantization w8a8_int8 such steps take the 4-bit copies and larger ones int8; 0 = off",
     )
     a(
         "--quantization",

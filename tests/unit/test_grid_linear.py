@@ -7,9 +7,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pdserve.model import cpu_kernels
 from pdserve.model.grid import dense, grid_available, grid_linear, q4_grid, q8_grid
 
-pytestmark = pytest.mark.skipif(not grid_available(), reason="pdserve's CPU kernels or AVX-512 unavailable")
+
+def cpu_kernels_build() -> bool:
+    try:
+        cpu_kernels.load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+needs_grid = pytest.mark.skipif(
+    not grid_available(), reason="pdserve's CPU kernels or a SIMD grid path (AVX-512, AVX2+FMA+F16C) unavailable"
+)
 
 
 def q4_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -30,6 +47,7 @@ def q8_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return (d * q).reshape(n, k)
 
 
+@needs_grid
 @pytest.mark.parametrize("kind", ["q4", "q8"])
 def test_codes_reproduce_the_weights_bit_for_bit(kind):
     w = q4_weight(37, 96) if kind == "q4" else q8_weight(37, 96)
@@ -40,6 +58,7 @@ def test_codes_reproduce_the_weights_bit_for_bit(kind):
     assert grid.num_bytes() < w.numel() * 4 / (5 if kind == "q4" else 3.5)
 
 
+@needs_grid
 def test_weights_off_the_grid_have_none():
     w = torch.randn(64, 64)
     assert q4_grid(w) is None and q8_grid(w) is None
@@ -54,6 +73,7 @@ def test_weights_off_the_grid_have_none():
     assert q4_grid(w) is None
 
 
+@needs_grid
 @pytest.mark.parametrize("kind", ["q4", "q8"])
 def test_scales_are_float16_as_gguf_stores_them(kind):
     w = q4_weight(16, 128) if kind == "q4" else q8_weight(16, 128)
@@ -63,6 +83,7 @@ def test_scales_are_float16_as_gguf_stores_them(kind):
         assert grid.m.dtype == torch.float16 and grid.m.shape == (16, 4)
 
 
+@needs_grid
 @pytest.mark.parametrize("kind", ["q4", "q8"])
 @pytest.mark.parametrize("n", [1, 4, 37, 256])
 def test_product_equals_the_dense_one_and_rows_are_independent(kind, n):
@@ -78,6 +99,33 @@ def test_product_equals_the_dense_one_and_rows_are_independent(kind, n):
     assert torch.equal(grid_linear(x[5:6].clone(), grid), y[5:6])
 
 
+@needs_grid
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_the_kernel_multiplies_by_the_dequantized_weights_bit_for_bit(kind):
+    """x = the identity: every output is one weight times 1 plus zeros, so the product is the
+    kernel's rebuilt weights themselves (element order, nibble order, the roundings of d * q + m)
+    and must equal w bit for bit, through every row tile (4, 2, 1 rows) and the last outputs."""
+    n, k = 39, 128
+    w = q4_weight(n, k, seed=3) if kind == "q4" else q8_weight(n, k, seed=3)
+    grid = q4_grid(w) if kind == "q4" else q8_grid(w)
+    eye = torch.eye(k)
+    assert torch.equal(grid_linear(eye, grid), w.T)
+    for rows in (1, 2, 3, 5):
+        assert torch.equal(grid_linear(eye[:rows].clone(), grid), w.T[:rows])
+
+
+@pytest.mark.skipif(not cpu_kernels_build(), reason="pdserve's CPU kernels do not build here")
+def test_grid_is_on_wherever_the_cpu_has_a_simd_path():
+    """grid_simd() is what turns the grid linears on (grid_available): true on AVX-512 and on
+    AVX2 + FMA + F16C CPUs (the kernels compile with -march=native). Until session 8 it was
+    AVX-512 only, and AVX2 machines silently fell back to the dense path."""
+    flags = cpu_flags()
+    simd = {"avx512f", "avx512bw"} <= flags or {"avx2", "fma", "f16c"} <= flags
+    assert torch.ops.pdserve_cpu.grid_simd() == simd
+    assert grid_available() == simd
+
+
+@needs_grid
 def test_bad_inputs_are_refused():
     grid = q4_grid(q4_weight(8, 64))
     with pytest.raises(RuntimeError, match="columns"):
@@ -87,6 +135,7 @@ def test_bad_inputs_are_refused():
     assert grid_linear(torch.randn(0, 64), grid).shape == (0, 8)
 
 
+@needs_grid
 def test_the_default_model_is_on_its_grid():
     """The default GGUF: every layer linear is Q4_1, the tied embedding Q8_0; the model uses
     them for steps of up to --w4-decode-max-tokens tokens, and the logits equal the dense ones."""

@@ -23,9 +23,17 @@
 // d float16 [N, K/32]. x float32 [M, K], contiguous.
 //
 // Registered as torch.ops.pdserve_cpu.grid_linear_q4(x, codes, d, m) and
-// grid_linear_q8(x, codes, d); grid_simd() says whether the AVX-512 path was compiled in
-// (without it the scalar loop is correct but slower than a dense matmul, and pdserve does not
-// use these ops).
+// grid_linear_q8(x, codes, d); grid_simd() says whether a SIMD path was compiled in (without
+// one the scalar loop is correct but slower than a dense matmul, and pdserve does not use these
+// ops).
+//
+// Two SIMD paths, one compiled in by -march=native: AVX-512 (16 lanes, 32 registers; preferred)
+// and, since session 8, AVX2 + FMA + F16C (8 lanes, 16 registers; AMD EPYC and other CPUs
+// without AVX-512). Same contract on both: the weights rebuilt with a separate multiply and add
+// (d * q, then + m), FMAs only for x * w, each (output, row) sum in a fixed order. The AVX2 path
+// rebuilds Q4_1 lane by lane (convert, multiply, add) instead of through a 16-entry vpermps
+// table (AVX2's vpermps has 8 entries), reads x from L1 in each FMA rather than holding it in
+// registers, and tiles 2 rows x 4 outputs or 4 rows x 2 outputs (8 accumulators).
 
 // No multiply-add contraction anywhere in this file: the weights are rebuilt from the codes
 // with the dequantization's two roundings (d * q, then + m), and grid_derive checks them so.
@@ -47,10 +55,17 @@
 #if defined(__F16C__) || (defined(__AVX512F__) && defined(__AVX512BW__))
 #include <immintrin.h>
 #endif
+// AVX-512 where the compiler targets it (preferred), else AVX2 + FMA + F16C (8 lanes), else the
+// scalar loop. Exactly one of the two SIMD paths is compiled in.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#define PDSERVE_GRID_SIMD 1
+#define PDSERVE_GRID_AVX512 1
+#define PDSERVE_GRID_AVX2 0
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define PDSERVE_GRID_AVX512 0
+#define PDSERVE_GRID_AVX2 1
 #else
-#define PDSERVE_GRID_SIMD 0
+#define PDSERVE_GRID_AVX512 0
+#define PDSERVE_GRID_AVX2 0
 #endif
 
 namespace {
@@ -74,7 +89,7 @@ void check_x(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(K % kGroup == 0, "grid_linear: K must be a multiple of 32");
 }
 
-#if PDSERVE_GRID_SIMD
+#if PDSERVE_GRID_AVX512
 // The group's 32 weights as two vectors of 16 floats, exactly the float32 values the codes stand
 // for. Q4_1: a 16-entry table t[k] = d * k + m (two roundings, as the dequantization and
 // grid_derive's check round: fp-contract is off around these kernels), looked up by the nibbles
@@ -161,7 +176,114 @@ inline void grid_rows(const float* xp, int64_t K, int64_t G, int64_t M, const ui
 }
 #endif
 
-// One scalar output (no AVX-512; same sums per row whatever M is): x times the dequantized
+#if PDSERVE_GRID_AVX2
+// The AVX2 path (8 lanes, 16 ymm registers): the same contract and the same per-(output, row)
+// order of sums whatever the tile is, laid out for half the lanes and half the registers.
+//
+// A group's 32 weights as four vectors of 8 floats (elements 0..7, 8..15, 16..23, 24..31),
+// exactly the float32 values the codes stand for. Q4_1: d * k, then + m, computed lane by lane
+// with a separate multiply and add (the AVX-512 path's table holds the same d * k + m values;
+// AVX2's vpermps has 8 entries, so a 16-entry lookup would cost two permutes and a blend per
+// vector, more than the convert, multiply and add). Q8_0: d * q.
+template <bool Q4>
+inline void group_weights8(const uint8_t* cn, int64_t g, float d, float m, __m256 w[4]) {
+  const __m256 dv = _mm256_set1_ps(d);
+  if constexpr (Q4) {
+    // bytes 0..7 and 8..15 of the group's 16: low nibbles are elements 0..15, high 16..31
+    const uint8_t* c = cn + g * 16;
+    const __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c)));
+    const __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8)));
+    const __m256i lo4 = _mm256_set1_epi32(0x0F);
+    const __m256 mv = _mm256_set1_ps(m);
+    const __m256i q[4] = {_mm256_and_si256(c0, lo4), _mm256_and_si256(c1, lo4), _mm256_srli_epi32(c0, 4),
+                          _mm256_srli_epi32(c1, 4)};
+    for (int s = 0; s < 4; ++s) w[s] = _mm256_add_ps(_mm256_mul_ps(dv, _mm256_cvtepi32_ps(q[s])), mv);
+  } else {
+    const int8_t* c = reinterpret_cast<const int8_t*>(cn) + g * kGroup;
+    for (int s = 0; s < 4; ++s)
+      w[s] = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                   _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + 8 * s)))));
+  }
+}
+
+// n float16 values -> float (n <= 32), 8 at a time with vcvtph2ps
+inline void widen8(const half_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_store_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = h2f(src[i]);
+}
+
+// The 8 lanes' sum in one fixed order (halves, then pairs, then the last two).
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// NB outputs x R rows, all accumulators in registers: each group's weights are rebuilt once per
+// output and used by the R rows; x is read from L1 by each FMA (memory operand) rather than held
+// in registers, which AVX2's 16 do not have room for. Each (output, row) accumulator sees
+// acc = fma(x[s], w[s], acc) for s = 0..3 in every group, in group order, whatever NB and R are:
+// a row's result does not depend on the other rows of the batch.
+template <int NB, int R, bool Q4>
+inline void grid_block8(const float* xp, int64_t K, int64_t G, const uint8_t* codes, int64_t code_stride,
+                        const half_t* dp, const half_t* mp, int64_t n, float* yp, int64_t N) {
+  __m256 acc[NB][R];
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = _mm256_setzero_ps();
+  constexpr int64_t kChunk = 32;  // groups whose float16 d and m are widened at once
+  alignas(32) float dbuf[NB][kChunk], mbuf[NB][kChunk];
+  for (int64_t g0 = 0; g0 < G; g0 += kChunk) {
+    const int64_t gn = std::min(kChunk, G - g0);
+    for (int b = 0; b < NB; ++b) {
+      widen8(dp + (n + b) * G + g0, gn, dbuf[b]);
+      if constexpr (Q4) widen8(mp + (n + b) * G + g0, gn, mbuf[b]);
+    }
+    for (int64_t j = 0; j < gn; ++j) {
+      const int64_t g = g0 + j;
+      const float* xg = xp + g * kGroup;
+      for (int b = 0; b < NB; ++b) {
+        // the same group's codes NB outputs on (the next block, read after this one): the
+        // hardware prefetcher alone left a single thread at ~4.5 GB/s on the Q8_0 lm_head
+        _mm_prefetch(reinterpret_cast<const char*>(codes + (n + b + NB) * code_stride + g * (Q4 ? 16 : kGroup)),
+                     _MM_HINT_T0);
+        __m256 w[4];
+        group_weights8<Q4>(codes + (n + b) * code_stride, g, dbuf[b][j], Q4 ? mbuf[b][j] : 0.f, w);
+        for (int s = 0; s < 4; ++s)
+          for (int r = 0; r < R; ++r) acc[b][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xg + r * K + 8 * s), w[s], acc[b][r]);
+      }
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int r = 0; r < R; ++r) yp[r * N + n + b] = hsum8(acc[b][r]);
+}
+
+// NB_MAX outputs (4, or 1 for the last ones), every row: tiles of 2 rows x 4 outputs (8
+// accumulators), or 4 rows x 2 outputs where there are 4 rows (each output's weights are then
+// rebuilt for 4 rows at a time, and 8 accumulators still fit).
+template <int NB_MAX, bool Q4>
+inline void grid_rows8(const float* xp, int64_t K, int64_t G, int64_t M, const uint8_t* codes, int64_t code_stride,
+                       const half_t* dp, const half_t* mp, int64_t n, float* yp, int64_t N) {
+  constexpr int NB4 = NB_MAX >= 2 ? 2 : 1;  // outputs per 4-row tile
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4)
+    for (int b = 0; b < NB_MAX; b += NB4)
+      grid_block8<NB4, 4, Q4>(xp + r * K, K, G, codes, code_stride, dp, mp, n + b, yp + r * N, N);
+  switch (M - r) {
+    case 3:
+      for (int b = 0; b < NB_MAX; b += NB4)
+        grid_block8<NB4, 3, Q4>(xp + r * K, K, G, codes, code_stride, dp, mp, n + b, yp + r * N, N);
+      break;
+    case 2: grid_block8<NB_MAX, 2, Q4>(xp + r * K, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
+    case 1: grid_block8<NB_MAX, 1, Q4>(xp + r * K, K, G, codes, code_stride, dp, mp, n, yp + r * N, N); break;
+    default: break;
+  }
+}
+#endif
+
+// One scalar output (no SIMD path; same sums per row whatever M is): x times the dequantized
 // weights, rounded as the dequantization rounds.
 template <bool Q4>
 float grid_scalar(const float* xr, int64_t G, const uint8_t* cn, const half_t* dn, const half_t* mn) {
@@ -197,11 +319,17 @@ at::Tensor grid_linear_impl(const at::Tensor& x, const uint8_t* cp, int64_t N, i
   at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b * NB;
-#if PDSERVE_GRID_SIMD
+#if PDSERVE_GRID_AVX512
       if (n + NB <= N) {
         grid_rows<NB, Q4>(xp, K, G, M, cp, code_stride, dp, mp, n, yp, N);
       } else {
         for (int64_t j = n; j < N; ++j) grid_rows<1, Q4>(xp, K, G, M, cp, code_stride, dp, mp, j, yp, N);
+      }
+#elif PDSERVE_GRID_AVX2
+      if (n + NB <= N) {
+        grid_rows8<NB, Q4>(xp, K, G, M, cp, code_stride, dp, mp, n, yp, N);
+      } else {
+        for (int64_t j = n; j < N; ++j) grid_rows8<1, Q4>(xp, K, G, M, cp, code_stride, dp, mp, j, yp, N);
       }
 #else
       for (int64_t j = n; j < std::min(N, n + NB); ++j)
@@ -245,11 +373,30 @@ at::Tensor grid_linear_q8(const at::Tensor& x, const at::Tensor& codes, const at
 // the same in the AVX-512 loop and the scalar one.
 template <bool Q4>
 bool derive_group(const float* v, uint8_t* c, half_t* dout, half_t* mout) {
-#if PDSERVE_GRID_SIMD
+#if PDSERVE_GRID_AVX512
   const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
   const float lo = _mm512_reduce_min_ps(_mm512_min_ps(v0, v1));
   const float hi = _mm512_reduce_max_ps(_mm512_max_ps(v0, v1));
   const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+#elif PDSERVE_GRID_AVX2
+  const __m256 vs[4] = {_mm256_loadu_ps(v), _mm256_loadu_ps(v + 8), _mm256_loadu_ps(v + 16), _mm256_loadu_ps(v + 24)};
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmin = vs[0], vmax = vs[0], vabs = _mm256_andnot_ps(sign, vs[0]);
+  for (int i = 1; i < 4; ++i) {
+    vmin = _mm256_min_ps(vmin, vs[i]);
+    vmax = _mm256_max_ps(vmax, vs[i]);
+    vabs = _mm256_max_ps(vabs, _mm256_andnot_ps(sign, vs[i]));
+  }
+  alignas(32) float lanes[3][8];
+  _mm256_store_ps(lanes[0], vmin);
+  _mm256_store_ps(lanes[1], vmax);
+  _mm256_store_ps(lanes[2], vabs);
+  float lo = lanes[0][0], hi = lanes[1][0], amax = lanes[2][0];
+  for (int j = 1; j < 8; ++j) {
+    lo = std::min(lo, lanes[0][j]);
+    hi = std::max(hi, lanes[1][j]);
+    amax = std::max(amax, lanes[2][j]);
+  }
 #else
   float lo = v[0], hi = v[0], amax = std::fabs(v[0]);
   for (int j = 1; j < kGroup; ++j) {
@@ -267,7 +414,7 @@ bool derive_group(const float* v, uint8_t* c, half_t* dout, half_t* mout) {
     if (h2f(mh) != lo) return false;  // a minimum GGUF could not have stored
     *mout = mh;
   }
-#if PDSERVE_GRID_SIMD
+#if PDSERVE_GRID_AVX512
   const __m512 vi = _mm512_set1_ps(inv), vd = _mm512_set1_ps(dd), vl = _mm512_set1_ps(Q4 ? lo : 0.f);
   const __m512 half = _mm512_set1_ps(0.5f);
   const __m512 qlo = _mm512_set1_ps(Q4 ? 0.f : -128.f), qhi = _mm512_set1_ps(Q4 ? 15.f : 127.f);
@@ -287,6 +434,25 @@ bool derive_group(const float* v, uint8_t* c, half_t* dout, half_t* mout) {
   } else {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(c), _mm512_cvtepi32_epi8(q[0]));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 16), _mm512_cvtepi32_epi8(q[1]));
+  }
+#elif PDSERVE_GRID_AVX2
+  const __m256 vi = _mm256_set1_ps(inv), vd = _mm256_set1_ps(dd), vl = _mm256_set1_ps(Q4 ? lo : 0.f);
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 qlo = _mm256_set1_ps(Q4 ? 0.f : -128.f), qhi = _mm256_set1_ps(Q4 ? 15.f : 127.f);
+  alignas(32) int32_t q[kGroup];
+  for (int i = 0; i < 4; ++i) {
+    const __m256 t = Q4 ? _mm256_sub_ps(vs[i], vl) : vs[i];
+    __m256 r = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(t, vi), half));
+    r = _mm256_min_ps(qhi, _mm256_max_ps(qlo, r));
+    const __m256 prod = _mm256_mul_ps(vd, r);
+    const __m256 back = Q4 ? _mm256_add_ps(prod, vl) : prod;
+    if (_mm256_movemask_ps(_mm256_cmp_ps(back, vs[i], _CMP_NEQ_UQ)) != 0) return false;
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q + 8 * i), _mm256_cvtps_epi32(r));
+  }
+  if constexpr (Q4) {
+    for (int j = 0; j < 16; ++j) c[j] = static_cast<uint8_t>(q[j] | (q[j + 16] << 4));
+  } else {
+    for (int j = 0; j < kGroup; ++j) reinterpret_cast<int8_t*>(c)[j] = static_cast<int8_t>(q[j]);
   }
 #else
   float q[kGroup];
@@ -337,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> grid_derive(const at::Tenso
   return {codes, d, m, ok.load()};
 }
 
-bool grid_simd() { return PDSERVE_GRID_SIMD != 0; }
+bool grid_simd() { return PDSERVE_GRID_AVX512 != 0 || PDSERVE_GRID_AVX2 != 0; }
 
 }  // namespace
 
