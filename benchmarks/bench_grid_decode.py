@@ -5,6 +5,9 @@ packed float32 weights at every size). Both run at once, idle but for the one be
 rounds alternate which server goes first. Per request: a streamed /generate of 128 tokens,
 temperature 0, ignore_eos, a 16-token prompt; the decode rate excludes the first token. Best of
 `--rounds` per server (the figure least disturbed by other processes on a shared machine).
+`--batches 4,8`: also B distinct 16-token prompts in one batched /generate (decode steps of B
+rows), output tokens per second, best of `--rounds`, alternating the same way: where the grid
+stops paying off as rows grow (GRID_LAYER_MAX_ROWS).
 
     /work/notes/benchlock.sh x .venv/bin/python benchmarks/bench_grid_decode.py --output bench_out/grid_decode.json
 """
@@ -21,7 +24,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import free_port, stop_server, stream_times, write_json  # noqa: E402
+from _common import batch_output_tok_s, free_port, stop_server, stream_times, write_json  # noqa: E402
 
 BODY = {
     "input_ids": list(range(1000, 1016)),
@@ -60,6 +63,7 @@ def tree_cpu_s(pid: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes to measure too")
     ap.add_argument("--extra", default="", help="more `pdserve serve` flags for both servers")
     ap.add_argument("--output", default="bench_out/grid_decode.json")
     args = ap.parse_args()
@@ -67,6 +71,7 @@ def main() -> int:
     rates: dict[str, list[float]] = {name: [] for name in servers}
     idle_cpu: dict[str, list[float]] = {name: [] for name in servers}
     texts: dict[str, list[int]] = {}
+    batch_rates: dict[str, list[float]] = {}
     try:
         for proc, url in servers.values():
             wait_ready(proc, url)
@@ -88,6 +93,12 @@ def main() -> int:
                     f"round {k + 1} {name:5s} {rate:6.1f} tok/s (other server's CPU {idle_cpu[name][-1]:.2f})",
                     flush=True,
                 )
+        for b in (int(v) for v in args.batches.split(",") if v):
+            for k in range(args.rounds):
+                for name in list(servers) if k % 2 == 0 else list(reversed(servers)):
+                    rate, _ = batch_output_tok_s(servers[name][1], b, 16, 128)
+                    batch_rates.setdefault(f"{name} x{b}", []).append(rate)
+                    print(f"round {k + 1} {name:5s} batch {b}: {rate:6.1f} output tok/s", flush=True)
     finally:
         for proc, _ in servers.values():
             stop_server(proc)
@@ -95,12 +106,17 @@ def main() -> int:
     same = texts["grid"] == texts["dense"]
     print(f"best of {args.rounds}: grid {best['grid']:.1f} tok/s, dense {best['dense']:.1f} tok/s, "
           f"{best['grid'] / best['dense']:.2f}x; same 128 tokens: {same}")  # fmt: skip
+    batch_best = {key: max(r) for key, r in batch_rates.items()}
+    for b in (int(v) for v in args.batches.split(",") if v):
+        g, d = batch_best[f"grid x{b}"], batch_best[f"dense x{b}"]
+        print(f"batch {b}, best of {args.rounds}: grid {g:.1f}, dense {d:.1f} output tok/s, {g / d:.2f}x")
     load = os.getloadavg()
     print(f"load average {load[0]:.2f}")
     write_json(
         args.output,
         {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "rates": rates, "best": best,
-         "idle_other_server_cpu": idle_cpu, "same_output_ids": same, "loadavg": load, "extra": args.extra},
+         "idle_other_server_cpu": idle_cpu, "same_output_ids": same,
+         "batch_output_tok_s": batch_rates, "batch_best": batch_best, "loadavg": load, "extra": args.extra},
     )  # fmt: skip
     return 0
 
