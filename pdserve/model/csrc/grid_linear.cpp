@@ -35,7 +35,7 @@
 // table (AVX2's vpermps has 8 entries), reads x from L1 in each FMA rather than holding it in
 // registers, and tiles 2 rows x 4 outputs or 4 rows x 2 outputs (8 accumulators). On a 2-core
 // AMD EPYC (Zen 3) it made single-stream float32 decode through a server 2.9-3.1x faster than
-// oneDNN's dense float32 weights (77-80 against 25-27 tok/s) and batches of 8 rows 1.5x
+// oneDNN's dense float32 weights (77-82 against 23-27 tok/s) and batches of 8 rows 1.5x
 // (benchmarks/bench_grid_decode.py, docs/benchmarks.md "Session 8: AVX2 grid linears").
 
 // No multiply-add contraction anywhere in this file: the weights are rebuilt from the codes
