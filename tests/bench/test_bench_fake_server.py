@@ -141,8 +141,10 @@ def test_poisson_arrivals_and_warmup_excluded(fake_server, word_tokenizer):
     assert warm == [2, 2]
     assert res.metrics.completed == 8
     expected = arrival_offsets(8, 10.0, 1.0, seed=7)
+    # never early; late by at most a scheduling hiccup of a busy 2-core CI box (0.05 s failed
+    # once there, session 8, with nothing wrong in the schedule)
     for o, want in zip(res.outputs, expected):
-        assert want - 0.002 <= o.start <= want + 0.05
+        assert want - 0.002 <= o.start <= want + LATE
     assert res.metrics.duration_s == pytest.approx(expected[-1] + TTFT + ITL, abs=LATE + 0.05)
 
 
