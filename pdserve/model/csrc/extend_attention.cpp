@@ -75,6 +75,64 @@ struct Item {
   int64_t s, h, t0, t1, keys;  // chunk, KV head, query tokens [t0, t1) of the chunk, context keys it reads
 };
 
+// One work item's scratch, carved out of `buf` (the same layout for either vector width): its
+// query rows transposed and scaled, padded to a multiple of kLanes rows that no key mask hits.
+struct ItemScratch {
+  int64_t M, Mp, nrb;  // rows (tokens x query heads of the group), padded rows, row blocks
+  float* Qt;           // [D][Mp], scaled
+  float* st;           // [KB][Mp]: scores, then probabilities
+  float* acc;          // [Mp][D]
+  float* mrow;         // running max per row
+  float* lrow;         // running sum
+  float* corr;         // this block's rescale factor
+  int32_t* pos;        // each row's position (padding: never masked)
+  float* zero;         // a zero K row for keys past the end of a score block
+};
+
+inline ItemScratch prepare_item(const ExtendGeometry& g, const Item& it, const float* qp, int64_t q_start,
+                                int64_t prefix, float sc, int64_t D, std::vector<float>& buf) {
+  ItemScratch x;
+  x.M = (it.t1 - it.t0) * g.G;
+  x.Mp = (x.M + kLanes - 1) / kLanes * kLanes;
+  x.nrb = x.Mp / kLanes;
+  const int64_t Mp = x.Mp;
+  buf.resize(static_cast<size_t>(D * Mp + KB * Mp + Mp * D + 4 * Mp + D));
+  x.Qt = buf.data();
+  x.st = x.Qt + D * Mp;
+  x.acc = x.st + KB * Mp;
+  x.mrow = x.acc + Mp * D;
+  x.lrow = x.mrow + Mp;
+  x.corr = x.lrow + Mp;
+  x.pos = reinterpret_cast<int32_t*>(x.corr + Mp);
+  x.zero = x.corr + 2 * Mp;
+  std::fill(x.zero, x.zero + D, 0.f);
+  for (int64_t r = 0; r < Mp; ++r) {
+    const bool real = r < x.M;
+    const int64_t t = it.t0 + r / g.G, hq = it.h * g.G + r % g.G;
+    const float* qrow = qp + (q_start + t) * g.qs0 + hq * g.qs1;
+    for (int64_t d = 0; d < D; ++d) x.Qt[d * Mp + r] = real ? qrow[d] * sc : 0.f;
+    x.pos[r] = real ? static_cast<int32_t>(prefix + t) : std::numeric_limits<int32_t>::max();
+    x.mrow[r] = -std::numeric_limits<float>::infinity();
+    x.lrow[r] = 0.f;
+  }
+  std::fill(x.acc, x.acc + Mp * D, 0.f);
+  return x;
+}
+
+// The K and V rows of keys k0 .. k0 + KB - 1 in the paged pool (keys past the item's last:
+// the zero K row, the last key's V row); returns how many keys are real.
+inline int64_t key_rows(const ExtendGeometry& g, const Item& it, const float* kvp, const int64_t* tab, int64_t k0,
+                        int64_t D, const float* zero, const float** krow, const float** vrow) {
+  const int64_t n = std::min<int64_t>(KB, it.keys - k0);
+  for (int64_t t = 0; t < KB; ++t) {
+    const int64_t p = k0 + std::min(t, n - 1);
+    krow[t] = kvp + tab[p / g.ps] * g.page_stride + g.layer_off + (p % g.ps) * g.tok_stride + it.h * D;
+    vrow[t] = krow[t] + g.kv_half;
+    if (t >= n) krow[t] = zero;
+  }
+  return n;
+}
+
 #if PDSERVE_EXTEND_SIMD == 1
 // ST[t][rows rb0*16 ..] for NK keys (rows of K given by krow) and NR blocks of 16 rows.
 template <int NR>
@@ -120,38 +178,16 @@ void extend_item(const ExtendGeometry& g, const Item& it, const float* qp, const
                  int64_t q_start, int64_t prefix, float sc, float* op, std::vector<float>& buf) {
   constexpr int64_t D = DV * 16;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const int64_t G = g.G, ntok = it.t1 - it.t0, M = ntok * G, Mp = (M + 15) / 16 * 16, nrb = Mp / 16;
-  buf.resize(static_cast<size_t>(D * Mp + KB * Mp + Mp * D + 4 * Mp + D));
-  float* Qt = buf.data();         // [D][Mp], scaled
-  float* st = Qt + D * Mp;        // [KB][Mp]: scores, then probabilities
-  float* acc = st + KB * Mp;      // [Mp][D]
-  float* mrow = acc + Mp * D;     // running max per row
-  float* lrow = mrow + Mp;        // running sum
-  float* corr = lrow + Mp;        // this block's rescale factor
-  int32_t* pos = reinterpret_cast<int32_t*>(corr + Mp);  // each row's position (padding: never masked)
-  float* zero = corr + 2 * Mp;    // a zero K row for keys past the end of a score block
-  std::fill(zero, zero + D, 0.f);
-  for (int64_t r = 0; r < Mp; ++r) {
-    const bool real = r < M;
-    const int64_t t = it.t0 + r / G, hq = it.h * G + r % G;
-    const float* qrow = qp + (q_start + t) * g.qs0 + hq * g.qs1;
-    for (int64_t d = 0; d < D; ++d) Qt[d * Mp + r] = real ? qrow[d] * sc : 0.f;
-    pos[r] = real ? static_cast<int32_t>(prefix + t) : std::numeric_limits<int32_t>::max();
-    mrow[r] = neg_inf;
-    lrow[r] = 0.f;
-  }
-  std::fill(acc, acc + Mp * D, 0.f);
+  const ItemScratch x = prepare_item(g, it, qp, q_start, prefix, sc, D, buf);
+  const int64_t G = g.G, M = x.M, Mp = x.Mp, nrb = x.nrb;
+  float *const st = x.st, *const acc = x.acc, *const mrow = x.mrow, *const lrow = x.lrow, *const corr = x.corr;
+  const float* const Qt = x.Qt;
+  const int32_t* const pos = x.pos;
   const int64_t first_masked = prefix + it.t0 + 1;  // keys from here on are masked for some row
   const float* krow[KB];
   const float* vrow[KB];
   for (int64_t k0 = 0; k0 < it.keys; k0 += KB) {
-    const int64_t n = std::min<int64_t>(KB, it.keys - k0);
-    for (int64_t t = 0; t < KB; ++t) {
-      const int64_t p = k0 + std::min(t, n - 1);
-      krow[t] = kvp + tab[p / g.ps] * g.page_stride + g.layer_off + (p % g.ps) * g.tok_stride + it.h * D;
-      vrow[t] = krow[t] + g.kv_half;
-      if (t >= n) krow[t] = zero;
-    }
+    const int64_t n = key_rows(g, it, kvp, tab, k0, D, x.zero, krow, vrow);
     for (int64_t j = 0; j < KB; j += NK) {
       // three blocks of 16 rows per call where there are (24 accumulators, 3 loads + 8
       // broadcasts per 24 FMAs), then pairs, then one
@@ -254,38 +290,16 @@ void extend_item(const ExtendGeometry& g, const Item& it, const float* qp, const
                  int64_t q_start, int64_t prefix, float sc, float* op, std::vector<float>& buf) {
   constexpr int64_t D = DV * 8;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const int64_t G = g.G, ntok = it.t1 - it.t0, M = ntok * G, Mp = (M + 7) / 8 * 8, nrb = Mp / 8;
-  buf.resize(static_cast<size_t>(D * Mp + KB * Mp + Mp * D + 4 * Mp + D));
-  float* Qt = buf.data();         // [D][Mp], scaled
-  float* st = Qt + D * Mp;        // [KB][Mp]: scores, then probabilities
-  float* acc = st + KB * Mp;      // [Mp][D]
-  float* mrow = acc + Mp * D;     // running max per row
-  float* lrow = mrow + Mp;        // running sum
-  float* corr = lrow + Mp;        // this block's rescale factor
-  int32_t* pos = reinterpret_cast<int32_t*>(corr + Mp);  // each row's position (padding: never masked)
-  float* zero = corr + 2 * Mp;    // a zero K row for keys past the end of a score block
-  std::fill(zero, zero + D, 0.f);
-  for (int64_t r = 0; r < Mp; ++r) {
-    const bool real = r < M;
-    const int64_t t = it.t0 + r / G, hq = it.h * G + r % G;
-    const float* qrow = qp + (q_start + t) * g.qs0 + hq * g.qs1;
-    for (int64_t d = 0; d < D; ++d) Qt[d * Mp + r] = real ? qrow[d] * sc : 0.f;
-    pos[r] = real ? static_cast<int32_t>(prefix + t) : std::numeric_limits<int32_t>::max();
-    mrow[r] = neg_inf;
-    lrow[r] = 0.f;
-  }
-  std::fill(acc, acc + Mp * D, 0.f);
+  const ItemScratch x = prepare_item(g, it, qp, q_start, prefix, sc, D, buf);
+  const int64_t G = g.G, M = x.M, Mp = x.Mp, nrb = x.nrb;
+  float *const st = x.st, *const acc = x.acc, *const mrow = x.mrow, *const lrow = x.lrow, *const corr = x.corr;
+  const float* const Qt = x.Qt;
+  const int32_t* const pos = x.pos;
   const int64_t first_masked = prefix + it.t0 + 1;  // keys from here on are masked for some row
   const float* krow[KB];
   const float* vrow[KB];
   for (int64_t k0 = 0; k0 < it.keys; k0 += KB) {
-    const int64_t n = std::min<int64_t>(KB, it.keys - k0);
-    for (int64_t t = 0; t < KB; ++t) {
-      const int64_t p = k0 + std::min(t, n - 1);
-      krow[t] = kvp + tab[p / g.ps] * g.page_stride + g.layer_off + (p % g.ps) * g.tok_stride + it.h * D;
-      vrow[t] = krow[t] + g.kv_half;
-      if (t >= n) krow[t] = zero;
-    }
+    const int64_t n = key_rows(g, it, kvp, tab, k0, D, x.zero, krow, vrow);
     for (int64_t j = 0; j < KB; j += NK) {
       int64_t rb = 0;
       for (; rb + 3 <= nrb; rb += 3) score_keys<3>(Qt, Mp, D, krow + j, rb, st + j * Mp);
