@@ -223,28 +223,6 @@ void decode_item_f32(const float* qp, int64_t qs1, const float* kvp, const int64
   }
 }
 
-template <int DV>
-void paged_decode_f32(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table, const at::Tensor& lens,
-                      int64_t layer, double scale, at::Tensor& out) {
-  const PagedGeometry g(q, kv, table, out, layer);
-  const float* kvp = kv.data_ptr<float>();
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t* tp = table.data_ptr<int64_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
-  // few (request, KV head) pairs for the threads (single-stream decode): one item per query
-  // head instead, so the threads share the work evenly
-  const int64_t split = g.B * g.Hkv < 2 * at::get_num_threads() ? g.G : 1;
-  const int64_t per = g.G / split;
-  at::parallel_for(0, g.B * g.Hkv * split, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t b = w / (g.Hkv * split), h = (w / split) % g.Hkv, part = w % split;
-      decode_item_f32<DV>(qp + b * g.qs0, g.qs1, kvp, tp + b * g.npg, lp[b], g.ps, g.page_stride, g.layer_off,
-                          g.kv_half, g.tok_stride, h, g.D, h * g.G + part * per, per, static_cast<float>(scale),
-                          op + b * g.os0, g.os1);
-    }
-  });
-}
 #endif
 
 #if PDSERVE_ATTN_SIMD == 2
@@ -269,7 +247,7 @@ inline float hmax8(__m256 v) {
 }
 
 template <int DV>
-void decode_item_f32_avx2(const float* qp, int64_t qs1, const float* kvp, const int64_t* tab, int64_t len,
+void decode_item_f32(const float* qp, int64_t qs1, const float* kvp, const int64_t* tab, int64_t len,
                           int64_t ps, int64_t page_stride, int64_t layer_off, int64_t kv_half, int64_t tok_stride,
                           int64_t h, int64_t D, int64_t hq0, int64_t ng, float sc, float* op, int64_t os1) {
   constexpr int kMaxG = 4;  // fewer heads per pass than AVX-512: 16 vector registers, not 32
@@ -354,6 +332,10 @@ void decode_item_f32_avx2(const float* qp, int64_t qs1, const float* kvp, const 
   }
 }
 
+#endif
+
+#if PDSERVE_ATTN_SIMD
+// either width: decode_item_f32 is the AVX-512 or the AVX2 form above
 template <int DV>
 void paged_decode_f32(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& table, const at::Tensor& lens,
                       int64_t layer, double scale, at::Tensor& out) {
@@ -363,15 +345,16 @@ void paged_decode_f32(const at::Tensor& q, const at::Tensor& kv, const at::Tenso
   float* op = out.data_ptr<float>();
   const int64_t* tp = table.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  // few (request, KV head) pairs for the threads (single-stream decode): one item per query head
+  // few (request, KV head) pairs for the threads (single-stream decode): one item per query
+  // head instead, so the threads share the work evenly
   const int64_t split = g.B * g.Hkv < 2 * at::get_num_threads() ? g.G : 1;
   const int64_t per = g.G / split;
   at::parallel_for(0, g.B * g.Hkv * split, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / (g.Hkv * split), h = (w / split) % g.Hkv, part = w % split;
-      decode_item_f32_avx2<DV>(qp + b * g.qs0, g.qs1, kvp, tp + b * g.npg, lp[b], g.ps, g.page_stride,
-                               g.layer_off, g.kv_half, g.tok_stride, h, g.D, h * g.G + part * per, per,
-                               static_cast<float>(scale), op + b * g.os0, g.os1);
+      decode_item_f32<DV>(qp + b * g.qs0, g.qs1, kvp, tp + b * g.npg, lp[b], g.ps, g.page_stride, g.layer_off,
+                          g.kv_half, g.tok_stride, h, g.D, h * g.G + part * per, per, static_cast<float>(scale),
+                          op + b * g.os0, g.os1);
     }
   });
 }
